@@ -1,0 +1,22 @@
+"""Encoders and decoders, built once (msgspec decoders are cheap to use, costly to build)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ._chain import Chain
+from ._messages import Assignment, Event, Heartbeat, StepEvent
+from ._state import ChainState
+
+encoder = msgspec.json.Encoder()
+encode = encoder.encode
+
+chain_decoder = msgspec.json.Decoder(Chain)
+assignment_decoder = msgspec.json.Decoder(Assignment)
+event_decoder = msgspec.json.Decoder(Event)
+step_event_decoder = msgspec.json.Decoder(StepEvent)
+heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+state_decoder = msgspec.json.Decoder(ChainState)
+
+DecodeError = msgspec.DecodeError
+ValidationError = msgspec.ValidationError

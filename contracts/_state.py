@@ -1,0 +1,49 @@
+"""Chain state as kept in KV `cy_chains`, updated only by compare-and-set on revision."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from ._chain import VERSION, Chain
+from ._messages import ErrorInfo, Output, Target, Usage
+
+StepStatus = Literal["pending", "dispatched", "completed", "failed", "skipped"]
+ChainStatus = Literal["running", "completed", "failed", "cancelled"]
+
+
+class StepState(Struct, frozen=True, kw_only=True):
+    status: StepStatus = "pending"
+    attempt: int = 0
+    target: Target | None = None
+    tried: list[str] = []  # deployments already tried, for failover
+    dispatched_at_ms: int | None = None
+    output: Output | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    latency_ms: float | None = None
+    error: ErrorInfo | None = None
+
+
+class ChainState(Struct, frozen=True, kw_only=True):
+    chain: Chain
+    tenant: str
+    status: ChainStatus = "running"
+    steps: dict[str, StepState] = {}
+    created_at_ms: int
+    deadline_at_ms: int | None = None
+    ended_at_ms: int | None = None
+    reason: str | None = None
+    v: int = VERSION
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(s.cost_usd for s in self.steps.values())
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for s in self.steps.values():
+            total = total + s.usage
+        return total

@@ -1,0 +1,194 @@
+"""Subjects, streams, consumers and KV buckets: every NATS name chainyard uses, in one place.
+
+These are plain data (no nats-py import) so that a client in any language can read the same
+facts from the docs, and the runtime turns them into nats-py configs.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+MINUTE_S = 60.0
+
+
+class Subjects(Struct, frozen=True, kw_only=True):
+    """Subject builders for one deployment prefix (default `cy`)."""
+
+    prefix: str = "cy"
+
+    def submit(self, tenant: str) -> str:
+        return f"{self.prefix}.submit.{tenant}"
+
+    def work(self, pool: str) -> str:
+        return f"{self.prefix}.work.{pool}"
+
+    def event(self, tenant: str, chain_id: str, kind: str) -> str:
+        return f"{self.prefix}.events.{tenant}.{chain_id}.{kind}"
+
+    def chain_events(self, tenant: str, chain_id: str) -> str:
+        return f"{self.prefix}.events.{tenant}.{chain_id}.>"
+
+    def delta(self, tenant: str, chain_id: str, step_id: str) -> str:
+        return f"{self.prefix}.delta.{tenant}.{chain_id}.{step_id}"
+
+    def cancel(self, chain_id: str) -> str:
+        return f"{self.prefix}.cancel.{chain_id}"
+
+    # Wildcards the services subscribe to.
+    @property
+    def all_submit(self) -> str:
+        return f"{self.prefix}.submit.*"
+
+    @property
+    def all_work(self) -> str:
+        return f"{self.prefix}.work.>"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    @property
+    def step_events(self) -> str:
+        return f"{self.prefix}.events.*.*.step.>"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    def dlq_subject(self, source: str) -> str:
+        return f"{self.prefix}.dlq.{source}"
+
+    @staticmethod
+    def tenant_of_submit(subject: str) -> str:
+        return subject.rsplit(".", 1)[-1]
+
+
+class StreamDef(Struct, frozen=True, kw_only=True):
+    name: str
+    subjects: list[str]
+    retention: str  # "limits" | "workqueue"
+    max_age_s: float = 0.0
+    duplicate_window_s: float = 2 * MINUTE_S
+    max_msg_size: int = -1
+    max_bytes: int = -1
+
+
+class ConsumerDef(Struct, frozen=True, kw_only=True):
+    durable: str
+    filter_subject: str
+    ack_wait_s: float
+    max_deliver: int
+    max_ack_pending: int
+
+
+class KvDef(Struct, frozen=True, kw_only=True):
+    bucket: str
+    ttl_s: float = 0.0
+    history: int = 1
+
+
+class Topology(Struct, frozen=True, kw_only=True):
+    """Every stream, consumer and bucket for one prefix.
+
+    Duplicate windows outlast ack_wait x max_deliver, so a redelivered message re-emitted with
+    the same `Nats-Msg-Id` is always recognised (NATS-NOTES: dedup only holds in the window).
+    """
+
+    subjects: Subjects = Subjects()
+    replicas: int = 1
+    work_ack_wait_s: float = 30.0
+    work_max_deliver: int = 5
+    max_payload: int = 1024 * 1024
+
+    @property
+    def _tag(self) -> str:
+        return self.subjects.prefix.upper().replace("-", "_")
+
+    @property
+    def intake(self) -> StreamDef:
+        return StreamDef(
+            name=f"{self._tag}_INTAKE",
+            subjects=[self.subjects.all_submit],
+            retention="workqueue",
+            duplicate_window_s=10 * MINUTE_S,
+            max_msg_size=self.max_payload,
+        )
+
+    @property
+    def work(self) -> StreamDef:
+        return StreamDef(
+            name=f"{self._tag}_WORK",
+            subjects=[self.subjects.all_work],
+            retention="workqueue",
+            duplicate_window_s=10 * MINUTE_S,
+            max_msg_size=self.max_payload,
+        )
+
+    @property
+    def events(self) -> StreamDef:
+        return StreamDef(
+            name=f"{self._tag}_EVENTS",
+            subjects=[self.subjects.all_events],
+            retention="limits",
+            max_age_s=7 * 24 * 60 * MINUTE_S,
+            duplicate_window_s=10 * MINUTE_S,
+            max_msg_size=self.max_payload,
+        )
+
+    @property
+    def dlq(self) -> StreamDef:
+        return StreamDef(
+            name=f"{self._tag}_DLQ",
+            subjects=[self.subjects.dlq],
+            retention="limits",
+            max_age_s=30 * 24 * 60 * MINUTE_S,
+        )
+
+    @property
+    def streams(self) -> list[StreamDef]:
+        return [self.intake, self.work, self.events, self.dlq]
+
+    @property
+    def intake_consumer(self) -> ConsumerDef:
+        return ConsumerDef(
+            durable="router-intake",
+            filter_subject=self.subjects.all_submit,
+            ack_wait_s=30.0,
+            max_deliver=5,
+            max_ack_pending=10_000,
+        )
+
+    @property
+    def engine_consumer(self) -> ConsumerDef:
+        return ConsumerDef(
+            durable="router-engine",
+            filter_subject=self.subjects.step_events,
+            ack_wait_s=30.0,
+            max_deliver=-1,  # an event must never be dropped; poison events go to the DLQ
+            max_ack_pending=10_000,
+        )
+
+    def pool_consumer(self, pool: str, max_ack_pending: int = 20_000) -> ConsumerDef:
+        return ConsumerDef(
+            durable="pool-" + pool.replace(".", "_"),
+            filter_subject=self.subjects.work(pool),
+            ack_wait_s=self.work_ack_wait_s,
+            max_deliver=self.work_max_deliver,
+            max_ack_pending=max_ack_pending,
+        )
+
+    @property
+    def chains_kv(self) -> KvDef:
+        return KvDef(bucket=f"{self.subjects.prefix}_chains".replace("-", "_"))
+
+    @property
+    def capacity_kv(self) -> KvDef:
+        return KvDef(bucket=f"{self.subjects.prefix}_capacity".replace("-", "_"), ttl_s=30.0)
+
+    @property
+    def breakers_kv(self) -> KvDef:
+        return KvDef(bucket=f"{self.subjects.prefix}_breakers".replace("-", "_"))
+
+    @property
+    def buckets(self) -> list[KvDef]:
+        return [self.chains_kv, self.capacity_kv, self.breakers_kv]
