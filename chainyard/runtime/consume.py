@@ -1,0 +1,108 @@
+"""A pull-consumer loop with bounded concurrency: fetch only as many messages as there are slots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+
+log = logging.getLogger("chainyard.consume")
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class Slots:
+    """A counting semaphore that also says how many slots are free right now."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = asyncio.Condition()
+
+    async def wait_free(self) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free > 0)
+            return self.free
+
+    def take(self) -> None:
+        self.free -= 1
+
+    async def give(self) -> None:
+        self.free += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_idle(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free == self.total)
+
+
+async def consume(
+    sub: JetStreamContext.PullSubscription,
+    handler: Handler,
+    stop: asyncio.Event,
+    concurrency: int,
+    *,
+    name: str,
+    slots: Slots | None = None,
+    gate: Callable[[], Awaitable[None]] | None = None,
+    fetch_timeout_s: float = 1.0,
+) -> None:
+    """Run `handler` on every message until `stop` is set, then finish what is in flight.
+
+    `gate`, when given, is awaited before each fetch (a throttled worker waits there).
+    The handler acks, naks or terms its message. A handler that raises gets its message nak'ed
+    with a short delay (it comes back) and the loop goes on: one bad message never stops it.
+    """
+    slots = slots or Slots(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(msg: Msg) -> None:
+        try:
+            await handler(msg)
+        except Exception:
+            log.exception("%s: handler failed on %s; will retry", name, msg.subject)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+        finally:
+            await slots.give()
+
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            if gate is not None:
+                await gate()
+            free = await slots.wait_free()
+            if stop.is_set():
+                break
+            try:
+                fetch = asyncio.ensure_future(sub.fetch(batch=free, timeout=fetch_timeout_s))
+                done, _ = await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if fetch not in done:
+                    fetch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await fetch
+                    break
+                msgs = fetch.result()
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except ConnectionClosedError:
+                break
+            except Exception as e:  # server restart, leader change: back off and fetch again
+                log.warning("%s: fetch failed: %s", name, e)
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                slots.take()
+                t = asyncio.create_task(run(msg))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+    finally:
+        stopping.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

