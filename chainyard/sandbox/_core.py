@@ -120,7 +120,8 @@ class State:
         if c.latency_ms > 0:
             await asyncio.sleep(c.latency_ms / 1000)
         if c.api_key is not None and key != c.api_key:
-            return Fault(status=401, message="Invalid API key provided.", kind="auth")
+            # Echo the key back, as providers partly do: tests check that adapters scrub it.
+            return Fault(status=401, message=f"Incorrect API key provided: {key}.", kind="auth")
         if self._limited():
             headers: dict[str, str] = {}
             if c.retry_after_s is not None:
@@ -128,12 +129,17 @@ class State:
             if c.retry_after_ms is not None:
                 headers["retry-after-ms"] = str(c.retry_after_ms)
             return Fault(
-                status=429, message="Rate limit reached for requests.", kind="rate_limit",
+                status=429,
+                message="Rate limit reached for requests.",
+                kind="rate_limit",
                 headers=headers,
             )
         if c.error_rate > 0 and self.rng.random() < c.error_rate:
-            return Fault(status=c.error_status, message=_MESSAGES.get(c.error_status,
-                         "Injected sandbox error."), kind="injected")
+            return Fault(
+                status=c.error_status,
+                message=_MESSAGES.get(c.error_status, "Injected sandbox error."),
+                kind="injected",
+            )
         return None
 
     def _limited(self) -> bool:
@@ -204,8 +210,15 @@ def _call_request(text: str, tools: list[str]) -> tuple[str, dict[str, Any]] | N
 def _fill(schema: dict[str, Any], echo: str) -> dict[str, Any]:
     out: dict[str, Any] = {"echo": echo}
     props = schema.get("properties") or {}
-    defaults = {"string": echo, "integer": 0, "number": 0, "boolean": False, "array": [],
-                "object": {}, "null": None}
+    defaults = {
+        "string": echo,
+        "integer": 0,
+        "number": 0,
+        "boolean": False,
+        "array": [],
+        "object": {},
+        "null": None,
+    }
     for name in schema.get("required") or []:
         typ = (props.get(name) or {}).get("type", "string")
         if isinstance(typ, list):
@@ -230,8 +243,11 @@ def answer(
         if call is not None:
             args_json = msgspec.json.encode(call[1]).decode()
             return Answer(
-                tool_name=call[0], tool_args=call[1], finish="tool",
-                input_tokens=input_tokens, output_tokens=count_tokens(args_json) + 1,
+                tool_name=call[0],
+                tool_args=call[1],
+                finish="tool",
+                input_tokens=input_tokens,
+                output_tokens=count_tokens(args_json) + 1,
             )
     if json_mode:
         text = msgspec.json.encode(_fill(json_schema or {}, last_text)).decode()

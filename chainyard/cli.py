@@ -1,0 +1,208 @@
+"""`chainyard`: the command line. Services run until SIGINT/SIGTERM, then drain and exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from chainyard.contracts import (
+    ChainCompleted,
+    ChainRejected,
+    Config,
+    Subjects,
+    Topology,
+    encode,
+    load_config,
+)
+
+log = logging.getLogger("chainyard")
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.config:
+        return load_config(args.config)
+    from chainyard.demo import demo_config
+
+    return demo_config()
+
+
+async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | None) -> int:
+    from chainyard.runtime.nats import open_bus
+    from chainyard.stack import build, load_tools
+
+    config = _config(args)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    topology = Topology(subjects=Subjects(prefix=config.prefix))
+    bus = await open_bus(args.nats, name=f"chainyard-{args.command}", topology=topology, creds=args.creds)
+    tools = load_tools(args.tools) if getattr(args, "tools", None) else None
+    services = build(bus, config, router=router, pools=pools, tools=tools)
+    services.stop = stop
+    services.start()
+    log.info("%s serving on %s", args.command, _safe_url(args.nats))
+    try:
+        await services.wait()
+    finally:
+        await bus.close()
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from chainyard.runtime.nats import _fmt_url
+
+    return _fmt_url(url)
+
+
+async def cmd_router(args: argparse.Namespace) -> int:
+    return await _serve(args, router=True, pools=[])
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    return await _serve(args, router=False, pools=args.pool or ([] if args.tools else None))
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from chainyard.devstack import DevStack
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    from chainyard.demo import tools
+
+    async with DevStack(
+        _config(args), nats_url=args.nats, local_model=not args.no_local, tools=tools
+    ) as dev:
+        print(f"chainyard dev: NATS at {dev.nats_url}", flush=True)
+        print("submit with: chainyard submit FILE --wait --nats " + dev.nats_url, flush=True)
+        await stop.wait()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from chainyard.demo import run_demo
+
+    return await run_demo(nats_url=args.nats)
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    from chainyard.client import ChainTimeout, Client
+
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        if not args.wait:
+            print(await client.submit(data))
+            return 0
+        try:
+            ended = await client.run(data, timeout=args.timeout)
+        except ChainTimeout as e:
+            print(str(e), file=sys.stderr)
+            return 3
+    sys.stdout.write(encode(ended).decode() + "\n")
+    if isinstance(ended, ChainRejected):
+        for err in ended.errors:
+            print(f"rejected: {err.path}: {err.message}", file=sys.stderr)
+    return 0 if isinstance(ended, ChainCompleted) else 1
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    from chainyard.client import Client
+
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        async for ev in client.watch(args.chain_id, deltas=args.deltas):
+            if isinstance(ev, tuple):
+                sys.stdout.write(ev[1])
+            else:
+                print(encode(ev).decode(), flush=True)
+    return 0
+
+
+async def cmd_schema(args: argparse.Namespace) -> int:
+    from chainyard.contracts import schema_export
+
+    out = Path(args.out) if args.out else schema_export.SCHEMA_DIR
+    for path in schema_export.write(out):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chainyard", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], Awaitable[int]], help: str, *, nats: str = "required") -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        if nats != "none":
+            sp.add_argument(
+                "--nats",
+                default=os.environ.get("CHAINYARD_NATS"),
+                required=nats == "required" and not os.environ.get("CHAINYARD_NATS"),
+                help="NATS URL, credentials may ride in it (nats://user:pass@host:4222); "
+                + ("without it an embedded server is started" if nats == "optional" else "env CHAINYARD_NATS"),
+            )
+            sp.add_argument("--creds", help="NATS credentials file")
+        return sp
+
+    add("demo", cmd_demo, "run the demo chain on an embedded NATS with the local model", nats="optional")
+    sp = add("dev", cmd_dev, "embedded NATS + router + workers from a config; runs until stopped", nats="optional")
+    sp.add_argument("--config", help="TOML config (default: the demo's)")
+    sp.add_argument("--no-local", action="store_true", help="do not start the local model")
+    sp = add("router", cmd_router, "run the router")
+    sp.add_argument("--config", help="TOML config")
+    sp = add("worker", cmd_worker, "run workers for pools and/or tools")
+    sp.add_argument("--config", help="TOML config")
+    sp.add_argument("--pool", action="append", help="pool to serve (repeat; default: all in config)")
+    sp.add_argument("--tools", help="module:attribute of a chainyard Tools registry to serve")
+    for name, fn, help in (
+        ("submit", cmd_submit, "submit a chain (JSON file or - for stdin)"),
+        ("watch", cmd_watch, "print a chain's events as JSON lines until it ends"),
+    ):
+        sp = add(name, fn, help)
+        sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
+        if name == "submit":
+            sp.add_argument("file")
+            sp.add_argument("--wait", action="store_true", help="wait; print the terminal event; exit 0 only if completed")
+            sp.add_argument("--timeout", type=float, default=300.0)
+        else:
+            sp.add_argument("chain_id")
+            sp.add_argument("--deltas", action="store_true", help="also print streamed tokens")
+    sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
+    sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    try:
+        return run(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The Python client: submit chains, watch their events, wait for the result.
+
+A tenant's client needs only publish rights on its intake subject and subscribe rights on its
+own event subjects: `run` subscribes before it submits, so it needs no JetStream API access.
+`watch(..., history=True)` replays the chain's event log and needs read access to the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+
+import msgspec
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from chainyard.contracts import (
+    Chain,
+    ChainCompleted,
+    ChainEnded,
+    ChainFailed,
+    ChainRejected,
+    Event,
+    Subjects,
+    Topology,
+    encode,
+    event_decoder,
+    new_id,
+)
+from chainyard.runtime.nats import connect
+
+ENDED = (ChainCompleted, ChainFailed, ChainRejected)
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ChainTimeout(TimeoutError):
+    """No terminal event arrived in time; the chain may still be running."""
+
+
+class Client:
+    def __init__(self, nc: NatsClient, tenant: str, topology: Topology | None = None) -> None:
+        self.nc = nc
+        self.tenant = tenant
+        self.topology = topology or Topology()
+        self.subjects: Subjects = self.topology.subjects
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def connect(
+        cls, url: str, tenant: str, *, creds: str | Path | None = None, prefix: str = "cy"
+    ) -> Client:
+        nc = await connect(url, name=f"chainyard-client-{tenant}", creds=creds, max_reconnect_attempts=10)
+        return cls(nc, tenant, Topology(subjects=Subjects(prefix=prefix)))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def submit(self, chain: Chain | bytes) -> str:
+        """Publish a chain (or raw JSON bytes) to the intake; returns the chain id once stored.
+
+        The chain id is the `Nats-Msg-Id`, so submitting the same chain twice is accepted once.
+        """
+        data, chain_id = _prepare(chain)
+        await self.js.publish(
+            self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
+        )
+        return chain_id
+
+    async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
+        """Submit and wait for the chain's terminal event."""
+        data, chain_id = _prepare(chain)
+        ended: asyncio.Future[ChainEnded] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Msg) -> None:
+            with contextlib.suppress(Exception):
+                ev = event_decoder.decode(msg.data)
+                if isinstance(ev, ENDED) and not ended.done():
+                    ended.set_result(ev)
+
+        sub = await self.nc.subscribe(self.subjects.chain_events(self.tenant, chain_id), cb=on_event)
+        try:
+            await self.js.publish(
+                self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
+            )
+            try:
+                return await asyncio.wait_for(ended, timeout)
+            except TimeoutError:
+                raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
+        finally:
+            await sub.unsubscribe()
+
+    async def watch(
+        self, chain_id: str, *, history: bool = True, deltas: bool = False
+    ) -> AsyncIterator[Event | tuple[str, str]]:
+        """Events of one chain until it ends; with `deltas`, also (step_id, text) token deltas."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def put(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        subject = self.subjects.chain_events(self.tenant, chain_id)
+        subs = []
+        if history:
+            subs.append(
+                await self.js.subscribe(
+                    subject, cb=put, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+                )
+            )
+        else:
+            subs.append(await self.nc.subscribe(subject, cb=put))
+        if deltas:
+            subs.append(await self.nc.subscribe(self.subjects.delta(self.tenant, chain_id, "*"), cb=put))
+        try:
+            while True:
+                msg = await queue.get()
+                if msg.subject.startswith(f"{self.subjects.prefix}.delta."):
+                    yield (msg.subject.rsplit(".", 1)[-1], msg.data.decode(errors="replace"))
+                    continue
+                ev = event_decoder.decode(msg.data)
+                yield ev
+                if isinstance(ev, ENDED):
+                    return
+        finally:
+            for s in subs:
+                with contextlib.suppress(Exception):
+                    await s.unsubscribe()
+
+
+class _IdOnly(msgspec.Struct):
+    id: str = ""
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def _prepare(chain: Chain | bytes) -> tuple[bytes, str]:
+    """The bytes to send and the id to send them under.
+
+    Raw bytes keep their own `id` when they have a usable one; otherwise (even when they are not
+    JSON at all) a fresh id goes in `Nats-Msg-Id`, and the intake's rejection carries it back.
+    """
+    if isinstance(chain, Chain):
+        return encode(chain), chain.id
+    try:
+        claimed = _id_decoder.decode(chain).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        claimed = ""
+    return chain, claimed if _ID.match(claimed) else new_id()

@@ -1,0 +1,85 @@
+"""The whole system in one process for a laptop: embedded NATS, stand-in providers, services.
+
+A pool whose `base_url` is `"sandbox"` is pointed at the built-in wire-format sandbox, and one
+whose `base_url` is `"local-model"` at llama.cpp's server running SmolLM2-135M locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import TracebackType
+
+import msgspec
+
+from chainyard.contracts import Config, Subjects, Topology
+from chainyard.runtime.nats import Bus, open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.sandbox import SandboxConfig, SandboxServer
+from chainyard.sandbox.local_model import LocalModel
+from chainyard.stack import Services, build
+from chainyard.workers.tools import Tools
+
+SANDBOX = "sandbox"
+LOCAL_MODEL = "local-model"
+
+
+class DevStack:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        nats_url: str | None = None,
+        local_model: bool = True,
+        tools: Tools | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url or ""
+        self.want_local = local_model and any(p.base_url == LOCAL_MODEL for p in config.pools)
+        self.tools = tools
+        self.sandbox_config = sandbox or SandboxConfig(latency_ms=150.0)
+        self.sandbox: SandboxServer | None = None
+        self.local: LocalModel | None = None
+        self.bus: Bus | None = None
+        self.services: Services | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> DevStack:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        if not self.nats_url:
+            server = await self._stack.enter_async_context(NatsServer())
+            self.nats_url = server.url
+        self.sandbox = await self._stack.enter_async_context(SandboxServer(self.sandbox_config))
+        if self.want_local:
+            self.local = await self._stack.enter_async_context(LocalModel())
+        self.config = self._resolve(self.config)
+        topology = Topology(subjects=Subjects(prefix=self.config.prefix))
+        self.bus = await open_bus(self.nats_url, name="chainyard-dev", topology=topology)
+        self._stack.push_async_callback(self.bus.close)
+        self.services = build(self.bus, self.config, tools=self.tools)
+        self.services.start()
+        self._stack.push_async_callback(self.services.shutdown)
+
+    def _resolve(self, config: Config) -> Config:
+        pools = []
+        for p in config.pools:
+            if p.base_url == SANDBOX and self.sandbox:
+                p = msgspec.structs.replace(p, base_url=self.sandbox.url + "/v1")
+            elif p.base_url == LOCAL_MODEL:
+                if self.local is None:
+                    continue  # no local model: its pool has no workers, routing goes elsewhere
+                p = msgspec.structs.replace(p, base_url=self.local.base_url)
+            pools.append(p)
+        return msgspec.structs.replace(config, pools=pools)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()

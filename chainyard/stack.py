@@ -1,0 +1,105 @@
+"""Assembling services from a config: the router, a worker per pool, tool workers.
+
+This sits on top (with the CLI): the only code that imports both router and workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from chainyard.contracts import Config, PoolConfig, Target, Usage
+from chainyard.router.engine import Router
+from chainyard.runtime.nats import Bus
+from chainyard.workers.llm import llm_executor
+from chainyard.workers.pricing import Pricer
+from chainyard.workers.providers import Provider, make_provider
+from chainyard.workers.providers.null import NullProvider
+from chainyard.workers.runtime import Worker
+from chainyard.workers.tools import Tools, tool_executor
+
+log = logging.getLogger("chainyard.stack")
+
+
+def load_tools(spec: str) -> Tools:
+    """`package.module:attribute` naming a Tools registry."""
+    module, _, attr = spec.partition(":")
+    obj = getattr(importlib.import_module(module), attr or "tools")
+    if not isinstance(obj, Tools):
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a chainyard Tools registry")
+    return obj
+
+
+def provider_for(pool: PoolConfig) -> Provider:
+    if pool.provider == "null":
+        return NullProvider()
+    key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
+    if pool.api_key_env and key is None:
+        log.warning("pool %s: environment variable %s is not set", pool.name, pool.api_key_env)
+    return make_provider(pool.provider, pool.base_url, key, timeout_s=pool.timeout_s)
+
+
+def price_function(config: Config, pricer: Pricer | None = None):  # noqa: ANN201 - Price
+    """USD for a call: the deployment's configured price wins, else the genai-prices table."""
+    pricer = pricer or Pricer()
+    overrides = {d.name: d.price for d in config.deployments if d.price is not None}
+
+    def price(target: Target, usage: Usage) -> float:
+        return pricer.cost(target.provider, target.model, usage, overrides.get(target.deployment))
+
+    return price
+
+
+def llm_worker(bus: Bus, config: Config, pool: PoolConfig, **kw: object) -> Worker:
+    models = sorted({d.model for d in config.deployments if d.pool == pool.name})
+    execute = llm_executor(provider_for(pool), price_function(config))
+    return Worker(bus, pool.name, execute, slots=pool.slots, models=models, **kw)  # type: ignore[arg-type]
+
+
+def tool_workers(bus: Bus, tools: Tools, slots: int = 64) -> list[Worker]:
+    return [Worker(bus, t.pool, tool_executor(t), slots=slots, models=[t.name]) for t in tools]
+
+
+@dataclass
+class Services:
+    """A set of services sharing one stop event; `run` returns when all have drained."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    runners: list[Router | Worker] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(r.run(self.stop)) for r in self.runners]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                log.error("service ended with %r", r)
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks)
+
+
+def build(
+    bus: Bus,
+    config: Config,
+    *,
+    router: bool = True,
+    pools: list[str] | None = None,
+    tools: Tools | None = None,
+) -> Services:
+    """The services of one process: optionally the router, workers for `pools` (all if None)."""
+    s = Services()
+    if router:
+        s.runners.append(Router(bus, config))
+    for p in config.pools:
+        if pools is None or p.name in pools:
+            s.runners.append(llm_worker(bus, config, p))
+    if tools is not None:
+        s.runners += tool_workers(bus, tools)
+    return s
