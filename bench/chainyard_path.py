@@ -10,15 +10,15 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
 from chainyard.contracts import Chain, Config, Deployment, LlmStep, Message, encode
 from chainyard.router.engine import Router
-from chainyard.runtime.nats import Bus
 from chainyard.workers.llm import llm_executor
 from chainyard.workers.providers.null import NullProvider
 from chainyard.workers.runtime import Worker
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from chainyard.runtime.nats import Bus
 
 from .drive import Completions
 
@@ -54,7 +54,9 @@ class ChainyardPath:
         )
         self.router = Router(self.bus, config, concurrency=self.router_concurrency)
         self.worker = Worker(
-            self.bus, POOL, llm_executor(NullProvider(), lambda t, u: 0.0),
+            self.bus,
+            POOL,
+            llm_executor(NullProvider(), lambda t, u: 0.0),
             slots=self.worker_slots,
         )
         subjects = self.bus.subjects
@@ -74,7 +76,8 @@ class ChainyardPath:
 
     async def submit(self, key: str) -> None:
         await self.bus.js.publish(
-            self.bus.subjects.submit(TENANT), encode(one_step_chain(key)),
+            self.bus.subjects.submit(TENANT),
+            encode(one_step_chain(key)),
             headers={"Nats-Msg-Id": key},
         )
 
@@ -93,7 +96,9 @@ class ChainyardPath:
                 with contextlib.suppress(BaseException):
                     await t
             if pending:
-                raise RuntimeError(f"did not stop within {timeout_s} s: {[t.get_name() for t in pending]}")
+                raise RuntimeError(
+                    f"did not stop within {timeout_s} s: {[t.get_name() for t in pending]}"
+                )
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise RuntimeError(f"{t.get_name()} failed") from t.exception()

@@ -166,7 +166,9 @@ def _cpu_model() -> str:
 
 def _run(args: list[str]) -> str | None:
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            args, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 

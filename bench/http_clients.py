@@ -172,21 +172,24 @@ async def _client(kind: str, base_url: str, concurrency: int) -> AsyncIterator[P
         yield post_httpx
 
 
-async def _run(post: Post, requests: int, concurrency: int) -> float:
-    """Seconds for `requests` calls made by `concurrency` tasks."""
-    left = requests
+async def _run(post: Post, requests: int, concurrency: int) -> tuple[float, int]:
+    """(seconds, failed calls) for `requests` calls made by `concurrency` tasks."""
+    left, errors = requests, 0
 
     async def worker() -> None:
-        nonlocal left
+        nonlocal left, errors
         while left > 0:
             left -= 1
-            await post()
+            try:
+                await post()
+            except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+                errors += 1  # e.g. httpx's default 5 s pool timeout at high concurrency
 
     t0 = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
         for _ in range(min(concurrency, requests)):
             tg.create_task(worker())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, errors
 
 
 async def measure(
@@ -197,10 +200,10 @@ async def measure(
 ) -> dict[str, Any]:
     """Requests/s of each client at each concurrency; starts its own server unless given one.
 
-    Keys: `rows` (client, concurrency, requests, seconds, rps, server_cpu_pct), `rps`
-    ({client: {concurrency: rps}}), `http_client_vs_httpx_default_c64` (new_client / default
-    httpx at c=64, if both ran), `bare_client_rps_c256` (bare aiohttp at c=256, if it ran),
-    and `conditions`.
+    Keys: `rows` (client, concurrency, requests, seconds, errors, rps of the calls that succeeded,
+    server_cpu_pct), `rps` ({client: {concurrency: rps}}), `http_client_vs_httpx_default_c64`
+    (new_client / default httpx at c=64, if both ran), `bare_client_rps_c256` (bare aiohttp at
+    c=256, if it ran), and `conditions`.
     """
     if base_url is None:
         affinity = os.sched_getaffinity(0) if _pinnable() else None
@@ -217,16 +220,17 @@ async def measure(
 async def _measure(
     requests: int, concurrencies: Sequence[int], clients: Sequence[str], url: str, pid: int | None
 ) -> dict[str, Any]:
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     rps: dict[str, dict[int, float]] = {}
     for kind in clients:
         for c in concurrencies:
             async with _client(kind, url, c) as post:
-                await _run(post, min(requests, max(2 * c, 50)), c)  # warm up: open the connections
+                await _run(post, min(requests, max(2 * c, 50)), c)  # warm-up: open connections
                 cpu0 = _cpu_seconds(pid) if pid else 0.0
-                seconds = await _run(post, requests, c)
+                seconds, errors = await _run(post, requests, c)
                 cpu = (_cpu_seconds(pid) - cpu0) if pid else 0.0
-            rate = requests / seconds
+            rate = (requests - errors) / seconds
             rps.setdefault(kind, {})[c] = rate
             rows.append(
                 {
@@ -234,6 +238,7 @@ async def _measure(
                     "concurrency": c,
                     "requests": requests,
                     "seconds": round(seconds, 3),
+                    "errors": errors,
                     "rps": round(rate, 1),
                     "server_cpu_pct": round(100 * cpu / seconds, 1) if pid else None,
                 }
@@ -254,6 +259,7 @@ async def _measure(
         "cpus": os.cpu_count(),
         "pinned": pid is not None and _pinnable(),
         "server": "aiohttp.web, separate process, zero latency",
+        "loadavg_1m_before": load_before,
     }
     return result
 
@@ -270,6 +276,9 @@ def _table(result: dict[str, Any]) -> str:
             ratio = f"{r / base[c]:.2f}" if r and base.get(c) else "-"
             cells += f"{r:>12.0f}{ratio:>8}" if r else f"{'-':>12}{'-':>8}"
         out.append(f"{kind:<15}{cells}")
+    for row in result["rows"]:
+        if row["errors"]:
+            out.append(f"{row['client']} c={row['concurrency']}: {row['errors']} calls failed")
     for key in ("http_client_vs_httpx_default_c64", "bare_client_rps_c256"):
         if key in result:
             out.append(f"{key} = {result[key]}")

@@ -41,23 +41,38 @@ class RawLoop:
     _stop: asyncio.Event | None = None
     _task: asyncio.Task[None] | None = None
     _sub: Subscription | None = None
+    _pull: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
-        await self.js.add_stream(StreamConfig(
-            name=WORK_STREAM, subjects=[WORK_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-        ))
-        await self.js.add_stream(StreamConfig(
-            name=RESULT_STREAM, subjects=[RESULT_PREFIX + "*"], storage=StorageType.FILE,
-        ))
-        await self.js.add_consumer(WORK_STREAM, ConsumerConfig(
-            durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-            max_ack_pending=max(10_000, self.slots), max_deliver=5,
-        ))
-        sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=WORK_STREAM)
+        await self.js.add_stream(
+            StreamConfig(
+                name=WORK_STREAM,
+                subjects=[WORK_SUBJECT],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+        )
+        await self.js.add_stream(
+            StreamConfig(
+                name=RESULT_STREAM,
+                subjects=[RESULT_PREFIX + "*"],
+                storage=StorageType.FILE,
+            )
+        )
+        await self.js.add_consumer(
+            WORK_STREAM,
+            ConsumerConfig(
+                durable_name=DURABLE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_ack_pending=max(10_000, self.slots),
+                max_deliver=5,
+            ),
+        )
+        self._pull = sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=WORK_STREAM)
 
         async def on_result(msg: Msg) -> None:
-            self.completions.done(msg.subject[len(RESULT_PREFIX):])
+            self.completions.done(msg.subject[len(RESULT_PREFIX) :])
 
         self._sub = await self.nc.subscribe(RESULT_PREFIX + "*", cb=on_result)
         self._stop = asyncio.Event()
@@ -116,8 +131,10 @@ class RawLoop:
             self._stop.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, 10)
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        for sub in (self._sub, self._pull):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         for name in (WORK_STREAM, RESULT_STREAM):
             with contextlib.suppress(Exception):
                 await self.js.delete_stream(name)

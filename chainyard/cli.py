@@ -16,8 +16,6 @@ from chainyard.contracts import (
     ChainCompleted,
     ChainRejected,
     Config,
-    Subjects,
-    Topology,
     encode,
     load_config,
 )
@@ -47,8 +45,7 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     config = _config(args)
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    topology = Topology(subjects=Subjects(prefix=config.prefix))
-    bus = await open_bus(args.nats, name=f"chainyard-{args.command}", topology=topology, creds=args.creds)
+    bus = await open_bus(args.nats, name=f"chainyard-{args.command}", topology=config.topology, creds=args.creds)
     tools = load_tools(args.tools) if getattr(args, "tools", None) else None
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
@@ -192,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider call is noise
     try:
         import uvloop
 

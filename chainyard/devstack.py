@@ -11,7 +11,7 @@ from types import TracebackType
 
 import msgspec
 
-from chainyard.contracts import Config, Subjects, Topology
+from chainyard.contracts import Config
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -60,8 +60,7 @@ class DevStack:
         if self.want_local:
             self.local = await self._stack.enter_async_context(LocalModel())
         self.config = self._resolve(self.config)
-        topology = Topology(subjects=Subjects(prefix=self.config.prefix))
-        self.bus = await open_bus(self.nats_url, name="chainyard-dev", topology=topology)
+        self.bus = await open_bus(self.nats_url, name="chainyard-dev", topology=self.config.topology)
         self._stack.push_async_callback(self.bus.close)
         self.services = build(self.bus, self.config, tools=self.tools)
         self.services.start()

@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ._chain import Capability, Strategy
+from ._topology import Subjects, Topology
 
 ProviderKind = Literal["openai", "anthropic", "gemini", "null"]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -58,10 +59,20 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prefix: Name = "cy"
     strategy: Strategy = "balanced"
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # JetStream replicas of every stream/bucket
+    work_ack_wait_s: Annotated[float, Meta(gt=0)] = 30.0  # a silent worker's step is redelivered
     deployments: list[Deployment] = []
     groups: dict[str, list[str]] = {}
     pools: list[PoolConfig] = []
     tools: list[str] = []
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(
+            subjects=Subjects(prefix=self.prefix),
+            replicas=self.replicas,
+            work_ack_wait_s=self.work_ack_wait_s,
+        )
 
     def deployment(self, name: str) -> Deployment:
         for d in self.deployments:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-
 from chainyard.contracts import Message, Params, ToolSpec
-from chainyard.sandbox import SandboxConfig, SandboxServer
 from chainyard.workers.providers import LlmRequest
+
+from chainyard.sandbox import SandboxConfig, SandboxServer
 
 KEY = "sk-test-secret-0123456789abcdef"
 
@@ -38,6 +38,4 @@ def req(text: str = "hello there world", **params: object) -> LlmRequest:
 
 
 def tool_req(text: str = 'call get_weather {"city": "Paris"}') -> LlmRequest:
-    return LlmRequest(
-        model="m-1", messages=[Message(role="user", content=text)], tools=[WEATHER]
-    )
+    return LlmRequest(model="m-1", messages=[Message(role="user", content=text)], tools=[WEATHER])

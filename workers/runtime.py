@@ -121,8 +121,6 @@ class Worker:
                 t.cancel()
             with contextlib.suppress(Exception):
                 await self.bus.capacity.delete(self._key)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     # -- one work message ------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ async def consume(
     """Run `handler` on every message until `stop` is set, then finish what is in flight.
 
     `gate`, when given, is awaited before each fetch (a throttled worker waits there).
-    The handler acks, naks or terms its message. A handler that raises gets its message nak'ed
+    The subscription is closed on return. The handler acks, naks or terms its message. A handler that raises gets its message nak'ed
     with a short delay (it comes back) and the loop goes on: one bad message never stops it.
     """
     slots = slots or Slots(concurrency)
@@ -106,3 +106,7 @@ async def consume(
         stopping.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Unsubscribe rather than leave it to drain: a cancelled fetch can leave the server's
+        # 408 status reply queued, and a drain would wait on it until it times out.
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -100,7 +100,8 @@ class NatsServer:
             await self.stop()
             tail = b"".join(self._log[-20:]).decode(errors="replace")
             raise ServerError(f"nats-server did not become ready: {e}\n{tail}") from e
-        self._drain = asyncio.create_task(self._drain_log())
+        assert self._proc.stderr is not None
+        self._drain = asyncio.create_task(self._drain_log(self._proc.stderr))
         return self
 
     async def _await_ready(self) -> None:
@@ -117,10 +118,9 @@ class NatsServer:
             if _READY.search(line):
                 return
 
-    async def _drain_log(self) -> None:
+    async def _drain_log(self, stderr: asyncio.StreamReader) -> None:
         # Keep reading so the server never blocks on a full pipe; keep the tail for errors.
-        assert self._proc and self._proc.stderr
-        stderr = self._proc.stderr
+        # The reader is passed in: stop() clears self._proc, possibly before this task first runs.
         while line := await stderr.readline():
             self._log.append(line)
             del self._log[:-200]

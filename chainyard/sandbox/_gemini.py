@@ -40,7 +40,8 @@ def error(state: State, fault: Fault) -> web.Response:
         status=fault.status,
         body=msgspec.json.encode({"error": err}),
         content_type="application/json",
-        headers=fault.headers,
+        # Gemini sends no retry-after headers; RetryInfo above is its only hint.
+        headers={k: v for k, v in fault.headers.items() if not k.startswith("retry-after")},
     )
 
 

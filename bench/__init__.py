@@ -1,0 +1,1 @@
+"""chainyard's benchmarks: `python -m bench` (see bench/core.py for how figures plug in)."""

@@ -1,0 +1,212 @@
+"""Test helpers: wait on events (never sleep), run services as tasks, read streams, find processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from chainyard.contracts import (
+    ChainCompleted,
+    ChainFailed,
+    ChainRejected,
+    Event,
+    event_decoder,
+)
+
+ENDED = (ChainCompleted, ChainFailed, ChainRejected)
+
+
+class Events:
+    """A core subscription, set up before the action, that keeps every event it receives.
+
+    `await ev.wait(predicate, timeout)` returns the first received event (old or new) that
+    matches, so an event that arrives between the action and the wait is never missed.
+    """
+
+    def __init__(self, nc: NatsClient, subject: str) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.received: list[tuple[str, Event]] = []
+        self._changed = asyncio.Condition()
+        self._sub: Any = None
+
+    async def _on(self, msg: Msg) -> None:
+        try:
+            ev = event_decoder.decode(msg.data)
+        except Exception:  # not an event (e.g. a delta): ignore
+            return
+        async with self._changed:
+            self.received.append((msg.subject, ev))
+            self._changed.notify_all()
+
+    async def __aenter__(self) -> Events:
+        self._sub = await self.nc.subscribe(self.subject, cb=self._on)
+        await self.nc.flush()  # the server has the interest before the caller acts
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    def matching(self, predicate: Callable[[Event], bool]) -> list[Event]:
+        return [ev for _, ev in self.received if predicate(ev)]
+
+    async def wait(self, predicate: Callable[[Event], bool], timeout: float = 10.0, count: int = 1) -> Event:
+        """The `count`-th matching event; TimeoutError (with what was seen) if it does not come."""
+
+        async def seen() -> Event:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.matching(predicate)) >= count)
+                return self.matching(predicate)[count - 1]
+
+        try:
+            return await asyncio.wait_for(seen(), timeout)
+        except TimeoutError:
+            kinds = [f"{s}: {type(e).__name__}" for s, e in self.received]
+            raise TimeoutError(f"no matching event on {self.subject} in {timeout} s; saw {kinds}") from None
+
+    async def ended(self, chain_id: str, timeout: float = 10.0) -> ChainCompleted | ChainFailed | ChainRejected:
+        ev = await self.wait(lambda e: isinstance(e, ENDED) and e.chain_id == chain_id, timeout)
+        assert isinstance(ev, ENDED)
+        return ev
+
+
+async def wait_for_event(
+    nc: NatsClient,
+    subject: str,
+    predicate: Callable[[Event], bool],
+    timeout: float,
+    action: Callable[[], Awaitable[Any]] | None = None,
+) -> Event:
+    """Subscribe, then perform `action`, then wait for the first matching event."""
+    async with Events(nc, subject) as ev:
+        if action is not None:
+            await action()
+        return await ev.wait(predicate, timeout)
+
+
+async def wait_until(
+    check: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
+) -> Any:
+    """Poll a condition (sync or async) with a short interval until it holds or the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running(*services: Any, timeout: float = 15.0) -> AsyncIterator[asyncio.Event]:
+    """Run services (Router, Worker: anything with `run(stop)`) as tasks; stop and join them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in services]
+    try:
+        yield stop
+    finally:
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        assert not pending, f"{len(pending)} service(s) did not stop within {timeout} s"
+
+
+async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
+    """Every message stored in `stream` on `subject` (wildcards allowed), oldest first."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    expected = sum((info.state.subjects or {}).values())
+    if expected == 0:
+        return []
+    out: list[Msg] = []
+    got_all = asyncio.get_running_loop().create_future()
+
+    async def cb(msg: Msg) -> None:
+        out.append(msg)
+        if len(out) >= expected and not got_all.done():
+            got_all.set_result(None)
+
+    sub = await js.subscribe(subject, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=stream)
+    try:
+        await asyncio.wait_for(got_all, 10.0)
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def stream_events(js: JetStreamContext, subject: str, stream: str = "CY_EVENTS") -> list[Event]:
+    return [event_decoder.decode(m.data) for m in await stream_messages(js, stream, subject)]
+
+
+async def heartbeat_seen(kv: Any, pool: str, timeout: float = 10.0) -> None:
+    """Wait until some worker of `pool` has a heartbeat in the capacity bucket."""
+
+    async def first() -> None:
+        watcher = await kv.watch(f"{pool}.>")
+        try:
+            async for entry in watcher:
+                if entry is not None and entry.value:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    await asyncio.wait_for(first(), timeout)
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the live direct children of `pid`, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "<pid> (<comm>) <state> <ppid> ...": comm may contain spaces, so split at the last ')'
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append((int(entry.name), comm))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def names(items: Sequence[Any]) -> list[str]:
+    return [type(i).__name__ for i in items]

@@ -1,0 +1,133 @@
+"""A worker process SIGKILLed mid-step: the step is redelivered to another worker process and
+completed exactly once; the chain completes; no process is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from chainyard.contracts import (
+    Chain,
+    ChainCompleted,
+    LlmStep,
+    Message,
+    StepCompleted,
+    encode,
+    load_config,
+    state_decoder,
+)
+from chainyard.router.engine import Router
+from chainyard.runtime.nats import open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.sandbox import SandboxConfig, SandboxServer
+
+from helpers import Events, alive, children_of, python_env, running, stream_events, wait_until
+
+TENANT = "acme"
+POOL = "slow"
+ACK_WAIT_S = 2.0  # a dead worker's step comes back after this long
+
+
+def write_config(path: Path, sandbox_url: str) -> Path:
+    path.write_text(
+        f"""
+work_ack_wait_s = {ACK_WAIT_S}
+max_attempts = 1
+
+[[deployments]]
+name = "d-slow"
+pool = "{POOL}"
+model = "m"
+price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
+
+[[pools]]
+name = "{POOL}"
+provider = "openai"
+base_url = "{sandbox_url}/v1"
+slots = 4
+timeout_s = 30
+"""
+    )
+    return path
+
+
+async def start_worker(url: str, config: Path, log: Path) -> asyncio.subprocess.Process:
+    out = log.open("wb")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chainyard.cli", "worker", "--nats", url, "--config", str(config),
+            "--pool", POOL, stdout=out, stderr=asyncio.subprocess.STDOUT, env=python_env(),
+        )
+    finally:
+        out.close()
+
+
+async def test_sigkilled_worker_step_completes_exactly_once(nats_server: NatsServer, tmp_path: Path) -> None:
+    procs: list[asyncio.subprocess.Process] = []
+    print("T begin", __import__("time").monotonic())
+    async with SandboxServer(SandboxConfig(latency_ms=1500)) as sandbox:
+        cfg_path = write_config(tmp_path / "chainyard.toml", sandbox.url)
+        cfg = load_config(cfg_path)
+        assert cfg.topology.pool_consumer(POOL).ack_wait_s == ACK_WAIT_S
+        bus = await open_bus(nats_server.url, name="test", topology=cfg.topology)
+        chain = Chain(
+            id="survivor",
+            steps=[
+                LlmStep(id="one", model="m", messages=[Message(role="user", content="first step")]),
+                LlmStep(id="two", model="m", messages=[Message(role="user", content="after {{steps.one.output}}")]),
+            ],
+        )
+        try:
+            async with Events(bus.nc, bus.subjects.chain_events(TENANT, chain.id)) as ev, running(Router(bus, cfg)):
+                first = await start_worker(nats_server.url, cfg_path, tmp_path / "worker1.log")
+                procs.append(first)
+                print("T start", __import__("time").monotonic())
+                await bus.js.publish(bus.subjects.submit(TENANT), encode(chain), headers={"Nats-Msg-Id": chain.id})
+                # the first worker is inside the provider call (the sandbox holds it for 1.5 s)
+                await wait_until(lambda: sandbox.counts["openai.chat"] >= 1, 30, "the first provider call")
+                assert ev.matching(lambda e: isinstance(e, StepCompleted)) == []
+                print("T kill", __import__("time").monotonic())
+                first.send_signal(signal.SIGKILL)
+                assert await asyncio.wait_for(first.wait(), 10) == -signal.SIGKILL
+
+                second = await start_worker(nats_server.url, cfg_path, tmp_path / "worker2.log")
+                procs.append(second)
+                ended = await ev.ended(chain.id, timeout=30)
+                assert isinstance(ended, ChainCompleted), ended
+                assert ended.output.text == "echo: after echo: first step"
+
+                print("T ended", __import__("time").monotonic())
+                second.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(second.wait(), 15) == 0, (tmp_path / "worker2.log").read_text()
+
+            print("T out", __import__("time").monotonic())
+            # the killed call was repeated once by the second worker; step two called once
+            assert sandbox.counts["openai.chat"] == 3
+            logged = await stream_events(bus.js, bus.subjects.chain_events(TENANT, chain.id))
+            done = [e.step_id for e in logged if isinstance(e, StepCompleted)]
+            assert sorted(done) == ["one", "two"], done
+            assert [type(e).__name__ for e in logged].count("ChainCompleted") == 1
+            state = state_decoder.decode((await bus.chains.get(f"{TENANT}.{chain.id}")).value)
+            assert state.status == "completed"
+            assert (state.steps["one"].status, state.steps["one"].attempt) == ("completed", 1)
+            assert {s.step_id: s.attempts for s in ended.steps} == {"one": 1, "two": 1}
+            # the completion came from the second worker process
+            (one,) = [e for e in logged if isinstance(e, StepCompleted) and e.step_id == "one"]
+            assert f"-{second.pid}-" in one.worker
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+                    await p.wait()
+            print("T close", __import__("time").monotonic(), [(sub._subject, sub._pending_queue.qsize(), sub._pending_size) for sub in bus.nc._subs.values()])
+            await bus.close()
+            print("T closed", __import__("time").monotonic())
+    print("T sandbox stopped", __import__("time").monotonic())
+    for p in procs:
+        assert not alive(p.pid), f"worker pid {p.pid} left running"
+    assert [c for c in children_of(os.getpid()) if c[1] != "nats-server"] == []
