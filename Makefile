@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Portable llama.cpp build; pip caches the wheel, so the ~4 minute compile happens once per machine.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install install-local demo test test-fast bench chaos lint schema clean
+.PHONY: install install-local demo test test-fast bench bench-quick chaos lint schema clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/python -m bench --quick
 
 chaos: install
 	$(BIN)/python -m pytest -q tests/chaos

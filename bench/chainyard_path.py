@@ -10,15 +10,15 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from chainyard.contracts import Chain, Config, Deployment, LlmStep, Message, encode
-from chainyard.router.engine import Router
-from chainyard.workers.llm import llm_executor
-from chainyard.workers.providers.null import NullProvider
-from chainyard.workers.runtime import Worker
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from chainyard.contracts import Chain, Config, Deployment, LlmStep, Message, encode
+from chainyard.router.engine import Router
 from chainyard.runtime.nats import Bus
+from chainyard.workers.llm import llm_executor
+from chainyard.workers.providers.null import NullProvider
+from chainyard.workers.runtime import Worker
 
 from .drive import Completions
 

@@ -13,7 +13,6 @@ import statistics
 from typing import Any
 
 from chainyard.contracts import encode
-
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -87,11 +86,7 @@ async def nats_path_vs_raw_jetstream(ctx: Ctx) -> list[Figure]:
                 await cy.stop()
                 await raw.stop()
             finally:
-                # Not bus.close(): its drain can wait out nats.py's 30 s drain_timeout when a
-                # pull subscription left a message taken by fetch's get_nowait() without
-                # task_done() (Router.run does not unsubscribe its pull subscriptions). Every
-                # result is acked by now, so a plain close loses nothing.
-                await bus.nc.close()
+                await bus.close()
 
     raw_mid, cy_mid = median_run(raw_tp), median_run(cy_tp)
     raw_l, cy_l = pooled(raw_lat), pooled(cy_lat)
