@@ -72,6 +72,8 @@ class Loop(Base, frozen=True, kw_only=True):
 
     tools: list[str]
     max_iterations: Annotated[int, Meta(ge=1, le=100)] = 8
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None  # input + output, all iterations
+    max_cost_usd: Annotated[float, Meta(ge=0)] | None = None
 
 
 class LlmStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="llm"):
@@ -98,7 +100,19 @@ class ToolStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="tool"):
     when: str | None = None
 
 
-Step = LlmStep | ToolStep
+class WaitStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="wait"):
+    """Wait for an external signal (a human approval, a webhook), published with
+    `cy.control.<tenant>.<chain>.signal.<signal>`; its JSON payload becomes this step's output.
+    Without a signal within `timeout_ms` the step fails (class "timeout")."""
+
+    id: Id
+    signal: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    timeout_ms: Annotated[int, Meta(ge=1)] | None = None
+    after: list[Id] = []
+    when: str | None = None
+
+
+Step = LlmStep | ToolStep | WaitStep
 
 
 class Chain(Base, frozen=True, kw_only=True):
@@ -111,6 +125,7 @@ class Chain(Base, frozen=True, kw_only=True):
     deadline_ms: Annotated[int, Meta(ge=1)] | None = None
     priority: Annotated[int, Meta(ge=0, le=9)] = 5
     metadata: dict[str, str] = {}
+    replay_of: Id | None = None  # set by the router on a replay: the chain this one re-runs
     v: int = VERSION
 
     def step(self, step_id: str) -> Step:

@@ -6,6 +6,7 @@ import msgspec
 
 from ._chain import Chain
 from ._messages import Assignment, Event, Heartbeat, StepEvent
+from ._control import Cancel, Replay, Timer
 from ._state import ChainState
 
 encoder = msgspec.json.Encoder()
@@ -17,6 +18,9 @@ event_decoder = msgspec.json.Decoder(Event)
 step_event_decoder = msgspec.json.Decoder(StepEvent)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 state_decoder = msgspec.json.Decoder(ChainState)
+cancel_decoder = msgspec.json.Decoder(Cancel)
+replay_decoder = msgspec.json.Decoder(Replay)
+timer_decoder = msgspec.json.Decoder(Timer)
 
 DecodeError = msgspec.DecodeError
 ValidationError = msgspec.ValidationError

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from msgspec import Struct
 
-from ._chain import VERSION, Step, ToolCall
+from ._chain import VERSION, Step, ToolCall, ToolSpec
 
 ErrorClass = Literal[
     "retryable",  # 408, 409, 429, 5xx, 529, timeouts, connection resets: try again / elsewhere
@@ -154,6 +154,17 @@ class ChainFailed(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.f
     v: int = VERSION
 
 
+class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.cancelled"):
+    chain_id: str
+    tenant: str
+    reason: str
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    duration_ms: float = 0.0
+    steps: list[StepSummary] = []
+    v: int = VERSION
+
+
 class FieldError(Out, frozen=True, kw_only=True):
     path: str  # "$.steps[2].model", or "$" for the message as a whole
     message: str
@@ -168,9 +179,9 @@ class ChainRejected(Out, frozen=True, kw_only=True, tag_field="type", tag="chain
     v: int = VERSION
 
 
-Event = StepCompleted | StepFailed | ChainCompleted | ChainFailed | ChainRejected
+Event = StepCompleted | StepFailed | ChainCompleted | ChainFailed | ChainCancelled | ChainRejected
 StepEvent = StepCompleted | StepFailed
-ChainEnded = ChainCompleted | ChainFailed | ChainRejected
+ChainEnded = ChainCompleted | ChainFailed | ChainCancelled | ChainRejected
 
 
 class DeploymentHealth(Out, frozen=True, kw_only=True):
@@ -197,6 +208,7 @@ class Heartbeat(Out, frozen=True, kw_only=True):
     at_ms: int
     interval_ms: int
     models: list[str] = []
+    tools: list[ToolSpec] = []  # what a tool worker serves, for agent loops to offer models
     deployments: dict[str, DeploymentHealth] = {}
     draining: bool = False
     v: int = VERSION

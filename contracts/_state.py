@@ -6,10 +6,10 @@ from typing import Literal
 
 from msgspec import Struct
 
-from ._chain import VERSION, Chain
+from ._chain import VERSION, Chain, Message, Step
 from ._messages import ErrorInfo, Output, Target, Usage
 
-StepStatus = Literal["pending", "dispatched", "completed", "failed", "skipped"]
+StepStatus = Literal["pending", "dispatched", "waiting", "completed", "failed", "skipped", "cancelled"]
 ChainStatus = Literal["running", "completed", "failed", "cancelled"]
 
 
@@ -24,6 +24,13 @@ class StepState(Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     latency_ms: float | None = None
     error: ErrorInfo | None = None
+    # Agent loops: the conversation so far, the tool calls of this iteration still running,
+    # and the loop's own count; a tool call's step records its spec and its loop step.
+    transcript: list[Message] = []
+    calls: list[str] = []
+    iterations: int = 0
+    spec: Step | None = None
+    parent: str | None = None
 
 
 class ChainState(Struct, frozen=True, kw_only=True):

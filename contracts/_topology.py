@@ -34,6 +34,25 @@ class Subjects(Struct, frozen=True, kw_only=True):
     def cancel(self, chain_id: str) -> str:
         return f"{self.prefix}.cancel.{chain_id}"
 
+    def control(self, tenant: str, chain_id: str, verb: str) -> str:
+        """`verb`: "cancel", "signal.<name>" or "replay"."""
+        return f"{self.prefix}.control.{tenant}.{chain_id}.{verb}"
+
+    def timer(self, tenant: str, chain_id: str, step_id: str) -> str:
+        return f"{self.prefix}.timer.{tenant}.{chain_id}.{step_id}"
+
+    @property
+    def all_control(self) -> str:
+        return f"{self.prefix}.control.*.*.>"
+
+    @property
+    def all_timers(self) -> str:
+        return f"{self.prefix}.timer.>"
+
+    @property
+    def all_cancel(self) -> str:
+        return f"{self.prefix}.cancel.*"
+
     # Wildcards the services subscribe to.
     @property
     def all_submit(self) -> str:
@@ -108,7 +127,7 @@ class Topology(Struct, frozen=True, kw_only=True):
     def intake(self) -> StreamDef:
         return StreamDef(
             name=f"{self._tag}_INTAKE",
-            subjects=[self.subjects.all_submit],
+            subjects=[self.subjects.all_submit, self.subjects.all_control],
             retention="workqueue",
             duplicate_window_s=10 * MINUTE_S,
             max_msg_size=self.max_payload,
@@ -136,6 +155,15 @@ class Topology(Struct, frozen=True, kw_only=True):
         )
 
     @property
+    def timers(self) -> StreamDef:
+        return StreamDef(
+            name=f"{self._tag}_TIMERS",
+            subjects=[self.subjects.all_timers],
+            retention="workqueue",
+            duplicate_window_s=10 * MINUTE_S,
+        )
+
+    @property
     def dlq(self) -> StreamDef:
         return StreamDef(
             name=f"{self._tag}_DLQ",
@@ -146,7 +174,7 @@ class Topology(Struct, frozen=True, kw_only=True):
 
     @property
     def streams(self) -> list[StreamDef]:
-        return [self.intake, self.work, self.events, self.dlq]
+        return [self.intake, self.work, self.events, self.timers, self.dlq]
 
     @property
     def intake_consumer(self) -> ConsumerDef:
@@ -156,6 +184,26 @@ class Topology(Struct, frozen=True, kw_only=True):
             ack_wait_s=30.0,
             max_deliver=5,
             max_ack_pending=10_000,
+        )
+
+    @property
+    def control_consumer(self) -> ConsumerDef:
+        return ConsumerDef(
+            durable="router-control",
+            filter_subject=self.subjects.all_control,
+            ack_wait_s=30.0,
+            max_deliver=5,
+            max_ack_pending=10_000,
+        )
+
+    @property
+    def timers_consumer(self) -> ConsumerDef:
+        return ConsumerDef(
+            durable="router-timers",
+            filter_subject=self.subjects.all_timers,
+            ack_wait_s=30.0,
+            max_deliver=-1,  # every nak until the timer is due counts as a delivery
+            max_ack_pending=100_000,
         )
 
     @property
