@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +22,7 @@ from nats.js.api import DeliverPolicy
 
 from chainyard.contracts import (
     Chain,
+    ChainCancelled,
     ChainCompleted,
     ChainEnded,
     ChainFailed,
@@ -29,13 +30,16 @@ from chainyard.contracts import (
     Event,
     Subjects,
     Topology,
+    Cancel,
+    Replay,
+    StepOverride,
     encode,
     event_decoder,
-    new_id,
 )
+from chainyard.contracts import new_id as _new_id
 from chainyard.runtime.nats import connect
 
-ENDED = (ChainCompleted, ChainFailed, ChainRejected)
+ENDED = (ChainCompleted, ChainFailed, ChainCancelled, ChainRejected)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -84,6 +88,13 @@ class Client:
     async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
         """Submit and wait for the chain's terminal event."""
         data, chain_id = _prepare(chain)
+        publish = self.js.publish(
+            self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
+        )
+        return await self._await_end(chain_id, publish, timeout)
+
+    async def _await_end(self, chain_id: str, action: Awaitable[object], timeout: float) -> ChainEnded:
+        """Subscribe to the chain's events, then perform `action`, then wait for the end."""
         ended: asyncio.Future[ChainEnded] = asyncio.get_running_loop().create_future()
 
         async def on_event(msg: Msg) -> None:
@@ -94,15 +105,43 @@ class Client:
 
         sub = await self.nc.subscribe(self.subjects.chain_events(self.tenant, chain_id), cb=on_event)
         try:
-            await self.js.publish(
-                self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
-            )
+            await action
             try:
                 return await asyncio.wait_for(ended, timeout)
             except TimeoutError:
                 raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
         finally:
             await sub.unsubscribe()
+
+    async def cancel(self, chain_id: str, reason: str = "cancelled by the client") -> None:
+        """Ask the router to cancel a chain; it ends with a `chain.cancelled` event, in-flight
+        steps are dropped at the workers. A chain that already ended gets `control.rejected`."""
+        await self._control(chain_id, "cancel", encode(Cancel(reason=reason)))
+
+    async def signal(self, chain_id: str, name: str, data: object = None) -> None:
+        """Release the chain's wait steps for signal `name`; `data` (JSON) is their output."""
+        await self._control(chain_id, f"signal.{name}", msgspec.json.encode(data))
+
+    async def replay(
+        self,
+        chain_id: str,
+        from_step: str,
+        overrides: dict[str, StepOverride] | None = None,
+        *,
+        new_id: str | None = None,
+        wait: float | None = None,
+    ) -> str | ChainEnded:
+        """Re-run an ended chain from `from_step` as a new chain (linked by `replay_of`);
+        earlier outputs are reused. Returns the new id, or with `wait`, its terminal event."""
+        req = Replay(new_id=new_id or _new_id(), from_step=from_step, overrides=overrides or {})
+        if wait is None:
+            await self._control(chain_id, "replay", encode(req))
+            return req.new_id
+        return await self._await_end(req.new_id, self._control(chain_id, "replay", encode(req)), wait)
+
+    async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
+        subject = self.subjects.control(self.tenant, chain_id, verb)
+        await self.js.publish(subject, data, headers={"Nats-Msg-Id": f"{chain_id}.{verb}.{_new_id()}"})
 
     async def watch(
         self, chain_id: str, *, history: bool = True, deltas: bool = False
@@ -160,4 +199,4 @@ def _prepare(chain: Chain | bytes) -> tuple[bytes, str]:
         claimed = _id_decoder.decode(chain).id
     except (msgspec.DecodeError, msgspec.ValidationError):
         claimed = ""
-    return chain, claimed if _ID.match(claimed) else new_id()
+    return chain, claimed if _ID.match(claimed) else _new_id()

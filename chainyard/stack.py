@@ -60,7 +60,10 @@ def llm_worker(bus: Bus, config: Config, pool: PoolConfig, **kw: object) -> Work
 
 
 def tool_workers(bus: Bus, tools: Tools, slots: int = 64) -> list[Worker]:
-    return [Worker(bus, t.pool, tool_executor(t), slots=slots, models=[t.name]) for t in tools]
+    return [
+        Worker(bus, t.pool, tool_executor(t), slots=slots, models=[t.name], tools=[t.spec])
+        for t in tools
+    ]
 
 
 @dataclass

@@ -36,6 +36,7 @@ from ._codec import (
 )
 from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, load_config
 from ._messages import (
+    ControlRejected,
     Assignment,
     ChainCancelled,
     ChainCompleted,
@@ -60,6 +61,7 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
+    "ControlRejected",
     "Assignment",
     "Cancel",
     "Chain",

@@ -38,6 +38,7 @@ class Deployment(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     context_window: int = 8192
     capabilities: list[Capability] = []
     weight: float = 1.0
+    expected_latency_ms: float | None = None  # prior for routing until heartbeats report one
 
     @property
     def wire_model(self) -> str:
@@ -65,6 +66,16 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     groups: dict[str, list[str]] = {}
     pools: list[PoolConfig] = []
     tools: list[str] = []
+    # Routing (docs/ROUTING.md). All have defaults so older config files keep loading.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 1024  # budget reservation when a step sets none
+    capacity_wait_s: Annotated[float, Meta(ge=0)] = 30.0  # longest wait for capacity without a deadline
+    breaker_failures: Annotated[int, Meta(ge=1)] = 5  # consecutive failures that open a breaker
+    breaker_throttles: Annotated[int, Meta(ge=1)] = 3  # consecutive 429s that open a breaker
+    breaker_cooldown_s: Annotated[float, Meta(gt=0)] = 5.0  # first open period; doubles per reopen
+    breaker_max_cooldown_s: Annotated[float, Meta(gt=0)] = 60.0
+    breaker_probes: Annotated[int, Meta(ge=1)] = 2  # dispatches let through while half-open
+    tenant_max_outstanding: Annotated[int, Meta(ge=0)] = 0  # per router replica; 0: no cap
+    backlog_poll_s: Annotated[float, Meta(gt=0)] = 1.0  # pool consumer backlog poll period
 
     @property
     def topology(self) -> Topology:

@@ -73,6 +73,7 @@ class Assignment(Out, frozen=True, kw_only=True):
     deadline_at_ms: int | None = None
     reserved_usd: float | None = None
     priority: int = 5
+    hedge: bool = False  # a second copy of a slow attempt; the first result wins
     v: int = VERSION
 
     @property
@@ -165,6 +166,16 @@ class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     v: int = VERSION
 
 
+class ControlRejected(Out, frozen=True, kw_only=True, tag_field="type", tag="control.rejected"):
+    """A cancel, signal or replay that could not apply; the chain itself is unaffected."""
+
+    chain_id: str
+    tenant: str
+    verb: str
+    message: str
+    v: int = VERSION
+
+
 class FieldError(Out, frozen=True, kw_only=True):
     path: str  # "$.steps[2].model", or "$" for the message as a whole
     message: str
@@ -179,7 +190,15 @@ class ChainRejected(Out, frozen=True, kw_only=True, tag_field="type", tag="chain
     v: int = VERSION
 
 
-Event = StepCompleted | StepFailed | ChainCompleted | ChainFailed | ChainCancelled | ChainRejected
+Event = (
+    StepCompleted
+    | StepFailed
+    | ChainCompleted
+    | ChainFailed
+    | ChainCancelled
+    | ChainRejected
+    | ControlRejected
+)
 StepEvent = StepCompleted | StepFailed
 ChainEnded = ChainCompleted | ChainFailed | ChainCancelled | ChainRejected
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from msgspec import Struct
 
@@ -31,6 +31,12 @@ class StepState(Struct, frozen=True, kw_only=True):
     iterations: int = 0
     spec: Step | None = None
     parent: str | None = None
+    # Routing: budget held for the attempt in flight (settled on its result), and a hedge.
+    reserved_usd: float = 0.0
+    hedge_attempt: int = 0  # > 0: a hedge of this step is in flight under this attempt number
+    hedge_target: Target | None = None
+    hedge_reserved_usd: float = 0.0
+    dead: list[int] = []  # attempts that failed while another attempt of the step was live
 
 
 class ChainState(Struct, frozen=True, kw_only=True):
@@ -42,6 +48,7 @@ class ChainState(Struct, frozen=True, kw_only=True):
     deadline_at_ms: int | None = None
     ended_at_ms: int | None = None
     reason: str | None = None
+    signals: dict[str, Any] = {}  # signals received, by name (a wait step may come later)
     v: int = VERSION
 
     @property

@@ -1,4 +1,10 @@
-"""The live capacity view: worker heartbeats from KV, plus what this router sent since."""
+"""The live capacity view: worker heartbeats from KV, plus what this router sent since.
+
+Per pool: the fresh heartbeats' free slots, less this router's dispatches since the last beat,
+less the pool consumer's backlog (num_pending, polled about once a second). Per deployment:
+latency, time to first token, error rate and throttling as the pool's workers report them,
+merged over the fresh heartbeats. A pool with no fresh heartbeat has no capacity.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,44 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
-from chainyard.contracts import DecodeError, Heartbeat, ValidationError, heartbeat_decoder
+from chainyard.contracts import DecodeError, Heartbeat, ToolSpec, ValidationError, heartbeat_decoder
 
 log = logging.getLogger("chainyard.router.capacity")
 STALE_AFTER_INTERVALS = 3
+# backlog(pool) -> (num_pending, num_ack_pending) of the pool's durable consumer
+BacklogSource = Callable[[str], Awaitable[tuple[int, int]]]
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class PoolLoad:
+    """What a pool can take now, as far as this router knows."""
+
+    live_until_ms: int = 0  # the freshest heartbeat goes stale then
+    slots_total: int = 0
+    slots_free: int = 0
+    pending: int = 0  # consumer backlog: not yet fetched by any worker
+    ack_pending: int = 0
+
+    def live(self, t: int) -> bool:
+        return t <= self.live_until_ms
+
+
+@dataclass(slots=True)
+class DeploymentStats:
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    error_rate: float = 0.0
+    throttled_until_ms: int = 0
+    calls: int = 0
 
 
 class CapacityView:
@@ -27,24 +60,35 @@ class CapacityView:
     or stuck). The KV bucket's TTL removes it for good.
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, backlog: BacklogSource | None = None, poll_s: float = 1.0) -> None:
         self._kv = kv
         self._beats: dict[str, Heartbeat] = {}  # key "<pool>.<worker>" -> latest
         self._sent: defaultdict[str, int] = defaultdict(int)  # pool -> dispatched since beats
         self._seen_pools: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self.tool_specs: dict[str, ToolSpec] = {}  # what tool workers advertise, for agent loops
+        self.pools: dict[str, PoolLoad] = {}
+        self.stats: dict[str, DeploymentStats] = {}
+        self.version = 0  # bumped on every change: lets callers cache derived views
+        self.changed = asyncio.Event()  # set on every change; waiters clear it
+        self._backlog = backlog
+        self._poll_s = poll_s
+        self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch())
+        self._tasks.append(asyncio.create_task(self._watch()))
+        if self._backlog is not None:
+            self._tasks.append(asyncio.create_task(self._poll()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 5.0)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await t
+        self._tasks.clear()
 
     async def _watch(self) -> None:
         while True:
@@ -61,9 +105,27 @@ class CapacityView:
                 log.warning("capacity watch restarting: %s", e)
                 await asyncio.sleep(0.5)
 
+    async def _poll(self) -> None:
+        """Consumer backlog per pool: one cheap consumer-info request per pool per period."""
+        assert self._backlog is not None
+        while True:
+            await asyncio.sleep(self._poll_s)
+            for pool in list(self._seen_pools):
+                try:
+                    pending, ack_pending = await self._backlog(pool)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # no consumer yet, a leader election: keep the last figure
+                    continue
+                load = self.pools.setdefault(pool, PoolLoad())
+                load.pending, load.ack_pending = pending, ack_pending
+            self._recompute_all()
+
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         if op in ("DEL", "PURGE") or not value:
-            self._beats.pop(key, None)
+            hb = self._beats.pop(key, None)
+            if hb is not None:
+                self._recompute(hb.pool)
             return
         try:
             hb = heartbeat_decoder.decode(value)
@@ -72,7 +134,43 @@ class CapacityView:
             return
         self._beats[key] = hb
         self._seen_pools.add(hb.pool)
+        for spec in hb.tools:
+            self.tool_specs[spec.name] = spec
         self._sent[hb.pool] = 0  # the worker's count now includes what we sent before
+        self._recompute(hb.pool)
+
+    def _recompute_all(self) -> None:
+        for pool in list(self._seen_pools):
+            self._recompute(pool)
+
+    def _recompute(self, pool: str) -> None:
+        """Merge the pool's fresh heartbeats into its load and its deployments' stats."""
+        t = now_ms()
+        beats = self.fresh(pool, t)
+        load = self.pools.setdefault(pool, PoolLoad())
+        load.slots_total = sum(hb.slots_total for hb in beats)
+        load.slots_free = sum(hb.slots_free for hb in beats)
+        load.live_until_ms = max(
+            (hb.at_ms + STALE_AFTER_INTERVALS * hb.interval_ms for hb in beats), default=0
+        )
+        merged: dict[str, list] = {}
+        for hb in beats:
+            for name, h in hb.deployments.items():
+                merged.setdefault(name, []).append(h)
+        for name, hs in merged.items():
+            calls = sum(h.calls for h in hs) or 1
+            lat = [(h.latency_ms, h.calls or 1) for h in hs if h.latency_ms is not None]
+            ttft = [(h.ttft_ms, h.calls or 1) for h in hs if h.ttft_ms is not None]
+            self.stats[name] = DeploymentStats(
+                latency_ms=sum(v * w for v, w in lat) / sum(w for _, w in lat) if lat else None,
+                ttft_ms=sum(v * w for v, w in ttft) / sum(w for _, w in ttft) if ttft else None,
+                error_rate=sum(h.error_rate * (h.calls or 1) for h in hs) / calls,
+                # one throttled worker of the pool does not stop the others; all of them do
+                throttled_until_ms=min(h.throttled_until_ms or 0 for h in hs),
+                calls=sum(h.calls for h in hs),
+            )
+        self.version += 1
+        self.changed.set()
 
     def seen(self, pool: str) -> bool:
         return pool in self._seen_pools
@@ -88,10 +186,20 @@ class CapacityView:
         ]
 
     def free_slots(self, pool: str) -> int:
-        return sum(hb.slots_free for hb in self.fresh(pool)) - self._sent[pool]
+        load = self.pools.get(pool)
+        if load is None or not load.live(now_ms()):
+            return 0
+        return load.slots_free - self._sent[pool] - load.pending
 
     def has_workers(self, pool: str) -> bool:
-        return bool(self.fresh(pool))
+        load = self.pools.get(pool)
+        return load is not None and load.live(now_ms())
+
+    def outstanding(self, pool: str) -> int:
+        """What this router sent to `pool` since its last heartbeat."""
+        return self._sent[pool]
 
     def note_dispatch(self, pool: str) -> None:
         self._sent[pool] += 1
+
+

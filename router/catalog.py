@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from chainyard.contracts import Chain, Config, Deployment, LlmStep, Step, Target
+from chainyard.contracts import Chain, Config, Deployment, LlmStep, Step, Target, WaitStep
 
 TOOL_PROVIDER = "tool"
 
@@ -70,6 +70,8 @@ class Catalog:
                     for t in step.loop.tools
                     if not self.known_tool(t)
                 ]
+            return []
+        if isinstance(step, WaitStep):
             return []
         if not self.known_tool(step.tool):
             return [(".tool", f"unknown tool {step.tool!r}: no worker serves pool {tool_pool(step.tool)!r}")]

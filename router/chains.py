@@ -14,6 +14,7 @@ import msgspec
 
 from chainyard.contracts import (
     Chain,
+    ChainCancelled,
     ChainCompleted,
     ChainFailed,
     ChainState,
@@ -24,21 +25,27 @@ from chainyard.contracts import (
     StepState,
     StepSummary,
     Target,
+    Timer,
+    WaitStep,
 )
 
-from . import graph
+from . import graph, loops
 
 # pick(step, deployments to avoid) -> a target, or a reason why there is none
 Pick = Callable[[Step, list[str]], Target | str]
 RETRY_ELSEWHERE = ("retryable", "context_window")
+REDISPATCH_WINDOW_MS = 5 * 60_000  # half the streams' duplicate window
+Ended = ChainCompleted | ChainFailed | ChainCancelled
 
 
 @dataclass
 class Outcome:
     state: ChainState
     dispatch: list[str] = field(default_factory=list)  # steps whose assignment must go out
-    ended: ChainCompleted | ChainFailed | None = None
+    ended: Ended | None = None
     retry_after_s: float | None = None  # come back to this event later (same deployment)
+    timers: list[Timer] = field(default_factory=list)  # durable timers to schedule
+    cancel: bool = False  # broadcast a cancel to the workers
 
 
 def _replace(st: StepState, **kw: object) -> StepState:
@@ -59,6 +66,9 @@ def start(chain: Chain, tenant: str, now_ms: int, pick: Pick) -> Outcome:
 
 def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) -> Outcome:
     st = state.steps[ev.step_id]
+    if loops.is_loop(loops.spec_of(state, ev.step_id)):
+        turn = loops.on_loop_completed(state, ev, now_ms)
+        return _after_turn(state, turn, now_ms, pick)
     steps = dict(state.steps)
     steps[ev.step_id] = _replace(
         st,
@@ -70,7 +80,18 @@ def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) 
         target=ev.target,
         error=None,
     )
+    if st.parent is not None:  # a loop's tool call: its loop may resume
+        return _after_turn(state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick)
     return _advance(msgspec.structs.replace(state, steps=steps), now_ms, pick, [])
+
+
+def _after_turn(state: ChainState, turn: loops.LoopTurn, now_ms: int, pick: Pick) -> Outcome:
+    state = msgspec.structs.replace(state, steps=turn.steps)
+    if turn.limit:
+        return _fail(state, now_ms, turn.limit, None, None)
+    if turn.answered:
+        return _advance(state, now_ms, pick, [])
+    return Outcome(state=state, dispatch=turn.dispatch)
 
 
 def on_failed(
@@ -83,8 +104,8 @@ def on_failed(
     st = state.steps[ev.step_id]
     tried = [*st.tried, ev.target.deployment]
     steps = dict(state.steps)
-    if ev.error.cls in RETRY_ELSEWHERE and st.attempt < max_attempts:
-        step = state.chain.step(ev.step_id)
+    if ev.error.cls in RETRY_ELSEWHERE and len(tried) < max_attempts:
+        step = loops.spec_of(state, ev.step_id)
         target = pick(step, tried)
         if isinstance(target, str) and ev.error.cls == "retryable":
             # Nowhere else to go: the same deployment again, once its Retry-After has passed.
@@ -103,6 +124,8 @@ def on_failed(
             )
             return Outcome(state=msgspec.structs.replace(state, steps=steps), dispatch=[ev.step_id])
     steps[ev.step_id] = _replace(st, status="failed", tried=tried, error=ev.error)
+    if st.parent is not None:  # a loop's tool call failed for good: the model is told
+        return _after_turn(state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick)
     why = _failure_reason(ev, st.attempt, max_attempts)
     return _fail(msgspec.structs.replace(state, steps=steps), now_ms, why, ev.step_id, ev.error)
 
@@ -123,10 +146,18 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
     if state.deadline_at_ms is not None and now_ms > state.deadline_at_ms and adv.ready:
         return _fail(state, now_ms, "deadline exceeded before the next step could start", None, None)
     steps = dict(state.steps)
+    timers: list[Timer] = []
     for sid in adv.skipped:
         steps[sid] = _replace(steps[sid], status="skipped")
     for sid in adv.ready:
-        step = graph.resolve(state.chain.step(sid), steps)
+        spec = state.chain.step(sid)
+        if isinstance(spec, WaitStep):
+            if loops.wait_ready(state, steps, sid, now_ms):  # its signal had already come
+                return _advance(msgspec.structs.replace(state, steps=steps), now_ms, pick, dispatch)
+            if spec.timeout_ms is not None:
+                timers.append(_timer(state, sid, "wait_timeout", now_ms + spec.timeout_ms))
+            continue
+        step = graph.resolve(spec, steps)
         target = pick(step, [])
         if isinstance(target, str):
             return _fail(msgspec.structs.replace(state, steps=steps), now_ms, target, sid, None)
@@ -138,7 +169,18 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
     if adv.done:
         state = msgspec.structs.replace(state, status="completed", ended_at_ms=now_ms)
         return Outcome(state=state, ended=completed_event(state))
-    return Outcome(state=state, dispatch=dispatch)
+    return Outcome(state=state, dispatch=dispatch, timers=timers)
+
+
+def _timer(state: ChainState, step_id: str, kind: str, due_at_ms: int) -> Timer:
+    return Timer(
+        kind=kind,  # type: ignore[arg-type]
+        tenant=state.tenant,
+        chain_id=state.chain.id,
+        step_id=step_id,
+        attempt=state.steps[step_id].attempt,
+        due_at_ms=due_at_ms,
+    )
 
 
 def _fail(
@@ -183,17 +225,19 @@ def completed_event(state: ChainState) -> ChainCompleted:
         output=graph.chain_output(state.chain, state.steps),
         usage=state.usage,
         cost_usd=state.cost_usd,
-        duration_ms=float((state.ended_at_ms or state.created_at_ms) - state.created_at_ms),
+        duration_ms=_duration(state),
         steps=summaries(state),
     )
 
 
-def ended_event(state: ChainState) -> ChainCompleted | ChainFailed | None:
+def ended_event(state: ChainState) -> Ended | None:
     """The terminal event of an ended chain, rebuilt from state (for idempotent re-publish)."""
     if state.status == "completed":
         return completed_event(state)
-    if state.status in ("failed", "cancelled"):
-        failed = [sid for sid, st in state.steps.items() if st.status == "failed"]
+    if state.status == "cancelled":
+        return cancelled_event(state)
+    if state.status == "failed":
+        failed = [sid for sid, st in state.steps.items() if st.status == "failed" and st.parent is None]
         sid = failed[0] if failed else None
         return ChainFailed(
             chain_id=state.chain.id,
@@ -203,28 +247,47 @@ def ended_event(state: ChainState) -> ChainCompleted | ChainFailed | None:
             error=state.steps[sid].error if sid else None,
             usage=state.usage,
             cost_usd=state.cost_usd,
-            duration_ms=float((state.ended_at_ms or state.created_at_ms) - state.created_at_ms),
+            duration_ms=_duration(state),
             steps=summaries(state),
         )
     return None
 
 
-def followups(state: ChainState, step_id: str, attempt: int) -> Outcome:
-    """The effects a recorded transition for (step, attempt) had, to perform again after a crash.
+def cancelled_event(state: ChainState) -> ChainCancelled:
+    return ChainCancelled(
+        chain_id=state.chain.id,
+        tenant=state.tenant,
+        reason=state.reason or "cancelled",
+        usage=state.usage,
+        cost_usd=state.cost_usd,
+        duration_ms=_duration(state),
+        steps=summaries(state),
+    )
 
-    Safe to repeat: assignments and chain events carry deterministic message ids.
+
+def _duration(state: ChainState) -> float:
+    return float((state.ended_at_ms or state.created_at_ms) - state.created_at_ms)
+
+
+def followups(state: ChainState, now_ms: int) -> Outcome:
+    """The effects the recorded state implies, to perform again after a crash or a duplicate.
+
+    Safe to repeat: assignments, timers and chain events carry deterministic message ids, and
+    the streams drop a repeat within their duplicate window. Only steps dispatched within half
+    that window are re-sent, so a repeat can never reach a worker as new work.
     """
-    st = state.steps.get(step_id)
-    dispatch: list[str] = []
-    if st is not None and st.status == "dispatched" and st.attempt == attempt + 1:
-        dispatch.append(step_id)  # the retry this failure caused
-    elif st is not None and st.status == "completed":
-        for s in state.chain.steps:
-            other = state.steps[s.id]
-            if (
-                other.status == "dispatched"
-                and other.attempt == 1
-                and step_id in graph.dependencies(s)
-            ):
-                dispatch.append(s.id)
-    return Outcome(state=state, dispatch=dispatch, ended=ended_event(state))
+    if state.status != "running":
+        return Outcome(state=state, ended=ended_event(state))
+    dispatch = [
+        sid
+        for sid, st in state.steps.items()
+        if st.status == "dispatched" and now_ms - (st.dispatched_at_ms or 0) < REDISPATCH_WINDOW_MS
+    ]
+    timers = [
+        _timer(state, sid, "wait_timeout", (st.dispatched_at_ms or now_ms) + spec.timeout_ms)
+        for sid, st in state.steps.items()
+        if st.status == "waiting"
+        and isinstance(spec := loops.spec_of(state, sid), WaitStep)
+        and spec.timeout_ms is not None
+    ]
+    return Outcome(state=state, dispatch=dispatch, timers=timers)

@@ -1,10 +1,10 @@
-"""The router service: intake -> chain state -> assignments; step events -> next steps.
+"""The router service: intake -> chain state -> assignments; events, control, timers -> next steps.
 
 Delivery discipline (DESIGN.md, NATS-NOTES.md): every state change is a compare-and-set on the
-chain's KV revision; effects (assignments, chain events) go out after the change is recorded,
-with deterministic message ids; the incoming message is acked last. A crash anywhere in between
-redelivers the message, and the redelivery finds the change recorded and repeats only effects
-that the streams then deduplicate.
+chain's KV revision; effects (assignments, timers, chain events) go out after the change is
+recorded, with deterministic message ids; the incoming message is acked last. A crash anywhere
+in between redelivers the message, and the redelivery finds the change recorded and repeats
+only effects that the streams then deduplicate.
 """
 
 from __future__ import annotations
@@ -13,38 +13,45 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 
+import msgspec
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
 from chainyard.contracts import (
     Assignment,
     ChainRejected,
     ChainState,
     Config,
+    ControlRejected,
     DecodeError,
     Event,
     FieldError,
+    LlmStep,
     StepCompleted,
-    StepFailed,
+    Timer,
     ValidationError,
+    cancel_decoder,
     chain_decoder,
     encode,
     new_id,
-    state_decoder,
+    replay_decoder,
     step_event_decoder,
+    timer_decoder,
 )
 from chainyard.runtime.consume import consume
 from chainyard.runtime.nats import Bus
 
-from . import chains, graph
+from . import chains, control, graph, loops
 from .capacity import CapacityView
 from .catalog import Catalog
 from .policy import Policy
+from .store import Conflict, StateStore
 
 log = logging.getLogger("chainyard.router")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# decide(state or None, revision) -> what to do; None: nothing to record
+Decide = Callable[[ChainState | None], chains.Outcome | None]
 
 
 def now_ms() -> int:
@@ -69,20 +76,42 @@ class Router:
         self.catalog = Catalog(config, self.capacity.seen)
         self.policy = Policy(self.catalog, self.capacity)
         self.concurrency = concurrency
-        self.kv: KeyValue = bus.chains
+        self.store = StateStore(bus.chains)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.capacity.start()
         topo = self.bus.topology
-        intake = await self.bus.pull(topo.intake, topo.intake_consumer)
-        events = await self.bus.pull(topo.events, topo.engine_consumer)
+        loops_ = [
+            (topo.intake, topo.intake_consumer, self.on_submit),
+            (topo.events, topo.engine_consumer, self.on_step_event),
+            (topo.intake, topo.control_consumer, self.on_control),
+            (topo.timers, topo.timers_consumer, self.on_timer),
+        ]
         try:
-            await asyncio.gather(
-                consume(intake, self.on_submit, stop, self.concurrency, name="intake"),
-                consume(events, self.on_step_event, stop, self.concurrency, name="engine"),
-            )
+            subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
+            await asyncio.gather(*(
+                consume(sub, fn, stop, self.concurrency, name=c.durable)
+                for sub, (_, c, fn) in zip(subs, loops_, strict=True)
+            ))  # fmt: skip
         finally:
             await self.capacity.stop()
+
+    # -- the one way state changes -----------------------------------------------------------
+
+    async def _apply(self, key: str, decide: Decide) -> chains.Outcome | None:
+        """Load, decide, compare-and-set; on a conflict read again and decide again."""
+        fresh = False
+        while True:
+            state, rev = await self.store.load(key, fresh=fresh)
+            outcome = decide(state)
+            if outcome is None or outcome.state is state or outcome.retry_after_s is not None:
+                return outcome
+            try:
+                await self.store.update(key, outcome.state, rev)
+            except Conflict:
+                fresh = True
+                continue
+            return outcome
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -99,24 +128,22 @@ class Router:
         if errors:
             await self._reject(msg, tenant, chain.id, errors)
             return
-        key = f"{tenant}.{chain.id}"
-        outcome = chains.start(chain, tenant, now_ms(), self.policy.pick)
+        await self._create(msg, tenant, chains.start(chain, tenant, now_ms(), self.policy.pick))
+
+    async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome) -> None:
+        """Create a chain's state once; the same chain again is accepted once (its effects are
+        performed again, deduplicated, in case the first attempt crashed before them)."""
+        chain = outcome.state.chain
+        key = self.store.key(tenant, chain.id)
         try:
-            await self.kv.create(key, encode(outcome.state))
-        except KeyWrongLastSequenceError:
-            existing, _ = await self._load(key)
+            await self.store.create(key, outcome.state)
+        except Conflict:
+            existing, _ = await self.store.load(key, fresh=True)
             if existing is None or existing.chain != chain:
-                await self._reject(msg, tenant, chain.id, [FieldError(
-                    path="$.id", message=f"chain id {chain.id!r} is already used by another chain"
-                )])
+                err = FieldError(path="$.id", message=f"chain id {chain.id!r} is already used by another chain")
+                await self._reject(msg, tenant, chain.id, [err])
                 return
-            # The same chain again: accepted once. Re-perform the first dispatch (deduplicated)
-            # in case the earlier attempt crashed before it.
-            outcome = chains.Outcome(
-                state=existing,
-                dispatch=[s for s, st in existing.steps.items() if st.status == "dispatched" and st.attempt == 1 and not graph.dependencies(existing.chain.step(s))],
-                ended=chains.ended_event(existing),
-            )
+            outcome = chains.followups(existing, now_ms())
         await self._perform(outcome)
         await msg.ack()
 
@@ -126,14 +153,16 @@ class Router:
 
     async def _reject(self, msg: Msg, tenant: str, chain_id: str, errors: list[FieldError]) -> None:
         ev = ChainRejected(chain_id=chain_id, tenant=tenant, errors=errors)
-        log.info("rejected chain %s/%s: %s", tenant, chain_id, "; ".join(f"{e.path}: {e.message}" for e in errors))
+        log.info("rejected %s/%s: %s", tenant, chain_id, "; ".join(f"{e.path}: {e.message}" for e in errors))
         await self._publish_event(ev, f"{chain_id}.rejected.{msg.metadata.sequence.stream}")
-        # Keep the offending message itself for operators (bad input is never dropped silently).
-        await self.bus.js.publish(
-            self.subjects.dlq_subject("intake"),
-            msg.data,
-            headers={"Cy-Tenant": tenant, "Cy-Reason": "; ".join(e.message for e in errors)[:1000]},
-        )
+        await self._dead_letter(msg, "intake", "; ".join(e.message for e in errors), tenant)
+
+    async def _dead_letter(self, msg: Msg, source: str, reason: str, tenant: str = "") -> None:
+        """Keep what could not be processed for operators, then drop it from its stream."""
+        headers = {"Cy-Reason": reason[:1000], "Cy-Subject": msg.subject}
+        if tenant:
+            headers["Cy-Tenant"] = tenant
+        await self.bus.js.publish(self.subjects.dlq_subject(source), msg.data, headers=headers)
         await msg.term()
 
     # -- step events -------------------------------------------------------------------------
@@ -143,90 +172,158 @@ class Router:
             ev = step_event_decoder.decode(msg.data)
         except (DecodeError, ValidationError) as e:
             log.warning("poison step event on %s: %s", msg.subject, e)
-            await self.bus.js.publish(
-                self.subjects.dlq_subject("events"), msg.data, headers={"Cy-Reason": str(e)[:1000]}
-            )
-            await msg.term()
+            await self._dead_letter(msg, "events", str(e))
             return
-        key = f"{ev.tenant}.{ev.chain_id}"
-        while True:
-            state, rev = await self._load(key)
+        t = now_ms()
+        stale: list[chains.Outcome] = []
+
+        def decide(state: ChainState | None) -> chains.Outcome | None:
             if state is None:
-                log.warning("event for unknown chain %s", key)
-                await msg.term()
-                return
+                return None
             st = state.steps.get(ev.step_id)
-            current = (
-                state.status == "running"
-                and st is not None
-                and st.status == "dispatched"
-                and st.attempt == ev.attempt
-            )
-            if not current:
+            if not (state.status == "running" and st is not None and st.status == "dispatched" and st.attempt == ev.attempt):
                 # Duplicate or late (a zombie worker, a lost hedge): change nothing, but make
-                # sure what the recorded transition caused did go out.
-                await self._perform(chains.followups(state, ev.step_id, ev.attempt))
-                await msg.ack()
-                return
-            outcome = self._transition(state, ev, msg)
-            if outcome.retry_after_s is not None:
-                await msg.nak(delay=outcome.retry_after_s)
-                return
-            try:
-                await self.kv.update(key, encode(outcome.state), last=rev)
-            except KeyWrongLastSequenceError:
-                continue  # another event of this chain won: read again and re-decide
-            break
+                # sure what the recorded state implies did go out.
+                stale.append(chains.followups(state, t))
+                return stale[-1]
+            if isinstance(ev, StepCompleted):
+                return chains.on_completed(state, ev, t, self.policy.pick)
+            published = msg.metadata.timestamp.timestamp() * 1000 if msg.metadata.timestamp else t
+            due = ev.error.retry_after_s is None or t >= published + ev.error.retry_after_s * 1000
+            return chains.on_failed(state, ev, t, self.policy.pick, self.config.max_attempts, due)
+
+        outcome = await self._apply(self.store.key(ev.tenant, ev.chain_id), decide)
+        if outcome is None:
+            log.warning("event for unknown chain %s/%s", ev.tenant, ev.chain_id)
+            await self._dead_letter(msg, "events", "unknown chain")
+            return
+        if outcome.retry_after_s is not None:
+            await msg.nak(delay=outcome.retry_after_s)  # durable: JetStream brings it back
+            return
         await self._perform(outcome)
         await msg.ack()
 
-    def _transition(self, state: ChainState, ev: StepCompleted | StepFailed, msg: Msg) -> chains.Outcome:
+    # -- control: cancel, signal, replay -----------------------------------------------------
+
+    async def on_control(self, msg: Msg) -> None:
+        # cy.control.<tenant>.<chain>.<verb...>
+        parts = msg.subject.split(".")
+        tenant, chain_id, verb = parts[2], parts[3], ".".join(parts[4:])
+        key = self.store.key(tenant, chain_id)
         t = now_ms()
-        if isinstance(ev, StepCompleted):
-            return chains.on_completed(state, ev, t, self.policy.pick)
-        published_ms = msg.metadata.timestamp.timestamp() * 1000 if msg.metadata.timestamp else t
-        due = ev.error.retry_after_s is None or t >= published_ms + ev.error.retry_after_s * 1000
-        return chains.on_failed(state, ev, t, self.policy.pick, self.config.max_attempts, due)
+        try:
+            if verb == "cancel":
+                reason = cancel_decoder.decode(msg.data or b"{}").reason
+                outcome = await self._apply(key, _known(lambda s: control.cancel(s, reason, t)))
+            elif verb.startswith("signal.") and _ID_OK.match(name := verb[len("signal."):]):
+                data = _json_or_text(msg.data)
+                outcome = await self._apply(key, _known(lambda s: control.signal(s, name, data, t, self.policy.pick)))
+            elif verb == "replay":
+                req = replay_decoder.decode(msg.data)
+                old, _ = await self.store.load(key, fresh=True)
+                if old is None:
+                    raise control.ControlError(f"no chain {chain_id!r}")
+                new = control.replay(old, req, t, self.policy.pick)
+                await self._create(msg, tenant, new)
+                return
+            else:
+                raise control.ControlError(f"unknown control verb {verb!r}")
+        except (control.ControlError, DecodeError, ValidationError) as e:
+            await self._control_rejected(msg, tenant, chain_id, verb, str(e))
+            return
+        if outcome is not None:
+            await self._perform(outcome)
+        await msg.ack()
+
+    async def _control_rejected(self, msg: Msg, tenant: str, chain_id: str, verb: str, why: str) -> None:
+        log.info("control %s on %s/%s refused: %s", verb, tenant, chain_id, why)
+        ev = ControlRejected(chain_id=chain_id, tenant=tenant, verb=verb, message=why)
+        await self._publish_event(ev, f"{chain_id}.control.{msg.metadata.sequence.stream}")
+        await self._dead_letter(msg, "control", why, tenant)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    async def on_timer(self, msg: Msg) -> None:
+        try:
+            timer = timer_decoder.decode(msg.data)
+        except (DecodeError, ValidationError) as e:
+            await self._dead_letter(msg, "timers", str(e))
+            return
+        t = now_ms()
+        if t < timer.due_at_ms:
+            await msg.nak(delay=(timer.due_at_ms - t) / 1000)
+            return
+        if timer.kind == "wait_timeout":
+            outcome = await self._apply(
+                self.store.key(timer.tenant, timer.chain_id),
+                lambda s: control.wait_timeout(s, timer, t) if s is not None else None,
+            )
+            if outcome is not None:
+                await self._perform(outcome)
+        await msg.ack()
 
     # -- effects -----------------------------------------------------------------------------
-
-    async def _load(self, key: str) -> tuple[ChainState | None, int]:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None, 0
-        if entry.value is None:
-            return None, 0
-        return state_decoder.decode(entry.value), entry.revision or 0
 
     async def _perform(self, outcome: chains.Outcome) -> None:
         state = outcome.state
         jobs = [self._dispatch(state, sid) for sid in outcome.dispatch]
+        jobs += [self._schedule(tm) for tm in outcome.timers]
         if outcome.ended is not None:
             kind = outcome.ended.__struct_config__.tag
             jobs.append(self._publish_event(outcome.ended, f"{state.chain.id}.{kind}"))
+        if outcome.cancel:
+            jobs.append(self.bus.nc.publish(self.subjects.cancel(state.chain.id), b""))
         await asyncio.gather(*jobs)
+
+    def _step_for(self, state: ChainState, step_id: str):  # noqa: ANN202 - a Step
+        step = graph.resolve(loops.spec_of(state, step_id), state.steps)
+        if isinstance(step, LlmStep) and step.loop is not None:
+            step = loops.loop_request(step, state.steps[step_id], self.capacity.tool_specs)
+        return step
 
     async def _dispatch(self, state: ChainState, step_id: str) -> None:
         st = state.steps[step_id]
-        assert st.target is not None
+        target = st.target
+        assert target is not None, f"{step_id} dispatched without a target"
         a = Assignment(
             chain_id=state.chain.id,
             step_id=step_id,
             attempt=st.attempt,
             tenant=state.tenant,
-            step=graph.resolve(state.chain.step(step_id), state.steps),
-            target=st.target,
+            step=self._step_for(state, step_id),
+            target=target,
             dispatched_at_ms=st.dispatched_at_ms or now_ms(),
             deadline_at_ms=state.deadline_at_ms,
             priority=state.chain.priority,
         )
         await self.bus.js.publish(
-            self.subjects.work(st.target.pool), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+            self.subjects.work(target.pool), encode(a), headers={"Nats-Msg-Id": a.msg_id}
         )
+
+    async def _schedule(self, timer: Timer) -> None:
+        subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
+        msg_id = f"{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
+        await self.bus.js.publish(subject, encode(timer), headers={"Nats-Msg-Id": msg_id})
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         await self.bus.js.publish(subject, encode(ev), headers={"Nats-Msg-Id": msg_id})
 
+
+def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:
+    def decide(state: ChainState | None) -> chains.Outcome | None:
+        if state is None:
+            raise control.ControlError("no such chain")
+        return fn(state)
+
+    return decide
+
+
+def _json_or_text(data: bytes) -> object:
+    if not data:
+        return None
+    try:
+        return msgspec.json.decode(data)
+    except DecodeError:
+        return data.decode(errors="replace")

@@ -51,7 +51,7 @@ def _texts(step: Step) -> Iterable[str]:
     if isinstance(step, LlmStep):
         for m in step.messages:
             yield m.content
-    else:
+    elif isinstance(step, ToolStep):
         yield from _strings(step.args)
 
 
@@ -182,6 +182,8 @@ def resolve(step: Step, states: Mapping[str, StepState]) -> Step:
     """The step with every reference replaced by the outputs recorded so far."""
     if isinstance(step, ToolStep):
         return msgspec.structs.replace(step, args=_resolve_any(step.args, states))
+    if not isinstance(step, LlmStep):
+        return step
     messages = [
         msgspec.structs.replace(m, content=_as_text(_resolve_str(m.content, states)))
         if "{{" in m.content

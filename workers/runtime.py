@@ -1,9 +1,14 @@
 """The worker runtime: one durable pull consumer per pool, bounded slots, heartbeats, drain.
 
-Per work message: decode -> drop if expired -> skip if its result is already recorded ->
-execute -> publish the result event and wait for its ack -> ack the work. A crash anywhere
-before the last ack redelivers the message; the event's message id and the router's
-compare-and-set make the second result change nothing.
+Per work message: decode -> drop if its chain was cancelled or its deadline passed -> skip if
+its result is already recorded -> wait out a provider throttle -> execute -> publish the result
+event and wait for its ack -> ack the work. A crash anywhere before the last ack redelivers the
+message; the event's message id and the router's compare-and-set make the second result change
+nothing.
+
+Cancellation: every worker listens (core NATS) on `cy.cancel.*`; a cancelled chain's calls in
+flight here are cancelled and end as step.failed "cancelled", and work for it that arrives later
+(within RECENT_CANCEL_S) is dropped the same way, never sent to the provider.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
@@ -30,6 +36,7 @@ from chainyard.contracts import (
     StepCompleted,
     StepFailed,
     Target,
+    ToolSpec,
     Usage,
     ValidationError,
     assignment_decoder,
@@ -43,6 +50,9 @@ from .health import Health
 from .providers._base import ProviderError, RateLimits
 
 log = logging.getLogger("chainyard.worker")
+FETCH_BATCH = 256  # one fetch takes at most this many messages, however many slots are free
+RECENT_CANCEL_S = 600.0  # a cancelled chain's late work is dropped for this long ...
+RECENT_CANCEL_MAX = 100_000  # ... remembering at most this many chains
 
 
 def now_ms() -> int:
@@ -54,7 +64,7 @@ class Result:
     """What an executor returns for one assignment."""
 
     output: Output
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     model: str | None = None  # the model the provider says answered
     ttft_ms: float | None = None
@@ -69,6 +79,41 @@ def default_worker_id(pool: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{pool}".replace(".", "_")
 
 
+class Recent:
+    """A bounded set whose entries expire: the chains cancelled in the last `ttl_s` seconds."""
+
+    def __init__(
+        self, ttl_s: float = RECENT_CANCEL_S, max_entries: int = RECENT_CANCEL_MAX
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._at: OrderedDict[str, float] = OrderedDict()  # oldest first
+
+    def add(self, key: str) -> None:
+        self._at.pop(key, None)
+        self._at[key] = time.monotonic()
+        while len(self._at) > self.max_entries:
+            self._at.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        at = self._at.get(key)  # type: ignore[call-overload]
+        if at is None:
+            return False
+        if time.monotonic() - at > self.ttl_s:
+            self._expire()
+            return False
+        return True
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - self.ttl_s
+        while self._at and next(iter(self._at.values())) < limit:
+            self._at.popitem(last=False)
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._at)
+
+
 class Worker:
     """Serves one pool. Any number of Worker processes may serve the same pool."""
 
@@ -81,7 +126,9 @@ class Worker:
         slots: int = 64,
         worker_id: str | None = None,
         models: list[str] | None = None,
+        tools: list[ToolSpec] | None = None,
         heartbeat_s: float = 2.0,
+        fetch_batch: int = FETCH_BATCH,
     ) -> None:
         self.bus = bus
         self.pool = pool
@@ -89,10 +136,14 @@ class Worker:
         self.slots = Slots(slots)
         self.id = worker_id or default_worker_id(pool)
         self.models = models or []
+        self.tools = tools or []  # advertised in heartbeats, so agent loops can offer them
         self.heartbeat_s = heartbeat_s
         self.health = Health()
         self.subjects = bus.topology.subjects
+        self.fetch_batch = fetch_batch
         self._in_flight: dict[int, tuple[Msg, float]] = {}
+        self._calls: dict[str, set[asyncio.Future[Result]]] = {}  # chain id -> calls in flight
+        self.cancelled = Recent()
         self._draining = False
         self.completed = 0
 
@@ -105,6 +156,7 @@ class Worker:
         topo = self.bus.topology
         consumer = topo.pool_consumer(self.pool)
         sub = await self.bus.pull(topo.work, consumer)
+        cancels = await self.bus.nc.subscribe(self.subjects.cancel("*"), cb=self._on_cancel)
         side = [
             asyncio.create_task(self._heartbeats(stop)),
             asyncio.create_task(self._keep_alive(consumer.ack_wait_s / 3)),
@@ -112,13 +164,21 @@ class Worker:
         await self._beat()
         try:
             await consume(
-                sub, self._on_work, stop, self.slots.total, name=self.pool, slots=self.slots,
+                sub,
+                self._on_work,
+                stop,
+                self.slots.total,
+                name=self.pool,
+                slots=self.slots,
                 gate=self.health.wait_unthrottled,
+                max_batch=self.fetch_batch,
             )
         finally:
             self._draining = True
             for t in side:
                 t.cancel()
+            with contextlib.suppress(Exception):
+                await cancels.unsubscribe()
             with contextlib.suppress(Exception):
                 await self.bus.capacity.delete(self._key)
 
@@ -135,23 +195,59 @@ class Worker:
             await msg.term()
             return
         started = now_ms()
-        if a.deadline_at_ms is not None and started > a.deadline_at_ms:
-            await self._publish(self._failed(a, ErrorInfo(cls="expired", message=f"deadline passed {started - a.deadline_at_ms} ms before the step could start"), started))
-            await msg.ack()
+        if await self._dropped(a, msg, started):
             return
         if msg.metadata.num_delivered > 1 and await self._already_recorded(a):
             await msg.ack()
             return
         self._in_flight[id(msg)] = (msg, time.monotonic())
-        t0 = time.perf_counter()
         try:
-            on_delta = self._delta_sink(a) if getattr(a.step, "params", None) and a.step.params.stream else None
-            result = await self.execute(a, on_delta)
+            if self.health.throttled_until_ms > now_ms():
+                await self.health.wait_unthrottled()  # in progress meanwhile: _keep_alive
+                if await self._dropped(a, msg, started):
+                    return
+            await self._run_call(a, msg, started)
+        finally:
+            self._in_flight.pop(id(msg), None)
+
+    async def _dropped(self, a: Assignment, msg: Msg, started: int) -> bool:
+        """Fail and ack, without a provider call, work of a cancelled chain or past its deadline."""
+        err = None
+        if a.chain_id in self.cancelled:
+            err = ErrorInfo(cls="cancelled", message="the chain was cancelled")
+        elif a.deadline_at_ms is not None and now_ms() > a.deadline_at_ms:
+            late = now_ms() - a.deadline_at_ms
+            err = ErrorInfo(
+                cls="expired", message=f"deadline passed {late} ms before the step could start"
+            )
+        if err is None:
+            return False
+        await self._publish(self._failed(a, err, started))
+        await msg.ack()
+        return True
+
+    async def _run_call(self, a: Assignment, msg: Msg, started: int) -> None:
+        t0 = time.perf_counter()
+        stream = getattr(getattr(a.step, "params", None), "stream", False)
+        call = asyncio.ensure_future(self.execute(a, self._delta_sink(a) if stream else None))
+        calls = self._calls.setdefault(a.chain_id, set())
+        calls.add(call)
+        try:
+            result = await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # we are being stopped: not a chain cancel
+                raise
+            latency = (time.perf_counter() - t0) * 1000
+            err = ErrorInfo(cls="cancelled", message="the chain was cancelled during the call")
+            event: Event = self._failed(a, err, started, latency)
         except ProviderError as e:
             latency = (time.perf_counter() - t0) * 1000
             self.health.record_failure(a.target.deployment, e, latency)
-            err = ErrorInfo(cls=e.cls, message=e.message, status=e.status, retry_after_s=e.retry_after_s)
-            event: Event = self._failed(a, err, started, latency)
+            err = ErrorInfo(
+                cls=e.cls, message=e.message, status=e.status, retry_after_s=e.retry_after_s
+            )
+            event = self._failed(a, err, started, latency)
         except Exception as e:  # a bug in an executor must not kill the worker
             log.exception("%s: executor crashed on %s", self.pool, a.msg_id)
             err = ErrorInfo(cls="fatal", message=f"{type(e).__name__}: {e}")
@@ -175,12 +271,16 @@ class Worker:
                 ttft_ms=result.ttft_ms,
             )
         finally:
-            self._in_flight.pop(id(msg), None)
+            calls.discard(call)
+            if not calls:
+                self._calls.pop(a.chain_id, None)
         await self._publish(event)  # durable first ...
         await msg.ack()  # ... then the work is done
         self.completed += 1
 
-    def _failed(self, a: Assignment, err: ErrorInfo, started: int, latency: float = 0.0) -> StepFailed:
+    def _failed(
+        self, a: Assignment, err: ErrorInfo, started: int, latency: float = 0.0
+    ) -> StepFailed:
         return StepFailed(
             chain_id=a.chain_id,
             step_id=a.step_id,
@@ -210,7 +310,15 @@ class Worker:
             return False
         state = state_decoder.decode(entry.value)
         st = state.steps.get(a.step_id)
-        return state.status != "running" or (st is not None and st.attempt >= a.attempt and st.status != "dispatched")
+        return state.status != "running" or (
+            st is not None and st.attempt >= a.attempt and st.status != "dispatched"
+        )
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        chain_id = msg.subject.rsplit(".", 1)[-1]
+        self.cancelled.add(chain_id)
+        for call in list(self._calls.get(chain_id, ())):
+            call.cancel()
 
     def _delta_sink(self, a: Assignment) -> Callable[[str], None]:
         subject = self.subjects.delta(a.tenant, a.chain_id, a.step_id)
@@ -234,6 +342,7 @@ class Worker:
             at_ms=now_ms(),
             interval_ms=int(self.heartbeat_s * 1000),
             models=self.models,
+            tools=self.tools,
             deployments=self.health.snapshot(),
             draining=self._draining,
         )
@@ -263,4 +372,6 @@ class Worker:
 def _answered(target: Target, model: str | None) -> Target:
     if not model or model == target.model:
         return target
-    return Target(deployment=target.deployment, pool=target.pool, provider=target.provider, model=model)
+    return Target(
+        deployment=target.deployment, pool=target.pool, provider=target.provider, model=model
+    )
