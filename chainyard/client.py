@@ -94,7 +94,11 @@ class Client:
         return await self._await_end(chain_id, publish, timeout)
 
     async def _await_end(self, chain_id: str, action: Awaitable[object], timeout: float) -> ChainEnded:
-        """Subscribe to the chain's events, then perform `action`, then wait for the end."""
+        """Subscribe to the chain's events, then perform `action`, then wait for the end.
+
+        When the stream says the publish was a duplicate (the same chain id was submitted
+        before), the chain's own event log answers: the first run's terminal event.
+        """
         ended: asyncio.Future[ChainEnded] = asyncio.get_running_loop().create_future()
 
         async def on_event(msg: Msg) -> None:
@@ -105,7 +109,9 @@ class Client:
 
         sub = await self.nc.subscribe(self.subjects.chain_events(self.tenant, chain_id), cb=on_event)
         try:
-            await action
+            ack = await action
+            if getattr(ack, "duplicate", False):
+                return await asyncio.wait_for(self._last_event(chain_id), timeout)
             try:
                 return await asyncio.wait_for(ended, timeout)
             except TimeoutError:
@@ -138,6 +144,12 @@ class Client:
             await self._control(chain_id, "replay", encode(req))
             return req.new_id
         return await self._await_end(req.new_id, self._control(chain_id, "replay", encode(req)), wait)
+
+    async def _last_event(self, chain_id: str) -> ChainEnded:
+        async for ev in self.watch(chain_id, history=True):
+            if isinstance(ev, ENDED):
+                return ev
+        raise AssertionError("unreachable: watch ends only on a terminal event")
 
     async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
         subject = self.subjects.control(self.tenant, chain_id, verb)

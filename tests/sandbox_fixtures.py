@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from chainyard.contracts import Message, Params, ToolSpec
-from chainyard.workers.providers import LlmRequest
 
+from chainyard.contracts import Message, Params, ToolSpec
 from chainyard.sandbox import SandboxConfig, SandboxServer
+from chainyard.workers.providers import LlmRequest
 
 KEY = "sk-test-secret-0123456789abcdef"
 
@@ -21,6 +21,22 @@ WEATHER = ToolSpec(
         "required": ["city"],
     },
 )
+
+SEARCH = ToolSpec(
+    name="search",
+    description="Web search",
+    parameters={
+        "type": "object",
+        "properties": {"query": {"type": "string"}},
+        "required": ["query"],
+    },
+)
+
+# Two calls in one answer; `nope` is not offered, so the sandbox ignores it.
+TWO_CALLS = (
+    'call get_weather {"city": "Oslo"} and call search {"query": "bikes"} then call nope {"x": 1}'
+)
+TWO_CALLS_EXPECTED = [("get_weather", {"city": "Oslo"}), ("search", {"query": "bikes"})]
 
 
 @pytest.fixture
@@ -39,3 +55,9 @@ def req(text: str = "hello there world", **params: object) -> LlmRequest:
 
 def tool_req(text: str = 'call get_weather {"city": "Paris"}') -> LlmRequest:
     return LlmRequest(model="m-1", messages=[Message(role="user", content=text)], tools=[WEATHER])
+
+
+def two_tools_req(text: str = TWO_CALLS) -> LlmRequest:
+    return LlmRequest(
+        model="m-1", messages=[Message(role="user", content=text)], tools=[WEATHER, SEARCH]
+    )

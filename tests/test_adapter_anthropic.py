@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from sandbox_fixtures import (
+    KEY,
+    TWO_CALLS_EXPECTED,
+    WEATHER,
+    req,
+    sandbox,
+    tool_req,
+    two_tools_req,
+)
+
 from chainyard.contracts import Message, ToolCall
+from chainyard.sandbox import SandboxServer
 from chainyard.workers.providers import (
     AnthropicProvider,
     LlmRequest,
@@ -14,9 +26,6 @@ from chainyard.workers.providers import (
     make_provider,
     parse_anthropic,
 )
-from sandbox_fixtures import KEY, WEATHER, req, sandbox, tool_req
-
-from chainyard.sandbox import SandboxServer
 
 __all__ = ["sandbox"]
 
@@ -86,6 +95,47 @@ async def test_tool_use(sandbox: SandboxServer, an: AnthropicProvider, stream: b
             "input_schema": WEATHER.parameters,
         }
     ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_several_tool_uses(
+    sandbox: SandboxServer, an: AnthropicProvider, stream: bool
+) -> None:
+    c = await an.complete(two_tools_req(), (lambda _: None) if stream else None)
+    assert c.output.finish_reason == "tool_calls" and c.output.text == ""
+    assert [(t.name, t.args) for t in c.output.tool_calls] == TWO_CALLS_EXPECTED
+    ids = [t.id for t in c.output.tool_calls]
+    assert all(i.startswith("toolu_") for i in ids) and len(set(ids)) == 2
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (14, 4)
+
+
+async def test_sandbox_streams_tool_use_blocks_in_order(sandbox: SandboxServer) -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 50,
+        "stream": True,
+        "tools": [
+            {"name": n, "input_schema": {"type": "object"}} for n in ("get_weather", "search")
+        ],
+        "messages": [{"role": "user", "content": two_tools_req().messages[0].content}],
+    }
+    async with httpx.AsyncClient() as client:
+        r = await client.post(
+            f"{sandbox.url}/v1/messages",
+            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+            json=body,
+        )
+    events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: ")]
+    blocks = [(e["type"], e["index"]) for e in events if e["type"].startswith("content_block")]
+    per_block = ["content_block_start", "content_block_delta", "content_block_delta"]
+    per_block.append("content_block_stop")
+    assert blocks == [(t, i) for i in (0, 1) for t in per_block]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [(b["type"], b["name"]) for b in starts] == [
+        ("tool_use", "get_weather"),
+        ("tool_use", "search"),
+    ]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
 
 
 async def test_tool_result_blocks(sandbox: SandboxServer, an: AnthropicProvider) -> None:

@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from chainyard.contracts import Message, ToolCall
-from chainyard.workers.providers import GeminiProvider, LlmRequest, ProviderError, make_provider
-from sandbox_fixtures import KEY, WEATHER, req, sandbox, tool_req
+from sandbox_fixtures import (
+    KEY,
+    TWO_CALLS_EXPECTED,
+    WEATHER,
+    req,
+    sandbox,
+    tool_req,
+    two_tools_req,
+)
 
+from chainyard.contracts import Message, ToolCall
 from chainyard.sandbox import SandboxServer
+from chainyard.workers.providers import GeminiProvider, LlmRequest, ProviderError, make_provider
 
 __all__ = ["sandbox"]
 
@@ -81,6 +89,17 @@ async def test_function_call(sandbox: SandboxServer, gm: GeminiProvider, stream:
             ]
         }
     ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_several_function_calls(
+    sandbox: SandboxServer, gm: GeminiProvider, stream: bool
+) -> None:
+    c = await gm.complete(two_tools_req(), (lambda _: None) if stream else None)
+    assert c.output.finish_reason == "tool_calls" and c.output.text == ""
+    assert [(t.name, t.args) for t in c.output.tool_calls] == TWO_CALLS_EXPECTED
+    assert len({t.id for t in c.output.tool_calls}) == 2
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (14, 4)
 
 
 async def test_function_response_parts(sandbox: SandboxServer, gm: GeminiProvider) -> None:

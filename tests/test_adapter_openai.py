@@ -6,7 +6,18 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from sandbox_fixtures import (
+    KEY,
+    TWO_CALLS_EXPECTED,
+    WEATHER,
+    req,
+    sandbox,
+    tool_req,
+    two_tools_req,
+)
+
 from chainyard.contracts import Message, ToolCall
+from chainyard.sandbox import SandboxServer
 from chainyard.workers.providers import (
     LlmRequest,
     OpenAIProvider,
@@ -18,9 +29,6 @@ from chainyard.workers.providers import (
     parse_retry_after,
 )
 from chainyard.workers.providers.openai import decode_args
-from sandbox_fixtures import KEY, WEATHER, req, sandbox, tool_req
-
-from chainyard.sandbox import SandboxServer
 
 __all__ = ["sandbox"]
 
@@ -115,6 +123,18 @@ async def test_tool_call_parsed(sandbox: SandboxServer, ai: OpenAIProvider, stre
             },
         }
     ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_several_tool_calls(sandbox: SandboxServer, ai: OpenAIProvider, stream: bool) -> None:
+    deltas: list[str] = []
+    c = await ai.complete(two_tools_req(), deltas.append if stream else None)
+    assert c.output.finish_reason == "tool_calls" and c.output.text == "" and deltas == []
+    assert [(t.name, t.args) for t in c.output.tool_calls] == TWO_CALLS_EXPECTED
+    ids = [t.id for t in c.output.tool_calls]
+    assert all(i.startswith("call_") for i in ids) and len(set(ids)) == 2
+    # input: the 14 words of the prompt; output: per call its name and its one-word arguments
+    assert (c.usage.input_tokens, c.usage.output_tokens) == (14, 4)
 
 
 async def test_tool_result_round_trip(sandbox: SandboxServer, ai: OpenAIProvider) -> None:

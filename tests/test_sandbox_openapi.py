@@ -16,13 +16,13 @@ import jsonschema
 import msgspec
 import pytest
 import yaml
-from chainyard.contracts import Message, ToolCall
-from chainyard.workers.providers import LlmRequest, make_provider
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from sandbox_fixtures import KEY, req, sandbox, tool_req
+from sandbox_fixtures import KEY, req, sandbox, tool_req, two_tools_req
 
+from chainyard.contracts import Message, ToolCall
 from chainyard.sandbox import SandboxServer
+from chainyard.workers.providers import LlmRequest, make_provider
 
 __all__ = ["sandbox"]
 
@@ -82,12 +82,13 @@ async def test_adapter_requests_match_schema(sandbox: SandboxServer) -> None:
     await ai.complete(req(max_tokens=9, temperature=0.1, stop=["x"]))
     await ai.complete(req(), lambda _: None)
     await ai.complete(tool_req())
+    await ai.complete(two_tools_req())
     await ai.complete(round_trip)
     await ai.complete(req(response_format="json"))
     await ai.complete(req(response_format="json", json_schema=schema))
     await ai.aclose()
     bodies = [c.body for c in sandbox.captured]
-    assert len(bodies) == 6
+    assert len(bodies) == 7
     for body in bodies:
         validate(body, "CreateChatCompletionRequest")
 
@@ -105,16 +106,19 @@ def _chunks(text: str) -> list[Any]:
     return [msgspec.json.decode(d) for d in data[:-1]]
 
 
-@pytest.mark.parametrize("use_tools", [False, True])
-async def test_sandbox_responses_match_schema(sandbox: SandboxServer, use_tools: bool) -> None:
-    r = tool_req() if use_tools else req()
+@pytest.mark.parametrize("n_calls", [0, 1, 2])
+async def test_sandbox_responses_match_schema(sandbox: SandboxServer, n_calls: int) -> None:
+    r = [req, tool_req, two_tools_req][n_calls]()
     ai = make_provider("openai", f"{sandbox.url}/v1", KEY)
     body = ai.body(r, stream=False)  # type: ignore[attr-defined]
     await ai.aclose()
     resp = await _post(sandbox.url, body)
     assert resp.status_code == 200
     validate(resp.json(), "CreateChatCompletionResponse")
-    assert resp.json()["choices"][0]["finish_reason"] == ("tool_calls" if use_tools else "stop")
+    choice = resp.json()["choices"][0]
+    assert choice["finish_reason"] == ("tool_calls" if n_calls else "stop")
+    calls = choice["message"].get("tool_calls") or []
+    assert len(calls) == n_calls and len({c["id"] for c in calls}) == n_calls
 
     resp = await _post(
         sandbox.url, {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -125,6 +129,10 @@ async def test_sandbox_responses_match_schema(sandbox: SandboxServer, use_tools:
         validate(chunk, "CreateChatCompletionStreamResponse")
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
     assert all(c["usage"] is None for c in chunks[:-1])
+    # each call: a chunk with its id and name, then two argument pieces, all under its index
+    pieces = [tc for c in chunks for ch in c["choices"] for tc in ch["delta"].get("tool_calls", [])]
+    assert [tc["index"] for tc in pieces] == [i for i in range(n_calls) for _ in range(3)]
+    assert len({tc["id"] for tc in pieces if "id" in tc}) == n_calls
 
 
 async def test_sandbox_error_body_shape(sandbox: SandboxServer) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ._core import Answer, Fault, State, Turn, answer, pieces
+from ._core import Answer, Fault, State, Turn, answer, args_json, pieces
 
 _TYPES = {
     400: "invalid_request_error",
@@ -117,16 +117,16 @@ async def handle(state: State, request: web.Request) -> web.StreamResponse:
         return error(state, Fault(status=400, message=msg, kind="context"))
     state.tokens_served += a.input_tokens + a.output_tokens
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    tool_id = f"toolu_{uuid.uuid4().hex[:24]}"
+    tool_ids = [f"toolu_{uuid.uuid4().hex[:24]}" for _ in a.tool_calls]
     if body.get("stream"):
-        return await _stream(state, request, body, a, msg_id, tool_id, cached)
+        return await _stream(state, request, body, a, msg_id, tool_ids, cached)
     content: list[dict[str, Any]] = []
     if a.text:
         content.append({"type": "text", "text": a.text})
-    if a.tool_name is not None:
-        content.append(
-            {"type": "tool_use", "id": tool_id, "name": a.tool_name, "input": a.tool_args}
-        )
+    content += [
+        {"type": "tool_use", "id": tool_id, "name": c.name, "input": c.args}
+        for tool_id, c in zip(tool_ids, a.tool_calls, strict=True)
+    ]
     resp = {
         "id": msg_id,
         "type": "message",
@@ -150,7 +150,7 @@ async def _stream(
     body: dict[str, Any],
     a: Answer,
     msg_id: str,
-    tool_id: str,
+    tool_ids: list[str],
     cached: int,
 ) -> web.StreamResponse:
     resp = web.StreamResponse(
@@ -209,7 +209,7 @@ async def _stream(
             )
         await send("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
-    if a.tool_name is not None:
+    for tool_id, c in zip(tool_ids, a.tool_calls, strict=True):
         await send(
             "content_block_start",
             {
@@ -218,12 +218,12 @@ async def _stream(
                 "content_block": {
                     "type": "tool_use",
                     "id": tool_id,
-                    "name": a.tool_name,
+                    "name": c.name,
                     "input": {},
                 },
             },
         )
-        args = msgspec.json.encode(a.tool_args).decode()
+        args = args_json(c)
         half = len(args) // 2
         for part in (args[:half], args[half:]):
             await send(
@@ -235,6 +235,7 @@ async def _stream(
                 },
             )
         await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
     await send(
         "message_delta",
         {

@@ -3,8 +3,9 @@
 The sandbox answers deterministically so tests can assert exact text, usage and tool calls:
 - text: "echo: <last message text>", cut to `max_tokens` words (finish "length" when cut);
 - tokens: whitespace-separated words (input: every message, system and tool-result text);
-- tool call: tools are offered and the last message is a user turn containing
-  "call <toolname>", optionally followed by a JSON object that becomes the arguments;
+- tool calls: tools are offered and the last message is a user turn containing
+  "call <toolname>", optionally followed by a JSON object that becomes the arguments; every
+  such occurrence is one call, in order of appearance (names not offered are ignored);
 - JSON mode: a JSON object {"echo": "<last message text>"}, plus every `required` property of a
   given JSON schema filled with a value of its type.
 """
@@ -12,6 +13,7 @@ The sandbox answers deterministically so tests can assert exact text, usage and 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -65,10 +67,16 @@ class Fault(Struct, frozen=True, kw_only=True):
     headers: dict[str, str] = {}
 
 
+class Call(Struct, frozen=True):
+    """One tool call of an answer."""
+
+    name: str
+    args: dict[str, Any] = {}
+
+
 class Answer(Struct, frozen=True, kw_only=True):
     text: str = ""
-    tool_name: str | None = None
-    tool_args: dict[str, Any] = {}
+    tool_calls: list[Call] = []
     finish: Literal["stop", "length", "tool"] = "stop"
     input_tokens: int = 0
     output_tokens: int = 0
@@ -191,20 +199,35 @@ def pieces(text: str) -> list[str]:
     return _WORD.findall(text) or ([text] if text else [])
 
 
-def _call_request(text: str, tools: list[str]) -> tuple[str, dict[str, Any]] | None:
-    for name in tools:
-        m = re.search(rf"\bcall {re.escape(name)}\b\s*(.*)", text, re.DOTALL)
-        if m is None:
-            continue
-        tail = m.group(1).strip()
+_DECODER = json.JSONDecoder()
+
+
+def _call_requests(text: str, tools: list[str]) -> list[Call]:
+    """Every "call <tool> [JSON object]" in `text`, in order; unknown names are skipped.
+
+    The JSON object is the longest valid prefix after the name (raw_decode), and scanning goes
+    on after it, so a "call x" inside one call's arguments is not a call of its own."""
+    if not tools:
+        return []
+    names = "|".join(re.escape(n) for n in sorted(set(tools), key=len, reverse=True))
+    pattern = re.compile(rf"\bcall ({names})\b\s*")
+    calls: list[Call] = []
+    pos = 0
+    while (m := pattern.search(text, pos)) is not None:
+        pos = m.end()
         args: Any = {}
-        if tail.startswith("{"):
+        if text.startswith("{", pos):
             try:
-                args = msgspec.json.decode(tail)
-            except msgspec.DecodeError:
+                args, pos = _DECODER.raw_decode(text, pos)
+            except json.JSONDecodeError:
                 args = {}
-        return name, args if isinstance(args, dict) else {}
-    return None
+        calls.append(Call(m.group(1), args if isinstance(args, dict) else {}))
+    return calls
+
+
+def args_json(call: Call) -> str:
+    """A call's arguments as the JSON text the wire formats send."""
+    return msgspec.json.encode(call.args).decode()
 
 
 def _fill(schema: dict[str, Any], echo: str) -> dict[str, Any]:
@@ -239,15 +262,15 @@ def answer(
     last = next((t for t in reversed(turns) if t.role != "system"), None)
     last_text = last.text if last else ""
     if tools and last is not None and last.role == "user":
-        call = _call_request(last_text, tools)
-        if call is not None:
-            args_json = msgspec.json.encode(call[1]).decode()
+        calls = _call_requests(last_text, tools)
+        if calls:
+            # per call: its name plus the words of its JSON arguments
+            output_tokens = sum(count_tokens(args_json(c)) + 1 for c in calls)
             return Answer(
-                tool_name=call[0],
-                tool_args=call[1],
+                tool_calls=calls,
                 finish="tool",
                 input_tokens=input_tokens,
-                output_tokens=count_tokens(args_json) + 1,
+                output_tokens=output_tokens,
             )
     if json_mode:
         text = msgspec.json.encode(_fill(json_schema or {}, last_text)).decode()

@@ -116,9 +116,7 @@ async def handle(state: State, request: web.Request) -> web.StreamResponse:
         )
         return error(state, Fault(status=400, message=msg, kind="context"))
     state.tokens_served += a.input_tokens + a.output_tokens
-    call_parts = (
-        [{"functionCall": {"name": a.tool_name, "args": a.tool_args}}] if a.tool_name else []
-    )
+    call_parts = [{"functionCall": {"name": c.name, "args": c.args}} for c in a.tool_calls]
     if not stream:
         parts = ([{"text": a.text}] if a.text else []) + call_parts
         return web.Response(
@@ -131,7 +129,7 @@ async def handle(state: State, request: web.Request) -> web.StreamResponse:
     # Gemini streams several words per chunk; the last chunk carries the finish reason.
     groups = [[{"text": "".join(texts[i : i + 2])}] for i in range(0, len(texts), 2)]
     if call_parts:
-        groups.append(call_parts)
+        groups.append(call_parts)  # parallel calls come together, as one chunk of parts
     groups = groups or [[{"text": ""}]]
     for i, parts in enumerate(groups):
         if delay and i:

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ._core import Answer, Fault, State, Turn, answer, pieces
+from ._core import Answer, Call, Fault, State, Turn, answer, args_json, pieces
 
 _TYPES = {
     400: ("invalid_request_error", None),
@@ -80,11 +80,11 @@ def _turns(messages: list[dict[str, Any]]) -> list[Turn]:
     return [Turn(role=str(m.get("role")), text=_text(m.get("content"))) for m in messages]
 
 
-def _tool_call(a: Answer) -> dict[str, Any]:
+def _tool_call(call: Call) -> dict[str, Any]:
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
-        "function": {"name": a.tool_name, "arguments": msgspec.json.encode(a.tool_args).decode()},
+        "function": {"name": call.name, "arguments": args_json(call)},
     }
 
 
@@ -135,8 +135,8 @@ async def handle(state: State, request: web.Request) -> web.StreamResponse:
     if body.get("stream"):
         return await _stream(state, request, body, head, a)
     message: dict[str, Any] = {"role": "assistant", "content": a.text or None, "refusal": None}
-    if a.tool_name is not None:
-        message["tool_calls"] = [_tool_call(a)]
+    if a.tool_calls:
+        message["tool_calls"] = [_tool_call(c) for c in a.tool_calls]
     resp = {
         **head,
         "object": "chat.completion",
@@ -177,19 +177,20 @@ async def _stream(
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
     await send(choice({"role": "assistant", "content": ""}))
-    if a.tool_name is not None:
-        call = _tool_call(a)
+    for i, c in enumerate(a.tool_calls):
+        # Each call: its id and name first, then the arguments in pieces, keyed by `index`.
+        call = _tool_call(c)
         args = call["function"]["arguments"]
         first = {
-            "index": 0,
+            "index": i,
             "id": call["id"],
             "type": "function",
-            "function": {"name": a.tool_name, "arguments": ""},
+            "function": {"name": c.name, "arguments": ""},
         }
         await send(choice({"tool_calls": [first]}))
-        half = len(args) // 2  # arguments arrive in pieces; split to exercise reassembly
+        half = len(args) // 2  # split to exercise reassembly
         for part in (args[:half], args[half:]):
-            await send(choice({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+            await send(choice({"tool_calls": [{"index": i, "function": {"arguments": part}}]}))
     for piece in pieces(a.text):
         if delay:
             await asyncio.sleep(delay)
