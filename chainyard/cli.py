@@ -127,11 +127,12 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 
 async def cmd_schema(args: argparse.Namespace) -> int:
-    from chainyard.contracts import schema_export
+    from chainyard.contracts import asyncapi_export, schema_export
 
     out = Path(args.out) if args.out else schema_export.SCHEMA_DIR
     for path in schema_export.write(out):
         print(path)
+    print(asyncapi_export.write(out))
     return 0
 
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 from chainyard.client import Client
 from chainyard.contracts import (
     Chain,
+    ChainCancelled,
     ChainCompleted,
+    ChainEnded,
     ChainFailed,
     ChainRejected,
     Config,
     Deployment,
     LlmStep,
+    Loop,
     Message,
     Params,
     PoolConfig,
@@ -31,6 +35,7 @@ from chainyard.contracts import (
 from chainyard.workers.tools import Tools
 
 QUESTION = "Should I cycle to work in Lisbon tomorrow morning?"
+AGENT_QUESTION = "What is the weather in Oslo tomorrow? Use the weather tool."
 
 tools = Tools()
 
@@ -65,7 +70,7 @@ def demo_config() -> Config:
                 pool="local",
                 model="smollm2",
                 context_window=2048,
-                capabilities=["json"],
+                capabilities=["tools", "json"],
                 price=Price(input_per_mtok=0.0, output_per_mtok=0.0),
             ),
             Deployment(
@@ -133,6 +138,26 @@ def demo_chain() -> Chain:
     )
 
 
+def agent_chain() -> Chain:
+    """An agent loop on the local model: it calls the weather tool, then answers."""
+    return Chain(
+        id=f"agent-{new_id()}",
+        steps=[
+            LlmStep(
+                id="agent",
+                model="smollm2",
+                messages=[
+                    Message(role="system", content="You can call tools. Use them, then answer."),
+                    Message(role="user", content=AGENT_QUESTION),
+                ],
+                loop=Loop(tools=["weather"], max_iterations=2),
+                params=Params(max_tokens=48, temperature=0),
+            )
+        ],
+        deadline_ms=300_000,
+    )
+
+
 def _table(ended: ChainCompleted | ChainFailed) -> str:
     rows = [("step", "status", "pool", "model", "latency", "tokens in/out", "cost USD")]
     for s in ended.steps:
@@ -149,7 +174,42 @@ def _table(ended: ChainCompleted | ChainFailed) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-async def run_demo(nats_url: str | None = None, out=sys.stdout) -> int:  # noqa: ANN001
+async def _follow(client: Client, chain: Chain, out: TextIO) -> ChainEnded | None:
+    """Submit a chain and print each step as it ends; returns the terminal event."""
+    await client.submit(chain)
+    async for ev in client.watch(chain.id):
+        if isinstance(ev, StepCompleted):
+            calls = ", ".join(f"{c.name}({c.args})" for c in ev.output.tool_calls)
+            what = f" -> calls {calls}" if calls else ""
+            print(f"  done  {ev.step_id:<11} on {ev.target.pool:<12} {ev.latency_ms:7.0f} ms{what}", file=out, flush=True)
+        elif isinstance(ev, StepFailed):
+            print(f"  retry {ev.step_id:<11} {ev.error.cls}: {ev.error.message}", file=out, flush=True)
+        elif isinstance(ev, ChainCompleted | ChainFailed | ChainCancelled | ChainRejected):
+            return ev
+    return None
+
+
+def _report(ended: ChainEnded | None, out: TextIO) -> bool:
+    if isinstance(ended, ChainRejected):
+        print("rejected: " + "; ".join(f"{e.path}: {e.message}" for e in ended.errors), file=out)
+        return False
+    if not isinstance(ended, ChainCompleted | ChainFailed):
+        print(f"chain ended without a result: {ended}", file=out)
+        return False
+    print("\n" + _table(ended), file=out)
+    if isinstance(ended, ChainFailed):
+        print(f"\nchain failed: {ended.reason}", file=out)
+        return False
+    print(
+        f"\ntotal: {ended.duration_ms:.0f} ms, {ended.usage.input_tokens}+"
+        f"{ended.usage.output_tokens} tokens, ${ended.cost_usd:.6f}",
+        file=out,
+    )
+    print(f"\nA: {ended.output.text.strip()}", file=out)
+    return True
+
+
+async def run_demo(nats_url: str | None = None, out: TextIO = sys.stdout) -> int:
     from chainyard.devstack import DevStack
     from chainyard.sandbox.local_model import unavailable_reason
 
@@ -161,26 +221,13 @@ async def run_demo(nats_url: str | None = None, out=sys.stdout) -> int:  # noqa:
     async with DevStack(demo_config(), nats_url=nats_url, tools=tools) as dev:
         assert dev.bus is not None
         print(f"ready in {time.perf_counter() - t0:.1f} s; NATS at {dev.nats_url}", file=out)
-        chain = demo_chain()
-        print(f"\nQ: {QUESTION}\nchain {chain.id}: classify -> plan -> (weather || search) -> answer\n", file=out)
         client = Client(dev.bus.nc, "demo", dev.bus.topology)
-        ended = None
-        await client.submit(chain)
-        async for ev in client.watch(chain.id):
-            if isinstance(ev, StepCompleted):
-                print(f"  done  {ev.step_id:<9} on {ev.target.pool:<12} {ev.latency_ms:7.0f} ms", file=out, flush=True)
-            elif isinstance(ev, StepFailed):
-                print(f"  retry {ev.step_id:<9} {ev.error.cls}: {ev.error.message}", file=out, flush=True)
-            elif isinstance(ev, ChainCompleted | ChainFailed | ChainRejected):
-                ended = ev
-    if isinstance(ended, ChainRejected):
-        print("rejected: " + "; ".join(f"{e.path}: {e.message}" for e in ended.errors), file=out)
-        return 1
-    assert ended is not None
-    print("\n" + _table(ended), file=out)
-    if isinstance(ended, ChainFailed):
-        print(f"\nchain failed: {ended.reason}", file=out)
-        return 1
-    print(f"\ntotal: {ended.duration_ms:.0f} ms, {ended.usage.input_tokens}+{ended.usage.output_tokens} tokens, ${ended.cost_usd:.6f}", file=out)
-    print(f"\nA: {ended.output.text.strip()}", file=out)
-    return 0
+        chain = demo_chain()
+        print(f"\n1) a chain. Q: {QUESTION}", file=out)
+        print(f"   {chain.id}: classify -> plan -> (weather || search) -> answer\n", file=out)
+        ok = _report(await _follow(client, chain, out), out)
+        agent = agent_chain()
+        print(f"\n2) an agent loop on the local model. Q: {AGENT_QUESTION}", file=out)
+        print(f"   {agent.id}: the model may call `weather`, then answers\n", file=out)
+        ok = _report(await _follow(client, agent, out), out) and ok
+    return 0 if ok else 1

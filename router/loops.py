@@ -51,10 +51,15 @@ def call_id(loop_id: str, iteration: int, k: int) -> str:
 
 def loop_request(step: LlmStep, st: StepState, tool_specs: Mapping[str, ToolSpec]) -> LlmStep:
     """The LLM step as it is sent on this iteration: its messages plus the transcript so far,
-    and the loop's tools (the step's own specs win over what tool workers advertise)."""
+    and the loop's tools (the step's own specs win over what tool workers advertise).
+
+    The last call `max_iterations` allows is offered no tools, so the model has to answer with
+    what it has instead of the loop failing at its limit."""
     assert step.loop is not None
     own = {t.name: t for t in step.tools}
     tools = [own.get(n) or tool_specs.get(n) or ToolSpec(name=n) for n in step.loop.tools]
+    if st.iterations + 1 >= step.loop.max_iterations:
+        tools = []
     return msgspec.structs.replace(step, messages=[*step.messages, *st.transcript], tools=tools)
 
 

@@ -158,29 +158,42 @@ async def test_agent_loop_calls_tools_and_answers(stack: Stack) -> None:
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
-    assert calls["weather:Lisbon"] == 1
-    ran = {s.step_id for s in ended.steps if s.step_id.startswith("agent--")}
-    assert len(ran) >= 1
-    # The model saw the tool results: the sandbox echoes the last (tool) message.
-    assert "result for bike lanes" in ended.output.text or '"temp_c": 17' in ended.output.text
-    # The loop's request carried the tool results with their call ids.
+    assert calls == {"weather:Lisbon": 1, "search:bike lanes": 1}
+    ran = {s.step_id: s.status for s in ended.steps if s.step_id.startswith("agent--")}
+    assert ran == {"agent--1-0": "completed", "agent--1-1": "completed"}
+    # The model's second call carried both results, each with its call id; it echoed the last.
     body = stack.sandbox.last("openai.chat").body
-    assert [m["role"] for m in body["messages"]][-1] == "tool"
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "tool", "tool"]
+    assert [m["tool_call_id"] for m in body["messages"][2:]] == [
+        c["id"] for c in body["messages"][1]["tool_calls"]
+    ]
     assert {t["function"]["name"] for t in body["tools"]} == {"weather", "search"}
+    assert ended.output.text == 'echo: ["result for bike lanes"]'
 
 
 async def test_agent_loop_limit_ends_the_chain_clearly(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
-    # The tool result contains another "call", but the sandbox only calls on user turns, so use
-    # max_iterations=1: the first tool call already reaches the limit.
+    # The first answer's tokens already exceed max_tokens: the loop stops before any tool runs.
     chain = Chain(
         id="looplimit",
-        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call weather {"city": "Oslo"}'), loop=Loop(tools=["weather"], max_iterations=1))],
+        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call weather {"city": "Oslo"}'), loop=Loop(tools=["weather"], max_tokens=3))],
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainFailed)
-    assert "max_iterations=1" in ended.reason
-    assert calls == {}  # the limit is checked before any tool runs
+    assert "agent loop 'agent' stopped at max_tokens=3" in ended.reason
+    assert calls == {}
+
+
+async def test_agent_loop_last_iteration_must_answer(stack: Stack) -> None:
+    stack.start(config(stack.sandbox.url))
+    chain = Chain(
+        id="lastcall",
+        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call weather {"city": "Oslo"}'), loop=Loop(tools=["weather"], max_iterations=1))],
+    )
+    ended = await stack.client.run(chain, timeout=30)
+    assert isinstance(ended, ChainCompleted), ended
+    assert "tools" not in stack.sandbox.last("openai.chat").body  # nothing left to call
+    assert calls == {}
 
 
 async def test_agent_loop_tool_error_goes_back_to_the_model(stack: Stack) -> None:

@@ -90,13 +90,15 @@ class LocalModel:
         model_path: Path | None = None,
         *,
         n_ctx: int = 2048,
+        # SmolLM2 speaks ChatML; this format adds OpenAI-style tool calls on top of it.
+        chat_format: str = "chatml-function-calling",
         n_threads: int = 2,
         startup_timeout_s: float = 120.0,
         grace_s: float = 5.0,
     ) -> None:
         self.model = MODEL_ALIAS
         self.model_path = model_path or gguf_path()
-        self.n_ctx, self.n_threads = n_ctx, n_threads
+        self.n_ctx, self.n_threads, self.chat_format = n_ctx, n_threads, chat_format
         self.startup_timeout_s, self.grace_s = startup_timeout_s, grace_s
         self.base_url = ""
         self.startup_s: float | None = None  # seconds from spawn to answering /v1/models
@@ -119,6 +121,7 @@ class LocalModel:
         args = ["--model", str(self.model_path), "--model_alias", self.model,
                 "--host", "127.0.0.1", "--port", "0", "--n_ctx", str(self.n_ctx),
                 "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+                "--chat_format", self.chat_format,
                 "--verbose", "False"]  # fmt: skip
         t0 = time.perf_counter()
         self._proc = await asyncio.create_subprocess_exec(
@@ -165,7 +168,7 @@ class LocalModel:
                 + self.stderr_tail()
             )
         self.base_url = f"http://127.0.0.1:{self._port.result()}/v1"
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2, trust_env=False, verify=False) as client:  # lo
             while self._proc.returncode is None:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(f"{self.base_url}/models")).status_code == 200:

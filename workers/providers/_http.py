@@ -7,7 +7,10 @@ bench/http_clients.py for the measured numbers. Without httpx-aiohttp installed,
 to plain httpx with an unbounded pool, and `BACKEND` says which one is in use.
 
 Notes on the aiohttp transport: env proxies (HTTP(S)_PROXY) are not used, there is no HTTP/2,
-and the client is bound to the event loop of its first request, as httpx's own is.
+and the client is bound to the event loop of its first request, as httpx's own is. Errors are
+httpx's (ConnectError, ReadTimeout, ...): the few that httpx-aiohttp 0.2 maps wrongly (connection
+refused as ConnectTimeout) or not at all are remapped here, for requests; a failure while reading
+a streamed body is mapped by httpx-aiohttp alone.
 """
 
 from __future__ import annotations
@@ -37,6 +40,27 @@ if AiohttpTransport is not None:
             )
             # created lazily, on the first request, so inside the running loop
             return aiohttp.ClientSession(connector=connector)
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                return await super().handle_async_request(request)
+            except httpx.ConnectTimeout as e:  # httpx-aiohttp 0.2 maps refused/reset to this
+                if e.__cause__ is None or isinstance(e.__cause__, TimeoutError):
+                    raise
+                raise _as_httpx(e.__cause__, request) from e.__cause__
+            except aiohttp.ClientError as e:  # the ones it leaves unmapped
+                raise _as_httpx(e, request) from e
+
+
+def _as_httpx(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx error httpx's own transport would raise for this aiohttp failure."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
+        exc, aiohttp.ServerDisconnectedError
+    ):
+        return httpx.ReadError(str(exc), request=request)
+    return httpx.RemoteProtocolError(str(exc), request=request)
 
 
 def new_client(

@@ -50,7 +50,7 @@ def _message(m: Message) -> dict[str, Any]:
         return {"role": "tool", "tool_call_id": m.tool_call_id or "", "content": m.content}
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.role == "assistant" and m.tool_calls:
-        out["content"] = m.content or None  # OpenAI wants null, not "", next to tool_calls
+        out["content"] = m.content  # "" beside tool_calls: valid for OpenAI, required by llama.cpp
         out["tool_calls"] = [
             {
                 "id": c.id,
