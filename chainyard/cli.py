@@ -132,7 +132,8 @@ async def cmd_schema(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else schema_export.SCHEMA_DIR
     for path in schema_export.write(out):
         print(path)
-    print(asyncapi_export.write(out))
+    # With --out, everything goes into that folder; by default the document sits beside schema/.
+    print(asyncapi_export.write(out, out / "asyncapi.yaml" if args.out else None))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Test helpers: wait on events (never sleep), run services as tasks, read streams, find processes."""
+"""Test helpers: wait on events (never sleep), run services, read streams, find processes."""
 
 from __future__ import annotations
 
+# ruff: noqa: ASYNC109 - explicit timeouts are the point of these helpers
 import asyncio
 import contextlib
 import os
@@ -61,7 +62,9 @@ class Events:
     def matching(self, predicate: Callable[[Event], bool]) -> list[Event]:
         return [ev for _, ev in self.received if predicate(ev)]
 
-    async def wait(self, predicate: Callable[[Event], bool], timeout: float = 10.0, count: int = 1) -> Event:
+    async def wait(
+        self, predicate: Callable[[Event], bool], timeout: float = 10.0, count: int = 1
+    ) -> Event:
         """The `count`-th matching event; TimeoutError (with what was seen) if it does not come."""
 
         async def seen() -> Event:
@@ -73,9 +76,13 @@ class Events:
             return await asyncio.wait_for(seen(), timeout)
         except TimeoutError:
             kinds = [f"{s}: {type(e).__name__}" for s, e in self.received]
-            raise TimeoutError(f"no matching event on {self.subject} in {timeout} s; saw {kinds}") from None
+            raise TimeoutError(
+                f"no matching event on {self.subject} in {timeout} s; saw {kinds}"
+            ) from None
 
-    async def ended(self, chain_id: str, timeout: float = 10.0) -> ChainCompleted | ChainFailed | ChainRejected:
+    async def ended(
+        self, chain_id: str, timeout: float = 10.0
+    ) -> ChainCompleted | ChainFailed | ChainRejected:
         ev = await self.wait(lambda e: isinstance(e, ENDED) and e.chain_id == chain_id, timeout)
         assert isinstance(ev, ENDED)
         return ev
@@ -130,6 +137,27 @@ async def running(*services: Any, timeout: float = 15.0) -> AsyncIterator[asynci
         assert not pending, f"{len(pending)} service(s) did not stop within {timeout} s"
 
 
+async def stream_count(js: JetStreamContext, stream: str, subject: str) -> int:
+    info = await js.stream_info(stream, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def stream_messages_eventually(
+    js: JetStreamContext, stream: str, subject: str, count: int, timeout: float = 10.0
+) -> list[Msg]:
+    """Wait until `stream` holds at least `count` messages on `subject`, then return them all.
+
+    For effects that follow the event a test waits on (the router publishes the rejection
+    first, then stores the offending message in the DLQ).
+    """
+
+    async def enough() -> bool:
+        return await stream_count(js, stream, subject) >= count
+
+    await wait_until(enough, timeout, f"{count} message(s) on {subject} in {stream}")
+    return await stream_messages(js, stream, subject)
+
+
 async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
     """Every message stored in `stream` on `subject` (wildcards allowed), oldest first."""
     info = await js.stream_info(stream, subjects_filter=subject)
@@ -144,7 +172,9 @@ async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> li
         if len(out) >= expected and not got_all.done():
             got_all.set_result(None)
 
-    sub = await js.subscribe(subject, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=stream)
+    sub = await js.subscribe(
+        subject, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=stream
+    )
     try:
         await asyncio.wait_for(got_all, 10.0)
     finally:
@@ -152,8 +182,28 @@ async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> li
     return out
 
 
-async def stream_events(js: JetStreamContext, subject: str, stream: str = "CY_EVENTS") -> list[Event]:
+async def stream_events(
+    js: JetStreamContext, subject: str, stream: str = "CY_EVENTS"
+) -> list[Event]:
     return [event_decoder.decode(m.data) for m in await stream_messages(js, stream, subject)]
+
+
+async def chain_log(
+    js: JetStreamContext, tenant: str, chain_id: str, prefix: str = "cy"
+) -> list[Event]:
+    """The chain's events from CY_EVENTS, once its terminal event is stored there.
+
+    A core subscriber can see an event a moment before the stream has stored it, so wait for
+    the stream itself; every step event of the chain precedes the terminal one.
+    """
+    base = f"{prefix}.events.{tenant}.{chain_id}"
+    stream = f"{prefix.upper()}_EVENTS"
+
+    async def ended() -> bool:
+        return await stream_count(js, stream, f"{base}.chain.*") >= 1
+
+    await wait_until(ended, 10.0, f"the terminal event of {chain_id} in {stream}")
+    return await stream_events(js, f"{base}.>", stream)
 
 
 async def heartbeat_seen(kv: Any, pool: str, timeout: float = 10.0) -> None:

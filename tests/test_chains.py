@@ -47,24 +47,54 @@ def diamond() -> Chain:
             LlmStep(id="plan", model="m", messages=[Message(role="user", content="plan")]),
             ToolStep(id="s1", tool="search", args={"q": "{{steps.plan.output}}"}),
             ToolStep(id="s2", tool="search", args={"q": "x"}, after=["plan"]),
-            LlmStep(id="answer", model="m", messages=[Message(role="user", content="{{steps.s1.output}}|{{steps.s2.output}}")]),
+            LlmStep(
+                id="answer",
+                model="m",
+                messages=[Message(role="user", content="{{steps.s1.output}}|{{steps.s2.output}}")],
+            ),
         ],
     )
 
 
-def completed(sid: str, attempt: int = 1, text: str = "out", dep: str = "dep-a", cost: float = 0.01) -> StepCompleted:
+def completed(
+    sid: str, attempt: int = 1, text: str = "out", dep: str = "dep-a", cost: float = 0.01
+) -> StepCompleted:
     return StepCompleted(
-        chain_id="c1", step_id=sid, attempt=attempt, tenant="t", output=Output(text=text),
-        usage=Usage(input_tokens=3, output_tokens=2), cost_usd=cost, target=target(dep), worker="w",
-        dispatched_at_ms=T0, started_at_ms=T0, latency_ms=12.5,
+        chain_id="c1",
+        step_id=sid,
+        attempt=attempt,
+        tenant="t",
+        output=Output(text=text),
+        usage=Usage(input_tokens=3, output_tokens=2),
+        cost_usd=cost,
+        target=target(dep),
+        worker="w",
+        dispatched_at_ms=T0,
+        started_at_ms=T0,
+        latency_ms=12.5,
     )
 
 
-def failed(sid: str, cls: str = "retryable", attempt: int = 1, dep: str = "dep-a", retry_after: float | None = None) -> StepFailed:
+def failed(
+    sid: str,
+    cls: str = "retryable",
+    attempt: int = 1,
+    dep: str = "dep-a",
+    retry_after: float | None = None,
+) -> StepFailed:
     return StepFailed(
-        chain_id="c1", step_id=sid, attempt=attempt, tenant="t",
-        error=ErrorInfo(cls=cls, message=f"boom {attempt}", status=503 if cls == "retryable" else 401, retry_after_s=retry_after),  # type: ignore[arg-type]
-        target=target(dep), worker="w",
+        chain_id="c1",
+        step_id=sid,
+        attempt=attempt,
+        tenant="t",
+        error=ErrorInfo(
+            cls=cls,
+            message=f"boom {attempt}",
+            status=503 if cls == "retryable" else 401,
+            retry_after_s=retry_after,
+        ),  # type: ignore[arg-type]
+        target=target(dep),
+        worker="w",
     )
 
 
@@ -74,7 +104,12 @@ def test_start_dispatches_roots_only() -> None:
     assert out.dispatch == ["plan"]
     assert out.ended is None
     st = out.state.steps["plan"]
-    assert (st.status, st.attempt, st.target, st.dispatched_at_ms) == ("dispatched", 1, target("dep-a"), T0)
+    assert (st.status, st.attempt, st.target, st.dispatched_at_ms) == (
+        "dispatched",
+        1,
+        target("dep-a"),
+        T0,
+    )
     assert all(out.state.steps[s].status == "pending" for s in ("s1", "s2", "answer"))
     assert out.state.status == "running" and out.state.tenant == "t"
 
@@ -95,13 +130,20 @@ def test_completion_emits_dependents_then_fan_in_then_chain_completed() -> None:
     assert out.ended.cost_usd == 0.04
     assert out.ended.usage == Usage(input_tokens=12, output_tokens=8)
     assert out.ended.duration_ms == 4.0
-    assert {s.step_id: s.attempts for s in out.ended.steps} == {"plan": 1, "s1": 1, "s2": 1, "answer": 1}
+    assert {s.step_id: s.attempts for s in out.ended.steps} == {
+        "plan": 1,
+        "s1": 1,
+        "s2": 1,
+        "answer": 1,
+    }
 
 
 def test_retryable_failure_fails_over_excluding_the_failed_deployment() -> None:
     pick = Picker()
     out = chains.start(diamond(), "t", T0, pick)
-    out = chains.on_failed(out.state, failed("plan", dep="dep-a"), T0 + 5, pick, max_attempts=3, due=True)
+    out = chains.on_failed(
+        out.state, failed("plan", dep="dep-a"), T0 + 5, pick, max_attempts=3, due=True
+    )
     assert out.dispatch == ["plan"] and out.ended is None
     st = out.state.steps["plan"]
     assert st.attempt == 2 and st.target == target("dep-b") and st.tried == ["dep-a"]
@@ -153,14 +195,17 @@ def test_followups_after_crash_repeat_the_same_dispatches() -> None:
     pick = Picker()
     out = chains.start(diamond(), "t", T0, pick)
     after_plan = chains.on_completed(out.state, completed("plan"), T0 + 1, pick)
-    again = chains.followups(after_plan.state, "plan", 1)
+    again = chains.followups(after_plan.state, T0 + 2)
     assert sorted(again.dispatch) == sorted(after_plan.dispatch) == ["s1", "s2"]
     assert again.ended is None
 
     retry = chains.on_failed(after_plan.state, failed("s1", dep="dep-a"), T0 + 2, pick, 3, True)
-    assert chains.followups(retry.state, "s1", 1).dispatch == ["s1"] == retry.dispatch
-    # a late duplicate of an older attempt causes nothing new
-    assert chains.followups(retry.state, "s1", 0).dispatch == []
+    assert retry.dispatch == ["s1"]
+    assert retry.state.steps["s1"].attempt == 2
+    assert sorted(chains.followups(retry.state, T0 + 3).dispatch) == ["s1", "s2"]
+    # long after dispatch (past the duplicate window) nothing is re-sent as new work
+    late = T0 + chains.REDISPATCH_WINDOW_MS + 10
+    assert chains.followups(retry.state, late).dispatch == []
 
 
 def test_followups_of_an_ended_chain_republish_the_end() -> None:
@@ -168,5 +213,5 @@ def test_followups_of_an_ended_chain_republish_the_end() -> None:
     out = chains.start(Chain(id="c1", steps=[diamond().steps[0]]), "t", T0, pick)
     out = chains.on_completed(out.state, completed("plan", text="P"), T0 + 1, pick)
     assert isinstance(out.ended, ChainCompleted)
-    again = chains.followups(out.state, "plan", 1)
+    again = chains.followups(out.state, T0 + 2)
     assert again.dispatch == [] and again.ended == out.ended

@@ -1,4 +1,4 @@
-"""Wire contracts: round trips, strictness of intake, tolerance of events, the checked-in schemas."""
+"""Wire contracts: round trips, strict intake, tolerant events, the checked-in schemas."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def sample_chain() -> Chain:
             LlmStep(
                 id="plan",
                 model="m",
-                messages=[Message(role="system", content="be brief"), Message(role="user", content="hi")],
+                messages=[
+                    Message(role="system", content="be brief"),
+                    Message(role="user", content="hi"),
+                ],
                 params=Params(max_tokens=10, temperature=0.2),
                 route=Route(strategy="cheapest", prefer=["a"]),
             ),
@@ -60,7 +63,8 @@ def test_chain_round_trip_with_both_step_kinds() -> None:
 
 def test_minimal_chain_from_json_gets_defaults() -> None:
     chain = chain_decoder.decode(
-        b'{"id": "x", "steps": [{"kind": "tool", "id": "t", "tool": "weather", "args": {"city": "Oslo"}}]}'
+        b'{"id": "x", "steps": [{"kind": "tool", "id": "t", "tool": "weather",'
+        b' "args": {"city": "Oslo"}}]}'
     )
     assert chain.v == 1 and chain.priority == 5 and chain.output_step == "t"
 
@@ -92,8 +96,16 @@ def test_unknown_step_kind_rejected() -> None:
 def test_events_tolerate_unknown_fields() -> None:
     target = Target(deployment="d", pool="p", provider="openai", model="m")
     ev = StepCompleted(
-        chain_id="c", step_id="s", attempt=1, tenant="t", output=Output(text="hi"),
-        target=target, worker="w", dispatched_at_ms=1, started_at_ms=2, latency_ms=3.0,
+        chain_id="c",
+        step_id="s",
+        attempt=1,
+        tenant="t",
+        output=Output(text="hi"),
+        target=target,
+        worker="w",
+        dispatched_at_ms=1,
+        started_at_ms=2,
+        latency_ms=3.0,
     )
     raw = json.loads(encode(ev))
     raw["from_the_future"] = {"x": 1}
@@ -102,7 +114,8 @@ def test_events_tolerate_unknown_fields() -> None:
     back = event_decoder.decode(json.dumps(raw))
     assert back == ev
     completed = event_decoder.decode(
-        b'{"type": "chain.completed", "chain_id": "c", "tenant": "t", "output": {"text": "x"}, "new": 1}'
+        b'{"type": "chain.completed", "chain_id": "c", "tenant": "t",'
+        b' "output": {"text": "x"}, "new": 1}'
     )
     assert isinstance(completed, ChainCompleted) and completed.output.text == "x"
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from helpers import Events, chain_log, heartbeat_seen, running, stream_messages
 
 from chainyard.contracts import (
     Chain,
@@ -31,8 +32,6 @@ from chainyard.runtime.nats import Bus
 from chainyard.sandbox import SandboxConfig, SandboxServer
 from chainyard.stack import build, llm_worker, tool_workers
 from chainyard.workers.tools import Tools
-
-from helpers import Events, heartbeat_seen, running, stream_events, stream_messages
 
 TENANT = "acme"
 WRONG_KEY = "sk-wrong-key-0123456789"
@@ -61,7 +60,9 @@ async def sandboxes() -> AsyncIterator[SandboxFactory]:
         yield make
 
 
-PRICE = Price(input_per_mtok=1_000_000, output_per_mtok=2_000_000)  # $1 per input token, $2 per output
+PRICE = Price(
+    input_per_mtok=1_000_000, output_per_mtok=2_000_000
+)  # $1 per input token, $2 per output
 
 
 def config(urls: dict[str, str], slots: dict[str, int] | None = None, **kw: Any) -> Config:
@@ -72,7 +73,10 @@ def config(urls: dict[str, str], slots: dict[str, int] | None = None, **kw: Any)
             Deployment(name=f"d-{p}", pool=p, model="m", provider_model=f"wire-{p}", price=PRICE)
             for p in urls
         ],
-        pools=[PoolConfig(name=p, base_url=u + "/v1", slots=slots.get(p, 8), timeout_s=10) for p, u in urls.items()],
+        pools=[
+            PoolConfig(name=p, base_url=u + "/v1", slots=slots.get(p, 8), timeout_s=10)
+            for p, u in urls.items()
+        ],
         tools=["search"],
         **kw,
     )
@@ -92,7 +96,9 @@ def events(bus: Bus, chain_id: str) -> Events:
     return Events(bus.nc, bus.subjects.chain_events(TENANT, chain_id))
 
 
-async def test_fan_out_fan_in_chain_completes_with_outputs_and_accounting(bus: Bus, sandboxes: SandboxFactory) -> None:
+async def test_fan_out_fan_in_chain_completes_with_outputs_and_accounting(
+    bus: Bus, sandboxes: SandboxFactory
+) -> None:
     sb = await sandboxes(latency_ms=20)
     cfg = config({"a": sb.url})
     chain = Chain(
@@ -135,20 +141,29 @@ async def test_fan_out_fan_in_chain_completes_with_outputs_and_accounting(bus: B
     assert ended.duration_ms >= 40
 
     # the durable log holds exactly one terminal event and one completion per step
-    logged = await stream_events(bus.js, bus.subjects.chain_events(TENANT, chain.id))
-    assert sorted(e.step_id for e in logged if isinstance(e, StepCompleted)) == ["answer", "plan", "s1", "s2"]
+    logged = await chain_log(bus.js, TENANT, chain.id)
+    assert sorted(e.step_id for e in logged if isinstance(e, StepCompleted)) == [
+        "answer",
+        "plan",
+        "s1",
+        "s2",
+    ]
     assert [type(e).__name__ for e in logged if isinstance(e, ChainCompleted)] == ["ChainCompleted"]
     entry = await bus.chains.get(f"{TENANT}.{chain.id}")
     assert state_decoder.decode(entry.value).status == "completed"
 
 
-@pytest.mark.parametrize(("slots_a", "slots_b", "expected"), [(1, 8, "b"), (8, 1, "a"), (0, 1, "b")])
+# 0 slots: the pool has no worker (no heartbeat). The router's policy changed while this was
+# written: "more free slots" is no longer a preference among pools that both have free slots
+# (near-ties go to a random two-choice), so only the live/not-live cases are asserted.
+@pytest.mark.parametrize(("slots_a", "slots_b", "expected"), [(0, 1, "b"), (1, 0, "a")])
 async def test_routing_prefers_pool_with_free_slots(
     bus: Bus, sandboxes: SandboxFactory, slots_a: int, slots_b: int, expected: str
 ) -> None:
     sa, sb = await sandboxes(), await sandboxes()
-    cfg = config({"a": sa.url, "b": sb.url}, slots={"a": max(slots_a, 1), "b": slots_b})
-    workers = [llm_worker(bus, cfg, p) for p in cfg.pools if not (p.name == "a" and slots_a == 0)]
+    slots = {"a": slots_a, "b": slots_b}
+    cfg = config({"a": sa.url, "b": sb.url}, slots={p: max(n, 1) for p, n in slots.items()})
+    workers = [llm_worker(bus, cfg, p) for p in cfg.pools if slots[p.name] > 0]
     chain = Chain(id="route-me", steps=[ask("only", "hello")])
     async with events(bus, chain.id) as ev, running(*workers):
         # the router starts only once every worker's heartbeat is in KV, so its view is complete
@@ -163,7 +178,9 @@ async def test_routing_prefers_pool_with_free_slots(
     assert counts[expected] == 1 and sum(counts.values()) == 1
 
 
-async def test_same_chain_submitted_twice_is_accepted_once(bus: Bus, sandboxes: SandboxFactory) -> None:
+async def test_same_chain_submitted_twice_is_accepted_once(
+    bus: Bus, sandboxes: SandboxFactory
+) -> None:
     sb = await sandboxes(latency_ms=10)
     cfg = config({"a": sb.url})
     chain = Chain(id="twice", steps=[ask("one", "first"), ask("two", "{{steps.one.output}}")])
@@ -172,7 +189,9 @@ async def test_same_chain_submitted_twice_is_accepted_once(bus: Bus, sandboxes: 
         again = await submit(bus, chain)  # same Nats-Msg-Id: the intake stream drops it
         assert not first.duplicate and again.duplicate
         await ev.ended(chain.id)
-        created_at = state_decoder.decode((await bus.chains.get(f"{TENANT}.{chain.id}")).value).created_at_ms
+        created_at = state_decoder.decode(
+            (await bus.chains.get(f"{TENANT}.{chain.id}")).value
+        ).created_at_ms
         # Another message id, same chain (a client that lost its ack and retried late): the router
         # finds the chain's state and re-performs only its (deduplicated) effects. The re-published
         # chain.completed reaches core subscribers, which shows the router handled the duplicate.
@@ -181,12 +200,14 @@ async def test_same_chain_submitted_twice_is_accepted_once(bus: Bus, sandboxes: 
     state = state_decoder.decode((await bus.chains.get(f"{TENANT}.{chain.id}")).value)
     assert state.created_at_ms == created_at and state.status == "completed"
     assert sb.counts["openai.chat"] == 2  # each step called once
-    logged = await stream_events(bus.js, bus.subjects.chain_events(TENANT, chain.id))
+    logged = await chain_log(bus.js, TENANT, chain.id)
     assert [type(e).__name__ for e in logged].count("ChainCompleted") == 1
     assert sorted(e.step_id for e in logged if isinstance(e, StepCompleted)) == ["one", "two"]
     work = await bus.js.stream_info(bus.topology.work.name)
     assert work.state.last_seq == 2  # two assignments ever stored: none emitted twice
-    rejected = await stream_messages(bus.js, bus.topology.events.name, f"cy.events.{TENANT}.twice.chain.rejected")
+    rejected = await stream_messages(
+        bus.js, bus.topology.events.name, f"cy.events.{TENANT}.twice.chain.rejected"
+    )
     assert rejected == []
 
 
@@ -229,7 +250,9 @@ async def test_fatal_provider_error_fails_chain_with_readable_reason(
     base = config({"a": sb.url}, max_attempts=3)
     cfg = Config(
         deployments=base.deployments,
-        pools=[PoolConfig(name="a", base_url=sb.url + "/v1", api_key_env="CY_TEST_KEY", timeout_s=10)],
+        pools=[
+            PoolConfig(name="a", base_url=sb.url + "/v1", api_key_env="CY_TEST_KEY", timeout_s=10)
+        ],
         tools=base.tools,
     )
     chain = Chain(id="denied", steps=[ask("x", "hi"), ask("y", "{{steps.x.output}}")])
@@ -250,7 +273,9 @@ async def test_fatal_provider_error_fails_chain_with_readable_reason(
 async def test_tool_failure_fails_chain(bus: Bus, sandboxes: SandboxFactory) -> None:
     sb = await sandboxes()
     cfg = config({"a": sb.url})
-    chain = Chain(id="badargs", steps=[ToolStep(id="t", tool="search", args={"query": "q", "limit": "many"})])
+    chain = Chain(
+        id="badargs", steps=[ToolStep(id="t", tool="search", args={"query": "q", "limit": "many"})]
+    )
     async with events(bus, chain.id) as ev, running(Router(bus, cfg), *tool_workers(bus, tools)):
         await submit(bus, chain)
         ended = await ev.ended(chain.id)

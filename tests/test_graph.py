@@ -36,12 +36,16 @@ def test_dependencies_from_refs_after_and_when() -> None:
 
 
 def test_validate_accepts_a_good_graph() -> None:
-    chain = Chain(id="c", steps=[llm("a"), tool("b", {"q": "{{steps.a.output}}"}), llm("c", after=["a", "b"])])
+    chain = Chain(
+        id="c", steps=[llm("a"), tool("b", {"q": "{{steps.a.output}}"}), llm("c", after=["a", "b"])]
+    )
     assert graph.validate(chain) == []
 
 
 def test_validate_finds_a_cycle() -> None:
-    chain = Chain(id="c", steps=[llm("a", "{{steps.c.output}}"), llm("b", after=["a"]), llm("c", after=["b"])])
+    chain = Chain(
+        id="c", steps=[llm("a", "{{steps.c.output}}"), llm("b", after=["a"]), llm("c", after=["b"])]
+    )
     errors = graph.validate(chain)
     assert len(errors) == 1
     assert errors[0].path == "$.steps"
@@ -69,7 +73,9 @@ def test_validate_reports_unparsable_condition() -> None:
 
 def test_resolve_text_and_nested_paths() -> None:
     states = {"a": done("plan text"), "b": done(data={"hits": ["h0", "h1"], "n": 2})}
-    s = graph.resolve(llm("c", "A={{steps.a.output}} B={{steps.b.output.hits.1}} N={{steps.b.output.n}}"), states)
+    s = graph.resolve(
+        llm("c", "A={{steps.a.output}} B={{steps.b.output.hits.1}} N={{steps.b.output.n}}"), states
+    )
     assert isinstance(s, LlmStep)
     assert s.messages[0].content == "A=plan text B=h1 N=2"
     # data without text is referenced as JSON text
@@ -83,7 +89,15 @@ def test_resolve_text_and_nested_paths() -> None:
 def test_resolve_whole_reference_keeps_json_value() -> None:
     states = {"b": done(data={"hits": ["h0", "h1"], "n": 2})}
     t = graph.resolve(
-        tool("t", {"hits": "{{steps.b.output.hits}}", "n": "{{steps.b.output.n}}", "s": "n={{steps.b.output.n}}", "lit": 5}),
+        tool(
+            "t",
+            {
+                "hits": "{{steps.b.output.hits}}",
+                "n": "{{steps.b.output.n}}",
+                "s": "n={{steps.b.output.n}}",
+                "lit": 5,
+            },
+        ),
         states,
     )
     assert isinstance(t, ToolStep)
@@ -117,7 +131,15 @@ def test_condition_operands_are_not_injectable() -> None:
 
 
 def test_advance_readiness_and_fan_in() -> None:
-    chain = Chain(id="c", steps=[llm("a"), tool("b", after=["a"]), tool("c", after=["a"]), llm("d", after=["b", "c"])])
+    chain = Chain(
+        id="c",
+        steps=[
+            llm("a"),
+            tool("b", after=["a"]),
+            tool("c", after=["a"]),
+            llm("d", after=["b", "c"]),
+        ],
+    )
     adv = graph.advance(chain, {s.id: StepState() for s in chain.steps})
     assert adv.ready == ["a"] and not adv.done
     states = {"a": done("x"), "b": StepState(), "c": StepState(), "d": StepState()}
@@ -147,7 +169,9 @@ def test_advance_skips_and_propagates() -> None:
     adv = graph.advance(chain, states)
     assert adv.skipped == ["w", "w2"]
     assert adv.ready == ["s"]
-    states.update({"w": StepState(status="skipped"), "w2": StepState(status="skipped"), "s": done("t")})
+    states.update(
+        {"w": StepState(status="skipped"), "w2": StepState(status="skipped"), "s": done("t")}
+    )
     adv = graph.advance(chain, states)
     assert adv.ready == ["answer"]
     resolved = graph.resolve(chain.step("answer"), states)
@@ -155,7 +179,9 @@ def test_advance_skips_and_propagates() -> None:
 
 
 def test_advance_all_skipped_is_done() -> None:
-    chain = Chain(id="c", steps=[llm("a"), llm("b", when="steps.a.output == yes"), llm("c", after=["b"])])
+    chain = Chain(
+        id="c", steps=[llm("a"), llm("b", when="steps.a.output == yes"), llm("c", after=["b"])]
+    )
     adv = graph.advance(chain, {"a": done("no"), "b": StepState(), "c": StepState()})
     assert adv.skipped == ["b", "c"] and adv.ready == [] and adv.done
 

@@ -6,11 +6,10 @@ import asyncio
 
 import nats
 import pytest
+from helpers import alive
 from nats.js.api import StreamConfig
 
 from chainyard.runtime.server import NatsServer, ServerError
-
-from helpers import alive
 
 
 async def test_starts_on_a_free_port_with_jetstream(nats_server: NatsServer) -> None:
@@ -78,7 +77,7 @@ async def test_restart_keeps_port_and_streams() -> None:
             await nc.close()
 
 
-async def test_bad_config_reports_server_error(tmp_path) -> None:  # noqa: ANN001
+async def test_bad_config_reports_server_error(tmp_path) -> None:
     bad = tmp_path / "bad.conf"
     bad.write_text("this is { not valid")
     with pytest.raises(ServerError):

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from helpers import Events, alive, chain_log, children_of, python_env, running, wait_until
+
 from chainyard.contracts import (
     Chain,
     ChainCompleted,
@@ -24,8 +26,6 @@ from chainyard.router.engine import Router
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
-
-from helpers import Events, alive, children_of, python_env, running, stream_events, wait_until
 
 TENANT = "acme"
 POOL = "slow"
@@ -59,16 +59,28 @@ async def start_worker(url: str, config: Path, log: Path) -> asyncio.subprocess.
     out = log.open("wb")
     try:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "chainyard.cli", "worker", "--nats", url, "--config", str(config),
-            "--pool", POOL, stdout=out, stderr=asyncio.subprocess.STDOUT, env=python_env(),
+            sys.executable,
+            "-m",
+            "chainyard.cli",
+            "worker",
+            "--nats",
+            url,
+            "--config",
+            str(config),
+            "--pool",
+            POOL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=python_env(),
         )
     finally:
         out.close()
 
 
-async def test_sigkilled_worker_step_completes_exactly_once(nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_sigkilled_worker_step_completes_exactly_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
     procs: list[asyncio.subprocess.Process] = []
-    print("T begin", __import__("time").monotonic())
     async with SandboxServer(SandboxConfig(latency_ms=1500)) as sandbox:
         cfg_path = write_config(tmp_path / "chainyard.toml", sandbox.url)
         cfg = load_config(cfg_path)
@@ -78,19 +90,28 @@ async def test_sigkilled_worker_step_completes_exactly_once(nats_server: NatsSer
             id="survivor",
             steps=[
                 LlmStep(id="one", model="m", messages=[Message(role="user", content="first step")]),
-                LlmStep(id="two", model="m", messages=[Message(role="user", content="after {{steps.one.output}}")]),
+                LlmStep(
+                    id="two",
+                    model="m",
+                    messages=[Message(role="user", content="after {{steps.one.output}}")],
+                ),
             ],
         )
         try:
-            async with Events(bus.nc, bus.subjects.chain_events(TENANT, chain.id)) as ev, running(Router(bus, cfg)):
+            async with (
+                Events(bus.nc, bus.subjects.chain_events(TENANT, chain.id)) as ev,
+                running(Router(bus, cfg)),
+            ):
                 first = await start_worker(nats_server.url, cfg_path, tmp_path / "worker1.log")
                 procs.append(first)
-                print("T start", __import__("time").monotonic())
-                await bus.js.publish(bus.subjects.submit(TENANT), encode(chain), headers={"Nats-Msg-Id": chain.id})
+                await bus.js.publish(
+                    bus.subjects.submit(TENANT), encode(chain), headers={"Nats-Msg-Id": chain.id}
+                )
                 # the first worker is inside the provider call (the sandbox holds it for 1.5 s)
-                await wait_until(lambda: sandbox.counts["openai.chat"] >= 1, 30, "the first provider call")
+                await wait_until(
+                    lambda: sandbox.counts["openai.chat"] >= 1, 30, "the first provider call"
+                )
                 assert ev.matching(lambda e: isinstance(e, StepCompleted)) == []
-                print("T kill", __import__("time").monotonic())
                 first.send_signal(signal.SIGKILL)
                 assert await asyncio.wait_for(first.wait(), 10) == -signal.SIGKILL
 
@@ -100,14 +121,14 @@ async def test_sigkilled_worker_step_completes_exactly_once(nats_server: NatsSer
                 assert isinstance(ended, ChainCompleted), ended
                 assert ended.output.text == "echo: after echo: first step"
 
-                print("T ended", __import__("time").monotonic())
                 second.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(second.wait(), 15) == 0, (tmp_path / "worker2.log").read_text()
+                assert await asyncio.wait_for(second.wait(), 15) == 0, (
+                    tmp_path / "worker2.log"
+                ).read_text()
 
-            print("T out", __import__("time").monotonic())
             # the killed call was repeated once by the second worker; step two called once
             assert sandbox.counts["openai.chat"] == 3
-            logged = await stream_events(bus.js, bus.subjects.chain_events(TENANT, chain.id))
+            logged = await chain_log(bus.js, TENANT, chain.id)
             done = [e.step_id for e in logged if isinstance(e, StepCompleted)]
             assert sorted(done) == ["one", "two"], done
             assert [type(e).__name__ for e in logged].count("ChainCompleted") == 1
@@ -124,10 +145,7 @@ async def test_sigkilled_worker_step_completes_exactly_once(nats_server: NatsSer
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
                     await p.wait()
-            print("T close", __import__("time").monotonic(), [(sub._subject, sub._pending_queue.qsize(), sub._pending_size) for sub in bus.nc._subs.values()])
             await bus.close()
-            print("T closed", __import__("time").monotonic())
-    print("T sandbox stopped", __import__("time").monotonic())
     for p in procs:
         assert not alive(p.pid), f"worker pid {p.pid} left running"
     assert [c for c in children_of(os.getpid()) if c[1] != "nats-server"] == []

@@ -115,6 +115,9 @@ class OpenAIProvider:
                 }
                 for t in request.tools
             ]
+            # OpenAI's default with tools, said out loud: llama.cpp's server only offers the
+            # tools to the model when tool_choice is given.
+            body["tool_choice"] = "auto"
         if p.response_format == "json":
             if p.json_schema is not None:
                 body["response_format"] = {

@@ -1,0 +1,168 @@
+"""The command line as a user runs it: separate processes, a dev stack, submit, schema, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import alive, children_of, python_env
+
+from chainyard.contracts import schema_export
+
+CLI = [sys.executable, "-m", "chainyard.cli"]
+URL_LINE = re.compile(r"chainyard dev: NATS at (nats://\S+)")
+
+
+class Dev:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+
+def start_dev(log: Path, timeout: float = 60.0) -> Dev:
+    """`chainyard dev --no-local`; returns once it printed its NATS URL (read from its stdout)."""
+    err = log.open("wb")
+    proc = subprocess.Popen(
+        [*CLI, "dev", "--no-local"], stdout=subprocess.PIPE, stderr=err, env=python_env()
+    )
+    err.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"dev stack did not report its URL; stdout={buf!r}\n{log.read_text()}"
+            )
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            buf += chunk
+            if m := URL_LINE.search(buf.decode(errors="replace")):
+                return Dev(proc, m.group(1), log)
+
+
+def stop_dev(dev: Dev, timeout: float = 30.0) -> int:
+    if dev.proc.poll() is None:
+        dev.proc.send_signal(signal.SIGTERM)
+    try:
+        return dev.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        dev.proc.kill()
+        dev.proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    d = start_dev(tmp_path_factory.mktemp("dev") / "dev.log")
+    try:
+        yield d
+    finally:
+        stop_dev(d)
+
+
+def submit(dev: Dev, chain: dict, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    path.write_text(json.dumps(chain))
+    return subprocess.run(
+        [*CLI, "submit", str(path), "--wait", "--nats", dev.url, "--timeout", "60", *extra],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=python_env(),
+    )
+
+
+GOOD = {
+    "id": "cli-good",
+    "steps": [
+        {"kind": "tool", "id": "forecast", "tool": "weather", "args": {"city": "Oslo"}},
+        {
+            "kind": "llm",
+            "id": "answer",
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "user", "content": "Weather: {{steps.forecast.output.conditions}}"}
+            ],
+        },
+    ],
+}
+
+
+def test_schema_writes_the_files(tmp_path: Path) -> None:
+    out = tmp_path / "schema"
+    r = subprocess.run(
+        [*CLI, "schema", "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    expected = schema_export.render()
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    for name, text in expected.items():
+        assert (out / name).read_text() == text
+    printed = [Path(line) for line in r.stdout.split()]
+    assert sorted(p.name for p in printed if p.suffix == ".json") == sorted(expected)
+    assert all(p.is_file() for p in printed)
+
+
+def test_submit_wait_good_chain_exits_zero_with_completed_event(dev: Dev, tmp_path: Path) -> None:
+    r = submit(dev, GOOD, tmp_path / "good.json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (
+        ev["type"] == "chain.completed"
+        and ev["chain_id"] == "cli-good"
+        and ev["tenant"] == "default"
+    )
+    assert ev["output"]["text"] == "echo: Weather: snow"
+    pools = {s["step_id"]: s["pool"] for s in ev["steps"]}
+    assert pools == {"forecast": "tool.weather", "answer": "cloud-sim"}
+    assert ev["cost_usd"] > 0  # gpt-4o-mini priced from the genai-prices table
+
+
+def test_submit_wait_rejected_chain_exits_nonzero(dev: Dev, tmp_path: Path) -> None:
+    bad = json.loads(json.dumps(GOOD))
+    bad["id"] = "cli-bad"
+    bad["steps"][1]["model"] = "no-such-model"
+    r = submit(dev, bad, tmp_path / "bad.json")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["type"] == "chain.rejected" and ev["chain_id"] == "cli-bad"
+    assert "rejected: $.steps[1].model: no deployment serves model 'no-such-model'" in r.stderr
+
+
+def test_submit_wait_malformed_file_exits_nonzero(dev: Dev, tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"id": "cli-broken", "steps": [')
+    r = subprocess.run(
+        [*CLI, "submit", str(path), "--wait", "--nats", dev.url, "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=python_env(),
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["type"] == "chain.rejected"
+    assert "rejected: $: " in r.stderr
+
+
+def test_dev_sigterm_exits_cleanly_and_leaves_no_nats_server(tmp_path: Path) -> None:
+    d = start_dev(tmp_path / "dev.log")
+    try:
+        servers = [pid for pid, name in children_of(d.proc.pid) if name == "nats-server"]
+        assert len(servers) == 1, children_of(d.proc.pid)
+    finally:
+        rc = stop_dev(d)
+    assert rc == 0, d.log.read_text()
+    assert not alive(servers[0]), f"nats-server {servers[0]} outlived the dev stack"
+    assert children_of(d.proc.pid) == []
