@@ -126,6 +126,62 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    from chainyard.client import Client
+
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        await client.cancel(args.chain_id, args.reason)
+    print(f"cancel sent for {args.chain_id}; `chainyard watch {args.chain_id}` shows the end")
+    return 0
+
+
+async def cmd_signal(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from chainyard.client import Client
+
+    data = msgspec.json.decode(args.data) if args.data is not None else None
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        await client.signal(args.chain_id, args.name, data)
+    print(f"signal {args.name!r} sent to {args.chain_id}")
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    from chainyard.client import Client
+    from chainyard.contracts import ChainCompleted as Completed
+    from chainyard.contracts import StepOverride
+
+    overrides = {}
+    for item in args.model or []:
+        step, _, model = item.partition("=")
+        overrides[step] = StepOverride(model=model)
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        result = await client.replay(
+            args.chain_id, args.from_step, overrides, wait=args.timeout if args.wait else None
+        )
+    if isinstance(result, str):
+        print(result)
+        return 0
+    sys.stdout.write(encode(result).decode() + "\n")
+    return 0 if isinstance(result, Completed) else 1
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from chainyard.client import Client
+
+    async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
+        rows = await client.status()
+    if not rows:
+        print(f"no chains in flight for tenant {args.tenant!r}")
+        return 0
+    print(f"{'chain':<30} {'age':>7} {'done':>6} {'cost USD':>10}  running")
+    for r in rows:
+        running = ", ".join(f"{s}@{p}" for s, p in r.steps.items()) or "-"
+        print(f"{r.chain_id:<30} {r.age_s:6.1f}s {r.done:>3}/{r.total:<2} {r.cost_usd:>10.6f}  {running}")
+    return 0
+
+
 async def cmd_schema(args: argparse.Namespace) -> int:
     from chainyard.contracts import asyncapi_export, schema_export
 
@@ -169,16 +225,30 @@ def parser() -> argparse.ArgumentParser:
     for name, fn, help in (
         ("submit", cmd_submit, "submit a chain (JSON file or - for stdin)"),
         ("watch", cmd_watch, "print a chain's events as JSON lines until it ends"),
+        ("cancel", cmd_cancel, "cancel a chain: in-flight steps are dropped, it ends cancelled"),
+        ("signal", cmd_signal, "send a signal that releases a chain's wait steps"),
+        ("replay", cmd_replay, "re-run an ended chain from a step, as a new chain"),
+        ("status", cmd_status, "chains in flight: running steps, pools, cost so far"),
     ):
         sp = add(name, fn, help)
         sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
         if name == "submit":
             sp.add_argument("file")
+        elif name != "status":
+            sp.add_argument("chain_id")
+        if name in ("submit", "replay"):
             sp.add_argument("--wait", action="store_true", help="wait; print the terminal event; exit 0 only if completed")
             sp.add_argument("--timeout", type=float, default=300.0)
-        else:
-            sp.add_argument("chain_id")
+        if name == "watch":
             sp.add_argument("--deltas", action="store_true", help="also print streamed tokens")
+        elif name == "cancel":
+            sp.add_argument("--reason", default="cancelled from the command line")
+        elif name == "signal":
+            sp.add_argument("name", help="the signal's name (a wait step's `signal`)")
+            sp.add_argument("--data", help="JSON payload: the wait step's output")
+        elif name == "replay":
+            sp.add_argument("from_step", help="the first step to run again")
+            sp.add_argument("--model", action="append", metavar="STEP=MODEL", help="run STEP on another model or group")
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +20,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NoKeysError
 
 from chainyard.contracts import (
     Chain,
@@ -35,9 +37,19 @@ from chainyard.contracts import (
     StepOverride,
     encode,
     event_decoder,
+    state_decoder,
 )
 from chainyard.contracts import new_id as _new_id
 from chainyard.runtime.nats import connect
+
+class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
+    chain_id: str
+    steps: dict[str, str]  # running or waiting step -> its pool
+    done: int
+    total: int
+    cost_usd: float
+    age_s: float
+
 
 ENDED = (ChainCompleted, ChainFailed, ChainCancelled, ChainRejected)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -144,6 +156,41 @@ class Client:
             await self._control(chain_id, "replay", encode(req))
             return req.new_id
         return await self._await_end(req.new_id, self._control(chain_id, "replay", encode(req)), wait)
+
+    async def status(self) -> list[ChainStatusRow]:
+        """This tenant's chains in flight: running steps, their pools, cost so far.
+
+        Reads the chain-state bucket, so it needs read access to KV `cy_chains` (an operator's
+        or the tenant's own key prefix)."""
+        kv = await self.js.key_value(self.topology.chains_kv.bucket)
+        try:
+            keys = [k for k in await kv.keys() if k.startswith(f"{self.tenant}.")]
+        except NoKeysError:
+            return []
+        rows = []
+        for key in keys:
+            entry = await kv.get(key)
+            if not entry.value:
+                continue
+            state = state_decoder.decode(entry.value)
+            if state.status != "running":
+                continue
+            active = {
+                sid: st.target.pool if st.target else "-"
+                for sid, st in state.steps.items()
+                if st.status in ("dispatched", "waiting")
+            }
+            rows.append(
+                ChainStatusRow(
+                    chain_id=state.chain.id,
+                    steps=active,
+                    done=sum(st.status == "completed" for st in state.steps.values()),
+                    total=len(state.steps),
+                    cost_usd=state.cost_usd,
+                    age_s=(time.time() * 1000 - state.created_at_ms) / 1000,
+                )
+            )
+        return sorted(rows, key=lambda r: -r.age_s)
 
     async def _last_event(self, chain_id: str) -> ChainEnded:
         async for ev in self.watch(chain_id, history=True):

@@ -49,6 +49,9 @@ class ChainState(Struct, frozen=True, kw_only=True):
     ended_at_ms: int | None = None
     reason: str | None = None
     signals: dict[str, Any] = {}  # signals received, by name (a wait step may come later)
+    # W3C trace context of the chain's own span, fixed at intake (`traceparent`, `tracestate`,
+    # and `parent`: the intake span), so later events on any router replica continue the trace.
+    trace: dict[str, str] = {}
     v: int = VERSION
 
     @property

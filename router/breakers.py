@@ -57,6 +57,8 @@ def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) 
     if isinstance(ev, StepCompleted):
         if b.status == "closed" and b.failures == 0 and b.throttles == 0:
             return None
+        if b.status == "open" and t < b.open_until_ms:
+            return None  # a late success from before it opened proves nothing
         return Breaker(at_ms=t, cooled_until_ms=b.cooled_until_ms)
     err = ev.error
     if err.cls not in ("retryable", "timeout"):
@@ -72,20 +74,30 @@ def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) 
         why = f"probe failed: {err.message}"
     elif failures >= cfg.breaker_failures or (throttled and throttles >= cfg.breaker_throttles):
         cooldown = cfg.breaker_cooldown_s
-        why = f"{throttles} consecutive 429s" if throttled and throttles >= cfg.breaker_throttles else (
-            f"{failures} consecutive failures, last: {err.message}"
+        why = (
+            f"{throttles} consecutive 429s"
+            if throttled and throttles >= cfg.breaker_throttles
+            else (f"{failures} consecutive failures, last: {err.message}")
         )
     else:
         return msgspec.structs.replace(
             b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t
         )
     if b.status == "open" and t < b.open_until_ms:  # already open: keep counting, keep the window
-        return msgspec.structs.replace(b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t)
+        return msgspec.structs.replace(
+            b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t
+        )
     until = max(t + int(cooldown * 1000), cooled)
     return Breaker(
-        status="open", failures=failures, throttles=throttles, open_until_ms=until,
-        cooldown_s=cooldown, cooled_until_ms=cooled, reason=why, at_ms=t,
-    )  # fmt: skip
+        status="open",
+        failures=failures,
+        throttles=throttles,
+        open_until_ms=until,
+        cooldown_s=cooldown,
+        cooled_until_ms=cooled,
+        reason=why,
+        at_ms=t,
+    )
 
 
 class Breakers:
@@ -142,7 +154,11 @@ class Breakers:
         for _ in range(10):
             try:
                 entry = await self.kv.get(name)
-                b, rev = (_decoder.decode(entry.value), entry.revision) if entry.value else (CLOSED, entry.revision)
+                b, rev = (
+                    (_decoder.decode(entry.value), entry.revision)
+                    if entry.value
+                    else (CLOSED, entry.revision)
+                )
             except KeyNotFoundError:
                 b, rev = CLOSED, None
             new = next_state(b, ev, self.config, now_ms())

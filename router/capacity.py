@@ -60,7 +60,9 @@ class CapacityView:
     or stuck). The KV bucket's TTL removes it for good.
     """
 
-    def __init__(self, kv: KeyValue, backlog: BacklogSource | None = None, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, kv: KeyValue, backlog: BacklogSource | None = None, poll_s: float = 1.0
+    ) -> None:
         self._kv = kv
         self._beats: dict[str, Heartbeat] = {}  # key "<pool>.<worker>" -> latest
         self._sent: defaultdict[str, int] = defaultdict(int)  # pool -> dispatched since beats
@@ -74,6 +76,10 @@ class CapacityView:
         self._poll_s = poll_s
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+
+    def poll_backlog(self, source: BacklogSource, period_s: float) -> None:
+        """Poll each seen pool's consumer backlog every `period_s` (set before `start`)."""
+        self._backlog, self._poll_s = source, period_s
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._watch()))
@@ -189,7 +195,7 @@ class CapacityView:
         load = self.pools.get(pool)
         if load is None or not load.live(now_ms()):
             return 0
-        return load.slots_free - self._sent[pool] - load.pending
+        return load.slots_free - max(self._sent[pool], load.pending)
 
     def has_workers(self, pool: str) -> bool:
         load = self.pools.get(pool)
@@ -202,4 +208,7 @@ class CapacityView:
     def note_dispatch(self, pool: str) -> None:
         self._sent[pool] += 1
 
-
+    def note_result(self, pool: str) -> None:
+        """A step of `pool` reported back: it no longer holds a slot."""
+        if self._sent[pool] > 0:
+            self._sent[pool] -= 1

@@ -30,11 +30,13 @@ from chainyard.contracts import (
 )
 
 from . import graph, loops
+from .policy import NoCapacity
 
 # pick(step, deployments to avoid) -> a target, or a reason why there is none
 Pick = Callable[[Step, list[str]], Target | str]
 RETRY_ELSEWHERE = ("retryable", "context_window")
 REDISPATCH_WINDOW_MS = 5 * 60_000  # half the streams' duplicate window
+CAPACITY_RECHECK_MS = 500  # a step waiting for capacity looks again this often (router/routing.py)
 Ended = ChainCompleted | ChainFailed | ChainCancelled
 
 
@@ -159,6 +161,9 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
             continue
         step = graph.resolve(spec, steps)
         target = pick(step, [])
+        if isinstance(target, NoCapacity):  # may clear by itself: wait on a durable timer
+            timers.append(_timer(state, sid, "capacity", now_ms + CAPACITY_RECHECK_MS))
+            continue
         if isinstance(target, str):
             return _fail(msgspec.structs.replace(state, steps=steps), now_ms, target, sid, None)
         steps[sid] = _replace(

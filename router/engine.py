@@ -28,7 +28,6 @@ from chainyard.contracts import (
     Event,
     FieldError,
     LlmStep,
-    StepCompleted,
     Timer,
     ValidationError,
     cancel_decoder,
@@ -40,12 +39,14 @@ from chainyard.contracts import (
     timer_decoder,
 )
 from chainyard.runtime.consume import consume
+from chainyard.runtime.faults import crash_point
 from chainyard.runtime.nats import Bus
 
 from . import chains, control, graph, loops
 from .capacity import CapacityView
 from .catalog import Catalog
-from .policy import Policy
+from .hedge import is_current
+from .routing import ROUTING_TIMERS, Routing
 from .store import Conflict, StateStore
 
 log = logging.getLogger("chainyard.router")
@@ -74,12 +75,13 @@ class Router:
         self.subjects = bus.topology.subjects
         self.capacity = CapacityView(bus.capacity)
         self.catalog = Catalog(config, self.capacity.seen)
-        self.policy = Policy(self.catalog, self.capacity)
+        self.routing = Routing(bus, config, self.capacity, self.catalog)  # policy, breakers, budgets
+        self.policy = self.routing.policy
         self.concurrency = concurrency
         self.store = StateStore(bus.chains)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.capacity.start()
+        await self.routing.start()
         topo = self.bus.topology
         loops_ = [
             (topo.intake, topo.intake_consumer, self.on_submit),
@@ -94,7 +96,7 @@ class Router:
                 for sub, (_, c, fn) in zip(subs, loops_, strict=True)
             ))  # fmt: skip
         finally:
-            await self.capacity.stop()
+            await self.routing.stop()
 
     # -- the one way state changes -----------------------------------------------------------
 
@@ -111,6 +113,7 @@ class Router:
             except Conflict:
                 fresh = True
                 continue
+            crash_point("after_record")
             return outcome
 
     # -- intake ----------------------------------------------------------------------------
@@ -128,7 +131,10 @@ class Router:
         if errors:
             await self._reject(msg, tenant, chain.id, errors)
             return
-        await self._create(msg, tenant, chains.start(chain, tenant, now_ms(), self.policy.pick))
+        if (delay := self.routing.defer(msg, tenant, chain)) is not None:
+            await msg.nak(delay=delay)  # the tenant is at its share: other tenants' chains first
+            return
+        await self._create(msg, tenant, self.routing.begin(chain, tenant, now_ms()))
 
     async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome) -> None:
         """Create a chain's state once; the same chain again is accepted once (its effects are
@@ -180,17 +186,12 @@ class Router:
         def decide(state: ChainState | None) -> chains.Outcome | None:
             if state is None:
                 return None
-            st = state.steps.get(ev.step_id)
-            if not (state.status == "running" and st is not None and st.status == "dispatched" and st.attempt == ev.attempt):
+            if not is_current(state, ev.step_id, ev.attempt):  # hedges: two attempts may be live
                 # Duplicate or late (a zombie worker, a lost hedge): change nothing, but make
                 # sure what the recorded state implies did go out.
                 stale.append(chains.followups(state, t))
                 return stale[-1]
-            if isinstance(ev, StepCompleted):
-                return chains.on_completed(state, ev, t, self.policy.pick)
-            published = msg.metadata.timestamp.timestamp() * 1000 if msg.metadata.timestamp else t
-            due = ev.error.retry_after_s is None or t >= published + ev.error.retry_after_s * 1000
-            return chains.on_failed(state, ev, t, self.policy.pick, self.config.max_attempts, due)
+            return self.routing.transition(state, ev, t, msg)  # budget, breakers, failover
 
         outcome = await self._apply(self.store.key(ev.tenant, ev.chain_id), decide)
         if outcome is None:
@@ -253,6 +254,9 @@ class Router:
         if t < timer.due_at_ms:
             await msg.nak(delay=(timer.due_at_ms - t) / 1000)
             return
+        if timer.kind in ROUTING_TIMERS:  # capacity waits and hedges
+            await self.routing.on_timer(self, msg, timer)
+            return
         if timer.kind == "wait_timeout":
             outcome = await self._apply(
                 self.store.key(timer.tenant, timer.chain_id),
@@ -275,7 +279,7 @@ class Router:
             jobs.append(self.bus.nc.publish(self.subjects.cancel(state.chain.id), b""))
         await asyncio.gather(*jobs)
 
-    def _step_for(self, state: ChainState, step_id: str):  # noqa: ANN202 - a Step
+    def _step_for(self, state: ChainState, step_id: str):
         step = graph.resolve(loops.spec_of(state, step_id), state.steps)
         if isinstance(step, LlmStep) and step.loop is not None:
             step = loops.loop_request(step, state.steps[step_id], self.capacity.tool_specs)
@@ -295,6 +299,7 @@ class Router:
             dispatched_at_ms=st.dispatched_at_ms or now_ms(),
             deadline_at_ms=state.deadline_at_ms,
             priority=state.chain.priority,
+            reserved_usd=st.reserved_usd or None,
         )
         await self.bus.js.publish(
             self.subjects.work(target.pool), encode(a), headers={"Nats-Msg-Id": a.msg_id}

@@ -12,7 +12,12 @@ from functools import lru_cache
 
 from chainyard.contracts import Deployment
 
-_PROVIDER_IDS = {"gemini": "google", "google": "google", "openai": "openai", "anthropic": "anthropic"}
+_PROVIDER_IDS = {
+    "gemini": "google",
+    "google": "google",
+    "openai": "openai",
+    "anthropic": "anthropic",
+}
 _MTOK = 1_000_000
 
 
@@ -33,7 +38,9 @@ def table_price(provider: str, model: str) -> tuple[float, float] | None:
         tiers = getattr(v, "base", None)  # TieredPrices: the base tier
         return float(tiers) if isinstance(tiers, Decimal | int | float) else 0.0
 
-    return flat(getattr(mp, "input_mtok", 0) or 0) / _MTOK, flat(getattr(mp, "output_mtok", 0) or 0) / _MTOK
+    return flat(getattr(mp, "input_mtok", 0) or 0) / _MTOK, flat(
+        getattr(mp, "output_mtok", 0) or 0
+    ) / _MTOK
 
 
 def unit_prices(d: Deployment) -> tuple[float, float]:

@@ -386,3 +386,59 @@ async def test_router_killed_between_record_and_emit(stack: Stack, tmp_path: Pat
             if p is not None and p.returncode is None:
                 p.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(p.wait(), 20)
+
+
+async def test_status_lists_chains_in_flight(stack: Stack) -> None:
+    stack.start(config(stack.sandbox.url))
+    chain = Chain(
+        id="inflight",
+        steps=[
+            ToolStep(id="a", tool="search", args={"query": "x"}),
+            WaitStep(id="ok", signal="go", after=["a"]),
+        ],
+    )
+    events = stack.client.watch("inflight")
+    await stack.client.submit(chain)
+    async for ev in events:  # wait until the tool step is recorded
+        if isinstance(ev, StepCompleted):
+            break
+    rows = []
+    for _ in range(100):  # the router records the step right after publishing its event
+        rows = await stack.client.status()
+        if rows and rows[0].done == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert [(r.chain_id, r.steps, r.done, r.total) for r in rows] == [("inflight", {"ok": "-"}, 1, 2)]
+    await stack.client.signal("inflight", "go")
+    ended = [ev async for ev in stack.client.watch("inflight")][-1]
+    assert isinstance(ended, ChainCompleted)
+    assert await stack.client.status() == []
+
+
+async def test_cli_control_verbs(stack: Stack) -> None:
+    stack.start(config(stack.sandbox.url))
+    await stack.client.submit(Chain(id="clichain", steps=[WaitStep(id="ok", signal="approve")]))
+    env = {**os.environ, "CHAINYARD_NATS": stack.server.url, "CHAINYARD_TENANT": "acme"}
+
+    async def cli(*args: str) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chainyard.cli", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(p.communicate(), 60)
+        return p.returncode or 0, out.decode()
+
+    code, out = await cli("signal", "clichain", "approve", "--data", '{"ok": true}')
+    assert code == 0 and "approve" in out
+    code, out = await cli("watch", "clichain")
+    assert code == 0
+    assert event_decoder.decode(out.strip().splitlines()[-1]).output.data == {"ok": True}  # type: ignore[union-attr]
+    # A replay keeps the signals the chain received: the wait step is released at once.
+    code, out = await cli("replay", "clichain", "ok", "--wait")
+    assert code == 0, out
+    assert event_decoder.decode(out).output.data == {"ok": True}  # type: ignore[union-attr]
+    await stack.client.submit(Chain(id="clicancel", steps=[WaitStep(id="ok", signal="never")]))
+    code, out = await cli("cancel", "clicancel", "--reason", "no longer needed")
+    assert code == 0
+    ended = [ev async for ev in stack.client.watch("clicancel")][-1]
+    assert isinstance(ended, ChainCancelled) and ended.reason == "no longer needed"

@@ -1,0 +1,301 @@
+"""Routing figures: decision cost, failover time, and the latency the whole path adds.
+
+- routing_decision_us_50_deployments: one Policy.choose over a group of 50 deployments (10
+  pools, live capacity and latency stats), against msgspec-decoding one Assignment.
+- failover_reroute_ms: a sandbox provider goes dark under steady load; time from the switch
+  to the first step that completes on the other deployment, against the step p50 before.
+- added_latency_p50_ms / _p99_ms: one-step chains end to end (intake -> router -> worker ->
+  sandbox -> event -> router -> chain.completed) at half of the measured saturation
+  throughput, minus a direct HTTP call (httpx, same client settings as the worker) to the same
+  zero-latency sandbox provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+from chainyard.contracts import (
+    Assignment,
+    ChainCompleted,
+    Config,
+    Deployment,
+    LlmStep,
+    Message,
+    Params,
+    PoolConfig,
+    Price,
+    StepCompleted,
+    Target,
+    assignment_decoder,
+    encode,
+    event_decoder,
+)
+from chainyard.router.capacity import CapacityView, DeploymentStats, PoolLoad
+from chainyard.router.catalog import Catalog
+from chainyard.router.engine import Router
+from chainyard.router.policy import Ctx, Policy
+from chainyard.runtime.nats import open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.sandbox.providers import SandboxConfig, SandboxServer
+from chainyard.stack import llm_worker
+
+from .core import Ctx as BenchCtx
+from .core import Figure, benchmark
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def _step(text: str = "route me please") -> LlmStep:
+    return LlmStep(
+        id="s",
+        model="g",
+        messages=[Message(role="user", content=text)],
+        params=Params(max_tokens=16),
+    )
+
+
+@benchmark("routing_decision", ("routing_decision_us_50_deployments",))
+async def routing_decision(ctx: BenchCtx) -> list[Figure]:
+    """Policy.choose over 50 deployments vs msgspec decode of one Assignment."""
+    n = ctx.n("n", 50_000, 5_000)
+    rng = random.Random(7)
+    deps = [
+        Deployment(
+            name=f"d{i}",
+            pool=f"p{i % 10}",
+            model=f"m{i}",
+            price=Price(input_per_mtok=rng.uniform(0.1, 10), output_per_mtok=rng.uniform(0.4, 30)),
+        )
+        for i in range(50)
+    ]
+    config = Config(deployments=deps, groups={"g": [d.name for d in deps]}, strategy="balanced")
+    cap = CapacityView(None)  # type: ignore[arg-type]
+    far = time.time_ns() // 1_000_000 + 3_600_000
+    for i in range(10):
+        cap._seen_pools.add(f"p{i}")
+        cap.pools[f"p{i}"] = PoolLoad(live_until_ms=far, slots_total=10**9, slots_free=10**9)
+    for d in deps:
+        cap.stats[d.name] = DeploymentStats(latency_ms=rng.uniform(50, 2000), calls=100)
+    policy = Policy(Catalog(config, cap.seen), cap, config, None, random.Random(1))
+    step = _step()
+    c = Ctx(now_ms=far - 1000)
+    for _ in range(1000):
+        policy.choose(step, [], c)
+    with ctx.profiled("routing_decision"):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            policy.choose(step, [], c)
+        per_pick = (time.perf_counter() - t0) / n * 1e6
+    a = Assignment(
+        chain_id="c",
+        step_id="s",
+        attempt=1,
+        tenant="t",
+        step=step,
+        target=Target(deployment="d0", pool="p0", provider="openai", model="m0"),
+        dispatched_at_ms=1,
+    )
+    raw = encode(a)
+    for _ in range(1000):
+        assignment_decoder.decode(raw)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        assignment_decoder.decode(raw)
+    per_decode = (time.perf_counter() - t0) / n * 1e6
+    cond = {
+        "N": n,
+        "deployments": 50,
+        "pools": 10,
+        "strategy": "balanced",
+        "assignment_bytes": len(raw),
+        "goal_us": 20,
+    }
+    return [
+        Figure(
+            "routing_decision_us_50_deployments",
+            per_pick,
+            "us",
+            "msgspec_decode_assignment_us",
+            per_decode,
+            cond,
+        )
+    ]
+
+
+class _Stack:
+    """Embedded NATS, two sandbox providers (a cheap, b dear), a router and a worker per pool."""
+
+    def __init__(self, slots: int = 64) -> None:
+        self.slots = slots
+        self.stack = contextlib.AsyncExitStack()
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.done: dict[str, asyncio.Future[Any]] = {}
+        self.step_done: list[StepCompleted] = []
+
+    async def __aenter__(self) -> _Stack:
+        server = await self.stack.enter_async_context(NatsServer())
+        self.sb = {
+            n: await self.stack.enter_async_context(SandboxServer(SandboxConfig(capture=0)))
+            for n in "ab"
+        }
+        self.bus = await open_bus(server.url, name="bench-routing")
+        prices = {
+            "a": Price(input_per_mtok=1, output_per_mtok=2),
+            "b": Price(input_per_mtok=5, output_per_mtok=10),
+        }
+        self.config = Config(
+            strategy="cheapest",
+            deployments=[Deployment(name=n, pool=n, model=f"m-{n}", price=prices[n]) for n in "ab"],
+            pools=[
+                PoolConfig(name=n, base_url=f"{s.url}/v1", slots=self.slots)
+                for n, s in self.sb.items()
+            ],
+            groups={"g": ["a", "b"]},
+            breaker_failures=3,
+        )
+        self.router = Router(self.bus, self.config)
+        services = [
+            self.router,
+            *(llm_worker(self.bus, self.config, p, heartbeat_s=0.5) for p in self.config.pools),
+        ]
+        self.tasks = [asyncio.create_task(s.run(self.stop)) for s in services]
+        await self.bus.nc.subscribe("cy.events.>", cb=self._on_event)
+        deadline = time.monotonic() + 10
+        while not all(self.router.capacity.has_workers(p) for p in "ab"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no heartbeats")
+            await asyncio.sleep(0.02)
+        return self
+
+    async def _on_event(self, msg: Any) -> None:
+        try:
+            ev = event_decoder.decode(msg.data)
+        except Exception:
+            return
+        if isinstance(ev, StepCompleted):
+            self.step_done.append(ev)
+        elif (fut := self.done.get(getattr(ev, "chain_id", ""))) is not None and not fut.done():
+            fut.set_result((time.perf_counter(), ev))
+
+    async def run_chain(self, cid: str) -> float:
+        from chainyard.contracts import Chain
+
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.done[cid] = fut
+        t0 = time.perf_counter()
+        c = Chain(id=cid, steps=[_step("hi")])
+        await self.bus.js.publish("cy.submit.bench", encode(c), headers={"Nats-Msg-Id": cid})
+        t1, ev = await asyncio.wait_for(fut, 30)
+        del self.done[cid]
+        if not isinstance(ev, ChainCompleted):
+            raise RuntimeError(f"{cid}: {ev}")
+        return (t1 - t0) * 1000
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.bus.close()
+        await self.stack.aclose()
+
+
+@benchmark("failover", ("failover_reroute_ms",))
+async def failover(ctx: BenchCtx) -> list[Figure]:
+    """A provider goes dark under load: time to the first step completed elsewhere."""
+    window = ctx.n("window", 16, 8)
+    async with _Stack() as s:
+        before: list[float] = []
+        stop_load = asyncio.Event()
+        seq = iter(range(10**9))
+
+        async def load() -> None:
+            while not stop_load.is_set():
+                before.append(await s.run_chain(f"fo-{next(seq)}"))
+
+        tasks = [asyncio.create_task(load()) for _ in range(window)]
+        while len(before) < ctx.n("warm", 400, 100):  # noqa: ASYNC110 - measuring, 10 ms polls
+            await asyncio.sleep(0.01)
+        assert not any(e.target.pool == "b" for e in s.step_done), "b used before the failure"
+        p50_before = statistics.median(before)
+        seen = len(s.step_done)
+        t_dark = time.perf_counter()
+        await s.sb["a"].configure(dark=True)
+        while not any(e.target.pool == "b" for e in s.step_done[seen:]):  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        took = (time.perf_counter() - t_dark) * 1000
+        stop_load.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    cond = {
+        "window": window,
+        "strategy": "cheapest (a cheap, b dear)",
+        "dark_mode": "503",
+        "goal_ms": 1000,
+        "measured": "configure(dark) -> first step.completed on b seen by a core subscription",
+    }
+    return [Figure("failover_reroute_ms", took, "ms", "step_p50_before_ms", p50_before, cond)]
+
+
+@benchmark("added_latency", ("added_latency_p50_ms", "added_latency_p99_ms"))
+async def added_latency(ctx: BenchCtx) -> list[Figure]:
+    """End-to-end chain latency at half of saturation minus a direct HTTP call to the sandbox."""
+    n = ctx.n("n", 2000, 300)
+    async with _Stack(slots=256) as s:
+        # Direct baseline: the same zero-latency provider, one call at a time.
+        url = f"{s.sb['a'].url}/v1/chat/completions"
+        body = {"model": "m-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+        direct: list[float] = []
+        async with httpx.AsyncClient() as http:
+            for _ in range(min(n, 500)):
+                t0 = time.perf_counter()
+                r = await http.post(url, json=body)
+                direct.append((time.perf_counter() - t0) * 1000)
+                r.raise_for_status()
+        # Saturation: as many in flight as the worker has slots.
+        sat_n = ctx.n("sat_n", 3000, 500)
+        sem = asyncio.Semaphore(256)
+
+        async def one(cid: str) -> float:
+            async with sem:
+                return await s.run_chain(cid)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(f"sat-{i}") for i in range(sat_n)))
+        saturation = sat_n / (time.perf_counter() - t0)
+        rate = saturation / 2
+        # Open loop at half of saturation.
+        lat: list[float] = []
+        jobs = []
+        start = time.perf_counter()
+        for i in range(n):
+            due = start + i / rate
+            if (d := due - time.perf_counter()) > 0:
+                await asyncio.sleep(d)
+            jobs.append(asyncio.create_task(s.run_chain(f"half-{i}")))
+        lat = list(await asyncio.gather(*jobs))
+    d50, d99 = _pct(direct, 50), _pct(direct, 99)
+    c50, c99 = _pct(lat, 50), _pct(lat, 99)
+    cond = {
+        "N": n,
+        "saturation_chains_per_s": round(saturation, 1),
+        "offered_per_s": round(rate, 1),
+        "chain_p50_ms": round(c50, 3),
+        "chain_p99_ms": round(c99, 3),
+        "direct_p50_ms": round(d50, 3),
+        "direct_p99_ms": round(d99, 3),
+        "goals_ms": {"p50": 1, "p99": 3},
+        "process": "driver, router, worker, sandbox and nats-server client in one process",
+    }
+    return [
+        Figure("added_latency_p50_ms", c50 - d50, "ms", "direct_http_p50_ms", d50, cond),
+        Figure("added_latency_p99_ms", c99 - d99, "ms", "direct_http_p99_ms", d99, cond),
+    ]
