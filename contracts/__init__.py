@@ -34,7 +34,7 @@ from ._codec import (
     step_event_decoder,
     timer_decoder,
 )
-from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, load_config
+from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, dump_config, load_config
 from ._messages import (
     ControlRejected,
     Assignment,
@@ -61,6 +61,7 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
+    "dump_config",
     "ControlRejected",
     "Assignment",
     "Cancel",

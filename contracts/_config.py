@@ -7,7 +7,7 @@ a worker its entry in `pools` and the prices of the deployments it serves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -96,6 +96,19 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+def dump_config(config: Config) -> bytes:
+    """The config as TOML (unset optional fields left out: TOML has no null)."""
+
+    def drop_none(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: drop_none(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [drop_none(x) for x in v]
+        return v
+
+    return msgspec.toml.encode(drop_none(msgspec.to_builtins(config)))
 
 
 def load_config(path: str | Path) -> Config:

@@ -30,6 +30,7 @@ from chainyard.contracts import (
     StepOverride,
     ToolStep,
     WaitStep,
+    dump_config,
     event_decoder,
 )
 from chainyard.runtime.nats import Bus, open_bus
@@ -348,7 +349,7 @@ async def _start_router(url: str, cfg_path: Path, fault: str | None) -> asyncio.
 async def test_router_killed_between_record_and_emit(stack: Stack, tmp_path: Path) -> None:
     cfg = config(stack.sandbox.url)
     cfg_path = tmp_path / "chainyard.toml"
-    cfg_path.write_bytes(msgspec.toml.encode(cfg))
+    cfg_path.write_bytes(dump_config(cfg))
     stack.start(cfg, router=False)  # workers in this process; routers are separate processes
     completions: Counter[str] = Counter()
 
