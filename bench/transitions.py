@@ -1,0 +1,110 @@
+"""Figures step_transition_p50_ms / _p99_ms: result event published -> next step's assignment.
+
+Two-step chains (a -> b) run under load through Router + Worker(NullProvider). Core
+subscriptions in the same process see step a's `step.completed` event and step b's assignment
+on `cy.work.<pool>` as they are published; the transition is the time between the two, the
+router's whole share of a step: fetch the event, decide, compare-and-set, publish the next step.
+Baseline, in the same run: a bare JetStream round trip (publish -> PubAck) on the same server.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nats.aio.msg import Msg
+
+from chainyard.contracts import Chain, LlmStep, Message, encode
+from chainyard.runtime.nats import open_bus
+from chainyard.runtime.server import NatsServer
+
+from .calibrate import load_average
+from .chainyard_path import MODEL, POOL, TENANT, ChainyardPath
+from .core import Ctx, Figure, benchmark
+from .drive import Completions, Run, drive
+
+FIGURES = ("step_transition_p50_ms", "step_transition_p99_ms")
+
+
+def two_step_chain(key: str) -> Chain:
+    ask = [Message(role="user", content="hi")]
+    return Chain(
+        id=key,
+        steps=[
+            LlmStep(id="a", model=MODEL, messages=ask),
+            LlmStep(id="b", model=MODEL, messages=ask, after=["a"]),
+        ],
+    )
+
+
+async def _bare_roundtrips(js, n: int) -> Run:  # noqa: ANN001 - a JetStreamContext
+    await js.add_stream(name="BENCH_RT", subjects=["bench.rt"])
+    lat: list[float] = []
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        await js.publish("bench.rt", b"x" * 200, headers={"Nats-Msg-Id": f"rt-{i}"})
+        lat.append((time.perf_counter() - t0) * 1000)
+    return Run(n=n, window=1, elapsed_s=time.perf_counter() - t_all, latencies_ms=lat)
+
+
+@benchmark("step_transition", FIGURES)
+async def step_transition(ctx: Ctx) -> list[Figure]:
+    """Router transition latency under load vs a bare JetStream publish round trip."""
+    n = ctx.n("n", 3000, 400)
+    window = ctx.n("window", 64, 32)
+    load_before = load_average()
+    event_at: dict[str, float] = {}
+    transitions: list[float] = []
+    async with NatsServer() as server:
+        bus = await open_bus(server.url, name="bench-transitions")
+        done = Completions()
+        cy = ChainyardPath(bus, done, worker_slots=window, router_concurrency=window)
+        prefix = f"{bus.subjects.prefix}.events.{TENANT}."
+
+        async def on_event(msg: Msg) -> None:
+            chain, _, rest = msg.subject[len(prefix) :].partition(".")
+            if rest == "step.completed" and b'"step_id":"a"' in msg.data:
+                event_at[chain] = time.perf_counter()
+
+        async def on_work(msg: Msg) -> None:
+            chain, _, step = (msg.headers or {}).get("Nats-Msg-Id", "").partition(".")
+            if step.startswith("b.") and chain in event_at:
+                transitions.append((time.perf_counter() - event_at.pop(chain)) * 1000)
+
+        subs = [
+            await bus.nc.subscribe(f"{prefix}*.step.completed", cb=on_event),
+            await bus.nc.subscribe(bus.subjects.work(POOL), cb=on_work),
+        ]
+
+        async def submit(key: str) -> None:
+            await bus.js.publish(
+                bus.subjects.submit(TENANT), encode(two_step_chain(key)), headers={"Nats-Msg-Id": key}
+            )
+
+        try:
+            await cy.start()
+            await drive([f"tw-{i}" for i in range(100)], submit, done, window, 60)
+            transitions.clear()
+            run = await drive([f"t-{i}" for i in range(n)], submit, done, window, 60 + n / 20)
+            cy.check_alive()
+            measured = Run(n=len(transitions), window=window, elapsed_s=run.elapsed_s, latencies_ms=transitions)
+            bare = await _bare_roundtrips(bus.js, ctx.n("baseline_n", 500, 200))
+        finally:
+            for s in subs:
+                await s.unsubscribe()
+            await cy.stop()
+            await bus.close()
+    conditions = {
+        "chains": n,
+        "in_flight_window": window,
+        "chains_per_s": round(run.per_s, 1),
+        "transitions_measured": len(transitions),
+        "provider": "in-process null provider",
+        "baseline": "sequential js.publish -> PubAck on the same server, same run",
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    return [
+        Figure("step_transition_p50_ms", measured.pct(50), "ms", "jetstream_roundtrip_p50_ms", bare.pct(50), conditions),
+        Figure("step_transition_p99_ms", measured.pct(99), "ms", "jetstream_roundtrip_p99_ms", bare.pct(99), conditions),
+    ]
