@@ -107,7 +107,9 @@ def test_schema_writes_the_files(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     expected = schema_export.render()
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    # --out gets everything: the schema files and the AsyncAPI document that refers to them.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "asyncapi.yaml"])
+    assert "./chain.json" in (out / "asyncapi.yaml").read_text()
     for name, text in expected.items():
         assert (out / name).read_text() == text
     printed = [Path(line) for line in r.stdout.split()]

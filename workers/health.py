@@ -49,7 +49,11 @@ class Health:
         return s
 
     def record_success(
-        self, deployment: str, latency_ms: float, ttft_ms: float | None, limits: RateLimits | None = None
+        self,
+        deployment: str,
+        latency_ms: float,
+        ttft_ms: float | None,
+        limits: RateLimits | None = None,
     ) -> None:
         s = self._get(deployment)
         s.calls += 1
@@ -73,11 +77,14 @@ class Health:
             self.throttled_until_ms = max(self.throttled_until_ms, until)
 
     async def wait_unthrottled(self) -> None:
-        while (wait := self.throttled_until_ms - now_ms()) > 0:
+        wait = self.throttled_until_ms - now_ms()
+        while wait > 0:  # a later 429 may have pushed the end out: look again after each sleep
             await asyncio.sleep(wait / 1000)
+            wait = self.throttled_until_ms - now_ms()
 
     def snapshot(self) -> dict[str, DeploymentHealth]:
         out = {}
+        throttled = self.throttled_until_ms if self.throttled_until_ms > now_ms() else None
         for name, s in self._seen.items():
             lim = s.limits or RateLimits()
             out[name] = DeploymentHealth(
@@ -85,7 +92,7 @@ class Health:
                 remaining_tokens=lim.remaining_tokens,
                 reset_requests_at_ms=lim.reset_requests_at_ms,
                 reset_tokens_at_ms=lim.reset_tokens_at_ms,
-                throttled_until_ms=self.throttled_until_ms or None,
+                throttled_until_ms=throttled,
                 latency_ms=s.latency_ms,
                 ttft_ms=s.ttft_ms,
                 error_rate=round(s.error_rate, 4),

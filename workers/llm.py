@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from chainyard.contracts import Assignment, LlmStep, Target, Usage
+from chainyard.runtime.telemetry_genai import traced_chat
 
 from .providers._base import LlmRequest, OnDelta, Provider, ProviderError
 from .runtime import Execute, Result
@@ -29,7 +30,9 @@ def llm_executor(provider: Provider, price: Price) -> Execute:
             try:
                 c = await asyncio.wait_for(call, max(left_s, 0.001))
             except TimeoutError:
-                raise ProviderError("timeout", "the step's deadline passed during the call") from None
+                raise ProviderError(
+                    "timeout", "the step's deadline passed during the call"
+                ) from None
         else:
             c = await call
         return Result(
@@ -41,4 +44,4 @@ def llm_executor(provider: Provider, price: Price) -> Execute:
             limits=c.limits,
         )
 
-    return execute
+    return traced_chat(execute)  # a `chat {model}` span per call when tracing is on

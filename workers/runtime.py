@@ -43,8 +43,11 @@ from chainyard.contracts import (
     encode,
     state_decoder,
 )
+from chainyard.runtime import telemetry
 from chainyard.runtime.consume import Slots, consume
+from chainyard.runtime.faults import crash_point
 from chainyard.runtime.nats import Bus
+from chainyard.runtime.telemetry_metrics import metrics
 
 from .health import Health
 from .providers._base import ProviderError, RateLimits
@@ -165,7 +168,7 @@ class Worker:
         try:
             await consume(
                 sub,
-                self._on_work,
+                telemetry.consumer(self._on_work, consumer.durable, pool=self.pool),
                 stop,
                 self.slots.total,
                 name=self.pool,
@@ -275,6 +278,7 @@ class Worker:
             if not calls:
                 self._calls.pop(a.chain_id, None)
         await self._publish(event)  # durable first ...
+        crash_point("after_publish")
         await msg.ack()  # ... then the work is done
         self.completed += 1
 
@@ -298,7 +302,8 @@ class Worker:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         msg_id = f"{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
-        await self.bus.js.publish(subject, encode(ev), headers={"Nats-Msg-Id": msg_id})
+        metrics.step_result(ev)
+        await telemetry.publish(self.bus.js, subject, encode(ev), msg_id)  # with traceparent
 
     async def _already_recorded(self, a: Assignment) -> bool:
         """On redelivery only: was this step's result already recorded? Then don't call again."""

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import msgspec
 
 from chainyard.contracts import Assignment, Output, ToolSpec, ToolStep
+from chainyard.runtime.telemetry_genai import traced_tool
 
 from .providers._base import ProviderError
 from .runtime import Result
@@ -101,4 +102,4 @@ def tool_executor(tool: Tool) -> Callable[[Assignment, Any], Any]:
         text = data if isinstance(data, str) else ""
         return Result(output=Output(text=text, data=None if text else data))
 
-    return execute
+    return traced_tool(tool.name, execute)  # an `execute_tool {name}` span when tracing is on

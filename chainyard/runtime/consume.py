@@ -52,10 +52,12 @@ async def consume(
     slots: Slots | None = None,
     gate: Callable[[], Awaitable[None]] | None = None,
     fetch_timeout_s: float = 1.0,
+    max_batch: int | None = None,
 ) -> None:
     """Run `handler` on every message until `stop` is set, then finish what is in flight.
 
     `gate`, when given, is awaited before each fetch (a throttled worker waits there).
+    `max_batch` caps one fetch (a worker with 10,000 free slots fetches in bites, not all at once).
     The subscription is closed on return. The handler acks, naks or terms its message. A handler that raises gets its message nak'ed
     with a short delay (it comes back) and the loop goes on: one bad message never stops it.
     """
@@ -81,7 +83,8 @@ async def consume(
             if stop.is_set():
                 break
             try:
-                fetch = asyncio.ensure_future(sub.fetch(batch=free, timeout=fetch_timeout_s))
+                batch = free if max_batch is None else min(free, max_batch)
+                fetch = asyncio.ensure_future(sub.fetch(batch=batch, timeout=fetch_timeout_s))
                 done, _ = await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if fetch not in done:
                     fetch.cancel()

@@ -1,0 +1,152 @@
+"""Helpers for the worker tests: a config for one sandbox-backed pool, assignments, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from helpers import python_env
+
+from chainyard.contracts import (
+    Assignment,
+    Config,
+    Deployment,
+    LlmStep,
+    Message,
+    Params,
+    PoolConfig,
+    Price,
+    Target,
+    encode,
+)
+from chainyard.runtime.nats import Bus
+from chainyard.stack import llm_worker
+from chainyard.workers.runtime import Worker
+
+TENANT = "acme"
+POOL = "sim"
+FREE = Price(input_per_mtok=0.0, output_per_mtok=0.0)
+
+
+def config(
+    sandbox_url: str,
+    *,
+    slots: int = 8,
+    ack_wait_s: float = 30.0,
+    extra: list[Deployment] | None = None,
+) -> Config:
+    return Config(
+        work_ack_wait_s=ack_wait_s,
+        deployments=[Deployment(name="d-free", pool=POOL, model="m", price=FREE), *(extra or [])],
+        pools=[
+            PoolConfig(
+                name=POOL,
+                provider="openai",
+                base_url=f"{sandbox_url}/v1",
+                slots=slots,
+                timeout_s=30,
+            )
+        ],
+    )
+
+
+def toml(sandbox_url: str, *, slots: int = 8, ack_wait_s: float = 30.0) -> str:
+    return f"""
+work_ack_wait_s = {ack_wait_s}
+
+[[deployments]]
+name = "d-free"
+pool = "{POOL}"
+model = "m"
+price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
+
+[[pools]]
+name = "{POOL}"
+provider = "openai"
+base_url = "{sandbox_url}/v1"
+slots = {slots}
+timeout_s = 30
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def assignment(
+    chain_id: str,
+    step_id: str = "s",
+    text: str = "hello there world",
+    *,
+    deployment: str = "d-free",
+    model: str = "m",
+    deadline_at_ms: int | None = None,
+    stream: bool = False,
+) -> Assignment:
+    return Assignment(
+        chain_id=chain_id,
+        step_id=step_id,
+        attempt=1,
+        tenant=TENANT,
+        step=LlmStep(
+            id=step_id,
+            model=model,
+            messages=[Message(role="user", content=text)],
+            params=Params(stream=stream),
+        ),
+        target=Target(deployment=deployment, pool=POOL, provider="openai", model=model),
+        dispatched_at_ms=now_ms(),
+        deadline_at_ms=deadline_at_ms,
+    )
+
+
+async def publish(bus: Bus, *assignments: Assignment) -> None:
+    for a in assignments:
+        await bus.js.publish(bus.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id})
+
+
+def worker(bus: Bus, cfg: Config, **kw: object) -> Worker:
+    return llm_worker(bus, cfg, cfg.pool(POOL), **kw)
+
+
+async def work_state(bus: Bus) -> tuple[int, int, int]:
+    """(messages left in the work stream, ack pending, redelivered) of the pool's consumer."""
+    topo = bus.topology
+    info = await bus.js.consumer_info(topo.work.name, topo.pool_consumer(POOL).durable)
+    stream = await bus.js.stream_info(topo.work.name)
+    return stream.state.messages, info.num_ack_pending, info.num_redelivered
+
+
+async def start_worker_process(
+    url: str, config_path: Path, log: Path
+) -> asyncio.subprocess.Process:
+    out = log.open("wb")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chainyard.cli",
+            "worker",
+            "--nats",
+            url,
+            "--config",
+            str(config_path),
+            "--pool",
+            POOL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=python_env(),
+        )
+    finally:
+        out.close()
+
+
+async def live_workers(bus: Bus) -> set[str]:
+    """Worker ids with a heartbeat for the pool."""
+    try:
+        keys = await bus.capacity.keys()
+    except Exception:  # NoKeysError: none yet
+        return set()
+    return {k.split(".", 1)[1] for k in keys if k.startswith(f"{POOL}.")}
