@@ -36,7 +36,7 @@ def two_step_chain(key: str) -> Chain:
     )
 
 
-async def _bare_roundtrips(js, n: int) -> Run:  # noqa: ANN001 - a JetStreamContext
+async def _bare_roundtrips(js, n: int) -> Run:
     await js.add_stream(name="BENCH_RT", subjects=["bench.rt"])
     lat: list[float] = []
     t_all = time.perf_counter()
@@ -78,7 +78,9 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
 
         async def submit(key: str) -> None:
             await bus.js.publish(
-                bus.subjects.submit(TENANT), encode(two_step_chain(key)), headers={"Nats-Msg-Id": key}
+                bus.subjects.submit(TENANT),
+                encode(two_step_chain(key)),
+                headers={"Nats-Msg-Id": key},
             )
 
         try:
@@ -87,7 +89,9 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
             transitions.clear()
             run = await drive([f"t-{i}" for i in range(n)], submit, done, window, 60 + n / 20)
             cy.check_alive()
-            measured = Run(n=len(transitions), window=window, elapsed_s=run.elapsed_s, latencies_ms=transitions)
+            measured = Run(
+                n=len(transitions), window=window, elapsed_s=run.elapsed_s, latencies_ms=transitions
+            )
             bare = await _bare_roundtrips(bus.js, ctx.n("baseline_n", 500, 200))
         finally:
             for s in subs:
@@ -105,6 +109,20 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
         "load_after": load_average(),
     }
     return [
-        Figure("step_transition_p50_ms", measured.pct(50), "ms", "jetstream_roundtrip_p50_ms", bare.pct(50), conditions),
-        Figure("step_transition_p99_ms", measured.pct(99), "ms", "jetstream_roundtrip_p99_ms", bare.pct(99), conditions),
+        Figure(
+            "step_transition_p50_ms",
+            measured.pct(50),
+            "ms",
+            "jetstream_roundtrip_p50_ms",
+            bare.pct(50),
+            conditions,
+        ),
+        Figure(
+            "step_transition_p99_ms",
+            measured.pct(99),
+            "ms",
+            "jetstream_roundtrip_p99_ms",
+            bare.pct(99),
+            conditions,
+        ),
     ]

@@ -99,7 +99,9 @@ def demo_chain() -> Chain:
                 id="classify",
                 model="small",
                 messages=[
-                    Message(role="system", content="Answer with one word: weather, travel or other."),
+                    Message(
+                        role="system", content="Answer with one word: weather, travel or other."
+                    ),
                     ask,
                 ],
                 params=Params(max_tokens=8, temperature=0),
@@ -161,15 +163,17 @@ def agent_chain() -> Chain:
 def _table(ended: ChainCompleted | ChainFailed) -> str:
     rows = [("step", "status", "pool", "model", "latency", "tokens in/out", "cost USD")]
     for s in ended.steps:
-        rows.append((
-            s.step_id,
-            s.status,
-            s.pool or "-",
-            s.model or "-",
-            f"{s.latency_ms:.0f} ms" if s.latency_ms is not None else "-",
-            f"{s.usage.input_tokens}/{s.usage.output_tokens}",
-            f"{s.cost_usd:.6f}",
-        ))
+        rows.append(
+            (
+                s.step_id,
+                s.status,
+                s.pool or "-",
+                s.model or "-",
+                f"{s.latency_ms:.0f} ms" if s.latency_ms is not None else "-",
+                f"{s.usage.input_tokens}/{s.usage.output_tokens}",
+                f"{s.cost_usd:.6f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
@@ -181,9 +185,15 @@ async def _follow(client: Client, chain: Chain, out: TextIO) -> ChainEnded | Non
         if isinstance(ev, StepCompleted):
             calls = ", ".join(f"{c.name}({c.args})" for c in ev.output.tool_calls)
             what = f" -> calls {calls}" if calls else ""
-            print(f"  done  {ev.step_id:<11} on {ev.target.pool:<12} {ev.latency_ms:7.0f} ms{what}", file=out, flush=True)
+            print(
+                f"  done  {ev.step_id:<11} on {ev.target.pool:<12} {ev.latency_ms:7.0f} ms{what}",
+                file=out,
+                flush=True,
+            )
         elif isinstance(ev, StepFailed):
-            print(f"  retry {ev.step_id:<11} {ev.error.cls}: {ev.error.message}", file=out, flush=True)
+            print(
+                f"  retry {ev.step_id:<11} {ev.error.cls}: {ev.error.message}", file=out, flush=True
+            )
         elif isinstance(ev, ChainCompleted | ChainFailed | ChainCancelled | ChainRejected):
             return ev
     return None
@@ -216,7 +226,9 @@ async def run_demo(nats_url: str | None = None, out: TextIO = sys.stdout) -> int
     if reason := unavailable_reason():
         print(f"the demo needs the local model: {reason}", file=sys.stderr)
         return 2
-    print("starting NATS, router, workers, the local model (SmolLM2-135M) ...", file=out, flush=True)
+    print(
+        "starting NATS, router, workers, the local model (SmolLM2-135M) ...", file=out, flush=True
+    )
     t0 = time.perf_counter()
     async with DevStack(demo_config(), nats_url=nats_url, tools=tools) as dev:
         assert dev.bus is not None

@@ -60,7 +60,9 @@ class DevStack:
         if self.want_local:
             self.local = await self._stack.enter_async_context(LocalModel())
         self.config = self._resolve(self.config)
-        self.bus = await open_bus(self.nats_url, name="chainyard-dev", topology=self.config.topology)
+        self.bus = await open_bus(
+            self.nats_url, name="chainyard-dev", topology=self.config.topology
+        )
         self._stack.push_async_callback(self.bus.close)
         self.services = build(self.bus, self.config, tools=self.tools)
         self.services.start()

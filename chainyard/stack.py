@@ -43,7 +43,7 @@ def provider_for(pool: PoolConfig) -> Provider:
     return make_provider(pool.provider, pool.base_url, key, timeout_s=pool.timeout_s)
 
 
-def price_function(config: Config, pricer: Pricer | None = None):  # noqa: ANN201 - Price
+def price_function(config: Config, pricer: Pricer | None = None):
     """USD for a call: the deployment's configured price wins, else the genai-prices table."""
     pricer = pricer or Pricer()
     overrides = {d.name: d.price for d in config.deployments if d.price is not None}

@@ -19,7 +19,6 @@ from ._chain import (
     WaitStep,
     new_id,
 )
-from ._control import Cancel, Replay, StepOverride, Timer, TimerKind
 from ._codec import (
     DecodeError,
     ValidationError,
@@ -35,14 +34,15 @@ from ._codec import (
     timer_decoder,
 )
 from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, dump_config, load_config
+from ._control import Cancel, Replay, StepOverride, Timer, TimerKind
 from ._messages import (
-    ControlRejected,
     Assignment,
     ChainCancelled,
     ChainCompleted,
     ChainEnded,
     ChainFailed,
     ChainRejected,
+    ControlRejected,
     DeploymentHealth,
     ErrorClass,
     ErrorInfo,
@@ -61,8 +61,7 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
-    "dump_config",
-    "ControlRejected",
+    "VERSION",
     "Assignment",
     "Cancel",
     "Chain",
@@ -75,6 +74,7 @@ __all__ = [
     "ChainStatus",
     "Config",
     "ConsumerDef",
+    "ControlRejected",
     "DecodeError",
     "Deployment",
     "DeploymentHealth",
@@ -112,12 +112,12 @@ __all__ = [
     "ToolStep",
     "Topology",
     "Usage",
-    "VERSION",
     "ValidationError",
     "WaitStep",
     "assignment_decoder",
     "cancel_decoder",
     "chain_decoder",
+    "dump_config",
     "encode",
     "event_decoder",
     "heartbeat_decoder",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from ._chain import Chain
-from ._messages import Assignment, Event, Heartbeat, StepEvent
 from ._control import Cancel, Replay, Timer
+from ._messages import Assignment, Event, Heartbeat, StepEvent
 from ._state import ChainState
 
 encoder = msgspec.json.Encoder()

@@ -67,8 +67,12 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pools: list[PoolConfig] = []
     tools: list[str] = []
     # Routing (docs/ROUTING.md). All have defaults so older config files keep loading.
-    default_max_tokens: Annotated[int, Meta(ge=1)] = 1024  # budget reservation when a step sets none
-    capacity_wait_s: Annotated[float, Meta(ge=0)] = 30.0  # longest wait for capacity without a deadline
+    default_max_tokens: Annotated[int, Meta(ge=1)] = (
+        1024  # budget reservation when a step sets none
+    )
+    capacity_wait_s: Annotated[float, Meta(ge=0)] = (
+        30.0  # longest wait for capacity without a deadline
+    )
     breaker_failures: Annotated[int, Meta(ge=1)] = 5  # consecutive failures that open a breaker
     breaker_throttles: Annotated[int, Meta(ge=1)] = 3  # consecutive 429s that open a breaker
     breaker_cooldown_s: Annotated[float, Meta(gt=0)] = 5.0  # first open period; doubles per reopen

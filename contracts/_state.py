@@ -9,7 +9,9 @@ from msgspec import Struct
 from ._chain import VERSION, Chain, Message, Step
 from ._messages import ErrorInfo, Output, Target, Usage
 
-StepStatus = Literal["pending", "dispatched", "waiting", "completed", "failed", "skipped", "cancelled"]
+StepStatus = Literal[
+    "pending", "dispatched", "waiting", "completed", "failed", "skipped", "cancelled"
+]
 ChainStatus = Literal["running", "completed", "failed", "cancelled"]
 
 

@@ -103,9 +103,7 @@ def replay(old: ChainState, req: Replay, now_ms: int, pick: Pick) -> Outcome:
         elif o is not None:
             raise ControlError(f"step {s.id!r} is not an llm step: only llm steps take overrides")
         steps.append(s)
-    chain = msgspec.structs.replace(
-        old.chain, id=req.new_id, steps=steps, replay_of=old.chain.id
-    )
+    chain = msgspec.structs.replace(old.chain, id=req.new_id, steps=steps, replay_of=old.chain.id)
     rerun = downstream(chain, req.from_step)
     kept = {
         sid: StepState(status="completed", attempt=0, output=st.output, target=st.target)

@@ -99,7 +99,9 @@ def validate(chain: Chain) -> list[GraphError]:
             deps[s.id] = set(s.after)
         for d in sorted(deps[s.id]):
             if d not in index:
-                errors.append(GraphError(f"$.steps[{i}]", f"step {s.id!r} refers to unknown step {d!r}"))
+                errors.append(
+                    GraphError(f"$.steps[{i}]", f"step {s.id!r} refers to unknown step {d!r}")
+                )
             elif d == s.id:
                 errors.append(GraphError(f"$.steps[{i}]", f"step {s.id!r} refers to itself"))
     if chain.output is not None and chain.output not in index:
@@ -258,4 +260,3 @@ def advance(chain: Chain, states: Mapping[str, StepState]) -> Advance:
 def chain_output(chain: Chain, states: Mapping[str, StepState]) -> Output:
     st = states.get(chain.output_step)
     return st.output if st and st.output else Output()
-

@@ -33,7 +33,7 @@ from .catalog import tool_target
 SEP = "--"
 
 
-def spec_of(state: ChainState, step_id: str):  # noqa: ANN201 - a Step
+def spec_of(state: ChainState, step_id: str):
     """The step's definition: from the chain, or recorded in state for a tool call of a loop."""
     st = state.steps.get(step_id)
     if st is not None and st.spec is not None:
@@ -103,7 +103,9 @@ def on_loop_completed(state: ChainState, ev: StepCompleted, now_ms: int) -> Loop
     )
     if limit := _limit_reached(step, st):
         steps[ev.step_id] = msgspec.structs.replace(st, status="failed")
-        return LoopTurn(steps=steps, limit=f"agent loop {ev.step_id!r} stopped at {limit} without an answer")
+        return LoopTurn(
+            steps=steps, limit=f"agent loop {ev.step_id!r} stopped at {limit} without an answer"
+        )
     assistant = Message(role="assistant", content=ev.output.text, tool_calls=calls)
     transcript = [*st.transcript, assistant]
     allowed = set(step.loop.tools)
@@ -113,18 +115,25 @@ def on_loop_completed(state: ChainState, ev: StepCompleted, now_ms: int) -> Loop
         ids.append(sid)
         if call.name not in allowed:
             # Not a tool this loop may call: answer the model at once instead of running it.
-            err = ErrorInfo(cls="fatal", message=f"tool {call.name!r} is not available in this loop")
+            err = ErrorInfo(
+                cls="fatal", message=f"tool {call.name!r} is not available in this loop"
+            )
+            tool = call.name if _name_ok(call.name) else "unknown"
             steps[sid] = StepState(
-                status="failed", error=err, parent=ev.step_id,
-                spec=ToolStep(id=sid, tool=call.name if _name_ok(call.name) else "unknown", args=call.args),
-            )  # fmt: skip
+                status="failed",
+                error=err,
+                parent=ev.step_id,
+                spec=ToolStep(id=sid, tool=tool, args=call.args),
+            )
         else:
             steps[sid] = StepState(
                 status="dispatched", attempt=1, dispatched_at_ms=now_ms, parent=ev.step_id,
                 spec=ToolStep(id=sid, tool=call.name, args=call.args),
                 target=tool_target(call.name),
             )  # fmt: skip
-    steps[ev.step_id] = msgspec.structs.replace(st, status="waiting", transcript=transcript, calls=ids)
+    steps[ev.step_id] = msgspec.structs.replace(
+        st, status="waiting", transcript=transcript, calls=ids
+    )
     turn = LoopTurn(steps=steps, dispatch=[i for i in ids if steps[i].status == "dispatched"])
     return _maybe_resume(state, turn, ev.step_id, now_ms)
 
@@ -133,8 +142,11 @@ def _name_ok(name: str) -> bool:
     return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "_-" for c in name)
 
 
-def on_call_ended(state: ChainState, steps: dict[str, StepState], call: str, now_ms: int) -> LoopTurn:
-    """A loop's tool call ended (completed or failed for good): resume the loop if it was the last."""
+def on_call_ended(
+    state: ChainState, steps: dict[str, StepState], call: str, now_ms: int
+) -> LoopTurn:
+    """A loop's tool call ended (completed or failed for good): resume its loop if it was the
+    last of the iteration."""
     parent = steps[call].parent
     assert parent is not None
     return _maybe_resume(state, LoopTurn(steps=steps), parent, now_ms)
@@ -180,4 +192,3 @@ def wait_ready(state: ChainState, steps: dict[str, StepState], step_id: str, now
         return True
     steps[step_id] = StepState(status="waiting", attempt=1, dispatched_at_ms=now_ms)
     return False
-

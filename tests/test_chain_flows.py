@@ -80,11 +80,20 @@ def config(sandbox_url: str, **kw: object) -> Config:
 
 
 class Stack:
-    def __init__(self, server: NatsServer, sandbox: SandboxServer, bus: Bus, client: Client) -> None:
+    def __init__(
+        self, server: NatsServer, sandbox: SandboxServer, bus: Bus, client: Client
+    ) -> None:
         self.server, self.sandbox, self.bus, self.client = server, sandbox, bus, client
         self.services: list[Services] = []
 
-    def start(self, cfg: Config, *, router: bool = True, pools: list[str] | None = None, with_tools: bool = True) -> Services:
+    def start(
+        self,
+        cfg: Config,
+        *,
+        router: bool = True,
+        pools: list[str] | None = None,
+        with_tools: bool = True,
+    ) -> Services:
         s = build(self.bus, cfg, router=router, pools=pools, tools=tools if with_tools else None)
         s.start()
         self.services.append(s)
@@ -121,7 +130,9 @@ async def test_fan_out_and_fan_in(stack: Stack) -> None:
             LlmStep(
                 id="answer",
                 model="gpt-4o-mini",
-                messages=ask("{{steps.w1.output.temp_c}} {{steps.w2.output.temp_c}} {{steps.s.output.0}}"),
+                messages=ask(
+                    "{{steps.w1.output.temp_c}} {{steps.w2.output.temp_c}} {{steps.s.output.0}}"
+                ),
             ),
         ],
     )
@@ -137,16 +148,28 @@ async def test_branch_skipped_by_condition(stack: Stack) -> None:
         id="branch",
         steps=[
             ToolStep(id="w", tool="weather", args={"city": "Oslo"}),
-            ToolStep(id="warm", tool="search", args={"query": "beach"}, when="steps.w.output.temp_c == 17"),
+            ToolStep(
+                id="warm",
+                tool="search",
+                args={"query": "beach"},
+                when="steps.w.output.temp_c == 17",
+            ),
             ToolStep(id="after_warm", tool="search", args={"query": "{{steps.warm.output}}"}),
-            ToolStep(id="cold", tool="search", args={"query": "skis"}, when="steps.w.output.temp_c != 17"),
+            ToolStep(
+                id="cold", tool="search", args={"query": "skis"}, when="steps.w.output.temp_c != 17"
+            ),
         ],
         output="cold",
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
     status = {s.step_id: s.status for s in ended.steps}
-    assert status == {"w": "completed", "warm": "skipped", "after_warm": "skipped", "cold": "completed"}
+    assert status == {
+        "w": "completed",
+        "warm": "skipped",
+        "after_warm": "skipped",
+        "cold": "completed",
+    }
     assert calls == {"weather:Oslo": 1, "search:skis": 1}
 
 
@@ -155,7 +178,14 @@ async def test_agent_loop_calls_tools_and_answers(stack: Stack) -> None:
     prompt = 'call weather {"city": "Lisbon"} and call search {"query": "bike lanes"}'
     chain = Chain(
         id="agent",
-        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask(prompt), loop=Loop(tools=["weather", "search"]))],
+        steps=[
+            LlmStep(
+                id="agent",
+                model="gpt-4o-mini",
+                messages=ask(prompt),
+                loop=Loop(tools=["weather", "search"]),
+            )
+        ],
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
@@ -177,7 +207,14 @@ async def test_agent_loop_limit_ends_the_chain_clearly(stack: Stack) -> None:
     # The first answer's tokens already exceed max_tokens: the loop stops before any tool runs.
     chain = Chain(
         id="looplimit",
-        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call weather {"city": "Oslo"}'), loop=Loop(tools=["weather"], max_tokens=3))],
+        steps=[
+            LlmStep(
+                id="agent",
+                model="gpt-4o-mini",
+                messages=ask('call weather {"city": "Oslo"}'),
+                loop=Loop(tools=["weather"], max_tokens=3),
+            )
+        ],
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainFailed)
@@ -189,7 +226,14 @@ async def test_agent_loop_last_iteration_must_answer(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
     chain = Chain(
         id="lastcall",
-        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call weather {"city": "Oslo"}'), loop=Loop(tools=["weather"], max_iterations=1))],
+        steps=[
+            LlmStep(
+                id="agent",
+                model="gpt-4o-mini",
+                messages=ask('call weather {"city": "Oslo"}'),
+                loop=Loop(tools=["weather"], max_iterations=1),
+            )
+        ],
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
@@ -201,7 +245,14 @@ async def test_agent_loop_tool_error_goes_back_to_the_model(stack: Stack) -> Non
     stack.start(config(stack.sandbox.url))
     chain = Chain(
         id="looperr",
-        steps=[LlmStep(id="agent", model="gpt-4o-mini", messages=ask('call explode {"why": "no fuel"}'), loop=Loop(tools=["explode"]))],
+        steps=[
+            LlmStep(
+                id="agent",
+                model="gpt-4o-mini",
+                messages=ask('call explode {"why": "no fuel"}'),
+                loop=Loop(tools=["explode"]),
+            )
+        ],
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
@@ -263,8 +314,7 @@ async def test_cancel_ends_chain_cancelled(stack: Stack) -> None:
     )
 
     async def cancel_once_called() -> None:
-        while stack.sandbox.counts["openai.chat"] == 0:
-            await asyncio.sleep(0.01)
+        await stack.sandbox.wait_requests(1, "openai.chat")
         await stack.client.cancel("stopme", "user pressed stop")
 
     task = asyncio.create_task(cancel_once_called())
@@ -295,7 +345,9 @@ async def test_replay_with_another_model(stack: Stack) -> None:
         id="orig",
         steps=[
             ToolStep(id="w", tool="weather", args={"city": "Lisbon"}),
-            LlmStep(id="answer", model="gpt-4o-mini", messages=ask("{{steps.w.output.temp_c}} degrees")),
+            LlmStep(
+                id="answer", model="gpt-4o-mini", messages=ask("{{steps.w.output.temp_c}} degrees")
+            ),
         ],
     )
     first = await stack.client.run(chain, timeout=30)
@@ -409,7 +461,9 @@ async def test_status_lists_chains_in_flight(stack: Stack) -> None:
         if rows and rows[0].done == 1:
             break
         await asyncio.sleep(0.02)
-    assert [(r.chain_id, r.steps, r.done, r.total) for r in rows] == [("inflight", {"ok": "-"}, 1, 2)]
+    assert [(r.chain_id, r.steps, r.done, r.total) for r in rows] == [
+        ("inflight", {"ok": "-"}, 1, 2)
+    ]
     await stack.client.signal("inflight", "go")
     ended = [ev async for ev in stack.client.watch("inflight")][-1]
     assert isinstance(ended, ChainCompleted)

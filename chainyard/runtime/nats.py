@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import nats
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -22,8 +23,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
@@ -115,10 +120,12 @@ class Bus:
     _closed: bool = field(default=False, repr=False)
 
     @property
-    def subjects(self):  # noqa: ANN201 - the contracts' Subjects
+    def subjects(self):
         return self.topology.subjects
 
-    async def pull(self, stream: StreamDef, consumer: ConsumerDef) -> JetStreamContext.PullSubscription:
+    async def pull(
+        self, stream: StreamDef, consumer: ConsumerDef
+    ) -> JetStreamContext.PullSubscription:
         """Create or update the durable consumer, then bind a pull subscription to it."""
         await ensure_consumer(self.js, stream, consumer)
         return await self.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
@@ -168,7 +175,11 @@ async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
 
 
 async def open_bus(
-    url: str, *, name: str, topology: Topology | None = None, creds: str | Path | None = None,
+    url: str,
+    *,
+    name: str,
+    topology: Topology | None = None,
+    creds: str | Path | None = None,
     on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> Bus:
     """Connect and make sure every stream and bucket exists (safe from many processes at once)."""

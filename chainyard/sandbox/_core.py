@@ -97,6 +97,7 @@ class State:
         self.captured: deque[Captured] = deque(maxlen=max(config.capture, 1))
         self.calls = 0
         self.tokens_served = 0
+        self.arrived: asyncio.Event | None = None  # set on every request, for tests to await
         self.apply(config)
 
     def apply(self, config: SandboxConfig) -> None:
@@ -109,6 +110,8 @@ class State:
     def record(self, endpoint: str, path: str, query: Any, headers: Any, body: Any) -> None:
         self.counts[endpoint] += 1
         self.calls += 1
+        if self.arrived is not None:
+            self.arrived.set()
         if self.config.capture > 0:
             self.captured.append(
                 Captured(

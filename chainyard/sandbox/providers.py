@@ -10,6 +10,7 @@ Used by the adapter tests and, with the defaults (no latency, no capture), by be
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
@@ -81,6 +82,16 @@ class SandboxServer:
             if endpoint is None or c.endpoint == endpoint:
                 return c
         raise LookupError(f"no captured request for {endpoint!r}")
+
+    async def wait_requests(self, n: int, endpoint: str, timeout: float = 30.0) -> None:
+        """Return once `endpoint` has received at least `n` requests (TimeoutError if not)."""
+
+        async def reached() -> None:
+            while self.state.counts[endpoint] < n:
+                self.state.arrived = asyncio.Event()
+                await self.state.arrived.wait()
+
+        await asyncio.wait_for(reached(), timeout)
 
     def reset_counts(self) -> None:
         self.state.counts.clear()
