@@ -497,3 +497,47 @@ async def test_cli_control_verbs(stack: Stack) -> None:
     assert code == 0
     ended = [ev async for ev in stack.client.watch("clicancel")][-1]
     assert isinstance(ended, ChainCancelled) and ended.reason == "no longer needed"
+
+
+WORKER = [sys.executable, "-m", "chainyard.cli", "worker"]
+
+
+async def test_redelivered_step_with_recorded_result_is_not_called_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A worker dies after its result is stored but before it acks the work: the redelivery
+    finds the result recorded and does not call the provider a second time."""
+    cfg = config(stack.sandbox.url, work_ack_wait_s=1.0)
+    cfg_path = tmp_path / "chainyard.toml"
+    cfg_path.write_bytes(dump_config(cfg))
+    stack.start(cfg, pools=[])  # the router and the tools here; LLM workers as processes
+    env = {k: v for k, v in os.environ.items() if k != "CHAINYARD_FAULT"}
+    args = [*WORKER, "--nats", stack.server.url, "--config", str(cfg_path), "--pool", "sim-a"]
+    dying = await asyncio.create_subprocess_exec(
+        *args, env={**env, "CHAINYARD_FAULT": "after_publish:1"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    survivor = None
+    try:
+        chain = Chain(id="once", steps=[LlmStep(id="a", model="gpt-4o-mini", messages=ask("hello"))])
+        ended = await stack.client.run(chain, timeout=60)  # recorded before the worker died
+        assert isinstance(ended, ChainCompleted), ended
+        assert await asyncio.wait_for(dying.wait(), 30) == 137
+        info = await stack.bus.js.consumer_info("CY_WORK", "pool-sim-a")
+        assert info.num_ack_pending + info.num_pending == 1  # the work was never acked
+        survivor = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        for _ in range(600):  # the survivor gets it after the ack wait, and acks it
+            info = await stack.bus.js.consumer_info("CY_WORK", "pool-sim-a")
+            if info.num_ack_pending + info.num_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert info.num_ack_pending + info.num_pending == 0
+        assert info.delivered.consumer_seq == 2  # the same message, delivered a second time
+        assert stack.sandbox.counts["openai.chat"] == 1  # called once, not twice
+    finally:
+        for p in (dying, survivor):
+            if p is not None and p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(p.wait(), 20)
