@@ -49,11 +49,15 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     tools = load_tools(args.tools) if getattr(args, "tools", None) else None
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
+    from chainyard.runtime.telemetry_metrics import start_service
+
+    obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
     services.start()
     log.info("%s serving on %s", args.command, _safe_url(args.nats))
     try:
         await services.wait()
     finally:
+        await obs.stop()
         await bus.close()
     return 0
 
@@ -182,6 +186,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_trace(args: argparse.Namespace) -> int:
+    from chainyard import trace_view
+
+    return await trace_view.run(
+        args.chain_id, nats_url=args.nats, tenant=args.tenant, creds=args.creds, jaeger=args.jaeger
+    )
+
+
 async def cmd_schema(args: argparse.Namespace) -> int:
     from chainyard.contracts import asyncapi_export, schema_export
 
@@ -218,10 +230,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-local", action="store_true", help="do not start the local model")
     sp = add("router", cmd_router, "run the router")
     sp.add_argument("--config", help="TOML config")
+    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     sp = add("worker", cmd_worker, "run workers for pools and/or tools")
     sp.add_argument("--config", help="TOML config")
     sp.add_argument("--pool", action="append", help="pool to serve (repeat; default: all in config)")
     sp.add_argument("--tools", help="module:attribute of a chainyard Tools registry to serve")
+    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     for name, fn, help in (
         ("submit", cmd_submit, "submit a chain (JSON file or - for stdin)"),
         ("watch", cmd_watch, "print a chain's events as JSON lines until it ends"),
@@ -249,6 +263,10 @@ def parser() -> argparse.ArgumentParser:
         elif name == "replay":
             sp.add_argument("from_step", help="the first step to run again")
             sp.add_argument("--model", action="append", metavar="STEP=MODEL", help="run STEP on another model or group")
+    sp = add("trace", cmd_trace, "draw a chain as a waterfall (event log; Jaeger with --jaeger)")
+    sp.add_argument("chain_id")
+    sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
+    sp.add_argument("--jaeger", help="Jaeger query URL, e.g. http://localhost:16686")
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

@@ -40,6 +40,7 @@ from chainyard.contracts import (
     state_decoder,
 )
 from chainyard.contracts import new_id as _new_id
+from chainyard.runtime import telemetry
 from chainyard.runtime.nats import connect
 
 class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +67,7 @@ class Client:
         self.topology = topology or Topology()
         self.subjects: Subjects = self.topology.subjects
         self.js = nc.jetstream()
+        telemetry.use_global()  # the application's OTel provider, if it set one up
 
     @classmethod
     async def connect(
@@ -92,17 +94,13 @@ class Client:
         The chain id is the `Nats-Msg-Id`, so submitting the same chain twice is accepted once.
         """
         data, chain_id = _prepare(chain)
-        await self.js.publish(
-            self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
-        )
+        await telemetry.publish(self.js, self.subjects.submit(self.tenant), data, chain_id)
         return chain_id
 
     async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
         """Submit and wait for the chain's terminal event."""
         data, chain_id = _prepare(chain)
-        publish = self.js.publish(
-            self.subjects.submit(self.tenant), data, headers={"Nats-Msg-Id": chain_id}
-        )
+        publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, chain_id)
         return await self._await_end(chain_id, publish, timeout)
 
     async def _await_end(self, chain_id: str, action: Awaitable[object], timeout: float) -> ChainEnded:
@@ -200,7 +198,7 @@ class Client:
 
     async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
         subject = self.subjects.control(self.tenant, chain_id, verb)
-        await self.js.publish(subject, data, headers={"Nats-Msg-Id": f"{chain_id}.{verb}.{_new_id()}"})
+        await telemetry.publish(self.js, subject, data, f"{chain_id}.{verb}.{_new_id()}")
 
     async def watch(
         self, chain_id: str, *, history: bool = True, deltas: bool = False

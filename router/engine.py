@@ -38,6 +38,7 @@ from chainyard.contracts import (
     step_event_decoder,
     timer_decoder,
 )
+from chainyard.runtime import telemetry, telemetry_chain
 from chainyard.runtime.consume import consume
 from chainyard.runtime.faults import crash_point
 from chainyard.runtime.nats import Bus
@@ -92,7 +93,9 @@ class Router:
         try:
             subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
             await asyncio.gather(*(
-                consume(sub, fn, stop, self.concurrency, name=c.durable)
+                consume(
+                    sub, telemetry.consumer(fn, c.durable), stop, self.concurrency, name=c.durable
+                )
                 for sub, (_, c, fn) in zip(subs, loops_, strict=True)
             ))  # fmt: skip
         finally:
@@ -105,6 +108,7 @@ class Router:
         fresh = False
         while True:
             state, rev = await self.store.load(key, fresh=fresh)
+            telemetry_chain.adopt_state(state)  # a message without trace context joins the chain's
             outcome = decide(state)
             if outcome is None or outcome.state is state or outcome.retry_after_s is not None:
                 return outcome
@@ -114,6 +118,7 @@ class Router:
                 fresh = True
                 continue
             crash_point("after_record")
+            telemetry_chain.chain_recorded(state, outcome.state)  # ended: emit the chain's span
             return outcome
 
     # -- intake ----------------------------------------------------------------------------
@@ -122,7 +127,7 @@ class Router:
         tenant = self.subjects.tenant_of_submit(msg.subject)
         try:
             chain = chain_decoder.decode(msg.data)
-        except (DecodeError, ValidationError) as e:
+        except (DecodeError, ValidationError, UnicodeDecodeError) as e:  # msgspec: bad UTF-8 in a key
             path, message = _msgspec_path(e)
             await self._reject(msg, tenant, self._claimed_id(msg), [FieldError(path=path, message=message)])
             return
@@ -139,6 +144,7 @@ class Router:
     async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome) -> None:
         """Create a chain's state once; the same chain again is accepted once (its effects are
         performed again, deduplicated, in case the first attempt crashed before them)."""
+        outcome = telemetry_chain.begin_chain(outcome)  # the chain's trace ids, kept in its state
         chain = outcome.state.chain
         key = self.store.key(tenant, chain.id)
         try:
@@ -301,19 +307,22 @@ class Router:
             priority=state.chain.priority,
             reserved_usd=st.reserved_usd or None,
         )
-        await self.bus.js.publish(
-            self.subjects.work(target.pool), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+        await telemetry_chain.publish_work(  # inside a routing span, with traceparent
+            self.bus.js, self.subjects.work(target.pool), encode(a), a, state,
+            lambda: [d.name for d in self.catalog.deployments(a.step)]
+            if isinstance(a.step, LlmStep) else [target.deployment],
+            self.config.strategy,
         )
 
     async def _schedule(self, timer: Timer) -> None:
         subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
         msg_id = f"{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
-        await self.bus.js.publish(subject, encode(timer), headers={"Nats-Msg-Id": msg_id})
+        await telemetry.publish(self.bus.js, subject, encode(timer), msg_id)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
-        await self.bus.js.publish(subject, encode(ev), headers={"Nats-Msg-Id": msg_id})
+        await telemetry.publish(self.bus.js, subject, encode(ev), msg_id)
 
 
 def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:

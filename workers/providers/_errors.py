@@ -19,6 +19,7 @@ import msgspec
 from chainyard.contracts import ErrorClass
 
 from ._base import ProviderError, RateLimits
+from ._http import post_bytes
 from ._ratelimit import parse_go_duration, parse_limits
 
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -37,6 +38,8 @@ _CONTEXT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _MAX_MESSAGE = 500  # provider messages go into events; keep them short
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
@@ -180,17 +183,18 @@ async def post_json(
     client: httpx.AsyncClient,
     provider: str,
     path: str,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     secrets: tuple[str, ...] = (),
-) -> tuple[Any, httpx.Headers]:
-    """POST a JSON body; the decoded 2xx body and headers, or ProviderError."""
+    decoder: msgspec.json.Decoder[Any] | None = None,
+) -> tuple[Any, Mapping[str, str]]:
+    """POST a JSON body (or its encoded bytes); the decoded 2xx body (by `decoder` when given)
+    and the case-insensitive response headers, or ProviderError."""
+    content = body if isinstance(body, bytes) else _encode(body)
     with boundary(provider, secrets):
-        resp = await client.post(path, content=msgspec.json.encode(body))
-        if resp.status_code >= 400:
-            raise error_from_response(
-                provider, resp.status_code, resp.headers, resp.content, secrets
-            )
-        return msgspec.json.decode(resp.content), resp.headers
+        status, headers, data = await post_bytes(client, path, content)
+        if status >= 400:
+            raise error_from_response(provider, status, headers, data, secrets)
+        return (_decode(data) if decoder is None else decoder.decode(data)), headers
 
 
 async def iter_sse(

@@ -15,8 +15,12 @@ a streamed body is mapped by httpx-aiohttp alone.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+
 import aiohttp
 import httpx
+from yarl import URL
 
 try:
     from httpx_aiohttp import AiohttpTransport
@@ -52,10 +56,14 @@ if AiohttpTransport is not None:
                 raise _as_httpx(e, request) from e
 
 
-def _as_httpx(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError:
     """The httpx error httpx's own transport would raise for this aiohttp failure."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.ReadError(str(exc), request=request)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return httpx.UnsupportedProtocol(str(exc), request=request)
     if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
         exc, aiohttp.ServerDisconnectedError
     ):
@@ -76,3 +84,70 @@ def new_client(
     return httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=timeout, transport=_Transport()
     )
+
+
+class _Fast:
+    """What `post_bytes` needs of one client, worked out once: its aiohttp transport, headers,
+    timeout and the full URL of each path it has posted to."""
+
+    __slots__ = ("headers", "timeout", "transport", "urls")
+
+    def __init__(self, client: httpx.AsyncClient, transport: _Transport) -> None:
+        t = client.timeout
+        self.transport = transport
+        self.headers = dict(client.headers)  # the very headers httpx would send
+        # the same mapping as httpx-aiohttp's transport: connect -> socket connect, read -> each
+        # socket read, pool -> waiting for a connection
+        self.timeout = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.read, connect=t.pool)
+        self.urls: dict[str, URL] = {}
+
+    def url(self, client: httpx.AsyncClient, path: str) -> URL:
+        u = self.urls.get(path)
+        if u is None:
+            if len(self.urls) > 1024:  # paths are per model: a handful; never grow without bound
+                self.urls.clear()
+            u = self.urls[path] = URL(str(client._merge_url(path)), encoded=True)  # noqa: SLF001
+        return u
+
+
+def _fast_of(client: httpx.AsyncClient) -> _Fast | None:
+    tr = client._transport  # noqa: SLF001 - ours, when the client came from new_client
+    if AiohttpTransport is None or type(tr) is not _Transport:
+        return None
+    f: _Fast | None = getattr(tr, "fast", None)
+    if f is None:
+        f = tr.fast = _Fast(client, tr)  # a transport serves the one client it was made for
+    return f
+
+
+async def post_bytes(
+    client: httpx.AsyncClient, path: str, content: bytes
+) -> tuple[int, Mapping[str, str], bytes]:
+    """POST `content` to `path` on the client's base URL: (status, headers, body).
+
+    The hot path of every non-streaming provider call. httpx's request and response models,
+    URL merging and cookie handling cost more CPU per call than the HTTP exchange itself, so a
+    client made by `new_client` posts straight through the aiohttp session under its transport
+    (same connection pool, headers and timeouts); failures are raised as the httpx errors that
+    the httpx path would raise. Any other client goes through `client.post`. The returned
+    headers are case-insensitive either way.
+    """
+    f = _fast_of(client)
+    if f is None or client.is_closed:
+        r = await client.post(path, content=content)
+        return r.status_code, r.headers, r.content
+    tr = f.transport
+    if not isinstance(tr.client, aiohttp.ClientSession):
+        tr.client = tr.get_client()
+    try:
+        async with tr.client.post(
+            f.url(client, path), data=content, headers=f.headers, timeout=f.timeout,
+            allow_redirects=False,
+        ) as resp:  # fmt: skip
+            return resp.status, resp.headers, await resp.read()
+    except aiohttp.ConnectionTimeoutError as e:
+        raise httpx.ConnectTimeout(str(e) or "connect timeout") from e
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as e:
+        raise httpx.ReadTimeout(str(e) or "read timeout") from e
+    except aiohttp.ClientError as e:
+        raise _as_httpx(e, None) from e

@@ -1,0 +1,385 @@
+"""Tracing: W3C trace context in NATS headers, messaging spans, OTLP/HTTP export.
+
+Off unless configured: with no `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`), or with
+`OTEL_SDK_DISABLED=true`, `setup` installs nothing and every helper here returns after one
+check of a module global (measured in docs/TRACING.md). On, a TracerProvider with a
+BatchSpanProcessor and the OTLP/HTTP exporter, both configured by the standard `OTEL_*`
+variables (endpoint, headers, sampler, batch sizes); `OTEL_SERVICE_NAME` wins over the default
+service name (`chainyard-router`, `chainyard-worker`).
+
+Propagation: `traceparent` / `tracestate` are written lowercase into NATS headers and read
+case-insensitively (a Go client's `Traceparent` works). Spans follow the OpenTelemetry messaging
+conventions: `send <template>` (PRODUCER), `process <template>` (CONSUMER, child of the message's
+creation context and linked to it), `ack|nak|term <template>` (settle, CLIENT), with
+`messaging.system = "nats"` and the subject template (`cy.work.{pool}`) in the span name.
+
+Inside a service every message handler runs in its own task; `consumer()` keeps the handler's
+trace scope in a context variable, so the helpers called by the handler (publish, chain and
+GenAI spans) find their parent without passing it around. A message without trace headers
+(a timer, a control message from a client without tracing) gets its process span late: as a
+child of the chain's own span once the handler has read the chain state (`adopt`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+)
+
+from .telemetry_w3c import (  # noqa: F401 - re-exported
+    TRACEPARENT,
+    TRACESTATE,
+    context_of,
+    extract,
+    format_traceparent,
+    header,
+    inject,
+    parse,
+    template,
+)
+
+log = logging.getLogger("chainyard.telemetry")
+
+SYSTEM = "nats"
+_TRUE = ("1", "true", "yes", "on")
+
+# -- state: None means off, and every helper returns at once --------------------------------
+
+_tracer: Any = None  # an opentelemetry Tracer when tracing is on
+_provider: Any = None  # the TracerProvider we installed (setup), to flush and shut down
+capture_content = False  # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT
+# ack / nak / term spans: CHAINYARD_TRACE_SETTLE=true (off by default: 3 of ~12 spans a step)
+settle_spans = os.environ.get("CHAINYARD_TRACE_SETTLE", "").strip().lower() in _TRUE
+_forced: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "chainyard_forced_ids", default=None
+)
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def tracer() -> Any:
+    return _tracer
+
+
+class _ChainIds:
+    """Random ids, except when a chain's own span is emitted: its ids were fixed at intake."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+        self._rng = random.Random()
+
+    def generate_span_id(self) -> int:
+        forced = _forced.get()
+        if forced is not None:
+            return forced[1]
+        return self.inner.generate_span_id() if self.inner else self._rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        forced = _forced.get()
+        if forced is not None:
+            return forced[0]
+        return self.inner.generate_trace_id() if self.inner else self._rng.getrandbits(128) or 1
+
+    def is_trace_id_random(self) -> bool:
+        return True
+
+
+def new_span_id() -> int:
+    return random.getrandbits(64) or 1
+
+
+def configured() -> bool:
+    """What the standard variables say: an OTLP endpoint is set and the SDK is not disabled."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def service_name(default: str) -> str:
+    return os.environ.get("OTEL_SERVICE_NAME") or default
+
+
+def setup(default_service: str) -> bool:
+    """Install OTLP/HTTP tracing from the `OTEL_*` variables; False (and nothing) when off."""
+    global _provider
+    if not configured():
+        return False
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": service_name(default_service)})
+    provider = TracerProvider(resource=resource, id_generator=_ChainIds())  # sampler: env
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    enable(provider)
+    log.info("tracing to %s as %s", _endpoint(), resource.attributes.get("service.name"))
+    return True
+
+
+def _endpoint() -> str:
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
+    )
+
+
+def enable(provider: Any, *, capture: bool | None = None) -> None:
+    """Trace with `provider` (an SDK TracerProvider): for tests, benchmarks and embedding apps."""
+    global _tracer, capture_content
+    t = provider.get_tracer("chainyard")
+    if hasattr(t, "id_generator") and not isinstance(t.id_generator, _ChainIds):
+        t.id_generator = _ChainIds(t.id_generator)  # a chain's span keeps the id given at intake
+    if capture is None:
+        env = os.environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "")
+        capture = env.strip().lower() in _TRUE
+    capture_content = capture
+    _tracer = t
+
+
+def disable() -> None:
+    global _tracer
+    _tracer = None
+
+
+def use_global() -> bool:
+    """Trace with the application's own SDK provider, if it installed one (the client does)."""
+    if _tracer is not None:
+        return True
+    p = trace.get_tracer_provider()
+    if type(p).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        return False
+    enable(p)
+    return True
+
+
+def flush(timeout_ms: int = 5000) -> None:
+    p = _provider or trace.get_tracer_provider()
+    if hasattr(p, "force_flush"):
+        p.force_flush(timeout_ms)
+
+
+def shutdown() -> None:
+    global _provider
+    disable()
+    if _provider is not None:
+        try:
+            _provider.force_flush(5000)
+            _provider.shutdown()
+        except Exception as e:  # exporting must never fail a service's exit
+            log.warning("telemetry shutdown: %s", e)
+        _provider = None
+
+
+def _messaging(op: str, op_type: str, subject: str, tmpl: str) -> dict[str, Any]:
+    return {
+        "messaging.system": SYSTEM,
+        "messaging.operation.name": op,
+        "messaging.operation.type": op_type,
+        "messaging.destination.name": subject,
+        "messaging.destination.template": tmpl,
+    }
+
+
+def record_error(span: Span, e: BaseException, error_type: str | None = None) -> None:
+    span.set_attribute("error.type", error_type or type(e).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, str(e)[:200]))
+
+
+# -- the trace scope of one message handler ---------------------------------------------------
+
+
+class Scope:
+    """The process span of the message being handled, started late when it had no context."""
+
+    __slots__ = ("attrs", "chain", "ctx", "links", "name", "parent", "span", "start_ns")
+
+    def __init__(self, name: str, attrs: dict[str, Any], parent: SpanContext | None) -> None:
+        self.name = name
+        self.attrs = attrs
+        self.parent = parent
+        self.links = [Link(parent)] if parent is not None else None
+        self.start_ns = time.time_ns()
+        self.span: Span | None = None
+        self.ctx: Any = None  # Context with the process span current
+        self.chain: Any = None  # Context with the chain's span current, once known (intake)
+
+    def ensure(self) -> Span:
+        if self.span is None:
+            self.span = _tracer.start_span(
+                self.name, context=context_of(self.parent), kind=SpanKind.CONSUMER,
+                attributes=self.attrs, links=self.links, start_time=self.start_ns,
+            )
+            self.ctx = trace.set_span_in_context(self.span, otel_context.Context())
+        return self.span
+
+    def context(self) -> Any:
+        if self.chain is not None:
+            return self.chain
+        if self.span is None:
+            self.ensure()
+        return self.ctx
+
+
+_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "chainyard_trace_scope", default=None
+)
+
+
+def current_scope() -> Scope | None:
+    return _scope.get()
+
+
+def parent_context() -> Any:
+    """Where a span made now belongs: the handler's scope, else the caller's current context."""
+    s = _scope.get()
+    return s.context() if s is not None else otel_context.get_current()
+
+
+def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
+    """Give a handler whose message carried no context the chain's context (from its state).
+
+    With `as_chain`, later spans of the handler are children of the chain's span even though
+    the process span itself exists (intake: the chain's first steps hang under the chain).
+    """
+    s = _scope.get()
+    if s is None or sc is None:
+        return
+    if as_chain:
+        s.chain = trace.set_span_in_context(NonRecordingSpan(sc), otel_context.Context())
+    elif s.span is None and s.parent is None:
+        s.parent = sc
+
+
+def consumer(
+    handler: Callable[[Any], Awaitable[None]], durable: str, *, pool: str | None = None
+) -> Callable[[Any], Awaitable[None]]:
+    """Wrap a pull consumer's message handler in a `process` span (and settle spans for its
+    ack / nak / term). With `pool`, also count the work in flight (metrics)."""
+    from .telemetry_metrics import metrics
+
+    async def traced(msg: Any) -> None:
+        counted = pool is not None and metrics.on
+        if counted:
+            metrics.in_flight(pool, 1)  # type: ignore[arg-type]
+        try:
+            if _tracer is None:
+                await handler(msg)
+            else:
+                await _process(handler, msg, durable)
+        finally:
+            if counted:
+                metrics.in_flight(pool, -1)  # type: ignore[arg-type]
+
+    traced.__name__ = getattr(handler, "__name__", "handler")
+    return traced
+
+
+async def _process(handler: Callable[[Any], Awaitable[None]], msg: Any, durable: str) -> None:
+    subject = msg.subject
+    tmpl = template(subject)
+    headers = msg.headers
+    attrs = _messaging("process", "process", subject, tmpl)
+    attrs["messaging.consumer.group.name"] = durable
+    mid = header(headers, "nats-msg-id")
+    if mid:
+        attrs["messaging.message.id"] = mid
+    parent = extract(headers)
+    scope = Scope(f"process {tmpl}", attrs, parent)
+    token = _scope.set(scope)
+    if settle_spans:
+        _settle_spans(msg, scope, tmpl, subject, durable)
+    otel_token = None
+    if parent is not None:  # the common case: start now, and let user code see it as current
+        scope.ensure()
+        otel_token = otel_context.attach(scope.ctx)
+    try:
+        await handler(msg)
+    except BaseException as e:
+        record_error(scope.ensure(), e)
+        raise
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        _scope.reset(token)
+        scope.ensure().end()
+
+
+def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str) -> None:
+    for op in ("ack", "nak", "term"):
+        orig = getattr(msg, op, None)
+        if orig is not None:
+            setattr(msg, op, _settle(op, orig, scope, tmpl, subject, durable))
+
+
+def _settle(op: str, orig: Callable[..., Awaitable[Any]], scope: Scope, tmpl: str, subject: str,
+            durable: str) -> Callable[..., Awaitable[Any]]:
+    async def settle(*args: Any, **kw: Any) -> Any:
+        if _tracer is None:
+            return await orig(*args, **kw)
+        attrs = _messaging(op, "settle", subject, tmpl)
+        attrs["messaging.consumer.group.name"] = durable
+        span = _tracer.start_span(f"{op} {tmpl}", context=scope.context(), kind=SpanKind.CLIENT,
+                                  attributes=attrs)
+        try:
+            return await orig(*args, **kw)
+        except BaseException as e:
+            record_error(span, e)
+            raise
+        finally:
+            span.end()
+
+    return settle
+
+
+# -- send ---------------------------------------------------------------------------------------
+
+
+async def publish(
+    js: Any, subject: str, data: bytes, msg_id: str, *, attrs: dict[str, Any] | None = None,
+    parent: Any = None,
+) -> Any:
+    """`js.publish` with `Nats-Msg-Id`, inside a `send` span whose context rides in the headers."""
+    if _tracer is None:
+        return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+    tmpl = template(subject)
+    a = _messaging("send", "send", subject, tmpl)
+    a["messaging.message.id"] = msg_id
+    if attrs:
+        a.update(attrs)
+    span = _tracer.start_span(
+        f"send {tmpl}", context=parent if parent is not None else parent_context(),
+        kind=SpanKind.PRODUCER, attributes=a,
+    )
+    headers = inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
+    try:
+        return await js.publish(subject, data, headers=headers)
+    except BaseException as e:
+        record_error(span, e)
+        raise
+    finally:
+        span.end()

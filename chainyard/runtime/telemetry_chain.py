@@ -1,0 +1,194 @@
+"""One chain, one trace: the chain's span ids are fixed at intake and kept in its state.
+
+A chain outlives any process, so its span cannot stay open in memory. At intake the router
+draws the chain span's id, stores `{"traceparent": <chain span>, "parent": <intake process
+span>}` in `ChainState.trace`, and hangs the chain's first routing decisions under that id. When
+the chain ends (whichever router replica records the end), `end_chain` emits the span with that
+same id, start = `created_at_ms`, end = `ended_at_ms`, carrying cost, tokens and outcome.
+
+Routing spans (`route <model>`) wrap the `send cy.work.{pool}` of each assignment and say what
+was chosen among which candidates, why, and at what estimated cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+from . import telemetry as tm
+from .telemetry_metrics import metrics
+
+
+def chain_context(state: Any) -> SpanContext | None:
+    """The chain span's context stored in a chain state (None when it was not traced)."""
+    t = getattr(state, "trace", None)
+    if not t:
+        return None
+    return tm.parse(t.get("traceparent"), t.get("tracestate"))
+
+
+def trace_id_of(state: Any) -> str | None:
+    sc = chain_context(state)
+    return f"{sc.trace_id:032x}" if sc is not None else None
+
+
+def begin_chain(outcome: Any) -> Any:
+    """Intake or replay: put the new chain's trace context in its state (`outcome.state`)."""
+    if tm._tracer is None:
+        return outcome
+    parent = trace.get_current_span(tm.parent_context()).get_span_context()
+    if parent.is_valid:
+        sc = SpanContext(parent.trace_id, tm.new_span_id(), True, parent.trace_flags,
+                         parent.trace_state)
+        t = {"traceparent": tm.format_traceparent(sc), "parent": tm.format_traceparent(parent)}
+        if parent.trace_state:
+            t["tracestate"] = parent.trace_state.to_header()
+    else:  # no handler scope and no current span: the chain starts its own trace
+        sc = SpanContext(tm._ChainIds().generate_trace_id(), tm.new_span_id(), True,
+                         trace.TraceFlags(trace.TraceFlags.SAMPLED))
+        t = {"traceparent": tm.format_traceparent(sc)}
+    tm.adopt(sc, as_chain=True)
+    state = msgspec.structs.replace(outcome.state, trace=t)
+    if state.status != "running":  # ended at intake (nothing could be routed)
+        chain_ended(None, state)
+    return dataclasses.replace(outcome, state=state)
+
+
+def adopt_state(state: Any) -> None:
+    """A handler whose message had no trace context continues the chain's trace."""
+    if tm._tracer is None or state is None:
+        return
+    s = tm.current_scope()
+    if s is not None and s.span is None and s.parent is None:
+        tm.adopt(chain_context(state))
+
+
+def chain_recorded(before: Any, after: Any) -> None:
+    """After a compare-and-set: a chain that went from running to ended emits its span."""
+    if before is None or before.status != "running" or after.status == "running":
+        return
+    chain_ended(before, after)
+
+
+def chain_ended(before: Any, state: Any) -> None:
+    if metrics.on:
+        dur = ((state.ended_at_ms or _now_ms()) - state.created_at_ms) / 1000
+        metrics.chain_ended(state.status, dur, state.cost_usd)
+    if tm._tracer is not None:
+        end_chain(state)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def end_chain(state: Any) -> None:
+    """Emit the chain's span under the ids fixed at intake."""
+    tr = tm._tracer
+    t = getattr(state, "trace", None)
+    if tr is None or not t:
+        return
+    sc = chain_context(state)
+    if sc is None or not sc.trace_flags.sampled:
+        return
+    parent = tm.parse(t.get("parent"))
+    usage = state.usage
+    attrs = {
+        "chainyard.chain.id": state.chain.id,
+        "chainyard.tenant": state.tenant,
+        "chainyard.chain.outcome": state.status,
+        "chainyard.chain.cost_usd": state.cost_usd,
+        "chainyard.chain.input_tokens": usage.input_tokens,
+        "chainyard.chain.output_tokens": usage.output_tokens,
+        "chainyard.chain.steps": len(state.steps),
+        "chainyard.chain.attempts": sum(s.attempt for s in state.steps.values()),
+    }
+    if state.reason:
+        attrs["chainyard.chain.reason"] = state.reason[:500]
+    end_ms = state.ended_at_ms or _now_ms()
+    attrs["chainyard.chain.duration_ms"] = end_ms - state.created_at_ms
+    token = tm._forced.set((sc.trace_id, sc.span_id))
+    try:
+        span = tr.start_span(
+            "chain", context=tm.context_of(parent), kind=SpanKind.INTERNAL, attributes=attrs,
+            start_time=state.created_at_ms * 1_000_000,
+        )
+    finally:
+        tm._forced.reset(token)
+    if state.status == "failed":
+        span.set_attribute("error.type", "chain_failed")
+        span.set_status(Status(StatusCode.ERROR, (state.reason or "")[:200]))
+    span.end(end_time=max(end_ms * 1_000_000, state.created_at_ms * 1_000_000))
+
+
+def _route_parent(state: Any) -> Any:
+    s = tm.current_scope()
+    if s is not None and s.chain is not None:  # intake / replay: under the chain's span
+        sc = chain_context(state)
+        if sc is not None:
+            return tm.context_of(sc)
+    return tm.parent_context()
+
+
+def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> str:
+    if getattr(a, "hedge", False):
+        return "hedge of a slow attempt"
+    if st is not None and st.tried:
+        why = f" after {st.error.cls}" if st.error is not None else ""
+        return f"failover from {st.tried[-1]}{why}"
+    if n_candidates <= 1:
+        return "only candidate"
+    return f"strategy {strategy or 'balanced'}"
+
+
+async def publish_work(
+    js: Any, subject: str, data: bytes, a: Any, state: Any,
+    candidates: Callable[[], list[str]] | None = None, strategy: str | None = None,
+) -> Any:
+    """Send an assignment inside a `route <model>` span that records the decision."""
+    target = a.target
+    if metrics.on:
+        metrics.routed(target.pool, target.deployment)
+    tr = tm._tracer
+    if tr is None:
+        return await js.publish(subject, data, headers={"Nats-Msg-Id": a.msg_id})
+    step = a.step
+    st = state.steps.get(a.step_id)
+    cands = candidates() if candidates is not None else [target.deployment]
+    model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
+    strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
+    attrs: dict[str, Any] = {
+        "chainyard.chain.id": a.chain_id,
+        "chainyard.tenant": a.tenant,
+        "chainyard.step.id": a.step_id,
+        "chainyard.step.kind": getattr(type(step).__struct_config__, "tag", None) or "step",
+        "chainyard.step.attempt": a.attempt,
+        "chainyard.route.model": model,
+        "chainyard.route.candidates": cands,
+        "chainyard.route.choice": target.deployment,
+        "chainyard.route.pool": target.pool,
+        "chainyard.route.provider": target.provider,
+        "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
+        "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
+    }
+    if strategy:
+        attrs["chainyard.route.strategy"] = strategy
+    if st is not None and st.tried:
+        attrs["chainyard.route.tried"] = list(st.tried)
+    route = tr.start_span(f"route {model}", context=_route_parent(state), attributes=attrs)
+    try:
+        return await tm.publish(
+            js, subject, data, a.msg_id, parent=trace.set_span_in_context(route),
+            attrs={"chainyard.chain.id": a.chain_id, "chainyard.step.id": a.step_id},
+        )
+    except BaseException as e:
+        tm.record_error(route, e)
+        raise
+    finally:
+        route.end()

@@ -1,0 +1,160 @@
+"""GenAI client spans (`chat {model}`) and tool spans (`execute_tool {name}`) for executors.
+
+Attributes follow the OpenTelemetry GenAI conventions: gen_ai.operation.name, gen_ai.provider.name,
+gen_ai.request.model / response.model, gen_ai.usage.input_tokens / output_tokens,
+gen_ai.response.finish_reasons, error.type. Prompt and completion text (gen_ai.input.messages,
+gen_ai.output.messages, tool arguments and results) are recorded only when the operator sets
+OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true.
+
+The wrappers duck-type the executor's Assignment and Result, so this module needs no workers code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from . import telemetry as tm
+
+# chainyard's provider kinds -> gen_ai.provider.name well-known values
+PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
+
+Execute = Callable[[Any, Any], Awaitable[Any]]
+
+
+def provider_name(kind: str) -> str:
+    return PROVIDERS.get(kind, kind)
+
+
+def _error_type(e: BaseException) -> str:
+    status = getattr(e, "status", None)
+    if status:
+        return str(status)
+    return getattr(e, "cls", None) or type(e).__qualname__
+
+
+def _fail(span: Any, e: BaseException) -> None:
+    tm.record_error(span, e, _error_type(e))
+    cls = getattr(e, "cls", None)
+    if cls:
+        span.set_attribute("chainyard.error.class", cls)
+
+
+def _json(value: Any) -> str:
+    try:
+        return msgspec.json.encode(value).decode()
+    except Exception:
+        return str(value)
+
+
+def _input_messages(step: Any) -> str:
+    msgs = [
+        {"role": m.role, "parts": [{"type": "text", "content": m.content}]}
+        for m in getattr(step, "messages", [])
+    ]
+    return _json(msgs)
+
+
+def _output_messages(output: Any) -> str:
+    parts: list[dict[str, Any]] = []
+    if output.text:
+        parts.append({"type": "text", "content": output.text})
+    for c in output.tool_calls:
+        parts.append({"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.args})
+    return _json([{"role": "assistant", "parts": parts, "finish_reason": output.finish_reason}])
+
+
+def traced_chat(execute: Execute) -> Execute:
+    """Wrap an LLM executor: one CLIENT span per provider call."""
+
+    async def run(a: Any, on_delta: Any) -> Any:
+        tr = tm._tracer
+        if tr is None:
+            return await execute(a, on_delta)
+        t = a.target
+        step = a.step
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": provider_name(t.provider),
+            "gen_ai.request.model": t.model,
+            "chainyard.deployment": t.deployment,
+            "chainyard.pool": t.pool,
+            "chainyard.chain.id": a.chain_id,
+            "chainyard.step.id": a.step_id,
+            "chainyard.step.attempt": a.attempt,
+        }
+        params = getattr(step, "params", None)
+        if params is not None:
+            for key, name in (("max_tokens", "gen_ai.request.max_tokens"),
+                              ("temperature", "gen_ai.request.temperature")):
+                v = getattr(params, key, None)
+                if v is not None:
+                    attrs[name] = v
+        if tm.capture_content:
+            attrs["gen_ai.input.messages"] = _input_messages(step)
+        span = tr.start_span(f"chat {t.model}", context=tm.parent_context(), kind=SpanKind.CLIENT,
+                             attributes=attrs)
+        try:
+            r = await execute(a, on_delta)
+        except BaseException as e:
+            _fail(span, e)
+            span.end()
+            raise
+        span.set_attribute("gen_ai.response.model", r.model or t.model)
+        span.set_attribute("gen_ai.usage.input_tokens", r.usage.input_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", r.usage.output_tokens)
+        span.set_attribute("gen_ai.response.finish_reasons", [r.output.finish_reason])
+        span.set_attribute("chainyard.cost_usd", float(r.cost_usd))
+        if r.ttft_ms is not None:
+            span.set_attribute("chainyard.ttft_ms", float(r.ttft_ms))
+        if tm.capture_content:
+            span.set_attribute("gen_ai.output.messages", _output_messages(r.output))
+        span.end()
+        return r
+
+    return run
+
+
+def traced_tool(name: str, execute: Execute) -> Execute:
+    """Wrap a tool executor: one `execute_tool {name}` span, current while the tool runs."""
+
+    async def run(a: Any, on_delta: Any = None) -> Any:
+        tr = tm._tracer
+        if tr is None:
+            return await execute(a, on_delta)
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": name,
+            "gen_ai.tool.type": "function",
+            "chainyard.chain.id": a.chain_id,
+            "chainyard.step.id": a.step_id,
+            "chainyard.step.attempt": a.attempt,
+        }
+        call_id = getattr(a.step, "tool_call_id", None)
+        if call_id:
+            attrs["gen_ai.tool.call.id"] = call_id
+        if tm.capture_content:
+            attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
+        span = tr.start_span(f"execute_tool {name}", context=tm.parent_context(),
+                             kind=SpanKind.INTERNAL, attributes=attrs)
+        token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
+        try:
+            r = await execute(a, on_delta)
+        except BaseException as e:
+            _fail(span, e)
+            raise
+        else:
+            if tm.capture_content:
+                out = r.output
+                span.set_attribute("gen_ai.tool.call.result", out.text or _json(out.data))
+            return r
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    return run

@@ -1,0 +1,261 @@
+"""Metrics: Prometheus scraping (`--metrics-port`) and OTel metrics over OTLP (when configured).
+
+Off by default: `metrics.on` is False and every recording call returns at once. The same
+numbers go to both backends:
+
+| Prometheus name | labels | what |
+|---|---|---|
+| chainyard_steps_routed_total | pool, deployment | assignments sent by the router |
+| chainyard_steps_completed_total | pool, deployment | step.completed events sent by workers |
+| chainyard_steps_failed_total | pool, deployment, error_class | step.failed events sent |
+| chainyard_step_latency_seconds | pool, deployment, outcome | call latency (histogram) |
+| chainyard_cost_usd_total | pool, deployment | cost of completed calls |
+| chainyard_tokens_total | pool, deployment, type | input / output tokens |
+| chainyard_in_flight | pool | work messages being handled by this process |
+| chainyard_queue_depth | pool | messages waiting in the pool's work consumer (num_pending) |
+| chainyard_queue_ack_pending | pool | delivered, not yet acked |
+| chainyard_breaker_state | deployment | 0 closed, 1 half open, 2 open (router) |
+| chainyard_chains_ended_total | outcome | chains that ended, by outcome (router) |
+| chainyard_chain_duration_seconds | outcome | chain durations (histogram) |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("chainyard.metrics")
+BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CHAIN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.on = False
+        self.registry: Any = None  # prometheus CollectorRegistry
+        self._p: dict[str, Any] = {}  # prometheus metrics by short name
+        self._o: dict[str, Any] = {}  # otel instruments by short name
+        self._meter_provider: Any = None
+        self._server: Any = None
+
+    # -- set up ----------------------------------------------------------------------------
+
+    def setup(self, *, port: int | None = None, otlp: bool = False, service: str = "chainyard",
+              addr: str = "0.0.0.0") -> None:
+        if port is not None:
+            self._prometheus(port, addr)
+        if otlp:
+            self._otel(service)
+        self.on = bool(self._p or self._o)
+
+    def _prometheus(self, port: int, addr: str) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
+
+        r = self.registry = CollectorRegistry()
+        p = self._p
+        p["routed"] = Counter("chainyard_steps_routed", "assignments sent", ["pool", "deployment"],
+                              registry=r)
+        p["completed"] = Counter("chainyard_steps_completed", "steps completed",
+                                 ["pool", "deployment"], registry=r)
+        p["failed"] = Counter("chainyard_steps_failed", "steps failed",
+                              ["pool", "deployment", "error_class"], registry=r)
+        p["latency"] = Histogram("chainyard_step_latency_seconds", "call latency",
+                                 ["pool", "deployment", "outcome"], buckets=LAT_BUCKETS, registry=r)
+        p["cost"] = Counter("chainyard_cost_usd", "USD spent", ["pool", "deployment"], registry=r)
+        p["tokens"] = Counter("chainyard_tokens", "tokens", ["pool", "deployment", "type"],
+                              registry=r)
+        p["in_flight"] = Gauge("chainyard_in_flight", "work being handled", ["pool"], registry=r)
+        p["depth"] = Gauge("chainyard_queue_depth", "work waiting", ["pool"], registry=r)
+        p["ack_pending"] = Gauge("chainyard_queue_ack_pending", "delivered, not acked", ["pool"],
+                                 registry=r)
+        p["breaker"] = Gauge("chainyard_breaker_state", "0 closed, 1 half open, 2 open",
+                             ["deployment"], registry=r)
+        p["chains"] = Counter("chainyard_chains_ended", "chains ended", ["outcome"], registry=r)
+        p["chain_s"] = Histogram("chainyard_chain_duration_seconds", "chain duration",
+                                 ["outcome"], buckets=CHAIN_BUCKETS, registry=r)
+        if port >= 0:
+            self._server = start_http_server(port, addr=addr, registry=r)
+            log.info("prometheus metrics on %s:%s/metrics", addr, port)
+
+    def _otel(self, service: str) -> None:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())  # OTEL_METRIC_EXPORT_*
+        self._meter_provider = MeterProvider(
+            metric_readers=[reader], resource=Resource.create({"service.name": service})
+        )
+        m = self._meter_provider.get_meter("chainyard")
+        o = self._o
+        o["routed"] = m.create_counter("chainyard.steps.routed", "{step}")
+        o["completed"] = m.create_counter("chainyard.steps.completed", "{step}")
+        o["failed"] = m.create_counter("chainyard.steps.failed", "{step}")
+        o["latency"] = m.create_histogram("chainyard.step.latency", "s")
+        o["cost"] = m.create_counter("chainyard.cost", "USD")
+        o["tokens"] = m.create_counter("chainyard.tokens", "{token}")
+        o["in_flight"] = m.create_up_down_counter("chainyard.in_flight", "{message}")
+        o["depth"] = m.create_gauge("chainyard.queue.depth", "{message}")
+        o["ack_pending"] = m.create_gauge("chainyard.queue.ack_pending", "{message}")
+        o["breaker"] = m.create_gauge("chainyard.breaker.state", "1")
+        o["chains"] = m.create_counter("chainyard.chains.ended", "{chain}")
+        o["chain_s"] = m.create_histogram("chainyard.chain.duration", "s")
+
+    def shutdown(self) -> None:
+        srv = self._server[0] if isinstance(self._server, tuple) else self._server
+        if srv is not None:
+            with contextlib.suppress(Exception):
+                srv.shutdown()
+                srv.server_close()
+        if self._meter_provider is not None:
+            with contextlib.suppress(Exception):
+                self._meter_provider.shutdown()
+        self.__init__()  # type: ignore[misc]
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry) if self.registry is not None else b""
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _add(self, name: str, value: float, labels: dict[str, str]) -> None:
+        p = self._p.get(name)
+        if p is not None:
+            p.labels(**labels).inc(value)
+        o = self._o.get(name)
+        if o is not None:
+            o.add(value, labels)
+
+    def _observe(self, name: str, value: float, labels: dict[str, str]) -> None:
+        p = self._p.get(name)
+        if p is not None:
+            p.labels(**labels).observe(value)
+        o = self._o.get(name)
+        if o is not None:
+            o.record(value, labels)
+
+    def _set(self, name: str, value: float, labels: dict[str, str]) -> None:
+        p = self._p.get(name)
+        if p is not None:
+            p.labels(**labels).set(value)
+        o = self._o.get(name)
+        if o is not None:
+            o.set(value, labels)
+
+    def routed(self, pool: str, deployment: str) -> None:
+        if self.on:
+            self._add("routed", 1, {"pool": pool, "deployment": deployment})
+
+    def step_result(self, ev: Any) -> None:
+        """A step event a worker is about to publish."""
+        if not self.on:
+            return
+        t = ev.target
+        where = {"pool": t.pool, "deployment": t.deployment}
+        ok = ev.__struct_config__.tag == "step.completed"
+        if ok:
+            self._add("completed", 1, where)
+            if ev.cost_usd:
+                self._add("cost", ev.cost_usd, where)
+            self._add("tokens", ev.usage.input_tokens, {**where, "type": "input"})
+            self._add("tokens", ev.usage.output_tokens, {**where, "type": "output"})
+        else:
+            self._add("failed", 1, {**where, "error_class": ev.error.cls})
+        self._observe("latency", ev.latency_ms / 1000,
+                      {**where, "outcome": "completed" if ok else "failed"})
+
+    def in_flight(self, pool: str, delta: int) -> None:
+        if self.on:
+            p = self._p.get("in_flight")
+            if p is not None:
+                p.labels(pool=pool).inc(delta)
+            o = self._o.get("in_flight")
+            if o is not None:
+                o.add(delta, {"pool": pool})
+
+    def queue(self, pool: str, pending: int, ack_pending: int) -> None:
+        if self.on:
+            self._set("depth", pending, {"pool": pool})
+            self._set("ack_pending", ack_pending, {"pool": pool})
+
+    def breaker(self, deployment: str, status: str) -> None:
+        if self.on:
+            self._set("breaker", BREAKER.get(status, 2), {"deployment": deployment})
+
+    def chain_ended(self, outcome: str, duration_s: float, cost_usd: float) -> None:
+        if self.on:
+            self._add("chains", 1, {"outcome": outcome})
+            self._observe("chain_s", duration_s, {"outcome": outcome})
+
+
+metrics = Metrics()
+
+
+async def poll(bus: Any, config: Any, runners: list[Any], stop: asyncio.Event,
+               every_s: float = 5.0) -> None:
+    """Queue depth per pool (consumer info) and breaker states (router), every `every_s`."""
+    topo = bus.topology
+    pools = {d.pool for d in config.deployments} | {p.name for p in config.pools}
+    pools |= {r.pool for r in runners if hasattr(r, "pool")}
+    breakers = [r.routing.breakers for r in runners if hasattr(r, "routing")]
+    while not stop.is_set():
+        for pool in sorted(pools):
+            try:
+                info = await bus.js.consumer_info(topo.work.name, topo.pool_consumer(pool).durable,
+                                                  timeout=2.0)
+                metrics.queue(pool, info.num_pending or 0, info.num_ack_pending or 0)
+            except Exception:  # no consumer yet (no worker ever joined): nothing waits there
+                continue
+        for b in breakers:
+            for d in config.deployments:
+                metrics.breaker(d.name, b.status(d.name).status)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+class Observability:
+    """What one service process turned on; `stop` flushes and shuts it down."""
+
+    def __init__(self, tracing: bool, task: asyncio.Task[None] | None,
+                 stop: asyncio.Event) -> None:
+        self.tracing = tracing
+        self._task = task
+        self._stop = stop
+
+    async def stop(self) -> None:
+        from . import telemetry
+
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.tracing:
+            await asyncio.to_thread(telemetry.shutdown)
+        metrics.shutdown()
+
+
+def start_service(kind: str, bus: Any, config: Any, runners: list[Any],
+                  metrics_port: int | None = None) -> Observability:
+    """Tracing from the OTEL_* variables, metrics on `metrics_port` and/or OTLP, and the poller."""
+    from . import telemetry
+
+    default = f"chainyard-{kind}"
+    tracing = telemetry.setup(default)
+    otlp = telemetry.configured() and os.environ.get("OTEL_METRICS_EXPORTER", "otlp") != "none"
+    metrics.setup(port=metrics_port, otlp=otlp,
+                  service=telemetry.service_name(default))
+    stop = asyncio.Event()
+    task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
+    return Observability(tracing, task, stop)

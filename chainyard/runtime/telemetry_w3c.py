@@ -1,0 +1,101 @@
+"""W3C trace context in NATS headers, and the subject templates used in span names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+_TP = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+
+
+# -- W3C trace context ----------------------------------------------------------------------
+
+
+def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
+    """A remote SpanContext from W3C header values; None for anything invalid."""
+    if not traceparent:
+        return None
+    m = _TP.match(traceparent.strip())
+    if m is None:
+        return None
+    version, tid, sid, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or set(tid) == {"0"} or set(sid) == {"0"}:
+        return None
+    ts = None
+    if tracestate:
+        try:
+            ts = TraceState.from_header([tracestate])
+        except Exception:
+            ts = None
+    return SpanContext(
+        int(tid, 16), int(sid, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)),
+        trace_state=ts,
+    )
+
+
+def format_traceparent(sc: SpanContext) -> str:
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags) & 0xFF:02x}"
+
+
+def inject(sc: SpanContext, headers: dict[str, str]) -> dict[str, str]:
+    if sc.is_valid:
+        headers[TRACEPARENT] = format_traceparent(sc)
+        if sc.trace_state:
+            headers[TRACESTATE] = sc.trace_state.to_header()
+    return headers
+
+
+def header(headers: dict[str, str] | None, name: str) -> str | None:
+    """A header by lowercase `name`, whatever case the sender wrote it in."""
+    if not headers:
+        return None
+    v = headers.get(name)
+    if v is None:
+        for k, val in headers.items():
+            if k.lower() == name:
+                return val
+    return v
+
+
+def extract(headers: dict[str, str] | None) -> SpanContext | None:
+    tp = header(headers, TRACEPARENT)
+    return parse(tp, header(headers, TRACESTATE)) if tp else None
+
+
+def context_of(sc: SpanContext | None) -> Any:
+    """An OTel Context whose current span is `sc` (an empty one, for a new trace, when None)."""
+    if sc is None or not sc.is_valid:
+        return otel_context.Context()
+    return trace.set_span_in_context(NonRecordingSpan(sc), otel_context.Context())
+
+
+# -- subjects -> low-cardinality templates ---------------------------------------------------
+
+_TEMPLATES: dict[str, Callable[[str, list[str]], str]] = {
+    "submit": lambda p, t: f"{p}.submit.{{tenant}}",
+    "work": lambda p, t: f"{p}.work.{{pool}}",
+    "events": lambda p, t: f"{p}.events.{{tenant}}.{{chain}}." + ".".join(t[4:]),
+    "control": lambda p, t: f"{p}.control.{{tenant}}.{{chain}}."
+    + ("signal.{name}" if len(t) > 4 and t[4] == "signal" else ".".join(t[4:])),
+    "timer": lambda p, t: f"{p}.timer.{{tenant}}.{{chain}}.{{step}}",
+    "delta": lambda p, t: f"{p}.delta.{{tenant}}.{{chain}}.{{step}}",
+    "cancel": lambda p, t: f"{p}.cancel.{{chain}}",
+}
+
+
+def template(subject: str) -> str:
+    """`cy.work.tool.search` -> `cy.work.{pool}`: the destination in span names."""
+    tokens = subject.split(".")
+    if len(tokens) < 3:
+        return subject
+    fn = _TEMPLATES.get(tokens[1])
+    if fn is None:
+        return subject
+    return fn(tokens[0], tokens)

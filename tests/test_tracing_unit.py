@@ -1,0 +1,425 @@
+"""Telemetry helpers without NATS: propagation, span shapes, chain span ids, GenAI, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from chainyard.contracts import (
+    Assignment,
+    Chain,
+    ChainState,
+    ErrorInfo,
+    LlmStep,
+    Message,
+    Output,
+    StepCompleted,
+    StepFailed,
+    StepState,
+    Target,
+    ToolStep,
+    Usage,
+)
+from chainyard.runtime import telemetry as tm
+from chainyard.runtime import telemetry_chain as tc
+from chainyard.runtime import telemetry_genai as tg
+from chainyard.runtime.telemetry_metrics import Metrics
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    monkeypatch.setattr(tm, "settle_spans", True)  # CHAINYARD_TRACE_SETTLE=true
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tm.enable(provider, capture=False)
+    try:
+        yield exporter
+    finally:
+        tm.disable()
+
+
+class FakeJs:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, dict[str, str]]] = []
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> str:
+        self.sent.append((subject, data, headers))
+        return "ack"
+
+
+@dataclasses.dataclass
+class FakeMsg:
+    subject: str
+    headers: dict[str, str] | None = None
+    data: bytes = b"{}"
+    settled: list[str] = dataclasses.field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.settled.append("nak")
+
+    async def term(self) -> None:
+        self.settled.append("term")
+
+
+def target(pool: str = "sim") -> Target:
+    return Target(deployment=f"{pool}-d", pool=pool, provider="openai", model="m-1")
+
+
+def assignment(step: Any = None, attempt: int = 1) -> Assignment:
+    step = step or LlmStep(id="s", model="small", messages=[Message(role="user", content="SECRET")])
+    return Assignment(
+        chain_id="c1", step_id=step.id, attempt=attempt, tenant="acme", step=step,
+        target=target(), dispatched_at_ms=1,
+    )
+
+
+def state(**kw: Any) -> ChainState:
+    chain = Chain(id="c1", steps=[LlmStep(id="s", model="small", messages=[])])
+    kw.setdefault("steps", {"s": StepState()})
+    return ChainState(chain=chain, tenant="acme", created_at_ms=1_700_000_000_000, **kw)
+
+
+# -- propagation --------------------------------------------------------------------------
+
+
+def test_traceparent_parse_format_roundtrip() -> None:
+    sc = tm.parse(TP, "k=v")
+    assert sc is not None and sc.is_remote and sc.trace_flags.sampled
+    assert tm.format_traceparent(sc) == TP
+    assert sc.trace_state.to_header() == "k=v"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, "", "garbage", "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+     "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+     "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+     "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"],
+)
+def test_invalid_traceparent_is_ignored(bad: str | None) -> None:
+    assert tm.parse(bad) is None
+
+
+def test_future_version_with_extra_fields_is_accepted() -> None:
+    assert tm.parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what") is not None
+
+
+def test_headers_are_read_case_insensitively() -> None:
+    for key in ("traceparent", "Traceparent", "TRACEPARENT"):
+        sc = tm.extract({"Nats-Msg-Id": "x", key: TP})
+        assert sc is not None and f"{sc.trace_id:032x}" == TP.split("-")[1]
+    assert tm.extract(None) is None and tm.extract({}) is None
+
+
+def test_subject_templates() -> None:
+    t = tm.template
+    assert t("cy.submit.acme") == "cy.submit.{tenant}"
+    assert t("cy.work.tool.search") == "cy.work.{pool}"
+    assert t("cy.events.acme.c1.step.completed") == "cy.events.{tenant}.{chain}.step.completed"
+    assert t("cy.control.acme.c1.signal.ok") == "cy.control.{tenant}.{chain}.signal.{name}"
+    assert t("cy.control.acme.c1.cancel") == "cy.control.{tenant}.{chain}.cancel"
+    assert t("cy.timer.acme.c1.s") == "cy.timer.{tenant}.{chain}.{step}"
+    assert t("cy.dlq.work") == "cy.dlq.work"
+
+
+# -- off: nothing but the message id --------------------------------------------------------
+
+
+async def test_off_publish_sends_only_the_message_id() -> None:
+    assert not tm.enabled()
+    js = FakeJs()
+    await tm.publish(js, "cy.work.sim", b"x", "c1.s.1")
+    assert js.sent == [("cy.work.sim", b"x", {"Nats-Msg-Id": "c1.s.1"})]
+    s = state()
+    out = tc.begin_chain(type("O", (), {"state": s})())
+    assert out.state is s  # untouched
+
+
+def test_off_helpers_are_near_free() -> None:
+    """Measured, not assumed: the per-message helpers cost well under a microsecond or two."""
+    s = state()
+    n = 20_000
+
+    async def handler(msg: Any) -> None:
+        return None
+
+    wrapped = tm.consumer(handler, "d")
+    msg = FakeMsg("cy.submit.acme")
+
+    async def run_wrapped() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await wrapped(msg)
+        return time.perf_counter() - t0
+
+    async def run_plain() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await handler(msg)
+        return time.perf_counter() - t0
+
+    wrapped_s = asyncio.run(run_wrapped())
+    plain_s = asyncio.run(run_plain())
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tc.adopt_state(s)
+        tc.chain_recorded(s, s)
+    sync_s = time.perf_counter() - t0
+    per_msg_us = (wrapped_s - plain_s) / n * 1e6
+    per_sync_us = sync_s / n * 1e6
+    print(f"off: consumer wrapper +{per_msg_us:.2f} us/msg, adopt+recorded {per_sync_us:.2f} us")
+    assert per_msg_us < 5 and per_sync_us < 5
+
+
+# -- on: span shapes ------------------------------------------------------------------------
+
+
+async def test_send_span_injects_lowercase_traceparent(spans: InMemorySpanExporter) -> None:
+    js = FakeJs()
+    await tm.publish(js, "cy.work.sim", b"xyz", "c1.s.1")
+    (sp,) = spans.get_finished_spans()
+    headers = js.sent[0][2]
+    assert sp.name == "send cy.work.{pool}" and sp.kind == SpanKind.PRODUCER
+    assert headers["traceparent"] == tm.format_traceparent(sp.get_span_context())
+    assert headers["Nats-Msg-Id"] == "c1.s.1"
+    a = sp.attributes
+    assert a["messaging.system"] == "nats" and a["messaging.operation.type"] == "send"
+    assert a["messaging.destination.name"] == "cy.work.sim"
+    assert a["messaging.message.id"] == "c1.s.1"
+
+
+async def test_process_span_is_child_and_link_of_the_creation_context(
+    spans: InMemorySpanExporter,
+) -> None:
+    js = FakeJs()
+
+    async def handler(msg: FakeMsg) -> None:
+        await tm.publish(js, "cy.events.acme.c1.step.completed", b"{}", "e1")
+        await msg.ack()
+
+    msg = FakeMsg("cy.work.tool.search", {"Traceparent": TP, "Nats-Msg-Id": "c1.s.1"})
+    await tm.consumer(handler, "cy_pool_tool_search")(msg)
+    by = {s.name: s for s in spans.get_finished_spans()}
+    proc = by["process cy.work.{pool}"]
+    assert proc.kind == SpanKind.CONSUMER
+    assert f"{proc.parent.span_id:016x}" == TP.split("-")[2]
+    assert proc.context.trace_id == int(TP.split("-")[1], 16)
+    assert [lk.context.span_id for lk in proc.links] == [proc.parent.span_id]
+    assert proc.attributes["messaging.consumer.group.name"] == "cy_pool_tool_search"
+    assert proc.attributes["messaging.operation.type"] == "process"
+    send = by["send cy.events.{tenant}.{chain}.step.completed"]
+    ack = by["ack cy.work.{pool}"]
+    assert send.parent.span_id == proc.context.span_id == ack.parent.span_id
+    assert ack.attributes["messaging.operation.type"] == "settle"
+    assert msg.settled == ["ack"]
+
+
+async def test_handler_error_marks_the_process_span(spans: InMemorySpanExporter) -> None:
+    async def boom(msg: FakeMsg) -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError):
+        await tm.consumer(boom, "d")(FakeMsg("cy.submit.acme", {"traceparent": TP}))
+    (sp,) = spans.get_finished_spans()
+    assert sp.attributes["error.type"] == "ValueError" and not sp.status.is_ok
+
+
+async def test_headerless_message_adopts_the_chain_context(spans: InMemorySpanExporter) -> None:
+    chain_tp = "00-11111111111111111111111111111111-2222222222222222-01"
+    s = state(trace={"traceparent": chain_tp})
+
+    async def handler(msg: FakeMsg) -> None:
+        tc.adopt_state(s)  # what the engine does after reading the state
+        await msg.ack()
+
+    await tm.consumer(handler, "d")(FakeMsg("cy.timer.acme.c1.s"))
+    by = {x.name: x for x in spans.get_finished_spans()}
+    proc = by["process cy.timer.{tenant}.{chain}.{step}"]
+    assert f"{proc.context.trace_id:032x}" == "1" * 32
+    assert f"{proc.parent.span_id:016x}" == "2" * 16
+    assert by["ack cy.timer.{tenant}.{chain}.{step}"].parent.span_id == proc.context.span_id
+
+
+async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
+    spans: InMemorySpanExporter,
+) -> None:
+    js = FakeJs()
+    holder: dict[str, Any] = {}
+
+    @dataclasses.dataclass
+    class Outcome:
+        state: ChainState
+
+    async def intake(msg: FakeMsg) -> None:
+        out = tc.begin_chain(Outcome(state(steps={"s": StepState(status="dispatched", attempt=1,
+                                                                  target=target())})))
+        holder["state"] = out.state
+        await tc.publish_work(js, "cy.work.sim", b"{}", assignment(), out.state,
+                              lambda: ["sim-d", "other-d"], "cheapest")
+        await msg.ack()
+
+    await tm.consumer(intake, "intake")(FakeMsg("cy.submit.acme", {"traceparent": TP}))
+    st: ChainState = holder["state"]
+    chain_sc = tm.parse(st.trace["traceparent"])
+    assert chain_sc is not None and chain_sc.trace_id == int(TP.split("-")[1], 16)
+    by = {x.name: x for x in spans.get_finished_spans()}
+    proc = by["process cy.submit.{tenant}"]
+    assert st.trace["parent"] == tm.format_traceparent(proc.context)
+    route = by["route small"]
+    assert route.parent.span_id == chain_sc.span_id  # the first steps hang under the chain
+    assert route.attributes["chainyard.route.candidates"] == ("sim-d", "other-d")
+    assert route.attributes["chainyard.route.choice"] == "sim-d"
+    assert route.attributes["chainyard.route.reason"] == "strategy cheapest"
+    assert by["send cy.work.{pool}"].parent.span_id == route.context.span_id
+    send_id = by["send cy.work.{pool}"].context.span_id
+    assert js.sent[0][2]["traceparent"].split("-")[2] == f"{send_id:016x}"
+
+    # later, maybe in another replica: the chain ends
+    spans.clear()
+    ended = msgspec.structs.replace(
+        st, status="completed", ended_at_ms=st.created_at_ms + 1500,
+        steps={"s": StepState(status="completed", attempt=1, cost_usd=0.25,
+                              usage=Usage(input_tokens=7, output_tokens=3))},
+    )
+    tc.chain_recorded(st, ended)
+    tc.chain_recorded(ended, ended)  # already ended: nothing twice
+    (chain,) = spans.get_finished_spans()
+    assert chain.name == "chain"
+    assert chain.context.span_id == chain_sc.span_id and chain.context.trace_id == chain_sc.trace_id
+    assert chain.parent.span_id == proc.context.span_id
+    assert chain.start_time == st.created_at_ms * 1_000_000
+    assert chain.end_time == (st.created_at_ms + 1500) * 1_000_000
+    a = chain.attributes
+    assert a["chainyard.chain.outcome"] == "completed" and a["chainyard.chain.cost_usd"] == 0.25
+    assert a["chainyard.chain.input_tokens"] == 7 and a["chainyard.chain.output_tokens"] == 3
+
+
+def test_route_reasons() -> None:
+    a = assignment()
+    assert tc.route_reason(a, StepState(), 1, None) == "only candidate"
+    st = StepState(tried=["x-d"], error=ErrorInfo(cls="retryable", message="500"))
+    assert tc.route_reason(a, st, 2, None) == "failover from x-d after retryable"
+    assert tc.route_reason(msgspec.structs.replace(a, hedge=True), st, 2, None).startswith("hedge")
+
+
+# -- GenAI spans ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    output: Output
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    cost_usd: float = 0.0
+    model: str | None = None
+    ttft_ms: float | None = None
+
+
+class ProviderError(Exception):
+    def __init__(self, cls: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.cls, self.status = cls, status
+
+
+async def test_chat_span_attributes_and_no_prompt_text(spans: InMemorySpanExporter) -> None:
+    async def execute(a: Assignment, on_delta: Any) -> Result:
+        return Result(output=Output(text="ANSWER", finish_reason="stop"),
+                      usage=Usage(input_tokens=5, output_tokens=2), model="m-1-2025")
+
+    await tg.traced_chat(execute)(assignment(), None)
+    (sp,) = spans.get_finished_spans()
+    a = sp.attributes
+    assert sp.name == "chat m-1" and sp.kind == SpanKind.CLIENT
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "m-1" and a["gen_ai.response.model"] == "m-1-2025"
+    assert a["gen_ai.usage.input_tokens"] == 5 and a["gen_ai.usage.output_tokens"] == 2
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert not any("SECRET" in str(v) or "ANSWER" in str(v) for v in a.values())
+
+
+async def test_chat_span_captures_content_only_when_asked(spans: InMemorySpanExporter) -> None:
+    tm.capture_content = True
+
+    async def execute(a: Assignment, on_delta: Any) -> Result:
+        return Result(output=Output(text="ANSWER"))
+
+    await tg.traced_chat(execute)(assignment(), None)
+    (sp,) = spans.get_finished_spans()
+    assert "SECRET" in sp.attributes["gen_ai.input.messages"]
+    assert "ANSWER" in sp.attributes["gen_ai.output.messages"]
+
+
+async def test_chat_span_error_type(spans: InMemorySpanExporter) -> None:
+    async def execute(a: Assignment, on_delta: Any) -> Result:
+        raise ProviderError("retryable", "server error", 500)
+
+    with pytest.raises(ProviderError):
+        await tg.traced_chat(execute)(assignment(), None)
+    (sp,) = spans.get_finished_spans()
+    assert sp.attributes["error.type"] == "500"
+    assert sp.attributes["chainyard.error.class"] == "retryable" and not sp.status.is_ok
+
+
+async def test_tool_span(spans: InMemorySpanExporter) -> None:
+    async def execute(a: Assignment, on_delta: Any = None) -> Result:
+        return Result(output=Output(data={"temp": 17}))
+
+    step = ToolStep(id="w", tool="weather", args={"city": "SECRET"})
+    await tg.traced_tool("weather", execute)(assignment(step), None)
+    (sp,) = spans.get_finished_spans()
+    assert sp.name == "execute_tool weather"
+    assert sp.attributes["gen_ai.operation.name"] == "execute_tool"
+    assert sp.attributes["gen_ai.tool.name"] == "weather"
+    assert not any("SECRET" in str(v) for v in sp.attributes.values())
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def test_prometheus_metrics() -> None:
+    m = Metrics()
+    m.setup(port=-1)  # registry only, no HTTP server
+    assert m.on
+    t = target()
+    m.routed(t.pool, t.deployment)
+    m.step_result(StepCompleted(chain_id="c", step_id="s", attempt=1, tenant="a",
+                                output=Output(text="x"), usage=Usage(input_tokens=3),
+                                cost_usd=0.5, target=t, worker="w", dispatched_at_ms=1,
+                                started_at_ms=1, latency_ms=12.0))
+    m.step_result(StepFailed(chain_id="c", step_id="s", attempt=1, tenant="a",
+                             error=ErrorInfo(cls="retryable", message="x"), target=t, worker="w"))
+    m.in_flight("sim", 1)
+    m.queue("sim", 4, 2)
+    m.breaker("sim-d", "open")
+    m.chain_ended("completed", 1.5, 0.5)
+    text = m.render().decode()
+    for line in (
+        'chainyard_steps_routed_total{deployment="sim-d",pool="sim"} 1.0',
+        'chainyard_steps_completed_total{deployment="sim-d",pool="sim"} 1.0',
+        'chainyard_steps_failed_total{deployment="sim-d",error_class="retryable",pool="sim"} 1.0',
+        'chainyard_cost_usd_total{deployment="sim-d",pool="sim"} 0.5',
+        'chainyard_in_flight{pool="sim"} 1.0',
+        'chainyard_queue_depth{pool="sim"} 4.0',
+        'chainyard_breaker_state{deployment="sim-d"} 2.0',
+        'chainyard_chains_ended_total{outcome="completed"} 1.0',
+    ):
+        assert line in text, line
+    assert "chainyard_step_latency_seconds_bucket" in text
+    m.shutdown()
+    assert not m.on
