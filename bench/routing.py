@@ -1,7 +1,9 @@
 """Routing figures: decision cost, failover time, and the latency the whole path adds.
 
 - routing_decision_us_50_deployments: one Policy.choose over a group of 50 deployments (10
-  pools, live capacity and latency stats), against msgspec-decoding one Assignment.
+  pools, live capacity and latency stats), against msgspec-decoding one Assignment. Repeated
+  picks of one step hit the policy's caches; the conditions add the cost when the step's
+  prompt length is new (costs computed for it) and right after a heartbeat (snapshot rebuilt).
 - failover_reroute_ms: a sandbox provider goes dark under steady load; time from the switch
   to the first step that completes on the other deployment, against the step p50 before.
 - added_latency_p50_ms / _p99_ms: one-step chains end to end (intake -> router -> worker ->
@@ -96,6 +98,19 @@ async def routing_decision(ctx: BenchCtx) -> list[Figure]:
         for _ in range(n):
             policy.choose(step, [], c)
         per_pick = (time.perf_counter() - t0) / n * 1e6
+    # The same pick when its inputs are new: every step a different prompt length (no cached
+    # costs for it), and a heartbeat before every pick (the live snapshot is rebuilt).
+    m = max(n // 10, 500)
+    fresh = [_step("x" * (16 + 4 * i)) for i in range(m)]
+    t0 = time.perf_counter()
+    for s in fresh:
+        policy.choose(s, [], c)
+    new_prompt = (time.perf_counter() - t0) / m * 1e6
+    t0 = time.perf_counter()
+    for _ in range(m):
+        cap.version += 1
+        policy.choose(step, [], c)
+    after_beat = (time.perf_counter() - t0) / m * 1e6
     a = Assignment(
         chain_id="c",
         step_id="s",
@@ -119,6 +134,8 @@ async def routing_decision(ctx: BenchCtx) -> list[Figure]:
         "strategy": "balanced",
         "assignment_bytes": len(raw),
         "goal_us": 20,
+        "new_prompt_length_us": round(new_prompt, 2),
+        "after_heartbeat_us": round(after_beat, 2),
     }
     return [
         Figure(

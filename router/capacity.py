@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js.kv import KeyValue
 
@@ -53,6 +54,46 @@ class DeploymentStats:
     calls: int = 0
 
 
+class _Tracked(dict):  # type: ignore[type-arg]
+    """A dict that bumps its view's `version` on every write, so views derived from it (the
+    policy's live snapshots) see an entry replaced from anywhere, not only from `_recompute`."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: CapacityView) -> None:
+        super().__init__()
+        self._view = view
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._view.version += 1
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._view.version += 1
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._view.version += 1
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self._view.version += 1
+        return super().popitem()
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        super().update(*args, **kw)
+        self._view.version += 1
+
+    def clear(self) -> None:
+        super().clear()
+        self._view.version += 1
+
+
 class CapacityView:
     """Free slots per pool, as the workers last reported them, less this router's dispatches since.
 
@@ -68,9 +109,11 @@ class CapacityView:
         self._sent: defaultdict[str, int] = defaultdict(int)  # pool -> dispatched since beats
         self._seen_pools: set[str] = set()
         self.tool_specs: dict[str, ToolSpec] = {}  # what tool workers advertise, for agent loops
-        self.pools: dict[str, PoolLoad] = {}
-        self.stats: dict[str, DeploymentStats] = {}
         self.version = 0  # bumped on every change: lets callers cache derived views
+        # Writes bump `version`; a PoolLoad's figures (free slots, backlog) may change in place
+        # and are read on every pick, its liveness only changes with a version bump.
+        self.pools: dict[str, PoolLoad] = _Tracked(self)
+        self.stats: dict[str, DeploymentStats] = _Tracked(self)
         self.changed = asyncio.Event()  # set on every change; waiters clear it
         self._backlog = backlog
         self._poll_s = poll_s

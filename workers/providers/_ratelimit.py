@@ -70,6 +70,10 @@ def _int(value: str | None) -> int | None:
     if value is None:
         return None
     try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
         return int(float(value))
     except ValueError:
         return None
@@ -85,21 +89,38 @@ def _present(limits: RateLimits) -> RateLimits | None:
     return limits if any(v is not None for v in fields) else None
 
 
+_DURATIONS: dict[str, int | None] = {}  # Go duration text -> ms: a few distinct values recur
+
+
+def _duration_ms(raw: str) -> int | None:
+    ms = _DURATIONS.get(raw, -1)
+    if ms == -1:
+        secs = parse_go_duration(raw)
+        ms = None if secs is None else round(secs * 1000)
+        if len(_DURATIONS) >= 4096:
+            _DURATIONS.clear()
+        _DURATIONS[raw] = ms
+    return ms
+
+
 def parse_openai(headers: Mapping[str, str], now_ms: int | None = None) -> RateLimits | None:
     """`x-ratelimit-remaining-*` and `x-ratelimit-reset-*` (Go durations from now)."""
+    get = headers.get
+    rem_req = get("x-ratelimit-remaining-requests")
+    rem_tok = get("x-ratelimit-remaining-tokens")
+    reset_req = get("x-ratelimit-reset-requests")
+    reset_tok = get("x-ratelimit-reset-tokens")
+    if rem_req is None and rem_tok is None and reset_req is None and reset_tok is None:
+        return None
     now = int(time.time() * 1000) if now_ms is None else now_ms
-
-    def reset(name: str) -> int | None:
-        raw = headers.get(name)
-        secs = parse_go_duration(raw) if raw is not None else None
-        return None if secs is None else now + round(secs * 1000)
-
+    req_ms = _duration_ms(reset_req) if reset_req is not None else None
+    tok_ms = _duration_ms(reset_tok) if reset_tok is not None else None
     return _present(
         RateLimits(
-            remaining_requests=_int(headers.get("x-ratelimit-remaining-requests")),
-            remaining_tokens=_int(headers.get("x-ratelimit-remaining-tokens")),
-            reset_requests_at_ms=reset("x-ratelimit-reset-requests"),
-            reset_tokens_at_ms=reset("x-ratelimit-reset-tokens"),
+            remaining_requests=_int(rem_req),
+            remaining_tokens=_int(rem_tok),
+            reset_requests_at_ms=None if req_ms is None else now + req_ms,
+            reset_tokens_at_ms=None if tok_ms is None else now + tok_ms,
         )
     )
 
