@@ -29,7 +29,7 @@ from chainyard.contracts import (
     WaitStep,
 )
 
-from . import graph, loops
+from . import graph, hedge, loops
 from .policy import NoCapacity
 
 # pick(step, deployments to avoid) -> a target, or a reason why there is none
@@ -279,7 +279,9 @@ def followups(state: ChainState, now_ms: int) -> Outcome:
 
     Safe to repeat: assignments, timers and chain events carry deterministic message ids, and
     the streams drop a repeat within their duplicate window. Only steps dispatched within half
-    that window are re-sent, so a repeat can never reach a worker as new work.
+    that window are re-sent, so a repeat can never reach a worker as new work. Timers re-sent:
+    wait timeouts, hedges of re-sent dispatches not hedged yet, and the capacity recheck of
+    every ready step still pending (a repeat that outlives the window only looks again).
     """
     if state.status != "running":
         return Outcome(state=state, ended=ended_event(state))
@@ -295,4 +297,16 @@ def followups(state: ChainState, now_ms: int) -> Outcome:
         and isinstance(spec := loops.spec_of(state, sid), WaitStep)
         and spec.timeout_ms is not None
     ]
+    # Hedge timers of the re-sent dispatches that have no hedge yet (same ids as the first).
+    for sid in dispatch:
+        st = state.steps[sid]
+        wait = hedge.hedge_after_ms(state, sid)
+        if wait is not None and hedge.hedge_wanted(state, sid, st.attempt):
+            timers.append(_timer(state, sid, "hedge", (st.dispatched_at_ms or now_ms) + wait))
+    # Ready steps still pending are waiting for capacity: their timer (one per step and
+    # attempt: a repeat within the duplicate window is dropped) looks again.
+    for sid in graph.advance(state.chain, state.steps).ready:
+        st = state.steps[sid]
+        if st.status == "pending" and not isinstance(state.chain.step(sid), WaitStep):
+            timers.append(_timer(state, sid, "capacity", now_ms + CAPACITY_RECHECK_MS))
     return Outcome(state=state, dispatch=dispatch, timers=timers)

@@ -20,9 +20,9 @@ the reason when nothing is eligible, and the tests check the two agree.
 from __future__ import annotations
 
 import random
-from itertools import accumulate
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from chainyard.contracts import Config, Deployment, LlmStep, Step, Target
 
@@ -79,7 +79,7 @@ _MAX_GROUPS = 1024  # route constraints come from users: bound the cache
 class _Cand:
     """What never changes about one candidate deployment."""
 
-    __slots__ = ("d", "name", "pool", "window", "pin", "pout", "weight", "prior")
+    __slots__ = ("d", "name", "pin", "pool", "pout", "prior", "weight", "window")
 
     def __init__(self, d: Deployment, pin: float, pout: float) -> None:
         self.d, self.name, self.pool, self.window = d, d.name, d.pool, d.context_window
@@ -95,7 +95,7 @@ class _Plan:
     """For one (input tokens, output tokens) over a whole snapshot: the costs, their top, and
     per strategy the indices tied for the best score."""
 
-    __slots__ = ("costs", "top", "ties")
+    __slots__ = ("costs", "ties", "top")
 
     def __init__(self, costs: list[float]) -> None:
         self.costs = costs
@@ -111,9 +111,24 @@ class _Group:
     the breakers' change count hold and the clock stays in [lo, hi)."""
 
     __slots__ = (
-        "cands", "version", "brk_ver", "brk_len", "lo", "hi", "alive", "lats", "pidx",
-        "ploads", "probes", "min_window", "max_lat", "fast", "bal", "cum_weights", "weights_sum",
+        "alive",
+        "bal",
+        "brk_len",
+        "brk_ver",
+        "cands",
+        "cum_weights",
+        "fast",
+        "hi",
+        "lats",
+        "lo",
+        "max_lat",
+        "min_window",
+        "pidx",
         "plans",
+        "ploads",
+        "probes",
+        "version",
+        "weights_sum",
     )  # fmt: skip
 
     def __init__(self, cands: list[_Cand]) -> None:
@@ -228,7 +243,12 @@ class Policy:
             if len(sel) < len(C):
                 if not sel:
                     return self._choose_slow(step, exclude, ctx)
-                C, L, P, pristine = [C[i] for i in sel], [L[i] for i in sel], [P[i] for i in sel], False
+                C, L, P, pristine = (
+                    [C[i] for i in sel],
+                    [L[i] for i in sel],
+                    [P[i] for i in sel],
+                    False,
+                )
         plan = None
         if pristine:  # the costs of the whole snapshot for this need, computed once
             plan = g.plans.get((inp, outp))
@@ -242,7 +262,9 @@ class Policy:
         max_cost, left = route.max_cost_usd, ctx.left_usd
         if max_cost is not None or left is not None:
             top = plan.top if plan is not None else max(K)
-            if (max_cost is not None and top > max_cost) or (left is not None and top > left + 1e-12):
+            if (max_cost is not None and top > max_cost) or (
+                left is not None and top > left + 1e-12
+            ):
                 sel = [
                     i
                     for i, k in enumerate(K)
@@ -251,7 +273,12 @@ class Policy:
                 ]
                 if not sel:
                     return self._choose_slow(step, exclude, ctx)
-                C, L, P, K = [C[i] for i in sel], [L[i] for i in sel], [P[i] for i in sel], [K[i] for i in sel]
+                C, L, P, K = (
+                    [C[i] for i in sel],
+                    [L[i] for i in sel],
+                    [P[i] for i in sel],
+                    [K[i] for i in sel],
+                )
                 pristine = False
         # free slots per pool: what we sent since the heartbeat is partly in the polled backlog
         sent, ploads = cap._sent, g.ploads
@@ -270,24 +297,41 @@ class Policy:
                 L, pristine = L2, False
         dl = ctx.deadline_at_ms
         if dl is not None:
-            known = g.max_lat if not stretched else max((x for x in L if x is not None), default=None)
+            known = (
+                g.max_lat if not stretched else max((x for x in L if x is not None), default=None)
+            )
             if known is not None and t + known > dl:
                 sel = [i for i, x in enumerate(L) if x is None or not t + x > dl]
                 if len(sel) < len(C):
                     if not sel:
                         return self._choose_slow(step, exclude, ctx)
-                    C, L, P, K = [C[i] for i in sel], [L[i] for i in sel], [P[i] for i in sel], [K[i] for i in sel]
+                    C, L, P, K = (
+                        [C[i] for i in sel],
+                        [L[i] for i in sel],
+                        [P[i] for i in sel],
+                        [K[i] for i in sel],
+                    )
                     pristine = False
         if route.prefer:
             pref = set(route.prefer)
             sel = [i for i, c in enumerate(C) if c.pool in pref or c.name in pref]
             if sel and len(sel) < len(C):
-                C, L, P, K = [C[i] for i in sel], [L[i] for i in sel], [P[i] for i in sel], [K[i] for i in sel]
+                C, L, P, K = (
+                    [C[i] for i in sel],
+                    [L[i] for i in sel],
+                    [P[i] for i in sel],
+                    [K[i] for i in sel],
+                )
                 pristine = False
         if len(C) > 1 and not room_everywhere:
             sel = [i for i, pi in enumerate(P) if F[pi] > 0]
             if sel and len(sel) < len(C):
-                C, L, P, K = [C[i] for i in sel], [L[i] for i in sel], [P[i] for i in sel], [K[i] for i in sel]
+                C, L, P, K = (
+                    [C[i] for i in sel],
+                    [L[i] for i in sel],
+                    [P[i] for i in sel],
+                    [K[i] for i in sel],
+                )
                 pristine = False
         i = 0
         if len(C) > 1:
@@ -302,7 +346,9 @@ class Policy:
     def _group(self, step: LlmStep, key: tuple[str, tuple[str, ...], tuple[str, ...]]) -> _Group:
         if len(self._groups) >= _MAX_GROUPS:
             self._groups.clear()
-        g = self._groups[key] = _Group([_Cand(d, *self.price(d)) for d in self.catalog.deployments(step)])
+        g = self._groups[key] = _Group(
+            [_Cand(d, *self.price(d)) for d in self.catalog.deployments(step)]
+        )
         return g
 
     def _refresh(self, g: _Group, t: int) -> None:

@@ -169,7 +169,9 @@ class Routing:
             return None
         st = state.steps.get(timer.step_id)
         if state.status != "running" or st is None or st.status != "pending":
-            return chains.Outcome(state=state)  # placed or ended meanwhile: nothing to do
+            # Placed or ended meanwhile, maybe by this timer before a crash: make sure what the
+            # state implies went out (deduplicated).
+            return chains.followups(state, t)
         picker = self.picker(state, state.chain, t)
         out = self.finish(state, chains._advance(state, t, picker, []), picker)
         if timer.step_id not in picker.waiting:

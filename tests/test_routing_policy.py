@@ -263,3 +263,52 @@ def test_fairness_defers_a_tenant_at_its_cap_but_never_drops() -> None:
 def test_state_round_trips_with_routing_fields() -> None:
     s = state_with(reserved_usd=0.1, hedge_attempt=101, hedge_target=TGT, dead=[1])
     assert msgspec.json.decode(msgspec.json.encode(s), type=ChainState) == s
+
+
+# -- crash recovery: followups re-send routing timers -----------------------------------------
+
+
+def test_followups_resend_hedge_and_capacity_timers_with_their_first_ids() -> None:
+    from chainyard.router.routing import Routing, _timer
+
+    def msg_id(tm: Any) -> str:  # as the engine's _schedule derives it
+        return f"{tm.chain_id}.{tm.step_id}.{tm.attempt}.{tm.kind}"
+
+    hedged = LlmStep(
+        id="h",
+        model="g",
+        messages=[Message(role="user", content="hi")],
+        route=Route(hedge_after_ms=300),
+    )
+    waiting = LlmStep(id="w", model="g", messages=[Message(role="user", content="hi")])
+    chain = Chain(id="c", steps=[hedged, waiting])
+
+    def pick(s: Any, exclude: list[str]) -> Any:
+        return TGT if s.id == "h" else NoCapacity("no capacity for 'g': a: no live workers")
+
+    out = chains.start(chain, "t", T, pick)
+    st = out.state.steps
+    assert st["h"].status == "dispatched" and st["w"].status == "pending"
+    first_hedge = _timer(out.state, "h", "hedge", 1, T + 300)  # what Routing.finish schedules
+    first = {msg_id(tm) for tm in out.timers} | {msg_id(first_hedge)}
+    # the router died after recording the state: the redelivered message re-derives the effects
+    again = chains.followups(out.state, T + 50)
+    assert again.dispatch == ["h"]
+    assert {msg_id(tm) for tm in again.timers} == first == {"c.h.1.hedge", "c.w.0.capacity"}
+    assert next(tm for tm in again.timers if tm.kind == "hedge") == first_hedge
+    # once the hedge is out, or the step has left the window, no hedge timer comes back
+    with_h = hedge.with_hedge(out.state, "h", TGT, 0.0)
+    assert [tm.kind for tm in chains.followups(with_h, T + 60).timers] == ["capacity"]
+    late = chains.followups(out.state, T + chains.REDISPATCH_WINDOW_MS + 1)
+    assert [tm.kind for tm in late.timers] == ["capacity"] and late.dispatch == []
+    # a capacity timer redelivered after it placed its step re-sends the assignment
+    placed = msgspec.structs.replace(
+        out.state,
+        steps={
+            **st,
+            "w": StepState(status="dispatched", attempt=1, target=TGT, dispatched_at_ms=T + 70),
+        },
+    )
+    timer = next(tm for tm in out.timers if tm.kind == "capacity")
+    redo = Routing._capacity_due(None, placed, timer, T + 80, T)  # type: ignore[arg-type]
+    assert redo is not None and sorted(redo.dispatch) == ["h", "w"] and redo.state is placed
