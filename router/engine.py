@@ -28,6 +28,7 @@ from chainyard.contracts import (
     Event,
     FieldError,
     LlmStep,
+    Target,
     Timer,
     ValidationError,
     cancel_decoder,
@@ -293,19 +294,35 @@ class Router:
 
     async def _dispatch(self, state: ChainState, step_id: str) -> None:
         st = state.steps[step_id]
-        target = st.target
-        assert target is not None, f"{step_id} dispatched without a target"
+        assert st.target is not None, f"{step_id} dispatched without a target"
+        await self.send_assignment(
+            state, step_id, st.attempt, st.target, st.dispatched_at_ms, st.reserved_usd
+        )
+
+    async def send_assignment(
+        self,
+        state: ChainState,
+        step_id: str,
+        attempt: int,
+        target: Target,
+        dispatched_at_ms: int | None,
+        reserved_usd: float,
+        *,
+        hedge: bool = False,
+    ) -> None:
+        """Publish one attempt of a step to its pool, references resolved, in a routing span."""
         a = Assignment(
             chain_id=state.chain.id,
             step_id=step_id,
-            attempt=st.attempt,
+            attempt=attempt,
             tenant=state.tenant,
             step=self._step_for(state, step_id),
             target=target,
-            dispatched_at_ms=st.dispatched_at_ms or now_ms(),
+            dispatched_at_ms=dispatched_at_ms or now_ms(),
             deadline_at_ms=state.deadline_at_ms,
             priority=state.chain.priority,
-            reserved_usd=st.reserved_usd or None,
+            reserved_usd=reserved_usd or None,
+            hedge=hedge,
         )
         await telemetry_chain.publish_work(  # inside a routing span, with traceparent
             self.bus.js, self.subjects.work(target.pool), encode(a), a, state,

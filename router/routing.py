@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from chainyard.contracts import (
-    Assignment,
     Chain,
     ChainState,
     Config,
     StepCompleted,
     StepFailed,
     Timer,
-    encode,
 )
 from chainyard.runtime.nats import Bus
 
@@ -212,21 +210,10 @@ class Routing:
             or st.hedge_target is None
         ):
             return
-        a = Assignment(
-            chain_id=state.chain.id,
-            step_id=timer.step_id,
-            attempt=st.hedge_attempt,
-            tenant=state.tenant,
-            step=router._step_for(state, timer.step_id),
-            target=st.hedge_target,
-            dispatched_at_ms=now_ms(),
-            deadline_at_ms=state.deadline_at_ms,
-            reserved_usd=st.hedge_reserved_usd or None,
-            priority=state.chain.priority,
-            hedge=True,
-        )
-        subject = router.subjects.work(st.hedge_target.pool)
-        await self.bus.js.publish(subject, encode(a), headers={"Nats-Msg-Id": a.msg_id})
+        await router.send_assignment(
+            state, timer.step_id, st.hedge_attempt, st.hedge_target, now_ms(),
+            st.hedge_reserved_usd, hedge=True,
+        )  # fmt: skip
 
 
 def _timer(state: ChainState, step_id: str, kind: str, attempt: int, due_at_ms: int) -> Timer:
