@@ -29,10 +29,10 @@ demo: install-local
 	$(BIN)/chainyard demo
 
 test: install-local
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/chaos
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not localmodel"
+	$(BIN)/python -m pytest -q --ignore=tests/chaos -m "not localmodel"
 
 bench: install
 	$(BIN)/python -m bench

@@ -73,7 +73,15 @@ class Client:
     async def connect(
         cls, url: str, tenant: str, *, creds: str | Path | None = None, prefix: str = "cy"
     ) -> Client:
-        nc = await connect(url, name=f"chainyard-client-{tenant}", creds=creds, max_reconnect_attempts=10)
+        # Replies (PubAcks) come to a tenant's own inbox prefix, which NATS permissions can pin
+        # so no tenant reads another's replies (deploy/accounts.conf).
+        nc = await connect(
+            url,
+            name=f"chainyard-client-{tenant}",
+            creds=creds,
+            max_reconnect_attempts=10,
+            inbox_prefix=f"_INBOX_{tenant}",
+        )
         return cls(nc, tenant, Topology(subjects=Subjects(prefix=prefix)))
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from ._chain import (
     new_id,
 )
 from ._codec import (
+    BadMessage,
     DecodeError,
     ValidationError,
     assignment_decoder,
@@ -61,6 +62,7 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
+    "BadMessage",
     "VERSION",
     "Assignment",
     "Cancel",

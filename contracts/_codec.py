@@ -24,3 +24,6 @@ timer_decoder = msgspec.json.Decoder(Timer)
 
 DecodeError = msgspec.DecodeError
 ValidationError = msgspec.ValidationError
+# Everything decoding untrusted bytes can raise (msgspec lets bad UTF-8 in a key through as
+# UnicodeDecodeError): catch this tuple wherever a message comes in.
+BadMessage = (DecodeError, ValidationError, UnicodeDecodeError)

@@ -182,7 +182,7 @@ class Topology(Struct, frozen=True, kw_only=True):
             durable="router-intake",
             filter_subject=self.subjects.all_submit,
             ack_wait_s=30.0,
-            max_deliver=5,
+            max_deliver=-1,  # a chain is never dropped: failures back off (runtime/consume.py)
             max_ack_pending=10_000,
         )
 
@@ -192,7 +192,7 @@ class Topology(Struct, frozen=True, kw_only=True):
             durable="router-control",
             filter_subject=self.subjects.all_control,
             ack_wait_s=30.0,
-            max_deliver=5,
+            max_deliver=-1,
             max_ack_pending=10_000,
         )
 

@@ -114,6 +114,11 @@ def on_failed(
             if ev.error.retry_after_s and not due:
                 return Outcome(state=state, retry_after_s=ev.error.retry_after_s)
             target = pick(step, [])
+            before_deadline = state.deadline_at_ms is None or now_ms < state.deadline_at_ms
+            if isinstance(target, NoCapacity) and before_deadline:
+                # Still throttled or cooling down (often by this very 429): look again soon,
+                # the event waiting durably in its stream.
+                return Outcome(state=state, retry_after_s=CAPACITY_RECHECK_MS / 1000)
         if not isinstance(target, str):
             steps[ev.step_id] = _replace(
                 st,

@@ -20,17 +20,16 @@ from nats.aio.msg import Msg
 
 from chainyard.contracts import (
     Assignment,
+    BadMessage,
     ChainRejected,
     ChainState,
     Config,
     ControlRejected,
-    DecodeError,
     Event,
     FieldError,
     LlmStep,
     Target,
     Timer,
-    ValidationError,
     cancel_decoder,
     chain_decoder,
     encode,
@@ -128,7 +127,7 @@ class Router:
         tenant = self.subjects.tenant_of_submit(msg.subject)
         try:
             chain = chain_decoder.decode(msg.data)
-        except (DecodeError, ValidationError, UnicodeDecodeError) as e:  # msgspec: bad UTF-8 in a key
+        except BadMessage as e:
             path, message = _msgspec_path(e)
             await self._reject(msg, tenant, self._claimed_id(msg), [FieldError(path=path, message=message)])
             return
@@ -183,7 +182,7 @@ class Router:
     async def on_step_event(self, msg: Msg) -> None:
         try:
             ev = step_event_decoder.decode(msg.data)
-        except (DecodeError, ValidationError) as e:
+        except BadMessage as e:
             log.warning("poison step event on %s: %s", msg.subject, e)
             await self._dead_letter(msg, "events", str(e))
             return
@@ -236,7 +235,7 @@ class Router:
                 return
             else:
                 raise control.ControlError(f"unknown control verb {verb!r}")
-        except (control.ControlError, DecodeError, ValidationError) as e:
+        except (control.ControlError, *BadMessage) as e:
             await self._control_rejected(msg, tenant, chain_id, verb, str(e))
             return
         if outcome is not None:
@@ -254,7 +253,7 @@ class Router:
     async def on_timer(self, msg: Msg) -> None:
         try:
             timer = timer_decoder.decode(msg.data)
-        except (DecodeError, ValidationError) as e:
+        except BadMessage as e:
             await self._dead_letter(msg, "timers", str(e))
             return
         t = now_ms()
@@ -356,5 +355,5 @@ def _json_or_text(data: bytes) -> object:
         return None
     try:
         return msgspec.json.decode(data)
-    except DecodeError:
+    except BadMessage:
         return data.decode(errors="replace")

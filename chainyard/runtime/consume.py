@@ -68,9 +68,12 @@ async def consume(
         try:
             await handler(msg)
         except Exception:
-            log.exception("%s: handler failed on %s; will retry", name, msg.subject)
+            # It comes back, later each time (0.25 s doubling to 30 s): a stream that is full
+            # or a leader election must not turn into a hot loop, nor into a dropped message.
+            n = msg.metadata.num_delivered or 1
+            log.exception("%s: handler failed on %s (delivery %d); will retry", name, msg.subject, n)
             with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
+                await msg.nak(delay=min(0.25 * 2 ** (n - 1), 30.0))
         finally:
             await slots.give()
 

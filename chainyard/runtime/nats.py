@@ -52,6 +52,7 @@ async def connect(
     creds: str | Path | None = None,
     on_closed: Callable[[], Awaitable[None]] | None = None,
     max_reconnect_attempts: int = -1,
+    inbox_prefix: str = "_INBOX",
 ) -> Client:
     """Connect like a long-running service should (NATS-NOTES: reconnect forever, ping ~20 s x 3).
 
@@ -76,6 +77,7 @@ async def connect(
         allow_reconnect=True,
         error_cb=error_cb,
         closed_cb=closed_cb,
+        inbox_prefix=inbox_prefix,
     )
 
 
@@ -138,12 +140,19 @@ class Bus:
 
 
 async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> None:
+    """Create the stream, or add subjects a newer version needs to an existing one.
+
+    An existing stream's limits are the operator's (max bytes, age, replicas...): a service
+    starting up never resets them."""
     cfg = stream_config(d, replicas)
     try:
         await js.add_stream(cfg)
     except BadRequestError:
-        # Exists with another config: bring it in line (what update allows).
-        await js.update_stream(cfg)
+        have = (await js.stream_info(d.name)).config
+        missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
+        if missing:
+            have.subjects = [*(have.subjects or []), *missing]
+            await js.update_stream(have)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDef) -> None:

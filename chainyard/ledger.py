@@ -1,0 +1,430 @@
+"""The ledger check: did every accepted chain and step end in exactly one terminal state?
+
+Sources (read-only): the event log (stream CY_EVENTS), chain state (KV cy_chains), the dead
+letters (stream CY_DLQ), and the submitter's own list of what the intake accepted (a publish
+acknowledged by the stream) and what it expects to be rejected. Definitions in
+docs/RELIABILITY.md; in short, per accepted chain:
+
+- lost: no state in KV, a chain still `running`, no terminal chain event, or a completed chain
+  with a step that is neither completed nor skipped;
+- duplicated: more than one terminal chain event, more than one `step.completed` for the same
+  (chain, step, attempt), a step whose recorded cost or usage is not that of exactly the one
+  completion the state counted (a provider call counted twice), or a chain total that differs
+  from the sum of its steps;
+- unexpected: anything that should not exist: events, state or dead letters for chains nobody
+  submitted, a chain.rejected for an accepted chain, a status other than the scenario expects,
+  a failure without a reason, KV state that differs from the state rebuilt from the event log.
+
+`check()` is pure (data in, report out); `collect()` reads the three sources from NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from chainyard.contracts import (
+    ChainCompleted,
+    ChainFailed,
+    ChainRejected,
+    ChainState,
+    Event,
+    StepCompleted,
+    StepFailed,
+    Topology,
+    event_decoder,
+    state_decoder,
+)
+
+Key = tuple[str, str]  # (tenant, chain id)
+COST_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    seq: int
+    subject: str
+    event: Event | None  # None: not decodable (itself unexpected)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    seq: int
+    subject: str
+    tenant: str | None
+    reason: str
+    data: bytes
+
+
+@dataclass
+class Snapshot:
+    events: list[LoggedEvent] = field(default_factory=list)
+    states: dict[Key, ChainState] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    stale_reads: int = 0  # KV entries the consumer read older than the leader's
+
+
+@dataclass
+class Report:
+    scenario: str = ""
+    accepted: int = 0
+    steps: int = 0
+    completed: int = 0  # chains
+    failed: int = 0
+    rejected: int = 0
+    events: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    notes: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.unexpected)
+
+    def line(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.notes.items())
+        return (
+            f"{self.scenario or 'run'}: chains={self.accepted} steps={self.steps} "
+            f"completed={self.completed} failed={self.failed} rejected={self.rejected} "
+            f"lost={len(self.lost)} duplicated={len(self.duplicated)} "
+            f"unexpected={len(self.unexpected)}" + (f" {extra}" if extra else "")
+        )
+
+    def details(self, limit: int = 20) -> str:
+        out = [self.line()]
+        for name in ("lost", "duplicated", "unexpected"):
+            items: list[str] = getattr(self, name)
+            out += [f"  {name}: {x}" for x in items[:limit]]
+            if len(items) > limit:
+                out.append(f"  {name}: ... {len(items) - limit} more")
+        return "\n".join(out)
+
+
+def _event_key(prefix: str, subject: str, ev: Event | None) -> Key | None:
+    if ev is not None:
+        return (ev.tenant, ev.chain_id)
+    parts = subject.split(".")
+    if len(parts) >= 4 and parts[0] == prefix:
+        return (parts[2], parts[3])
+    return None
+
+
+def check(
+    snapshot: Snapshot,
+    accepted: Iterable[Key],
+    *,
+    expected_rejected: Iterable[Key] = (),
+    expect: str | None = "completed",
+    allow_dead_letters: bool = False,
+    prefix: str = "cy",
+    scenario: str = "",
+) -> Report:
+    """Compare what was accepted with what the system recorded.
+
+    `expect`: the terminal status every accepted chain must have ("completed", "failed"), or
+    None when either is fine. `expected_rejected`: chains that must end in exactly one
+    chain.rejected, with nothing created, and their message in the DLQ.
+    """
+    accepted_set = set(accepted)
+    rejected_set = set(expected_rejected)
+    r = Report(scenario=scenario, accepted=len(accepted_set), events=len(snapshot.events))
+
+    by_chain: dict[Key, list[LoggedEvent]] = defaultdict(list)
+    for le in snapshot.events:
+        k = _event_key(prefix, le.subject, le.event)
+        if le.event is None or k is None:
+            r.unexpected.append(f"undecodable event seq={le.seq} on {le.subject}")
+            continue
+        by_chain[k].append(le)
+
+    for k in sorted(set(by_chain) - accepted_set - rejected_set):
+        kinds = Counter(_kind(le.event) for le in by_chain[k])
+        r.unexpected.append(f"{k[0]}/{k[1]}: events for a chain nobody submitted: {dict(kinds)}")
+    for k in sorted(set(snapshot.states) - accepted_set):
+        r.unexpected.append(
+            f"{k[0]}/{k[1]}: state for a chain nobody submitted (or a rejected one)"
+        )
+
+    for k in sorted(rejected_set):
+        evs = by_chain.get(k, [])
+        rej = [le for le in evs if isinstance(le.event, ChainRejected)]
+        if not rej:
+            r.lost.append(f"{k[0]}/{k[1]}: no chain.rejected for a chain that had to be rejected")
+        elif len(rej) > 1 and k not in accepted_set:
+            r.duplicated.append(f"{k[0]}/{k[1]}: {len(rej)} chain.rejected events")
+        if k not in accepted_set:
+            r.rejected += 1 if rej else 0
+            others = [le for le in evs if not isinstance(le.event, ChainRejected)]
+            if others:
+                r.unexpected.append(
+                    f"{k[0]}/{k[1]}: rejected chain has other events: {len(others)}"
+                )
+
+    for k in sorted(accepted_set):
+        _check_chain(r, k, by_chain.get(k, []), snapshot.states.get(k), expect)
+
+    # Dead letters: expected for rejected input, unexpected otherwise.
+    intake_dead = [d for d in snapshot.dead if d.subject.endswith(".intake")]
+    other_dead = [d for d in snapshot.dead if not d.subject.endswith(".intake")]
+    if len(intake_dead) < len(rejected_set):
+        r.lost.append(
+            f"dlq: {len(intake_dead)} intake dead letters for {len(rejected_set)} rejected inputs"
+        )
+    if not allow_dead_letters:
+        extra = len(intake_dead) - len(rejected_set)
+        if extra > 0:
+            r.unexpected.append(f"dlq: {extra} intake dead letters beyond the rejected inputs")
+        for d in other_dead:
+            r.unexpected.append(f"dlq: {d.subject} seq={d.seq}: {d.reason[:200]}")
+    for d in snapshot.dead:
+        if not d.reason:
+            r.unexpected.append(f"dlq: {d.subject} seq={d.seq} has no reason")
+    return r
+
+
+def _kind(ev: Event | None) -> str:
+    return str(ev.__struct_config__.tag) if ev is not None else "?"
+
+
+def _check_chain(
+    r: Report, k: Key, evs: list[LoggedEvent], state: ChainState | None, expect: str | None
+) -> None:
+    name = f"{k[0]}/{k[1]}"
+    terminal = [le for le in evs if isinstance(le.event, ChainCompleted | ChainFailed)]
+    rejected = [le for le in evs if isinstance(le.event, ChainRejected)]
+    if rejected:
+        r.unexpected.append(f"{name}: accepted chain got chain.rejected: {_errors(rejected[0])}")
+    if state is None:
+        r.lost.append(f"{name}: accepted but no chain state")
+        return
+    r.steps += len(state.steps)
+    if len(terminal) > 1:
+        kinds = [_kind(le.event) for le in terminal]
+        r.duplicated.append(f"{name}: {len(terminal)} terminal chain events {kinds}")
+    if state.status == "running":
+        kinds = [f"{_kind(le.event)}@{le.seq}" for le in evs]
+        r.lost.append(f"{name}: still running (steps: {_statuses(state)}; log: {kinds})")
+        return
+    if not terminal:
+        r.lost.append(f"{name}: state {state.status} but no terminal chain event")
+        return
+    end = terminal[0]
+    ev = end.event
+    want = "completed" if isinstance(ev, ChainCompleted) else "failed"
+    if state.status != want and not (want == "failed" and state.status == "cancelled"):
+        r.unexpected.append(f"{name}: KV says {state.status}, event log says {want}")
+    if want == "completed":
+        r.completed += 1
+    else:
+        r.failed += 1
+        assert isinstance(ev, ChainFailed)
+        if not ev.reason:
+            r.unexpected.append(f"{name}: chain.failed without a reason")
+    if expect is not None and want != expect:
+        reason = ev.reason if isinstance(ev, ChainFailed) else ""
+        r.unexpected.append(f"{name}: ended {want}, expected {expect} ({reason[:200]})")
+
+    # Step events, in stream order, before the terminal chain event (what the state counted).
+    step_evs = [le for le in evs if isinstance(le.event, StepCompleted | StepFailed)]
+    completions: Counter[tuple[str, int]] = Counter(
+        (le.event.step_id, le.event.attempt)
+        for le in step_evs
+        if isinstance(le.event, StepCompleted)
+    )
+    for (sid, att), n in completions.items():
+        if n > 1:
+            r.duplicated.append(f"{name}: step {sid} attempt {att} completed {n} times")
+    counted = [le for le in step_evs if le.seq < end.seq]
+    rebuilt = rebuild(counted)
+    total_cost = 0.0
+    for sid, st in state.steps.items():
+        if st.status == "completed":
+            done = [
+                le.event
+                for le in step_evs
+                if isinstance(le.event, StepCompleted)
+                and le.event.step_id == sid
+                and le.event.attempt == st.attempt
+            ]
+            if not done:
+                r.lost.append(f"{name}: step {sid} completed in KV without a step.completed event")
+                continue
+            c = done[0]
+            if abs(st.cost_usd - c.cost_usd) > COST_EPS or st.usage != c.usage:
+                r.duplicated.append(
+                    f"{name}: step {sid} cost {st.cost_usd} usage {st.usage} "
+                    f"!= its completion's {c.cost_usd} {c.usage}"
+                )
+            total_cost += st.cost_usd
+        elif st.status == "failed":
+            if st.error is None or not st.error.message:
+                r.unexpected.append(f"{name}: step {sid} failed without a reason")
+        elif want == "completed" and st.status != "skipped":
+            r.lost.append(f"{name}: chain completed but step {sid} is {st.status}")
+        # Compare KV with the state rebuilt from the event log.
+        got = rebuilt.get(sid)
+        if st.status in ("completed", "failed"):
+            if got is None:
+                r.unexpected.append(f"{name}: step {sid} {st.status} in KV, no event in the log")
+            elif (got.status, got.attempt) != (st.status, st.attempt):
+                r.unexpected.append(
+                    f"{name}: step {sid} KV {st.status}/{st.attempt} != "
+                    f"log {got.status}/{got.attempt}"
+                )
+            elif st.status == "completed" and got.output_text != (
+                st.output.text if st.output else ""
+            ):
+                r.unexpected.append(f"{name}: step {sid} output differs from its event")
+        elif got is not None and got.status == "completed" and want == "completed":
+            r.unexpected.append(f"{name}: step {sid} {st.status} in KV, completed in the log")
+    if isinstance(ev, ChainCompleted | ChainFailed) and abs(ev.cost_usd - total_cost) > 1e-9:
+        r.duplicated.append(
+            f"{name}: chain cost {ev.cost_usd} != sum of counted steps {total_cost}"
+        )
+
+
+@dataclass(frozen=True)
+class RebuiltStep:
+    status: str
+    attempt: int
+    output_text: str = ""
+
+
+def rebuild(step_events: list[LoggedEvent]) -> dict[str, RebuiltStep]:
+    """A chain's step states rebuilt from its event log alone.
+
+    Per step, walk attempts 1, 2, ...: the first event of attempt k decides it. A completion
+    ends the step; a failure ends it unless an event of attempt k+1 exists (it was retried).
+    """
+    first: dict[tuple[str, int], StepCompleted | StepFailed] = {}
+    for le in step_events:
+        ev = le.event
+        if isinstance(ev, StepCompleted | StepFailed):
+            first.setdefault((ev.step_id, ev.attempt), ev)
+    out: dict[str, RebuiltStep] = {}
+    for sid in {s for s, _ in first}:
+        attempt = 1
+        while (sid, attempt) in first:
+            ev = first[(sid, attempt)]
+            if isinstance(ev, StepCompleted):
+                out[sid] = RebuiltStep("completed", attempt, ev.output.text)
+                break
+            if (sid, attempt + 1) not in first:
+                out[sid] = RebuiltStep("failed", attempt)
+                break
+            attempt += 1
+    return out
+
+
+def _errors(le: LoggedEvent) -> str:
+    ev = le.event
+    if isinstance(ev, ChainRejected):
+        return "; ".join(f"{e.path}: {e.message}" for e in ev.errors)[:300]
+    return ""
+
+
+def _statuses(state: ChainState) -> str:
+    return ",".join(f"{sid}={st.status}/{st.attempt}" for sid, st in state.steps.items())
+
+
+# -- reading NATS ----------------------------------------------------------------------------
+
+
+async def read_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str = ">",
+    *,
+    last_per_subject: bool = False,
+    limit_s: float = 60.0,
+) -> list[Msg]:
+    """Every message stored in `stream` (optionally the last per subject), with an ordered
+    consumer; ends when the consumer reports nothing pending."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return []
+    if info.state.messages == 0:
+        return []
+    out: list[Msg] = []
+    done = asyncio.get_running_loop().create_future()
+
+    async def cb(msg: Msg) -> None:
+        out.append(msg)
+        if msg.metadata.num_pending == 0 and not done.done():
+            done.set_result(None)
+
+    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+    sub = await js.subscribe(
+        subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
+    )
+    try:
+        await asyncio.wait_for(done, limit_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
+
+
+async def collect(js: JetStreamContext, topology: Topology | None = None) -> Snapshot:
+    topology = topology or Topology()
+    snap = Snapshot()
+    for m in await read_stream(js, topology.events.name, topology.subjects.all_events):
+        try:
+            ev: Event | None = event_decoder.decode(m.data)
+        except Exception:
+            ev = None
+        snap.events.append(LoggedEvent(m.metadata.sequence.stream, m.subject, ev))
+    bucket = topology.chains_kv.bucket
+    for m in await read_stream(js, f"KV_{bucket}", f"$KV.{bucket}.>", last_per_subject=True):
+        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            continue
+        state = state_decoder.decode(m.data)
+        if state.status == "running":
+            # A consumer may be served by a replica that is still catching up (after a node
+            # restart): confirm a running chain with a get through the stream leader.
+            with contextlib.suppress(Exception):
+                fresh = await js.get_msg(f"KV_{bucket}", subject=m.subject)
+                if fresh.data:
+                    again = state_decoder.decode(fresh.data)
+                    if again != state:
+                        snap.stale_reads += 1
+                    state = again
+        snap.states[(state.tenant, state.chain.id)] = state
+    for m in await read_stream(js, topology.dlq.name, topology.subjects.dlq):
+        h = m.headers or {}
+        snap.dead.append(
+            DeadLetter(
+                m.metadata.sequence.stream,
+                m.subject,
+                h.get("Cy-Tenant"),
+                h.get("Cy-Reason", ""),
+                m.data,
+            )
+        )
+    return snap
+
+
+async def audit(
+    js: JetStreamContext,
+    accepted: Iterable[Key],
+    *,
+    topology: Topology | None = None,
+    **kw: object,
+) -> Report:
+    """collect() then check(): the ledger of a run."""
+    topology = topology or Topology()
+    snap = await collect(js, topology)
+    r = check(snap, accepted, prefix=topology.subjects.prefix, **kw)  # type: ignore[arg-type]
+    if snap.stale_reads:
+        r.notes["kv_stale_reads"] = snap.stale_reads
+    return r

@@ -1,0 +1,123 @@
+"""The fault suite's fixtures and its ledger summary.
+
+Every scenario ends with `await ledger.audit(...)`, which reads the event log, KV and the DLQ,
+checks them against what the scenario's submitter had accepted (chainyard.ledger), records
+the result and fails the test on any lost, duplicated or unexpected item. At the end of the
+session one line per scenario is printed, then
+
+    scenarios=N lost=L duplicated=D unexpected=U
+
+`CHAOS_SHORT=1` (make chaos-short) runs the same scenarios with smaller loads and shorter
+outages. The last run's figures are written to .chainyard/chaos-last.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chainyard.runtime.nats import open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.sandbox import SandboxConfig, SandboxServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from chaosharness import REPORTS, ROOT, SHORT, Ledger, Load, Procs, Stack, write_config
+
+DEPLOY = ROOT / "deploy"
+
+
+@pytest.fixture
+def ledger(request: pytest.FixtureRequest) -> Ledger:
+    return Ledger(request.node.nodeid)
+
+
+@pytest.fixture
+async def nats_server() -> AsyncIterator[NatsServer]:
+    """One node with the recommended settings (deploy/nats.conf: sync_interval always)."""
+    async with NatsServer(config_file=DEPLOY / "nats.conf") as server:
+        yield server
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[SandboxServer]:
+    async with SandboxServer(SandboxConfig(capture=0)) as s:
+        yield s
+
+
+@pytest.fixture
+async def stack(
+    nats_server: NatsServer, sandbox: SandboxServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    """NATS, the sandbox provider, a config (overridable by @pytest.mark.chaos_config(...)),
+    the bus of the test, and an empty process registry. Processes are killed on the way out."""
+    marker = request.node.get_closest_marker("chaos_config")
+    cfg = write_config(
+        tmp_path / "chainyard.toml", sandbox.url, **(marker.kwargs if marker else {})
+    )
+    from chainyard.contracts import load_config
+
+    topology = load_config(cfg).topology
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    bus = await open_bus(nats_server.url, name="chaos-test", topology=topology)
+    procs = Procs(nats_server.url, cfg, logs, env={"CY_CHAOS_DIR": str(flags)})
+    try:
+        yield Stack(nats_server, sandbox, bus, procs, Load(bus.js, topology=topology), flags, cfg)
+    finally:
+        await procs.close()
+        await bus.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "chaos_config(**kw): chaos config file overrides")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not REPORTS:
+        return
+    tr = terminalreporter
+    tr.section(f"chaos ledger ({'short' if SHORT else 'full'})")
+    for _, r, secs in REPORTS:
+        tr.write_line(f"{r.line()} secs={secs:.1f}")
+    lost = sum(len(r.lost) for _, r, _ in REPORTS)
+    dup = sum(len(r.duplicated) for _, r, _ in REPORTS)
+    unexp = sum(len(r.unexpected) for _, r, _ in REPORTS)
+    tr.write_line(f"scenarios={len(REPORTS)} lost={lost} duplicated={dup} unexpected={unexp}")
+    out = ROOT / ".chainyard" / ("chaos-short.json" if SHORT else "chaos-last.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "short": SHORT,
+                "scenarios": [
+                    {
+                        "scenario": s,
+                        "line": r.line(),
+                        "secs": round(t, 1),
+                        "chains": r.accepted,
+                        "steps": r.steps,
+                        "lost": r.lost[:20],
+                        "duplicated": r.duplicated[:20],
+                        "unexpected": r.unexpected[:20],
+                        "notes": r.notes,
+                    }
+                    for s, r, t in REPORTS
+                ],
+                "totals": {
+                    "scenarios": len(REPORTS),
+                    "lost": lost,
+                    "duplicated": dup,
+                    "unexpected": unexp,
+                },
+            },
+            indent=2,
+        )
+    )
