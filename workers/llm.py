@@ -24,17 +24,21 @@ def llm_executor(provider: Provider, price: Price) -> Execute:
         request = LlmRequest(
             model=a.target.model, messages=step.messages, tools=step.tools, params=step.params
         )
-        call = provider.complete(request, on_delta)
         if a.deadline_at_ms is not None:
+            # asyncio.timeout, not wait_for: no extra task per call
             left_s = a.deadline_at_ms / 1000 - time.time()
+            deadline = asyncio.timeout(max(left_s, 0.001))
             try:
-                c = await asyncio.wait_for(call, max(left_s, 0.001))
+                async with deadline:
+                    c = await provider.complete(request, on_delta)
             except TimeoutError:
+                if not deadline.expired():
+                    raise
                 raise ProviderError(
                     "timeout", "the step's deadline passed during the call"
                 ) from None
         else:
-            c = await call
+            c = await provider.complete(request, on_delta)
         return Result(
             output=c.output,
             usage=c.usage,

@@ -22,13 +22,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from chainyard.contracts import (
     Assignment,
-    DecodeError,
+    BadMessage,
     ErrorInfo,
     Event,
     Heartbeat,
@@ -38,7 +39,6 @@ from chainyard.contracts import (
     Target,
     ToolSpec,
     Usage,
-    ValidationError,
     assignment_decoder,
     encode,
     state_decoder,
@@ -145,7 +145,8 @@ class Worker:
         self.subjects = bus.topology.subjects
         self.fetch_batch = fetch_batch
         self._in_flight: dict[int, tuple[Msg, float]] = {}
-        self._calls: dict[str, set[asyncio.Future[Result]]] = {}  # chain id -> calls in flight
+        self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # chain id -> tasks in a call
+        self._chain_cancels: set[asyncio.Task[Any]] = set()  # tasks cancelled by a chain cancel
         self.cancelled = Recent()
         self._draining = False
         self.completed = 0
@@ -190,7 +191,7 @@ class Worker:
     async def _on_work(self, msg: Msg) -> None:
         try:
             a = assignment_decoder.decode(msg.data)
-        except (DecodeError, ValidationError) as e:
+        except BadMessage as e:
             log.warning("%s: malformed assignment: %s", self.pool, e)
             await self.bus.js.publish(
                 self.subjects.dlq_subject("work"), msg.data, headers={"Cy-Reason": str(e)[:1000]}
@@ -232,14 +233,19 @@ class Worker:
     async def _run_call(self, a: Assignment, msg: Msg, started: int) -> None:
         t0 = time.perf_counter()
         stream = getattr(getattr(a.step, "params", None), "stream", False)
-        call = asyncio.ensure_future(self.execute(a, self._delta_sink(a) if stream else None))
+        # The call runs in this handler's own task (no task per call); a chain cancel cancels
+        # this task, marked in _chain_cancels so it is told apart from being stopped.
+        task = asyncio.current_task()
+        assert task is not None
         calls = self._calls.setdefault(a.chain_id, set())
-        calls.add(call)
+        calls.add(task)
         try:
-            result = await call
+            result = await self.execute(a, self._delta_sink(a) if stream else None)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # we are being stopped: not a chain cancel
+            if task not in self._chain_cancels:  # we are being stopped: not a chain cancel
+                raise
+            self._chain_cancels.discard(task)
+            if task.uncancel():  # stopped as well
                 raise
             latency = (time.perf_counter() - t0) * 1000
             err = ErrorInfo(cls="cancelled", message="the chain was cancelled during the call")
@@ -274,9 +280,12 @@ class Worker:
                 ttft_ms=result.ttft_ms,
             )
         finally:
-            calls.discard(call)
+            calls.discard(task)
             if not calls:
                 self._calls.pop(a.chain_id, None)
+            if task in self._chain_cancels:  # cancelled, but the call ended without seeing it
+                self._chain_cancels.discard(task)
+                task.uncancel()
         await self._publish(event)  # durable first ...
         crash_point("after_publish")
         await msg.ack()  # ... then the work is done
@@ -322,8 +331,10 @@ class Worker:
     async def _on_cancel(self, msg: Msg) -> None:
         chain_id = msg.subject.rsplit(".", 1)[-1]
         self.cancelled.add(chain_id)
-        for call in list(self._calls.get(chain_id, ())):
-            call.cancel()
+        for task in list(self._calls.get(chain_id, ())):
+            if task not in self._chain_cancels:
+                self._chain_cancels.add(task)
+                task.cancel()
 
     def _delta_sink(self, a: Assignment) -> Callable[[str], None]:
         subject = self.subjects.delta(a.tenant, a.chain_id, a.step_id)

@@ -13,7 +13,7 @@ from chainyard.contracts import Message, Output, ToolCall, Usage
 from chainyard.contracts._messages import FinishReason
 
 from ._base import Completion, LlmRequest, OnDelta, RateLimits
-from ._errors import boundary, iter_sse, post_json
+from ._errors import boundary, iter_sse, malformed, post_json
 from ._http import new_client
 from ._ratelimit import parse_openai
 
@@ -43,6 +43,38 @@ def json_data(text: str) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         return None
+
+
+class _Fn(msgspec.Struct):
+    name: str
+    arguments: str | None = None
+
+
+class _Call(msgspec.Struct):
+    function: _Fn
+    id: str | None = None
+
+
+class _RespMessage(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_Call] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _RespMessage | None = None
+    finish_reason: str | None = None
+
+
+class _Response(msgspec.Struct):
+    """The part of a Chat Completions response the adapter reads; the rest is skipped unread."""
+
+    choices: list[_Choice]
+    usage: Any = None
+    model: str | None = None
+
+
+_response = msgspec.json.Decoder(_Response)
+_NO_MESSAGE = _RespMessage()
 
 
 def _message(m: Message) -> dict[str, Any]:
@@ -135,24 +167,26 @@ class OpenAIProvider:
         if on_delta is not None:
             return await self._stream(request, on_delta)
         data, headers = await post_json(
-            self._client, self.name, "/chat/completions", self.body(request, False), self._secrets
-        )
+            self._client, self.name, "/chat/completions", self.body(request, False),
+            self._secrets, _response,
+        )  # fmt: skip
         with boundary(self.name, self._secrets):
-            choice = data["choices"][0]
-            msg = choice.get("message") or {}
+            if not data.choices:
+                raise malformed(self.name, "no choices", self._secrets)
+            choice = data.choices[0]
+            msg = choice.message or _NO_MESSAGE
             calls = [
                 ToolCall(
-                    id=c.get("id") or f"call_{i}",
-                    name=c["function"]["name"],
-                    args=decode_args(c["function"].get("arguments") or ""),
+                    id=c.id or f"call_{i}",
+                    name=c.function.name,
+                    args=decode_args(c.function.arguments or ""),
                 )
-                for i, c in enumerate(msg.get("tool_calls") or [])
+                for i, c in enumerate(msg.tool_calls or ())
             ]
-            text = msg.get("content") or ""
             return Completion(
-                output=self._output(request, text, calls, choice.get("finish_reason")),
-                usage=_usage(data.get("usage")),
-                model=data.get("model") or request.model,
+                output=self._output(request, msg.content or "", calls, choice.finish_reason),
+                usage=_usage(data.usage),
+                model=data.model or request.model,
                 limits=parse_openai(headers),
             )
 
