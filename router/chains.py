@@ -97,11 +97,19 @@ def _after_turn(state: ChainState, turn: loops.LoopTurn, now_ms: int, pick: Pick
 
 
 def on_failed(
-    state: ChainState, ev: StepFailed, now_ms: int, pick: Pick, max_attempts: int, due: bool
+    state: ChainState,
+    ev: StepFailed,
+    now_ms: int,
+    pick: Pick,
+    max_attempts: int,
+    due: bool,
+    wait_until_ms: float | None = None,
 ) -> Outcome:
     """A failed attempt: fail over to another deployment, retry after Retry-After, or give up.
 
-    `due` says the event's own Retry-After has passed (the engine delays the event until then).
+    `due` says the event's own Retry-After has passed (the engine delays the event until then);
+    while the only deployment left has no capacity (throttled, breaker open), the event waits
+    too, until `wait_until_ms` (None: the chain's deadline, if any).
     """
     st = state.steps[ev.step_id]
     tried = [*st.tried, ev.target.deployment]
@@ -114,8 +122,8 @@ def on_failed(
             if ev.error.retry_after_s and not due:
                 return Outcome(state=state, retry_after_s=ev.error.retry_after_s)
             target = pick(step, [])
-            before_deadline = state.deadline_at_ms is None or now_ms < state.deadline_at_ms
-            if isinstance(target, NoCapacity) and before_deadline:
+            until = wait_until_ms if wait_until_ms is not None else state.deadline_at_ms
+            if isinstance(target, NoCapacity) and (until is None or now_ms < until):
                 # Still throttled or cooling down (often by this very 429): look again soon,
                 # the event waiting durably in its stream.
                 return Outcome(state=state, retry_after_s=CAPACITY_RECHECK_MS / 1000)

@@ -112,7 +112,8 @@ class Routing:
             return self.finish(state, chains.on_completed(state, ev, t, picker), picker)
         published = msg.metadata.timestamp.timestamp() * 1000 if msg.metadata.timestamp else t
         due = ev.error.retry_after_s is None or t >= published + ev.error.retry_after_s * 1000
-        out = chains.on_failed(state, ev, t, picker, self.config.max_attempts, due)
+        wait_until = state.deadline_at_ms or published + self.config.capacity_wait_s * 1000
+        out = chains.on_failed(state, ev, t, picker, self.config.max_attempts, due, wait_until)
         return self.finish(state, out, picker)
 
     def finish(
