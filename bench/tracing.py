@@ -1,11 +1,16 @@
 """Figure tracing_overhead_ratio: the chainyard path with tracing exported vs tracing off.
 
 One embedded nats-server, Router + Worker(NullProvider) in one process (bench.chainyard_path),
-the same driver as nats_path. Tracing on = an SDK TracerProvider with the BatchSpanProcessor
-and the OTLP/HTTP exporter sending to a local OTLP receiver in another process
+the same driver as nats_path. Tracing on = what `telemetry.setup` installs in a service
+(`telemetry.build_provider`: chainyard's light spans, a batching thread encoding OTLP protobuf
+directly, http.client POST), sending to a local OTLP receiver in another process
 (tests/otlp_receiver.py); off = chainyard's helpers with no tracer (what a service gets with no
 OTEL_EXPORTER_OTLP_ENDPOINT). Rounds alternate off / on in the same run; the figure is the
-median on-round throughput over the median off-round throughput (goal >= 0.85).
+median on-round throughput over the median off-round throughput (goal >= 0.85). The conditions
+also carry this process's CPU per chain in each kind of round (all threads, the on round's
+export included) and the export thread's CPU per span. `--set mode=1|2` measures the SDK paths
+it replaced (SDK spans with the direct encoder; SDK spans with the SDK's OTLP exporter), mode 3
+spans made and queued but never encoded or sent.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import statistics
 import sys
+import time
 from typing import Any
 
 from chainyard.runtime import telemetry
@@ -29,21 +35,21 @@ NAME = "tracing_overhead_ratio"
 
 
 class _Counting:
-    """Wraps the OTLP exporter to count what was exported."""
+    """Wraps an SDK exporter (modes 1 and 2) to count what was exported."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.spans = 0
-        self.failures = 0
+        self.exported = 0
+        self.failed = 0
 
     def export(self, spans: Any) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         r = self.inner.export(spans)
         if r == SpanExportResult.SUCCESS:
-            self.spans += len(spans)
+            self.exported += len(spans)
         else:
-            self.failures += 1
+            self.failed += len(spans)
         return r
 
     def shutdown(self) -> None:
@@ -51,6 +57,14 @@ class _Counting:
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
+
+
+MODES = {
+    0: "chainyard light spans, direct OTLP protobuf encoder, http.client POST (production)",
+    1: "SDK spans + BatchSpanProcessor, direct OTLP protobuf encoder",
+    2: "SDK spans + BatchSpanProcessor + SDK OTLPSpanExporter (before)",
+    3: "diagnosis: chainyard light spans queued, never encoded or sent",
+}
 
 
 async def _receiver() -> tuple[asyncio.subprocess.Process, str]:
@@ -63,18 +77,38 @@ async def _receiver() -> tuple[asyncio.subprocess.Process, str]:
     return proc, line.decode().strip()
 
 
-def _provider(endpoint: str) -> tuple[Any, _Counting]:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def _provider(endpoint: str, mode: int) -> tuple[Any, Any]:
+    """(provider, exporter with .exported / .failed counts). Mode 0 is what `telemetry.setup`
+    installs in a service; 1 and 2 are the SDK paths it replaced, for comparison."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    exporter = _Counting(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"))
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "chainyard-bench"}),
-        id_generator=telemetry._ChainIds(),
-    )
-    provider.add_span_processor(BatchSpanProcessor(exporter))  # defaults, as in production
+    from chainyard.runtime.telemetry_otlp import OtlpHttpExporter
+
+    resource = Resource.create({"service.name": "chainyard-bench"})
+    url = f"{endpoint}/v1/traces"
+    if mode == 0:
+        exporter = OtlpHttpExporter(endpoint=url)
+        return telemetry.build_provider(resource, exporter), exporter  # OTEL_BSP_* defaults
+    if mode == 3:  # diagnosis: spans made and queued, never encoded or sent
+        class _Null:
+            exported = failed = 0
+            def send(self, spans: Any) -> bool:
+                self.exported += len(spans)
+                return True
+            def shutdown(self) -> None:
+                pass
+        exporter = _Null()
+        return telemetry.build_provider(resource, exporter), exporter
+    if mode == 1:
+        exporter = _Counting(OtlpHttpExporter(endpoint=url))
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = _Counting(OTLPSpanExporter(endpoint=url))
+    provider = TracerProvider(resource=resource, id_generator=telemetry._ChainIds())
+    provider.add_span_processor(BatchSpanProcessor(exporter))  # defaults, as before
     return provider, exporter
 
 
@@ -88,9 +122,12 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
     tmo = 60 + n / 20
     load_before = load_average()
     recv, endpoint = await _receiver()
-    provider, exporter = _provider(endpoint)
+    mode = ctx.n("mode", 0, 0)
+    provider, exporter = _provider(endpoint, mode)
     off: list[Run] = []
     on: list[Run] = []
+    cpu_off: list[float] = []  # this process's CPU (all threads) per chain, us
+    cpu_on: list[float] = []
     try:
         async with NatsServer() as server:
             bus = await open_bus(server.url, name="bench-tracing")
@@ -106,13 +143,22 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
                 cy.check_alive()
                 for r in range(rounds):
                     telemetry.disable()
+                    c0 = time.process_time()
                     off.append(await drive([f"off{r}-{i}" for i in range(n)], cy.submit, done,
                                            window, tmo))
+                    cpu_off.append((time.process_time() - c0) / n * 1e6)
                     telemetry.enable(provider, capture=False)
+                    c0 = time.process_time()
                     on.append(await drive([f"on{r}-{i}" for i in range(n)], cy.submit, done,
                                           window, tmo))
                     telemetry.disable()
                     await asyncio.to_thread(provider.force_flush)  # no export in the off round
+                    cpu_on.append((time.process_time() - c0) / n * 1e6)  # export included
+                if ctx.profile:  # an extra on round: the event loop's share of the tracing cost
+                    telemetry.enable(provider, capture=False)
+                    with ctx.profiled("tracing_on"):
+                        await drive([f"prof-{i}" for i in range(n)], cy.submit, done, window, tmo)
+                    telemetry.disable()
             finally:
                 telemetry.disable()
                 await cy.stop()
@@ -132,15 +178,25 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
         "warmup": warm,
         "process": "driver, router and worker in one process, one connection; receiver apart",
         "provider": "NullProvider (instant, in process)",
-        "exporter": "OTLP/HTTP protobuf, BatchSpanProcessor defaults",
+        "mode": mode,
+        "tracer_exporter": MODES[mode],
+        "batch": "OTEL_BSP_* defaults (512 a batch, 5 s delay, 2048 queue)",
         "receiver": "local process, reads and discards the body (tests/otlp_receiver.py --discard)",
         "settle_spans": telemetry.settle_spans,
         "sampler": "parent-based always-on (every chain traced)",
-        "spans_exported": exporter.spans,
-        "export_failures": exporter.failures,
-        "spans_per_chain": round(exporter.spans / max(1, (n * rounds + warm)), 2),
+        "spans_exported": exporter.exported,
+        "spans_failed": exporter.failed,
+        "spans_per_chain": round(exporter.exported / max(1, (n * rounds + warm)), 2),
         "on_rounds_per_s": [round(r.per_s, 1) for r in on],
         "off_rounds_per_s": [round(r.per_s, 1) for r in off],
+        "cpu_us_per_chain_off": round(statistics.median(cpu_off), 1),
+        "cpu_us_per_chain_on": round(statistics.median(cpu_on), 1),
+        "tracing_cpu_us_per_span": round(
+            (statistics.median(cpu_on) - statistics.median(cpu_off))
+            / max(0.01, exporter.exported / max(1, n * rounds + warm)), 1),
+        "export_cpu_us_per_span": (
+            round(provider.batcher.export_cpu_s / max(1, provider.batcher.exported_spans) * 1e6, 1)
+            if hasattr(provider, "batcher") else None),
         "on_p50_ms": round(statistics.median(r.pct(50) for r in on), 3),
         "off_p50_ms": round(statistics.median(r.pct(50) for r in off), 3),
         "load_average_before": load_before,

@@ -95,7 +95,7 @@ class OtlpReceiver:
     async def _body(request: web.Request) -> bytes:
         body = await request.read()
         enc = request.headers.get("Content-Encoding", "")
-        if enc == "gzip":
+        if enc == "gzip" and body[:2] == b"\x1f\x8b":  # aiohttp may have inflated it already
             return gzip.decompress(body)
         if enc == "deflate":
             return zlib.decompress(body)

@@ -2,10 +2,12 @@
 
 Off unless configured: with no `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`), or with
 `OTEL_SDK_DISABLED=true`, `setup` installs nothing and every helper here returns after one
-check of a module global (measured in docs/TRACING.md). On, a TracerProvider with a
-BatchSpanProcessor and the OTLP/HTTP exporter, both configured by the standard `OTEL_*`
-variables (endpoint, headers, sampler, batch sizes); `OTEL_SERVICE_NAME` wins over the default
-service name (`chainyard-router`, `chainyard-worker`).
+check of a module global (measured in docs/TRACING.md). On, chainyard's light tracer
+(telemetry_lite: OTel API spans without the SDK's per-span cost) with a batching thread that
+encodes OTLP protobuf directly and POSTs it (telemetry_otlp), configured by the standard `OTEL_*`
+variables (endpoint, headers, timeout, sampler, batch sizes); `OTEL_SERVICE_NAME` wins over the
+default service name (`chainyard-router`, `chainyard-worker`). The SDK's TracerProvider is
+installed as the global one, feeding the same export queue, for other libraries' spans.
 
 Propagation: `traceparent` / `tracestate` are written lowercase into NATS headers and read
 case-insensitively (a Go client's `Traceparent` works). Spans follow the OpenTelemetry messaging
@@ -42,6 +44,7 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
+from .telemetry_lite import forced_ids
 from .telemetry_w3c import (  # noqa: F401 - re-exported
     TRACEPARENT,
     TRACESTATE,
@@ -66,9 +69,7 @@ _provider: Any = None  # the TracerProvider we installed (setup), to flush and s
 capture_content = False  # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT
 # ack / nak / term spans: CHAINYARD_TRACE_SETTLE=true (off by default: 3 of ~12 spans a step)
 settle_spans = os.environ.get("CHAINYARD_TRACE_SETTLE", "").strip().lower() in _TRUE
-_forced: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-    "chainyard_forced_ids", default=None
-)
+_forced = forced_ids  # a chain's own span: ids drawn at intake (telemetry_chain.end_chain)
 
 
 def enabled() -> bool:
@@ -127,29 +128,35 @@ def setup(default_service: str) -> bool:
     global _provider
     if not configured():
         return False
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({"service.name": service_name(default_service)})
-    provider = TracerProvider(resource=resource, id_generator=_ChainIds())  # sampler: env
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+    provider = build_provider(resource)
+    # the global provider, for other libraries' spans: the SDK's, feeding the same export queue
+    sdk = TracerProvider(resource=resource, id_generator=_ChainIds())  # sampler: env
+    sdk.add_span_processor(provider.batcher.span_processor())
+    trace.set_tracer_provider(sdk)
     _provider = provider
     enable(provider)
-    log.info("tracing to %s as %s", _endpoint(), resource.attributes.get("service.name"))
+    log.info("tracing to %s as %s", provider.batcher.exporter.endpoint,
+             resource.attributes.get("service.name"))
     return True
 
 
-def _endpoint() -> str:
-    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
-    )
+def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
+    """Chainyard's tracer (telemetry_lite) exporting OTLP/HTTP protobuf (telemetry_otlp), set up
+    from the `OTEL_*` variables: what `setup` installs, and what the benchmark measures."""
+    from .telemetry_lite import LiteProvider, sampler_from_env
+    from .telemetry_otlp import OtlpHttpExporter
+
+    return LiteProvider(resource, exporter or OtlpHttpExporter(), sampler=sampler_from_env(),
+                        **batch)
 
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:
-    """Trace with `provider` (an SDK TracerProvider): for tests, benchmarks and embedding apps."""
+    """Trace with `provider`: an SDK TracerProvider (tests, embedding apps) or the LiteProvider
+    of `build_provider` (services, benchmarks)."""
     global _tracer, capture_content
     t = provider.get_tracer("chainyard")
     if hasattr(t, "id_generator") and not isinstance(t.id_generator, _ChainIds):
@@ -230,10 +237,15 @@ class Scope:
 
     def ensure(self) -> Span:
         if self.span is None:
-            self.span = _tracer.start_span(
-                self.name, context=context_of(self.parent), kind=SpanKind.CONSUMER,
-                attributes=self.attrs, links=self.links, start_time=self.start_ns,
-            )
+            fast = getattr(_tracer, "start_remote_child", None)  # LiteTracer
+            if fast is not None:
+                self.span = fast(self.name, self.parent, SpanKind.CONSUMER, self.attrs,
+                                 self.links, self.start_ns)
+            else:
+                self.span = _tracer.start_span(
+                    self.name, context=context_of(self.parent), kind=SpanKind.CONSUMER,
+                    attributes=self.attrs, links=self.links, start_time=self.start_ns,
+                )
             self.ctx = trace.set_span_in_context(self.span, otel_context.Context())
         return self.span
 
@@ -289,8 +301,15 @@ def consumer(
         try:
             if _tracer is None:
                 await handler(msg)
-            else:
-                await _process(handler, msg, durable)
+            else:  # inline, not a nested coroutine: every resume of the handler passes here
+                scope, token, otel_token = _begin(msg, durable)
+                try:
+                    await handler(msg)
+                except BaseException as e:
+                    record_error(scope.ensure(), e)
+                    raise
+                finally:
+                    _finish(scope, token, otel_token)
         finally:
             if counted:
                 metrics.in_flight(pool, -1)  # type: ignore[arg-type]
@@ -299,16 +318,24 @@ def consumer(
     return traced
 
 
-async def _process(handler: Callable[[Any], Awaitable[None]], msg: Any, durable: str) -> None:
+def _begin(msg: Any, durable: str) -> tuple[Scope, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
     headers = msg.headers
-    attrs = _messaging("process", "process", subject, tmpl)
-    attrs["messaging.consumer.group.name"] = durable
-    mid = header(headers, "nats-msg-id")
-    if mid:
-        attrs["messaging.message.id"] = mid
-    parent = extract(headers)
+    attrs = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": subject,
+        "messaging.destination.template": tmpl,
+        "messaging.consumer.group.name": durable,
+    }
+    parent = None
+    if headers:
+        mid = headers.get("Nats-Msg-Id") or header(headers, "nats-msg-id")
+        if mid:
+            attrs["messaging.message.id"] = mid
+        parent = extract(headers)
     scope = Scope(f"process {tmpl}", attrs, parent)
     token = _scope.set(scope)
     if settle_spans:
@@ -317,16 +344,14 @@ async def _process(handler: Callable[[Any], Awaitable[None]], msg: Any, durable:
     if parent is not None:  # the common case: start now, and let user code see it as current
         scope.ensure()
         otel_token = otel_context.attach(scope.ctx)
-    try:
-        await handler(msg)
-    except BaseException as e:
-        record_error(scope.ensure(), e)
-        raise
-    finally:
-        if otel_token is not None:
-            otel_context.detach(otel_token)
-        _scope.reset(token)
-        scope.ensure().end()
+    return scope, token, otel_token
+
+
+def _finish(scope: Scope, token: Any, otel_token: Any) -> None:
+    if otel_token is not None:
+        otel_context.detach(otel_token)
+    _scope.reset(token)
+    scope.ensure().end()
 
 
 def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str) -> None:
@@ -367,15 +392,23 @@ async def publish(
     if _tracer is None:
         return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
     tmpl = template(subject)
-    a = _messaging("send", "send", subject, tmpl)
-    a["messaging.message.id"] = msg_id
+    a = {
+        "messaging.system": SYSTEM,
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": subject,
+        "messaging.destination.template": tmpl,
+        "messaging.message.id": msg_id,
+    }
     if attrs:
         a.update(attrs)
     span = _tracer.start_span(
         f"send {tmpl}", context=parent if parent is not None else parent_context(),
         kind=SpanKind.PRODUCER, attributes=a,
     )
-    headers = inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
+    own = getattr(span, "inject", None)  # a LiteSpan writes its own headers
+    headers = (own({"Nats-Msg-Id": msg_id}) if own is not None
+               else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id}))
     try:
         return await js.publish(subject, data, headers=headers)
     except BaseException as e:

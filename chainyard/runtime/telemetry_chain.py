@@ -13,6 +13,7 @@ was chosen among which candidates, why, and at what estimated cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,13 @@ def chain_context(state: Any) -> SpanContext | None:
     t = getattr(state, "trace", None)
     if not t:
         return None
-    return tm.parse(t.get("traceparent"), t.get("tracestate"))
+    return _parse(t.get("traceparent"), t.get("tracestate"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
+    """A chain's ids are read from its state at each routing decision and at its end."""
+    return tm.parse(traceparent, tracestate)
 
 
 def trace_id_of(state: Any) -> str | None:
@@ -97,7 +104,7 @@ def end_chain(state: Any) -> None:
     sc = chain_context(state)
     if sc is None or not sc.trace_flags.sampled:
         return
-    parent = tm.parse(t.get("parent"))
+    parent = _parse(t.get("parent"))
     usage = state.usage
     attrs = {
         "chainyard.chain.id": state.chain.id,

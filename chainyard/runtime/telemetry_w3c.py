@@ -13,6 +13,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 _TP = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_TP00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # the common case, checked whole
+_ZERO_TID = "0" * 32
+_ZERO_SID = "0" * 16
+_FLAGS = [TraceFlags(i) for i in range(256)]
 
 
 # -- W3C trace context ----------------------------------------------------------------------
@@ -22,6 +26,17 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     """A remote SpanContext from W3C header values; None for anything invalid."""
     if not traceparent:
         return None
+    if len(traceparent) == 55 and _TP00.fullmatch(traceparent):  # fast path: version 00
+        tid, sid = traceparent[3:35], traceparent[36:52]
+        if tid == _ZERO_TID or sid == _ZERO_SID:
+            return None
+        ts = None
+        if tracestate:
+            try:
+                ts = TraceState.from_header([tracestate])
+            except Exception:
+                ts = None
+        return SpanContext(int(tid, 16), int(sid, 16), True, _FLAGS[int(traceparent[53:], 16)], ts)
     m = _TP.match(traceparent.strip())
     if m is None:
         return None
@@ -45,7 +60,9 @@ def format_traceparent(sc: SpanContext) -> str:
 
 
 def inject(sc: SpanContext, headers: dict[str, str]) -> dict[str, str]:
-    if sc.is_valid:
+    if sc.is_valid and not sc.trace_state:
+        headers[TRACEPARENT] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+    elif sc.is_valid:
         headers[TRACEPARENT] = format_traceparent(sc)
         if sc.trace_state:
             headers[TRACESTATE] = sc.trace_state.to_header()
@@ -65,6 +82,11 @@ def header(headers: dict[str, str] | None, name: str) -> str | None:
 
 
 def extract(headers: dict[str, str] | None) -> SpanContext | None:
+    if not headers:
+        return None
+    tp = headers.get(TRACEPARENT)
+    if tp is not None:  # written lowercase (OTel propagators, chainyard): tracestate too
+        return parse(tp, headers.get(TRACESTATE))
     tp = header(headers, TRACEPARENT)
     return parse(tp, header(headers, TRACESTATE)) if tp else None
 
@@ -90,9 +112,21 @@ _TEMPLATES: dict[str, Callable[[str, list[str]], str]] = {
 }
 
 
+_CACHED = ("submit", "work")  # subjects without a chain id repeat: their templates are kept
+_seen: dict[str, str] = {}
+
+
 def template(subject: str) -> str:
     """`cy.work.tool.search` -> `cy.work.{pool}`: the destination in span names."""
+    t = _seen.get(subject)
+    if t is not None:
+        return t
     tokens = subject.split(".")
+    if len(tokens) >= 3 and tokens[1] in _CACHED:
+        if len(_seen) > 1024:
+            _seen.clear()
+        t = _seen[subject] = _TEMPLATES[tokens[1]](tokens[0], tokens)
+        return t
     if len(tokens) < 3:
         return subject
     fn = _TEMPLATES.get(tokens[1])
