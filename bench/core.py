@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 # Modules that register benchmarks; a new figure = a new module here.
-MODULES: tuple[str, ...] = ("bench.nats_path", "bench.workers", "bench.routing", "bench.transitions", "bench.tracing")
+MODULES: tuple[str, ...] = (
+    "bench.nats_path",
+    "bench.workers",
+    "bench.routing",
+    "bench.transitions",
+    "bench.tracing",
+)
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 PROFILES = HERE / "profiles"

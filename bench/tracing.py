@@ -92,13 +92,17 @@ def _provider(endpoint: str, mode: int) -> tuple[Any, Any]:
         exporter = OtlpHttpExporter(endpoint=url)
         return telemetry.build_provider(resource, exporter), exporter  # OTEL_BSP_* defaults
     if mode == 3:  # diagnosis: spans made and queued, never encoded or sent
+
         class _Null:
             exported = failed = 0
+
             def send(self, spans: Any) -> bool:
                 self.exported += len(spans)
                 return True
+
             def shutdown(self) -> None:
                 pass
+
         exporter = _Null()
         return telemetry.build_provider(resource, exporter), exporter
     if mode == 1:
@@ -144,13 +148,15 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
                 for r in range(rounds):
                     telemetry.disable()
                     c0 = time.process_time()
-                    off.append(await drive([f"off{r}-{i}" for i in range(n)], cy.submit, done,
-                                           window, tmo))
+                    off.append(
+                        await drive([f"off{r}-{i}" for i in range(n)], cy.submit, done, window, tmo)
+                    )
                     cpu_off.append((time.process_time() - c0) / n * 1e6)
                     telemetry.enable(provider, capture=False)
                     c0 = time.process_time()
-                    on.append(await drive([f"on{r}-{i}" for i in range(n)], cy.submit, done,
-                                          window, tmo))
+                    on.append(
+                        await drive([f"on{r}-{i}" for i in range(n)], cy.submit, done, window, tmo)
+                    )
                     telemetry.disable()
                     await asyncio.to_thread(provider.force_flush)  # no export in the off round
                     cpu_on.append((time.process_time() - c0) / n * 1e6)  # export included
@@ -193,10 +199,14 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
         "cpu_us_per_chain_on": round(statistics.median(cpu_on), 1),
         "tracing_cpu_us_per_span": round(
             (statistics.median(cpu_on) - statistics.median(cpu_off))
-            / max(0.01, exporter.exported / max(1, n * rounds + warm)), 1),
+            / max(0.01, exporter.exported / max(1, n * rounds + warm)),
+            1,
+        ),
         "export_cpu_us_per_span": (
             round(provider.batcher.export_cpu_s / max(1, provider.batcher.exported_spans) * 1e6, 1)
-            if hasattr(provider, "batcher") else None),
+            if hasattr(provider, "batcher")
+            else None
+        ),
         "on_p50_ms": round(statistics.median(r.pct(50) for r in on), 3),
         "off_p50_ms": round(statistics.median(r.pct(50) for r in off), 3),
         "load_average_before": load_before,

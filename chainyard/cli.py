@@ -45,7 +45,9 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     config = _config(args)
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    bus = await open_bus(args.nats, name=f"chainyard-{args.command}", topology=config.topology, creds=args.creds)
+    bus = await open_bus(
+        args.nats, name=f"chainyard-{args.command}", topology=config.topology, creds=args.creds
+    )
     tools = load_tools(args.tools) if getattr(args, "tools", None) else None
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
@@ -101,7 +103,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 async def cmd_submit(args: argparse.Namespace) -> int:
     from chainyard.client import ChainTimeout, Client
 
-    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    # Read before the loop does anything else: a blocking read here costs nothing.
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # noqa: ASYNC240
     async with await Client.connect(args.nats, args.tenant, creds=args.creds) as client:
         if not args.wait:
             print(await client.submit(data))
@@ -182,7 +185,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'chain':<30} {'age':>7} {'done':>6} {'cost USD':>10}  running")
     for r in rows:
         running = ", ".join(f"{s}@{p}" for s, p in r.steps.items()) or "-"
-        print(f"{r.chain_id:<30} {r.age_s:6.1f}s {r.done:>3}/{r.total:<2} {r.cost_usd:>10.6f}  {running}")
+        done = f"{r.done:>3}/{r.total:<2}"
+        print(f"{r.chain_id:<30} {r.age_s:6.1f}s {done} {r.cost_usd:>10.6f}  {running}")
     return 0
 
 
@@ -210,7 +214,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], Awaitable[int]], help: str, *, nats: str = "required") -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        fn: Callable[[argparse.Namespace], Awaitable[int]],
+        help: str,
+        *,
+        nats: str = "required",
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         if nats != "none":
@@ -219,13 +229,27 @@ def parser() -> argparse.ArgumentParser:
                 default=os.environ.get("CHAINYARD_NATS"),
                 required=nats == "required" and not os.environ.get("CHAINYARD_NATS"),
                 help="NATS URL, credentials may ride in it (nats://user:pass@host:4222); "
-                + ("without it an embedded server is started" if nats == "optional" else "env CHAINYARD_NATS"),
+                + (
+                    "without it an embedded server is started"
+                    if nats == "optional"
+                    else "env CHAINYARD_NATS"
+                ),
             )
             sp.add_argument("--creds", help="NATS credentials file")
         return sp
 
-    add("demo", cmd_demo, "run the demo chain on an embedded NATS with the local model", nats="optional")
-    sp = add("dev", cmd_dev, "embedded NATS + router + workers from a config; runs until stopped", nats="optional")
+    add(
+        "demo",
+        cmd_demo,
+        "run the demo chain on an embedded NATS with the local model",
+        nats="optional",
+    )
+    sp = add(
+        "dev",
+        cmd_dev,
+        "embedded NATS + router + workers from a config; runs until stopped",
+        nats="optional",
+    )
     sp.add_argument("--config", help="TOML config (default: the demo's)")
     sp.add_argument("--no-local", action="store_true", help="do not start the local model")
     sp = add("router", cmd_router, "run the router")
@@ -233,7 +257,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     sp = add("worker", cmd_worker, "run workers for pools and/or tools")
     sp.add_argument("--config", help="TOML config")
-    sp.add_argument("--pool", action="append", help="pool to serve (repeat; default: all in config)")
+    sp.add_argument(
+        "--pool", action="append", help="pool to serve (repeat; default: all in config)"
+    )
     sp.add_argument("--tools", help="module:attribute of a chainyard Tools registry to serve")
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     for name, fn, help in (
@@ -251,7 +277,11 @@ def parser() -> argparse.ArgumentParser:
         elif name != "status":
             sp.add_argument("chain_id")
         if name in ("submit", "replay"):
-            sp.add_argument("--wait", action="store_true", help="wait; print the terminal event; exit 0 only if completed")
+            sp.add_argument(
+                "--wait",
+                action="store_true",
+                help="wait; print the terminal event; exit 0 only if completed",
+            )
             sp.add_argument("--timeout", type=float, default=300.0)
         if name == "watch":
             sp.add_argument("--deltas", action="store_true", help="also print streamed tokens")
@@ -262,7 +292,12 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--data", help="JSON payload: the wait step's output")
         elif name == "replay":
             sp.add_argument("from_step", help="the first step to run again")
-            sp.add_argument("--model", action="append", metavar="STEP=MODEL", help="run STEP on another model or group")
+            sp.add_argument(
+                "--model",
+                action="append",
+                metavar="STEP=MODEL",
+                help="run STEP on another model or group",
+            )
     sp = add("trace", cmd_trace, "draw a chain as a waterfall (event log; Jaeger with --jaeger)")
     sp.add_argument("chain_id")
     sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))

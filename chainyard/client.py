@@ -16,13 +16,13 @@ from pathlib import Path
 from types import TracebackType
 
 import msgspec
-
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NoKeysError
 
 from chainyard.contracts import (
+    Cancel,
     Chain,
     ChainCancelled,
     ChainCompleted,
@@ -30,11 +30,10 @@ from chainyard.contracts import (
     ChainFailed,
     ChainRejected,
     Event,
-    Subjects,
-    Topology,
-    Cancel,
     Replay,
     StepOverride,
+    Subjects,
+    Topology,
     encode,
     event_decoder,
     state_decoder,
@@ -42,6 +41,7 @@ from chainyard.contracts import (
 from chainyard.contracts import new_id as _new_id
 from chainyard.runtime import telemetry
 from chainyard.runtime.nats import connect
+
 
 class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
     chain_id: str
@@ -111,7 +111,9 @@ class Client:
         publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, chain_id)
         return await self._await_end(chain_id, publish, timeout)
 
-    async def _await_end(self, chain_id: str, action: Awaitable[object], timeout: float) -> ChainEnded:
+    async def _await_end(
+        self, chain_id: str, action: Awaitable[object], timeout: float
+    ) -> ChainEnded:
         """Subscribe to the chain's events, then perform `action`, then wait for the end.
 
         When the stream says the publish was a duplicate (the same chain id was submitted
@@ -125,7 +127,9 @@ class Client:
                 if isinstance(ev, ENDED) and not ended.done():
                     ended.set_result(ev)
 
-        sub = await self.nc.subscribe(self.subjects.chain_events(self.tenant, chain_id), cb=on_event)
+        sub = await self.nc.subscribe(
+            self.subjects.chain_events(self.tenant, chain_id), cb=on_event
+        )
         try:
             ack = await action
             if getattr(ack, "duplicate", False):
@@ -161,7 +165,9 @@ class Client:
         if wait is None:
             await self._control(chain_id, "replay", encode(req))
             return req.new_id
-        return await self._await_end(req.new_id, self._control(chain_id, "replay", encode(req)), wait)
+        return await self._await_end(
+            req.new_id, self._control(chain_id, "replay", encode(req)), wait
+        )
 
     async def status(self) -> list[ChainStatusRow]:
         """This tenant's chains in flight: running steps, their pools, cost so far.
@@ -228,7 +234,9 @@ class Client:
         else:
             subs.append(await self.nc.subscribe(subject, cb=put))
         if deltas:
-            subs.append(await self.nc.subscribe(self.subjects.delta(self.tenant, chain_id, "*"), cb=put))
+            subs.append(
+                await self.nc.subscribe(self.subjects.delta(self.tenant, chain_id, "*"), cb=put)
+            )
         try:
             while True:
                 msg = await queue.get()

@@ -81,14 +81,16 @@ def rows_from_events(events: list[Any]) -> tuple[list[Row], str]:
             u = e.usage
             tokens = f" {u.input_tokens}/{u.output_tokens} tok" if u.input_tokens else ""
             note = f"{where}{tokens}" + (f" ${e.cost_usd:.6f}" if e.cost_usd else "")
-        rows.append(Row(
-            label=f"{e.step_id} #{e.attempt}",
-            start_ms=dispatched - t0,
-            queued_ms=max(e.started_at_ms - dispatched, 0) if e.started_at_ms else 0.0,
-            run_ms=e.latency_ms,
-            note=note,
-            failed=failed,
-        ))
+        rows.append(
+            Row(
+                label=f"{e.step_id} #{e.attempt}",
+                start_ms=dispatched - t0,
+                queued_ms=max(e.started_at_ms - dispatched, 0) if e.started_at_ms else 0.0,
+                run_ms=e.latency_ms,
+                note=note,
+                failed=failed,
+            )
+        )
     return rows, _summary(ended[-1]) if ended else "running"
 
 
@@ -135,16 +137,18 @@ def spans_from_otlp_json(doc: dict[str, Any]) -> list[dict[str, Any]]:
         service = _attr(rs.get("resource", {}).get("attributes", []), "service.name") or "?"
         for ss in rs.get("scopeSpans", rs.get("instrumentationLibrarySpans", [])):
             for s in ss.get("spans", []):
-                out.append({
-                    "service": service,
-                    "name": s.get("name", ""),
-                    "id": _hex_id(s.get("spanId")),
-                    "parent": _hex_id(s.get("parentSpanId")),
-                    "start": int(s.get("startTimeUnixNano", 0)),
-                    "end": int(s.get("endTimeUnixNano", 0)),
-                    "error": (s.get("status") or {}).get("code") in (2, "STATUS_CODE_ERROR"),
-                    "attrs": s.get("attributes", []),
-                })
+                out.append(
+                    {
+                        "service": service,
+                        "name": s.get("name", ""),
+                        "id": _hex_id(s.get("spanId")),
+                        "parent": _hex_id(s.get("parentSpanId")),
+                        "start": int(s.get("startTimeUnixNano", 0)),
+                        "end": int(s.get("endTimeUnixNano", 0)),
+                        "error": (s.get("status") or {}).get("code") in (2, "STATUS_CODE_ERROR"),
+                        "attrs": s.get("attributes", []),
+                    }
+                )
     return out
 
 
@@ -166,11 +170,16 @@ def rows_from_spans(spans: list[dict[str, Any]]) -> list[Row]:
                 v = _attr(s["attrs"], key)
                 if v is not None:
                     note += f" {key.rsplit('.', 1)[-1]}={v}"
-            rows.append(Row(
-                label=(" " * min(depth, MAX_INDENT)) + s["name"], start_ms=(s["start"] - t0) / 1e6,
-                queued_ms=0.0, run_ms=max(s["end"] - s["start"], 0) / 1e6, note=note,
-                failed=s["error"],
-            ))
+            rows.append(
+                Row(
+                    label=(" " * min(depth, MAX_INDENT)) + s["name"],
+                    start_ms=(s["start"] - t0) / 1e6,
+                    queued_ms=0.0,
+                    run_ms=max(s["end"] - s["start"], 0) / 1e6,
+                    note=note,
+                    failed=s["error"],
+                )
+            )
             walk(s["id"], depth + 1)
 
     walk("", 0)
@@ -217,8 +226,14 @@ async def fetch_jaeger(base: str, trace_id: str) -> dict[str, Any]:
 
 
 async def run(
-    chain_id: str, *, nats_url: str, tenant: str, creds: str | None = None,
-    jaeger: str | None = None, prefix: str = "cy", out: Any = None,
+    chain_id: str,
+    *,
+    nats_url: str,
+    tenant: str,
+    creds: str | None = None,
+    jaeger: str | None = None,
+    prefix: str = "cy",
+    out: Any = None,
 ) -> int:
     from chainyard.contracts import Subjects, Topology, state_decoder
     from chainyard.runtime.nats import connect

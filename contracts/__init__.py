@@ -62,9 +62,9 @@ from ._state import ChainState, ChainStatus, StepState, StepStatus
 from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
-    "BadMessage",
     "VERSION",
     "Assignment",
+    "BadMessage",
     "Cancel",
     "Chain",
     "ChainCancelled",

@@ -41,7 +41,11 @@ class Catalog:
     def deployments(self, step: LlmStep) -> list[Deployment]:
         found = self._by_model.get(step.model, [])
         if step.route.avoid:
-            found = [d for d in found if d.pool not in step.route.avoid and d.name not in step.route.avoid]
+            found = [
+                d
+                for d in found
+                if d.pool not in step.route.avoid and d.name not in step.route.avoid
+            ]
         if step.route.capabilities:
             need = set(step.route.capabilities)
             found = [d for d in found if need <= set(d.capabilities)]
@@ -74,5 +78,10 @@ class Catalog:
         if isinstance(step, WaitStep):
             return []
         if not self.known_tool(step.tool):
-            return [(".tool", f"unknown tool {step.tool!r}: no worker serves pool {tool_pool(step.tool)!r}")]
+            return [
+                (
+                    ".tool",
+                    f"unknown tool {step.tool!r}: no worker serves pool {tool_pool(step.tool)!r}",
+                )
+            ]
         return []

@@ -83,7 +83,9 @@ def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) 
         error=None,
     )
     if st.parent is not None:  # a loop's tool call: its loop may resume
-        return _after_turn(state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick)
+        return _after_turn(
+            state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick
+        )
     return _advance(msgspec.structs.replace(state, steps=steps), now_ms, pick, [])
 
 
@@ -140,7 +142,9 @@ def on_failed(
             return Outcome(state=msgspec.structs.replace(state, steps=steps), dispatch=[ev.step_id])
     steps[ev.step_id] = _replace(st, status="failed", tried=tried, error=ev.error)
     if st.parent is not None:  # a loop's tool call failed for good: the model is told
-        return _after_turn(state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick)
+        return _after_turn(
+            state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick
+        )
     why = _failure_reason(ev, st.attempt, max_attempts)
     return _fail(msgspec.structs.replace(state, steps=steps), now_ms, why, ev.step_id, ev.error)
 
@@ -159,7 +163,9 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
     if adv.failed_dep:
         return _fail(state, now_ms, f"step {adv.failed_dep!r} failed", adv.failed_dep, None)
     if state.deadline_at_ms is not None and now_ms > state.deadline_at_ms and adv.ready:
-        return _fail(state, now_ms, "deadline exceeded before the next step could start", None, None)
+        return _fail(
+            state, now_ms, "deadline exceeded before the next step could start", None, None
+        )
     steps = dict(state.steps)
     timers: list[Timer] = []
     for sid in adv.skipped:
@@ -255,7 +261,9 @@ def ended_event(state: ChainState) -> Ended | None:
     if state.status == "cancelled":
         return cancelled_event(state)
     if state.status == "failed":
-        failed = [sid for sid, st in state.steps.items() if st.status == "failed" and st.parent is None]
+        failed = [
+            sid for sid, st in state.steps.items() if st.status == "failed" and st.parent is None
+        ]
         sid = failed[0] if failed else None
         return ChainFailed(
             chain_id=state.chain.id,

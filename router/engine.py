@@ -76,7 +76,9 @@ class Router:
         self.subjects = bus.topology.subjects
         self.capacity = CapacityView(bus.capacity)
         self.catalog = Catalog(config, self.capacity.seen)
-        self.routing = Routing(bus, config, self.capacity, self.catalog)  # policy, breakers, budgets
+        self.routing = Routing(
+            bus, config, self.capacity, self.catalog
+        )  # policy, breakers, budgets
         self.policy = self.routing.policy
         self.concurrency = concurrency
         self.store = StateStore(bus.chains)
@@ -129,7 +131,9 @@ class Router:
             chain = chain_decoder.decode(msg.data)
         except BadMessage as e:
             path, message = _msgspec_path(e)
-            await self._reject(msg, tenant, self._claimed_id(msg), [FieldError(path=path, message=message)])
+            await self._reject(
+                msg, tenant, self._claimed_id(msg), [FieldError(path=path, message=message)]
+            )
             return
         errors = [FieldError(path=e.path, message=e.message) for e in graph.validate(chain)]
         errors += [FieldError(path=p, message=m) for p, m in self.catalog.problems(chain)]
@@ -152,7 +156,9 @@ class Router:
         except Conflict:
             existing, _ = await self.store.load(key, fresh=True)
             if existing is None or existing.chain != chain:
-                err = FieldError(path="$.id", message=f"chain id {chain.id!r} is already used by another chain")
+                err = FieldError(
+                    path="$.id", message=f"chain id {chain.id!r} is already used by another chain"
+                )
                 await self._reject(msg, tenant, chain.id, [err])
                 return
             outcome = chains.followups(existing, now_ms())
@@ -165,7 +171,12 @@ class Router:
 
     async def _reject(self, msg: Msg, tenant: str, chain_id: str, errors: list[FieldError]) -> None:
         ev = ChainRejected(chain_id=chain_id, tenant=tenant, errors=errors)
-        log.info("rejected %s/%s: %s", tenant, chain_id, "; ".join(f"{e.path}: {e.message}" for e in errors))
+        log.info(
+            "rejected %s/%s: %s",
+            tenant,
+            chain_id,
+            "; ".join(f"{e.path}: {e.message}" for e in errors),
+        )
         await self._publish_event(ev, f"{chain_id}.rejected.{msg.metadata.sequence.stream}")
         await self._dead_letter(msg, "intake", "; ".join(e.message for e in errors), tenant)
 
@@ -222,9 +233,11 @@ class Router:
             if verb == "cancel":
                 reason = cancel_decoder.decode(msg.data or b"{}").reason
                 outcome = await self._apply(key, _known(lambda s: control.cancel(s, reason, t)))
-            elif verb.startswith("signal.") and _ID_OK.match(name := verb[len("signal."):]):
+            elif verb.startswith("signal.") and _ID_OK.match(name := verb[len("signal.") :]):
                 data = _json_or_text(msg.data)
-                outcome = await self._apply(key, _known(lambda s: control.signal(s, name, data, t, self.policy.pick)))
+                outcome = await self._apply(
+                    key, _known(lambda s: control.signal(s, name, data, t, self.policy.pick))
+                )
             elif verb == "replay":
                 req = replay_decoder.decode(msg.data)
                 old, _ = await self.store.load(key, fresh=True)
@@ -242,7 +255,9 @@ class Router:
             await self._perform(outcome)
         await msg.ack()
 
-    async def _control_rejected(self, msg: Msg, tenant: str, chain_id: str, verb: str, why: str) -> None:
+    async def _control_rejected(
+        self, msg: Msg, tenant: str, chain_id: str, verb: str, why: str
+    ) -> None:
         log.info("control %s on %s/%s refused: %s", verb, tenant, chain_id, why)
         ev = ControlRejected(chain_id=chain_id, tenant=tenant, verb=verb, message=why)
         await self._publish_event(ev, f"{chain_id}.control.{msg.metadata.sequence.stream}")
@@ -324,9 +339,16 @@ class Router:
             hedge=hedge,
         )
         await telemetry_chain.publish_work(  # inside a routing span, with traceparent
-            self.bus.js, self.subjects.work(target.pool), encode(a), a, state,
-            lambda: [d.name for d in self.catalog.deployments(a.step)]
-            if isinstance(a.step, LlmStep) else [target.deployment],
+            self.bus.js,
+            self.subjects.work(target.pool),
+            encode(a),
+            a,
+            state,
+            lambda: (
+                [d.name for d in self.catalog.deployments(a.step)]
+                if isinstance(a.step, LlmStep)
+                else [target.deployment]
+            ),
             self.config.strategy,
         )
 

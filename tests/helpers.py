@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-# ruff: noqa: ASYNC109 - explicit timeouts are the point of these helpers
 import asyncio
 import contextlib
 import os

@@ -519,7 +519,9 @@ async def test_redelivered_step_with_recorded_result_is_not_called_again(
     )  # fmt: skip
     survivor = None
     try:
-        chain = Chain(id="once", steps=[LlmStep(id="a", model="gpt-4o-mini", messages=ask("hello"))])
+        chain = Chain(
+            id="once", steps=[LlmStep(id="a", model="gpt-4o-mini", messages=ask("hello"))]
+        )
         ended = await stack.client.run(chain, timeout=60)  # recorded before the worker died
         assert isinstance(ended, ChainCompleted), ended
         assert await asyncio.wait_for(dying.wait(), 30) == 137

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from chainyard.contracts import Usage
 from chainyard.workers.pricing import PriceOverride, Pricer
 

@@ -88,8 +88,13 @@ async def start(args: list[str], log: Path, endpoint: str) -> asyncio.subprocess
     )
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "chainyard.cli", *args,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, env=env,
+            sys.executable,
+            "-m",
+            "chainyard.cli",
+            *args,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
         )
 
 
@@ -145,15 +150,32 @@ async def test_one_chain_is_one_trace_across_processes(
             cfg.write_text(toml(good.url, bad.url))
             base = ["--nats", nats_server.url, "--config", str(cfg)]
             procs.append(await start(["router", *base], tmp_path / "router.log", receiver.endpoint))
-            procs.append(await start(
-                ["worker", *base, "--pool", "bad", "--pool", "good",
-                 "--metrics-port", str(metrics_port)],
-                tmp_path / "llm.log", receiver.endpoint,
-            ))
-            procs.append(await start(["worker", *base, "--tools", "chainyard.demo:tools"],
-                                     tmp_path / "tools.log", receiver.endpoint))
+            procs.append(
+                await start(
+                    [
+                        "worker",
+                        *base,
+                        "--pool",
+                        "bad",
+                        "--pool",
+                        "good",
+                        "--metrics-port",
+                        str(metrics_port),
+                    ],
+                    tmp_path / "llm.log",
+                    receiver.endpoint,
+                )
+            )
+            procs.append(
+                await start(
+                    ["worker", *base, "--tools", "chainyard.demo:tools"],
+                    tmp_path / "tools.log",
+                    receiver.endpoint,
+                )
+            )
             bus = await open_bus(nats_server.url, name="t")
             try:
+
                 async def ready() -> bool:
                     with contextlib.suppress(Exception):
                         keys = await bus.capacity.keys()
@@ -171,8 +193,13 @@ async def test_one_chain_is_one_trace_across_processes(
                 local_ids = {f"{x.context.span_id:016x}" for x in local.get_finished_spans()}
                 received = await receiver.wait_for(lambda s: complete(s, local_ids), timeout=30)
                 out = io.StringIO()
-                code = await trace_view.run("traced-1", nats_url=nats_server.url, tenant=TENANT,
-                                            jaeger=receiver.endpoint, out=out)
+                code = await trace_view.run(
+                    "traced-1",
+                    nats_url=nats_server.url,
+                    tenant=TENANT,
+                    jaeger=receiver.endpoint,
+                    out=out,
+                )
                 async with httpx.AsyncClient() as http:
                     scraped = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
             finally:
@@ -192,11 +219,19 @@ async def test_one_chain_is_one_trace_across_processes(
                 p.kill()
 
     mine = [
-        Span(service="client", name=s.name, kind=0, trace_id=f"{s.context.trace_id:032x}",
-             span_id=f"{s.context.span_id:016x}",
-             parent_id=f"{s.parent.span_id:016x}" if s.parent else "",
-             start_ns=s.start_time, end_ns=s.end_time, attrs=dict(s.attributes), links=[],
-             status_code=0)
+        Span(
+            service="client",
+            name=s.name,
+            kind=0,
+            trace_id=f"{s.context.trace_id:032x}",
+            span_id=f"{s.context.span_id:016x}",
+            parent_id=f"{s.parent.span_id:016x}" if s.parent else "",
+            start_ns=s.start_time,
+            end_ns=s.end_time,
+            attrs=dict(s.attributes),
+            links=[],
+            status_code=0,
+        )
         for s in local.get_finished_spans()
     ]
     spans = mine + received
@@ -221,13 +256,18 @@ async def test_one_chain_is_one_trace_across_processes(
 
     # messaging spans
     named = {s.name for s in spans}
-    for name in ("send cy.submit.{tenant}", "process cy.submit.{tenant}", "send cy.work.{pool}",
-                 "process cy.work.{pool}", "ack cy.work.{pool}",
-                 "send cy.events.{tenant}.{chain}.step.completed",
-                 "send cy.events.{tenant}.{chain}.step.failed",
-                 "process cy.events.{tenant}.{chain}.step.failed",
-                 "process cy.events.{tenant}.{chain}.step.completed",
-                 "send cy.events.{tenant}.{chain}.chain.completed"):
+    for name in (
+        "send cy.submit.{tenant}",
+        "process cy.submit.{tenant}",
+        "send cy.work.{pool}",
+        "process cy.work.{pool}",
+        "ack cy.work.{pool}",
+        "send cy.events.{tenant}.{chain}.step.completed",
+        "send cy.events.{tenant}.{chain}.step.failed",
+        "process cy.events.{tenant}.{chain}.step.failed",
+        "process cy.events.{tenant}.{chain}.step.completed",
+        "send cy.events.{tenant}.{chain}.chain.completed",
+    ):
         assert name in named, name
     for s in spans:
         if s.name.split(" ")[0] in ("send", "process", "ack"):
@@ -255,8 +295,11 @@ async def test_one_chain_is_one_trace_across_processes(
     assert tool.attrs["gen_ai.tool.name"] == "weather"
 
     # routing decisions
-    routes = {(s.attrs["chainyard.step.id"], s.attrs["chainyard.step.attempt"]): s
-              for s in spans if s.name.startswith("route ")}
+    routes = {
+        (s.attrs["chainyard.step.id"], s.attrs["chainyard.step.attempt"]): s
+        for s in spans
+        if s.name.startswith("route ")
+    }
     assert set(routes) == {("weather", 1), ("answer", 1), ("answer", 2)}
     first, second = routes[("answer", 1)].attrs, routes[("answer", 2)].attrs
     assert first["chainyard.route.choice"] == "bad-d"
@@ -282,8 +325,15 @@ async def test_one_chain_is_one_trace_across_processes(
     text = out.getvalue()
     print(text)  # docs/TRACING.md shows a run of this
     assert code == 0, text
-    for needle in ("weather #1", "answer #1", "answer #2", "bad-d: retryable 500",
-                   "chat m", "execute_tool weather", "route m"):
+    for needle in (
+        "weather #1",
+        "answer #1",
+        "answer #2",
+        "bad-d: retryable 500",
+        "chat m",
+        "execute_tool weather",
+        "route m",
+    ):
         assert needle in text, (needle, text)
 
     # metrics: Prometheus scrape of the LLM worker, OTLP metrics from every service

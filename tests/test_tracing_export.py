@@ -22,8 +22,18 @@ from chainyard.runtime import telemetry_otlp as otlp
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 ATTRS: dict[str, Any] = {
-    "s": "text é", "b": True, "f": False, "i": 3, "neg": -5, "big": 2**62, "d": 1.5,
-    "ls": ["x", "y"], "li": [1, 2], "ld": [0.5], "lb": [True, False], "empty": "",
+    "s": "text é",
+    "b": True,
+    "f": False,
+    "i": 3,
+    "neg": -5,
+    "big": 2**62,
+    "d": 1.5,
+    "ls": ["x", "y"],
+    "li": [1, 2],
+    "ld": [0.5],
+    "lb": [True, False],
+    "empty": "",
 }
 
 
@@ -59,8 +69,9 @@ def only_span(req: ExportTraceServiceRequest) -> Any:
 @pytest.fixture
 def lite() -> Any:
     keep = Keep()
-    provider = tm.build_provider(Resource.create({"service.name": "svc"}), keep,
-                                 schedule_delay_ms=60_000)
+    provider = tm.build_provider(
+        Resource.create({"service.name": "svc"}), keep, schedule_delay_ms=60_000
+    )
     yield provider, keep
     provider.shutdown()
 
@@ -69,8 +80,12 @@ def test_light_span_encodes_every_field(lite: Any) -> None:
     provider, keep = lite
     parent = tm.parse(TP)
     span = provider.get_tracer().start_span(
-        "process cy.work.{pool}", context=tm.context_of(parent), kind=SpanKind.CONSUMER,
-        attributes=dict(ATTRS), links=[Link(parent, {"why": "creation"})], start_time=1000,
+        "process cy.work.{pool}",
+        context=tm.context_of(parent),
+        kind=SpanKind.CONSUMER,
+        attributes=dict(ATTRS),
+        links=[Link(parent, {"why": "creation"})],
+        start_time=1000,
     )
     span.set_attribute("late", 7)
     span.add_event("retry", {"n": 1}, timestamp=1500)
@@ -106,8 +121,12 @@ def test_light_spans_match_the_sdk_encoder(lite: Any) -> None:
     sdk.add_span_processor(SimpleSpanProcessor(mem))
     t = sdk.get_tracer("chainyard")
     with t.start_as_current_span("root", kind=SpanKind.SERVER) as root:
-        child = t.start_span("send x", kind=SpanKind.PRODUCER, attributes=dict(ATTRS),
-                             links=[Link(root.get_span_context())])
+        child = t.start_span(
+            "send x",
+            kind=SpanKind.PRODUCER,
+            attributes=dict(ATTRS),
+            links=[Link(root.get_span_context())],
+        )
         child.set_status(Status(StatusCode.OK))
         child.end()
     ours = decode(otlp.encode(mem.get_finished_spans()))
@@ -130,15 +149,20 @@ def test_local_child_and_sampling_flags(lite: Any) -> None:
     assert child.parent.span_id == parent.get_span_context().span_id
     assert not child.parent.is_remote
     headers = child.inject({})
-    assert tm.parse(headers["traceparent"]) .span_id == child.get_span_context().span_id
+    assert tm.parse(headers["traceparent"]).span_id == child.get_span_context().span_id
     child.end()
     parent.end()
     unsampled = tm.parse(TP[:-2] + "00")
     off = tr.start_span("x", context=tm.context_of(unsampled))
     assert not off.is_recording() and off.get_span_context().trace_flags == TraceFlags(0)
     provider.force_flush()
-    spans = [s for b in keep.bodies for rs in decode(b).resource_spans
-             for ss in rs.scope_spans for s in ss.spans]
+    spans = [
+        s
+        for b in keep.bodies
+        for rs in decode(b).resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
     assert [s.name for s in spans] == ["send x", "route m"]
     assert spans[0].flags == 0x100  # local parent
 
@@ -167,8 +191,7 @@ def test_batcher_drops_beyond_the_queue_and_wakes_on_a_full_batch() -> None:
         def shutdown(self) -> None:
             pass
 
-    b = tl.SpanBatcher(Exp(), max_queue_size=10, max_export_batch_size=4,
-                       schedule_delay_ms=60_000)
+    b = tl.SpanBatcher(Exp(), max_queue_size=10, max_export_batch_size=4, schedule_delay_ms=60_000)
     try:
         for i in range(4):
             b.add(i)

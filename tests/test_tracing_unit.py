@@ -84,8 +84,13 @@ def target(pool: str = "sim") -> Target:
 def assignment(step: Any = None, attempt: int = 1) -> Assignment:
     step = step or LlmStep(id="s", model="small", messages=[Message(role="user", content="SECRET")])
     return Assignment(
-        chain_id="c1", step_id=step.id, attempt=attempt, tenant="acme", step=step,
-        target=target(), dispatched_at_ms=1,
+        chain_id="c1",
+        step_id=step.id,
+        attempt=attempt,
+        tenant="acme",
+        step=step,
+        target=target(),
+        dispatched_at_ms=1,
     )
 
 
@@ -107,11 +112,16 @@ def test_traceparent_parse_format_roundtrip() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [None, "", "garbage", "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
-     "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-     "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-     "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"],
+    [
+        None,
+        "",
+        "garbage",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+    ],
 )
 def test_invalid_traceparent_is_ignored(bad: str | None) -> None:
     assert tm.parse(bad) is None
@@ -268,11 +278,19 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
         state: ChainState
 
     async def intake(msg: FakeMsg) -> None:
-        out = tc.begin_chain(Outcome(state(steps={"s": StepState(status="dispatched", attempt=1,
-                                                                  target=target())})))
+        out = tc.begin_chain(
+            Outcome(state(steps={"s": StepState(status="dispatched", attempt=1, target=target())}))
+        )
         holder["state"] = out.state
-        await tc.publish_work(js, "cy.work.sim", b"{}", assignment(), out.state,
-                              lambda: ["sim-d", "other-d"], "cheapest")
+        await tc.publish_work(
+            js,
+            "cy.work.sim",
+            b"{}",
+            assignment(),
+            out.state,
+            lambda: ["sim-d", "other-d"],
+            "cheapest",
+        )
         await msg.ack()
 
     await tm.consumer(intake, "intake")(FakeMsg("cy.submit.acme", {"traceparent": TP}))
@@ -294,9 +312,17 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     # later, maybe in another replica: the chain ends
     spans.clear()
     ended = msgspec.structs.replace(
-        st, status="completed", ended_at_ms=st.created_at_ms + 1500,
-        steps={"s": StepState(status="completed", attempt=1, cost_usd=0.25,
-                              usage=Usage(input_tokens=7, output_tokens=3))},
+        st,
+        status="completed",
+        ended_at_ms=st.created_at_ms + 1500,
+        steps={
+            "s": StepState(
+                status="completed",
+                attempt=1,
+                cost_usd=0.25,
+                usage=Usage(input_tokens=7, output_tokens=3),
+            )
+        },
     )
     tc.chain_recorded(st, ended)
     tc.chain_recorded(ended, ended)  # already ended: nothing twice
@@ -339,8 +365,11 @@ class ProviderError(Exception):
 
 async def test_chat_span_attributes_and_no_prompt_text(spans: InMemorySpanExporter) -> None:
     async def execute(a: Assignment, on_delta: Any) -> Result:
-        return Result(output=Output(text="ANSWER", finish_reason="stop"),
-                      usage=Usage(input_tokens=5, output_tokens=2), model="m-1-2025")
+        return Result(
+            output=Output(text="ANSWER", finish_reason="stop"),
+            usage=Usage(input_tokens=5, output_tokens=2),
+            model="m-1-2025",
+        )
 
     await tg.traced_chat(execute)(assignment(), None)
     (sp,) = spans.get_finished_spans()
@@ -398,12 +427,33 @@ def test_prometheus_metrics() -> None:
     assert m.on
     t = target()
     m.routed(t.pool, t.deployment)
-    m.step_result(StepCompleted(chain_id="c", step_id="s", attempt=1, tenant="a",
-                                output=Output(text="x"), usage=Usage(input_tokens=3),
-                                cost_usd=0.5, target=t, worker="w", dispatched_at_ms=1,
-                                started_at_ms=1, latency_ms=12.0))
-    m.step_result(StepFailed(chain_id="c", step_id="s", attempt=1, tenant="a",
-                             error=ErrorInfo(cls="retryable", message="x"), target=t, worker="w"))
+    m.step_result(
+        StepCompleted(
+            chain_id="c",
+            step_id="s",
+            attempt=1,
+            tenant="a",
+            output=Output(text="x"),
+            usage=Usage(input_tokens=3),
+            cost_usd=0.5,
+            target=t,
+            worker="w",
+            dispatched_at_ms=1,
+            started_at_ms=1,
+            latency_ms=12.0,
+        )
+    )
+    m.step_result(
+        StepFailed(
+            chain_id="c",
+            step_id="s",
+            attempt=1,
+            tenant="a",
+            error=ErrorInfo(cls="retryable", message="x"),
+            target=t,
+            worker="w",
+        )
+    )
     m.in_flight("sim", 1)
     m.queue("sim", 4, 2)
     m.breaker("sim-d", "open")

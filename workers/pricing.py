@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-from chainyard.contracts import Usage
 from genai_prices import Usage as GenaiUsage
 from genai_prices import calc_price
 from msgspec import Struct
+
+from chainyard.contracts import Usage
 
 # Our provider names -> genai-prices provider ids.
 _PROVIDER_IDS = {

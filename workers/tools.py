@@ -1,4 +1,4 @@
-"""Tool workers: a decorator turns a Python function into tool `<name>`, served in pool `tool.<name>`.
+"""Tool workers: a decorator turns a Python function into tool `<name>`, in pool `tool.<name>`.
 
 The tool's JSON Schema comes from its type hints; arguments are validated against them before
 the function runs, so a model's malformed call is a clear failure, not a TypeError deep inside.
@@ -67,7 +67,7 @@ class Tools:
 
         return register(fn) if fn is not None else register
 
-    def __iter__(self):  # noqa: ANN204 - iterator of Tool
+    def __iter__(self):
         return iter(self.by_name.values())
 
     def specs(self, names: list[str] | None = None) -> list[ToolSpec]:
@@ -94,11 +94,15 @@ def tool_executor(tool: Tool) -> Callable[[Assignment, Any], Any]:
         except ProviderError:
             raise
         except Exception as e:
-            raise ProviderError("fatal", f"tool {tool.name!r} raised {type(e).__name__}: {e}") from e
+            raise ProviderError(
+                "fatal", f"tool {tool.name!r} raised {type(e).__name__}: {e}"
+            ) from e
         try:
             data = msgspec.to_builtins(value)
         except TypeError as e:
-            raise ProviderError("fatal", f"tool {tool.name!r} returned a value that is not JSON: {e}") from e
+            raise ProviderError(
+                "fatal", f"tool {tool.name!r} returned a value that is not JSON: {e}"
+            ) from e
         text = data if isinstance(data, str) else ""
         return Result(output=Output(text=text, data=None if text else data))
 

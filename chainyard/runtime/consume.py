@@ -58,8 +58,9 @@ async def consume(
 
     `gate`, when given, is awaited before each fetch (a throttled worker waits there).
     `max_batch` caps one fetch (a worker with 10,000 free slots fetches in bites, not all at once).
-    The subscription is closed on return. The handler acks, naks or terms its message. A handler that raises gets its message nak'ed
-    with a short delay (it comes back) and the loop goes on: one bad message never stops it.
+    The subscription is closed on return. The handler acks, naks or terms its message; one that
+    raises gets its message nak'ed with a growing delay (it comes back) and the loop goes on: one
+    bad message never stops it.
     """
     slots = slots or Slots(concurrency)
     tasks: set[asyncio.Task[None]] = set()
@@ -71,7 +72,9 @@ async def consume(
             # It comes back, later each time (0.25 s doubling to 30 s): a stream that is full
             # or a leader election must not turn into a hot loop, nor into a dropped message.
             n = msg.metadata.num_delivered or 1
-            log.exception("%s: handler failed on %s (delivery %d); will retry", name, msg.subject, n)
+            log.exception(
+                "%s: handler failed on %s (delivery %d); will retry", name, msg.subject, n
+            )
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(0.25 * 2 ** (n - 1), 30.0))
         finally:

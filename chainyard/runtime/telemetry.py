@@ -139,8 +139,11 @@ def setup(default_service: str) -> bool:
     trace.set_tracer_provider(sdk)
     _provider = provider
     enable(provider)
-    log.info("tracing to %s as %s", provider.batcher.exporter.endpoint,
-             resource.attributes.get("service.name"))
+    log.info(
+        "tracing to %s as %s",
+        provider.batcher.exporter.endpoint,
+        resource.attributes.get("service.name"),
+    )
     return True
 
 
@@ -150,8 +153,9 @@ def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
     from .telemetry_lite import LiteProvider, sampler_from_env
     from .telemetry_otlp import OtlpHttpExporter
 
-    return LiteProvider(resource, exporter or OtlpHttpExporter(), sampler=sampler_from_env(),
-                        **batch)
+    return LiteProvider(
+        resource, exporter or OtlpHttpExporter(), sampler=sampler_from_env(), **batch
+    )
 
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:
@@ -239,12 +243,17 @@ class Scope:
         if self.span is None:
             fast = getattr(_tracer, "start_remote_child", None)  # LiteTracer
             if fast is not None:
-                self.span = fast(self.name, self.parent, SpanKind.CONSUMER, self.attrs,
-                                 self.links, self.start_ns)
+                self.span = fast(
+                    self.name, self.parent, SpanKind.CONSUMER, self.attrs, self.links, self.start_ns
+                )
             else:
                 self.span = _tracer.start_span(
-                    self.name, context=context_of(self.parent), kind=SpanKind.CONSUMER,
-                    attributes=self.attrs, links=self.links, start_time=self.start_ns,
+                    self.name,
+                    context=context_of(self.parent),
+                    kind=SpanKind.CONSUMER,
+                    attributes=self.attrs,
+                    links=self.links,
+                    start_time=self.start_ns,
                 )
             self.ctx = trace.set_span_in_context(self.span, otel_context.Context())
         return self.span
@@ -361,15 +370,22 @@ def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str)
             setattr(msg, op, _settle(op, orig, scope, tmpl, subject, durable))
 
 
-def _settle(op: str, orig: Callable[..., Awaitable[Any]], scope: Scope, tmpl: str, subject: str,
-            durable: str) -> Callable[..., Awaitable[Any]]:
+def _settle(
+    op: str,
+    orig: Callable[..., Awaitable[Any]],
+    scope: Scope,
+    tmpl: str,
+    subject: str,
+    durable: str,
+) -> Callable[..., Awaitable[Any]]:
     async def settle(*args: Any, **kw: Any) -> Any:
         if _tracer is None:
             return await orig(*args, **kw)
         attrs = _messaging(op, "settle", subject, tmpl)
         attrs["messaging.consumer.group.name"] = durable
-        span = _tracer.start_span(f"{op} {tmpl}", context=scope.context(), kind=SpanKind.CLIENT,
-                                  attributes=attrs)
+        span = _tracer.start_span(
+            f"{op} {tmpl}", context=scope.context(), kind=SpanKind.CLIENT, attributes=attrs
+        )
         try:
             return await orig(*args, **kw)
         except BaseException as e:
@@ -385,7 +401,12 @@ def _settle(op: str, orig: Callable[..., Awaitable[Any]], scope: Scope, tmpl: st
 
 
 async def publish(
-    js: Any, subject: str, data: bytes, msg_id: str, *, attrs: dict[str, Any] | None = None,
+    js: Any,
+    subject: str,
+    data: bytes,
+    msg_id: str,
+    *,
+    attrs: dict[str, Any] | None = None,
     parent: Any = None,
 ) -> Any:
     """`js.publish` with `Nats-Msg-Id`, inside a `send` span whose context rides in the headers."""
@@ -403,12 +424,17 @@ async def publish(
     if attrs:
         a.update(attrs)
     span = _tracer.start_span(
-        f"send {tmpl}", context=parent if parent is not None else parent_context(),
-        kind=SpanKind.PRODUCER, attributes=a,
+        f"send {tmpl}",
+        context=parent if parent is not None else parent_context(),
+        kind=SpanKind.PRODUCER,
+        attributes=a,
     )
     own = getattr(span, "inject", None)  # a LiteSpan writes its own headers
-    headers = (own({"Nats-Msg-Id": msg_id}) if own is not None
-               else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id}))
+    headers = (
+        own({"Nats-Msg-Id": msg_id})
+        if own is not None
+        else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
+    )
     try:
         return await js.publish(subject, data, headers=headers)
     except BaseException as e:

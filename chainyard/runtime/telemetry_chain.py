@@ -51,14 +51,19 @@ def begin_chain(outcome: Any) -> Any:
         return outcome
     parent = trace.get_current_span(tm.parent_context()).get_span_context()
     if parent.is_valid:
-        sc = SpanContext(parent.trace_id, tm.new_span_id(), True, parent.trace_flags,
-                         parent.trace_state)
+        sc = SpanContext(
+            parent.trace_id, tm.new_span_id(), True, parent.trace_flags, parent.trace_state
+        )
         t = {"traceparent": tm.format_traceparent(sc), "parent": tm.format_traceparent(parent)}
         if parent.trace_state:
             t["tracestate"] = parent.trace_state.to_header()
     else:  # no handler scope and no current span: the chain starts its own trace
-        sc = SpanContext(tm._ChainIds().generate_trace_id(), tm.new_span_id(), True,
-                         trace.TraceFlags(trace.TraceFlags.SAMPLED))
+        sc = SpanContext(
+            tm._ChainIds().generate_trace_id(),
+            tm.new_span_id(),
+            True,
+            trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        )
         t = {"traceparent": tm.format_traceparent(sc)}
     tm.adopt(sc, as_chain=True)
     state = msgspec.structs.replace(outcome.state, trace=t)
@@ -123,7 +128,10 @@ def end_chain(state: Any) -> None:
     token = tm._forced.set((sc.trace_id, sc.span_id))
     try:
         span = tr.start_span(
-            "chain", context=tm.context_of(parent), kind=SpanKind.INTERNAL, attributes=attrs,
+            "chain",
+            context=tm.context_of(parent),
+            kind=SpanKind.INTERNAL,
+            attributes=attrs,
             start_time=state.created_at_ms * 1_000_000,
         )
     finally:
@@ -155,8 +163,13 @@ def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> st
 
 
 async def publish_work(
-    js: Any, subject: str, data: bytes, a: Any, state: Any,
-    candidates: Callable[[], list[str]] | None = None, strategy: str | None = None,
+    js: Any,
+    subject: str,
+    data: bytes,
+    a: Any,
+    state: Any,
+    candidates: Callable[[], list[str]] | None = None,
+    strategy: str | None = None,
 ) -> Any:
     """Send an assignment inside a `route <model>` span that records the decision."""
     target = a.target
@@ -191,7 +204,11 @@ async def publish_work(
     route = tr.start_span(f"route {model}", context=_route_parent(state), attributes=attrs)
     try:
         return await tm.publish(
-            js, subject, data, a.msg_id, parent=trace.set_span_in_context(route),
+            js,
+            subject,
+            data,
+            a.msg_id,
+            parent=trace.set_span_in_context(route),
             attrs={"chainyard.chain.id": a.chain_id, "chainyard.step.id": a.step_id},
         )
     except BaseException as e:

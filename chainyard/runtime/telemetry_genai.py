@@ -90,15 +90,18 @@ def traced_chat(execute: Execute) -> Execute:
         }
         params = getattr(step, "params", None)
         if params is not None:
-            for key, name in (("max_tokens", "gen_ai.request.max_tokens"),
-                              ("temperature", "gen_ai.request.temperature")):
+            for key, name in (
+                ("max_tokens", "gen_ai.request.max_tokens"),
+                ("temperature", "gen_ai.request.temperature"),
+            ):
                 v = getattr(params, key, None)
                 if v is not None:
                     attrs[name] = v
         if tm.capture_content:
             attrs["gen_ai.input.messages"] = _input_messages(step)
-        span = tr.start_span(f"chat {t.model}", context=tm.parent_context(), kind=SpanKind.CLIENT,
-                             attributes=attrs)
+        span = tr.start_span(
+            f"chat {t.model}", context=tm.parent_context(), kind=SpanKind.CLIENT, attributes=attrs
+        )
         try:
             r = await execute(a, on_delta)
         except BaseException as e:
@@ -140,8 +143,12 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tm.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = tr.start_span(f"execute_tool {name}", context=tm.parent_context(),
-                             kind=SpanKind.INTERNAL, attributes=attrs)
+        span = tr.start_span(
+            f"execute_tool {name}",
+            context=tm.parent_context(),
+            kind=SpanKind.INTERNAL,
+            attributes=attrs,
+        )
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)

@@ -56,8 +56,13 @@ forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Context
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
-         SpanKind.CONSUMER: 5}
+_KIND = {
+    SpanKind.INTERNAL: 1,
+    SpanKind.SERVER: 2,
+    SpanKind.CLIENT: 3,
+    SpanKind.PRODUCER: 4,
+    SpanKind.CONSUMER: 5,
+}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _SPAN_KEY = _span_key
 _current = otel_context.get_current
@@ -77,12 +82,38 @@ def _int_env(name: str, default: int) -> int:
 class LiteSpan(trace.Span):
     """A recording span; immutable once ended."""
 
-    __slots__ = ("_ctx", "_events", "_links", "_pid", "_premote", "_sid", "_status", "_tid",
-                 "_tracer", "_ts", "attributes", "end_time", "kind_pb", "name", "start_time")
+    __slots__ = (
+        "_ctx",
+        "_events",
+        "_links",
+        "_pid",
+        "_premote",
+        "_sid",
+        "_status",
+        "_tid",
+        "_tracer",
+        "_ts",
+        "attributes",
+        "end_time",
+        "kind_pb",
+        "name",
+        "start_time",
+    )
 
-    def __init__(self, tracer: LiteTracer, name: str, tid: int, sid: int, pid: int,
-                 premote: bool, ts: Any, kind_pb: int, attributes: dict[str, Any], links: Any,
-                 start_time: int) -> None:
+    def __init__(
+        self,
+        tracer: LiteTracer,
+        name: str,
+        tid: int,
+        sid: int,
+        pid: int,
+        premote: bool,
+        ts: Any,
+        kind_pb: int,
+        attributes: dict[str, Any],
+        links: Any,
+        start_time: int,
+    ) -> None:
         self._tracer = tracer
         self.name = name
         self._tid = tid
@@ -127,8 +158,9 @@ class LiteSpan(trace.Span):
                 if v is not None:
                     self.attributes[k] = v
 
-    def add_event(self, name: str, attributes: Attributes = None,
-                  timestamp: int | None = None) -> None:
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
         if self.end_time is None:
             if self._events is None:
                 self._events = []
@@ -153,10 +185,18 @@ class LiteSpan(trace.Span):
             return  # OK is final
         self._status = (code.value, (description or "") if code is StatusCode.ERROR else "")
 
-    def record_exception(self, exception: BaseException, attributes: Attributes = None,
-                         timestamp: int | None = None, escaped: bool = False) -> None:
-        a = {"exception.type": type(exception).__qualname__,
-             "exception.message": str(exception)[:1000], "exception.escaped": escaped}
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        a = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception)[:1000],
+            "exception.escaped": escaped,
+        }
         a.update(attributes or {})
         self.add_event("exception", a, timestamp)
 
@@ -211,13 +251,36 @@ class LiteSpan(trace.Span):
         links = self._links
         ts = self._ts
         tr = self._tracer
-        return tr.resource_pb, tr.scope_pb, otlp.encode_span(
-            self._tid, self._sid, self._pid, self._premote, ts.to_header() if ts else "", self.name,
-            self.kind_pb, self.start_time, self.end_time or 0, self.attributes, self._events,
-            [(lk.context.trace_id, lk.context.span_id,
-              lk.context.trace_state.to_header() if lk.context.trace_state else "",
-              lk.attributes, lk.context.is_remote) for lk in links] if links else None,
-            self._status[0] if self._status else 0, self._status[1] if self._status else "",
+        return (
+            tr.resource_pb,
+            tr.scope_pb,
+            otlp.encode_span(
+                self._tid,
+                self._sid,
+                self._pid,
+                self._premote,
+                ts.to_header() if ts else "",
+                self.name,
+                self.kind_pb,
+                self.start_time,
+                self.end_time or 0,
+                self.attributes,
+                self._events,
+                [
+                    (
+                        lk.context.trace_id,
+                        lk.context.span_id,
+                        lk.context.trace_state.to_header() if lk.context.trace_state else "",
+                        lk.attributes,
+                        lk.context.is_remote,
+                    )
+                    for lk in links
+                ]
+                if links
+                else None,
+                self._status[0] if self._status else 0,
+                self._status[1] if self._status else "",
+            ),
         )
 
     def __repr__(self) -> str:
@@ -227,8 +290,14 @@ class LiteSpan(trace.Span):
 class LiteTracer:
     """`start_span` for chainyard's helpers; the spans go to `batcher` when they end."""
 
-    def __init__(self, batcher: SpanBatcher, resource: Any, scope_name: str = "chainyard",
-                 scope_version: str | None = None, sampler: Any = None) -> None:
+    def __init__(
+        self,
+        batcher: SpanBatcher,
+        resource: Any,
+        scope_name: str = "chainyard",
+        scope_version: str | None = None,
+        sampler: Any = None,
+    ) -> None:
         self.batcher = batcher
         self.resource = resource
         self.scope = _Scope(scope_name, scope_version)
@@ -236,33 +305,91 @@ class LiteTracer:
         self.scope_pb = otlp.encode_scope(scope_name, scope_version)
         self.sampler = sampler  # None: parent-based always on, decided inline
 
-    def start_span(self, name: str, context: Any = None, kind: SpanKind = SpanKind.INTERNAL,
-                   attributes: Attributes = None, links: Any = None,
-                   start_time: int | None = None, record_exception: bool = True,
-                   set_status_on_exception: bool = True) -> trace.Span:
+    def start_span(
+        self,
+        name: str,
+        context: Any = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
         p = (context if context is not None else _current()).get(_SPAN_KEY)
         if type(p) is LiteSpan:  # a local parent: no SpanContext to build
-            return self._start(name, p._tid, p._sid, False, p._ts, True, kind, attributes, links,
-                               start_time, context)
+            return self._start(
+                name,
+                p._tid,
+                p._sid,
+                False,
+                p._ts,
+                True,
+                kind,
+                attributes,
+                links,
+                start_time,
+                context,
+            )
         psc = p.get_span_context() if isinstance(p, trace.Span) else INVALID_SPAN_CONTEXT
         if psc.is_valid:
-            return self._start(name, psc.trace_id, psc.span_id, psc.is_remote, psc.trace_state,
-                               psc.trace_flags & 1, kind, attributes, links, start_time, context)
-        return self._start(name, 0, 0, False, None, True, kind, attributes, links, start_time,
-                           context)
+            return self._start(
+                name,
+                psc.trace_id,
+                psc.span_id,
+                psc.is_remote,
+                psc.trace_state,
+                psc.trace_flags & 1,
+                kind,
+                attributes,
+                links,
+                start_time,
+                context,
+            )
+        return self._start(
+            name, 0, 0, False, None, True, kind, attributes, links, start_time, context
+        )
 
-    def start_remote_child(self, name: str, parent: SpanContext | None, kind: SpanKind,
-                           attributes: dict[str, Any], links: Any, start_time: int) -> trace.Span:
+    def start_remote_child(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Any,
+        start_time: int,
+    ) -> trace.Span:
         """`start_span` under a remote parent, without wrapping it in a Context first."""
         if parent is not None and parent.is_valid:
-            return self._start(name, parent.trace_id, parent.span_id, True, parent.trace_state,
-                               parent.trace_flags & 1, kind, attributes, links, start_time, None)
-        return self._start(name, 0, 0, False, None, True, kind, attributes, links, start_time,
-                           None)
+            return self._start(
+                name,
+                parent.trace_id,
+                parent.span_id,
+                True,
+                parent.trace_state,
+                parent.trace_flags & 1,
+                kind,
+                attributes,
+                links,
+                start_time,
+                None,
+            )
+        return self._start(name, 0, 0, False, None, True, kind, attributes, links, start_time, None)
 
-    def _start(self, name: str, tid: int, pid: int, premote: bool, ts: Any, sampled: Any,
-               kind: SpanKind, attributes: Any, links: Any, start_time: int | None,
-               context: Any) -> trace.Span:
+    def _start(
+        self,
+        name: str,
+        tid: int,
+        pid: int,
+        premote: bool,
+        ts: Any,
+        sampled: Any,
+        kind: SpanKind,
+        attributes: Any,
+        links: Any,
+        start_time: int | None,
+        context: Any,
+    ) -> trace.Span:
         forced = forced_ids.get()
         if forced is not None:
             tid, sid = forced
@@ -272,8 +399,11 @@ class LiteTracer:
         attrs = attributes if type(attributes) is dict else dict(attributes or {})  # kept
         if self.sampler is not None:
             if context is None and pid:
-                context = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                    tid, pid, premote, _SAMPLED if sampled else _UNSAMPLED, ts)))
+                context = trace.set_span_in_context(
+                    NonRecordingSpan(
+                        SpanContext(tid, pid, premote, _SAMPLED if sampled else _UNSAMPLED, ts)
+                    )
+                )
             r = self.sampler.should_sample(context, tid, name, kind, attrs, links)
             sampled = r.decision.is_sampled()
             if r.attributes:
@@ -281,8 +411,19 @@ class LiteTracer:
             ts = r.trace_state or ts
         if not sampled:
             return NonRecordingSpan(SpanContext(tid, sid, False, _UNSAMPLED, ts))
-        return LiteSpan(self, name, tid, sid, pid, premote, ts, kind._value_ + 1, attrs,
-                        links if links else None, start_time or _now())
+        return LiteSpan(
+            self,
+            name,
+            tid,
+            sid,
+            pid,
+            premote,
+            ts,
+            kind._value_ + 1,
+            attrs,
+            links if links else None,
+            start_time or _now(),
+        )
 
 
 class _Scope:
@@ -306,13 +447,19 @@ class SpanBatcher:
     provider) join the same queue through `span_processor()`.
     """
 
-    def __init__(self, exporter: Any, *, max_queue_size: int | None = None,
-                 max_export_batch_size: int | None = None,
-                 schedule_delay_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        exporter: Any,
+        *,
+        max_queue_size: int | None = None,
+        max_export_batch_size: int | None = None,
+        schedule_delay_ms: int | None = None,
+    ) -> None:
         self.exporter = exporter
         self.max_queue = max_queue_size or _int_env("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self.max_batch = min(self.max_queue, max_export_batch_size
-                             or _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512))
+        self.max_batch = min(
+            self.max_queue, max_export_batch_size or _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        )
         self.delay = (schedule_delay_ms or _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
         self._send = getattr(exporter, "send", None)
         self._queue: collections.deque[Any] = collections.deque()
@@ -331,8 +478,7 @@ class SpanBatcher:
         atexit.register(lambda: (b := weak()) and b.shutdown())
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="chainyard-span-export",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="chainyard-span-export", daemon=True)
         self._thread.start()
 
     def _after_fork(self) -> None:
@@ -448,5 +594,12 @@ def sampler_from_env() -> Any:
     return sampling._get_from_env_or_default()
 
 
-__all__ = ["INVALID_SPAN_CONTEXT", "LiteProvider", "LiteSpan", "LiteTracer", "SpanBatcher",
-           "forced_ids", "sampler_from_env"]
+__all__ = [
+    "INVALID_SPAN_CONTEXT",
+    "LiteProvider",
+    "LiteSpan",
+    "LiteTracer",
+    "SpanBatcher",
+    "forced_ids",
+    "sampler_from_env",
+]

@@ -44,8 +44,14 @@ class Metrics:
 
     # -- set up ----------------------------------------------------------------------------
 
-    def setup(self, *, port: int | None = None, otlp: bool = False, service: str = "chainyard",
-              addr: str = "0.0.0.0") -> None:
+    def setup(
+        self,
+        *,
+        port: int | None = None,
+        otlp: bool = False,
+        service: str = "chainyard",
+        addr: str = "0.0.0.0",
+    ) -> None:
         if port is not None:
             self._prometheus(port, addr)
         if otlp:
@@ -63,26 +69,45 @@ class Metrics:
 
         r = self.registry = CollectorRegistry()
         p = self._p
-        p["routed"] = Counter("chainyard_steps_routed", "assignments sent", ["pool", "deployment"],
-                              registry=r)
-        p["completed"] = Counter("chainyard_steps_completed", "steps completed",
-                                 ["pool", "deployment"], registry=r)
-        p["failed"] = Counter("chainyard_steps_failed", "steps failed",
-                              ["pool", "deployment", "error_class"], registry=r)
-        p["latency"] = Histogram("chainyard_step_latency_seconds", "call latency",
-                                 ["pool", "deployment", "outcome"], buckets=LAT_BUCKETS, registry=r)
+        p["routed"] = Counter(
+            "chainyard_steps_routed", "assignments sent", ["pool", "deployment"], registry=r
+        )
+        p["completed"] = Counter(
+            "chainyard_steps_completed", "steps completed", ["pool", "deployment"], registry=r
+        )
+        p["failed"] = Counter(
+            "chainyard_steps_failed",
+            "steps failed",
+            ["pool", "deployment", "error_class"],
+            registry=r,
+        )
+        p["latency"] = Histogram(
+            "chainyard_step_latency_seconds",
+            "call latency",
+            ["pool", "deployment", "outcome"],
+            buckets=LAT_BUCKETS,
+            registry=r,
+        )
         p["cost"] = Counter("chainyard_cost_usd", "USD spent", ["pool", "deployment"], registry=r)
-        p["tokens"] = Counter("chainyard_tokens", "tokens", ["pool", "deployment", "type"],
-                              registry=r)
+        p["tokens"] = Counter(
+            "chainyard_tokens", "tokens", ["pool", "deployment", "type"], registry=r
+        )
         p["in_flight"] = Gauge("chainyard_in_flight", "work being handled", ["pool"], registry=r)
         p["depth"] = Gauge("chainyard_queue_depth", "work waiting", ["pool"], registry=r)
-        p["ack_pending"] = Gauge("chainyard_queue_ack_pending", "delivered, not acked", ["pool"],
-                                 registry=r)
-        p["breaker"] = Gauge("chainyard_breaker_state", "0 closed, 1 half open, 2 open",
-                             ["deployment"], registry=r)
+        p["ack_pending"] = Gauge(
+            "chainyard_queue_ack_pending", "delivered, not acked", ["pool"], registry=r
+        )
+        p["breaker"] = Gauge(
+            "chainyard_breaker_state", "0 closed, 1 half open, 2 open", ["deployment"], registry=r
+        )
         p["chains"] = Counter("chainyard_chains_ended", "chains ended", ["outcome"], registry=r)
-        p["chain_s"] = Histogram("chainyard_chain_duration_seconds", "chain duration",
-                                 ["outcome"], buckets=CHAIN_BUCKETS, registry=r)
+        p["chain_s"] = Histogram(
+            "chainyard_chain_duration_seconds",
+            "chain duration",
+            ["outcome"],
+            buckets=CHAIN_BUCKETS,
+            registry=r,
+        )
         if port >= 0:
             self._server = start_http_server(port, addr=addr, registry=r)
             log.info("prometheus metrics on %s:%s/metrics", addr, port)
@@ -173,8 +198,9 @@ class Metrics:
             self._add("tokens", ev.usage.output_tokens, {**where, "type": "output"})
         else:
             self._add("failed", 1, {**where, "error_class": ev.error.cls})
-        self._observe("latency", ev.latency_ms / 1000,
-                      {**where, "outcome": "completed" if ok else "failed"})
+        self._observe(
+            "latency", ev.latency_ms / 1000, {**where, "outcome": "completed" if ok else "failed"}
+        )
 
     def in_flight(self, pool: str, delta: int) -> None:
         if self.on:
@@ -203,8 +229,9 @@ class Metrics:
 metrics = Metrics()
 
 
-async def poll(bus: Any, config: Any, runners: list[Any], stop: asyncio.Event,
-               every_s: float = 5.0) -> None:
+async def poll(
+    bus: Any, config: Any, runners: list[Any], stop: asyncio.Event, every_s: float = 5.0
+) -> None:
     """Queue depth per pool (consumer info) and breaker states (router), every `every_s`."""
     topo = bus.topology
     pools = {d.pool for d in config.deployments} | {p.name for p in config.pools}
@@ -213,8 +240,9 @@ async def poll(bus: Any, config: Any, runners: list[Any], stop: asyncio.Event,
     while not stop.is_set():
         for pool in sorted(pools):
             try:
-                info = await bus.js.consumer_info(topo.work.name, topo.pool_consumer(pool).durable,
-                                                  timeout=2.0)
+                info = await bus.js.consumer_info(
+                    topo.work.name, topo.pool_consumer(pool).durable, timeout=2.0
+                )
                 metrics.queue(pool, info.num_pending or 0, info.num_ack_pending or 0)
             except Exception:  # no consumer yet (no worker ever joined): nothing waits there
                 continue
@@ -228,8 +256,7 @@ async def poll(bus: Any, config: Any, runners: list[Any], stop: asyncio.Event,
 class Observability:
     """What one service process turned on; `stop` flushes and shuts it down."""
 
-    def __init__(self, tracing: bool, task: asyncio.Task[None] | None,
-                 stop: asyncio.Event) -> None:
+    def __init__(self, tracing: bool, task: asyncio.Task[None] | None, stop: asyncio.Event) -> None:
         self.tracing = tracing
         self._task = task
         self._stop = stop
@@ -246,16 +273,16 @@ class Observability:
         metrics.shutdown()
 
 
-def start_service(kind: str, bus: Any, config: Any, runners: list[Any],
-                  metrics_port: int | None = None) -> Observability:
+def start_service(
+    kind: str, bus: Any, config: Any, runners: list[Any], metrics_port: int | None = None
+) -> Observability:
     """Tracing from the OTEL_* variables, metrics on `metrics_port` and/or OTLP, and the poller."""
     from . import telemetry
 
     default = f"chainyard-{kind}"
     tracing = telemetry.setup(default)
     otlp = telemetry.configured() and os.environ.get("OTEL_METRICS_EXPORTER", "otlp") != "none"
-    metrics.setup(port=metrics_port, otlp=otlp,
-                  service=telemetry.service_name(default))
+    metrics.setup(port=metrics_port, otlp=otlp, service=telemetry.service_name(default))
     stop = asyncio.Event()
     task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
     return Observability(tracing, task, stop)

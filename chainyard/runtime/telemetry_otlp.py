@@ -32,8 +32,9 @@ log = logging.getLogger("chainyard.telemetry")
 
 # -- protobuf writer --------------------------------------------------------------------------
 
-_VARINT = [bytes((i,)) for i in range(128)] + [bytes((i & 0x7F | 0x80, i >> 7)) for i in
-                                               range(128, 1 << 14)]
+_VARINT = [bytes((i,)) for i in range(128)] + [
+    bytes((i & 0x7F | 0x80, i >> 7)) for i in range(128, 1 << 14)
+]
 _pack_q = struct.Struct("<Q").pack
 _pack_d = struct.Struct("<d").pack
 _pack_i = struct.Struct("<I").pack
@@ -174,8 +175,9 @@ def attributes(tag: bytes, attrs: Mapping[str, Any] | None) -> list[bytes]:
                 n = len(vb)
                 m = len(kb) + n + 4  # key field, value tag and length, string tag and length
                 if n < 125 and m < 128:  # every length fits one byte
-                    hit = b"".join((tag, _VARINT[m], kb, b"\x12", _VARINT[n + 2], b"\x0a",
-                                    _VARINT[n], vb))
+                    hit = b"".join(
+                        (tag, _VARINT[m], kb, b"\x12", _VARINT[n + 2], b"\x0a", _VARINT[n], vb)
+                    )
                 else:
                     hit = _ld(tag, kb + _ld(_T_VAL, _ld(b"\x0a", vb)))
             else:
@@ -205,11 +207,20 @@ _KINDS = [_T_KIND + bytes((k,)) for k in range(6)]
 
 
 def encode_span(
-    trace_id: int, span_id: int, parent_id: int, remote_parent: bool, trace_state: str,
-    name: str, kind: int, start: int, end: int, attrs: Mapping[str, Any] | None,
+    trace_id: int,
+    span_id: int,
+    parent_id: int,
+    remote_parent: bool,
+    trace_state: str,
+    name: str,
+    kind: int,
+    start: int,
+    end: int,
+    attrs: Mapping[str, Any] | None,
     events: Sequence[tuple[int, str, Mapping[str, Any] | None]] | None,
     links: Sequence[tuple[int, int, str, Mapping[str, Any] | None, bool]] | None,
-    status_code: int, status_message: str,
+    status_code: int,
+    status_message: str,
 ) -> bytes:
     """One `Span` message body. `kind` is the protobuf value (INTERNAL 1 ... CONSUMER 5)."""
     parts = [_T_TID, trace_id.to_bytes(16, "big"), _T_SID, span_id.to_bytes(8, "big")]
@@ -247,8 +258,9 @@ def encode_resource(attrs: Mapping[str, Any]) -> bytes:
     return _ld(_T_RS_RES, b"".join(attributes(_T_RES_ATTR, attrs)))
 
 
-def encode_scope(name: str, version: str | None = None,
-                 attrs: Mapping[str, Any] | None = None) -> bytes:
+def encode_scope(
+    name: str, version: str | None = None, attrs: Mapping[str, Any] | None = None
+) -> bytes:
     """The `scope` field of ScopeSpans (tag included)."""
     body = [_ld(_T_SC_NAME, name.encode())]
     if version:
@@ -292,12 +304,29 @@ def encode_sdk_span(s: Any) -> bytes:
     parent = s.parent
     status = s.status
     return encode_span(
-        sc.trace_id, sc.span_id, parent.span_id if parent else 0,
-        bool(parent is not None and parent.is_remote), _state(sc.trace_state), s.name,
-        _SDK_KIND[s.kind.value], s.start_time or 0, s.end_time or 0, s.attributes,
+        sc.trace_id,
+        sc.span_id,
+        parent.span_id if parent else 0,
+        bool(parent is not None and parent.is_remote),
+        _state(sc.trace_state),
+        s.name,
+        _SDK_KIND[s.kind.value],
+        s.start_time or 0,
+        s.end_time or 0,
+        s.attributes,
         [(e.timestamp, e.name, e.attributes) for e in s.events] if s.events else None,
-        [(lk.context.trace_id, lk.context.span_id, _state(lk.context.trace_state), lk.attributes,
-          bool(lk.context.is_remote)) for lk in s.links] if s.links else None,
+        [
+            (
+                lk.context.trace_id,
+                lk.context.span_id,
+                _state(lk.context.trace_state),
+                lk.attributes,
+                bool(lk.context.is_remote),
+            )
+            for lk in s.links
+        ]
+        if s.links
+        else None,
         status.status_code.value if status is not None else 0,
         (status.description or "") if status is not None else "",
     )
@@ -311,8 +340,11 @@ def encode(spans: Iterable[Any]) -> bytes:
         if enc is not None:  # a LiteSpan: encodes itself, knows its resource and scope bytes
             res, scope, body = enc()
         else:
-            res, scope, body = (_resource_bytes(s.resource), _scope_bytes(s.instrumentation_scope),
-                                encode_sdk_span(s))
+            res, scope, body = (
+                _resource_bytes(s.resource),
+                _scope_bytes(s.instrumentation_scope),
+                encode_sdk_span(s),
+            )
         groups.setdefault(res, {}).setdefault(scope, []).append(_ld(_T_SS_SPAN, body))
     out = []
     for res, scopes in groups.items():
@@ -331,8 +363,11 @@ _RETRYABLE = (429, 502, 503, 504)
 
 def env(name: str, default: str = "") -> str:
     """`OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`."""
-    return (os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
-            or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}") or default)
+    return (
+        os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}")
+        or default
+    )
 
 
 def traces_endpoint() -> str:
@@ -358,8 +393,13 @@ def parse_headers(raw: str) -> dict[str, str]:
 class OtlpHttpExporter:
     """POST ExportTraceServiceRequest protobuf to an OTLP/HTTP endpoint (SpanExporter API)."""
 
-    def __init__(self, endpoint: str | None = None, headers: Mapping[str, str] | None = None,
-                 timeout: float | None = None, compression: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        compression: str | None = None,
+    ) -> None:
         self.endpoint = endpoint or traces_endpoint()
         url = urllib.parse.urlsplit(self.endpoint)
         self._https = url.scheme == "https"
@@ -372,10 +412,12 @@ class OtlpHttpExporter:
             except ValueError:
                 timeout = 10.0
         self.timeout = timeout
-        comp = (compression if compression is not None else env("COMPRESSION", "none"))
+        comp = compression if compression is not None else env("COMPRESSION", "none")
         self.gzip = comp.strip().lower() == "gzip"
-        self.headers = {"content-type": "application/x-protobuf",
-                        "user-agent": "chainyard-otlp-exporter"}
+        self.headers = {
+            "content-type": "application/x-protobuf",
+            "user-agent": "chainyard-otlp-exporter",
+        }
         self.headers.update(parse_headers(env("HEADERS")))
         if headers:
             self.headers.update({k.lower(): v for k, v in headers.items()})
@@ -396,8 +438,9 @@ class OtlpHttpExporter:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
             if self._https:
-                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                                         context=self._ssl)
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=timeout, context=self._ssl
+                )
             else:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         else:

@@ -50,7 +50,10 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
         except Exception:
             ts = None
     return SpanContext(
-        int(tid, 16), int(sid, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)),
+        int(tid, 16),
+        int(sid, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(flags, 16)),
         trace_state=ts,
     )
 
@@ -104,8 +107,10 @@ _TEMPLATES: dict[str, Callable[[str, list[str]], str]] = {
     "submit": lambda p, t: f"{p}.submit.{{tenant}}",
     "work": lambda p, t: f"{p}.work.{{pool}}",
     "events": lambda p, t: f"{p}.events.{{tenant}}.{{chain}}." + ".".join(t[4:]),
-    "control": lambda p, t: f"{p}.control.{{tenant}}.{{chain}}."
-    + ("signal.{name}" if len(t) > 4 and t[4] == "signal" else ".".join(t[4:])),
+    "control": lambda p, t: (
+        f"{p}.control.{{tenant}}.{{chain}}."
+        + ("signal.{name}" if len(t) > 4 and t[4] == "signal" else ".".join(t[4:]))
+    ),
     "timer": lambda p, t: f"{p}.timer.{{tenant}}.{{chain}}.{{step}}",
     "delta": lambda p, t: f"{p}.delta.{{tenant}}.{{chain}}.{{step}}",
     "cancel": lambda p, t: f"{p}.cancel.{{chain}}",

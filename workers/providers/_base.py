@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from chainyard.contracts import ErrorClass, Message, Output, Params, ToolSpec, Usage
 from msgspec import Struct
+
+from chainyard.contracts import ErrorClass, Message, Output, Params, ToolSpec, Usage
 
 
 class LlmRequest(Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import msgspec
+
 from chainyard.contracts import ErrorClass
 
 from ._base import ProviderError, RateLimits

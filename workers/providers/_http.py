@@ -15,7 +15,6 @@ a streamed body is mapped by httpx-aiohttp alone.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 import aiohttp
@@ -98,7 +97,9 @@ class _Fast:
         self.headers = dict(client.headers)  # the very headers httpx would send
         # the same mapping as httpx-aiohttp's transport: connect -> socket connect, read -> each
         # socket read, pool -> waiting for a connection
-        self.timeout = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.read, connect=t.pool)
+        self.timeout = aiohttp.ClientTimeout(
+            sock_connect=t.connect, sock_read=t.read, connect=t.pool
+        )
         self.urls: dict[str, URL] = {}
 
     def url(self, client: httpx.AsyncClient, path: str) -> URL:
@@ -106,12 +107,12 @@ class _Fast:
         if u is None:
             if len(self.urls) > 1024:  # paths are per model: a handful; never grow without bound
                 self.urls.clear()
-            u = self.urls[path] = URL(str(client._merge_url(path)), encoded=True)  # noqa: SLF001
+            u = self.urls[path] = URL(str(client._merge_url(path)), encoded=True)
         return u
 
 
 def _fast_of(client: httpx.AsyncClient) -> _Fast | None:
-    tr = client._transport  # noqa: SLF001 - ours, when the client came from new_client
+    tr = client._transport
     if AiohttpTransport is None or type(tr) is not _Transport:
         return None
     f: _Fast | None = getattr(tr, "fast", None)
@@ -147,7 +148,7 @@ async def post_bytes(
             return resp.status, resp.headers, await resp.read()
     except aiohttp.ConnectionTimeoutError as e:
         raise httpx.ConnectTimeout(str(e) or "connect timeout") from e
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as e:
         raise httpx.ReadTimeout(str(e) or "read timeout") from e
     except aiohttp.ClientError as e:
         raise _as_httpx(e, None) from e

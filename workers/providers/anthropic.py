@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import msgspec
+
 from chainyard.contracts import Message, Output, ToolCall, Usage
 from chainyard.contracts._messages import FinishReason
 

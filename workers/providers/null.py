@@ -16,7 +16,9 @@ class NullProvider:
             on_delta(text)
         return Completion(
             output=Output(text=text, finish_reason="stop"),
-            usage=Usage(input_tokens=sum(len(m.content.split()) for m in request.messages), output_tokens=1),
+            usage=Usage(
+                input_tokens=sum(len(m.content.split()) for m in request.messages), output_tokens=1
+            ),
             model=request.model,
         )
 
