@@ -46,4 +46,6 @@ class Fairness:
             return None  # the last delivery: never drop a chain for fairness
         if self.outstanding(tenant) < self.cap:
             return None
-        return min(0.25 * 2 ** (delivered - 1), 4.0)
+        # Short and capped: the chain must come back soon after its tenant drops under the cap,
+        # since the intake never gives up on it (a longer wait only idles the tenant's share).
+        return min(0.1 * 2 ** (delivered - 1), 1.0)
