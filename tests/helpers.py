@@ -159,16 +159,16 @@ async def stream_messages_eventually(
 
 async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
     """Every message stored in `stream` on `subject` (wildcards allowed), oldest first."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    expected = sum((info.state.subjects or {}).values())
-    if expected == 0:
+    if await stream_count(js, stream, subject) == 0:
         return []
     out: list[Msg] = []
     got_all = asyncio.get_running_loop().create_future()
 
     async def cb(msg: Msg) -> None:
         out.append(msg)
-        if len(out) >= expected and not got_all.done():
+        # num_pending says how many stored messages on the subject follow this one; the stream
+        # info's per-subject counts can be incomplete (they are paged), so they only say "any".
+        if msg.metadata.num_pending == 0 and not got_all.done():
             got_all.set_result(None)
 
     sub = await js.subscribe(
@@ -185,6 +185,14 @@ async def stream_events(
     js: JetStreamContext, subject: str, stream: str = "CY_EVENTS"
 ) -> list[Event]:
     return [event_decoder.decode(m.data) for m in await stream_messages(js, stream, subject)]
+
+
+async def stored_events(
+    js: JetStreamContext, subject: str, count: int, stream: str = "CY_EVENTS"
+) -> list[Event]:
+    """The events on `subject` once the stream holds at least `count` of them."""
+    msgs = await stream_messages_eventually(js, stream, subject, count)
+    return [event_decoder.decode(m.data) for m in msgs]
 
 
 async def chain_log(

@@ -37,7 +37,14 @@ from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox.providers import SandboxServer
 from chainyard.stack import llm_worker
-from tests.helpers import Events, python_env, running, stream_events, wait_until
+from tests.helpers import (
+    Events,
+    python_env,
+    running,
+    stored_events,
+    stream_events,
+    wait_until,
+)
 
 PRICES = {
     "a": Price(input_per_mtok=1.0, output_per_mtok=2.0),
@@ -371,11 +378,13 @@ async def test_killed_router_loses_and_duplicates_nothing(
         assert all(isinstance(e, ChainCompleted) for e in ends.values()), [
             e.reason for e in ends.values() if isinstance(e, ChainFailed)
         ]
-        completed = [e for e in await stream_events(bus.js, "cy.events.t.*.chain.completed")]
+        # A live subscriber can see an event a moment before the stream stores it: read the
+        # stream once it holds what the subscriber saw.
+        completed = await stored_events(bus.js, "cy.events.t.*.chain.completed", len(ids))
         assert Counter(e.chain_id for e in completed) == Counter({i: 1 for i in ids})
         steps = [
             e
-            for e in await stream_events(bus.js, "cy.events.t.*.step.completed")
+            for e in await stored_events(bus.js, "cy.events.t.*.step.completed", 2 * len(ids))
             if isinstance(e, StepCompleted)
         ]
         assert Counter((e.chain_id, e.step_id) for e in steps) == Counter(
