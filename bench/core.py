@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "bench.routing",
     "bench.transitions",
     "bench.tracing",
+    "bench.http_clients",
 )
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"

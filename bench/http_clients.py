@@ -3,7 +3,7 @@
 Against a zero-latency aiohttp.web server in its own process that answers a small OpenAI-like
 chat completion; every request POSTs a small JSON body and decodes the JSON answer.
 
-    python bench/http_clients.py [--requests 3000] [--concurrency 1 64 256] [--json]
+    python -m bench.http_clients [--requests 3000] [--concurrency 1 64 256] [--json]
 
 `await measure(...)` returns the same numbers as a dict, for `make bench`. On a machine with
 2+ cores the server and the client are pinned to different cores, so neither starves the other.
@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+
+from bench.core import Ctx, Figure, benchmark
 
 CLIENTS = ("httpx_default", "httpx_tuned", "httpx_aiohttp", "new_client", "aiohttp_bare")
 BODY = {
@@ -49,7 +51,7 @@ ANSWER = json.dumps(
 ).encode()
 
 Post = Callable[[], Awaitable[None]]
-_SELF = os.path.abspath(__file__)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
 
 # ---------------------------------------------------------------- the server (its own process)
@@ -98,8 +100,8 @@ async def _serve() -> None:
 async def server() -> AsyncIterator[tuple[str, int]]:
     """Start the bench server in a child process; yield (base_url, pid)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, _SELF, "--serve",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bench.http_clients", "--serve",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -262,6 +264,24 @@ async def _measure(
         "loadavg_1m_before": load_before,
     }
     return result
+
+
+@benchmark("http_clients", ("http_client_vs_httpx_default_c64",))
+async def http_client_vs_httpx_default_c64(ctx: Ctx) -> list[Figure]:
+    """The chosen HTTP client (workers/providers/_http.py) vs httpx's default, c=64."""
+    n = ctx.n("requests", 3000, 600)
+    r = await measure(requests=n, concurrencies=(64,), clients=("httpx_default", "new_client"))
+    conditions = {**r["conditions"], "requests": n, "concurrency": 64, "rows": r["rows"]}
+    return [
+        Figure(
+            "http_client_vs_httpx_default_c64",
+            r["rps"]["new_client"][64],
+            "req/s",
+            "httpx_default_rps_c64",
+            r["rps"]["httpx_default"][64],
+            conditions,
+        )
+    ]
 
 
 def _table(result: dict[str, Any]) -> str:
