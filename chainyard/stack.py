@@ -57,10 +57,14 @@ def price_function(config: Config, pricer: Pricer | None = None):
 def llm_worker(
     bus: Bus, config: Config, pool: PoolConfig, provider: Provider | None = None, **kw: Any
 ) -> Worker:
-    """A worker for an LLM pool; `kw` goes to Worker (heartbeat_s, worker_id, ...)."""
+    """A worker for an LLM pool, which closes its provider when it stops; `kw` goes to Worker
+    (heartbeat_s, worker_id, ...)."""
     models = sorted({d.model for d in config.deployments if d.pool == pool.name})
-    execute = llm_executor(provider or provider_for(pool), price_function(config))
-    return Worker(bus, pool.name, execute, slots=pool.slots, models=models, **kw)
+    provider = provider or provider_for(pool)
+    execute = llm_executor(provider, price_function(config))
+    return Worker(
+        bus, pool.name, execute, slots=pool.slots, models=models, close=provider.aclose, **kw
+    )
 
 
 def tool_workers(bus: Bus, tools: Tools, slots: int = 64) -> list[Worker]:
@@ -76,7 +80,6 @@ class Services:
 
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     runners: list[Router | Worker] = field(default_factory=list)
-    providers: list[Provider] = field(default_factory=list)  # closed after the runners drain
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
@@ -88,21 +91,9 @@ class Services:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 log.error("service ended with %r", r)
-        await self._close_providers()
-
-    async def _close_providers(self) -> None:
-        for p in self.providers:
-            try:
-                await p.aclose()
-            except Exception as e:
-                log.warning("closing provider %s: %s", p.name, e)
-        self.providers.clear()
 
     async def wait(self) -> None:
-        try:
-            await asyncio.gather(*self._tasks)
-        finally:
-            await self._close_providers()
+        await asyncio.gather(*self._tasks)
 
 
 def build(
@@ -119,8 +110,7 @@ def build(
         s.runners.append(Router(bus, config))
     for p in config.pools:
         if pools is None or p.name in pools:
-            s.providers.append(provider := provider_for(p))
-            s.runners.append(llm_worker(bus, config, p, provider))
+            s.runners.append(llm_worker(bus, config, p))
     if tools is not None:
         s.runners += tool_workers(bus, tools)
     return s

@@ -131,6 +131,7 @@ class Worker:
         models: list[str] | None = None,
         tools: list[ToolSpec] | None = None,
         heartbeat_s: float = 2.0,
+        close: Callable[[], Awaitable[None]] | None = None,
         fetch_batch: int = FETCH_BATCH,
     ) -> None:
         self.bus = bus
@@ -141,6 +142,7 @@ class Worker:
         self.models = models or []
         self.tools = tools or []  # advertised in heartbeats, so agent loops can offer them
         self.heartbeat_s = heartbeat_s
+        self._close = close  # what the executor holds (a provider's connections), after draining
         self.health = Health()
         self.subjects = bus.topology.subjects
         self.fetch_batch = fetch_batch
@@ -185,6 +187,11 @@ class Worker:
                 await cancels.unsubscribe()
             with contextlib.suppress(Exception):
                 await self.bus.capacity.delete(self._key)
+            if self._close is not None:
+                try:
+                    await self._close()
+                except Exception as e:
+                    log.warning("%s: closing the provider: %s", self.pool, e)
 
     # -- one work message ------------------------------------------------------------------
 
