@@ -76,9 +76,8 @@ class Router:
         self.subjects = bus.topology.subjects
         self.capacity = CapacityView(bus.capacity)
         self.catalog = Catalog(config, self.capacity.seen)
-        self.routing = Routing(
-            bus, config, self.capacity, self.catalog
-        )  # policy, breakers, budgets
+        # The routing policy, breakers, budgets, hedges and fairness: everything that decides.
+        self.routing = Routing(bus, config, self.capacity, self.catalog)
         self.policy = self.routing.policy
         self.concurrency = concurrency
         self.store = StateStore(bus.chains)
