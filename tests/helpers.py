@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -263,6 +264,18 @@ def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+async def start_cli(log: Path, *args: str) -> asyncio.subprocess.Process:
+    """`python -m chainyard.cli ARGS` as a separate process, its output in `log`."""
+    out = log.open("wb")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chainyard.cli", *args,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, env=python_env(),
+        )  # fmt: skip
+    finally:
+        out.close()
 
 
 def names(items: Sequence[Any]) -> list[str]:

@@ -7,10 +7,9 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
-from helpers import Events, alive, chain_log, children_of, python_env, running, wait_until
+from helpers import Events, alive, chain_log, children_of, running, start_cli, wait_until
 
 from chainyard.contracts import (
     Chain,
@@ -56,25 +55,7 @@ timeout_s = 30
 
 
 async def start_worker(url: str, config: Path, log: Path) -> asyncio.subprocess.Process:
-    out = log.open("wb")
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "chainyard.cli",
-            "worker",
-            "--nats",
-            url,
-            "--config",
-            str(config),
-            "--pool",
-            POOL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=python_env(),
-        )
-    finally:
-        out.close()
+    return await start_cli(log, "worker", "--nats", url, "--config", str(config), "--pool", POOL)
 
 
 async def test_sigkilled_worker_step_completes_exactly_once(

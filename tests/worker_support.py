@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
-from helpers import python_env
+from helpers import start_cli
 
 from chainyard.contracts import (
     Assignment,
@@ -122,25 +121,8 @@ async def work_state(bus: Bus) -> tuple[int, int, int]:
 async def start_worker_process(
     url: str, config_path: Path, log: Path
 ) -> asyncio.subprocess.Process:
-    out = log.open("wb")
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "chainyard.cli",
-            "worker",
-            "--nats",
-            url,
-            "--config",
-            str(config_path),
-            "--pool",
-            POOL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=python_env(),
-        )
-    finally:
-        out.close()
+    args = ["worker", "--nats", url, "--config", str(config_path), "--pool", POOL]
+    return await start_cli(log, *args)
 
 
 async def live_workers(bus: Bus) -> set[str]:
