@@ -95,9 +95,10 @@ class Router:
             subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
             await asyncio.gather(*(
                 consume(
-                    sub, telemetry.consumer(fn, c.durable), stop, self.concurrency, name=c.durable
+                    sub, telemetry.consumer(fn, c.durable), stop, self.concurrency,
+                    name=c.durable, rebind=lambda s=s, c=c: self.bus.pull(s, c),
                 )
-                for sub, (_, c, fn) in zip(subs, loops_, strict=True)
+                for sub, (s, c, fn) in zip(subs, loops_, strict=True)
             ))  # fmt: skip
         finally:
             await self.routing.stop()

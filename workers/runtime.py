@@ -178,6 +178,7 @@ class Worker:
                 slots=self.slots,
                 gate=self.health.wait_unthrottled,
                 max_batch=self.fetch_batch,
+                rebind=lambda: self.bus.pull(topo.work, consumer),
             )
         finally:
             self._draining = True

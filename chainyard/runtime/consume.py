@@ -13,6 +13,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 log = logging.getLogger("chainyard.consume")
+STUCK_AFTER_EMPTY_FETCHES = 5
 Handler = Callable[[Msg], Awaitable[None]]
 
 
@@ -53,14 +54,17 @@ async def consume(
     gate: Callable[[], Awaitable[None]] | None = None,
     fetch_timeout_s: float = 1.0,
     max_batch: int | None = None,
+    rebind: Callable[[], Awaitable[JetStreamContext.PullSubscription]] | None = None,
 ) -> None:
     """Run `handler` on every message until `stop` is set, then finish what is in flight.
 
     `gate`, when given, is awaited before each fetch (a throttled worker waits there).
     `max_batch` caps one fetch (a worker with 10,000 free slots fetches in bites, not all at once).
-    The subscription is closed on return. The handler acks, naks or terms its message; one that
-    raises gets its message nak'ed with a growing delay (it comes back) and the loop goes on: one
-    bad message never stops it.
+    `rebind`, when given, makes a new pull subscription: used when fetches keep coming back
+    empty while the consumer has messages waiting, which happens after a JetStream leader moves
+    (nats.py #504). The subscription is closed on return.
+    The handler acks, naks or terms its message; one that raises gets its message nak'ed with a
+    growing delay (it comes back) and the loop goes on: one bad message never stops it.
     """
     slots = slots or Slots(concurrency)
     tasks: set[asyncio.Task[None]] = set()
@@ -80,6 +84,7 @@ async def consume(
         finally:
             await slots.give()
 
+    idle = 0  # empty fetches in a row
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
@@ -99,13 +104,19 @@ async def consume(
                     break
                 msgs = fetch.result()
             except (TimeoutError, NatsTimeoutError):
+                idle += 1
+                if rebind is not None and idle >= STUCK_AFTER_EMPTY_FETCHES:
+                    idle = 0
+                    sub = await _rebind_if_stuck(sub, rebind, name)
                 continue
             except ConnectionClosedError:
                 break
             except Exception as e:  # server restart, leader change: back off and fetch again
                 log.warning("%s: fetch failed: %s", name, e)
                 await asyncio.sleep(0.2)
+                idle += 1  # a subscription that keeps failing is rebound like a stuck one
                 continue
+            idle = 0
             for msg in msgs:
                 slots.take()
                 t = asyncio.create_task(run(msg))
@@ -119,3 +130,27 @@ async def consume(
         # 408 status reply queued, and a drain would wait on it until it times out.
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def _rebind_if_stuck(
+    sub: JetStreamContext.PullSubscription,
+    rebind: Callable[[], Awaitable[JetStreamContext.PullSubscription]],
+    name: str,
+) -> JetStreamContext.PullSubscription:
+    """Nothing arrived for a while: if the consumer has messages waiting, the subscription is
+    stale (a leader moved under it), so bind a new one. One cheap info request per idle spell."""
+    try:
+        info = await sub.consumer_info()
+    except Exception as e:
+        log.warning("%s: consumer info failed while idle: %s", name, e)
+        return sub
+    if info.num_pending == 0:
+        return sub
+    log.warning("%s: %d messages waiting but none delivered: rebinding", name, info.num_pending)
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    try:
+        return await rebind()
+    except Exception as e:
+        log.warning("%s: rebinding failed, will try again: %s", name, e)
+        return sub
