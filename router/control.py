@@ -26,6 +26,10 @@ class ControlError(ValueError):
     """A control request that cannot apply; the message says why, for the sender."""
 
 
+class UnknownChain(ControlError):
+    """No state for the chain (yet: it may still be waiting in the intake stream)."""
+
+
 def cancel(state: ChainState, reason: str, now_ms: int) -> Outcome:
     if state.status != "running":
         raise ControlError(f"chain {state.chain.id!r} already ended ({state.status})")

@@ -52,6 +52,7 @@ from .store import Conflict, StateStore
 
 log = logging.getLogger("chainyard.router")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+UNKNOWN_CHAIN_TRIES = 8  # a control message for a chain not created yet waits ~6 s for it
 # decide(state or None, revision) -> what to do; None: nothing to record
 Decide = Callable[[ChainState | None], chains.Outcome | None]
 
@@ -242,12 +243,19 @@ class Router:
                 req = replay_decoder.decode(msg.data)
                 old, _ = await self.store.load(key, fresh=True)
                 if old is None:
-                    raise control.ControlError(f"no chain {chain_id!r}")
+                    raise control.UnknownChain(f"no chain {chain_id!r}")
                 new = control.replay(old, req, t, self.policy.pick)
                 await self._create(msg, tenant, new)
                 return
             else:
                 raise control.ControlError(f"unknown control verb {verb!r}")
+        except control.UnknownChain as e:
+            n = msg.metadata.num_delivered or 1
+            if n < UNKNOWN_CHAIN_TRIES:  # submitted a moment ago: its intake may not be done
+                await msg.nak(delay=0.05 * 2 ** (n - 1))
+                return
+            await self._control_rejected(msg, tenant, chain_id, verb, str(e))
+            return
         except (control.ControlError, *BadMessage) as e:
             await self._control_rejected(msg, tenant, chain_id, verb, str(e))
             return
@@ -366,7 +374,7 @@ class Router:
 def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:
     def decide(state: ChainState | None) -> chains.Outcome | None:
         if state is None:
-            raise control.ControlError("no such chain")
+            raise control.UnknownChain("no such chain")
         return fn(state)
 
     return decide

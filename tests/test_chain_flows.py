@@ -285,9 +285,10 @@ async def test_signal_before_the_wait_is_kept(stack: Stack) -> None:
             WaitStep(id="ok", signal="go", after=["first"]),
         ],
     )
-    await stack.client.signal("early", "go", "now")  # no chain yet: refused
+    # Sent before the chain exists: the router waits a few seconds for the chain to be created
+    # (its intake may be in flight), records the signal, and the wait step finds it later.
+    await stack.client.signal("early", "go", "now")
     chain_id = await stack.client.submit(chain)
-    await stack.client.signal(chain_id, "go", "now")
     ended = [ev async for ev in stack.client.watch(chain_id)][-1]
     assert isinstance(ended, ChainCompleted), ended
     assert ended.output.data == "now"
@@ -543,3 +544,19 @@ async def test_redelivered_step_with_recorded_result_is_not_called_again(
             if p is not None and p.returncode is None:
                 p.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(p.wait(), 20)
+
+
+async def test_control_for_a_chain_that_never_comes_is_refused(stack: Stack) -> None:
+    stack.start(config(stack.sandbox.url))
+    refused: asyncio.Future[ControlRejected] = asyncio.get_running_loop().create_future()
+
+    async def on(msg: object) -> None:
+        ev = event_decoder.decode(msg.data)  # type: ignore[attr-defined]
+        if isinstance(ev, ControlRejected) and not refused.done():
+            refused.set_result(ev)
+
+    sub = await stack.bus.nc.subscribe("cy.events.acme.ghost.control.rejected", cb=on)
+    await stack.client.signal("ghost", "go")
+    ev = await asyncio.wait_for(refused, 30)  # after the router has waited for it a few seconds
+    await sub.unsubscribe()
+    assert (ev.verb, ev.message) == ("signal.go", "no such chain")
