@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers import wait_until
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -292,20 +293,7 @@ async def wait_all_ended(
         await asyncio.sleep(0.25)
 
 
-async def wait_count(
-    check: Callable[[], Any], limit_s: float, what: str, interval: float = 0.02
-) -> Any:
-    """Poll a condition (sync or async) until it holds; TimeoutError naming it otherwise."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        v = check()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {limit_s} s waiting for {what}")
-        await asyncio.sleep(interval)
+wait_count = wait_until  # the suite's name for the shared poll-until-true helper
 
 
 async def work_queue_empty(js: JetStreamContext, topology: Topology | None = None) -> bool:
