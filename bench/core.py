@@ -29,6 +29,7 @@ MODULES: tuple[str, ...] = (
     "bench.nats_path",
     "bench.workers",
     "bench.routing",
+    "bench.added_latency",
     "bench.transitions",
     "bench.tracing",
     "bench.http_clients",

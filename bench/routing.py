@@ -6,10 +6,7 @@
   prompt length is new (costs computed for it) and right after a heartbeat (snapshot rebuilt).
 - failover_reroute_ms: a sandbox provider goes dark under steady load; time from the switch
   to the first step that completes on the other deployment, against the step p50 before.
-- added_latency_p50_ms / _p99_ms: one-step chains end to end (intake -> router -> worker ->
-  sandbox -> event -> router -> chain.completed) at half of the measured saturation
-  throughput, minus a direct HTTP call (httpx, same client settings as the worker) to the same
-  zero-latency sandbox provider.
+(added_latency_p50_ms / _p99_ms are in bench/added_latency.py.)
 """
 
 from __future__ import annotations
@@ -20,8 +17,6 @@ import random
 import statistics
 import time
 from typing import Any
-
-import httpx
 
 from chainyard.contracts import (
     Assignment,
@@ -260,59 +255,3 @@ async def failover(ctx: BenchCtx) -> list[Figure]:
         "measured": "configure(dark) -> first step.completed on b seen by a core subscription",
     }
     return [Figure("failover_reroute_ms", took, "ms", "step_p50_before_ms", p50_before, cond)]
-
-
-@benchmark("added_latency", ("added_latency_p50_ms", "added_latency_p99_ms"))
-async def added_latency(ctx: BenchCtx) -> list[Figure]:
-    """End-to-end chain latency at half of saturation minus a direct HTTP call to the sandbox."""
-    n = ctx.n("n", 2000, 300)
-    async with _Stack(slots=256) as s:
-        # Direct baseline: the same zero-latency provider, one call at a time.
-        url = f"{s.sb['a'].url}/v1/chat/completions"
-        body = {"model": "m-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
-        direct: list[float] = []
-        async with httpx.AsyncClient() as http:
-            for _ in range(min(n, 500)):
-                t0 = time.perf_counter()
-                r = await http.post(url, json=body)
-                direct.append((time.perf_counter() - t0) * 1000)
-                r.raise_for_status()
-        # Saturation: as many in flight as the worker has slots.
-        sat_n = ctx.n("sat_n", 3000, 500)
-        sem = asyncio.Semaphore(256)
-
-        async def one(cid: str) -> float:
-            async with sem:
-                return await s.run_chain(cid)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(f"sat-{i}") for i in range(sat_n)))
-        saturation = sat_n / (time.perf_counter() - t0)
-        rate = saturation / 2
-        # Open loop at half of saturation.
-        lat: list[float] = []
-        jobs = []
-        start = time.perf_counter()
-        for i in range(n):
-            due = start + i / rate
-            if (d := due - time.perf_counter()) > 0:
-                await asyncio.sleep(d)
-            jobs.append(asyncio.create_task(s.run_chain(f"half-{i}")))
-        lat = list(await asyncio.gather(*jobs))
-    d50, d99 = _pct(direct, 50), _pct(direct, 99)
-    c50, c99 = _pct(lat, 50), _pct(lat, 99)
-    cond = {
-        "N": n,
-        "saturation_chains_per_s": round(saturation, 1),
-        "offered_per_s": round(rate, 1),
-        "chain_p50_ms": round(c50, 3),
-        "chain_p99_ms": round(c99, 3),
-        "direct_p50_ms": round(d50, 3),
-        "direct_p99_ms": round(d99, 3),
-        "goals_ms": {"p50": 1, "p99": 3},
-        "process": "driver, router, worker, sandbox and nats-server client in one process",
-    }
-    return [
-        Figure("added_latency_p50_ms", c50 - d50, "ms", "direct_http_p50_ms", d50, cond),
-        Figure("added_latency_p99_ms", c99 - d99, "ms", "direct_http_p99_ms", d99, cond),
-    ]

@@ -1,0 +1,231 @@
+"""Figures added_latency_p50_ms / _p99_ms: what chainyard adds to one provider call.
+
+One-step chains run end to end (intake publish -> router -> work queue -> worker -> zero-latency
+sandbox -> step event -> router -> `chain.completed` seen by this driver) at half of the
+measured saturation throughput, in an open loop. Each part is its own OS process, as deployed:
+nats-server, the router (`chainyard router`), one worker (`chainyard worker`), the OpenAI
+sandbox (aiohttp on uvloop) and this driver. The baseline, in the same run, is a direct call to
+the same sandbox with the worker's own HTTP client (workers/providers/_http.py, one call at a
+time); the figure is the chain's percentile minus the direct call's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from chainyard.contracts import Chain, LlmStep, Message, Params, encode
+from chainyard.runtime.nats import Bus, open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.workers.providers._http import new_client, post_bytes
+
+from .calibrate import load_average
+from .core import Ctx, Figure, benchmark
+from .workers import _stop, sandbox
+
+TENANT = "bench"
+POOL = "a"
+SLOTS = 256
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def _config(base_url: str) -> str:
+    return (
+        f'[[deployments]]\nname = "a"\npool = "{POOL}"\nmodel = "gpt-4o-mini"\n'
+        f'[[pools]]\nname = "{POOL}"\nprovider = "openai"\nbase_url = "{base_url}/v1"\n'
+        f"slots = {SLOTS}\ntimeout_s = 60\n"
+    )
+
+
+@contextlib.asynccontextmanager
+async def service(args: list[str], tmp: Path, name: str) -> AsyncIterator[None]:
+    """`chainyard <args>` as its own process, its output in a log shown if it fails."""
+    log_path = tmp / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chainyard.cli", *args,
+            stdout=log, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        await _stop(proc)
+        if proc.returncode not in (0, None):
+            tail = log_path.read_text()[-2000:]
+            print(f"{name} exited {proc.returncode}:\n{tail}", file=sys.stderr)
+
+
+class Driver:
+    """Submits one-step chains and times each to its `chain.*` event (a core subscription).
+
+    It also sees each chain's assignment and step event as they are published, so the time
+    splits into legs: intake -> assignment (router), assignment -> step event (worker and
+    provider), step event -> chain event (router).
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.waiting: dict[str, asyncio.Future[tuple[float, str]]] = {}
+        self.offset = len(f"{bus.subjects.prefix}.events.{TENANT}.")
+        self.marks: dict[str, list[float]] = {}  # chain -> [submitted, assigned, step event]
+        self.legs: list[tuple[float, float, float]] = []
+
+    async def start(self) -> None:
+        prefix = f"{self.bus.subjects.prefix}.events.{TENANT}"
+        await self.bus.nc.subscribe(f"{prefix}.*.chain.*", cb=self._on_event)
+        await self.bus.nc.subscribe(f"{prefix}.*.step.*", cb=self._on_mark)
+        await self.bus.nc.subscribe(self.bus.subjects.work(POOL), cb=self._on_mark)
+        await self.bus.nc.flush()
+
+    async def _on_mark(self, msg: Msg) -> None:
+        now = time.perf_counter()
+        if msg.subject.startswith(self.bus.subjects.prefix + ".work."):
+            key = (msg.headers or {}).get("Nats-Msg-Id", "").partition(".")[0]
+        else:
+            key = msg.subject[self.offset :].partition(".")[0]
+        if (marks := self.marks.get(key)) is not None:
+            marks.append(now)
+
+    async def _on_event(self, msg: Msg) -> None:
+        now = time.perf_counter()
+        key, _, kind = msg.subject[self.offset :].partition(".chain.")
+        marks = self.marks.pop(key, None)
+        if marks is not None and len(marks) == 3:
+            t0, assigned, stepped = marks
+            self.legs.append((assigned - t0, stepped - assigned, now - stepped))
+        fut = self.waiting.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result((now, kind))
+
+    async def run(self, key: str) -> float:
+        step = LlmStep(
+            id="s",
+            model="gpt-4o-mini",
+            messages=[Message(role="user", content="hi")],
+            params=Params(max_tokens=16),
+        )
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[key] = fut
+        t0 = time.perf_counter()
+        self.marks[key] = [t0]
+        await self.bus.js.publish(
+            self.bus.subjects.submit(TENANT),
+            encode(Chain(id=key, steps=[step])),
+            headers={"Nats-Msg-Id": key},
+        )
+        t1, kind = await asyncio.wait_for(fut, 60)
+        if kind != "completed":
+            raise RuntimeError(f"chain {key} ended {kind}")
+        return (t1 - t0) * 1000
+
+
+async def _direct(base_url: str, n: int) -> list[float]:
+    body = encode(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    )
+    client = new_client(f"{base_url}/v1", {"Content-Type": "application/json"})
+    out: list[float] = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            status, _, _ = await post_bytes(client, "/chat/completions", body)
+            out.append((time.perf_counter() - t0) * 1000)
+            if status != 200:
+                raise RuntimeError(f"sandbox answered {status}")
+    finally:
+        await client.aclose()
+    return out
+
+
+async def _open_loop(d: Driver, prefix: str, n: int, rate: float) -> list[float]:
+    jobs = []
+    start = time.perf_counter()
+    for i in range(n):
+        if (wait := start + i / rate - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)  # pacing the offered load, not waiting on a race
+        jobs.append(asyncio.create_task(d.run(f"{prefix}{i}")))
+    return list(await asyncio.gather(*jobs))
+
+
+async def _closed_loop(d: Driver, prefix: str, n: int, window: int) -> float:
+    sem = asyncio.Semaphore(window)
+
+    async def one(i: int) -> float:
+        async with sem:
+            return await d.run(f"{prefix}{i}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n / (time.perf_counter() - t0)
+
+
+@benchmark("added_latency", ("added_latency_p50_ms", "added_latency_p99_ms"))
+async def added_latency(ctx: Ctx) -> list[Figure]:
+    """End-to-end chain latency at half of saturation minus a direct HTTP call to the sandbox."""
+    n = ctx.n("n", 3000, 400)
+    sat_n = ctx.n("sat_n", 3000, 500)
+    load_before = load_average()
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        async with NatsServer() as nats, sandbox(0.0, None) as (url, _):
+            cfg = tmp / "chainyard.toml"
+            cfg.write_text(_config(url))
+            common = ["--nats", nats.url, "--config", str(cfg)]
+            bus = await open_bus(nats.url, name="bench-added-latency")
+            try:
+                async with (
+                    service(["router", *common], tmp, "router"),
+                    service(["worker", *common, "--pool", POOL], tmp, "worker"),
+                ):
+                    d = Driver(bus)
+                    await d.start()
+                    direct = await _direct(url, ctx.n("direct_n", 1000, 200))
+                    await _closed_loop(d, "w-", 200, 16)  # warm: router and worker connected
+                    saturation = await _closed_loop(d, "s-", sat_n, SLOTS)
+                    rate = saturation / 2
+                    d.legs.clear()
+                    lat = await _open_loop(d, "h-", n, rate)
+                    direct += await _direct(url, ctx.n("direct_n", 1000, 200))
+            finally:
+                await bus.close()
+    d50, d99 = _pct(direct, 50), _pct(direct, 99)
+    c50, c99 = _pct(lat, 50), _pct(lat, 99)
+    cond: dict[str, Any] = {
+        "N": n,
+        "saturation_chains_per_s": round(saturation, 1),
+        "offered_per_s": round(rate, 1),
+        "chain_p50_ms": round(c50, 3),
+        "chain_p99_ms": round(c99, 3),
+        "direct_p50_ms": round(d50, 3),
+        "direct_p99_ms": round(d99, 3),
+        "legs_p50_ms": {
+            name: round(_pct([leg[i] * 1000 for leg in d.legs], 50), 3)
+            for i, name in enumerate(
+                ("intake_to_assignment", "assignment_to_step_event", "step_event_to_chain_event")
+            )
+        }
+        if d.legs
+        else None,
+        "direct": "the worker's HTTP client (aiohttp via workers/providers/_http.py), sequential,"
+        " half before and half after the chains",
+        "goals_ms": {"p50": 1, "p99": 3},
+        "process": "nats-server, router, worker, sandbox and driver: five OS processes",
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    return [
+        Figure("added_latency_p50_ms", c50 - d50, "ms", "direct_http_p50_ms", d50, cond),
+        Figure("added_latency_p99_ms", c99 - d99, "ms", "direct_http_p99_ms", d99, cond),
+    ]
