@@ -46,6 +46,7 @@ from chainyard.contracts import (
 from chainyard.runtime import telemetry
 from chainyard.runtime.consume import Slots, consume
 from chainyard.runtime.faults import crash_point
+from chainyard.runtime.lean import num_delivered
 from chainyard.runtime.nats import Bus
 from chainyard.runtime.telemetry_metrics import metrics
 
@@ -201,7 +202,7 @@ class Worker:
             a = assignment_decoder.decode(msg.data)
         except BadMessage as e:
             log.warning("%s: malformed assignment: %s", self.pool, e)
-            await self.bus.js.publish(
+            await self.bus.publisher.publish(
                 self.subjects.dlq_subject("work"), msg.data, headers={"Cy-Reason": str(e)[:1000]}
             )
             await msg.term()
@@ -209,7 +210,7 @@ class Worker:
         started = now_ms()
         if await self._dropped(a, msg, started):
             return
-        if msg.metadata.num_delivered > 1 and await self._already_recorded(a):
+        if num_delivered(msg) > 1 and await self._already_recorded(a):
             await msg.ack()
             return
         self._in_flight[id(msg)] = (msg, time.monotonic())
@@ -320,7 +321,7 @@ class Worker:
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         msg_id = f"{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
         metrics.step_result(ev)
-        await telemetry.publish(self.bus.js, subject, encode(ev), msg_id)  # with traceparent
+        await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)  # with traceparent
 
     async def _already_recorded(self, a: Assignment) -> bool:
         """On redelivery only: was this step's result already recorded? Then don't call again."""

@@ -1,50 +1,49 @@
-"""A pull-consumer loop with bounded concurrency: fetch only as many messages as there are slots."""
+"""A pull-consumer loop with bounded concurrency: ask for only as many messages as there are slots.
+
+Pull requests stay outstanding (lean.Puller): when a handler finishes and enough slots are free
+that are not already asked for, one request asks for them, so a slot never waits a round trip
+for its next message, and messages go straight from the subscription callback to a handler task.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
+from .lean import Puller, num_delivered
+
 log = logging.getLogger("chainyard.consume")
-STUCK_AFTER_EMPTY_FETCHES = 5
+STUCK_AFTER_EMPTY_FETCHES = 5  # expiry periods with nothing delivered before a staleness check
 Handler = Callable[[Msg], Awaitable[None]]
+PullSub = JetStreamContext.PullSubscription
 
 
 class Slots:
-    """A counting semaphore that also says how many slots are free right now."""
+    """How many of `total` slots are free right now. Taking and giving is counting: the consume
+    loop is the only one that waits for slots, and it is told by its own tasks' done callbacks."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.free = total
-        self._changed = asyncio.Condition()
-
-    async def wait_free(self) -> int:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.free > 0)
-            return self.free
 
     def take(self) -> None:
         self.free -= 1
 
-    async def give(self) -> None:
+    def give(self) -> None:
         self.free += 1
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_idle(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.free == self.total)
 
 
 async def consume(
-    sub: JetStreamContext.PullSubscription,
+    sub: PullSub,
     handler: Handler,
     stop: asyncio.Event,
     concurrency: int,
@@ -54,103 +53,233 @@ async def consume(
     gate: Callable[[], Awaitable[None]] | None = None,
     fetch_timeout_s: float = 1.0,
     max_batch: int | None = None,
-    rebind: Callable[[], Awaitable[JetStreamContext.PullSubscription]] | None = None,
+    rebind: Callable[[], Awaitable[PullSub]] | None = None,
 ) -> None:
     """Run `handler` on every message until `stop` is set, then finish what is in flight.
 
-    `gate`, when given, is awaited before each fetch (a throttled worker waits there).
-    `max_batch` caps one fetch (a worker with 10,000 free slots fetches in bites, not all at once).
-    `rebind`, when given, makes a new pull subscription: used when fetches keep coming back
-    empty while the consumer has messages waiting, which happens after a JetStream leader moves
-    (nats.py #504). The subscription is closed on return.
+    `sub` names the stream and durable consumer (a pull subscription from `Bus.pull`); its own
+    fetch subscription is not used. At most `concurrency` handlers run at once (`slots` shares
+    the count with the caller, e.g. for heartbeats).
+    `gate`, when given, is awaited before each pull request (a throttled worker waits there).
+    `max_batch` caps one pull request (a worker with 10,000 free slots asks in bites, so the
+    other workers of its pool get their share). A pull request expires after `fetch_timeout_s`.
+    `rebind`, when given, makes a new pull subscription: used when nothing is delivered for a
+    while although the consumer has messages waiting, which happens after a JetStream leader
+    moves (nats.py #504). The subscription is closed on return.
     The handler acks, naks or terms its message; one that raises gets its message nak'ed with a
     growing delay (it comes back) and the loop goes on: one bad message never stops it.
+    On `stop`, messages that arrive after it (from requests still outstanding) are nak'ed at once
+    for another consumer to take, and the handlers running are awaited.
     """
     slots = slots or Slots(concurrency)
-    tasks: set[asyncio.Task[None]] = set()
+    c = _Consumer(sub, handler, stop, slots, name, gate, fetch_timeout_s, max_batch, rebind)
+    await c.run()
 
-    async def run(msg: Msg) -> None:
+
+class _Consumer:
+    def __init__(
+        self,
+        sub: PullSub,
+        handler: Handler,
+        stop: asyncio.Event,
+        slots: Slots,
+        name: str,
+        gate: Callable[[], Awaitable[None]] | None,
+        expires_s: float,
+        max_batch: int | None,
+        rebind: Callable[[], Awaitable[PullSub]] | None,
+    ) -> None:
+        self.sub = sub
+        self.nc: Any = sub._nc
+        self.js: JetStreamContext = sub._js
+        self.handler = handler
+        self.stop = stop
+        self.slots = slots
+        self.name = name
+        self.gate = gate
+        self.expires_s = expires_s
+        self.max_batch = max(1, min(max_batch or slots.total, slots.total))
+        # Ask again once this many free slots are not asked for: a few requests per batch.
+        self.threshold = max(1, self.max_batch // 8)
+        self.rebind = rebind
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.waiting: deque[Msg] = deque()  # delivered beyond the free slots: run when one frees
+        self.stopping = False
+        self.wake = asyncio.Event()
+        self.backoff_until = 0.0
+        self.last_delivery = self.last_pull = self.last_check = time.monotonic()
+        self.reconnects = self.nc.stats.get("reconnects", 0)
+        self.puller = self._puller(sub)
+
+    def _puller(self, sub: PullSub) -> Puller:
+        return Puller(
+            self.nc, sub._stream, sub._consumer, self._deliver, self._on_status,
+            expires_s=self.expires_s,
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        waker = asyncio.ensure_future(self.stop.wait())
+        waker.add_done_callback(lambda _: self.wake.set())
         try:
-            await handler(msg)
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()  # its fetch subscription: we pull on our own
+            await self.puller.start()
+            await self._pull_loop()
+        finally:
+            self.stopping = True
+            waker.cancel()
+            await self.puller.stop(self._nak_now)
+            while self.waiting:
+                self._nak_now(self.waiting.popleft())
+            while self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # -- delivery: from the subscription callback, no awaits ------------------------------
+
+    def _deliver(self, msg: Msg) -> None:
+        self.last_delivery = self.puller.last_heard
+        if self.stopping or self.stop.is_set():
+            self._nak_now(msg)
+        elif self.slots.free > 0 and not self.waiting:
+            self._start(msg)
+        else:  # more came than asked for (requests outlived a reset): run it when a slot frees
+            self.waiting.append(msg)
+
+    def _start(self, msg: Msg) -> None:
+        self.slots.take()
+        t = self.loop.create_task(self._run(msg))
+        self.tasks.add(t)
+        t.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        self.tasks.discard(t)
+        self.slots.give()
+        if self.waiting and not self.stopping:
+            self._start(self.waiting.popleft())
+        elif self.slots.free - self.puller.pending >= self.threshold:
+            self.wake.set()
+
+    async def _run(self, msg: Msg) -> None:
+        try:
+            await self.handler(msg)
         except Exception:
             # It comes back, later each time (0.25 s doubling to 30 s): a stream that is full
             # or a leader election must not turn into a hot loop, nor into a dropped message.
-            n = msg.metadata.num_delivered or 1
+            n = num_delivered(msg)
             log.exception(
-                "%s: handler failed on %s (delivery %d); will retry", name, msg.subject, n
+                "%s: handler failed on %s (delivery %d); will retry", self.name, msg.subject, n
             )
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(0.25 * 2 ** (n - 1), 30.0))
-        finally:
-            await slots.give()
 
-    idle = 0  # empty fetches in a row
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        while not stop.is_set():
-            if gate is not None:
-                await gate()
-            free = await slots.wait_free()
-            if stop.is_set():
-                break
-            try:
-                batch = free if max_batch is None else min(free, max_batch)
-                fetch = asyncio.ensure_future(sub.fetch(batch=batch, timeout=fetch_timeout_s))
-                done, _ = await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if fetch not in done:
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
-                    break
-                msgs = fetch.result()
-            except (TimeoutError, NatsTimeoutError):
-                idle += 1
-                if rebind is not None and idle >= STUCK_AFTER_EMPTY_FETCHES:
-                    idle = 0
-                    sub = await _rebind_if_stuck(sub, rebind, name)
+    def _nak_now(self, msg: Msg) -> None:
+        t = self.loop.create_task(msg.nak())
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def _on_status(self, status: str, description: str) -> None:
+        if status in ("404", "408"):
+            pass  # a request expired: ask again if slots are free
+        elif status == "409" and "Leadership Change" in description:
+            log.info("%s: consumer leader changed: asking again", self.name)
+        else:  # 503 (no consumer), 409 consumer deleted / max waiting, 400...: not in a hot loop
+            log.warning("%s: pull request ended with %s %s", self.name, status, description)
+            self.backoff_until = time.monotonic() + 0.2
+        self.wake.set()
+
+    # -- asking for messages --------------------------------------------------------------
+
+    def _want(self) -> int:
+        return self.slots.free - len(self.waiting) - self.puller.pending
+
+    async def _pull_loop(self) -> None:
+        next_tick = time.monotonic() + self.expires_s
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self.expires_s
+                if self.nc.is_closed:
+                    return
+                await self._housekeeping(now)
                 continue
-            except ConnectionClosedError:
-                break
-            except Exception as e:  # server restart, leader change: back off and fetch again
-                log.warning("%s: fetch failed: %s", name, e)
-                await asyncio.sleep(0.2)
-                idle += 1  # a subscription that keeps failing is rebound like a stuck one
+            want = self._want()
+            if now >= self.backoff_until and (
+                want >= self.threshold or (want > 0 and self.puller.pending == 0)
+            ):
+                if self.gate is not None and not await self._gate():
+                    return
+                want = self._want()
+                if want <= 0:
+                    continue
+                try:
+                    await self.puller.pull(min(want, self.max_batch))
+                    self.last_pull = time.monotonic()
+                except ConnectionClosedError:
+                    return
+                except Exception as e:  # disconnected with a full buffer, ...: again shortly
+                    log.warning("%s: pull request failed: %s", self.name, e)
+                    self.backoff_until = time.monotonic() + 0.2
                 continue
-            idle = 0
-            for msg in msgs:
-                slots.take()
-                t = asyncio.create_task(run(msg))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-    finally:
-        stopping.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        # Unsubscribe rather than leave it to drain: a cancelled fetch can leave the server's
-        # 408 status reply queued, and a drain would wait on it until it times out.
+            self.wake.clear()
+            wake_at = min(next_tick, self.backoff_until) if self.backoff_until > now else next_tick
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.001, wake_at - now))
+
+    async def _gate(self) -> bool:
+        """Wait for the gate; False when stopped meanwhile."""
+        assert self.gate is not None
+        g = asyncio.ensure_future(self.gate())
+        s = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({g, s}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            s.cancel()
+            if not g.done():
+                g.cancel()
+        return not self.stop.is_set()
+
+    async def _housekeeping(self, now: float) -> None:
+        p = self.puller
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self.reconnects:  # requests made before may be gone with the server
+            self.reconnects = reconnects
+            p.reset()
+        elif p.pending and now - p.last_heard > 2 * self.expires_s + 1.0:
+            p.reset()  # neither a message nor an expiry came back: those requests are lost
+        idle = STUCK_AFTER_EMPTY_FETCHES * self.expires_s
+        asking = now - self.last_pull < 2 * self.expires_s
+        if (
+            self.rebind is not None
+            and asking
+            and now - self.last_delivery >= idle
+            and now - self.last_check >= idle
+        ):
+            self.last_check = now
+            await self._rebind_if_stuck()
+
+    async def _rebind_if_stuck(self) -> None:
+        """Nothing arrived for a while: if the consumer has messages waiting, the subscription is
+        stale (a leader moved under it), so bind a new one. One info request per idle spell."""
+        assert self.rebind is not None
+        p = self.puller
+        try:
+            info = await self.js.consumer_info(p.stream, p.durable)
+        except Exception as e:
+            log.warning("%s: consumer info failed while idle: %s", self.name, e)
+            info = None
+        if info is not None and info.num_pending == 0:
+            return
+        waiting = info.num_pending if info is not None else "?"
+        log.warning("%s: %s messages waiting but none delivered: rebinding", self.name, waiting)
+        try:
+            sub = await self.rebind()
+        except Exception as e:
+            log.warning("%s: rebinding failed, will try again: %s", self.name, e)
+            return
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-
-
-async def _rebind_if_stuck(
-    sub: JetStreamContext.PullSubscription,
-    rebind: Callable[[], Awaitable[JetStreamContext.PullSubscription]],
-    name: str,
-) -> JetStreamContext.PullSubscription:
-    """Nothing arrived for a while: if the consumer has messages waiting, the subscription is
-    stale (a leader moved under it), so bind a new one. One cheap info request per idle spell."""
-    try:
-        info = await sub.consumer_info()
-    except Exception as e:
-        log.warning("%s: consumer info failed while idle: %s", name, e)
-        return sub
-    if info.num_pending == 0:
-        return sub
-    log.warning("%s: %d messages waiting but none delivered: rebinding", name, info.num_pending)
-    with contextlib.suppress(Exception):
-        await sub.unsubscribe()
-    try:
-        return await rebind()
-    except Exception as e:
-        log.warning("%s: rebinding failed, will try again: %s", name, e)
-        return sub
+        old, self.puller = p, self._puller(sub)
+        await self.puller.start()
+        await old.stop(self._deliver)

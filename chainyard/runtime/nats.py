@@ -33,6 +33,8 @@ from nats.js.kv import KeyValue
 
 from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
 
+from .lean import Publisher
+
 log = logging.getLogger("chainyard.nats")
 T = TypeVar("T")
 
@@ -120,6 +122,14 @@ class Bus:
     capacity: KeyValue
     breakers: KeyValue
     _closed: bool = field(default=False, repr=False)
+    _publisher: Publisher | None = field(default=None, repr=False)
+
+    @property
+    def publisher(self) -> Publisher:
+        """`js.publish`'s shape and errors at a fraction of its CPU (runtime/lean.py)."""
+        if self._publisher is None:
+            self._publisher = Publisher(self.nc, timeout=getattr(self.js, "_timeout", 10.0))
+        return self._publisher
 
     @property
     def subjects(self):
