@@ -81,7 +81,7 @@ class Router:
         self.routing = Routing(bus, config, self.capacity, self.catalog)
         self.policy = self.routing.policy
         self.concurrency = concurrency
-        self.store = StateStore(bus.chains)
+        self.store = StateStore(bus.chains, bus.publisher)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.routing.start()
@@ -186,7 +186,9 @@ class Router:
         headers = {"Cy-Reason": reason[:1000], "Cy-Subject": msg.subject}
         if tenant:
             headers["Cy-Tenant"] = tenant
-        await self.bus.js.publish(self.subjects.dlq_subject(source), msg.data, headers=headers)
+        await self.bus.publisher.publish(
+            self.subjects.dlq_subject(source), msg.data, headers=headers
+        )
         await msg.term()
 
     # -- step events -------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class Router:
             hedge=hedge,
         )
         await telemetry_chain.publish_work(  # inside a routing span, with traceparent
-            self.bus.js,
+            self.bus.publisher,
             self.subjects.work(target.pool),
             encode(a),
             a,
@@ -363,12 +365,12 @@ class Router:
     async def _schedule(self, timer: Timer) -> None:
         subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
         msg_id = f"{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
-        await telemetry.publish(self.bus.js, subject, encode(timer), msg_id)
+        await telemetry.publish(self.bus.publisher, subject, encode(timer), msg_id)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
-        await telemetry.publish(self.bus.js, subject, encode(ev), msg_id)
+        await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)
 
 
 def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:
