@@ -113,6 +113,15 @@ async def test_a_publish_with_no_reply_times_out(bus: Bus) -> None:
     with pytest.raises(TimeoutError):  # nats' TimeoutError is also the builtin one
         await p.publish("silent.subject", b"x", timeout=0.05)
     assert not p._waiting
+    # a short timeout behind a long one still ends on time
+    long = asyncio.create_task(p.publish("silent.subject", b"x", timeout=30))
+    with pytest.raises(NatsTimeoutError):
+        await asyncio.wait_for(p.publish("silent.subject", b"y", timeout=0.05), 2)
+    assert not long.done()
+    long.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await long
+    assert not p._waiting
     await silent.unsubscribe()
     await p.close()
 

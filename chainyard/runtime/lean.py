@@ -2,7 +2,8 @@
 
 `Publisher.publish(subject, payload, headers=...)` has `js.publish`'s shape and errors: one
 wildcard reply subscription with a callback, a counter token per request, a future per request
-in a dict, the timeout by `loop.call_later` (no `wait_for`), the PubAck decoded with msgspec.
+in a dict, the timeouts by one `loop.call_at` timer over a heap of deadlines (no `wait_for`),
+the PubAck decoded with msgspec.
 Errors are nats-py's: `nats.js.errors.APIError` and its subclasses for an error reply (wrong
 expected sequence, ...), `NoResponders` (both `NoStreamResponseError` and `NoRespondersError`)
 when no stream takes the subject, `nats.errors.TimeoutError` when nothing comes back in time
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from heapq import heappop, heappush
 from typing import Any
 
 import msgspec
@@ -58,6 +60,50 @@ class _Reply(msgspec.Struct):
 _reply = msgspec.json.Decoder(_Reply)
 
 
+class _Direct:
+    """Stands in for a nats-py subscription's message queue: the read loop's `put_nowait` calls
+    the handler at once, so a message costs no queue, no task switch and no coroutine. The
+    subscription's own task waits on `get` forever (cancelled on unsubscribe)."""
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self.sub = sub
+        self.handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self.sub._pending_size -= len(msg.data)
+        try:
+            self.handler(msg)
+        except Exception:  # never into nats-py's read loop: that would end the connection
+            log.exception("handler failed on a message on %s", msg.subject)
+
+    async def get(self) -> Msg:
+        return await asyncio.get_running_loop().create_future()  # never done
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+async def _ignore(msg: Msg) -> None:
+    pass
+
+
+async def subscribe_direct(nc: Client, subject: str, handler: Callable[[Msg], None]) -> Any:
+    """A core subscription whose messages go straight from nats-py's read loop to `handler`
+    (synchronous: it must not block). Survives reconnects like any subscription."""
+    sub = await nc.subscribe(subject, cb=_ignore)
+    sub._pending_queue = _Direct(sub, handler)  # before any message: no await since SUB
+    return sub
+
+
 class Publisher:
     """`js.publish` for the hot path. Safe to share across tasks; start() is lazy."""
 
@@ -68,6 +114,12 @@ class Publisher:
         self._cut = 0
         self._n = 0
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        # Deadlines in a heap, one timer at the earliest: a timer per request (call_later and
+        # cancel) costs more than the rest of a publish. Entries of answered requests stay in
+        # the heap until their deadline passes (at most rate x timeout of them).
+        self._deadlines: list[tuple[float, str]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._starting: asyncio.Future[None] | None = None
         self._sub: Any = None
 
@@ -76,7 +128,7 @@ class Publisher:
             self._starting = asyncio.get_running_loop().create_future()
             try:
                 prefix = f"{self.nc._inbox_prefix.decode()}.{self.nc._nuid.next().decode()}."
-                self._sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+                self._sub = await subscribe_direct(self.nc, prefix + "*", self._on_reply)
                 self._prefix, self._cut = prefix, len(prefix)
                 self._starting.set_result(None)
             except BaseException as e:
@@ -87,15 +139,26 @@ class Publisher:
         else:
             await asyncio.shield(self._starting)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         fut = self._waiting.pop(msg.subject[self._cut :], None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    def _expire(self, token: str) -> None:
-        fut = self._waiting.pop(token, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(NatsTimeoutError())
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now, heap, waiting = loop.time(), self._deadlines, self._waiting
+        while heap and heap[0][0] <= now:
+            fut = waiting.pop(heappop(heap)[1], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(NatsTimeoutError())
+        if heap:
+            self._arm(loop, heap[0][0])
 
     async def publish(
         self,
@@ -114,12 +177,14 @@ class Publisher:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = fut
-        timer = loop.call_later(self.timeout if timeout is None else timeout, self._expire, token)
+        at = loop.time() + (self.timeout if timeout is None else timeout)
+        heappush(self._deadlines, (at, token))
+        if self._timer is None or at < self._timer_at:
+            self._arm(loop, at)
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await fut
         finally:
-            timer.cancel()
             self._waiting.pop(token, None)
         data = msg.data
         if not data:
@@ -141,6 +206,10 @@ class Publisher:
                 await self._sub.unsubscribe()
             self._sub = None
         self._prefix, self._starting = "", None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(NatsTimeoutError())
@@ -192,7 +261,7 @@ class Puller:
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
+        self._sub = await subscribe_direct(self.nc, self.inbox, self._on_msg)
 
     async def pull(self, batch: int) -> None:
         """Ask for `batch` more: they come within `expires`, or a 408 says how many won't."""
@@ -208,7 +277,7 @@ class Puller:
         """Forget what was asked for (requests lost in a reconnect or a leader change)."""
         self.pending = 0
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         self.last_heard = time.monotonic()
         if msg.reply:  # a JetStream message: $JS.ACK...
             if self.pending > 0:
@@ -236,6 +305,5 @@ class Puller:
         with contextlib.suppress(Exception):
             await self.nc._send_unsubscribe(sub._id)
             await self.nc.flush(timeout=2)
-            await asyncio.wait_for(sub._pending_queue.join(), 2)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
