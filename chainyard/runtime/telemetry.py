@@ -34,6 +34,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -42,14 +43,18 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
+    TraceFlags,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY
 
-from .telemetry_lite import forced_ids
+from .telemetry_lite import LiteSpan, LiteTracer, forced_ids
+from .telemetry_otlp import Fixed
 from .telemetry_w3c import (  # noqa: F401 - re-exported
     TRACEPARENT,
     TRACESTATE,
     context_of,
     extract,
+    extract_ids,
     format_traceparent,
     header,
     inject,
@@ -65,6 +70,9 @@ _TRUE = ("1", "true", "yes", "on")
 # -- state: None means off, and every helper returns at once --------------------------------
 
 _tracer: Any = None  # an opentelemetry Tracer when tracing is on
+# the same tracer when it is chainyard's LiteTracer with the default sampler: the helpers then
+# hand it spans and ids directly (`_start`), with no OTel Context, SpanContext or Link in between
+_lite: LiteTracer | None = None
 _provider: Any = None  # the TracerProvider we installed (setup), to flush and shut down
 capture_content = False  # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT
 # ack / nak / term spans: CHAINYARD_TRACE_SETTLE=true (off by default: 3 of ~12 spans a step)
@@ -161,7 +169,7 @@ def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
 def enable(provider: Any, *, capture: bool | None = None) -> None:
     """Trace with `provider`: an SDK TracerProvider (tests, embedding apps) or the LiteProvider
     of `build_provider` (services, benchmarks)."""
-    global _tracer, capture_content
+    global _tracer, _lite, capture_content
     t = provider.get_tracer("chainyard")
     if hasattr(t, "id_generator") and not isinstance(t.id_generator, _ChainIds):
         t.id_generator = _ChainIds(t.id_generator)  # a chain's span keeps the id given at intake
@@ -170,11 +178,12 @@ def enable(provider: Any, *, capture: bool | None = None) -> None:
         capture = env.strip().lower() in _TRUE
     capture_content = capture
     _tracer = t
+    _lite = t if type(t) is LiteTracer and t.sampler is None else None
 
 
 def disable() -> None:
-    global _tracer
-    _tracer = None
+    global _tracer, _lite
+    _tracer = _lite = None
 
 
 def use_global() -> bool:
@@ -206,14 +215,48 @@ def shutdown() -> None:
         _provider = None
 
 
-def _messaging(op: str, op_type: str, subject: str, tmpl: str) -> dict[str, Any]:
-    return {
-        "messaging.system": SYSTEM,
-        "messaging.operation.name": op,
-        "messaging.operation.type": op_type,
-        "messaging.destination.name": subject,
-        "messaging.destination.template": tmpl,
-    }
+_KINDS = (
+    SpanKind.INTERNAL,
+    SpanKind.INTERNAL,
+    SpanKind.SERVER,
+    SpanKind.CLIENT,
+    SpanKind.PRODUCER,
+    SpanKind.CONSUMER,
+)  # by protobuf value
+INTERNAL, CLIENT, PRODUCER, CONSUMER = 1, 3, 4, 5
+
+
+def _start(
+    parent: Any, kind_pb: int, fixed: Fixed, attrs: dict[str, Any], start_ns: int | None = None
+) -> Any:
+    """A span named `fixed.name` with `fixed`'s and `attrs`' attributes, under `parent` (a Span,
+    or None for a new trace): straight to the LiteTracer, else through the OTel API."""
+    lite = _lite
+    if lite is not None:
+        return lite.child(parent, kind_pb, fixed, attrs, start_ns)
+    return _tracer.start_span(
+        fixed.name,
+        context=Context({_SPAN_KEY: parent}) if parent is not None else Context(),
+        kind=_KINDS[kind_pb],
+        attributes={**fixed.items, **attrs},
+        start_time=start_ns,
+    )
+
+
+class _FixedCache(dict[Any, Fixed]):
+    """Fixed attributes by what they depend on (a subject template, a consumer, a model);
+    bounded, as the keys come from messages."""
+
+    def put(self, key: Any, name: str, items: dict[str, Any]) -> Fixed:
+        if len(self) > 1024:
+            self.clear()
+        f = self[key] = Fixed(name, items)
+        return f
+
+
+_PROCESS = _FixedCache()
+_SEND = _FixedCache()
+_SETTLE = _FixedCache()
 
 
 def record_error(span: Span, e: BaseException, error_type: str | None = None) -> None:
@@ -227,48 +270,73 @@ def record_error(span: Span, e: BaseException, error_type: str | None = None) ->
 class Scope:
     """The process span of the message being handled, started late when it had no context."""
 
-    __slots__ = ("attrs", "chain", "ctx", "links", "name", "parent", "span", "start_ns")
+    __slots__ = ("attrs", "chain_span", "fixed", "link", "parent", "span", "start_ns")
 
-    def __init__(self, name: str, attrs: dict[str, Any], parent: SpanContext | None) -> None:
-        self.name = name
+    def __init__(self, fixed: Fixed, attrs: dict[str, Any], parent: Any) -> None:
+        self.fixed = fixed
         self.attrs = attrs
+        # the creation context: (trace id, span id, flags, trace state) from the headers, or a
+        # SpanContext given later by `adopt` (then a parent, not a link)
         self.parent = parent
-        self.links = [Link(parent)] if parent is not None else None
+        self.link = parent is not None
         self.start_ns = time.time_ns()
         self.span: Span | None = None
-        self.ctx: Any = None  # Context with the process span current
-        self.chain: Any = None  # Context with the chain's span current, once known (intake)
+        self.chain_span: Span | None = None  # the chain's span, once known (intake)
+
+    @property
+    def chain(self) -> Any:
+        """A Context with the chain's span current (None until intake made it)."""
+        c = self.chain_span
+        return Context({_SPAN_KEY: c}) if c is not None else None
 
     def ensure(self) -> Span:
-        if self.span is None:
-            fast = getattr(_tracer, "start_remote_child", None)  # LiteTracer
-            if fast is not None:
-                self.span = fast(
-                    self.name, self.parent, SpanKind.CONSUMER, self.attrs, self.links, self.start_ns
-                )
+        span = self.span
+        if span is None:
+            p = self.parent
+            if type(p) is SpanContext:
+                p = (p.trace_id, p.span_id, p.trace_flags, p.trace_state)
+            lite = _lite
+            if lite is not None:
+                if p is None:
+                    span = lite.child(None, CONSUMER, self.fixed, self.attrs, self.start_ns)
+                else:
+                    span = lite.remote_child(
+                        *p, CONSUMER, self.fixed, self.attrs, self.link, self.start_ns
+                    )
             else:
-                self.span = _tracer.start_span(
-                    self.name,
-                    context=context_of(self.parent),
+                sc = SpanContext(p[0], p[1], True, TraceFlags(p[2]), p[3]) if p else None
+                span = _tracer.start_span(
+                    self.fixed.name,
+                    context=context_of(sc),
                     kind=SpanKind.CONSUMER,
-                    attributes=self.attrs,
-                    links=self.links,
+                    attributes={**self.fixed.items, **self.attrs},
+                    links=[Link(sc)] if sc is not None and self.link else None,
                     start_time=self.start_ns,
                 )
-            self.ctx = trace.set_span_in_context(self.span, otel_context.Context())
-        return self.span
+            self.span = span
+        return span
+
+    def current(self) -> Span:
+        """The parent of spans made now: the chain's span at intake, else the process span."""
+        c = self.chain_span
+        if c is not None:
+            return c
+        return self.span if self.span is not None else self.ensure()
 
     def context(self) -> Any:
-        if self.chain is not None:
-            return self.chain
-        if self.span is None:
-            self.ensure()
-        return self.ctx
+        return Context({_SPAN_KEY: self.current()})
 
 
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "chainyard_trace_scope", default=None
 )
+# OTel's current-context variable, set directly around a handler (attach / detach do the same
+# through two more calls and a lookup each); None if this OTel version keeps it elsewhere
+_otel_cv: contextvars.ContextVar[Any] | None = getattr(
+    getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
+)
+if not isinstance(_otel_cv, contextvars.ContextVar):
+    _otel_cv = None
 
 
 def current_scope() -> Scope | None:
@@ -281,6 +349,14 @@ def parent_context() -> Any:
     return s.context() if s is not None else otel_context.get_current()
 
 
+def _parent() -> Any:
+    """`parent_context()`'s span, without making the Context (None: a new trace)."""
+    s = _scope.get()
+    if s is not None:
+        return s.current()
+    return otel_context.get_current().get(_SPAN_KEY)
+
+
 def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
     """Give a handler whose message carried no context the chain's context (from its state).
 
@@ -291,7 +367,7 @@ def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
     if s is None or sc is None:
         return
     if as_chain:
-        s.chain = trace.set_span_in_context(NonRecordingSpan(sc), otel_context.Context())
+        s.chain_span = NonRecordingSpan(sc)
     elif s.span is None and s.parent is None:
         s.parent = sc
 
@@ -330,37 +406,46 @@ def consumer(
 def _begin(msg: Any, durable: str) -> tuple[Scope, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
+    fixed = _PROCESS.get((tmpl, durable))
+    if fixed is None:
+        fixed = _PROCESS.put(
+            (tmpl, durable),
+            f"process {tmpl}",
+            {
+                "messaging.system": SYSTEM,
+                "messaging.operation.name": "process",
+                "messaging.operation.type": "process",
+                "messaging.destination.template": tmpl,
+                "messaging.consumer.group.name": durable,
+            },
+        )
+    attrs = {"messaging.destination.name": subject}
     headers = msg.headers
-    attrs = {
-        "messaging.system": SYSTEM,
-        "messaging.operation.name": "process",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": subject,
-        "messaging.destination.template": tmpl,
-        "messaging.consumer.group.name": durable,
-    }
     parent = None
     if headers:
         mid = headers.get("Nats-Msg-Id") or header(headers, "nats-msg-id")
         if mid:
             attrs["messaging.message.id"] = mid
-        parent = extract(headers)
-    scope = Scope(f"process {tmpl}", attrs, parent)
+        parent = extract_ids(headers)
+    scope = Scope(fixed, attrs, parent)
     token = _scope.set(scope)
     if settle_spans:
         _settle_spans(msg, scope, tmpl, subject, durable)
     otel_token = None
     if parent is not None:  # the common case: start now, and let user code see it as current
-        scope.ensure()
-        otel_token = otel_context.attach(scope.ctx)
+        ctx = Context({_SPAN_KEY: scope.ensure()})
+        otel_token = _otel_cv.set(ctx) if _otel_cv is not None else otel_context.attach(ctx)
     return scope, token, otel_token
 
 
 def _finish(scope: Scope, token: Any, otel_token: Any) -> None:
     if otel_token is not None:
-        otel_context.detach(otel_token)
+        if _otel_cv is not None:
+            _otel_cv.reset(otel_token)
+        else:
+            otel_context.detach(otel_token)
     _scope.reset(token)
-    scope.ensure().end()
+    (scope.span or scope.ensure()).end()
 
 
 def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str) -> None:
@@ -381,11 +466,20 @@ def _settle(
     async def settle(*args: Any, **kw: Any) -> Any:
         if _tracer is None:
             return await orig(*args, **kw)
-        attrs = _messaging(op, "settle", subject, tmpl)
-        attrs["messaging.consumer.group.name"] = durable
-        span = _tracer.start_span(
-            f"{op} {tmpl}", context=scope.context(), kind=SpanKind.CLIENT, attributes=attrs
-        )
+        fixed = _SETTLE.get((op, tmpl, durable))
+        if fixed is None:
+            fixed = _SETTLE.put(
+                (op, tmpl, durable),
+                f"{op} {tmpl}",
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.name": op,
+                    "messaging.operation.type": "settle",
+                    "messaging.destination.template": tmpl,
+                    "messaging.consumer.group.name": durable,
+                },
+            )
+        span = _start(scope.current(), CLIENT, fixed, {"messaging.destination.name": subject})
         try:
             return await orig(*args, **kw)
         except BaseException as e:
@@ -409,30 +503,34 @@ async def publish(
     attrs: dict[str, Any] | None = None,
     parent: Any = None,
 ) -> Any:
-    """`js.publish` with `Nats-Msg-Id`, inside a `send` span whose context rides in the headers."""
+    """`js.publish` with `Nats-Msg-Id`, inside a `send` span whose context rides in the headers.
+    `parent`: a Context (or a Span); by default the handler's scope or the current context."""
     if _tracer is None:
         return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+    if parent is None:
+        parent = _parent()
+    elif type(parent) is Context:
+        parent = parent.get(_SPAN_KEY)
     tmpl = template(subject)
-    a = {
-        "messaging.system": SYSTEM,
-        "messaging.operation.name": "send",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": subject,
-        "messaging.destination.template": tmpl,
-        "messaging.message.id": msg_id,
-    }
+    fixed = _SEND.get(tmpl)
+    if fixed is None:
+        fixed = _SEND.put(
+            tmpl,
+            f"send {tmpl}",
+            {
+                "messaging.system": SYSTEM,
+                "messaging.operation.name": "send",
+                "messaging.operation.type": "send",
+                "messaging.destination.template": tmpl,
+            },
+        )
+    a = {"messaging.destination.name": subject, "messaging.message.id": msg_id}
     if attrs:
         a.update(attrs)
-    span = _tracer.start_span(
-        f"send {tmpl}",
-        context=parent if parent is not None else parent_context(),
-        kind=SpanKind.PRODUCER,
-        attributes=a,
-    )
-    own = getattr(span, "inject", None)  # a LiteSpan writes its own headers
+    span = _start(parent, PRODUCER, fixed, a)
     headers = (
-        own({"Nats-Msg-Id": msg_id})
-        if own is not None
+        span.inject({"Nats-Msg-Id": msg_id})
+        if type(span) is LiteSpan
         else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
     )
     try:

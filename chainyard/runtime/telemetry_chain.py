@@ -23,7 +23,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from . import telemetry as tm
+from .telemetry_lite import LiteSpan
 from .telemetry_metrics import metrics
+from .telemetry_otlp import Fixed
+
+_CHAIN = Fixed("chain", {})
+_ROUTE = tm._FixedCache()
 
 
 def chain_context(state: Any) -> SpanContext | None:
@@ -49,23 +54,24 @@ def begin_chain(outcome: Any) -> Any:
     """Intake or replay: put the new chain's trace context in its state (`outcome.state`)."""
     if tm._tracer is None:
         return outcome
-    parent = trace.get_current_span(tm.parent_context()).get_span_context()
-    if parent.is_valid:
-        sc = SpanContext(
-            parent.trace_id, tm.new_span_id(), True, parent.trace_flags, parent.trace_state
-        )
-        t = {"traceparent": tm.format_traceparent(sc), "parent": tm.format_traceparent(parent)}
-        if parent.trace_state:
-            t["tracestate"] = parent.trace_state.to_header()
+    p = tm._parent()
+    if type(p) is LiteSpan:  # the intake's process span, as a rule
+        tid, pid, flags, ts = p._tid, p._sid, 1, p._ts
+    else:
+        psc = p.get_span_context() if p is not None else trace.INVALID_SPAN_CONTEXT
+        tid, pid, flags, ts = psc.trace_id, psc.span_id, psc.trace_flags, psc.trace_state
+    sid = tm.new_span_id()
+    if pid:
+        t = {
+            "traceparent": f"00-{tid:032x}-{sid:016x}-{flags:02x}",
+            "parent": f"00-{tid:032x}-{pid:016x}-{flags:02x}",
+        }
+        if ts:
+            t["tracestate"] = ts.to_header()
     else:  # no handler scope and no current span: the chain starts its own trace
-        sc = SpanContext(
-            tm._ChainIds().generate_trace_id(),
-            tm.new_span_id(),
-            True,
-            trace.TraceFlags(trace.TraceFlags.SAMPLED),
-        )
-        t = {"traceparent": tm.format_traceparent(sc)}
-    tm.adopt(sc, as_chain=True)
+        tid, flags, ts = tm._ChainIds().generate_trace_id(), 1, None
+        t = {"traceparent": f"00-{tid:032x}-{sid:016x}-01"}
+    tm.adopt(SpanContext(tid, sid, True, trace.TraceFlags(flags), ts), as_chain=True)
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
         chain_ended(None, state)
@@ -125,30 +131,44 @@ def end_chain(state: Any) -> None:
         attrs["chainyard.chain.reason"] = state.reason[:500]
     end_ms = state.ended_at_ms or _now_ms()
     attrs["chainyard.chain.duration_ms"] = end_ms - state.created_at_ms
-    token = tm._forced.set((sc.trace_id, sc.span_id))
-    try:
-        span = tr.start_span(
-            "chain",
-            context=tm.context_of(parent),
-            kind=SpanKind.INTERNAL,
-            attributes=attrs,
-            start_time=state.created_at_ms * 1_000_000,
+    start = state.created_at_ms * 1_000_000
+    lite = tm._lite
+    if lite is not None:
+        span: Any = lite.with_ids(
+            sc.trace_id,
+            sc.span_id,
+            parent.span_id if parent is not None else 0,
+            sc.trace_state,
+            tm.INTERNAL,
+            _CHAIN,
+            attrs,
+            start,
         )
-    finally:
-        tm._forced.reset(token)
+    else:
+        token = tm._forced.set((sc.trace_id, sc.span_id))
+        try:
+            span = tr.start_span(
+                "chain",
+                context=tm.context_of(parent),
+                kind=SpanKind.INTERNAL,
+                attributes=attrs,
+                start_time=start,
+            )
+        finally:
+            tm._forced.reset(token)
     if state.status == "failed":
         span.set_attribute("error.type", "chain_failed")
         span.set_status(Status(StatusCode.ERROR, (state.reason or "")[:200]))
-    span.end(end_time=max(end_ms * 1_000_000, state.created_at_ms * 1_000_000))
+    span.end(end_time=max(end_ms * 1_000_000, start))
 
 
 def _route_parent(state: Any) -> Any:
+    """The chain's span at intake / replay (the chain's first steps hang under it), else the
+    handler's process span."""
     s = tm.current_scope()
-    if s is not None and s.chain is not None:  # intake / replay: under the chain's span
-        sc = chain_context(state)
-        if sc is not None:
-            return tm.context_of(sc)
-    return tm.parent_context()
+    if s is not None and s.chain_span is not None:
+        return s.chain_span
+    return tm._parent()
 
 
 def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> str:
@@ -180,35 +200,45 @@ async def publish_work(
         return await js.publish(subject, data, headers={"Nats-Msg-Id": a.msg_id})
     step = a.step
     st = state.steps.get(a.step_id)
-    cands = candidates() if candidates is not None else [target.deployment]
+    cands = tuple(candidates()) if candidates is not None else (target.deployment,)
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
     strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
+    reason = route_reason(a, st, len(cands), strategy)
+    kind = getattr(type(step).__struct_config__, "tag", None) or "step"
+    # everything but the chain, step and cost repeats from chain to chain: encoded once
+    key = (a.tenant, kind, model, cands, target.deployment, target.pool, target.provider, reason)
+    key += (strategy,)
+    fixed = _ROUTE.get(key)
+    if fixed is None:
+        items: dict[str, Any] = {
+            "chainyard.tenant": a.tenant,
+            "chainyard.step.kind": kind,
+            "chainyard.route.model": model,
+            "chainyard.route.candidates": cands,
+            "chainyard.route.choice": target.deployment,
+            "chainyard.route.pool": target.pool,
+            "chainyard.route.provider": target.provider,
+            "chainyard.route.reason": reason,
+        }
+        if strategy:
+            items["chainyard.route.strategy"] = strategy
+        fixed = _ROUTE.put(key, f"route {model}", items)
     attrs: dict[str, Any] = {
         "chainyard.chain.id": a.chain_id,
-        "chainyard.tenant": a.tenant,
         "chainyard.step.id": a.step_id,
-        "chainyard.step.kind": getattr(type(step).__struct_config__, "tag", None) or "step",
         "chainyard.step.attempt": a.attempt,
-        "chainyard.route.model": model,
-        "chainyard.route.candidates": cands,
-        "chainyard.route.choice": target.deployment,
-        "chainyard.route.pool": target.pool,
-        "chainyard.route.provider": target.provider,
-        "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
         "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
     }
-    if strategy:
-        attrs["chainyard.route.strategy"] = strategy
     if st is not None and st.tried:
         attrs["chainyard.route.tried"] = list(st.tried)
-    route = tr.start_span(f"route {model}", context=_route_parent(state), attributes=attrs)
+    route = tm._start(_route_parent(state), tm.INTERNAL, fixed, attrs)
     try:
         return await tm.publish(
             js,
             subject,
             data,
             a.msg_id,
-            parent=trace.set_span_in_context(route),
+            parent=route,
             attrs={"chainyard.chain.id": a.chain_id, "chainyard.step.id": a.step_id},
         )
     except BaseException as e:

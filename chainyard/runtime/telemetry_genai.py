@@ -17,9 +17,11 @@ from typing import Any
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from . import telemetry as tm
+
+_CHAT = tm._FixedCache()
+_TOOL = tm._FixedCache()
 
 # chainyard's provider kinds -> gen_ai.provider.name well-known values
 PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
@@ -78,45 +80,56 @@ def traced_chat(execute: Execute) -> Execute:
             return await execute(a, on_delta)
         t = a.target
         step = a.step
+        key = (t.provider, t.model, t.deployment, t.pool)
+        fixed = _CHAT.get(key)
+        if fixed is None:  # the same for every call to a deployment: encoded once
+            fixed = _CHAT.put(
+                key,
+                f"chat {t.model}",
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": provider_name(t.provider),
+                    "gen_ai.request.model": t.model,
+                    "chainyard.deployment": t.deployment,
+                    "chainyard.pool": t.pool,
+                },
+            )
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": provider_name(t.provider),
-            "gen_ai.request.model": t.model,
-            "chainyard.deployment": t.deployment,
-            "chainyard.pool": t.pool,
             "chainyard.chain.id": a.chain_id,
             "chainyard.step.id": a.step_id,
             "chainyard.step.attempt": a.attempt,
         }
         params = getattr(step, "params", None)
         if params is not None:
-            for key, name in (
+            for field, name in (
                 ("max_tokens", "gen_ai.request.max_tokens"),
                 ("temperature", "gen_ai.request.temperature"),
             ):
-                v = getattr(params, key, None)
+                v = getattr(params, field, None)
                 if v is not None:
                     attrs[name] = v
         if tm.capture_content:
             attrs["gen_ai.input.messages"] = _input_messages(step)
-        span = tr.start_span(
-            f"chat {t.model}", context=tm.parent_context(), kind=SpanKind.CLIENT, attributes=attrs
-        )
+        span = tm._start(tm._parent(), tm.CLIENT, fixed, attrs)
         try:
             r = await execute(a, on_delta)
         except BaseException as e:
             _fail(span, e)
             span.end()
             raise
-        span.set_attribute("gen_ai.response.model", r.model or t.model)
-        span.set_attribute("gen_ai.usage.input_tokens", r.usage.input_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", r.usage.output_tokens)
-        span.set_attribute("gen_ai.response.finish_reasons", [r.output.finish_reason])
-        span.set_attribute("chainyard.cost_usd", float(r.cost_usd))
+        usage = r.usage
+        done = {
+            "gen_ai.response.model": r.model or t.model,
+            "gen_ai.usage.input_tokens": usage.input_tokens,
+            "gen_ai.usage.output_tokens": usage.output_tokens,
+            "gen_ai.response.finish_reasons": [r.output.finish_reason],
+            "chainyard.cost_usd": float(r.cost_usd),
+        }
         if r.ttft_ms is not None:
-            span.set_attribute("chainyard.ttft_ms", float(r.ttft_ms))
+            done["chainyard.ttft_ms"] = float(r.ttft_ms)
         if tm.capture_content:
-            span.set_attribute("gen_ai.output.messages", _output_messages(r.output))
+            done["gen_ai.output.messages"] = _output_messages(r.output)
+        span.set_attributes(done)
         span.end()
         return r
 
@@ -130,10 +143,18 @@ def traced_tool(name: str, execute: Execute) -> Execute:
         tr = tm._tracer
         if tr is None:
             return await execute(a, on_delta)
+        fixed = _TOOL.get(name)
+        if fixed is None:
+            fixed = _TOOL.put(
+                name,
+                f"execute_tool {name}",
+                {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": name,
+                    "gen_ai.tool.type": "function",
+                },
+            )
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "execute_tool",
-            "gen_ai.tool.name": name,
-            "gen_ai.tool.type": "function",
             "chainyard.chain.id": a.chain_id,
             "chainyard.step.id": a.step_id,
             "chainyard.step.attempt": a.attempt,
@@ -143,12 +164,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tm.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = tr.start_span(
-            f"execute_tool {name}",
-            context=tm.parent_context(),
-            kind=SpanKind.INTERNAL,
-            attributes=attrs,
-        )
+        span = tm._start(tm._parent(), tm.INTERNAL, fixed, attrs)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)

@@ -80,11 +80,18 @@ def _int_env(name: str, default: int) -> int:
 
 
 class LiteSpan(trace.Span):
-    """A recording span; immutable once ended."""
+    """A recording span; immutable once ended.
+
+    Attributes live in two parts: `_fixed` (a telemetry_otlp.Fixed: the ones that repeat from
+    span to span, encoded once) and `_attrs` (this span's own dict); `attributes` merges them
+    for readers. Links are kept as (trace id, span id, trace state, attributes, remote) tuples.
+    """
 
     __slots__ = (
+        "_attrs",
         "_ctx",
         "_events",
+        "_fixed",
         "_links",
         "_pid",
         "_premote",
@@ -93,7 +100,6 @@ class LiteSpan(trace.Span):
         "_tid",
         "_tracer",
         "_ts",
-        "attributes",
         "end_time",
         "kind_pb",
         "name",
@@ -110,8 +116,9 @@ class LiteSpan(trace.Span):
         premote: bool,
         ts: Any,
         kind_pb: int,
-        attributes: dict[str, Any],
-        links: Any,
+        fixed: otlp.Fixed | None,
+        attrs: dict[str, Any],
+        links: list[tuple[int, int, Any, Any, bool]] | None,
         start_time: int,
     ) -> None:
         self._tracer = tracer
@@ -122,7 +129,8 @@ class LiteSpan(trace.Span):
         self._premote = premote
         self._ts = ts
         self.kind_pb = kind_pb
-        self.attributes = attributes
+        self._fixed = fixed
+        self._attrs = attrs  # kept, not copied: the helpers pass a fresh dict
         self._links = links
         self._events: list[tuple[int, str, Any]] | None = None
         self._status: tuple[int, str] | None = None
@@ -150,13 +158,24 @@ class LiteSpan(trace.Span):
 
     def set_attribute(self, key: str, value: Any) -> None:
         if self.end_time is None and value is not None:
-            self.attributes[key] = value
+            if self._fixed is not None and key in self._fixed.items:
+                self._unfix()
+            self._attrs[key] = value
 
     def set_attributes(self, attributes: Any) -> None:
-        if self.end_time is None:
-            for k, v in attributes.items():
-                if v is not None:
-                    self.attributes[k] = v
+        if self.end_time is not None:
+            return
+        if self._fixed is not None and not self._fixed.items.keys().isdisjoint(attributes):
+            self._unfix()
+        a = self._attrs
+        for k, v in attributes.items():
+            if v is not None:
+                a[k] = v
+
+    def _unfix(self) -> None:
+        """A fixed attribute overwritten: keep them all in the span's own dict from now on."""
+        self._attrs = {**self._fixed.items, **self._attrs}  # type: ignore[union-attr]
+        self._fixed = None
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
@@ -168,7 +187,7 @@ class LiteSpan(trace.Span):
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         if self.end_time is None and context.is_valid:
-            self._links = [*(self._links or ()), trace.Link(context, attributes)]
+            self._links = [*(self._links or ()), *_link_tuples([trace.Link(context, attributes)])]
 
     def update_name(self, name: str) -> None:
         if self.end_time is None:
@@ -201,12 +220,16 @@ class LiteSpan(trace.Span):
         self.add_event("exception", a, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self.end_time is not None:
-            return
-        self.end_time = end_time or _now()
-        self._tracer.batcher.add(self)
+        if self.end_time is None:
+            self.end_time = end_time or _now()
+            self._tracer.batcher.add(self)
 
     # -- ReadableSpan's shape (for SDK exporters and tests)
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        a = {**self._fixed.items, **self._attrs} if self._fixed is not None else dict(self._attrs)
+        return {k: tuple(v) if type(v) is list else v for k, v in a.items()}  # as the SDK does
 
     @property
     def context(self) -> SpanContext:
@@ -224,7 +247,10 @@ class LiteSpan(trace.Span):
 
     @property
     def links(self) -> Sequence[trace.Link]:
-        return tuple(self._links or ())
+        return tuple(
+            trace.Link(SpanContext(t, s, r, _SAMPLED, ts), a)
+            for t, s, ts, a, r in self._links or ()
+        )
 
     @property
     def events(self) -> Sequence[Any]:
@@ -246,14 +272,37 @@ class LiteSpan(trace.Span):
     def instrumentation_scope(self) -> Any:
         return self._tracer.scope
 
-    def otlp(self) -> tuple[bytes, bytes, bytes]:
-        """(resource field, scope field, Span body) for telemetry_otlp.encode."""
+    def otlp(self) -> tuple[tuple[bytes, bytes], bytes]:
+        """((resource field, scope field), Span body) for telemetry_otlp.encode."""
+        tr = self._tracer
         links = self._links
         ts = self._ts
-        tr = self._tracer
+        st = self._status
+        fixed = self._fixed
+        if (
+            self._events is None
+            and st is None
+            and not ts
+            and (links is None or (len(links) == 1 and _plain_link(links[0], self)))
+        ):  # nearly every span: no trace state, event or status, a process span's one link
+            return (
+                tr.group,
+                otlp.encode_light(
+                    self._tid,
+                    self._sid,
+                    self._pid,
+                    self._premote,
+                    self.name,
+                    self.kind_pb,
+                    self.start_time,
+                    self.end_time or 0,
+                    fixed.pb if fixed is not None else b"",
+                    self._attrs,
+                    self._pid if links else 0,
+                ),
+            )
         return (
-            tr.resource_pb,
-            tr.scope_pb,
+            tr.group,
             otlp.encode_span(
                 self._tid,
                 self._sid,
@@ -264,22 +313,14 @@ class LiteSpan(trace.Span):
                 self.kind_pb,
                 self.start_time,
                 self.end_time or 0,
-                self.attributes,
+                self._attrs,
                 self._events,
-                [
-                    (
-                        lk.context.trace_id,
-                        lk.context.span_id,
-                        lk.context.trace_state.to_header() if lk.context.trace_state else "",
-                        lk.attributes,
-                        lk.context.is_remote,
-                    )
-                    for lk in links
-                ]
+                [(t, s, x.to_header() if x else "", a, r) for t, s, x, a, r in links]
                 if links
                 else None,
-                self._status[0] if self._status else 0,
-                self._status[1] if self._status else "",
+                st[0] if st else 0,
+                st[1] if st else "",
+                fixed.pb if fixed is not None else b"",
             ),
         )
 
@@ -287,8 +328,25 @@ class LiteSpan(trace.Span):
         return f"LiteSpan({self.name!r}, {self._tid:032x}/{self._sid:016x})"
 
 
+def _plain_link(link: tuple[int, int, Any, Any, bool], span: LiteSpan) -> bool:
+    """The link is to the span's own parent, without attributes or trace state."""
+    t, s, ts, a, r = link
+    return t == span._tid and s == span._pid and not ts and not a and r == span._premote
+
+
+def _link_tuples(links: Any) -> list[tuple[int, int, Any, Any, bool]] | None:
+    out = [
+        (c.trace_id, c.span_id, c.trace_state, lk.attributes, bool(c.is_remote))
+        for lk in links or ()
+        if (c := lk.context).is_valid
+    ]
+    return out or None
+
+
 class LiteTracer:
-    """`start_span` for chainyard's helpers; the spans go to `batcher` when they end."""
+    """`start_span` for the OTel API, and `child` / `remote_child` for chainyard's helpers
+    (no Context, no SpanContext, no Link objects on the way); the spans go to `batcher` when
+    they end."""
 
     def __init__(
         self,
@@ -303,7 +361,114 @@ class LiteTracer:
         self.scope = _Scope(scope_name, scope_version)
         self.resource_pb = otlp.encode_resource(dict(resource.attributes))
         self.scope_pb = otlp.encode_scope(scope_name, scope_version)
+        self.group = (self.resource_pb, self.scope_pb)  # how telemetry_otlp.encode groups spans
         self.sampler = sampler  # None: parent-based always on, decided inline
+
+    # -- chainyard's helpers (telemetry.py) when the sampler is the default
+
+    def child(
+        self,
+        parent: Any,
+        kind_pb: int,
+        fixed: otlp.Fixed,
+        attrs: dict[str, Any],
+        start_time: int | None = None,
+    ) -> trace.Span:
+        """A span named `fixed.name` under `parent`: a LiteSpan, another Span, or None (a root)."""
+        if type(parent) is LiteSpan:
+            return LiteSpan(
+                self,
+                fixed.name,
+                parent._tid,
+                _rand(64) or 1,
+                parent._sid,
+                False,
+                parent._ts,
+                kind_pb,
+                fixed,
+                attrs,
+                None,
+                start_time or _now(),
+            )
+        sc = parent.get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
+        if not sc.is_valid:
+            return LiteSpan(
+                self,
+                fixed.name,
+                _rand(128) or 1,
+                _rand(64) or 1,
+                0,
+                False,
+                None,
+                kind_pb,
+                fixed,
+                attrs,
+                None,
+                start_time or _now(),
+            )
+        return self.remote_child(
+            sc.trace_id,
+            sc.span_id,
+            sc.trace_flags,
+            sc.trace_state,
+            kind_pb,
+            fixed,
+            attrs,
+            False,
+            start_time,
+            sc.is_remote,
+        )
+
+    def remote_child(
+        self,
+        tid: int,
+        pid: int,
+        flags: int,
+        ts: Any,
+        kind_pb: int,
+        fixed: otlp.Fixed,
+        attrs: dict[str, Any],
+        link: bool,
+        start_time: int | None = None,
+        remote: bool = True,
+    ) -> trace.Span:
+        """A span under a parent known by its ids (a message's traceparent), linked to it too
+        with `link` (a process span)."""
+        sid = _rand(64) or 1
+        if not flags & 1:
+            return NonRecordingSpan(SpanContext(tid, sid, False, _UNSAMPLED, ts))
+        return LiteSpan(
+            self,
+            fixed.name,
+            tid,
+            sid,
+            pid,
+            remote,
+            ts,
+            kind_pb,
+            fixed,
+            attrs,
+            [(tid, pid, ts, None, remote)] if link else None,
+            start_time or _now(),
+        )
+
+    def with_ids(
+        self,
+        tid: int,
+        sid: int,
+        pid: int,
+        ts: Any,
+        kind_pb: int,
+        fixed: otlp.Fixed,
+        attrs: dict[str, Any],
+        start_time: int,
+    ) -> LiteSpan:
+        """A span whose own ids are given (a chain's, drawn at intake), under a remote parent."""
+        return LiteSpan(
+            self, fixed.name, tid, sid, pid, pid != 0, ts, kind_pb, fixed, attrs, None, start_time
+        )
+
+    # -- the OTel API
 
     def start_span(
         self,
@@ -350,32 +515,6 @@ class LiteTracer:
             name, 0, 0, False, None, True, kind, attributes, links, start_time, context
         )
 
-    def start_remote_child(
-        self,
-        name: str,
-        parent: SpanContext | None,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-        links: Any,
-        start_time: int,
-    ) -> trace.Span:
-        """`start_span` under a remote parent, without wrapping it in a Context first."""
-        if parent is not None and parent.is_valid:
-            return self._start(
-                name,
-                parent.trace_id,
-                parent.span_id,
-                True,
-                parent.trace_state,
-                parent.trace_flags & 1,
-                kind,
-                attributes,
-                links,
-                start_time,
-                None,
-            )
-        return self._start(name, 0, 0, False, None, True, kind, attributes, links, start_time, None)
-
     def _start(
         self,
         name: str,
@@ -420,8 +559,9 @@ class LiteTracer:
             premote,
             ts,
             kind._value_ + 1,
-            attrs,
-            links if links else None,
+            None,
+            {k: v for k, v in attrs.items() if v is not None},
+            _link_tuples(links) if links else None,
             start_time or _now(),
         )
 

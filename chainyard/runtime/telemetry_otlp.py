@@ -191,19 +191,131 @@ def attributes(tag: bytes, attrs: Mapping[str, Any] | None) -> list[bytes]:
     return out
 
 
-_NAMES: dict[str, bytes] = {}
+_NAMES: dict[tuple[str, int], bytes] = {}
+_KINDS = [_T_KIND + bytes((k,)) for k in range(6)]
 
 
-def _name(name: str) -> bytes:
-    b = _NAMES.get(name)
+def _name_kind(name: str, kind: int) -> bytes:
+    """The name and kind fields, cached: span names are low-cardinality templates."""
+    b = _NAMES.get((name, kind))
     if b is None:
         if len(_NAMES) > 4096:
             _NAMES.clear()
-        b = _NAMES[name] = _ld(_T_NAME, name.encode())
+        b = _NAMES[(name, kind)] = _ld(_T_NAME, name.encode()) + _KINDS[kind]
     return b
 
 
-_KINDS = [_T_KIND + bytes((k,)) for k in range(6)]
+class Fixed:
+    """Span attributes that repeat from span to span (the messaging system and operation, a
+    consumer group, a model and its deployment), encoded once: a span that carries a `Fixed`
+    costs one bytes append for them at export instead of a lookup per attribute. `name` is the
+    span name that goes with them (`send cy.work.{pool}`), formatted once too."""
+
+    __slots__ = ("items", "name", "pb")
+
+    def __init__(self, name: str, items: dict[str, Any]) -> None:
+        self.name = name
+        self.items = items
+        self.pb = b"".join(attributes(_T_ATTR, items))
+
+
+_pack_ids = struct.Struct(">2sQQ2sQ").pack  # trace id, span id: big-endian bytes on the wire
+_pack_ids_pid = struct.Struct(">2sQQ2sQ2sQ").pack  # ... and the parent span id
+_pack_pid = struct.Struct(">2sQ").pack
+_pack_times = struct.Struct("<cQcQ").pack  # start, end: fixed64
+_pack_times_flags = struct.Struct("<cQcQ2sI").pack  # ... and the span's flags (fixed32)
+_pack_link = struct.Struct(">4sQQ2sQ").pack  # a link without trace state or attributes
+_M64 = (1 << 64) - 1
+_SPAN_FLAGS = (_T_FLAGS + _FLAGS[0], _T_FLAGS + _FLAGS[1])
+_LINK_FLAGS = (_T_LK_FLAGS + _FLAGS[0], _T_LK_FLAGS + _FLAGS[1])
+_LINK_HEAD = _T_LINK + bytes((2 + 16 + 2 + 8 + 5,)) + _T_TID  # tag, length, trace id tag
+# key -> [everything of a span attribute with that key and a string value of n bytes, up to the
+# value itself (tag, lengths, key): one list item per value length, filled as lengths are seen]
+_STR_PREFIX: dict[str, list[bytes | None]] = {}
+_INT_PREFIX: dict[str, bytes] = {}  # key -> the same for a small int value
+
+
+def _str_prefix(key: str, n: int) -> bytes | None:
+    pre = _STR_PREFIX.get(key)
+    if pre is None:
+        if len(_STR_PREFIX) > 4096:
+            _STR_PREFIX.clear()
+        pre = _STR_PREFIX[key] = [None] * 128
+    kb = _key(key)
+    if len(kb) + n + 4 >= 128:  # lengths of two bytes: the general path
+        return None
+    b = pre[n] = b"".join(
+        (_T_ATTR, _VARINT[len(kb) + n + 4], kb, b"\x12", _VARINT[n + 2], b"\x0a", _VARINT[n])
+    )
+    return b
+
+
+def add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
+    """Append a span's attributes (repeated KeyValue fields) to `parts`: a string or small int,
+    nearly all of chainyard's own values, as two items (its tag, lengths and key, then the value)
+    with no join or lookup by value."""
+    for k, v in attrs.items():
+        t = type(v)
+        if t is str:
+            vb = v.encode()
+            n = len(vb)
+            if n < 128:
+                pre = _STR_PREFIX.get(k)
+                b = pre[n] if pre is not None else None
+                if b is None:
+                    b = _str_prefix(k, n)
+                if b is not None:
+                    parts += (b, vb)
+                    continue
+        elif t is int and 0 <= v < 128:
+            b = _INT_PREFIX.get(k)
+            if b is None:
+                if len(_INT_PREFIX) > 4096:
+                    _INT_PREFIX.clear()
+                kb = _key(k)
+                b = _INT_PREFIX[k] = _T_ATTR + _VARINT[len(kb) + 4] + kb + b"\x12\x02\x18"
+            parts += (b, _VARINT[v])
+            continue
+        elif v is None:
+            continue
+        parts.append(_ld(_T_ATTR, key_value(k, v)))
+
+
+def encode_light(
+    tid: int,
+    sid: int,
+    pid: int,
+    remote: bool,
+    name: str,
+    kind: int,
+    start: int,
+    end: int,
+    fixed: bytes,
+    attrs: Mapping[str, Any],
+    link: int,
+) -> bytes:
+    """A Span body for the common case of chainyard's spans: no trace state, events or status,
+    at most one link, to the parent (`link` = its span id; a process span's creation context)."""
+    parts = [
+        _pack_ids_pid(_T_TID, tid >> 64, tid & _M64, _T_SID, sid, _T_PSID, pid)
+        if pid
+        else _pack_ids(_T_TID, tid >> 64, tid & _M64, _T_SID, sid),
+        _NAMES.get((name, kind)) or _name_kind(name, kind),
+        _pack_times_flags(
+            _T_START,
+            start,
+            _T_END,
+            end,
+            _T_FLAGS,
+            HAS_IS_REMOTE | IS_REMOTE if remote else HAS_IS_REMOTE,
+        ),
+        fixed,
+    ]
+    if attrs:
+        add_span_attributes(parts, attrs)
+    if link:
+        parts += (_pack_link(_LINK_HEAD, tid >> 64, tid & _M64, _T_SID, link), _LINK_FLAGS[remote])
+    return b"".join(parts)
 
 
 def encode_span(
@@ -221,14 +333,19 @@ def encode_span(
     links: Sequence[tuple[int, int, str, Mapping[str, Any] | None, bool]] | None,
     status_code: int,
     status_message: str,
+    fixed: bytes = b"",
 ) -> bytes:
-    """One `Span` message body. `kind` is the protobuf value (INTERNAL 1 ... CONSUMER 5)."""
-    parts = [_T_TID, trace_id.to_bytes(16, "big"), _T_SID, span_id.to_bytes(8, "big")]
+    """One `Span` message body. `kind` is the protobuf value (INTERNAL 1 ... CONSUMER 5);
+    `fixed`, attributes already encoded (`Fixed.pb`)."""
+    parts = [_pack_ids(_T_TID, trace_id >> 64, trace_id & _M64, _T_SID, span_id)]
     if trace_state:
         parts.append(_ld(_T_TSTATE, trace_state.encode()))
     if parent_id:
-        parts += (_T_PSID, parent_id.to_bytes(8, "big"))
-    parts += (_name(name), _KINDS[kind], _T_START, _pack_q(start), _T_END, _pack_q(end))
+        parts.append(_pack_pid(_T_PSID, parent_id))
+    parts.append(_NAMES.get((name, kind)) or _name_kind(name, kind))
+    parts.append(_pack_times(_T_START, start, _T_END, end))
+    if fixed:
+        parts.append(fixed)
     if attrs:
         parts += attributes(_T_ATTR, attrs)
     if events:
@@ -238,18 +355,19 @@ def encode_span(
             parts.append(_ld(_T_EVENT, b"".join(body)))
     if links:
         for ltid, lsid, lstate, lattrs, lremote in links:
-            body = [_T_TID, ltid.to_bytes(16, "big"), _T_SID, lsid.to_bytes(8, "big")]
+            body = [_pack_ids(_T_TID, ltid >> 64, ltid & _M64, _T_SID, lsid)]
             if lstate:
                 body.append(_ld(_T_LK_TSTATE, lstate.encode()))
-            body += attributes(_T_LK_ATTR, lattrs)
-            body += (_T_LK_FLAGS, _FLAGS[lremote])
+            if lattrs:
+                body += attributes(_T_LK_ATTR, lattrs)
+            body.append(_LINK_FLAGS[lremote])
             parts.append(_ld(_T_LINK, b"".join(body)))
     if status_code:
         st = _T_ST_CODE + _VARINT[status_code]
         if status_message:
             st = _ld(_T_ST_MSG, status_message.encode()) + st
         parts.append(_ld(_T_STATUS, st))
-    parts += (_T_FLAGS, _FLAGS[remote_parent])
+    parts.append(_SPAN_FLAGS[remote_parent])
     return b"".join(parts)
 
 
@@ -334,25 +452,25 @@ def encode_sdk_span(s: Any) -> bytes:
 
 def encode(spans: Iterable[Any]) -> bytes:
     """An ExportTraceServiceRequest for `spans` (light spans and SDK ReadableSpans)."""
-    groups: dict[bytes, dict[bytes, list[bytes]]] = {}
+    groups: dict[tuple[bytes, bytes], list[bytes]] = {}
+    key: Any = None
+    parts: list[bytes] = []
     for s in spans:
         enc = getattr(s, "otlp", None)
         if enc is not None:  # a LiteSpan: encodes itself, knows its resource and scope bytes
-            res, scope, body = enc()
+            k, body = enc()
         else:
-            res, scope, body = (
-                _resource_bytes(s.resource),
-                _scope_bytes(s.instrumentation_scope),
-                encode_sdk_span(s),
-            )
-        groups.setdefault(res, {}).setdefault(scope, []).append(_ld(_T_SS_SPAN, body))
-    out = []
-    for res, scopes in groups.items():
-        body = [res]
-        for scope, bodies in scopes.items():
-            body.append(_ld(_T_RS_SS, scope + b"".join(bodies)))
-        out.append(_ld(_T_RS, b"".join(body)))
-    return b"".join(out)
+            k = (_resource_bytes(s.resource), _scope_bytes(s.instrumentation_scope))
+            body = encode_sdk_span(s)
+        if k is not key:  # spans come in runs from one tracer
+            key = k
+            parts = groups.get(k) or groups.setdefault(k, [])
+        n = len(body)
+        parts += (_T_SS_SPAN, _VARINT[n] if n < 16384 else varint(n), body)
+    by_resource: dict[bytes, list[bytes]] = {}
+    for (res, scope), bodies in groups.items():
+        by_resource.setdefault(res, []).append(_ld(_T_RS_SS, scope + b"".join(bodies)))
+    return b"".join(_ld(_T_RS, res + b"".join(ss)) for res, ss in by_resource.items())
 
 
 # -- OTLP/HTTP --------------------------------------------------------------------------------

@@ -58,6 +58,26 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     )
 
 
+Ids = tuple[int, int, int, Any]  # trace id, span id, flags, TraceState or None
+
+
+def parse_ids(traceparent: str | None, tracestate: str | None = None) -> Ids | None:
+    """`parse` without building the SpanContext: what the light tracer takes."""
+    if traceparent and len(traceparent) == 55 and _TP00.fullmatch(traceparent):
+        tid, sid = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+        if not tid or not sid:
+            return None
+        ts = None
+        if tracestate:
+            try:
+                ts = TraceState.from_header([tracestate])
+            except Exception:
+                ts = None
+        return tid, sid, int(traceparent[53:], 16), ts
+    sc = parse(traceparent, tracestate)
+    return None if sc is None else (sc.trace_id, sc.span_id, sc.trace_flags, sc.trace_state)
+
+
 def format_traceparent(sc: SpanContext) -> str:
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags) & 0xFF:02x}"
 
@@ -92,6 +112,17 @@ def extract(headers: dict[str, str] | None) -> SpanContext | None:
         return parse(tp, headers.get(TRACESTATE))
     tp = header(headers, TRACEPARENT)
     return parse(tp, header(headers, TRACESTATE)) if tp else None
+
+
+def extract_ids(headers: dict[str, str] | None) -> Ids | None:
+    """`extract`, as `parse_ids`."""
+    if not headers:
+        return None
+    tp = headers.get(TRACEPARENT)
+    if tp is not None:
+        return parse_ids(tp, headers.get(TRACESTATE))
+    tp = header(headers, TRACEPARENT)
+    return parse_ids(tp, header(headers, TRACESTATE)) if tp else None
 
 
 def context_of(sc: SpanContext | None) -> Any:
