@@ -261,6 +261,8 @@ async def run_worker(
         "peak_inflight": peak["inflight"],
         "rss_at_peak_inflight_mb": peak["rss_at_peak_inflight"],
         "worker_cpu_pct": round(100 * worker_cpu / max(c.last - c.first, 1e-9), 1),
+        # CPU per step: steadier than steps/s on a shared, noisy machine
+        "worker_cpu_us_per_step": round(1e6 * worker_cpu / max(c.count, 1), 1),
         **{
             f"{k}_cpu_pct": round(100 * v / max(c.last - c.first, 1e-9), 1)
             for k, v in other_cpu.items()
