@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -38,17 +39,49 @@ from chainyard.runtime.telemetry_metrics import Metrics
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+class LiteSpans:
+    """InMemorySpanExporter's reading side for chainyard's light tracer (what services run)."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+        self.provider: Any = None
+
+    def send(self, spans: Any) -> bool:
+        self.kept.extend(spans)
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+    def get_finished_spans(self) -> tuple[Any, ...]:
+        self.provider.force_flush()
+        return tuple(self.kept)
+
+    def clear(self) -> None:
+        self.provider.force_flush()
+        self.kept.clear()
+
+
+@pytest.fixture(params=["sdk", "lite"])
+def spans(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The helpers' spans, through an SDK provider (embedding apps, `enable`) or through the
+    light tracer's own fast path (services, `setup`): the same shapes either way."""
     monkeypatch.setattr(tm, "settle_spans", True)  # CHAINYARD_TRACE_SETTLE=true
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    if request.param == "sdk":
+        exporter: Any = InMemorySpanExporter()
+        provider: Any = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        exporter = LiteSpans()
+        provider = exporter.provider = tm.build_provider(
+            Resource.create({}), exporter, schedule_delay_ms=60_000
+        )
     tm.enable(provider, capture=False)
     try:
         yield exporter
     finally:
         tm.disable()
+        provider.shutdown()
 
 
 class FakeJs:
