@@ -89,7 +89,7 @@ class _Fast:
     """What `post_bytes` needs of one client, worked out once: its aiohttp transport, headers,
     timeout and the full URL of each path it has posted to."""
 
-    __slots__ = ("headers", "timeout", "transport", "urls")
+    __slots__ = ("defaults", "headers", "timeout", "transport", "urls")
 
     def __init__(self, client: httpx.AsyncClient, transport: _Transport) -> None:
         t = client.timeout
@@ -101,6 +101,22 @@ class _Fast:
             sock_connect=t.connect, sock_read=t.read, connect=t.pool
         )
         self.urls: dict[str, URL] = {}
+        self.defaults = False  # the session was made here, with these headers and timeout
+
+    def session(self) -> aiohttp.ClientSession:
+        """The transport's session, made with this client's headers and timeouts as its defaults
+        (a call then passes none: no header merging per call). httpx's own path, which uses the
+        same session, still passes both with every request, and those win."""
+        tr = self.transport
+        if not isinstance(tr.client, aiohttp.ClientSession):
+            connector = aiohttp.TCPConnector(
+                limit=0, ssl=tr.ssl_context, keepalive_timeout=KEEPALIVE_S
+            )
+            tr.client = aiohttp.ClientSession(
+                connector=connector, headers=self.headers, timeout=self.timeout
+            )
+            self.defaults = True
+        return tr.client
 
     def url(self, client: httpx.AsyncClient, path: str) -> URL:
         u = self.urls.get(path)
@@ -137,14 +153,16 @@ async def post_bytes(
     if f is None or client.is_closed:
         r = await client.post(path, content=content)
         return r.status_code, r.headers, r.content
-    tr = f.transport
-    if not isinstance(tr.client, aiohttp.ClientSession):
-        tr.client = tr.get_client()
+    session = f.session()
     try:
-        async with tr.client.post(
-            f.url(client, path), data=content, headers=f.headers, timeout=f.timeout,
-            allow_redirects=False,
-        ) as resp:  # fmt: skip
+        if f.defaults:
+            call = session.post(f.url(client, path), data=content, allow_redirects=False)
+        else:
+            call = session.post(
+                f.url(client, path), data=content, headers=f.headers, timeout=f.timeout,
+                allow_redirects=False,
+            )  # fmt: skip
+        async with call as resp:
             return resp.status, resp.headers, await resp.read()
     except aiohttp.ConnectionTimeoutError as e:
         raise httpx.ConnectTimeout(str(e) or "connect timeout") from e
