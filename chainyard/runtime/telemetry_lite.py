@@ -2,11 +2,12 @@
 
 The SDK's `Tracer.start_span` + `end` cost 40-85 us a span on the 2-core bench box (attribute
 validation one value at a time, a lock per span, sampler and processor dispatch, a ReadableSpan
-copy at the end), ~9 spans a single-step chain. `LiteTracer.start_span` (5-11 us there) takes
-the same arguments for the handful of calls chainyard makes, keeps the attribute dict it is
-given (not a copy: the helpers pass a fresh one; values are chainyard's own: str, bool, int,
-float, lists of them), and on `end` appends the span to a queue that `SpanBatcher`'s thread
-encodes straight to OTLP protobuf (telemetry_otlp) and POSTs in batches.
+copy at the end), ~9 spans a single-step chain. `LiteTracer.start_span` takes the same
+arguments for the OTel API; chainyard's helpers use `child` / `remote_child` / `with_ids`
+instead, handing over the parent span or the ids read from `traceparent` and the attributes
+as a `telemetry_otlp.Fixed` (the repeating ones, encoded once) plus a fresh dict that is kept,
+not copied. On `end` the span joins a queue that `SpanBatcher`'s thread encodes straight to
+OTLP protobuf (telemetry_otlp) and POSTs in full batches.
 
 What it keeps from the SDK: W3C ids and flags, parent-based sampling (any `OTEL_TRACES_SAMPLER`
 other than the default `parentbased_always_on` is the SDK's own sampler, asked per span), the
