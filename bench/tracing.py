@@ -84,7 +84,7 @@ def _provider(endpoint: str, mode: int) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from chainyard.runtime.telemetry_otlp import OtlpHttpExporter
+    from chainyard.runtime.telemetry_export import OtlpHttpExporter
 
     resource = Resource.create({"service.name": "chainyard-bench"})
     url = f"{endpoint}/v1/traces"

@@ -17,6 +17,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceFlags
 from otlp_receiver import OtlpReceiver, value
 
 from chainyard.runtime import telemetry as tm
+from chainyard.runtime import telemetry_export as tx
 from chainyard.runtime import telemetry_lite as tl
 from chainyard.runtime import telemetry_otlp as otlp
 
@@ -191,7 +192,7 @@ def test_batcher_drops_beyond_the_queue_and_wakes_on_a_full_batch() -> None:
         def shutdown(self) -> None:
             pass
 
-    b = tl.SpanBatcher(Exp(), max_queue_size=10, max_export_batch_size=4, schedule_delay_ms=60_000)
+    b = tx.SpanBatcher(Exp(), max_queue_size=10, max_export_batch_size=4, schedule_delay_ms=60_000)
     try:
         for i in range(4):
             b.add(i)
@@ -209,14 +210,14 @@ def test_exporter_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b,Tenant=acme")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "3")
-    e = otlp.OtlpHttpExporter()
+    e = tx.OtlpHttpExporter()
     assert e.endpoint == "http://collector:4318/v1/traces"
     assert e.headers["api-key"] == "a b" and e.headers["tenant"] == "acme"
     assert e.timeout == 3.0 and not e.gzip
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://other:9999/custom")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x=1")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0.5")
-    e = otlp.OtlpHttpExporter()
+    e = tx.OtlpHttpExporter()
     assert e.endpoint == "http://other:9999/custom"
     assert e.headers["x"] == "1" and "api-key" not in e.headers and e.timeout == 0.5
 
@@ -225,7 +226,7 @@ async def test_exporter_posts_to_an_otlp_receiver(monkeypatch: pytest.MonkeyPatc
     async with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
-        exporter = otlp.OtlpHttpExporter()
+        exporter = tx.OtlpHttpExporter()
         provider = tm.build_provider(Resource.create({"service.name": "svc"}), exporter)
         tr = provider.get_tracer()
         for i in range(3):
@@ -238,7 +239,7 @@ async def test_exporter_posts_to_an_otlp_receiver(monkeypatch: pytest.MonkeyPatc
 
 
 def test_exporter_reports_an_unreachable_endpoint() -> None:
-    e = otlp.OtlpHttpExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.3)
+    e = tx.OtlpHttpExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.3)
     assert e.send([]) is True
-    span = tl.LiteTracer(tl.SpanBatcher(Keep()), Resource.create({})).start_span("x")
+    span = tl.LiteTracer(tx.SpanBatcher(Keep()), Resource.create({})).start_span("x")
     assert e.send([span]) is False and e.failed == 1

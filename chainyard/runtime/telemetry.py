@@ -158,8 +158,8 @@ def setup(default_service: str) -> bool:
 def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
     """Chainyard's tracer (telemetry_lite) exporting OTLP/HTTP protobuf (telemetry_otlp), set up
     from the `OTEL_*` variables: what `setup` installs, and what the benchmark measures."""
+    from .telemetry_export import OtlpHttpExporter
     from .telemetry_lite import LiteProvider, sampler_from_env
-    from .telemetry_otlp import OtlpHttpExporter
 
     return LiteProvider(
         resource, exporter or OtlpHttpExporter(), sampler=sampler_from_env(), **batch

@@ -1,34 +1,19 @@
-"""OTLP/HTTP protobuf span export without the SDK's generic encoder.
+"""OTLP protobuf for spans, written without the SDK's generic encoder.
 
 `encode` writes an `ExportTraceServiceRequest` directly with a small varint / length-delimited
 writer (the SDK's encoder builds a pb2 object per span, attribute and value first: ~95 us a span
 on the 2-core bench box; this is ~10x cheaper, see docs/TRACING.md). It takes chainyard's light
 spans (`telemetry_lite.LiteSpan`) and the SDK's `ReadableSpan`s alike, grouped by resource and
 instrumentation scope. The wire format is checked by decoding with opentelemetry-proto in
-tests/test_tracing_export.py.
-
-`OtlpHttpExporter` POSTs the bytes with http.client on a kept-alive connection, configured like
-the SDK's exporter by `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) or
-`OTEL_EXPORTER_OTLP_ENDPOINT` (+ `/v1/traces`), `..._HEADERS`, `..._TIMEOUT` (seconds, as the
-Python SDK reads it), `..._COMPRESSION` (`gzip`; none by default) and `..._CERTIFICATE`. It is
-also a `SpanExporter` (export / shutdown / force_flush), so an SDK BatchSpanProcessor can use it.
+tests/test_tracing_export.py. The batching thread and the HTTP exporter that send these bytes
+are in telemetry_export.
 """
 
 from __future__ import annotations
 
-import gzip
-import http.client
-import logging
-import os
-import ssl
 import struct
-import threading
-import time
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-log = logging.getLogger("chainyard.telemetry")
 
 # -- protobuf writer --------------------------------------------------------------------------
 
@@ -473,165 +458,14 @@ def encode(spans: Iterable[Any]) -> bytes:
     return b"".join(_ld(_T_RS, res + b"".join(ss)) for res, ss in by_resource.items())
 
 
-# -- OTLP/HTTP --------------------------------------------------------------------------------
+# -- moved to telemetry_export, still importable from here ---------------------------------
 
-DEFAULT_ENDPOINT = "http://localhost:4318"
-_RETRYABLE = (429, 502, 503, 504)
-
-
-def env(name: str, default: str = "") -> str:
-    """`OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`."""
-    return (
-        os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
-        or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}")
-        or default
-    )
+_MOVED = ("DEFAULT_ENDPOINT", "OtlpHttpExporter", "env", "parse_headers", "traces_endpoint")
 
 
-def traces_endpoint() -> str:
-    if e := os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        return e.strip()
-    base = (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or DEFAULT_ENDPOINT).strip()
-    return f"{base.removesuffix('/')}/v1/traces"
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from . import telemetry_export
 
-
-def parse_headers(raw: str) -> dict[str, str]:
-    """`k1=v1,k2=v2`, URL-encoded values (the OTLP exporter spec); bad pairs are skipped."""
-    out = {}
-    for pair in raw.split(","):
-        k, sep, v = pair.partition("=")
-        k = urllib.parse.unquote(k).strip().lower()
-        if sep and k:
-            out[k] = urllib.parse.unquote(v).strip()
-        elif pair.strip():
-            log.warning("OTLP headers: ignoring %r", pair)
-    return out
-
-
-class OtlpHttpExporter:
-    """POST ExportTraceServiceRequest protobuf to an OTLP/HTTP endpoint (SpanExporter API)."""
-
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        compression: str | None = None,
-    ) -> None:
-        self.endpoint = endpoint or traces_endpoint()
-        url = urllib.parse.urlsplit(self.endpoint)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "localhost"
-        self._port = url.port or (443 if self._https else 80)
-        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        if timeout is None:
-            try:
-                timeout = float(env("TIMEOUT", "10"))
-            except ValueError:
-                timeout = 10.0
-        self.timeout = timeout
-        comp = compression if compression is not None else env("COMPRESSION", "none")
-        self.gzip = comp.strip().lower() == "gzip"
-        self.headers = {
-            "content-type": "application/x-protobuf",
-            "user-agent": "chainyard-otlp-exporter",
-        }
-        self.headers.update(parse_headers(env("HEADERS")))
-        if headers:
-            self.headers.update({k.lower(): v for k, v in headers.items()})
-        if self.gzip:
-            self.headers["content-encoding"] = "gzip"
-        self._ssl: ssl.SSLContext | None = None
-        if self._https:
-            self._ssl = ssl.create_default_context(cafile=env("CERTIFICATE") or None)
-            cert, key = env("CLIENT_CERTIFICATE"), env("CLIENT_KEY")
-            if cert:
-                self._ssl.load_cert_chain(cert, key or None)
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-        self._shutdown = False
-        self.exported = 0  # spans accepted by the endpoint
-        self.failed = 0  # spans dropped after the last try
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if self._https:
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=timeout, context=self._ssl
-                )
-            else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        else:
-            self._conn.timeout = timeout
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(timeout)
-        return self._conn
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
-
-    def post(self, body: bytes) -> bool:
-        """Send one request body, retrying 429/502/503/504 and connection errors with backoff
-        until the timeout; True when the endpoint took it."""
-        if self.gzip:
-            body = gzip.compress(body, compresslevel=6)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.1
-        with self._lock:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                try:
-                    conn = self._connection(left)
-                    conn.request("POST", self._path, body, self.headers)
-                    resp = conn.getresponse()
-                    resp.read()
-                    status = resp.status
-                    if resp.will_close:
-                        self._close()
-                except (OSError, http.client.HTTPException) as e:
-                    self._close()
-                    status, err = 0, e
-                else:
-                    err = None
-                if 200 <= status < 300:
-                    return True
-                if status and status not in _RETRYABLE:
-                    log.warning("OTLP export to %s: HTTP %s", self.endpoint, status)
-                    return False
-                if time.monotonic() + delay >= deadline or self._shutdown:
-                    log.warning("OTLP export to %s failed: %s", self.endpoint, err or status)
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    # SpanExporter API
-
-    def export(self, spans: Sequence[Any]) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        return SpanExportResult.SUCCESS if self.send(spans) else SpanExportResult.FAILURE
-
-    def send(self, spans: Sequence[Any]) -> bool:
-        if not spans:
-            return True
-        ok = self.post(encode(spans))
-        if ok:
-            self.exported += len(spans)
-        else:
-            self.failed += len(spans)
-        return ok
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-    def shutdown(self) -> None:
-        self._shutdown = True
-        with self._lock:
-            self._close()
+        return getattr(telemetry_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
