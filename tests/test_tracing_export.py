@@ -113,6 +113,36 @@ def test_light_span_encodes_every_field(lite: Any) -> None:
     assert s.flags == 0x300  # has is_remote, and the parent is remote
 
 
+def test_fast_path_attribute_values_decode(lite: Any) -> None:
+    """The light encoder's shortcuts (small and two-byte ints, floats, cached lists) against
+    opentelemetry-proto, with the general path's values around them."""
+    provider, keep = lite
+    attrs = {
+        "i0": 0,
+        "i127": 127,
+        "i128": 128,
+        "i16383": 16383,
+        "i16384": 16384,
+        "neg": -1,
+        "f": 0.25,
+        "f1": 1.0,
+        "reasons": ["stop"],
+        "mixed": ["x", 2],
+        "floats": [1.5],
+        "b": True,
+        "s": "x" * 200,
+    }
+    for _ in range(2):  # the second time from the caches
+        tr = provider.get_tracer()
+        tr.child(None, tm.INTERNAL, tm.Fixed("n", {"fixed": 1.5}), dict(attrs)).end()
+    provider.force_flush()
+    for body in keep.bodies:
+        req = decode(body)
+        for s in req.resource_spans[0].scope_spans[0].spans:
+            got = {kv.key: value(kv.value) for kv in s.attributes}
+            assert got == {**attrs, "fixed": 1.5}
+
+
 def test_light_spans_match_the_sdk_encoder(lite: Any) -> None:
     """Same fields as the SDK's own encoder would write for an SDK span of the same shape."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans

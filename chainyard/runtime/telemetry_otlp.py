@@ -235,10 +235,31 @@ def _str_prefix(key: str, n: int) -> bytes | None:
     return b
 
 
+def _num_prefix(key: str, kind: int) -> bytes:
+    """Everything of a span attribute with this key and a double (kind 0) or an int of `kind`
+    varint bytes (1 or 2) up to the value itself."""
+    hit = _NUM_PREFIX.get((key, kind))
+    if hit is None:
+        if len(_NUM_PREFIX) > 4096:
+            _NUM_PREFIX.clear()
+        kb = _key(key)
+        if kind == 0:  # KeyValue: key, value tag, AnyValue length 9: double tag, 8 bytes
+            hit = _T_ATTR + _VARINT[len(kb) + 11] + kb + b"\x12\x09\x21"
+        else:  # ... AnyValue: int tag, `kind` varint bytes
+            hit = _T_ATTR + _VARINT[len(kb) + 3 + kind] + kb + b"\x12" + _VARINT[1 + kind] + b"\x18"
+        _NUM_PREFIX[(key, kind)] = hit
+    return hit
+
+
+_NUM_PREFIX: dict[tuple[str, int], bytes] = {}
+_LISTS: dict[tuple[str, tuple[Any, ...]], bytes] = {}  # (key, values) -> the whole field
+
+
 def add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
-    """Append a span's attributes (repeated KeyValue fields) to `parts`: a string or small int,
-    nearly all of chainyard's own values, as two items (its tag, lengths and key, then the value)
-    with no join or lookup by value."""
+    """Append a span's attributes (repeated KeyValue fields) to `parts`: a string, an int below
+    16384 or a float, nearly all of chainyard's own values, as two items (its tag, lengths and
+    key, then the value) with no join or lookup by value; a short list (finish reasons) from a
+    cache."""
     for k, v in attrs.items():
         t = type(v)
         if t is str:
@@ -252,14 +273,32 @@ def add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
                 if b is not None:
                     parts += (b, vb)
                     continue
-        elif t is int and 0 <= v < 128:
-            b = _INT_PREFIX.get(k)
+        elif t is int and 0 <= v < 16384:
+            b = _INT_PREFIX.get(k) if v < 128 else None
             if b is None:
-                if len(_INT_PREFIX) > 4096:
-                    _INT_PREFIX.clear()
-                kb = _key(k)
-                b = _INT_PREFIX[k] = _T_ATTR + _VARINT[len(kb) + 4] + kb + b"\x12\x02\x18"
+                b = _num_prefix(k, 1 if v < 128 else 2)
+                if v < 128:
+                    if len(_INT_PREFIX) > 4096:
+                        _INT_PREFIX.clear()
+                    _INT_PREFIX[k] = b
             parts += (b, _VARINT[v])
+            continue
+        elif t is float:
+            parts += (_NUM_PREFIX.get((k, 0)) or _num_prefix(k, 0), _pack_d(v))
+            continue
+        elif t is list and len(v) < 8:
+            key = (k, tuple(v))
+            try:
+                b = _LISTS.get(key)
+            except TypeError:  # unhashable items
+                b = key = None  # type: ignore[assignment]
+            if b is None:
+                b = _ld(_T_ATTR, key_value(k, v))
+                if key is not None:
+                    if len(_LISTS) > 4096:
+                        _LISTS.clear()
+                    _LISTS[key] = b
+            parts.append(b)
             continue
         elif v is None:
             continue
