@@ -59,6 +59,7 @@ from .telemetry_w3c import (  # noqa: F401 - re-exported
     header,
     inject,
     parse,
+    parse_ids,
     template,
 )
 

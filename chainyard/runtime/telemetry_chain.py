@@ -112,10 +112,12 @@ def end_chain(state: Any) -> None:
     t = getattr(state, "trace", None)
     if tr is None or not t:
         return
-    sc = chain_context(state)
-    if sc is None or not sc.trace_flags.sampled:
+    ids = tm.parse_ids(t.get("traceparent"), t.get("tracestate"))  # once a chain: no cache
+    if ids is None or not ids[2] & 1:
         return
-    parent = _parse(t.get("parent"))
+    tid, sid, _, ts = ids
+    pids = tm.parse_ids(t.get("parent"))
+    pid = pids[1] if pids is not None else 0
     usage = state.usage
     attrs = {
         "chainyard.chain.id": state.chain.id,
@@ -134,22 +136,13 @@ def end_chain(state: Any) -> None:
     start = state.created_at_ms * 1_000_000
     lite = tm._lite
     if lite is not None:
-        span: Any = lite.with_ids(
-            sc.trace_id,
-            sc.span_id,
-            parent.span_id if parent is not None else 0,
-            sc.trace_state,
-            tm.INTERNAL,
-            _CHAIN,
-            attrs,
-            start,
-        )
+        span: Any = lite.with_ids(tid, sid, pid, ts, tm.INTERNAL, _CHAIN, attrs, start)
     else:
-        token = tm._forced.set((sc.trace_id, sc.span_id))
+        token = tm._forced.set((tid, sid))
         try:
             span = tr.start_span(
                 "chain",
-                context=tm.context_of(parent),
+                context=tm.context_of(_parse(t.get("parent"))),
                 kind=SpanKind.INTERNAL,
                 attributes=attrs,
                 start_time=start,

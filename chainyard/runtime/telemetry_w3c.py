@@ -150,6 +150,9 @@ _TEMPLATES: dict[str, Callable[[str, list[str]], str]] = {
 
 _CACHED = ("submit", "work")  # subjects without a chain id repeat: their templates are kept
 _seen: dict[str, str] = {}
+# (prefix, kind, what follows the 4th token) -> template: a template never depends on the
+# tenant or chain tokens, so event subjects of different chains share an entry
+_by_tail: dict[tuple[str, ...], str] = {}
 
 
 def template(subject: str) -> str:
@@ -157,15 +160,22 @@ def template(subject: str) -> str:
     t = _seen.get(subject)
     if t is not None:
         return t
-    tokens = subject.split(".")
-    if len(tokens) >= 3 and tokens[1] in _CACHED:
+    parts = subject.split(".", 4)
+    if len(parts) < 3:
+        return subject
+    if parts[1] in _CACHED:
         if len(_seen) > 1024:
             _seen.clear()
-        t = _seen[subject] = _TEMPLATES[tokens[1]](tokens[0], tokens)
+        t = _seen[subject] = _TEMPLATES[parts[1]](parts[0], subject.split("."))
         return t
-    if len(tokens) < 3:
-        return subject
-    fn = _TEMPLATES.get(tokens[1])
+    key = (parts[0], parts[1], parts[4]) if len(parts) == 5 else (parts[0], parts[1])
+    t = _by_tail.get(key)
+    if t is not None:
+        return t
+    fn = _TEMPLATES.get(parts[1])
     if fn is None:
         return subject
-    return fn(tokens[0], tokens)
+    if len(_by_tail) > 1024:
+        _by_tail.clear()
+    t = _by_tail[key] = fn(parts[0], subject.split("."))
+    return t
