@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from chainyard.runtime.gc_tuning import tune_gc
+
 from .core import RESULTS, Ctx, Figure, machine_facts, select, write_results
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['nats_server']}, uvloop {'on' if uv else 'off'}",
         flush=True,
     )
+    tune_gc()  # as the services do (chainyard/runtime/gc_tuning.py)
     with asyncio.Runner(loop_factory=factory) as runner:
         figures, failed = runner.run(run_all(ctx, args.names))
     for note in ctx.notes:

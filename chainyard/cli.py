@@ -39,6 +39,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | None) -> int:
+    from chainyard.runtime.gc_tuning import tune_gc
     from chainyard.runtime.nats import open_bus
     from chainyard.stack import build, load_tools
 
@@ -54,6 +55,7 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     from chainyard.runtime.telemetry_metrics import start_service
 
     obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
+    tune_gc()  # after start-up, so what it made is frozen
     services.start()
     log.info("%s serving on %s", args.command, _safe_url(args.nats))
     try:
@@ -80,6 +82,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 async def cmd_dev(args: argparse.Namespace) -> int:
     from chainyard.devstack import DevStack
+    from chainyard.runtime.gc_tuning import tune_gc
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -88,6 +91,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     async with DevStack(
         _config(args), nats_url=args.nats, local_model=not args.no_local, tools=tools
     ) as dev:
+        tune_gc()
         print(f"chainyard dev: NATS at {dev.nats_url}", flush=True)
         print("submit with: chainyard submit FILE --wait --nats " + dev.nats_url, flush=True)
         await stop.wait()

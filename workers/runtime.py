@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import socket
@@ -80,26 +79,6 @@ class Result:
 Execute = Callable[[Assignment, Callable[[str], None] | None], Awaitable[Result]]
 
 
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a service process (once per process).
-
-    Every step allocates a few thousand objects, so with the default thresholds (700, 10, 10)
-    the collector ran about once a step and a full collection walked every module, class and
-    connection object each time it came round: ~12% of a worker's CPU at 256 slots. What exists
-    after start-up is frozen (never walked again) and young collections come every 20,000
-    allocations. Reference counting still frees everything that is not in a cycle at once.
-    """
-    global _gc_tuned
-    if not _gc_tuned:
-        _gc_tuned = True
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
-
-
-_gc_tuned = False
-
-
 def default_worker_id(pool: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{pool}".replace(".", "_")
 
@@ -155,7 +134,6 @@ class Worker:
         heartbeat_s: float = 2.0,
         close: Callable[[], Awaitable[None]] | None = None,
         fetch_batch: int = FETCH_BATCH,
-        tune_gc: bool = True,
     ) -> None:
         self.bus = bus
         self.pool = pool
@@ -169,7 +147,6 @@ class Worker:
         self.health = Health()
         self.subjects = bus.topology.subjects
         self.fetch_batch = fetch_batch
-        self._tune_gc = tune_gc
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # chain id -> tasks in a call
         self._chain_cancels: set[asyncio.Task[Any]] = set()  # tasks cancelled by a chain cancel
@@ -183,8 +160,6 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop fetching, finish what is in flight, and leave."""
-        if self._tune_gc:
-            tune_gc()
         topo = self.bus.topology
         consumer = topo.pool_consumer(self.pool)
         sub = await self.bus.pull(topo.work, consumer)
