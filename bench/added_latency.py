@@ -193,6 +193,7 @@ async def added_latency(ctx: Ctx) -> list[Figure]:
                     await d.start()
                     direct = await _direct(url, ctx.n("direct_n", 1000, 200))
                     await _closed_loop(d, "w-", 200, 16)  # warm: router and worker connected
+                    alone = [await d.run(f"a-{i}") for i in range(ctx.n("alone_n", 300, 50))]
                     saturation = await _closed_loop(d, "s-", sat_n, SLOTS)
                     rate = saturation / 2
                     d.legs.clear()
@@ -208,6 +209,8 @@ async def added_latency(ctx: Ctx) -> list[Figure]:
         "offered_per_s": round(rate, 1),
         "chain_p50_ms": round(c50, 3),
         "chain_p99_ms": round(c99, 3),
+        "one_at_a_time_p50_ms": round(_pct(alone, 50), 3),
+        "one_at_a_time_p99_ms": round(_pct(alone, 99), 3),
         "direct_p50_ms": round(d50, 3),
         "direct_p99_ms": round(d99, 3),
         "legs_p50_ms": {
