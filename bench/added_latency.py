@@ -120,7 +120,7 @@ class Driver:
         self.waiting[key] = fut
         t0 = time.perf_counter()
         self.marks[key] = [t0]
-        await self.bus.js.publish(
+        await self.bus.publisher.publish(
             self.bus.subjects.submit(TENANT),
             encode(Chain(id=key, steps=[step])),
             headers={"Nats-Msg-Id": key},

@@ -308,7 +308,10 @@ class Router:
             jobs.append(self._publish_event(outcome.ended, f"{state.chain.id}.{kind}"))
         if outcome.cancel:
             jobs.append(self.bus.nc.publish(self.subjects.cancel(state.chain.id), b""))
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:  # the common case: no task for it, so no extra turn of the loop
+            await jobs[0]
+        elif jobs:
+            await asyncio.gather(*jobs)
 
     def _step_for(self, state: ChainState, step_id: str):
         step = graph.resolve(loops.spec_of(state, step_id), state.steps)
