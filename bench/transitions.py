@@ -94,7 +94,7 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
             sat = await drive([f"ts-{i}" for i in range(n)], submit, done, window, 60 + n / 20)
             rate = sat.per_s / 2
             rounds: list[Run] = []
-            for r in range(ctx.n("rounds", 3, 1)):
+            for r in range(ctx.n("rounds", 5, 1)):
                 transitions.clear()
                 keys = [f"t{r}-{i}" for i in range(n)]
                 done.arm(keys, len(keys))
