@@ -16,7 +16,7 @@ from chainyard.contracts import Deployment, Heartbeat, Price, StepCompleted, Ste
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
-from chainyard.workers.runtime import Recent
+from chainyard.workers.cancels import Recent
 
 EVENTS = f"cy.events.{TENANT}.>"
 

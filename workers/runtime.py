@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +49,12 @@ from chainyard.runtime.lean import num_delivered
 from chainyard.runtime.nats import Bus
 from chainyard.runtime.telemetry_metrics import metrics
 
+from .cancels import Recent
 from .health import Health
 from .providers._base import ProviderError, RateLimits
 
 log = logging.getLogger("chainyard.worker")
 FETCH_BATCH = 256  # one fetch takes at most this many messages, however many slots are free
-RECENT_CANCEL_S = 600.0  # a cancelled chain's late work is dropped for this long ...
-RECENT_CANCEL_MAX = 100_000  # ... remembering at most this many chains
 
 
 def now_ms() -> int:
@@ -81,41 +79,6 @@ Execute = Callable[[Assignment, Callable[[str], None] | None], Awaitable[Result]
 
 def default_worker_id(pool: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{pool}".replace(".", "_")
-
-
-class Recent:
-    """A bounded set whose entries expire: the chains cancelled in the last `ttl_s` seconds."""
-
-    def __init__(
-        self, ttl_s: float = RECENT_CANCEL_S, max_entries: int = RECENT_CANCEL_MAX
-    ) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._at: OrderedDict[str, float] = OrderedDict()  # oldest first
-
-    def add(self, key: str) -> None:
-        self._at.pop(key, None)
-        self._at[key] = time.monotonic()
-        while len(self._at) > self.max_entries:
-            self._at.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        at = self._at.get(key)  # type: ignore[call-overload]
-        if at is None:
-            return False
-        if time.monotonic() - at > self.ttl_s:
-            self._expire()
-            return False
-        return True
-
-    def _expire(self) -> None:
-        limit = time.monotonic() - self.ttl_s
-        while self._at and next(iter(self._at.values())) < limit:
-            self._at.popitem(last=False)
-
-    def __len__(self) -> int:
-        self._expire()
-        return len(self._at)
 
 
 class Worker:
