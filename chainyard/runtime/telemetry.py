@@ -24,26 +24,18 @@ child of the chain's own span once the handler has read the chain state (`adopt`
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import random
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import (
-    Link,
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
 )
 from opentelemetry.trace.propagation import _SPAN_KEY
 
@@ -265,233 +257,6 @@ def record_error(span: Span, e: BaseException, error_type: str | None = None) ->
     span.set_status(Status(StatusCode.ERROR, str(e)[:200]))
 
 
-# -- the trace scope of one message handler ---------------------------------------------------
-
-
-class Scope:
-    """The process span of the message being handled, started late when it had no context."""
-
-    __slots__ = ("attrs", "chain_span", "fixed", "link", "parent", "span", "start_ns")
-
-    def __init__(self, fixed: Fixed, attrs: dict[str, Any], parent: Any) -> None:
-        self.fixed = fixed
-        self.attrs = attrs
-        # the creation context: (trace id, span id, flags, trace state) from the headers, or a
-        # SpanContext given later by `adopt` (then a parent, not a link)
-        self.parent = parent
-        self.link = parent is not None
-        self.start_ns = time.time_ns()
-        self.span: Span | None = None
-        self.chain_span: Span | None = None  # the chain's span, once known (intake)
-
-    @property
-    def chain(self) -> Any:
-        """A Context with the chain's span current (None until intake made it)."""
-        c = self.chain_span
-        return Context({_SPAN_KEY: c}) if c is not None else None
-
-    def ensure(self) -> Span:
-        span = self.span
-        if span is None:
-            p = self.parent
-            if type(p) is SpanContext:
-                p = (p.trace_id, p.span_id, p.trace_flags, p.trace_state)
-            lite = _lite
-            if lite is not None:
-                if p is None:
-                    span = lite.child(None, CONSUMER, self.fixed, self.attrs, self.start_ns)
-                else:
-                    span = lite.remote_child(
-                        *p, CONSUMER, self.fixed, self.attrs, self.link, self.start_ns
-                    )
-            else:
-                sc = SpanContext(p[0], p[1], True, TraceFlags(p[2]), p[3]) if p else None
-                span = _tracer.start_span(
-                    self.fixed.name,
-                    context=context_of(sc),
-                    kind=SpanKind.CONSUMER,
-                    attributes={**self.fixed.items, **self.attrs},
-                    links=[Link(sc)] if sc is not None and self.link else None,
-                    start_time=self.start_ns,
-                )
-            self.span = span
-        return span
-
-    def current(self) -> Span:
-        """The parent of spans made now: the chain's span at intake, else the process span."""
-        c = self.chain_span
-        if c is not None:
-            return c
-        return self.span if self.span is not None else self.ensure()
-
-    def context(self) -> Any:
-        return Context({_SPAN_KEY: self.current()})
-
-
-_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
-    "chainyard_trace_scope", default=None
-)
-# OTel's current-context variable, set directly around a handler (attach / detach do the same
-# through two more calls and a lookup each); None if this OTel version keeps it elsewhere
-_otel_cv: contextvars.ContextVar[Any] | None = getattr(
-    getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
-)
-if not isinstance(_otel_cv, contextvars.ContextVar):
-    _otel_cv = None
-
-
-def current_scope() -> Scope | None:
-    return _scope.get()
-
-
-def parent_context() -> Any:
-    """Where a span made now belongs: the handler's scope, else the caller's current context."""
-    s = _scope.get()
-    return s.context() if s is not None else otel_context.get_current()
-
-
-def _parent() -> Any:
-    """`parent_context()`'s span, without making the Context (None: a new trace)."""
-    s = _scope.get()
-    if s is not None:
-        return s.current()
-    return otel_context.get_current().get(_SPAN_KEY)
-
-
-def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
-    """Give a handler whose message carried no context the chain's context (from its state).
-
-    With `as_chain`, later spans of the handler are children of the chain's span even though
-    the process span itself exists (intake: the chain's first steps hang under the chain).
-    """
-    s = _scope.get()
-    if s is None or sc is None:
-        return
-    if as_chain:
-        s.chain_span = NonRecordingSpan(sc)
-    elif s.span is None and s.parent is None:
-        s.parent = sc
-
-
-def consumer(
-    handler: Callable[[Any], Awaitable[None]], durable: str, *, pool: str | None = None
-) -> Callable[[Any], Awaitable[None]]:
-    """Wrap a pull consumer's message handler in a `process` span (and settle spans for its
-    ack / nak / term). With `pool`, also count the work in flight (metrics)."""
-    from .telemetry_metrics import metrics
-
-    async def traced(msg: Any) -> None:
-        counted = pool is not None and metrics.on
-        if counted:
-            metrics.in_flight(pool, 1)  # type: ignore[arg-type]
-        try:
-            if _tracer is None:
-                await handler(msg)
-            else:  # inline, not a nested coroutine: every resume of the handler passes here
-                scope, token, otel_token = _begin(msg, durable)
-                try:
-                    await handler(msg)
-                except BaseException as e:
-                    record_error(scope.ensure(), e)
-                    raise
-                finally:
-                    _finish(scope, token, otel_token)
-        finally:
-            if counted:
-                metrics.in_flight(pool, -1)  # type: ignore[arg-type]
-
-    traced.__name__ = getattr(handler, "__name__", "handler")
-    return traced
-
-
-def _begin(msg: Any, durable: str) -> tuple[Scope, Any, Any]:
-    subject = msg.subject
-    tmpl = template(subject)
-    fixed = _PROCESS.get((tmpl, durable))
-    if fixed is None:
-        fixed = _PROCESS.put(
-            (tmpl, durable),
-            f"process {tmpl}",
-            {
-                "messaging.system": SYSTEM,
-                "messaging.operation.name": "process",
-                "messaging.operation.type": "process",
-                "messaging.destination.template": tmpl,
-                "messaging.consumer.group.name": durable,
-            },
-        )
-    attrs = {"messaging.destination.name": subject}
-    headers = msg.headers
-    parent = None
-    if headers:
-        mid = headers.get("Nats-Msg-Id") or header(headers, "nats-msg-id")
-        if mid:
-            attrs["messaging.message.id"] = mid
-        parent = extract_ids(headers)
-    scope = Scope(fixed, attrs, parent)
-    token = _scope.set(scope)
-    if settle_spans:
-        _settle_spans(msg, scope, tmpl, subject, durable)
-    otel_token = None
-    if parent is not None:  # the common case: start now, and let user code see it as current
-        ctx = Context({_SPAN_KEY: scope.ensure()})
-        otel_token = _otel_cv.set(ctx) if _otel_cv is not None else otel_context.attach(ctx)
-    return scope, token, otel_token
-
-
-def _finish(scope: Scope, token: Any, otel_token: Any) -> None:
-    if otel_token is not None:
-        if _otel_cv is not None:
-            _otel_cv.reset(otel_token)
-        else:
-            otel_context.detach(otel_token)
-    _scope.reset(token)
-    (scope.span or scope.ensure()).end()
-
-
-def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str) -> None:
-    for op in ("ack", "nak", "term"):
-        orig = getattr(msg, op, None)
-        if orig is not None:
-            setattr(msg, op, _settle(op, orig, scope, tmpl, subject, durable))
-
-
-def _settle(
-    op: str,
-    orig: Callable[..., Awaitable[Any]],
-    scope: Scope,
-    tmpl: str,
-    subject: str,
-    durable: str,
-) -> Callable[..., Awaitable[Any]]:
-    async def settle(*args: Any, **kw: Any) -> Any:
-        if _tracer is None:
-            return await orig(*args, **kw)
-        fixed = _SETTLE.get((op, tmpl, durable))
-        if fixed is None:
-            fixed = _SETTLE.put(
-                (op, tmpl, durable),
-                f"{op} {tmpl}",
-                {
-                    "messaging.system": SYSTEM,
-                    "messaging.operation.name": op,
-                    "messaging.operation.type": "settle",
-                    "messaging.destination.template": tmpl,
-                    "messaging.consumer.group.name": durable,
-                },
-            )
-        span = _start(scope.current(), CLIENT, fixed, {"messaging.destination.name": subject})
-        try:
-            return await orig(*args, **kw)
-        except BaseException as e:
-            record_error(span, e)
-            raise
-        finally:
-            span.end()
-
-    return settle
-
-
 # -- send ---------------------------------------------------------------------------------------
 
 
@@ -541,3 +306,15 @@ async def publish(
         raise
     finally:
         span.end()
+
+
+# The trace scope of a message handler lives in telemetry_scope (import it through this module
+# only: it reads this module's state); its names are part of this module's API.
+from .telemetry_scope import (  # noqa: E402, F401 - re-exported
+    Scope,
+    _parent,
+    adopt,
+    consumer,
+    current_scope,
+    parent_context,
+)
