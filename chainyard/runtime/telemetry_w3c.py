@@ -22,6 +22,16 @@ _FLAGS = [TraceFlags(i) for i in range(256)]
 # -- W3C trace context ----------------------------------------------------------------------
 
 
+def _state(tracestate: str | None) -> TraceState | None:
+    """The `tracestate` header's value; None when absent or invalid (the trace goes on)."""
+    if not tracestate:
+        return None
+    try:
+        return TraceState.from_header([tracestate])
+    except Exception:
+        return None
+
+
 def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
     """A remote SpanContext from W3C header values; None for anything invalid."""
     if not traceparent:
@@ -30,12 +40,7 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
         tid, sid = traceparent[3:35], traceparent[36:52]
         if tid == _ZERO_TID or sid == _ZERO_SID:
             return None
-        ts = None
-        if tracestate:
-            try:
-                ts = TraceState.from_header([tracestate])
-            except Exception:
-                ts = None
+        ts = _state(tracestate)
         return SpanContext(int(tid, 16), int(sid, 16), True, _FLAGS[int(traceparent[53:], 16)], ts)
     m = _TP.match(traceparent.strip())
     if m is None:
@@ -43,12 +48,7 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     version, tid, sid, flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest) or set(tid) == {"0"} or set(sid) == {"0"}:
         return None
-    ts = None
-    if tracestate:
-        try:
-            ts = TraceState.from_header([tracestate])
-        except Exception:
-            ts = None
+    ts = _state(tracestate)
     return SpanContext(
         int(tid, 16),
         int(sid, 16),
@@ -67,12 +67,7 @@ def parse_ids(traceparent: str | None, tracestate: str | None = None) -> Ids | N
         tid, sid = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
         if not tid or not sid:
             return None
-        ts = None
-        if tracestate:
-            try:
-                ts = TraceState.from_header([tracestate])
-            except Exception:
-                ts = None
+        ts = _state(tracestate)
         return tid, sid, int(traceparent[53:], 16), ts
     sc = parse(traceparent, tracestate)
     return None if sc is None else (sc.trace_id, sc.span_id, sc.trace_flags, sc.trace_state)
