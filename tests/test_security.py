@@ -159,7 +159,10 @@ async def wait_error(errors: list[str], word: str) -> None:
         while not any(word.lower() in e.lower() for e in errors):  # noqa: ASYNC110 - filled by error_cb
             await asyncio.sleep(0.02)
 
-    await asyncio.wait_for(seen(), 5)
+    try:
+        await asyncio.wait_for(seen(), 5)
+    except TimeoutError:  # say which wait it was, and what did come
+        raise AssertionError(f"no error with {word!r} within 5 s; errors seen: {errors}") from None
 
 
 async def test_plain_connection_refused_and_wrong_password_rejected(secure: Secure) -> None:
