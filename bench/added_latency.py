@@ -29,16 +29,12 @@ from chainyard.workers.providers._http import new_client, post_bytes
 
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
+from .drive import percentile
 from .workers import _stop, sandbox
 
 TENANT = "bench"
 POOL = "a"
 SLOTS = 256
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def _config(base_url: str) -> str:
@@ -201,20 +197,20 @@ async def added_latency(ctx: Ctx) -> list[Figure]:
                     direct += await _direct(url, ctx.n("direct_n", 1000, 200))
             finally:
                 await bus.close()
-    d50, d99 = _pct(direct, 50), _pct(direct, 99)
-    c50, c99 = _pct(lat, 50), _pct(lat, 99)
+    d50, d99 = percentile(direct, 50), percentile(direct, 99)
+    c50, c99 = percentile(lat, 50), percentile(lat, 99)
     cond: dict[str, Any] = {
         "N": n,
         "saturation_chains_per_s": round(saturation, 1),
         "offered_per_s": round(rate, 1),
         "chain_p50_ms": round(c50, 3),
         "chain_p99_ms": round(c99, 3),
-        "one_at_a_time_p50_ms": round(_pct(alone, 50), 3),
-        "one_at_a_time_p99_ms": round(_pct(alone, 99), 3),
+        "one_at_a_time_p50_ms": round(percentile(alone, 50), 3),
+        "one_at_a_time_p99_ms": round(percentile(alone, 99), 3),
         "direct_p50_ms": round(d50, 3),
         "direct_p99_ms": round(d99, 3),
         "legs_p50_ms": {
-            name: round(_pct([leg[i] * 1000 for leg in d.legs], 50), 3)
+            name: round(percentile([leg[i] * 1000 for leg in d.legs], 50), 3)
             for i, name in enumerate(
                 ("intake_to_assignment", "assignment_to_step_event", "step_event_to_chain_event")
             )

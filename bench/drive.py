@@ -14,6 +14,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
+def percentile(xs: list[float], p: float) -> float:
+    """The p-th percentile (1-99), interpolated between samples; NaN for no samples."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[round(p) - 1]
+
+
 class BenchError(RuntimeError):
     """A run failed or did not finish in time."""
 
@@ -70,12 +80,7 @@ class Run:
         return self.n / self.elapsed_s
 
     def pct(self, p: float) -> float:
-        xs = sorted(self.latencies_ms)
-        if not xs:
-            return float("nan")
-        if len(xs) == 1:
-            return xs[0]
-        return statistics.quantiles(xs, n=100, method="inclusive")[round(p) - 1]
+        return percentile(self.latencies_ms, p)
 
     def summary(self) -> dict[str, float]:
         return {

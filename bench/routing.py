@@ -47,11 +47,6 @@ from .core import Ctx as BenchCtx
 from .core import Figure, benchmark
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
 def _step(text: str = "route me please") -> LlmStep:
     return LlmStep(
         id="s",
