@@ -23,9 +23,7 @@ EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 
 class StateStore:
-    def __init__(
-        self, kv: KeyValue, publisher: Publisher | None = None, cache_size: int = 10_000
-    ) -> None:
+    def __init__(self, kv: KeyValue, publisher: Publisher, cache_size: int = 10_000) -> None:
         self.kv = kv
         self.publisher = publisher
         self._subject = kv._pre  # "$KV.<bucket>.": the subject prefix of its keys
@@ -71,8 +69,6 @@ class StateStore:
         return rev
 
     async def _write(self, key: str, data: bytes, last: int) -> int:
-        if self.publisher is None:
-            return await self.kv.update(key, data, last=last)
         try:
             ack = await self.publisher.publish(
                 self._subject + key, data, headers={EXPECTED_LAST: str(last)}
