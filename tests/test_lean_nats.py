@@ -8,14 +8,16 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import BadHeaderError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 
 from chainyard.runtime.consume import Slots, consume
 from chainyard.runtime.lean import Publisher, num_delivered
+from chainyard.runtime.lean_wire import parse_header_lines, publish_with_headers
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -79,7 +81,7 @@ async def consuming(
 async def test_publish_acks_like_js_publish_and_dedups(bus: Bus) -> None:
     await _stream(bus)
     p = bus.publisher
-    a = await p.publish(SUBJECT, b"one", headers={"Nats-Msg-Id": "m1"})
+    a = await p.publish(SUBJECT, b"one", headers={"Nats-Msg-Id": "m1", "traceparent": "tp"})
     b = await p.publish(SUBJECT, b"two")
     again = await p.publish(SUBJECT, b"one", headers={"Nats-Msg-Id": "m1"})
     assert (a.stream, a.seq, b.seq) == (STREAM, 1, 2)
@@ -87,6 +89,8 @@ async def test_publish_acks_like_js_publish_and_dedups(bus: Bus) -> None:
     many = await asyncio.gather(*(p.publish(SUBJECT, b"x%d" % i) for i in range(200)))
     assert sorted(x.seq for x in many) == list(range(3, 203))
     assert not p._waiting  # nothing left behind
+    got = await bus.js.get_msg(STREAM, 1)
+    assert got.headers == {"Nats-Msg-Id": "m1", "traceparent": "tp"}
 
 
 async def test_error_replies_raise_what_nats_py_raises(bus: Bus) -> None:
@@ -103,6 +107,49 @@ async def test_error_replies_raise_what_nats_py_raises(bus: Bus) -> None:
     with pytest.raises(NoStreamResponseError):  # what js.publish raises
         await p.publish("nostream.here", b"x")
     assert (await p.publish(SUBJECT, b"three")).seq == 2  # still fine afterwards
+
+
+HEADERS = [
+    {"Nats-Msg-Id": "c1.s.1"},
+    {"Nats-Msg-Id": "c1.s.1", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+    {" Padded ": "  v  ", "": "skipped", "x": "line\r\nbreak\n", "utf": "é ü", "e": ""},
+]
+
+
+async def test_headers_written_are_nats_pys_bytes() -> None:
+    """The lean publisher's header block and HPUB line: byte for byte what nats-py sends."""
+
+    def capturing() -> tuple[Client, list[bytes]]:
+        nc, sent = Client(), []
+        nc._max_pending_size = 1 << 20  # as if connected with the defaults
+
+        async def send(cmd: bytes, priority: bool = False) -> None:
+            sent.append(cmd)
+
+        nc._send_command = send  # type: ignore[method-assign]
+        return nc, sent
+
+    for headers in HEADERS * 2:  # the second time from the cache of names
+        ours, got = capturing()
+        theirs, want = capturing()
+        await publish_with_headers(ours, "a.b", "_INBOX.x.1", b"data", headers)
+        await theirs.publish("a.b", b"data", reply="_INBOX.x.1", headers=headers)
+        assert got == want and ours.stats == theirs.stats
+    for bad in ({"a b": "x"}, {"a:b": "x"}, {"é": "x"}):
+        for _ in range(2):
+            with pytest.raises(BadHeaderError):
+                await publish_with_headers(capturing()[0], "a.b", "r", b"", bad)
+
+
+def test_headers_read_are_nats_pys() -> None:
+    raws = [
+        b"Nats-Msg-Id: c1\r\ntraceparent: 00-abc-01\r\n\r\n",
+        b"A:b\r\nC:\tD \r\nno colon\r\n: empty name\r\nsp ace: x\r\n\r\n",
+        b"tab\tin: x\r\n\xc3\xa9: non-ascii name\r\nv: \xff\xfe bad utf-8\r\n\r\n",
+        b"A: 1\r\nA: 2\r\n a : padded\r\n",
+    ]
+    for raw in raws * 2:
+        assert parse_header_lines(raw) == Client._parse_header_lines(raw), raw
 
 
 async def test_a_publish_with_no_reply_times_out(bus: Bus) -> None:

@@ -33,6 +33,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
 
+from .lean_wire import lean_headers, publish_with_headers
+
 log = logging.getLogger("chainyard.lean")
 STATUS = "Status"
 PENDING_MSGS = "Nats-Pending-Messages"
@@ -98,7 +100,9 @@ async def _ignore(msg: Msg) -> None:
 
 async def subscribe_direct(nc: Client, subject: str, handler: Callable[[Msg], None]) -> Any:
     """A core subscription whose messages go straight from nats-py's read loop to `handler`
-    (synchronous: it must not block). Survives reconnects like any subscription."""
+    (synchronous: it must not block). Survives reconnects like any subscription. The
+    connection's received headers are parsed by `parse_header_lines` from then on."""
+    lean_headers(nc)
     sub = await nc.subscribe(subject, cb=_ignore)
     sub._pending_queue = _Direct(sub, handler)  # before any message: no await since SUB
     return sub
@@ -182,7 +186,10 @@ class Publisher:
         if self._timer is None or at < self._timer_at:
             self._arm(loop, at)
         try:
-            await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            if headers:
+                await publish_with_headers(self.nc, subject, self._prefix + token, payload, headers)
+            else:
+                await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await fut
         finally:
             self._waiting.pop(token, None)
