@@ -2,9 +2,11 @@
 
 Adapters get an `httpx.AsyncClient` (its whole API: post, stream, timeouts, errors), but the
 sockets and HTTP/1.1 parsing are aiohttp's, through the `httpx-aiohttp` transport: httpx's own
-pool (httpcore) slows down badly with many concurrent requests (encode/httpx#3215); see
-bench/http_clients.py for the measured numbers. Without httpx-aiohttp installed, it falls back
-to plain httpx with an unbounded pool, and `BACKEND` says which one is in use.
+pool (httpcore) slows down badly with many concurrent requests (encode/httpx#3215). The hot
+call, a non-streaming POST (`post_bytes`), skips both libraries' request and response models
+for a lean pool (_lean_http.py) beside that transport. bench/http_clients.py has the measured
+numbers. Without httpx-aiohttp installed, it falls back to plain httpx with an unbounded pool,
+and `BACKEND` says which one is in use.
 
 Notes on the aiohttp transport: env proxies (HTTP(S)_PROXY) are not used, there is no HTTP/2,
 and the client is bound to the event loop of its first request, as httpx's own is. Errors are
@@ -19,7 +21,8 @@ from collections.abc import Mapping
 
 import aiohttp
 import httpx
-from yarl import URL
+
+from ._lean_http import LeanPool
 
 try:
     from httpx_aiohttp import AiohttpTransport
@@ -33,7 +36,15 @@ KEEPALIVE_S = 30.0  # idle connections kept this long (provider APIs keep theirs
 if AiohttpTransport is not None:
 
     class _Transport(AiohttpTransport):  # type: ignore[misc,valid-type]
-        """httpx-aiohttp's transport, with an unbounded pool (its own default caps it at 100)."""
+        """httpx-aiohttp's transport, with an unbounded pool (its own default caps it at 100),
+        and beside it the lean pool that `post_bytes` uses (closed with it)."""
+
+        lean: LeanPool | None = None
+
+        async def aclose(self) -> None:
+            if self.lean is not None:
+                self.lean.close()
+            await super().aclose()
 
         def get_client(self) -> aiohttp.ClientSession:
             if self.client is not None:
@@ -85,56 +96,23 @@ def new_client(
     )
 
 
-class _Fast:
-    """What `post_bytes` needs of one client, worked out once: its aiohttp transport, headers,
-    timeout and the full URL of each path it has posted to."""
-
-    __slots__ = ("defaults", "headers", "timeout", "transport", "urls")
-
-    def __init__(self, client: httpx.AsyncClient, transport: _Transport) -> None:
-        t = client.timeout
-        self.transport = transport
-        self.headers = dict(client.headers)  # the very headers httpx would send
-        # the same mapping as httpx-aiohttp's transport: connect -> socket connect, read -> each
-        # socket read, pool -> waiting for a connection
-        self.timeout = aiohttp.ClientTimeout(
-            sock_connect=t.connect, sock_read=t.read, connect=t.pool
-        )
-        self.urls: dict[str, URL] = {}
-        self.defaults = False  # the session was made here, with these headers and timeout
-
-    def session(self) -> aiohttp.ClientSession:
-        """The transport's session, made with this client's headers and timeouts as its defaults
-        (a call then passes none: no header merging per call). httpx's own path, which uses the
-        same session, still passes both with every request, and those win."""
-        tr = self.transport
-        if not isinstance(tr.client, aiohttp.ClientSession):
-            connector = aiohttp.TCPConnector(
-                limit=0, ssl=tr.ssl_context, keepalive_timeout=KEEPALIVE_S
-            )
-            tr.client = aiohttp.ClientSession(
-                connector=connector, headers=self.headers, timeout=self.timeout
-            )
-            self.defaults = True
-        return tr.client
-
-    def url(self, client: httpx.AsyncClient, path: str) -> URL:
-        u = self.urls.get(path)
-        if u is None:
-            if len(self.urls) > 1024:  # paths are per model: a handful; never grow without bound
-                self.urls.clear()
-            u = self.urls[path] = URL(str(client._merge_url(path)), encoded=True)
-        return u
-
-
-def _fast_of(client: httpx.AsyncClient) -> _Fast | None:
+def _lean_of(client: httpx.AsyncClient) -> LeanPool | None:
+    """The lean pool beside a `new_client` client's transport, made on first use."""
     tr = client._transport
     if AiohttpTransport is None or type(tr) is not _Transport:
         return None
-    f: _Fast | None = getattr(tr, "fast", None)
-    if f is None:
-        f = tr.fast = _Fast(client, tr)  # a transport serves the one client it was made for
-    return f
+    if tr.lean is None:
+        t = client.timeout
+        tr.lean = LeanPool(
+            client.base_url, client.headers, connect_timeout_s=t.connect,
+            read_timeout_s=t.read, keepalive_s=KEEPALIVE_S, ssl_context=tr.ssl_context,
+        )  # fmt: skip
+    return tr.lean
+
+
+def _target(client: httpx.AsyncClient, path: str) -> str:
+    url = client._merge_url(path)
+    return url.raw_path.decode("ascii")
 
 
 async def post_bytes(
@@ -143,30 +121,17 @@ async def post_bytes(
     """POST `content` to `path` on the client's base URL: (status, headers, body).
 
     The hot path of every non-streaming provider call. httpx's request and response models,
-    URL merging and cookie handling cost more CPU per call than the HTTP exchange itself, so a
-    client made by `new_client` posts straight through the aiohttp session under its transport
-    (same connection pool, headers and timeouts); failures are raised as the httpx errors that
-    the httpx path would raise. Any other client goes through `client.post`. The returned
-    headers are case-insensitive either way.
+    and aiohttp's, cost ten times more CPU per call than the HTTP exchange itself, so a client
+    made by `new_client` posts through the lean pool beside its transport (_lean_http.py: same
+    base URL, headers, timeouts and SSL context, its own keep-alive connections); failures are
+    raised as the httpx errors that the httpx path would raise. Any other client goes through
+    `client.post`. The returned headers are case-insensitive either way.
     """
-    f = _fast_of(client)
-    if f is None or client.is_closed:
+    lean = _lean_of(client)
+    if lean is None or client.is_closed:
         r = await client.post(path, content=content)
         return r.status_code, r.headers, r.content
-    session = f.session()
-    try:
-        if f.defaults:
-            call = session.post(f.url(client, path), data=content, allow_redirects=False)
-        else:
-            call = session.post(
-                f.url(client, path), data=content, headers=f.headers, timeout=f.timeout,
-                allow_redirects=False,
-            )  # fmt: skip
-        async with call as resp:
-            return resp.status, resp.headers, await resp.read()
-    except aiohttp.ConnectionTimeoutError as e:
-        raise httpx.ConnectTimeout(str(e) or "connect timeout") from e
-    except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-        raise httpx.ReadTimeout(str(e) or "read timeout") from e
-    except aiohttp.ClientError as e:
-        raise _as_httpx(e, None) from e
+    target = lean.targets.get(path)
+    if target is None:
+        target = lean.targets[path] = _target(client, path)
+    return await lean.post(target, content)
