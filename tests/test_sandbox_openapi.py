@@ -22,6 +22,8 @@ from sandbox_fixtures import KEY, req, sandbox, tool_req, two_tools_req
 
 from chainyard.contracts import Message, ToolCall
 from chainyard.sandbox import SandboxServer
+from chainyard.sandbox.load import TEXT as LOAD_TEXT
+from chainyard.sandbox.load import LoadSandbox
 from chainyard.workers.providers import LlmRequest, make_provider
 
 __all__ = ["sandbox"]
@@ -143,3 +145,17 @@ async def test_sandbox_error_body_shape(sandbox: SandboxServer) -> None:
     assert resp.status_code == 400
     validate(resp.json(), "ErrorResponse")
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_load_sandbox_matches_schema_and_the_adapter_reads_it() -> None:
+    async with LoadSandbox() as s:
+        ai = make_provider("openai", s.url, KEY)
+        body = ai.body(req(), stream=False)  # type: ignore[attr-defined]
+        done = await ai.complete(req())
+        await ai.aclose()
+        resp = await _post(s.url.removesuffix("/v1"), body)
+    assert resp.status_code == 200
+    validate(resp.json(), "CreateChatCompletionResponse")
+    assert resp.json()["model"] == body["model"]
+    assert done.output.text == LOAD_TEXT and done.usage.input_tokens == 12
+    assert done.limits is not None and done.limits.remaining_requests is not None
