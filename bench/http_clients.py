@@ -1,7 +1,9 @@
-"""HTTP client throughput: httpx (default, tuned, aiohttp transport), new_client, bare aiohttp.
+"""HTTP client throughput: httpx (default, tuned, aiohttp transport), new_client, the lean pool
+(`post_bytes`, the worker's hot path), bare aiohttp.
 
-Against a zero-latency aiohttp.web server in its own process that answers a small OpenAI-like
-chat completion; every request POSTs a small JSON body and decodes the JSON answer.
+Against the load sandbox (chainyard.sandbox.load: zero latency, ~20 us a request, so the server
+is not what is measured) in its own process; every request POSTs a small chat completion request
+and decodes the JSON answer.
 
     python -m bench.http_clients [--requests 3000] [--concurrency 1 64 256] [--json]
 
@@ -27,29 +29,12 @@ import httpx
 
 from bench.core import Ctx, Figure, benchmark
 
-CLIENTS = ("httpx_default", "httpx_tuned", "httpx_aiohttp", "new_client", "aiohttp_bare")
+CLIENTS = ("httpx_default", "httpx_tuned", "httpx_aiohttp", "new_client", "lean", "aiohttp_bare")
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Say hello."}],
     "max_tokens": 16,
 }
-ANSWER = json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": "gpt-4o-mini",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18},
-    }
-).encode()
-
 Post = Callable[[], Awaitable[None]]
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
 
@@ -67,43 +52,17 @@ def _pin(cpu: int) -> None:
             os.sched_setaffinity(0, {cpu})
 
 
-def _use_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-async def _serve() -> None:
-    from aiohttp import web
-
-    async def completions(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=ANSWER, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-    await site.start()
-    port = runner.addresses[0][1]
-    print(port, flush=True)
-    # Serve until the parent closes our stdin (or dies).
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
-
-
 @contextlib.asynccontextmanager
 async def server() -> AsyncIterator[tuple[str, int]]:
-    """Start the bench server in a child process; yield (base_url, pid)."""
+    """Start the load sandbox in a child process, pinned to the second core; (base_url, pid)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.http_clients", "--serve",
+        sys.executable, "-m", "chainyard.sandbox.load",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
     )  # fmt: skip
     try:
+        if _pinnable():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(proc.pid, {1})
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         if not line.strip():
@@ -146,6 +105,20 @@ async def _client(kind: str, base_url: str, concurrency: int) -> AsyncIterator[P
                 assert data["choices"]
 
             yield post_bare
+        return
+    if kind == "lean":
+        from chainyard.workers.providers._http import new_client, post_bytes
+
+        body = json.dumps(BODY).encode()
+        async with new_client(base_url, {"content-type": "application/json"}) as lean:
+
+            async def post_lean() -> None:
+                status, _, data = await post_bytes(lean, "/chat/completions", body)
+                if status != 200:
+                    raise httpx.HTTPStatusError(f"{status}", request=None, response=None)  # type: ignore[arg-type]
+                assert json.loads(data)["choices"]
+
+            yield post_lean
         return
 
     if kind == "httpx_default":
@@ -204,8 +177,7 @@ async def measure(
 
     Keys: `rows` (client, concurrency, requests, seconds, errors, rps of the calls that succeeded,
     server_cpu_pct), `rps` ({client: {concurrency: rps}}), `http_client_vs_httpx_default_c64`
-    (new_client / default httpx at c=64, if both ran), `bare_client_rps_c256` (bare aiohttp at
-    c=256, if it ran), and `conditions`.
+    (lean / default httpx at c=64, if both ran), and `conditions`.
     """
     if base_url is None:
         affinity = os.sched_getaffinity(0) if _pinnable() else None
@@ -248,10 +220,8 @@ async def _measure(
     result: dict[str, Any] = {"rows": rows, "rps": rps}
     with contextlib.suppress(KeyError):
         result["http_client_vs_httpx_default_c64"] = round(
-            rps["new_client"][64] / rps["httpx_default"][64], 3
+            rps["lean"][64] / rps["httpx_default"][64], 3
         )
-    with contextlib.suppress(KeyError):
-        result["bare_client_rps_c256"] = round(rps["aiohttp_bare"][256], 1)
     loop = type(asyncio.get_running_loop())
     result["conditions"] = {
         "loop": f"{loop.__module__}.{loop.__name__}",
@@ -260,7 +230,7 @@ async def _measure(
         "aiohttp": aiohttp.__version__,
         "cpus": os.cpu_count(),
         "pinned": pid is not None and _pinnable(),
-        "server": "aiohttp.web, separate process, zero latency",
+        "server": "chainyard.sandbox.load, separate process, zero latency",
         "loadavg_1m_before": load_before,
     }
     return result
@@ -268,14 +238,17 @@ async def _measure(
 
 @benchmark("http_clients", ("http_client_vs_httpx_default_c64",))
 async def http_client_vs_httpx_default_c64(ctx: Ctx) -> list[Figure]:
-    """The chosen HTTP client (workers/providers/_http.py) vs httpx's default, c=64."""
+    """The worker's HTTP hot path (workers/providers/_http.py: post_bytes, the lean pool) vs
+    httpx's default client, c=64; the httpx API over the chosen transport (new_client) and bare
+    aiohttp ride along in the conditions."""
     n = ctx.n("requests", 3000, 600)
-    r = await measure(requests=n, concurrencies=(64,), clients=("httpx_default", "new_client"))
+    kinds = ("httpx_default", "new_client", "aiohttp_bare", "lean")
+    r = await measure(requests=n, concurrencies=(64,), clients=kinds)
     conditions = {**r["conditions"], "requests": n, "concurrency": 64, "rows": r["rows"]}
     return [
         Figure(
             "http_client_vs_httpx_default_c64",
-            r["rps"]["new_client"][64],
+            r["rps"]["lean"][64],
             "req/s",
             "httpx_default_rps_c64",
             r["rps"]["httpx_default"][64],
@@ -299,7 +272,7 @@ def _table(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         if row["errors"]:
             out.append(f"{row['client']} c={row['concurrency']}: {row['errors']} calls failed")
-    for key in ("http_client_vs_httpx_default_c64", "bare_client_rps_c256"):
+    for key in ("http_client_vs_httpx_default_c64",):
         if key in result:
             out.append(f"{key} = {result[key]}")
     out.append("conditions: " + json.dumps(result["conditions"]))
@@ -312,14 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
     ap.add_argument("--json", action="store_true", help="print the result dict as JSON")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    _use_uvloop()
-    if args.serve:
-        _pin(1)
-        asyncio.run(_serve())
-        return
-    result = asyncio.run(measure(args.requests, args.concurrency, args.clients))
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    run = uvloop.run if uvloop is not None else asyncio.run
+    result = run(measure(args.requests, args.concurrency, args.clients))
     print(json.dumps(result, indent=2) if args.json else _table(result))
 
 

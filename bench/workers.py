@@ -7,9 +7,11 @@ subscription and samples the worker's RSS from /proc. On 2+ cores the sandbox is
 last core and the worker (or the bare client loop) to the first; nats-server and this driver
 float. Throughput is measured between the first and the last completion, so start-up is out.
 
-- `worker_http_vs_bare_client_c256`: steps/s of one worker with 256 slots against a zero-latency
-  sandbox, vs the fastest bare client loop (bench.http_clients: aiohttp, new_client) at
-  concurrency 256 against the same sandbox process. Goal >= 0.8.
+- `worker_http_vs_bare_client_c256`: steps/s of one worker with 256 slots against the
+  zero-latency OpenAI sandbox, vs the fastest bare client loop (bench.http_clients: aiohttp, the
+  lean pool) at concurrency 256 against the same sandbox process. Goal >= 0.8. The conditions
+  repeat both against the load sandbox (chainyard.sandbox.load), where the client side is what
+  limits: the worker's CPU per step against a bare request's.
 - `inflight_10k_rss_mb`: peak RSS of one worker holding 10,000 calls to a sandbox that answers
   after 1 s, vs the same worker's RSS idle (goal in conditions: <= 1024 MB), and
   `inflight_10k_steps_per_s`: its throughput vs in-flight / latency (10,000/s at 10,000 slots).
@@ -101,10 +103,14 @@ async def _stop(proc: asyncio.subprocess.Process, grace_s: float = 20.0) -> None
 
 
 @contextlib.asynccontextmanager
-async def sandbox(latency_ms: float, cores: set[int] | None) -> AsyncIterator[tuple[str, int]]:
-    """The provider sandbox in its own process: (base URL without /v1, pid)."""
+async def sandbox(
+    latency_ms: float, cores: set[int] | None, load: bool = False
+) -> AsyncIterator[tuple[str, int]]:
+    """The provider sandbox in its own process: (base URL without /v1, pid). `load`: the load
+    sandbox (chainyard.sandbox.load, ~20 us a request) in place of the full one (~230 us)."""
+    args = ("-m", "chainyard.sandbox.load", "--latency-ms") if load else ("-c", _SANDBOX)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SANDBOX, str(latency_ms),
+        sys.executable, *args, str(latency_ms),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -271,31 +277,50 @@ async def run_worker(
     }
 
 
-@benchmark("workers", ("worker_http_vs_bare_client_c256",))
-async def worker_http(ctx: Ctx) -> list[Figure]:
-    """Worker steps/s (256 slots, zero-latency sandbox, through NATS) vs the fastest bare client."""
-    n = ctx.n("worker_n", 20_000, 3_000)
-    cores = _cores() if ctx.n("pin", 1, 1) else None
-    async with NatsServer() as nats, sandbox(0.0, cores[1] if cores else None) as (url, spid):
+async def _worker_vs_bare(
+    n: int, cores: tuple[set[int], set[int]] | None, load: bool
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Bare client loops, then one worker with 256 slots, against one zero-latency sandbox."""
+    async with (
+        NatsServer() as nats,
+        sandbox(0.0, cores[1] if cores else None, load=load) as (url, spid),
+    ):
         own = os.sched_getaffinity(0) if cores else None
         try:
             _pin(0, cores[0] if cores else None)
-            bare = await measure_clients(
-                n, (256,), ("aiohttp_bare", "new_client"), base_url=url + "/v1"
-            )
+            bare = await measure_clients(n, (256,), ("aiohttp_bare", "lean"), base_url=url + "/v1")
         finally:
             _pin(0, own)
-        best = max(bare["rps"], key=lambda k: bare["rps"][k][256])
         others = {"sandbox": spid, "nats_server": nats.pid}
         w = await run_worker(nats.url, url, n, 256, cores[0] if cores else None, "h", others)
+    rps = {k: round(v[256], 1) for k, v in bare["rps"].items()}
+    rows = {r["client"]: r["server_cpu_pct"] for r in bare["rows"]}
+    return rps, {**w, "bare_sandbox_cpu_pct": rows}
+
+
+@benchmark("workers", ("worker_http_vs_bare_client_c256",))
+async def worker_http(ctx: Ctx) -> list[Figure]:
+    """Worker steps/s (256 slots, zero-latency sandbox, through NATS) vs the fastest bare client.
+
+    Against the full OpenAI sandbox (the figure), and again against the load sandbox, which
+    is ~10x cheaper a request, so that the worker's own cost shows (in the conditions)."""
+    n = ctx.n("worker_n", 20_000, 3_000)
+    cores = _cores() if ctx.n("pin", 1, 1) else None
+    bare, w = await _worker_vs_bare(n, cores, load=False)
+    best = max(bare, key=lambda k: bare[k])
+    load_bare, load_w = await _worker_vs_bare(n, cores, load=True)
+    load_best = max(load_bare.values())
+    steps = load_w.pop("steps_per_s")
+    against_load = {"worker_steps_per_s": round(steps, 1), "bare_rps": load_bare,
+                    "ratio": round(steps / load_best, 3), **load_w}  # fmt: skip
     return [
         Figure(
             "worker_http_vs_bare_client_c256", w["steps_per_s"], "steps/s",
-            f"bare_{best}_c256", bare["rps"][best][256],
+            f"bare_{best}_c256", bare[best],
             {"n": n, "slots": 256, "goal_ratio": 0.8, "pinned": cores is not None,
-             "bare_rps": {k: round(v[256], 1) for k, v in bare["rps"].items()},
-             "sandbox": "chainyard.sandbox openai, separate process, 0 ms",
-             **{k: v for k, v in w.items() if k != "steps_per_s"}},
+             "bare_rps": bare, "sandbox": "chainyard.sandbox openai, separate process, 0 ms",
+             **{k: v for k, v in w.items() if k != "steps_per_s"},
+             "against_load_sandbox": against_load},
         )
     ]  # fmt: skip
 
@@ -316,7 +341,7 @@ async def inflight(ctx: Ctx) -> list[Figure]:
     for latency_ms, count, tag in ((1000.0, n, "i"), (hold_ms, slots, "m")):
         async with (
             NatsServer() as nats,
-            sandbox(latency_ms, cores[1] if cores else None) as (url, spid),
+            sandbox(latency_ms, cores[1] if cores else None, load=True) as (url, spid),
         ):
             others = {"sandbox": spid, "nats_server": nats.pid}
             w = await run_worker(
