@@ -164,6 +164,7 @@ class LeanPool:
         self.read_timeout = read_timeout_s
         self.keepalive = keepalive_s
         self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _head(self, target: str) -> bytes:
         head = self._heads.get(target)
@@ -217,7 +218,8 @@ class LeanPool:
         return await self._exchange(await self._connect(), target, content)
 
     async def _exchange(self, conn: _Conn, target: str, content: bytes) -> Response:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop  # one pool serves one loop, as httpx's own does
         conn.heard = False
         conn.fut = fut = loop.create_future()
         assert conn.transport is not None
