@@ -23,6 +23,12 @@ from .lean import Puller, num_delivered
 
 log = logging.getLogger("chainyard.consume")
 STUCK_AFTER_EMPTY_FETCHES = 5  # expiry periods with nothing delivered before a staleness check
+# Messages asked for and not yet delivered, in pull requests of `max_batch`: at most this many
+# requests' worth. A pull request waits at the server until it is served or expires, and a
+# consumer holds at most 512 waiting (its max_waiting): 40 from each idle 10,000-slot worker
+# filled that with 13 workers. A request is answered in one round trip while work is queued,
+# so four keep even 10,000 slots fed.
+ASKED_REQUESTS = 4
 Handler = Callable[[Msg], Awaitable[None]]
 PullSub = JetStreamContext.PullSubscription
 
@@ -101,6 +107,7 @@ class _Consumer:
         self.max_batch = max(1, min(max_batch or slots.total, slots.total))
         # Ask again once this many free slots are not asked for: a few requests per batch.
         self.threshold = max(1, self.max_batch // 8)
+        self.max_asked = ASKED_REQUESTS * self.max_batch
         self.rebind = rebind
         self.tasks: set[asyncio.Task[None]] = set()
         self.waiting: deque[Msg] = deque()  # delivered beyond the free slots: run when one frees
@@ -158,7 +165,7 @@ class _Consumer:
         self.slots.give()
         if self.waiting and not self.stopping:
             self._start(self.waiting.popleft())
-        elif self.slots.free - self.puller.pending >= self.threshold:
+        elif self._want() >= self.threshold:
             self.wake.set()
 
     async def _run(self, msg: Msg) -> None:
@@ -192,7 +199,8 @@ class _Consumer:
     # -- asking for messages --------------------------------------------------------------
 
     def _want(self) -> int:
-        return self.slots.free - len(self.waiting) - self.puller.pending
+        pending = self.puller.pending
+        return min(self.slots.free - len(self.waiting), self.max_asked) - pending
 
     async def _pull_loop(self) -> None:
         next_tick = time.monotonic() + self.expires_s

@@ -1,0 +1,82 @@
+"""consume(): how many pull requests a consumer keeps waiting at the server, on a real one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from helpers import wait_until
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+from chainyard.runtime.consume import ASKED_REQUESTS, consume
+from chainyard.runtime.nats import Bus
+
+STREAM, DURABLE = "CONSUME", "pool"
+
+
+async def _waiting(bus: Bus) -> int:
+    return (await bus.js.consumer_info(STREAM, DURABLE)).num_waiting
+
+
+@contextlib.asynccontextmanager
+async def idle_workers(bus: Bus, n: int, seen: list[bytes]) -> AsyncIterator[None]:
+    """n consume loops with 10,000 slots each, on one durable consumer."""
+    await bus.js.add_stream(
+        StreamConfig(name=STREAM, subjects=["consume.>"], retention=RetentionPolicy.WORK_QUEUE)
+    )
+    await bus.js.add_consumer(
+        STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
+    )
+
+    async def handler(msg: Msg) -> None:
+        seen.append(msg.data)
+        await msg.ack()
+
+    stop = asyncio.Event()
+    tasks = []
+    for i in range(n):
+        sub = await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+        tasks.append(
+            asyncio.create_task(consume(sub, handler, stop, 10_000, name=f"w{i}", max_batch=256))
+        )
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def test_an_idle_worker_keeps_a_few_requests_waiting(bus: Bus) -> None:
+    seen: list[bytes] = []
+    async with idle_workers(bus, 1, seen):
+        await wait_until(lambda: _count_at_least(bus, ASKED_REQUESTS), 10, "pull requests")
+        samples = [await _waiting(bus) for _ in range(10)]
+        assert max(samples) <= ASKED_REQUESTS  # it was 10,000 / 256 = 40
+        payloads = [b"m%d" % i for i in range(3000)]  # more than the requests asked for
+        await asyncio.gather(*(bus.publisher.publish("consume.x", p) for p in payloads))
+        await wait_until(lambda: len(seen) >= len(payloads), 10, "every message")
+    assert sorted(seen) == sorted(payloads)
+
+
+async def test_twenty_idle_workers_stay_under_max_waiting(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[bytes] = []
+    with caplog.at_level(logging.WARNING, logger="chainyard.consume"):
+        async with idle_workers(bus, 20, seen):
+            await wait_until(lambda: _count_at_least(bus, 20 * ASKED_REQUESTS), 10, "requests")
+            await asyncio.gather(
+                *(bus.publisher.publish("consume.x", b"%d" % i) for i in range(2000))
+            )
+            await wait_until(lambda: len(seen) >= 2000, 10, "every message")
+    assert len(seen) == 2000 and len(set(seen)) == 2000
+    refused = [r.getMessage() for r in caplog.records if "pull request ended" in r.getMessage()]
+    assert not refused  # 20 x 40 requests used to exceed the server's 512 (409 Max Waiting)
+
+
+async def _count_at_least(bus: Bus, n: int) -> bool:
+    return await _waiting(bus) >= n
