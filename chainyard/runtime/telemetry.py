@@ -39,7 +39,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation import _SPAN_KEY
 
-from .telemetry_lite import LiteSpan, LiteTracer, forced_ids
+from .telemetry_lite import PARENTS, LiteSpan, LiteTracer, forced_ids
 from .telemetry_otlp import Fixed
 from .telemetry_w3c import (  # noqa: F401 - re-exported
     TRACEPARENT,
@@ -50,6 +50,8 @@ from .telemetry_w3c import (  # noqa: F401 - re-exported
     format_traceparent,
     header,
     inject,
+    new_span_id,
+    new_trace_id,
     parse,
     parse_ids,
     template,
@@ -102,10 +104,6 @@ class _ChainIds:
 
     def is_trace_id_random(self) -> bool:
         return True
-
-
-def new_span_id() -> int:
-    return random.getrandbits(64) or 1
 
 
 def configured() -> bool:
@@ -293,12 +291,20 @@ async def publish(
     a = {"messaging.destination.name": subject, "messaging.message.id": msg_id}
     if attrs:
         a.update(attrs)
-    span = _start(parent, PRODUCER, fixed, a)
-    headers = (
-        span.inject({"Nats-Msg-Id": msg_id})
-        if type(span) is LiteSpan
-        else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
-    )
+    lite = _lite
+    if lite is not None and type(parent) in PARENTS:  # the common case, inline
+        span: Any = lite.child(parent, PRODUCER, fixed, a)
+        if span._ts:
+            headers = span.inject({"Nats-Msg-Id": msg_id})
+        else:
+            headers = {"Nats-Msg-Id": msg_id, TRACEPARENT: f"00-{span._tid}-{span._sid}-01"}
+    else:
+        span = _start(parent, PRODUCER, fixed, a)
+        headers = (
+            span.inject({"Nats-Msg-Id": msg_id})
+            if type(span) is LiteSpan
+            else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
+        )
     try:
         return await js.publish(subject, data, headers=headers)
     except BaseException as e:

@@ -12,7 +12,6 @@ was chosen among which candidates, why, and at what estimated cost.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from . import telemetry as tm
-from .telemetry_lite import LiteSpan
+from .telemetry_lite import PARENTS, SpanRef
 from .telemetry_metrics import metrics
 from .telemetry_otlp import Fixed
 
@@ -46,36 +45,47 @@ def _parse(traceparent: str | None, tracestate: str | None = None) -> SpanContex
 
 
 def trace_id_of(state: Any) -> str | None:
-    sc = chain_context(state)
-    return f"{sc.trace_id:032x}" if sc is not None else None
+    t = getattr(state, "trace", None)
+    ids = tm.parse_ids(t.get("traceparent")) if t else None
+    return ids[0] if ids is not None else None
 
 
 def begin_chain(outcome: Any) -> Any:
-    """Intake or replay: put the new chain's trace context in its state (`outcome.state`)."""
+    """Intake or replay: put the new chain's trace context in its state (`outcome.state`, set
+    on the outcome given, a fresh one: copying it cost more than the rest), and return it."""
     if tm._tracer is None:
         return outcome
     p = tm._parent()
-    if type(p) is LiteSpan:  # the intake's process span, as a rule
+    if type(p) in PARENTS:  # the intake's process span, as a rule
         tid, pid, flags, ts = p._tid, p._sid, 1, p._ts
     else:
         psc = p.get_span_context() if p is not None else trace.INVALID_SPAN_CONTEXT
-        tid, pid, flags, ts = psc.trace_id, psc.span_id, psc.trace_flags, psc.trace_state
+        tid, flags, ts = f"{psc.trace_id:032x}", psc.trace_flags, psc.trace_state
+        pid = f"{psc.span_id:016x}" if psc.is_valid else ""
     sid = tm.new_span_id()
     if pid:
-        t = {
-            "traceparent": f"00-{tid:032x}-{sid:016x}-{flags:02x}",
-            "parent": f"00-{tid:032x}-{pid:016x}-{flags:02x}",
-        }
+        f = _FLAGS_HEX[flags & 0xFF]
+        t = {"traceparent": f"00-{tid}-{sid}-{f}", "parent": f"00-{tid}-{pid}-{f}"}
         if ts:
             t["tracestate"] = ts.to_header()
     else:  # no handler scope and no current span: the chain starts its own trace
-        tid, flags, ts = tm._ChainIds().generate_trace_id(), 1, None
-        t = {"traceparent": f"00-{tid:032x}-{sid:016x}-01"}
-    tm.adopt(SpanContext(tid, sid, True, trace.TraceFlags(flags), ts), as_chain=True)
+        tid, flags, ts = tm.new_trace_id(), 1, None
+        t = {"traceparent": f"00-{tid}-{sid}-01"}
+    if flags & 1:  # the chain's span, as a parent whose ids the light tracer reads
+        tm.adopt(SpanRef(tid, sid, ts), as_chain=True)
+    else:
+        tm.adopt(
+            SpanContext(int(tid, 16), int(sid, 16), True, trace.TraceFlags(flags), ts),
+            as_chain=True,
+        )
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
         chain_ended(None, state)
-    return dataclasses.replace(outcome, state=state)
+    outcome.state = state
+    return outcome
+
+
+_FLAGS_HEX = [f"{i:02x}" for i in range(256)]
 
 
 def adopt_state(state: Any) -> None:
@@ -117,7 +127,7 @@ def end_chain(state: Any) -> None:
         return
     tid, sid, _, ts = ids
     pids = tm.parse_ids(t.get("parent"))
-    pid = pids[1] if pids is not None else 0
+    pid = pids[1] if pids is not None else ""
     usage = state.usage
     attrs = {
         "chainyard.chain.id": state.chain.id,
@@ -138,7 +148,7 @@ def end_chain(state: Any) -> None:
     if lite is not None:
         span: Any = lite.with_ids(tid, sid, pid, ts, tm.INTERNAL, _CHAIN, attrs, start)
     else:
-        token = tm._forced.set((tid, sid))
+        token = tm._forced.set((int(tid, 16), int(sid, 16)))
         try:
             span = tr.start_span(
                 "chain",

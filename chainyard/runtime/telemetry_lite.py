@@ -22,7 +22,6 @@ This module is the fast path; the rest of the OTel API (the Span setters and pro
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Any
 
@@ -32,17 +31,20 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanCont
 from . import telemetry_otlp as otlp
 from .telemetry_export import SpanBatcher
 from .telemetry_lite_api import SAMPLED, UNSAMPLED, SpanApi, TracerApi, _Scope, forced_ids
+from .telemetry_w3c import new_span_id, new_trace_id
 
-_rand = random.getrandbits
 _now = time.time_ns
 
 
 class LiteSpan(SpanApi):
     """A recording span; immutable once ended.
 
-    Attributes live in two parts: `_fixed` (a telemetry_otlp.Fixed: the ones that repeat from
-    span to span, encoded once) and `_attrs` (this span's own dict); `attributes` merges them
-    for readers. Links are kept as (trace id, span id, trace state, attributes, remote) tuples.
+    Ids are lowercase hex strings, as traceparent writes them (`_pid` "" for a root): a span's
+    ids are read from one header and written into the next without a conversion, and the export
+    thread turns them into bytes. Attributes live in two parts: `_fixed` (a telemetry_otlp.Fixed:
+    the ones that repeat from span to span, encoded once) and `_attrs` (this span's own dict);
+    `attributes` merges them for readers. `_plink`: linked to its own parent (a process span's
+    creation context); other links are (trace id, span id, trace state, attributes, remote).
     """
 
     __slots__ = (
@@ -52,6 +54,7 @@ class LiteSpan(SpanApi):
         "_fixed",
         "_links",
         "_pid",
+        "_plink",
         "_premote",
         "_sid",
         "_status",
@@ -68,28 +71,29 @@ class LiteSpan(SpanApi):
         self,
         tracer: LiteTracer,
         name: str,
-        tid: int,
-        sid: int,
-        pid: int,
+        tid: str,
+        sid: str,
+        pid: str,
         premote: bool,
         ts: Any,
         kind_pb: int,
         fixed: otlp.Fixed | None,
         attrs: dict[str, Any],
-        links: list[tuple[int, int, Any, Any, bool]] | None,
+        plink: bool,
         start_time: int,
     ) -> None:
         self._tracer = tracer
         self.name = name
         self._tid = tid
         self._sid = sid
-        self._pid = pid  # parent span id, 0 for a root
+        self._pid = pid
         self._premote = premote
         self._ts = ts
         self.kind_pb = kind_pb
         self._fixed = fixed
         self._attrs = attrs  # kept, not copied: the helpers pass a fresh dict
-        self._links = links
+        self._plink = plink
+        self._links: list[tuple[str, str, Any, Any, bool]] | None = None
         self._events: list[tuple[int, str, Any]] | None = None
         self._status: tuple[int, str] | None = None
         self.start_time = start_time
@@ -101,12 +105,14 @@ class LiteSpan(SpanApi):
     def get_span_context(self) -> SpanContext:
         c = self._ctx
         if c is None:
-            c = self._ctx = SpanContext(self._tid, self._sid, False, SAMPLED, self._ts)
+            c = self._ctx = SpanContext(
+                int(self._tid, 16), int(self._sid, 16), False, SAMPLED, self._ts
+            )
         return c
 
     def inject(self, headers: dict[str, str]) -> dict[str, str]:
         """W3C headers for this span, without building its SpanContext."""
-        headers["traceparent"] = f"00-{self._tid:032x}-{self._sid:016x}-01"
+        headers["traceparent"] = f"00-{self._tid}-{self._sid}-01"
         if self._ts:
             headers["tracestate"] = self._ts.to_header()
         return headers
@@ -119,42 +125,18 @@ class LiteSpan(SpanApi):
             self.end_time = end_time or _now()
             self._tracer.batcher.add(self)
 
-    # -- ReadableSpan's shape (for SDK exporters and tests)
     def otlp(self) -> tuple[tuple[bytes, bytes], bytes]:
         """((resource field, scope field), Span body) for telemetry_otlp.encode."""
-        tr = self._tracer
-        links = self._links
-        ts = self._ts
-        st = self._status
-        fixed = self._fixed
-        if (
-            self._events is None
-            and st is None
-            and not ts
-            and (links is None or (len(links) == 1 and _plain_link(links[0], self)))
-        ):  # nearly every span: no trace state, event or status, a process span's one link
-            return (
-                tr.group,
-                otlp.encode_light(
-                    self._tid,
-                    self._sid,
-                    self._pid,
-                    self._premote,
-                    self.name,
-                    self.kind_pb,
-                    self.start_time,
-                    self.end_time or 0,
-                    fixed.pb if fixed is not None else b"",
-                    self._attrs,
-                    self._pid if links else 0,
-                ),
-            )
+        group = self._tracer.group
+        if self._events is None and self._status is None and not self._ts and not self._links:
+            return group, otlp.encode_light(self)  # nearly every span
+        ts, st, fixed = self._ts, self._status, self._fixed
         return (
-            tr.group,
+            group,
             otlp.encode_span(
-                self._tid,
-                self._sid,
-                self._pid,
+                int(self._tid, 16),
+                int(self._sid, 16),
+                int(self._pid, 16) if self._pid else 0,
                 self._premote,
                 ts.to_header() if ts else "",
                 self.name,
@@ -163,9 +145,11 @@ class LiteSpan(SpanApi):
                 self.end_time or 0,
                 self._attrs,
                 self._events,
-                [(t, s, x.to_header() if x else "", a, r) for t, s, x, a, r in links]
-                if links
-                else None,
+                [
+                    (int(t, 16), int(s, 16), x.to_header() if x else "", a, r)
+                    for t, s, x, a, r in self.link_tuples()
+                ]
+                or None,
                 st[0] if st else 0,
                 st[1] if st else "",
                 fixed.pb if fixed is not None else b"",
@@ -173,13 +157,30 @@ class LiteSpan(SpanApi):
         )
 
     def __repr__(self) -> str:
-        return f"LiteSpan({self.name!r}, {self._tid:032x}/{self._sid:016x})"
+        return f"{type(self).__name__}({self.name!r}, {self._tid}/{self._sid})"
 
 
-def _plain_link(link: tuple[int, int, Any, Any, bool], span: LiteSpan) -> bool:
-    """The link is to the span's own parent, without attributes or trace state."""
-    t, s, ts, a, r = link
-    return t == span._tid and s == span._pid and not ts and not a and r == span._premote
+class SpanRef(NonRecordingSpan):
+    """A sampled span known by its ids only (a chain's: drawn at intake, emitted at the chain's
+    end): a parent the light tracer reads the ids of directly; other code sees a NonRecordingSpan
+    with a remote SpanContext."""
+
+    def __init__(self, tid: str, sid: str, ts: Any) -> None:  # no SpanContext until asked
+        self._tid = tid
+        self._sid = sid
+        self._ts = ts
+
+    def get_span_context(self) -> SpanContext:
+        return SpanContext(int(self._tid, 16), int(self._sid, 16), True, SAMPLED, self._ts)
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]  # NonRecordingSpan's repr
+        return self.get_span_context()
+
+
+# span types whose ids a child reads directly -> whether that parent is remote to the child
+# (telemetry_scope adds its process span)
+PARENTS: dict[type, bool] = {LiteSpan: False, SpanRef: True}
 
 
 class LiteTracer(TracerApi):
@@ -188,6 +189,7 @@ class LiteTracer(TracerApi):
     they end. `start_span` (the OTel API) is TracerApi's, in telemetry_lite_api."""
 
     span_type = LiteSpan
+    parents = PARENTS
 
     def __init__(
         self,
@@ -216,19 +218,20 @@ class LiteTracer(TracerApi):
         start_time: int | None = None,
     ) -> trace.Span:
         """A span named `fixed.name` under `parent`: a LiteSpan, another Span, or None (a root)."""
-        if type(parent) is LiteSpan:
+        remote = PARENTS.get(type(parent))
+        if remote is not None:
             return LiteSpan(
                 self,
                 fixed.name,
                 parent._tid,
-                _rand(64) or 1,
+                new_span_id(),
                 parent._sid,
-                False,
+                remote,
                 parent._ts,
                 kind_pb,
                 fixed,
                 attrs,
-                None,
+                False,
                 start_time or _now(),
             )
         sc = parent.get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
@@ -236,20 +239,20 @@ class LiteTracer(TracerApi):
             return LiteSpan(
                 self,
                 fixed.name,
-                _rand(128) or 1,
-                _rand(64) or 1,
-                0,
+                new_trace_id(),
+                new_span_id(),
+                "",
                 False,
                 None,
                 kind_pb,
                 fixed,
                 attrs,
-                None,
+                False,
                 start_time or _now(),
             )
         return self.remote_child(
-            sc.trace_id,
-            sc.span_id,
+            f"{sc.trace_id:032x}",
+            f"{sc.span_id:016x}",
             sc.trace_flags,
             sc.trace_state,
             kind_pb,
@@ -262,8 +265,8 @@ class LiteTracer(TracerApi):
 
     def remote_child(
         self,
-        tid: int,
-        pid: int,
+        tid: str,
+        pid: str,
         flags: int,
         ts: Any,
         kind_pb: int,
@@ -275,29 +278,29 @@ class LiteTracer(TracerApi):
     ) -> trace.Span:
         """A span under a parent known by its ids (a message's traceparent), linked to it too
         with `link` (a process span)."""
-        sid = _rand(64) or 1
         if not flags & 1:
-            return NonRecordingSpan(SpanContext(tid, sid, False, UNSAMPLED, ts))
+            sc = SpanContext(int(tid, 16), int(new_span_id(), 16), False, UNSAMPLED, ts)
+            return NonRecordingSpan(sc)
         return LiteSpan(
             self,
             fixed.name,
             tid,
-            sid,
+            new_span_id(),
             pid,
             remote,
             ts,
             kind_pb,
             fixed,
             attrs,
-            [(tid, pid, ts, None, remote)] if link else None,
+            link,
             start_time or _now(),
         )
 
     def with_ids(
         self,
-        tid: int,
-        sid: int,
-        pid: int,
+        tid: str,
+        sid: str,
+        pid: str,
         ts: Any,
         kind_pb: int,
         fixed: otlp.Fixed,
@@ -306,10 +309,8 @@ class LiteTracer(TracerApi):
     ) -> LiteSpan:
         """A span whose own ids are given (a chain's, drawn at intake), under a remote parent."""
         return LiteSpan(
-            self, fixed.name, tid, sid, pid, pid != 0, ts, kind_pb, fixed, attrs, None, start_time
+            self, fixed.name, tid, sid, pid, bool(pid), ts, kind_pb, fixed, attrs, False, start_time
         )
-
-    # -- the OTel API
 
 
 class LiteProvider:
@@ -343,10 +344,12 @@ def sampler_from_env() -> Any:
 
 __all__ = [
     "INVALID_SPAN_CONTEXT",
+    "PARENTS",
     "LiteProvider",
     "LiteSpan",
     "LiteTracer",
     "SpanBatcher",
+    "SpanRef",
     "forced_ids",
     "sampler_from_env",
 ]

@@ -12,7 +12,6 @@ instrumentation_scope) that SDK exporters and the tests read.
 from __future__ import annotations
 
 import contextvars
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util.types import Attributes
 
+from .telemetry_w3c import new_span_id, new_trace_id
+
 # (trace id, span id) that the next span started in this context must use: a chain's own span,
 # whose ids were drawn at intake (telemetry_chain.end_chain)
 forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
@@ -48,7 +49,6 @@ KIND_BACK = {
 }
 _current = otel_context.get_current
 _now = time.time_ns
-_rand = random.getrandbits
 _UNSET = Status(StatusCode.UNSET)
 
 
@@ -59,12 +59,13 @@ class SpanApi(trace.Span):
     _attrs: dict[str, Any]
     _events: list[tuple[int, str, Any]] | None
     _fixed: Any
-    _links: list[tuple[int, int, Any, Any, bool]] | None
-    _pid: int
+    _links: list[tuple[str, str, Any, Any, bool]] | None
+    _pid: str
+    _plink: bool
     _premote: bool
-    _sid: int
+    _sid: str
     _status: tuple[int, str] | None
-    _tid: int
+    _tid: str
     _tracer: Any
     _ts: Any
     end_time: int | None
@@ -147,16 +148,22 @@ class SpanApi(trace.Span):
     def parent(self) -> SpanContext | None:
         if not self._pid:
             return None
-        return SpanContext(self._tid, self._pid, self._premote, SAMPLED, self._ts)
+        return SpanContext(int(self._tid, 16), int(self._pid, 16), self._premote, SAMPLED, self._ts)
 
     @property
     def kind(self) -> SpanKind:
         return KIND_BACK[self.kind_pb]
 
+    def link_tuples(self) -> list[tuple[str, str, Any, Any, bool]]:
+        """Every link as (trace id, span id, trace state, attributes, remote), hex ids."""
+        own = [(self._tid, self._pid, self._ts, None, self._premote)] if self._plink else []
+        return own + (self._links or [])
+
     @property
     def links(self) -> Sequence[trace.Link]:
         return tuple(
-            trace.Link(SpanContext(t, s, r, SAMPLED, ts), a) for t, s, ts, a, r in self._links or ()
+            trace.Link(SpanContext(int(t, 16), int(s, 16), r, SAMPLED, ts), a)
+            for t, s, ts, a, r in self.link_tuples()
         )
 
     @property
@@ -180,9 +187,9 @@ class SpanApi(trace.Span):
         return self._tracer.scope
 
 
-def _link_tuples(links: Any) -> list[tuple[int, int, Any, Any, bool]] | None:
+def _link_tuples(links: Any) -> list[tuple[str, str, Any, Any, bool]] | None:
     out = [
-        (c.trace_id, c.span_id, c.trace_state, lk.attributes, bool(c.is_remote))
+        (f"{c.trace_id:032x}", f"{c.span_id:016x}", c.trace_state, lk.attributes, bool(c.is_remote))
         for lk in links or ()
         if (c := lk.context).is_valid
     ]
@@ -194,6 +201,7 @@ class TracerApi:
 
     sampler: Any
     span_type: Any  # LiteSpan
+    parents: dict[type, bool]  # span types whose hex ids a child reads directly
 
     def start_span(
         self,
@@ -207,12 +215,13 @@ class TracerApi:
         set_status_on_exception: bool = True,
     ) -> trace.Span:
         p = (context if context is not None else _current()).get(_SPAN_KEY)
-        if type(p) is self.span_type:  # a local parent: no SpanContext to build
+        remote = self.parents.get(type(p))
+        if remote is not None:  # one of ours: no SpanContext to build
             return self._start(
                 name,
                 p._tid,
                 p._sid,
-                False,
+                remote,
                 p._ts,
                 True,
                 kind,
@@ -225,8 +234,8 @@ class TracerApi:
         if psc.is_valid:
             return self._start(
                 name,
-                psc.trace_id,
-                psc.span_id,
+                f"{psc.trace_id:032x}",
+                f"{psc.span_id:016x}",
                 psc.is_remote,
                 psc.trace_state,
                 psc.trace_flags & 1,
@@ -237,14 +246,14 @@ class TracerApi:
                 context,
             )
         return self._start(
-            name, 0, 0, False, None, True, kind, attributes, links, start_time, context
+            name, "", "", False, None, True, kind, attributes, links, start_time, context
         )
 
     def _start(
         self,
         name: str,
-        tid: int,
-        pid: int,
+        tid: str,
+        pid: str,
         premote: bool,
         ts: Any,
         sampled: Any,
@@ -256,26 +265,25 @@ class TracerApi:
     ) -> trace.Span:
         forced = forced_ids.get()
         if forced is not None:
-            tid, sid = forced
+            tid, sid = f"{forced[0]:032x}", f"{forced[1]:016x}"
         else:
-            tid = tid or _rand(128) or 1
-            sid = _rand(64) or 1
+            tid = tid or new_trace_id()
+            sid = new_span_id()
         attrs = attributes if type(attributes) is dict else dict(attributes or {})  # kept
         if self.sampler is not None:
             if context is None and pid:
+                flags = SAMPLED if sampled else UNSAMPLED
                 context = trace.set_span_in_context(
-                    NonRecordingSpan(
-                        SpanContext(tid, pid, premote, SAMPLED if sampled else UNSAMPLED, ts)
-                    )
+                    NonRecordingSpan(SpanContext(int(tid, 16), int(pid, 16), premote, flags, ts))
                 )
-            r = self.sampler.should_sample(context, tid, name, kind, attrs, links)
+            r = self.sampler.should_sample(context, int(tid, 16), name, kind, attrs, links)
             sampled = r.decision.is_sampled()
             if r.attributes:
                 attrs = {**attrs, **r.attributes}
             ts = r.trace_state or ts
         if not sampled:
-            return NonRecordingSpan(SpanContext(tid, sid, False, UNSAMPLED, ts))
-        return self.span_type(
+            return NonRecordingSpan(SpanContext(int(tid, 16), int(sid, 16), False, UNSAMPLED, ts))
+        span = self.span_type(
             self,
             name,
             tid,
@@ -286,9 +294,12 @@ class TracerApi:
             kind._value_ + 1,
             None,
             {k: v for k, v in attrs.items() if v is not None},
-            _link_tuples(links) if links else None,
+            False,
             start_time or _now(),
         )
+        if links:
+            span._links = _link_tuples(links)
+        return span
 
 
 class _Scope:

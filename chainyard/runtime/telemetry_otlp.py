@@ -205,15 +205,12 @@ class Fixed:
 
 
 _pack_ids = struct.Struct(">2sQQ2sQ").pack  # trace id, span id: big-endian bytes on the wire
-_pack_ids_pid = struct.Struct(">2sQQ2sQ2sQ").pack  # ... and the parent span id
 _pack_pid = struct.Struct(">2sQ").pack
 _pack_times = struct.Struct("<cQcQ").pack  # start, end: fixed64
 _pack_times_flags = struct.Struct("<cQcQ2sI").pack  # ... and the span's flags (fixed32)
-_pack_link = struct.Struct(">4sQQ2sQ").pack  # a link without trace state or attributes
 _M64 = (1 << 64) - 1
 _SPAN_FLAGS = (_T_FLAGS + _FLAGS[0], _T_FLAGS + _FLAGS[1])
 _LINK_FLAGS = (_T_LK_FLAGS + _FLAGS[0], _T_LK_FLAGS + _FLAGS[1])
-_LINK_HEAD = _T_LINK + bytes((2 + 16 + 2 + 8 + 5,)) + _T_TID  # tag, length, trace id tag
 # key -> [everything of a span attribute with that key and a string value of n bytes, up to the
 # value itself (tag, lengths, key): one list item per value length, filled as lengths are seen]
 _STR_PREFIX: dict[str, list[bytes | None]] = {}
@@ -305,40 +302,39 @@ def add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
         parts.append(_ld(_T_ATTR, key_value(k, v)))
 
 
-def encode_light(
-    tid: int,
-    sid: int,
-    pid: int,
-    remote: bool,
-    name: str,
-    kind: int,
-    start: int,
-    end: int,
-    fixed: bytes,
-    attrs: Mapping[str, Any],
-    link: int,
-) -> bytes:
-    """A Span body for the common case of chainyard's spans: no trace state, events or status,
-    at most one link, to the parent (`link` = its span id; a process span's creation context)."""
+_fromhex = bytes.fromhex
+# a link to the span's parent: its tag and length, the trace id's tag (hex; the ids follow), and
+# after the ids its flags (fixed32 0x100 or 0x300), by whether the parent is remote
+_LINK_HEX = "6a210a10"
+_LINK_FLAGS_HEX = ("3500010000", "3500030000")
+_SPAN_FLAGS_PB = (HAS_IS_REMOTE, HAS_IS_REMOTE | IS_REMOTE)
+
+
+def encode_light(s: Any) -> bytes:
+    """A Span body for the common case of chainyard's spans (a telemetry_lite.LiteSpan, read by
+    its slots): no trace state, events or status, no link but one to its parent (a process
+    span's creation context). The ids come as hex: the id fields (and the link) are written as
+    one hex string, tags included, and turned into bytes at once."""
+    tid, pid = s._tid, s._pid
+    if not pid:
+        ids = f"0a10{tid}1208{s._sid}"
+    elif s._plink:
+        lf = _LINK_FLAGS_HEX[s._premote]
+        ids = f"0a10{tid}1208{s._sid}2208{pid}{_LINK_HEX}{tid}1208{pid}{lf}"
+    else:
+        ids = f"0a10{tid}1208{s._sid}2208{pid}"
+    name, kind, fixed = s.name, s.kind_pb, s._fixed
     parts = [
-        _pack_ids_pid(_T_TID, tid >> 64, tid & _M64, _T_SID, sid, _T_PSID, pid)
-        if pid
-        else _pack_ids(_T_TID, tid >> 64, tid & _M64, _T_SID, sid),
+        _fromhex(ids),
         _NAMES.get((name, kind)) or _name_kind(name, kind),
         _pack_times_flags(
-            _T_START,
-            start,
-            _T_END,
-            end,
-            _T_FLAGS,
-            HAS_IS_REMOTE | IS_REMOTE if remote else HAS_IS_REMOTE,
+            _T_START, s.start_time, _T_END, s.end_time or 0, _T_FLAGS, _SPAN_FLAGS_PB[s._premote]
         ),
-        fixed,
+        fixed.pb if fixed is not None else b"",
     ]
+    attrs = s._attrs
     if attrs:
         add_span_attributes(parts, attrs)
-    if link:
-        parts += (_pack_link(_LINK_HEAD, tid >> 64, tid & _M64, _T_SID, link), _LINK_FLAGS[remote])
     return b"".join(parts)
 
 

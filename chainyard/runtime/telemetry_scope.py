@@ -22,12 +22,48 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import telemetry as _t
 from .telemetry import _PROCESS, _SETTLE, CLIENT, CONSUMER, SYSTEM, _start, record_error
+from .telemetry_lite import PARENTS, LiteSpan, SpanRef
 from .telemetry_otlp import Fixed
 from .telemetry_w3c import context_of, extract_ids, header, template
+from .telemetry_w3c import new_span_id as _new_id
+
+_now = time.time_ns
+
+
+class ProcessSpan(LiteSpan):
+    """A message's process span that is also its handler's scope: one object per message in
+    the common case (the light tracer, a sampled context in the headers). Same API as `Scope`;
+    whoever makes one sets `chain_span` (None: a second __init__ call costs more)."""
+
+    __slots__ = ("chain_span",)
+    chain_span: Span | None  # the chain's span, once known (intake)
+
+    @property
+    def span(self) -> ProcessSpan:
+        return self
+
+    @property
+    def chain(self) -> Any:
+        c = self.chain_span
+        return Context({_SPAN_KEY: c}) if c is not None else None
+
+    def ensure(self) -> ProcessSpan:
+        return self
+
+    def current(self) -> Span:
+        c = self.chain_span
+        return c if c is not None else self
+
+    def current_context(self) -> Any:
+        return Context({_SPAN_KEY: self.current()})
+
+
+PARENTS[ProcessSpan] = False
 
 
 class Scope:
-    """The process span of the message being handled, started late when it had no context."""
+    """The process span of the message being handled, started late when it had no context
+    (or with an SDK tracer, or an unsampled context)."""
 
     __slots__ = ("attrs", "chain_span", "fixed", "link", "parent", "span", "start_ns")
 
@@ -53,7 +89,7 @@ class Scope:
         if span is None:
             p = self.parent
             if type(p) is SpanContext:
-                p = (p.trace_id, p.span_id, p.trace_flags, p.trace_state)
+                p = (f"{p.trace_id:032x}", f"{p.span_id:016x}", p.trace_flags, p.trace_state)
             lite = _t._lite
             if lite is not None:
                 if p is None:
@@ -63,7 +99,11 @@ class Scope:
                         *p, CONSUMER, self.fixed, self.attrs, self.link, self.start_ns
                     )
             else:
-                sc = SpanContext(p[0], p[1], True, TraceFlags(p[2]), p[3]) if p else None
+                sc = (
+                    SpanContext(int(p[0], 16), int(p[1], 16), True, TraceFlags(p[2]), p[3])
+                    if p
+                    else None
+                )
                 span = _t._tracer.start_span(
                     self.fixed.name,
                     context=context_of(sc),
@@ -82,11 +122,12 @@ class Scope:
             return c
         return self.span if self.span is not None else self.ensure()
 
-    def context(self) -> Any:
+    def current_context(self) -> Any:
+        """A Context with `current()` as its span."""
         return Context({_SPAN_KEY: self.current()})
 
 
-_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+_scope: contextvars.ContextVar[Scope | ProcessSpan | None] = contextvars.ContextVar(
     "chainyard_trace_scope", default=None
 )
 # OTel's current-context variable, set directly around a handler (attach / detach do the same
@@ -98,14 +139,14 @@ if not isinstance(_otel_cv, contextvars.ContextVar):
     _otel_cv = None
 
 
-def current_scope() -> Scope | None:
+def current_scope() -> Scope | ProcessSpan | None:
     return _scope.get()
 
 
 def parent_context() -> Any:
     """Where a span made now belongs: the handler's scope, else the caller's current context."""
     s = _scope.get()
-    return s.context() if s is not None else otel_context.get_current()
+    return s.current_context() if s is not None else otel_context.get_current()
 
 
 def _parent() -> Any:
@@ -116,7 +157,7 @@ def _parent() -> Any:
     return otel_context.get_current().get(_SPAN_KEY)
 
 
-def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
+def adopt(sc: SpanContext | SpanRef | None, *, as_chain: bool = False) -> None:
     """Give a handler whose message carried no context the chain's context (from its state).
 
     With `as_chain`, later spans of the handler are children of the chain's span even though
@@ -126,8 +167,8 @@ def adopt(sc: SpanContext | None, *, as_chain: bool = False) -> None:
     if s is None or sc is None:
         return
     if as_chain:
-        s.chain_span = NonRecordingSpan(sc)
-    elif s.span is None and s.parent is None:
+        s.chain_span = sc if type(sc) is SpanRef else NonRecordingSpan(sc)  # type: ignore[arg-type]
+    elif s.span is None and s.parent is None:  # (a ProcessSpan had a context: never here)
         s.parent = sc
 
 
@@ -162,7 +203,7 @@ def consumer(
     return traced
 
 
-def _begin(msg: Any, durable: str) -> tuple[Scope, Any, Any]:
+def _begin(msg: Any, durable: str) -> tuple[Scope | ProcessSpan, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
     fixed = _PROCESS.get((tmpl, durable))
@@ -186,18 +227,27 @@ def _begin(msg: Any, durable: str) -> tuple[Scope, Any, Any]:
         if mid:
             attrs["messaging.message.id"] = mid
         parent = extract_ids(headers)
-    scope = Scope(fixed, attrs, parent)
+    lite = _t._lite
+    scope: Scope | ProcessSpan
+    if parent is not None and lite is not None and parent[2] & 1:  # the common case
+        tid, pid, _, ts = parent
+        scope = ProcessSpan(
+            lite, fixed.name, tid, _new_id(), pid, True, ts, CONSUMER, fixed, attrs, True, _now()
+        )
+        scope.chain_span = None
+    else:
+        scope = Scope(fixed, attrs, parent)
     token = _scope.set(scope)
     if _t.settle_spans:
         _settle_spans(msg, scope, tmpl, subject, durable)
     otel_token = None
-    if parent is not None:  # the common case: start now, and let user code see it as current
+    if parent is not None:  # started now: let user code see it as current
         ctx = Context({_SPAN_KEY: scope.ensure()})
         otel_token = _otel_cv.set(ctx) if _otel_cv is not None else otel_context.attach(ctx)
     return scope, token, otel_token
 
 
-def _finish(scope: Scope, token: Any, otel_token: Any) -> None:
+def _finish(scope: Scope | ProcessSpan, token: Any, otel_token: Any) -> None:
     if otel_token is not None:
         if _otel_cv is not None:
             _otel_cv.reset(otel_token)
@@ -207,7 +257,9 @@ def _finish(scope: Scope, token: Any, otel_token: Any) -> None:
     (scope.span or scope.ensure()).end()
 
 
-def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str) -> None:
+def _settle_spans(
+    msg: Any, scope: Scope | ProcessSpan, tmpl: str, subject: str, durable: str
+) -> None:
     for op in ("ack", "nak", "term"):
         orig = getattr(msg, op, None)
         if orig is not None:
@@ -217,7 +269,7 @@ def _settle_spans(msg: Any, scope: Scope, tmpl: str, subject: str, durable: str)
 def _settle(
     op: str,
     orig: Callable[..., Awaitable[Any]],
-    scope: Scope,
+    scope: Scope | ProcessSpan,
     tmpl: str,
     subject: str,
     durable: str,

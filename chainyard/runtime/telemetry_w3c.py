@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -58,19 +59,52 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     )
 
 
-Ids = tuple[int, int, int, Any]  # trace id, span id, flags, TraceState or None
+# trace id and span id as lowercase hex (as written in traceparent), flags, TraceState or None
+Ids = tuple[str, str, int, Any]
 
 
 def parse_ids(traceparent: str | None, tracestate: str | None = None) -> Ids | None:
-    """`parse` without building the SpanContext: what the light tracer takes."""
+    """`parse` without building the SpanContext, the ids kept as the hex they came as: what the
+    light tracer takes (it writes them back in traceparent as they are)."""
     if traceparent and len(traceparent) == 55 and _TP00.fullmatch(traceparent):
-        tid, sid = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-        if not tid or not sid:
+        tid, sid = traceparent[3:35], traceparent[36:52]
+        if tid == _ZERO_TID or sid == _ZERO_SID:
             return None
-        ts = _state(tracestate)
-        return tid, sid, int(traceparent[53:], 16), ts
+        return tid, sid, int(traceparent[53:], 16), _state(tracestate)
     sc = parse(traceparent, tracestate)
-    return None if sc is None else (sc.trace_id, sc.span_id, sc.trace_flags, sc.trace_state)
+    if sc is None:
+        return None
+    return f"{sc.trace_id:032x}", f"{sc.span_id:016x}", sc.trace_flags, sc.trace_state
+
+
+# -- ids: random, drawn as hex ---------------------------------------------------------------
+# Formatting a random 64-bit int as hex costs several times drawing it; ids are drawn in bulk as
+# hex instead, a list pop each. The pool is emptied in a forked child (its ids would repeat).
+
+_pool: list[str] = []
+
+
+def _refill() -> str:
+    h = os.urandom(4096).hex()
+    _pool.extend(x for i in range(0, 8192, 16) if (x := h[i : i + 16]) != _ZERO_SID)
+    return _pool.pop()
+
+
+def new_span_id() -> str:
+    """A random span id, 16 lowercase hex digits, never all zeros."""
+    try:
+        return _pool.pop()
+    except IndexError:  # (checking first could race another thread to the last one)
+        return _refill()
+
+
+def new_trace_id() -> str:
+    """A random trace id, 32 lowercase hex digits, never all zeros."""
+    return new_span_id() + new_span_id()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pool.clear)
 
 
 def format_traceparent(sc: SpanContext) -> str:
