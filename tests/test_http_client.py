@@ -12,11 +12,13 @@ import gzip
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_until
 
 from chainyard.workers.providers._http import new_client, post_bytes
 from chainyard.workers.providers._lean_http import LeanPool
@@ -239,3 +241,27 @@ async def test_tls(self_signed: tuple[Path, Path]) -> None:
         untrusting = pool(srv.port, scheme="https")  # the system's roots: the cert is unknown
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusting.post("/v1/x", b"{}")
+
+
+async def test_connections_idle_past_keepalive_are_closed() -> None:
+    gate = asyncio.Event()
+
+    async def answer(req: bytes, w: asyncio.StreamWriter) -> None:
+        if b"burst" in req:
+            await gate.wait()  # hold the burst's calls so that each opens its own connection
+        w.write(ok())
+
+    async with raw_server(answer) as srv:
+        p = pool(srv.port)
+        p.keepalive = 0.2
+        burst = [asyncio.create_task(p.post("/v1/x", b"burst")) for _ in range(5)]
+        await wait_until(lambda: srv.connections == 5, 5, "five connections")
+        gate.set()
+        await asyncio.gather(*burst)
+        assert len(p._idle) == 5
+        old = list(p._idle)  # the newest, reused from now on, is the last
+        while time.monotonic() - old[0].idle_since <= 0.25:
+            await p.post("/v1/x", b"steady")  # one call at a time: the newest serves them all
+        assert [c.closed for c in old] == [True, True, True, True, False]
+        assert list(p._idle) == [old[-1]] and srv.connections == 5
+        p.close()

@@ -18,6 +18,7 @@ import asyncio
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 
 import httptools
@@ -159,7 +160,7 @@ class LeanPool:
         self._common = ("\r\n".join(lines) + "\r\ncontent-length: ").encode("latin-1")
         self._heads: dict[str, bytes] = {}
         self.targets: dict[str, str] = {}  # the caller's cache: path -> request target
-        self._idle: list[_Conn] = []
+        self._idle: deque[_Conn] = deque()  # most recently used on the right
         self.connect_timeout = connect_timeout_s
         self.read_timeout = read_timeout_s
         self.keepalive = keepalive_s
@@ -236,8 +237,13 @@ class LeanPool:
             if timer is not None:
                 timer.cancel()
         if not conn.closed and not self.closed:
-            conn.idle_since = time.monotonic()
-            self._idle.append(conn)
+            now = conn.idle_since = time.monotonic()
+            idle = self._idle
+            idle.append(conn)
+            # close what has idled too long from the other end: after a burst, the connections
+            # it opened would otherwise stay open until the server drops them
+            while idle and (idle[0].closed or now - idle[0].idle_since >= self.keepalive):
+                idle.popleft().close()
         return result
 
     def close(self) -> None:
