@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from typing import Any
 
 from opentelemetry import trace
@@ -61,6 +62,7 @@ log = logging.getLogger("chainyard.telemetry")
 
 SYSTEM = "nats"
 _TRUE = ("1", "true", "yes", "on")
+_now = time.time_ns
 
 # -- state: None means off, and every helper returns at once --------------------------------
 
@@ -245,7 +247,6 @@ class _FixedCache(dict[Any, Fixed]):
         return f
 
 
-_PROCESS = _FixedCache()
 _SEND = _FixedCache()
 _SETTLE = _FixedCache()
 
@@ -292,12 +293,15 @@ async def publish(
     if attrs:
         a.update(attrs)
     lite = _lite
-    if lite is not None and type(parent) in PARENTS:  # the common case, inline
-        span: Any = lite.child(parent, PRODUCER, fixed, a)
-        if span._ts:
-            headers = span.inject({"Nats-Msg-Id": msg_id})
-        else:
-            headers = {"Nats-Msg-Id": msg_id, TRACEPARENT: f"00-{span._tid}-{span._sid}-01"}
+    remote = PARENTS.get(type(parent)) if lite is not None else None
+    if remote is not None:  # the common case, inline: a light span under one of ours
+        tid, sid, ts = parent._tid, new_span_id(), parent._ts
+        span: Any = LiteSpan(
+            lite, fixed.name, tid, sid, parent._sid, remote, ts, PRODUCER, fixed, a, False, _now()
+        )
+        headers = {"Nats-Msg-Id": msg_id, TRACEPARENT: f"00-{tid}-{sid}-01"}
+        if ts:
+            headers[TRACESTATE] = ts.to_header()
     else:
         span = _start(parent, PRODUCER, fixed, a)
         headers = (

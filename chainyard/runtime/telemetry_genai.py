@@ -80,11 +80,10 @@ def traced_chat(execute: Execute) -> Execute:
             return await execute(a, on_delta)
         t = a.target
         step = a.step
-        key = (t.provider, t.model, t.deployment, t.pool)
-        fixed = _CHAT.get(key)
-        if fixed is None:  # the same for every call to a deployment: encoded once
+        fixed = _CHAT.get(t)
+        if fixed is None:  # the same for every call to a deployment (Target): encoded once
             fixed = _CHAT.put(
-                key,
+                t,
                 f"chat {t.model}",
                 {
                     "gen_ai.operation.name": "chat",

@@ -123,16 +123,14 @@ class LiteSpan(SpanApi):
     def end(self, end_time: int | None = None) -> None:
         if self.end_time is None:
             self.end_time = end_time or _now()
-            self._tracer.batcher.add(self)
+            self._tracer.add(self)
 
     def otlp(self) -> tuple[tuple[bytes, bytes], bytes]:
-        """((resource field, scope field), Span body) for telemetry_otlp.encode."""
-        group = self._tracer.group
-        if self._events is None and self._status is None and not self._ts and not self._links:
-            return group, otlp.encode_light(self)  # nearly every span
+        """((resource field, scope field), Span body) for telemetry_otlp.encode, when the span
+        is more than its common case (otlp.encode_light): trace state, events, status, links."""
         ts, st, fixed = self._ts, self._status, self._fixed
         return (
-            group,
+            self._tracer.group,
             otlp.encode_span(
                 int(self._tid, 16),
                 int(self._sid, 16),
@@ -181,6 +179,7 @@ class SpanRef(NonRecordingSpan):
 # span types whose ids a child reads directly -> whether that parent is remote to the child
 # (telemetry_scope adds its process span)
 PARENTS: dict[type, bool] = {LiteSpan: False, SpanRef: True}
+otlp.LIGHT.add(LiteSpan)
 
 
 class LiteTracer(TracerApi):
@@ -200,6 +199,7 @@ class LiteTracer(TracerApi):
         sampler: Any = None,
     ) -> None:
         self.batcher = batcher
+        self.add = batcher.add  # what an ended span joins
         self.resource = resource
         self.scope = _Scope(scope_name, scope_version)
         self.resource_pb = otlp.encode_resource(dict(resource.attributes))

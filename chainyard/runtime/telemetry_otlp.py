@@ -470,15 +470,23 @@ def encode_sdk_span(s: Any) -> bytes:
     )
 
 
+# span types `encode_light` takes (telemetry_lite's); such a span has `_tracer.group`, its
+# resource and scope bytes, and `otlp()` when it needs more than the common case
+LIGHT: set[type] = set()
+
+
 def encode(spans: Iterable[Any]) -> bytes:
     """An ExportTraceServiceRequest for `spans` (light spans and SDK ReadableSpans)."""
     groups: dict[tuple[bytes, bytes], list[bytes]] = {}
     key: Any = None
     parts: list[bytes] = []
+    light = LIGHT
     for s in spans:
-        enc = getattr(s, "otlp", None)
-        if enc is not None:  # a LiteSpan: encodes itself, knows its resource and scope bytes
-            k, body = enc()
+        if type(s) in light:
+            if s._events is None and s._status is None and not s._ts and not s._links:
+                k, body = s._tracer.group, encode_light(s)  # nearly every span
+            else:
+                k, body = s.otlp()
         else:
             k = (_resource_bytes(s.resource), _scope_bytes(s.instrumentation_scope))
             body = encode_sdk_span(s)

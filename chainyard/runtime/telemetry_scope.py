@@ -21,10 +21,18 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import telemetry as _t
-from .telemetry import _PROCESS, _SETTLE, CLIENT, CONSUMER, SYSTEM, _start, record_error
+from .telemetry import _SETTLE, CLIENT, CONSUMER, SYSTEM, _FixedCache, _start, record_error
 from .telemetry_lite import PARENTS, LiteSpan, SpanRef
-from .telemetry_otlp import Fixed
-from .telemetry_w3c import context_of, extract_ids, header, template
+from .telemetry_otlp import LIGHT, Fixed
+from .telemetry_w3c import (
+    TRACEPARENT,
+    TRACESTATE,
+    context_of,
+    extract_ids,
+    header,
+    parse_ids,
+    template,
+)
 from .telemetry_w3c import new_span_id as _new_id
 
 _now = time.time_ns
@@ -59,6 +67,7 @@ class ProcessSpan(LiteSpan):
 
 
 PARENTS[ProcessSpan] = False
+LIGHT.add(ProcessSpan)
 
 
 class Scope:
@@ -179,6 +188,8 @@ def consumer(
     ack / nak / term). With `pool`, also count the work in flight (metrics)."""
     from .telemetry_metrics import metrics
 
+    by_tmpl = _FixedCache()  # this consumer's process span attributes, by subject template
+
     async def traced(msg: Any) -> None:
         counted = pool is not None and metrics.on
         if counted:
@@ -187,7 +198,7 @@ def consumer(
             if _t._tracer is None:
                 await handler(msg)
             else:  # inline, not a nested coroutine: every resume of the handler passes here
-                scope, token, otel_token = _begin(msg, durable)
+                scope, token, otel_token = _begin(msg, durable, by_tmpl)
                 try:
                     await handler(msg)
                 except BaseException as e:
@@ -203,13 +214,13 @@ def consumer(
     return traced
 
 
-def _begin(msg: Any, durable: str) -> tuple[Scope | ProcessSpan, Any, Any]:
+def _begin(msg: Any, durable: str, by_tmpl: _FixedCache) -> tuple[Scope | ProcessSpan, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
-    fixed = _PROCESS.get((tmpl, durable))
+    fixed = by_tmpl.get(tmpl)
     if fixed is None:
-        fixed = _PROCESS.put(
-            (tmpl, durable),
+        fixed = by_tmpl.put(
+            tmpl,
             f"process {tmpl}",
             {
                 "messaging.system": SYSTEM,
@@ -226,23 +237,27 @@ def _begin(msg: Any, durable: str) -> tuple[Scope | ProcessSpan, Any, Any]:
         mid = headers.get("Nats-Msg-Id") or header(headers, "nats-msg-id")
         if mid:
             attrs["messaging.message.id"] = mid
-        parent = extract_ids(headers)
+        tp = headers.get(TRACEPARENT)  # as written by chainyard, else in any case
+        parent = parse_ids(tp, headers.get(TRACESTATE)) if tp else extract_ids(headers)
     lite = _t._lite
     scope: Scope | ProcessSpan
+    span: Any = None
     if parent is not None and lite is not None and parent[2] & 1:  # the common case
         tid, pid, _, ts = parent
-        scope = ProcessSpan(
+        scope = span = ProcessSpan(
             lite, fixed.name, tid, _new_id(), pid, True, ts, CONSUMER, fixed, attrs, True, _now()
         )
         scope.chain_span = None
     else:
         scope = Scope(fixed, attrs, parent)
+        if parent is not None:  # started now (else once the handler adopts a context)
+            span = scope.ensure()
     token = _scope.set(scope)
     if _t.settle_spans:
         _settle_spans(msg, scope, tmpl, subject, durable)
     otel_token = None
-    if parent is not None:  # started now: let user code see it as current
-        ctx = Context({_SPAN_KEY: scope.ensure()})
+    if span is not None:  # let user code see it as current
+        ctx = Context({_SPAN_KEY: span})
         otel_token = _otel_cv.set(ctx) if _otel_cv is not None else otel_context.attach(ctx)
     return scope, token, otel_token
 
@@ -254,7 +269,10 @@ def _finish(scope: Scope | ProcessSpan, token: Any, otel_token: Any) -> None:
         else:
             otel_context.detach(otel_token)
     _scope.reset(token)
-    (scope.span or scope.ensure()).end()
+    if type(scope) is ProcessSpan:
+        scope.end()
+    else:
+        (scope.span or scope.ensure()).end()
 
 
 def _settle_spans(

@@ -18,6 +18,8 @@ _TP00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # the common ca
 _ZERO_TID = "0" * 32
 _ZERO_SID = "0" * 16
 _FLAGS = [TraceFlags(i) for i in range(256)]
+_FLAG_OF = {f"{i:02x}": i for i in range(256)}  # hex -> flags
+_ID = re.compile(".{16}", re.S)
 
 
 # -- W3C trace context ----------------------------------------------------------------------
@@ -70,7 +72,7 @@ def parse_ids(traceparent: str | None, tracestate: str | None = None) -> Ids | N
         tid, sid = traceparent[3:35], traceparent[36:52]
         if tid == _ZERO_TID or sid == _ZERO_SID:
             return None
-        return tid, sid, int(traceparent[53:], 16), _state(tracestate)
+        return tid, sid, _FLAG_OF[traceparent[53:]], _state(tracestate) if tracestate else None
     sc = parse(traceparent, tracestate)
     if sc is None:
         return None
@@ -85,8 +87,10 @@ _pool: list[str] = []
 
 
 def _refill() -> str:
-    h = os.urandom(4096).hex()
-    _pool.extend(x for i in range(0, 8192, 16) if (x := h[i : i + 16]) != _ZERO_SID)
+    ids = _ID.findall(os.urandom(4096).hex())  # 512 ids, cut in C
+    while _ZERO_SID in ids:
+        ids.remove(_ZERO_SID)
+    _pool.extend(ids)
     return _pool.pop()
 
 
