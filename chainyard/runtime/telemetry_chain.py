@@ -24,9 +24,9 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from . import telemetry as tm
 from .telemetry_lite import PARENTS, SpanRef
 from .telemetry_metrics import metrics
-from .telemetry_otlp import Fixed
 
-_CHAIN = Fixed("chain", {})
+_CHAIN = tm._FixedCache()  # by tenant and outcome
+_KIND: dict[type, str] = {}  # step type -> its tag
 _ROUTE = tm._FixedCache()
 
 
@@ -128,25 +128,36 @@ def end_chain(state: Any) -> None:
     tid, sid, _, ts = ids
     pids = tm.parse_ids(t.get("parent"))
     pid = pids[1] if pids is not None else ""
-    usage = state.usage
+    tenant, status = state.tenant, state.status
+    fixed = _CHAIN.get((tenant, status))
+    if fixed is None:
+        items = {"chainyard.tenant": tenant, "chainyard.chain.outcome": status}
+        fixed = _CHAIN.put((tenant, status), "chain", items)
+    # state.cost_usd, .usage and the attempts in one pass over the steps
+    cost: float = 0
+    tokens_in = tokens_out = attempts = 0
+    for st in state.steps.values():
+        cost += st.cost_usd
+        usage = st.usage
+        tokens_in += usage.input_tokens
+        tokens_out += usage.output_tokens
+        attempts += st.attempt
+    end_ms = state.ended_at_ms or _now_ms()
     attrs = {
         "chainyard.chain.id": state.chain.id,
-        "chainyard.tenant": state.tenant,
-        "chainyard.chain.outcome": state.status,
-        "chainyard.chain.cost_usd": state.cost_usd,
-        "chainyard.chain.input_tokens": usage.input_tokens,
-        "chainyard.chain.output_tokens": usage.output_tokens,
+        "chainyard.chain.cost_usd": cost,
+        "chainyard.chain.input_tokens": tokens_in,
+        "chainyard.chain.output_tokens": tokens_out,
         "chainyard.chain.steps": len(state.steps),
-        "chainyard.chain.attempts": sum(s.attempt for s in state.steps.values()),
+        "chainyard.chain.attempts": attempts,
+        "chainyard.chain.duration_ms": end_ms - state.created_at_ms,
     }
     if state.reason:
         attrs["chainyard.chain.reason"] = state.reason[:500]
-    end_ms = state.ended_at_ms or _now_ms()
-    attrs["chainyard.chain.duration_ms"] = end_ms - state.created_at_ms
     start = state.created_at_ms * 1_000_000
     lite = tm._lite
     if lite is not None:
-        span: Any = lite.with_ids(tid, sid, pid, ts, tm.INTERNAL, _CHAIN, attrs, start)
+        span: Any = lite.with_ids(tid, sid, pid, ts, tm.INTERNAL, fixed, attrs, start)
     else:
         token = tm._forced.set((int(tid, 16), int(sid, 16)))
         try:
@@ -154,7 +165,7 @@ def end_chain(state: Any) -> None:
                 "chain",
                 context=tm.context_of(_parse(t.get("parent"))),
                 kind=SpanKind.INTERNAL,
-                attributes=attrs,
+                attributes={**fixed.items, **attrs},
                 start_time=start,
             )
         finally:
@@ -207,10 +218,11 @@ async def publish_work(
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
     strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
     reason = route_reason(a, st, len(cands), strategy)
-    kind = getattr(type(step).__struct_config__, "tag", None) or "step"
+    kind = _KIND.get(type(step))
+    if kind is None:
+        kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
     # everything but the chain, step and cost repeats from chain to chain: encoded once
-    key = (a.tenant, kind, model, cands, target.deployment, target.pool, target.provider, reason)
-    key += (strategy,)
+    key = (a.tenant, kind, model, cands, target, reason, strategy)
     fixed = _ROUTE.get(key)
     if fixed is None:
         items: dict[str, Any] = {
