@@ -265,3 +265,17 @@ async def test_connections_idle_past_keepalive_are_closed() -> None:
         assert [c.closed for c in old] == [True, True, True, True, False]
         assert list(p._idle) == [old[-1]] and srv.connections == 5
         p.close()
+
+
+def test_header_values_cannot_split_the_request() -> None:
+    for bad in ("k\r\nX-Injected: 1", "k\n", "k\0"):
+        with pytest.raises(ValueError, match="line break"):
+            LeanPool(
+                httpx.URL("http://127.0.0.1:1/v1"), {"Authorization": bad},
+                connect_timeout_s=1, read_timeout_s=1, keepalive_s=1, ssl_context=None,
+            )  # fmt: skip
+    v6 = LeanPool(
+        httpx.URL("http://[::1]:8080/v1"), {}, connect_timeout_s=1, read_timeout_s=1,
+        keepalive_s=1, ssl_context=None,
+    )  # fmt: skip
+    assert v6._head("/v1/x").startswith(b"POST /v1/x HTTP/1.1\r\nhost: [::1]:8080\r\n")

@@ -150,11 +150,13 @@ class LeanPool:
         self.tls = url.scheme == "https"
         self.port = url.port or (443 if self.tls else 80)
         self.ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         default_port = self.port == (443 if self.tls else 80)
-        authority = self.host if default_port else f"{self.host}:{self.port}"
-        if ":" in self.host and not default_port:  # IPv6 literal
-            authority = f"[{self.host}]:{self.port}"
+        authority = host if default_port else f"{host}:{self.port}"
         sent = {k.lower(): v for k, v in headers.items() if k.lower() not in _OWN}
+        for k, v in sent.items():  # a line break in a header would split the request
+            if any(c in k or c in v for c in "\r\n\0"):
+                raise ValueError(f"the {k!r} header holds a line break or NUL")
         sent["accept-encoding"] = "gzip"  # the one encoding decoded here
         lines = [f"host: {authority}"] + [f"{k}: {v}" for k, v in sent.items()]
         self._common = ("\r\n".join(lines) + "\r\ncontent-length: ").encode("latin-1")
@@ -165,7 +167,6 @@ class LeanPool:
         self.read_timeout = read_timeout_s
         self.keepalive = keepalive_s
         self.closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _head(self, target: str) -> bytes:
         head = self._heads.get(target)
@@ -219,8 +220,7 @@ class LeanPool:
         return await self._exchange(await self._connect(), target, content)
 
     async def _exchange(self, conn: _Conn, target: str, content: bytes) -> Response:
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop  # one pool serves one loop, as httpx's own does
+        loop = asyncio.get_running_loop()
         conn.heard = False
         conn.fut = fut = loop.create_future()
         assert conn.transport is not None
