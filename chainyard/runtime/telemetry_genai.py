@@ -19,6 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from . import telemetry as tm
+from .telemetry_lite import LiteSpan
 
 _CHAT = tm._FixedCache()
 _TOOL = tm._FixedCache()
@@ -128,7 +129,10 @@ def traced_chat(execute: Execute) -> Execute:
             done["chainyard.ttft_ms"] = float(r.ttft_ms)
         if tm.capture_content:
             done["gen_ai.output.messages"] = _output_messages(r.output)
-        span.set_attributes(done)
+        if type(span) is LiteSpan and span._fixed is fixed:  # none of these keys is fixed
+            span._attrs.update(done)
+        else:
+            span.set_attributes(done)
         span.end()
         return r
 

@@ -235,7 +235,7 @@ class LiteTracer(TracerApi):
                 start_time or _now(),
             )
         sc = parent.get_span_context() if parent is not None else INVALID_SPAN_CONTEXT
-        if not sc.is_valid:
+        if parent is None or not sc.is_valid:
             return LiteSpan(
                 self,
                 fixed.name,

@@ -196,12 +196,17 @@ class Fixed:
     costs one bytes append for them at export instead of a lookup per attribute. `name` is the
     span name that goes with them (`send cy.work.{pool}`), formatted once too."""
 
-    __slots__ = ("items", "name", "pb")
+    __slots__ = ("heads", "items", "name", "pb")
 
     def __init__(self, name: str, items: dict[str, Any]) -> None:
         self.name = name
         self.items = items
         self.pb = b"".join(attributes(_T_ATTR, items))
+        self.heads: dict[int, bytes] = {}  # kind -> name, kind and these attributes, encoded
+
+    def head(self, kind: int) -> bytes:
+        h = self.heads[kind] = _name_kind(self.name, kind) + self.pb
+        return h
 
 
 _pack_ids = struct.Struct(">2sQQ2sQ").pack  # trace id, span id: big-endian bytes on the wire
@@ -252,7 +257,7 @@ _NUM_PREFIX: dict[tuple[str, int], bytes] = {}
 _LISTS: dict[tuple[str, tuple[Any, ...]], bytes] = {}  # (key, values) -> the whole field
 
 
-def add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
+def _add_span_attributes(parts: list[bytes], attrs: Mapping[str, Any]) -> None:
     """Append a span's attributes (repeated KeyValue fields) to `parts`: a string, an int below
     16384 or a float, nearly all of chainyard's own values, as two items (its tag, lengths and
     key, then the value) with no join or lookup by value; a short list (finish reasons) from a
@@ -323,18 +328,21 @@ def encode_light(s: Any) -> bytes:
         ids = f"0a10{tid}1208{s._sid}2208{pid}{_LINK_HEX}{tid}1208{pid}{lf}"
     else:
         ids = f"0a10{tid}1208{s._sid}2208{pid}"
-    name, kind, fixed = s.name, s.kind_pb, s._fixed
+    kind, fixed = s.kind_pb, s._fixed
+    if fixed is not None and s.name is fixed.name:  # name, kind and fixed attributes: cached
+        head = fixed.heads.get(kind) or fixed.head(kind)
+    else:
+        head = _name_kind(s.name, kind) + (fixed.pb if fixed is not None else b"")
     parts = [
         _fromhex(ids),
-        _NAMES.get((name, kind)) or _name_kind(name, kind),
+        head,
         _pack_times_flags(
             _T_START, s.start_time, _T_END, s.end_time or 0, _T_FLAGS, _SPAN_FLAGS_PB[s._premote]
         ),
-        fixed.pb if fixed is not None else b"",
     ]
     attrs = s._attrs
     if attrs:
-        add_span_attributes(parts, attrs)
+        _add_span_attributes(parts, attrs)
     return b"".join(parts)
 
 
