@@ -372,10 +372,13 @@ def encode(spans: Iterable[Any]) -> bytes:
 
 
 # the general encoder (events, status, links, trace state), SDK spans, resource and scope fields
-from .telemetry_otlp_span import (  # noqa: E402 - it uses this module's writer
+from .telemetry_otlp_span import (  # noqa: E402, F401 - it uses this module's writer; re-exported
     _resource_bytes,
     _scope_bytes,
+    encode_resource,
+    encode_scope,
     encode_sdk_span,
+    encode_span,
 )
 
 # -- moved to telemetry_export, still importable from here ---------------------------------
