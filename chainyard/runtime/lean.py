@@ -3,7 +3,7 @@
 `Publisher.publish(subject, payload, headers=...)` has `js.publish`'s shape and errors: one
 wildcard reply subscription with a callback, a counter token per request, a future per request
 in a dict, the timeouts by one `loop.call_at` timer over a heap of deadlines (no `wait_for`),
-the PubAck decoded with msgspec.
+the PubAck decoded with msgspec, the header block written by `lean_wire` (nats-py's bytes).
 Errors are nats-py's: `nats.js.errors.APIError` and its subclasses for an error reply (wrong
 expected sequence, ...), `NoResponders` (both `NoStreamResponseError` and `NoRespondersError`)
 when no stream takes the subject, `nats.errors.TimeoutError` when nothing comes back in time
