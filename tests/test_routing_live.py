@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    Events,
+    python_env,
+    running,
+    stored_events,
+    stream_events,
+    wait_until,
+)
 
 from chainyard.contracts import (
     Chain,
@@ -37,14 +45,6 @@ from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox.providers import SandboxServer
 from chainyard.stack import llm_worker
-from tests.helpers import (
-    Events,
-    python_env,
-    running,
-    stored_events,
-    stream_events,
-    wait_until,
-)
 
 PRICES = {
     "a": Price(input_per_mtok=1.0, output_per_mtok=2.0),
