@@ -244,16 +244,25 @@ async def test_tenant_a_confined(secure: Secure, services_bus: NatsClient) -> No
         await b.jetstream().publish(
             "cy.submit.B", encode(one_step("b-1")), headers={"Nats-Msg-Id": "b-1"}
         )
-        got_b: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        got_b: asyncio.Queue[str] = asyncio.Queue()
 
         async def on_b(msg: object) -> None:
-            if not got_b.done():
-                got_b.set_result(msg.subject)  # type: ignore[attr-defined]
+            got_b.put_nowait(msg.subject)  # type: ignore[attr-defined]
 
         await b.subscribe("cy.events.B.>", cb=on_b)
         await b.flush()
-        await svc.publish("cy.events.B.b-1.chain.completed", b"{}")
-        assert await asyncio.wait_for(got_b, 5) == "cy.events.B.b-1.chain.completed"
+
+        # Core NATS delivers at most once, and here (nats-server 2.15.1, TLS) a subscription
+        # whose flush has returned still misses, about one run in twenty, a message published
+        # at once from another connection: the server stores it in CY_EVENTS but B never gets
+        # it, while the next one arrives. So publish until B gets one, within 5 s.
+        async def deliver() -> str:
+            while True:
+                await svc.publish("cy.events.B.b-1.chain.completed", b"{}")
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(got_b.get(), 0.5)
+
+        assert await asyncio.wait_for(deliver(), 5) == "cy.events.B.b-1.chain.completed"
         await a.flush()
         assert seen_by_a == []
     finally:
