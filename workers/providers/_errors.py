@@ -10,8 +10,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -157,27 +156,41 @@ def malformed(provider: str, detail: str, secrets: tuple[str, ...] = ()) -> Prov
     )
 
 
-@contextmanager
-def boundary(provider: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
+class boundary:  # lowercase: used as a function, `with boundary(provider, secrets):`
     """Turn every failure inside into ProviderError, so `complete` raises nothing else.
 
     Raised `from None`: a chained httpx exception carries the request, whose headers hold the key.
+    A class, not a @contextmanager: it is entered twice a provider call, and a generator-based
+    one costs several times more.
     """
-    try:
-        yield
-    except ProviderError:
-        raise
-    except httpx.TimeoutException as exc:
-        msg = scrub(f"{provider}: timeout ({type(exc).__name__})", secrets)
-        raise ProviderError("retryable", msg) from None
-    except httpx.TransportError as exc:  # connect refused, reset, protocol errors
-        msg = scrub(f"{provider}: connection error ({type(exc).__name__}: {exc})", secrets)
-        raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
-    except httpx.HTTPError as exc:
-        msg = scrub(f"{provider}: http error ({type(exc).__name__}: {exc})", secrets)
-        raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
-    except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError) as exc:
-        raise malformed(provider, f"{type(exc).__name__}: {exc}", secrets) from None
+
+    __slots__ = ("provider", "secrets")
+
+    def __init__(self, provider: str, secrets: tuple[str, ...] = ()) -> None:
+        self.provider = provider
+        self.secrets = secrets
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, ProviderError) or not isinstance(exc, Exception):
+            return False
+        provider, secrets = self.provider, self.secrets
+        if isinstance(exc, httpx.TimeoutException):
+            msg = scrub(f"{provider}: timeout ({type(exc).__name__})", secrets)
+            raise ProviderError("retryable", msg) from None
+        if isinstance(exc, httpx.TransportError):  # connect refused, reset, protocol errors
+            msg = scrub(f"{provider}: connection error ({type(exc).__name__}: {exc})", secrets)
+            raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
+        if isinstance(exc, httpx.HTTPError):
+            msg = scrub(f"{provider}: http error ({type(exc).__name__}: {exc})", secrets)
+            raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
+        if isinstance(
+            exc, msgspec.DecodeError | msgspec.ValidationError | KeyError | TypeError | ValueError
+        ):
+            raise malformed(provider, f"{type(exc).__name__}: {exc}", secrets) from None
+        return False
 
 
 async def post_json(
