@@ -246,6 +246,23 @@ class _FixedCache(dict[Any, Fixed]):
         f = self[key] = Fixed(name, items)
         return f
 
+    def messaging(self, op: str, tmpl: str, **extra: str) -> Fixed:
+        """The fixed attributes of a `{op} {tmpl}` messaging span, keyed by the template."""
+        fixed = self.get(tmpl)
+        if fixed is None:
+            fixed = self.put(
+                tmpl,
+                f"{op} {tmpl}",
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.name": op,
+                    "messaging.operation.type": op,
+                    "messaging.destination.template": tmpl,
+                    **extra,
+                },
+            )
+        return fixed
+
 
 _SEND = _FixedCache()
 _SETTLE = _FixedCache()
@@ -276,19 +293,7 @@ async def publish(
         parent = _parent()
     elif type(parent) is Context:
         parent = parent.get(_SPAN_KEY)
-    tmpl = template(subject)
-    fixed = _SEND.get(tmpl)
-    if fixed is None:
-        fixed = _SEND.put(
-            tmpl,
-            f"send {tmpl}",
-            {
-                "messaging.system": SYSTEM,
-                "messaging.operation.name": "send",
-                "messaging.operation.type": "send",
-                "messaging.destination.template": tmpl,
-            },
-        )
+    fixed = _SEND.messaging("send", template(subject))
     a = {"messaging.destination.name": subject, "messaging.message.id": msg_id}
     if attrs:
         a.update(attrs)

@@ -217,19 +217,7 @@ def consumer(
 def _begin(msg: Any, durable: str, by_tmpl: _FixedCache) -> tuple[Scope | ProcessSpan, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
-    fixed = by_tmpl.get(tmpl)
-    if fixed is None:
-        fixed = by_tmpl.put(
-            tmpl,
-            f"process {tmpl}",
-            {
-                "messaging.system": SYSTEM,
-                "messaging.operation.name": "process",
-                "messaging.operation.type": "process",
-                "messaging.destination.template": tmpl,
-                "messaging.consumer.group.name": durable,
-            },
-        )
+    fixed = by_tmpl.messaging("process", tmpl, **{"messaging.consumer.group.name": durable})
     attrs = {"messaging.destination.name": subject}
     headers = msg.headers
     parent = None
