@@ -106,13 +106,9 @@ def _lean_of(client: httpx.AsyncClient) -> LeanPool | None:
         tr.lean = LeanPool(
             client.base_url, client.headers, connect_timeout_s=t.connect,
             read_timeout_s=t.read, keepalive_s=KEEPALIVE_S, ssl_context=tr.ssl_context,
+            target_of=lambda path: client._merge_url(path).raw_path.decode("ascii"),
         )  # fmt: skip
     return tr.lean
-
-
-def _target(client: httpx.AsyncClient, path: str) -> str:
-    url = client._merge_url(path)
-    return url.raw_path.decode("ascii")
 
 
 async def post_bytes(
@@ -131,7 +127,4 @@ async def post_bytes(
     if lean is None or client.is_closed:
         r = await client.post(path, content=content)
         return r.status_code, r.headers, r.content
-    target = lean.targets.get(path)
-    if target is None:
-        target = lean.targets[path] = _target(client, path)
-    return await lean.post(target, content)
+    return await lean.post(path, content)

@@ -19,7 +19,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httptools
 import httpx
@@ -145,7 +145,10 @@ class LeanPool:
         read_timeout_s: float | None,
         keepalive_s: float,
         ssl_context: ssl.SSLContext | None,
+        target_of: Callable[[str], str] | None = None,
     ) -> None:
+        """`target_of(path)`: the request target (path and query) a caller's path goes to; by
+        default the path itself. Worked out once per path."""
         self.host = url.host
         self.tls = url.scheme == "https"
         self.port = url.port or (443 if self.tls else 80)
@@ -160,23 +163,21 @@ class LeanPool:
         sent["accept-encoding"] = "gzip"  # the one encoding decoded here
         lines = [f"host: {authority}"] + [f"{k}: {v}" for k, v in sent.items()]
         self._common = ("\r\n".join(lines) + "\r\ncontent-length: ").encode("latin-1")
-        self._heads: dict[str, bytes] = {}
-        self.targets: dict[str, str] = {}  # the caller's cache: path -> request target
+        self._heads: dict[str, bytes] = {}  # path -> request line and headers, up to the length
+        self._target_of = target_of or (lambda path: path)
         self._idle: deque[_Conn] = deque()  # most recently used on the right
         self.connect_timeout = connect_timeout_s
         self.read_timeout = read_timeout_s
         self.keepalive = keepalive_s
         self.closed = False
 
-    def _head(self, target: str) -> bytes:
-        head = self._heads.get(target)
+    def _head(self, path: str) -> bytes:
+        head = self._heads.get(path)
         if head is None:
-            if len(self._heads) > 1024:  # targets are per model: a handful; never grow unbounded
+            if len(self._heads) > 1024:  # paths are per model: a handful; never grow unbounded
                 self._heads.clear()
-            head = self._heads[target] = b"POST %s HTTP/1.1\r\n%s" % (
-                target.encode("ascii"),
-                self._common,
-            )
+            target = self._target_of(path).encode("ascii")
+            head = self._heads[path] = b"POST %s HTTP/1.1\r\n%s" % (target, self._common)
         return head
 
     async def _connect(self) -> _Conn:
@@ -203,28 +204,28 @@ class LeanPool:
             conn.close()
         return None
 
-    async def post(self, target: str, content: bytes) -> Response:
-        """POST `content` to `target` (path and query): (status, headers, body)."""
+    async def post(self, path: str, content: bytes) -> Response:
+        """POST `content` to `path`: (status, headers, body)."""
         if self.closed:
             raise RuntimeError("the HTTP client is closed")
         conn = self._checkout()
         if conn is not None:
             try:
-                return await self._exchange(conn, target, content)
+                return await self._exchange(conn, path, content)
             except _Disconnected:
                 # A kept-alive connection the server closed as we wrote (idle timeout): it sent
                 # no byte of an answer, so the request was almost surely never read. Once
                 # more on a new connection, as browsers and Go's client do.
                 if conn.heard:
                     raise
-        return await self._exchange(await self._connect(), target, content)
+        return await self._exchange(await self._connect(), path, content)
 
-    async def _exchange(self, conn: _Conn, target: str, content: bytes) -> Response:
+    async def _exchange(self, conn: _Conn, path: str, content: bytes) -> Response:
         loop = asyncio.get_running_loop()
         conn.heard = False
         conn.fut = fut = loop.create_future()
         assert conn.transport is not None
-        conn.transport.write(b"%s%d\r\n\r\n%s" % (self._head(target), len(content), content))
+        conn.transport.write(b"%s%d\r\n\r\n%s" % (self._head(path), len(content), content))
         timer = None if self.read_timeout is None else loop.call_later(
             self.read_timeout, conn.timed_out
         )  # fmt: skip
