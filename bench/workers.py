@@ -293,9 +293,7 @@ async def _worker_vs_bare(
             _pin(0, own)
         others = {"sandbox": spid, "nats_server": nats.pid}
         w = await run_worker(nats.url, url, n, 256, cores[0] if cores else None, "h", others)
-    rps = {k: round(v[256], 1) for k, v in bare["rps"].items()}
-    rows = {r["client"]: r["server_cpu_pct"] for r in bare["rows"]}
-    return rps, {**w, "bare_sandbox_cpu_pct": rows}
+    return {k: round(v[256], 1) for k, v in bare["rps"].items()}, w
 
 
 @benchmark("workers", ("worker_http_vs_bare_client_c256",))

@@ -32,7 +32,6 @@ class _Model(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Model).decode
-_ids = itertools.count(1)
 
 
 def completion(model: str, n: int, now: int) -> bytes:
@@ -127,7 +126,7 @@ class _Conn(asyncio.Protocol):
                 err = _error("'model' is required.", "invalid_request_error")
                 answer = _response(b"400 Bad Request", err, 0)
             else:
-                body = _TEMPLATE % (next(_ids), int(time.time()), msgspec.json.encode(model))
+                body = _TEMPLATE % (next(s.ids), int(time.time()), msgspec.json.encode(model))
                 answer = _response(b"200 OK", body, max(0, 1_000_000_000 - s.served))
         if s.latency_s > 0:
             asyncio.get_running_loop().call_later(s.latency_s, self._deliver, seq, answer)
@@ -151,6 +150,7 @@ class LoadSandbox:
         self.latency_s = latency_ms / 1000
         self.host, self.port = host, port
         self.served = 0
+        self.ids = itertools.count(1)  # completion ids, unique per sandbox
         self._server: asyncio.Server | None = None
 
     @property
