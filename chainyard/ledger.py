@@ -43,6 +43,7 @@ from chainyard.contracts import (
     event_decoder,
     state_decoder,
 )
+from chainyard.runtime.nats import retry_api
 
 Key = tuple[str, str]  # (tenant, chain id)
 COST_EPS = 1e-12
@@ -348,9 +349,10 @@ async def read_stream(
     limit_s: float = 60.0,
 ) -> list[Msg]:
     """Every message stored in `stream` (optionally the last per subject), with an ordered
-    consumer; ends when the consumer reports nothing pending."""
+    consumer; ends when the consumer reports nothing pending. The API calls are retried while
+    the cluster elects a leader (an audit right after a node loss)."""
     try:
-        info = await js.stream_info(stream)
+        info = await retry_api(lambda: js.stream_info(stream))
     except NotFoundError:
         return []
     if info.state.messages == 0:
@@ -364,8 +366,10 @@ async def read_stream(
             done.set_result(None)
 
     policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
-    sub = await js.subscribe(
-        subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
+    sub = await retry_api(
+        lambda: js.subscribe(
+            subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
+        )
     )
     try:
         await asyncio.wait_for(done, limit_s)

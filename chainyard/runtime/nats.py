@@ -206,13 +206,16 @@ async def open_bus(
     nc = await connect(url, name=name, creds=creds, on_closed=on_closed)
     js = nc.jetstream(timeout=10.0)
     for s in topology.streams:
-        await _retry(lambda s=s: ensure_stream(js, s, topology.replicas))
-    kvs = [await _retry(lambda k=k: ensure_kv(js, k, topology.replicas)) for k in topology.buckets]
+        await retry_api(lambda s=s: ensure_stream(js, s, topology.replicas))
+    kvs = [
+        await retry_api(lambda k=k: ensure_kv(js, k, topology.replicas)) for k in topology.buckets
+    ]
     return Bus(nc=nc, js=js, topology=topology, chains=kvs[0], capacity=kvs[1], breakers=kvs[2])
 
 
-async def _retry(fn: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
-    """JetStream API calls fail during leader elections; retry them briefly."""
+async def retry_api(fn: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
+    """JetStream API calls fail during leader elections (a timeout, or 503 unavailable): call
+    `fn` again, pausing 0.05 s doubling to 1 s, up to `attempts` times."""
     for i in range(attempts):
         try:
             return await fn()
