@@ -46,10 +46,11 @@ def _pinnable() -> bool:
     return hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
 
 
-def _pin(cpu: int) -> None:
+def _pin(cpu: int, pid: int = 0) -> None:
+    """Pin process `pid` (this one by default) to one core, where there are two or more."""
     if _pinnable():
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {cpu})
+            os.sched_setaffinity(pid, {cpu})
 
 
 @contextlib.asynccontextmanager
@@ -60,9 +61,7 @@ async def server() -> AsyncIterator[tuple[str, int]]:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
     )  # fmt: skip
     try:
-        if _pinnable():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, {1})
+        _pin(1, proc.pid)
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         if not line.strip():
@@ -115,7 +114,7 @@ async def _client(kind: str, base_url: str, concurrency: int) -> AsyncIterator[P
             async def post_lean() -> None:
                 status, _, data = await post_bytes(lean, "/chat/completions", body)
                 if status != 200:
-                    raise httpx.HTTPStatusError(f"{status}", request=None, response=None)  # type: ignore[arg-type]
+                    raise httpx.HTTPError(f"the sandbox answered {status}")
                 assert json.loads(data)["choices"]
 
             yield post_lean

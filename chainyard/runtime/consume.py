@@ -199,8 +199,7 @@ class _Consumer:
     # -- asking for messages --------------------------------------------------------------
 
     def _want(self) -> int:
-        pending = self.puller.pending
-        return min(self.slots.free - len(self.waiting), self.max_asked) - pending
+        return min(self.slots.free - len(self.waiting), self.max_asked) - self.puller.pending
 
     async def _pull_loop(self) -> None:
         next_tick = time.monotonic() + self.expires_s

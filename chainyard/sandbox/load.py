@@ -87,7 +87,6 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.body: list[bytes] = []
-        self.pending = 0  # answers scheduled but not yet written
         self.ready: dict[int, bytes] = {}
         self.seq = self.sent = 0
 

@@ -7,9 +7,10 @@ objects, the request head built once per path, one timer per request.
 
 What it does: keep-alive with an idle expiry, Content-Length, chunked and read-to-close bodies,
 gzip-encoded bodies, TLS (the transport's SSL context), case-insensitive response headers.
-What it does not: proxies, HTTP/2, redirects, cookies, 1xx continues: none of which a provider
-API needs for a completion. Failures are the httpx exceptions the httpx path raises for the same
-fault, so the error taxonomy (_errors.py) is the same whichever path a call took.
+What it does not: proxies, HTTP/2, redirects, cookies, `Expect: 100-continue` (an interim 1xx
+answer is skipped): none of which a provider API needs for a completion. Failures are the httpx
+exceptions the httpx path raises for the same fault, so the error taxonomy (_errors.py) is the
+same whichever path a call took.
 """
 
 from __future__ import annotations
