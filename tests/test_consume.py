@@ -1,4 +1,5 @@
-"""consume(): how many pull requests a consumer keeps waiting at the server, on a real one."""
+"""consume(): how many pull requests a consumer keeps waiting at the server, and how fast a
+backlog fills free slots, on a real one."""
 
 from __future__ import annotations
 
@@ -23,17 +24,27 @@ async def _waiting(bus: Bus) -> int:
 
 
 @contextlib.asynccontextmanager
-async def idle_workers(bus: Bus, n: int, seen: list[bytes]) -> AsyncIterator[None]:
-    """n consume loops with 10,000 slots each, on one durable consumer."""
+async def idle_workers(
+    bus: Bus,
+    n: int,
+    seen: list[bytes],
+    hold: asyncio.Event | None = None,
+    fetch_timeout_s: float = 1.0,
+) -> AsyncIterator[None]:
+    """n consume loops with 10,000 slots each, on one durable consumer. With `hold`, a handler
+    records its message, then waits for `hold` before it acks."""
     await bus.js.add_stream(
         StreamConfig(name=STREAM, subjects=["consume.>"], retention=RetentionPolicy.WORK_QUEUE)
     )
     await bus.js.add_consumer(
-        STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
+        STREAM,
+        ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000),
     )
 
     async def handler(msg: Msg) -> None:
         seen.append(msg.data)
+        if hold is not None:
+            await hold.wait()
         await msg.ack()
 
     stop = asyncio.Event()
@@ -41,7 +52,17 @@ async def idle_workers(bus: Bus, n: int, seen: list[bytes]) -> AsyncIterator[Non
     for i in range(n):
         sub = await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
         tasks.append(
-            asyncio.create_task(consume(sub, handler, stop, 10_000, name=f"w{i}", max_batch=256))
+            asyncio.create_task(
+                consume(
+                    sub,
+                    handler,
+                    stop,
+                    10_000,
+                    name=f"w{i}",
+                    max_batch=256,
+                    fetch_timeout_s=fetch_timeout_s,
+                )
+            )
         )
     try:
         yield
@@ -76,6 +97,23 @@ async def test_twenty_idle_workers_stay_under_max_waiting(
     assert len(seen) == 2000 and len(set(seen)) == 2000
     refused = [r.getMessage() for r in caplog.records if "pull request ended" in r.getMessage()]
     assert not refused  # 20 x 40 requests used to exceed the server's 512 (409 Max Waiting)
+
+
+async def test_a_backlog_fills_every_free_slot_without_waiting_for_a_handler(bus: Bus) -> None:
+    # 5,000 queued, 10,000 slots, handlers that do not end: the worker asks for 4 x 256 at a
+    # time, and must ask again as each request is served, not when a handler ends (none does
+    # here) nor at the next request expiry (60 s away).
+    payloads = [b"b%d" % i for i in range(5000)]
+    seen: list[bytes] = []
+    hold = asyncio.Event()
+    try:
+        async with idle_workers(bus, 1, seen, hold, fetch_timeout_s=60.0):
+            await asyncio.gather(*(bus.publisher.publish("consume.x", p) for p in payloads))
+            await wait_until(lambda: len(seen) >= len(payloads), 10, "every message started")
+            hold.set()
+    finally:
+        hold.set()
+    assert sorted(seen) == sorted(payloads)
 
 
 async def _count_at_least(bus: Bus, n: int) -> bool:

@@ -151,6 +151,13 @@ class _Consumer:
             self._nak_now(msg)
         elif self.slots.free > 0 and not self.waiting:
             self._start(msg)
+            # A request served in full leaves slots that nobody has asked for yet: ask now,
+            # not when a handler finishes (a worker with 10,000 free slots and a backlog would
+            # otherwise start only max_asked messages per handler duration).
+            if self.puller.pending < self.max_asked - self.threshold and (
+                self._want() >= self.threshold
+            ):
+                self.wake.set()
         else:  # more came than asked for (requests outlived a reset): run it when a slot frees
             self.waiting.append(msg)
 
