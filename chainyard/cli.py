@@ -39,7 +39,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | None) -> int:
-    from chainyard.runtime.gc_tuning import tune_gc
+    from chainyard.runtime.gc_tuning import THRESHOLDS, WORKER_THRESHOLDS, tune_gc
     from chainyard.runtime.nats import open_bus
     from chainyard.stack import build, load_tools
 
@@ -55,7 +55,7 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     from chainyard.runtime.telemetry_metrics import start_service
 
     obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
-    tune_gc()  # after start-up, so what it made is frozen
+    tune_gc(THRESHOLDS if router else WORKER_THRESHOLDS)  # after start-up: what it made is frozen
     services.start()
     log.info("%s serving on %s", args.command, _safe_url(args.nats))
     try:
