@@ -13,7 +13,7 @@ from helpers import wait_until
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
-from chainyard.runtime.consume import ASKED_REQUESTS, consume
+from chainyard.runtime.consume import ASKED_REQUESTS, Slots, consume, release_slot
 from chainyard.runtime.nats import Bus
 
 STREAM, DURABLE = "CONSUME", "pool"
@@ -118,3 +118,45 @@ async def test_a_backlog_fills_every_free_slot_without_waiting_for_a_handler(bus
 
 async def _count_at_least(bus: Bus, n: int) -> bool:
     return await _waiting(bus) >= n
+
+
+async def test_a_released_slot_starts_the_next_message_and_stop_still_waits_for_its_handler(
+    bus: Bus,
+) -> None:
+    # One slot. The first handler gives its slot back, then waits: the second message starts
+    # meanwhile; on stop, consume() still waits for the first handler to return.
+    await bus.js.add_stream(
+        StreamConfig(name=STREAM, subjects=["consume.>"], retention=RetentionPolicy.WORK_QUEUE)
+    )
+    await bus.js.add_consumer(
+        STREAM, ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT)
+    )
+    started: list[bytes] = []
+    finish = asyncio.Event()
+    finished: list[bytes] = []
+    slots = Slots(1)
+
+    async def handler(msg: Msg) -> None:
+        started.append(msg.data)
+        if msg.data == b"first":
+            release_slot()
+            release_slot()  # twice: still one slot given back
+            await finish.wait()
+        await msg.ack()
+        finished.append(msg.data)
+
+    release_slot()  # outside a handler: nothing to give back
+    stop = asyncio.Event()
+    sub = await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+    task = asyncio.create_task(consume(sub, handler, stop, 1, name="one", slots=slots))
+    await bus.publisher.publish("consume.x", b"first")
+    await wait_until(lambda: started == [b"first"], 10, "the first message")
+    await bus.publisher.publish("consume.x", b"second")
+    await wait_until(lambda: finished == [b"second"], 10, "the second message, beside the first")
+    assert slots.free == 1  # the first holds none, the second gave its own back
+    stop.set()
+    await asyncio.sleep(0)
+    assert not task.done()  # the first handler is still running
+    finish.set()
+    await asyncio.wait_for(task, 10)
+    assert finished == [b"second", b"first"] and slots.free == 1

@@ -43,7 +43,7 @@ from chainyard.contracts import (
     state_decoder,
 )
 from chainyard.runtime import telemetry
-from chainyard.runtime.consume import Slots, consume
+from chainyard.runtime.consume import Slots, consume, release_slot
 from chainyard.runtime.faults import crash_point
 from chainyard.runtime.lean import num_delivered
 from chainyard.runtime.nats import Bus
@@ -258,6 +258,7 @@ class Worker:
             if task in self._chain_cancels:  # cancelled, but the call ended without seeing it
                 self._chain_cancels.discard(task)
                 task.uncancel()
+        release_slot()  # the slots bound provider calls: the next message may start meanwhile
         await self._publish(event)  # durable first ...
         crash_point("after_publish")
         await msg.ack()  # ... then the work is done

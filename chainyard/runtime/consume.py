@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -31,6 +32,21 @@ STUCK_AFTER_EMPTY_FETCHES = 5  # expiry periods with nothing delivered before a 
 ASKED_REQUESTS = 4
 Handler = Callable[[Msg], Awaitable[None]]
 PullSub = JetStreamContext.PullSubscription
+
+
+def release_slot() -> None:
+    """From a handler run by `consume`: give its slot back now, before it returns. For work left
+    that the slots do not bound: a worker's slots bound provider calls, so once the call has
+    answered, recording the result (a publish and an ack, a round trip each) lets the next
+    message start. The consume loop still awaits the handler on stop. Elsewhere: a no-op."""
+    c = _running.get()
+    if c is not None:
+        c.release(asyncio.current_task())
+
+
+_running: contextvars.ContextVar[_Consumer | None] = contextvars.ContextVar(
+    "chainyard_consumer", default=None
+)
 
 
 class Slots:
@@ -110,6 +126,7 @@ class _Consumer:
         self.max_asked = ASKED_REQUESTS * self.max_batch
         self.rebind = rebind
         self.tasks: set[asyncio.Task[None]] = set()
+        self.released: set[asyncio.Task[Any] | None] = set()  # running, slot given back early
         self.waiting: deque[Msg] = deque()  # delivered beyond the free slots: run when one frees
         self.stopping = False
         self.wake = asyncio.Event()
@@ -169,6 +186,17 @@ class _Consumer:
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self.tasks.discard(t)
+        if self.released and t in self.released:
+            self.released.discard(t)
+        else:
+            self._give()
+
+    def release(self, t: asyncio.Task[Any] | None) -> None:
+        if t in self.tasks and t not in self.released:
+            self.released.add(t)
+            self._give()
+
+    def _give(self) -> None:
         self.slots.give()
         if self.waiting and not self.stopping:
             self._start(self.waiting.popleft())
@@ -176,6 +204,7 @@ class _Consumer:
             self.wake.set()
 
     async def _run(self, msg: Msg) -> None:
+        _running.set(self)  # this task's own context: for release_slot()
         try:
             await self.handler(msg)
         except Exception:
