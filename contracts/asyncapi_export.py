@@ -21,7 +21,7 @@ from ._chain import VERSION
 from ._control import Cancel, Replay
 from ._topology import StreamDef, Topology
 from ._yaml import to_yaml
-from .schema_export import SCHEMA_DIR
+from .schema_export import SCHEMA_DIR, clean_docs
 
 ASYNCAPI_PATH = SCHEMA_DIR.parent / "asyncapi.yaml"
 
@@ -372,6 +372,7 @@ def document(topology: Topology | None = None, schema_ref: str = "./schema") -> 
     _, control_schemas = msgspec.json.schema_components(
         [Cancel, Replay], ref_template="#/components/schemas/{name}"
     )
+    control_schemas = clean_docs(control_schemas)
     return {
         "asyncapi": "3.0.0",
         "id": "urn:chainyard:contracts",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,24 @@ TOP_LEVEL: dict[str, Any] = {
 SCHEMA_DIR = Path(__file__).parent / "schema"
 
 
+def clean_docs(value: Any) -> Any:
+    """Descriptions (docstrings) dedented the same way whatever msgspec's version: 0.23 cleans
+    them, older releases kept a docstring's continuation indent."""
+    if isinstance(value, dict):
+        return {
+            k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else clean_docs(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [clean_docs(v) for v in value]
+    return value
+
+
 def render() -> dict[str, str]:
     """File name -> JSON text, deterministic so a test can compare with the checked-in files."""
     out = {}
     for name, tp in TOP_LEVEL.items():
-        schema = msgspec.json.schema(tp)
+        schema = clean_docs(msgspec.json.schema(tp))
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": f"https://chainyard.dev/schema/{name}.json",
