@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 from chainyard.contracts import DeploymentHealth
 
@@ -75,6 +76,10 @@ class Health:
             if e.limits and e.limits.reset_requests_at_ms and e.retry_after_s is None:
                 until = max(until, e.limits.reset_requests_at_ms)
             self.throttled_until_ms = max(self.throttled_until_ms, until)
+
+    def gate(self) -> Awaitable[None] | None:
+        """For consume(): None while not throttled (no task, no wait), else the wait."""
+        return self.wait_unthrottled() if self.throttled_until_ms > now_ms() else None
 
     async def wait_unthrottled(self) -> None:
         wait = self.throttled_until_ms - now_ms()

@@ -140,7 +140,7 @@ class Worker:
                 self.slots.total,
                 name=self.pool,
                 slots=self.slots,
-                gate=self.health.wait_unthrottled,
+                gate=self.health.gate,
                 max_batch=self.fetch_batch,
                 rebind=lambda: self.bus.pull(topo.work, consumer),
             )

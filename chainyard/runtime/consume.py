@@ -72,7 +72,7 @@ async def consume(
     *,
     name: str,
     slots: Slots | None = None,
-    gate: Callable[[], Awaitable[None]] | None = None,
+    gate: Callable[[], Awaitable[None] | None] | None = None,
     fetch_timeout_s: float = 1.0,
     max_batch: int | None = None,
     rebind: Callable[[], Awaitable[PullSub]] | None = None,
@@ -82,7 +82,8 @@ async def consume(
     `sub` names the stream and durable consumer (a pull subscription from `Bus.pull`); its own
     fetch subscription is not used. At most `concurrency` handlers run at once (`slots` shares
     the count with the caller, e.g. for heartbeats).
-    `gate`, when given, is awaited before each pull request (a throttled worker waits there).
+    `gate`, when given, is called before each pull request: None lets the request go, an
+    awaitable holds it until done (a throttled worker waits there).
     `max_batch` caps one pull request (a worker with 10,000 free slots asks in bites, so the
     other workers of its pool get their share). A pull request expires after `fetch_timeout_s`.
     `rebind`, when given, makes a new pull subscription: used when nothing is delivered for a
@@ -106,7 +107,7 @@ class _Consumer:
         stop: asyncio.Event,
         slots: Slots,
         name: str,
-        gate: Callable[[], Awaitable[None]] | None,
+        gate: Callable[[], Awaitable[None] | None] | None,
         expires_s: float,
         max_batch: int | None,
         rebind: Callable[[], Awaitable[PullSub]] | None,
@@ -251,7 +252,8 @@ class _Consumer:
             if now >= self.backoff_until and (
                 want >= self.threshold or (want > 0 and self.puller.pending == 0)
             ):
-                if self.gate is not None and not await self._gate():
+                held = self.gate() if self.gate is not None else None
+                if held is not None and not await self._gate(held):
                     return
                 want = self._want()
                 if want <= 0:
@@ -270,10 +272,9 @@ class _Consumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.001, wake_at - now))
 
-    async def _gate(self) -> bool:
+    async def _gate(self, held: Awaitable[None]) -> bool:
         """Wait for the gate; False when stopped meanwhile."""
-        assert self.gate is not None
-        g = asyncio.ensure_future(self.gate())
+        g = asyncio.ensure_future(held)
         s = asyncio.ensure_future(self.stop.wait())
         try:
             await asyncio.wait({g, s}, return_when=asyncio.FIRST_COMPLETED)
