@@ -9,9 +9,10 @@ float. Throughput is measured between the first and the last completion, so star
 
 - `worker_http_vs_bare_client_c256`: steps/s of one worker with 256 slots against the
   zero-latency OpenAI sandbox, vs the fastest bare client loop (bench.http_clients: aiohttp, the
-  lean pool) at concurrency 256 against the same sandbox process. Goal >= 0.8. The conditions
-  repeat both against the load sandbox (chainyard.sandbox.load), where the client side is what
-  limits: the worker's CPU per step against a bare request's.
+  lean pool) at concurrency 256 against the same sandbox process, three rounds alternating
+  (the median round vs each client's median rate: one round swung by +-0.05 here). Goal >= 0.8.
+  The conditions repeat both against the load sandbox (chainyard.sandbox.load), where the client
+  side is what limits: the worker's CPU per step against a bare request's.
 - `inflight_10k_rss_mb`: peak RSS of one worker holding 10,000 calls to a sandbox that answers
   after 1 s, vs the same worker's RSS idle (goal in conditions: <= 1024 MB), and
   `inflight_10k_steps_per_s`: its throughput vs in-flight / latency (10,000/s at 10,000 slots).
@@ -281,22 +282,34 @@ async def run_worker(
 
 
 async def _worker_vs_bare(
-    n: int, cores: tuple[set[int], set[int]] | None, load: bool
+    n: int, cores: tuple[set[int], set[int]] | None, load: bool, rounds: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Bare client loops, then one worker with 256 slots, against one zero-latency sandbox."""
+    """Bare client loops, then one worker with 256 slots, against one zero-latency sandbox;
+    `rounds` times, alternating. The bare rates are each kind's median; the worker's figures
+    are those of its median round, with every round's rate beside them."""
+    bares: dict[str, list[float]] = {}
+    runs: list[dict[str, Any]] = []
     async with (
         NatsServer() as nats,
         sandbox(0.0, cores[1] if cores else None, load=load) as (url, spid),
     ):
-        own = os.sched_getaffinity(0) if cores else None
-        try:
-            _pin(0, cores[0] if cores else None)
-            bare = await measure_clients(n, (256,), ("aiohttp_bare", "lean"), base_url=url + "/v1")
-        finally:
-            _pin(0, own)
         others = {"sandbox": spid, "nats_server": nats.pid}
-        w = await run_worker(nats.url, url, n, 256, cores[0] if cores else None, "h", others)
-    return {k: round(v[256], 1) for k, v in bare["rps"].items()}, w
+        for r in range(rounds):
+            own = os.sched_getaffinity(0) if cores else None
+            try:
+                _pin(0, cores[0] if cores else None)
+                bare = await measure_clients(
+                    n, (256,), ("aiohttp_bare", "lean"), base_url=url + "/v1"
+                )
+            finally:
+                _pin(0, own)
+            for k, v in bare["rps"].items():
+                bares.setdefault(k, []).append(v[256])
+            core = cores[0] if cores else None
+            runs.append(await run_worker(nats.url, url, n, 256, core, f"h{r}-", others))
+    runs.sort(key=lambda w: w["steps_per_s"])
+    w = {**runs[len(runs) // 2], "rounds_steps_per_s": [round(x["steps_per_s"]) for x in runs]}
+    return {k: round(statistics.median(v), 1) for k, v in bares.items()}, w
 
 
 @benchmark("workers", ("worker_http_vs_bare_client_c256",))
@@ -306,10 +319,11 @@ async def worker_http(ctx: Ctx) -> list[Figure]:
     Against the full OpenAI sandbox (the figure), and again against the load sandbox, which
     is ~10x cheaper a request, so that the worker's own cost shows (in the conditions)."""
     n = ctx.n("worker_n", 20_000, 3_000)
+    rounds = ctx.n("rounds", 3, 1)
     cores = _cores() if ctx.n("pin", 1, 1) else None
-    bare, w = await _worker_vs_bare(n, cores, load=False)
+    bare, w = await _worker_vs_bare(n, cores, load=False, rounds=rounds)
     best = max(bare, key=lambda k: bare[k])
-    load_bare, load_w = await _worker_vs_bare(n, cores, load=True)
+    load_bare, load_w = await _worker_vs_bare(n, cores, load=True, rounds=1)
     load_best = max(load_bare.values())
     steps = load_w.pop("steps_per_s")
     against_load = {"worker_steps_per_s": round(steps, 1), "bare_rps": load_bare,
@@ -318,7 +332,8 @@ async def worker_http(ctx: Ctx) -> list[Figure]:
         Figure(
             "worker_http_vs_bare_client_c256", w["steps_per_s"], "steps/s",
             f"bare_{best}_c256", bare[best],
-            {"n": n, "slots": 256, "goal_ratio": 0.8, "pinned": cores is not None,
+            {"n": n, "rounds": rounds, "figure": "median round vs median bare rate",
+             "slots": 256, "goal_ratio": 0.8, "pinned": cores is not None,
              "bare_rps": bare, "sandbox": "chainyard.sandbox openai, separate process, 0 ms",
              **{k: v for k, v in w.items() if k != "steps_per_s"},
              "against_load_sandbox": against_load},
