@@ -15,22 +15,19 @@ docs/RELIABILITY.md; in short, per accepted chain:
   submitted, a chain.rejected for an accepted chain, a status other than the scenario expects,
   a failure without a reason, KV state that differs from the state rebuilt from the event log.
 
-`check()` is pure (data in, report out); `collect()` reads the three sources from NATS.
+`check()` is pure (data in, report out); `collect()` reads the three sources from NATS
+(_ledger_read.py, with the snapshot's types); `audit()` is the two in a row.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
+from chainyard._ledger_read import DeadLetter, Key, LoggedEvent, Snapshot, collect, read_stream
 from chainyard.contracts import (
     ChainCompleted,
     ChainFailed,
@@ -40,37 +37,9 @@ from chainyard.contracts import (
     StepCompleted,
     StepFailed,
     Topology,
-    event_decoder,
-    state_decoder,
 )
-from chainyard.runtime.nats import retry_api
 
-Key = tuple[str, str]  # (tenant, chain id)
 COST_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class LoggedEvent:
-    seq: int
-    subject: str
-    event: Event | None  # None: not decodable (itself unexpected)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    seq: int
-    subject: str
-    tenant: str | None
-    reason: str
-    data: bytes
-
-
-@dataclass
-class Snapshot:
-    events: list[LoggedEvent] = field(default_factory=list)
-    states: dict[Key, ChainState] = field(default_factory=dict)
-    dead: list[DeadLetter] = field(default_factory=list)
-    stale_reads: int = 0  # KV entries the consumer read older than the leader's
 
 
 @dataclass
@@ -337,87 +306,6 @@ def _statuses(state: ChainState) -> str:
     return ",".join(f"{sid}={st.status}/{st.attempt}" for sid, st in state.steps.items())
 
 
-# -- reading NATS ----------------------------------------------------------------------------
-
-
-async def read_stream(
-    js: JetStreamContext,
-    stream: str,
-    subject: str = ">",
-    *,
-    last_per_subject: bool = False,
-    limit_s: float = 60.0,
-) -> list[Msg]:
-    """Every message stored in `stream` (optionally the last per subject), with an ordered
-    consumer; ends when the consumer reports nothing pending. The API calls are retried while
-    the cluster elects a leader (an audit right after a node loss)."""
-    try:
-        info = await retry_api(lambda: js.stream_info(stream))
-    except NotFoundError:
-        return []
-    if info.state.messages == 0:
-        return []
-    out: list[Msg] = []
-    done = asyncio.get_running_loop().create_future()
-
-    async def cb(msg: Msg) -> None:
-        out.append(msg)
-        if msg.metadata.num_pending == 0 and not done.done():
-            done.set_result(None)
-
-    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
-    sub = await retry_api(
-        lambda: js.subscribe(
-            subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
-        )
-    )
-    try:
-        await asyncio.wait_for(done, limit_s)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return out
-
-
-async def collect(js: JetStreamContext, topology: Topology | None = None) -> Snapshot:
-    topology = topology or Topology()
-    snap = Snapshot()
-    for m in await read_stream(js, topology.events.name, topology.subjects.all_events):
-        try:
-            ev: Event | None = event_decoder.decode(m.data)
-        except Exception:
-            ev = None
-        snap.events.append(LoggedEvent(m.metadata.sequence.stream, m.subject, ev))
-    bucket = topology.chains_kv.bucket
-    for m in await read_stream(js, f"KV_{bucket}", f"$KV.{bucket}.>", last_per_subject=True):
-        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            continue
-        state = state_decoder.decode(m.data)
-        if state.status == "running":
-            # A consumer may be served by a replica that is still catching up (after a node
-            # restart): confirm a running chain with a get through the stream leader.
-            with contextlib.suppress(Exception):
-                fresh = await js.get_msg(f"KV_{bucket}", subject=m.subject)
-                if fresh.data:
-                    again = state_decoder.decode(fresh.data)
-                    if again != state:
-                        snap.stale_reads += 1
-                    state = again
-        snap.states[(state.tenant, state.chain.id)] = state
-    for m in await read_stream(js, topology.dlq.name, topology.subjects.dlq):
-        h = m.headers or {}
-        snap.dead.append(
-            DeadLetter(
-                m.metadata.sequence.stream,
-                m.subject,
-                h.get("Cy-Tenant"),
-                h.get("Cy-Reason", ""),
-                m.data,
-            )
-        )
-    return snap
-
-
 async def audit(
     js: JetStreamContext,
     accepted: Iterable[Key],
@@ -432,3 +320,20 @@ async def audit(
     if snap.stale_reads:
         r.notes["kv_stale_reads"] = snap.stale_reads
     return r
+
+
+# The reading side lives in _ledger_read; callers keep importing it from here.
+__all__ = [
+    "COST_EPS",
+    "DeadLetter",
+    "Key",
+    "LoggedEvent",
+    "RebuiltStep",
+    "Report",
+    "Snapshot",
+    "audit",
+    "check",
+    "collect",
+    "read_stream",
+    "rebuild",
+]
