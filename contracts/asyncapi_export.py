@@ -27,8 +27,6 @@ from .schema_export import SCHEMA_DIR, clean_docs
 
 ASYNCAPI_PATH = SCHEMA_DIR.parent / "asyncapi.yaml"
 
-_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
 
 def _stream(s: StreamDef) -> dict[str, Any]:
     out: dict[str, Any] = {"name": s.name, "retention": s.retention}
