@@ -201,7 +201,7 @@ class _Consumer:
         self.slots.give()
         if self.waiting and not self.stopping:
             self._start(self.waiting.popleft())
-        elif self._want() >= self.threshold:
+        if self._want() >= self.threshold:  # (also when a waiting message took the slot)
             self.wake.set()
 
     async def _run(self, msg: Msg) -> None:
