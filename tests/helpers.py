@@ -14,7 +14,6 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from chainyard.contracts import (
     ChainCompleted,
@@ -23,6 +22,7 @@ from chainyard.contracts import (
     Event,
     event_decoder,
 )
+from chainyard.ledger import read_stream
 
 ENDED = (ChainCompleted, ChainFailed, ChainRejected)
 
@@ -159,27 +159,11 @@ async def stream_messages_eventually(
 
 
 async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
-    """Every message stored in `stream` on `subject` (wildcards allowed), oldest first."""
+    """Every message stored in `stream` on `subject` (wildcards allowed), oldest first. Counted
+    first: the ledger's reader waits for a message on the subject, and there may be none."""
     if await stream_count(js, stream, subject) == 0:
         return []
-    out: list[Msg] = []
-    got_all = asyncio.get_running_loop().create_future()
-
-    async def cb(msg: Msg) -> None:
-        out.append(msg)
-        # num_pending says how many stored messages on the subject follow this one; the stream
-        # info's per-subject counts can be incomplete (they are paged), so they only say "any".
-        if msg.metadata.num_pending == 0 and not got_all.done():
-            got_all.set_result(None)
-
-    sub = await js.subscribe(
-        subject, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=stream
-    )
-    try:
-        await asyncio.wait_for(got_all, 10.0)
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stream(js, stream, subject, limit_s=10.0)
 
 
 async def stream_events(
