@@ -81,6 +81,21 @@ _TRACE = (
 )
 
 
+def _control(name: str, title: str, summary: str, verb: str, payload: Any) -> dict[str, Any]:
+    """A control message (`cy.control.<tenant>.<chain>.<verb>`): a fresh id per request."""
+    return {
+        "name": name,
+        "title": title,
+        "summary": summary,
+        "contentType": "application/json",
+        "headers": _headers(
+            Nats_Msg_Id=(f"Unique per request, e.g. `<chain>.{verb}.<fresh id>`.", True),
+            traceparent=_TRACE,
+        ),
+        "payload": payload,
+    }
+
+
 def message_components(schema_ref: str) -> dict[str, Any]:
     """`components.messages`; `schema_ref`: the JSON Schema directory, as in `document()`."""
 
@@ -99,41 +114,29 @@ def message_components(schema_ref: str) -> dict[str, Any]:
             "payload": schema("chain"),
             "correlationId": {"location": "$message.header#/Nats-Msg-Id"},
         },
-        "cancel": {
-            "name": "Cancel",
-            "title": "Cancel a chain",
-            "summary": "On `cancel`: end the chain with chain.cancelled.",
-            "contentType": "application/json",
-            "headers": _headers(
-                Nats_Msg_Id=("Unique per request, e.g. `<chain>.cancel.<fresh id>`.", True),
-                traceparent=_TRACE,
-            ),
-            "payload": _ref("#/components/schemas/Cancel"),
-        },
-        "signal": {
-            "name": "Signal",
-            "title": "Release wait steps",
-            "summary": "On `signal.<name>`: any JSON value; it becomes the output of the "
-            "chain's wait steps for that signal.",
-            "contentType": "application/json",
-            "headers": _headers(
-                Nats_Msg_Id=("Unique per request, e.g. `<chain>.signal.<name>.<fresh id>`.", True),
-                traceparent=_TRACE,
-            ),
-            "payload": {"description": "Any JSON value (null when there is no data)."},
-        },
-        "replay": {
-            "name": "Replay",
-            "title": "Re-run an ended chain",
-            "summary": "On `replay`: a new chain `new_id` re-runs `from_step` and what depends "
-            "on it, with `overrides`; earlier outputs are reused.",
-            "contentType": "application/json",
-            "headers": _headers(
-                Nats_Msg_Id=("Unique per request, e.g. `<chain>.replay.<fresh id>`.", True),
-                traceparent=_TRACE,
-            ),
-            "payload": _ref("#/components/schemas/Replay"),
-        },
+        "cancel": _control(
+            "Cancel",
+            "Cancel a chain",
+            "On `cancel`: end the chain with chain.cancelled.",
+            "cancel",
+            _ref("#/components/schemas/Cancel"),
+        ),
+        "signal": _control(
+            "Signal",
+            "Release wait steps",
+            "On `signal.<name>`: any JSON value; it becomes the output of the chain's wait steps "
+            "for that signal.",
+            "signal.<name>",
+            {"description": "Any JSON value (null when there is no data)."},
+        ),
+        "replay": _control(
+            "Replay",
+            "Re-run an ended chain",
+            "On `replay`: a new chain `new_id` re-runs `from_step` and what depends on it, with "
+            "`overrides`; earlier outputs are reused.",
+            "replay",
+            _ref("#/components/schemas/Replay"),
+        ),
         "assignment": {
             "name": "Assignment",
             "title": "A step attempt routed to a pool",
