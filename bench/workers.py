@@ -294,10 +294,11 @@ async def _worker_vs_bare(
         sandbox(0.0, cores[1] if cores else None, load=load) as (url, spid),
     ):
         others = {"sandbox": spid, "nats_server": nats.pid}
+        core = cores[0] if cores else None
+        own = os.sched_getaffinity(0) if cores else None
         for r in range(rounds):
-            own = os.sched_getaffinity(0) if cores else None
             try:
-                _pin(0, cores[0] if cores else None)
+                _pin(0, core)
                 bare = await measure_clients(
                     n, (256,), ("aiohttp_bare", "lean"), base_url=url + "/v1"
                 )
@@ -305,7 +306,6 @@ async def _worker_vs_bare(
                 _pin(0, own)
             for k, v in bare["rps"].items():
                 bares.setdefault(k, []).append(v[256])
-            core = cores[0] if cores else None
             runs.append(await run_worker(nats.url, url, n, 256, core, f"h{r}-", others))
     runs.sort(key=lambda w: w["steps_per_s"])
     w = {**runs[len(runs) // 2], "rounds_steps_per_s": [round(x["steps_per_s"]) for x in runs]}
