@@ -2,15 +2,17 @@
 
 One embedded nats-server, Router + Worker(NullProvider) in one process (bench.chainyard_path),
 the same driver as nats_path. Tracing on = what `telemetry.setup` installs in a service
-(`telemetry.build_provider`: chainyard's light spans, a batching thread encoding OTLP protobuf
-directly, http.client POST), sending to a local OTLP receiver in another process
+(`telemetry.build_provider`: chainyard's light spans, piped in batches to a helper process that
+encodes OTLP protobuf directly and POSTs it with http.client), sending to a local OTLP receiver
+in another process
 (tests/otlp_receiver.py); off = chainyard's helpers with no tracer (what a service gets with no
 OTEL_EXPORTER_OTLP_ENDPOINT). Rounds alternate off / on in the same run; the figure is the
 median on-round throughput over the median off-round throughput (goal >= 0.85). The conditions
-also carry this process's CPU per chain in each kind of round (all threads, the on round's
-export included) and the export thread's CPU per span. `--set mode=1|2` measures the SDK paths
-it replaced (SDK spans with the direct encoder; SDK spans with the SDK's OTLP exporter), mode 3
-spans made and queued but never encoded or sent.
+also carry this process's CPU per chain in each kind of round (all threads) and the exporter's
+CPU per span (the helper process's, or the export thread's in mode 4). `--set mode=4` measures
+the export thread it replaced, `--set mode=1|2` the SDK paths before that (SDK spans with the
+direct encoder; SDK spans with the SDK's OTLP exporter), mode 3 spans made and queued in the
+thread's batcher but never encoded or sent.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ class _Counting:
 
 
 MODES = {
-    0: "chainyard light spans, direct OTLP protobuf encoder, http.client POST (production)",
+    0: "chainyard light spans piped to a helper process: direct OTLP protobuf, http.client POST"
+    " (production)",
+    4: "chainyard light spans, batching thread in the service: direct OTLP protobuf encoder,"
+    " http.client POST (before)",
     1: "SDK spans + BatchSpanProcessor, direct OTLP protobuf encoder",
     2: "SDK spans + BatchSpanProcessor + SDK OTLPSpanExporter (before)",
     3: "diagnosis: chainyard light spans queued, never encoded or sent",
@@ -84,13 +89,17 @@ def _provider(endpoint: str, mode: int) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from chainyard.runtime.telemetry_child import ChildExport
     from chainyard.runtime.telemetry_export import OtlpHttpExporter
 
     resource = Resource.create({"service.name": "chainyard-bench"})
     url = f"{endpoint}/v1/traces"
     if mode == 0:
+        provider = telemetry.build_provider(resource, ChildExport(endpoint=url))
+        return provider, provider.batcher  # OTEL_BSP_* defaults; the helper's counts
+    if mode == 4:
         exporter = OtlpHttpExporter(endpoint=url)
-        return telemetry.build_provider(resource, exporter), exporter  # OTEL_BSP_* defaults
+        return telemetry.build_provider(resource, exporter), exporter
     if mode == 3:  # diagnosis: spans made and queued, never encoded or sent
 
         class _Null:
@@ -175,6 +184,9 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
         recv.terminate()
         await recv.wait()
 
+    exported = getattr(exporter, "exported", None)
+    if exported is None:  # the helper process's count (mode 0)
+        exported = exporter.exported_spans
     on_tp = statistics.median(r.per_s for r in on)
     off_tp = statistics.median(r.per_s for r in off)
     cond: dict[str, Any] = {
@@ -190,16 +202,16 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
         "receiver": "local process, reads and discards the body (tests/otlp_receiver.py --discard)",
         "settle_spans": telemetry.settle_spans,
         "sampler": "parent-based always-on (every chain traced)",
-        "spans_exported": exporter.exported,
+        "spans_exported": exported,
         "spans_failed": exporter.failed,
-        "spans_per_chain": round(exporter.exported / max(1, (n * rounds + warm)), 2),
+        "spans_per_chain": round(exported / max(1, (n * rounds + warm)), 2),
         "on_rounds_per_s": [round(r.per_s, 1) for r in on],
         "off_rounds_per_s": [round(r.per_s, 1) for r in off],
         "cpu_us_per_chain_off": round(statistics.median(cpu_off), 1),
         "cpu_us_per_chain_on": round(statistics.median(cpu_on), 1),
         "tracing_cpu_us_per_span": round(
             (statistics.median(cpu_on) - statistics.median(cpu_off))
-            / max(0.01, exporter.exported / max(1, n * rounds + warm)),
+            / max(0.01, exported / max(1, n * rounds + warm)),
             1,
         ),
         "export_cpu_us_per_span": (

@@ -67,6 +67,7 @@ class OtlpReceiver:
     requests: int = 0
     discard: bool = False  # benchmarks: answer at once, decode nothing
     bytes_received: int = 0
+    last_headers: dict[str, str] = field(default_factory=dict)  # of the last trace request
     _runner: web.AppRunner | None = None
     _changed: asyncio.Condition | None = None
 
@@ -103,6 +104,7 @@ class OtlpReceiver:
 
     async def _traces(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        self.last_headers = {k.lower(): v for k, v in request.headers.items()}
         self.requests += 1
         self.bytes_received += len(body)
         if self.discard:

@@ -150,13 +150,17 @@ def setup(default_service: str) -> bool:
 
 def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
     """Chainyard's tracer (telemetry_lite) exporting OTLP/HTTP protobuf (telemetry_otlp), set up
-    from the `OTEL_*` variables: what `setup` installs, and what the benchmark measures."""
+    from the `OTEL_*` variables: what `setup` installs, and what the benchmark measures. The
+    export runs in a helper process (telemetry_child), or with `CHAINYARD_TRACE_EXPORT=thread`
+    in a thread of this one (a host with one core to spare for nothing)."""
+    from .telemetry_child import ChildExport
     from .telemetry_export import OtlpHttpExporter
     from .telemetry_lite import LiteProvider, sampler_from_env
 
-    return LiteProvider(
-        resource, exporter or OtlpHttpExporter(), sampler=sampler_from_env(), **batch
-    )
+    if exporter is None:
+        where = os.environ.get("CHAINYARD_TRACE_EXPORT", "").strip().lower()
+        exporter = OtlpHttpExporter() if where == "thread" else ChildExport()
+    return LiteProvider(resource, exporter, sampler=sampler_from_env(), **batch)
 
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:

@@ -153,23 +153,25 @@ class SpanBatcher:
             self.exporter.shutdown()
 
     def span_processor(self) -> Any:
-        """An SDK SpanProcessor that puts the SDK's sampled spans in this queue."""
-        from opentelemetry.sdk.trace import SpanProcessor
+        return span_processor(self)
 
-        batcher = self
 
-        class _Processor(SpanProcessor):
-            def on_end(self, span: Any) -> None:
-                if span.context.trace_flags.sampled:
-                    batcher.add(span)
+def span_processor(batcher: Any) -> Any:
+    """An SDK SpanProcessor that puts the SDK's sampled spans in `batcher`'s queue."""
+    from opentelemetry.sdk.trace import SpanProcessor
 
-            def force_flush(self, timeout_millis: int = 30000) -> bool:
-                return batcher.force_flush(timeout_millis)
+    class _Processor(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            if span.context.trace_flags.sampled:
+                batcher.add(span)
 
-            def shutdown(self) -> None:
-                batcher.shutdown()
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return batcher.force_flush(timeout_millis)
 
-        return _Processor()
+        def shutdown(self) -> None:
+            batcher.shutdown()
+
+    return _Processor()
 
 
 # -- OTLP/HTTP --------------------------------------------------------------------------------

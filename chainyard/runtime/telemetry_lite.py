@@ -192,7 +192,7 @@ class LiteTracer(TracerApi):
 
     def __init__(
         self,
-        batcher: SpanBatcher,
+        batcher: Any,
         resource: Any,
         scope_name: str = "chainyard",
         scope_version: str | None = None,
@@ -318,7 +318,13 @@ class LiteProvider:
     TracerProvider (the global one, for other libraries) feeding the same batcher."""
 
     def __init__(self, resource: Any, exporter: Any, *, sampler: Any = None, **batch: Any) -> None:
-        self.batcher = SpanBatcher(exporter, **batch)
+        from .telemetry_child import ChildBatcher, ChildExport
+
+        self.batcher: SpanBatcher | ChildBatcher = (
+            ChildBatcher(exporter, **batch)
+            if isinstance(exporter, ChildExport)
+            else SpanBatcher(exporter, **batch)
+        )
         self.tracer = LiteTracer(self.batcher, resource, sampler=sampler)
         self.resource = resource
 

@@ -309,35 +309,59 @@ _LINK_FLAGS_HEX = ("3500010000", "3500030000")
 _SPAN_FLAGS_PB = (HAS_IS_REMOTE, HAS_IS_REMOTE | IS_REMOTE)
 
 
-def encode_light(s: Any) -> bytes:
-    """A Span body for the common case of chainyard's spans (a telemetry_lite.LiteSpan, read by
-    its slots): no trace state, events or status, no link but one to its parent (a process
-    span's creation context). The ids come as hex: the id fields (and the link) are written as
-    one hex string, tags included, and turned into bytes at once."""
-    tid, pid = s._tid, s._pid
-    if not pid:
-        ids = f"0a10{tid}1208{s._sid}"
-    elif s._plink:
-        lf = _LINK_FLAGS_HEX[s._premote]
-        ids = f"0a10{tid}1208{s._sid}2208{pid}{_LINK_HEX}{tid}1208{pid}{lf}"
-    else:
-        ids = f"0a10{tid}1208{s._sid}2208{pid}"
+def light_head(s: Any) -> bytes:
+    """A light span's name, kind and fixed attributes, encoded (cached on its `Fixed`)."""
     kind, fixed = s.kind_pb, s._fixed
-    if fixed is not None and s.name is fixed.name:  # name, kind and fixed attributes: cached
-        head = fixed.heads.get(kind) or fixed.head(kind)
+    if fixed is not None and s.name is fixed.name:
+        return fixed.heads.get(kind) or fixed.head(kind)
+    return _name_kind(s.name, kind) + (fixed.pb if fixed is not None else b"")
+
+
+def encode_record(
+    tid: str,
+    sid: str,
+    pid: str,
+    premote: bool,
+    plink: bool,
+    head: bytes,
+    attrs: dict[str, Any] | None,
+    start: int,
+    end: int,
+) -> bytes:
+    """A Span body for the common case of chainyard's spans: no trace state, events or status,
+    no link but one to its parent (a process span's creation context). The ids come as hex:
+    the id fields (and the link) are written as one hex string, tags included, and turned into
+    bytes at once. `head` is `light_head`'s."""
+    if not pid:
+        ids = f"0a10{tid}1208{sid}"
+    elif plink:
+        lf = _LINK_FLAGS_HEX[premote]
+        ids = f"0a10{tid}1208{sid}2208{pid}{_LINK_HEX}{tid}1208{pid}{lf}"
     else:
-        head = _name_kind(s.name, kind) + (fixed.pb if fixed is not None else b"")
+        ids = f"0a10{tid}1208{sid}2208{pid}"
     parts = [
         _fromhex(ids),
         head,
-        _pack_times_flags(
-            _T_START, s.start_time, _T_END, s.end_time or 0, _T_FLAGS, _SPAN_FLAGS_PB[s._premote]
-        ),
+        _pack_times_flags(_T_START, start, _T_END, end, _T_FLAGS, _SPAN_FLAGS_PB[premote]),
     ]
-    attrs = s._attrs
     if attrs:
         _add_span_attributes(parts, attrs)
     return b"".join(parts)
+
+
+def encode_light(s: Any) -> bytes:
+    """`encode_record` for a light span (a telemetry_lite.LiteSpan, read by its slots)."""
+    return encode_record(
+        s._tid,
+        s._sid,
+        s._pid,
+        s._premote,
+        s._plink,
+        light_head(s),
+        s._attrs,
+        s.start_time,
+        s.end_time or 0,
+    )
 
 
 # span types `encode_light` takes (telemetry_lite's); such a span has `_tracer.group`, its
@@ -358,13 +382,27 @@ def encode(spans: Iterable[Any]) -> bytes:
             else:
                 k, body = s.otlp()
         else:
-            k = (_resource_bytes(s.resource), _scope_bytes(s.instrumentation_scope))
-            body = encode_sdk_span(s)
+            k, body = sdk_record(s)
         if k is not key:  # spans come in runs from one tracer
             key = k
             parts = groups.get(k) or groups.setdefault(k, [])
-        n = len(body)
-        parts += (_T_SS_SPAN, _VARINT[n] if n < 16384 else varint(n), body)
+        add_span(parts, body)
+    return request(groups)
+
+
+def sdk_record(s: Any) -> tuple[tuple[bytes, bytes], bytes]:
+    """((resource field, scope field), Span body) of an SDK ReadableSpan."""
+    return (_resource_bytes(s.resource), _scope_bytes(s.instrumentation_scope)), encode_sdk_span(s)
+
+
+def add_span(parts: list[bytes], body: bytes) -> None:
+    """Append one Span body, as a ScopeSpans.spans field, to a group's parts."""
+    n = len(body)
+    parts += (_T_SS_SPAN, _VARINT[n] if n < 16384 else varint(n), body)
+
+
+def request(groups: Mapping[tuple[bytes, bytes], list[bytes]]) -> bytes:
+    """The ExportTraceServiceRequest of spans grouped by (resource, scope) field bytes."""
     by_resource: dict[bytes, list[bytes]] = {}
     for (res, scope), bodies in groups.items():
         by_resource.setdefault(res, []).append(_ld(_T_RS_SS, scope + b"".join(bodies)))
@@ -380,15 +418,3 @@ from .telemetry_otlp_span import (  # noqa: E402, F401 - it uses this module's w
     encode_sdk_span,
     encode_span,
 )
-
-# -- moved to telemetry_export, still importable from here ---------------------------------
-
-_MOVED = ("DEFAULT_ENDPOINT", "OtlpHttpExporter", "env", "parse_headers", "traces_endpoint")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from . import telemetry_export
-
-        return getattr(telemetry_export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,398 @@
+"""Span export in a helper process: what a service's tracing costs it is making the spans.
+
+A service's event loop shares the GIL, and its core's caches, with anything else that runs
+Python in the process. Encoding and POSTing spans from a thread there cost the event loop more
+than the thread's own CPU (docs/TRACING.md, "Cost"). So `ChildBatcher` keeps only the cheap
+part in the service: an ended span becomes a tuple of what its protobuf needs (ids, times, the
+encoded name, kind and fixed attributes, the attribute dict), a full batch is one
+`marshal.dumps` written to a pipe, and a helper process (`python -m
+chainyard.runtime.telemetry_child`) encodes and POSTs it with telemetry_export's
+`OtlpHttpExporter`. Batching is configured like the SDK's (`OTEL_BSP_*`).
+
+What the helper needs (endpoint, headers, timeout, compression) goes over the pipe, never on
+its command line: headers carry credentials. The service never blocks on the helper: a full
+pipe keeps the bytes (up to a bound, then drops whole batches and counts them), a dead helper is
+replaced (at most once per `RESPAWN_S`), and its lost batches are logged. The helper ignores
+SIGINT and SIGTERM and exits when the pipe closes, so a stopping service's last spans are sent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import marshal
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from . import telemetry_otlp as otlp
+from .telemetry_export import _int_env
+
+log = logging.getLogger("chainyard.telemetry")
+
+_LEN = struct.Struct("<I")
+RESPAWN_S = 5.0  # the soonest a helper that died is replaced
+MAX_PENDING = 16 << 20  # bytes a full pipe may hold back before batches are dropped
+MAX_FRAMES = 64  # batches the helper holds while its endpoint is slow; older ones are dropped
+_F_SETPIPE_SZ = 1031  # Linux: a 1 MB pipe rides out the helper's pauses
+
+
+class ChildExport:
+    """Where the helper sends spans: an OTLP/HTTP endpoint, configured like `OtlpHttpExporter`
+    (None: from the `OTEL_EXPORTER_OTLP_*` variables, read by the helper itself)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        compression: str | None = None,
+    ) -> None:
+        from .telemetry_export import traces_endpoint
+
+        self.endpoint = endpoint or traces_endpoint()
+        self.config = {
+            "endpoint": self.endpoint,
+            "headers": dict(headers or {}),
+            "timeout": timeout,
+            "compression": compression,
+        }
+
+
+class ChildBatcher:
+    """The queue a tracer's ended spans join (same API as telemetry_export.SpanBatcher), sent
+    in batches to a helper process. `exported_spans` / `failed` / `export_cpu_s` are the
+    helper's counts as of the last `force_flush`."""
+
+    def __init__(
+        self,
+        export: ChildExport,
+        *,
+        max_queue_size: int | None = None,
+        max_export_batch_size: int | None = None,
+        schedule_delay_ms: int | None = None,
+    ) -> None:
+        self.exporter = export
+        self.max_queue = max_queue_size or _int_env("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        self.max_batch = min(
+            self.max_queue, max_export_batch_size or _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        )
+        self.delay = (schedule_delay_ms or _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
+        self._records: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._io = threading.Lock()  # the pipe: whole frames, one writer at a time
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pending = b""  # bytes the pipe has not taken yet
+        self._died_at = -RESPAWN_S
+        self._flushes = 0
+        self._stop = False
+        self._wake = threading.Event()
+        self.dropped = 0  # spans dropped here (pipe full, helper down)
+        self.exported_spans = self.failed = 0
+        self.export_cpu_s = 0.0
+        self._thread: threading.Thread | None = None
+        self._start()
+        weak = weakref.ref(self)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: (b := weak()) and b._after_fork())
+        atexit.register(lambda: (b := weak()) and b.shutdown())
+
+    # -- the service's side: hot path
+
+    def add(self, span: Any) -> None:
+        """An ended span: a light one as a tuple, anything else encoded here (rare: events,
+        status, links, trace state, the SDK's spans)."""
+        q = self._records
+        if len(q) >= self.max_queue:
+            self.dropped += 1
+            return
+        if type(span) in otlp.LIGHT:
+            if span._events is None and span._status is None and not span._ts and not span._links:
+                q.append(
+                    (
+                        span._tracer.group,
+                        span._tid,
+                        span._sid,
+                        span._pid,
+                        span._premote,
+                        span._plink,
+                        otlp.light_head(span),
+                        span._attrs,
+                        span.start_time,
+                        span.end_time or 0,
+                    )
+                )
+            else:
+                q.append(span.otlp())
+        else:
+            q.append(otlp.sdk_record(span))
+        if len(q) >= self.max_batch:
+            self._send(self._take(self.max_batch))
+
+    def _take(self, n: int) -> list[tuple[Any, ...]]:
+        q = self._records
+        pop = q.popleft
+        return [pop() for _ in range(min(n, len(q)))]
+
+    def _send(self, records: list[tuple[Any, ...]]) -> None:
+        if not records:
+            return
+        try:
+            frame = marshal.dumps(records)
+        except ValueError:  # an attribute value of a type marshal does not know (a str subclass)
+            frame = marshal.dumps([_plain(r) for r in records])
+        with self._io:
+            if len(self._pending) > MAX_PENDING:
+                self.dropped += len(records)
+                return
+            self._write(_LEN.pack(len(frame)) + frame, len(records))
+
+    # -- the pipe (under self._io)
+
+    def _write(self, data: bytes, spans: int, *, block: bool = False) -> bool:
+        proc = self._proc if self._proc is not None else self._spawn()
+        if proc is None or proc.stdin is None:
+            self.dropped += spans
+            return False
+        fd = proc.stdin.fileno()
+        data = self._pending + data if self._pending else data
+        try:
+            if block:
+                os.set_blocking(fd, True)
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.set_blocking(fd, False)
+            else:
+                data = data[os.write(fd, data) :]
+        except BlockingIOError:
+            pass
+        except OSError as e:  # the helper is gone: its unsent batches with it
+            log.warning("span export helper exited (%s); replacing it", e)
+            self._reap()
+            self.dropped += spans
+            return False
+        self._pending = data
+        return True
+
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        if self._stop or time.monotonic() - self._died_at < RESPAWN_S:
+            return None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chainyard.runtime.telemetry_child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert proc.stdin is not None
+        fd = proc.stdin.fileno()
+        try:
+            import fcntl
+
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, OSError):
+            pass
+        config = marshal.dumps(self.exporter.config)
+        os.write(fd, _LEN.pack(len(config)) + config)  # a fresh pipe takes it whole
+        os.set_blocking(fd, False)
+        self._proc, self._pending = proc, b""
+        return proc
+
+    def _reap(self) -> None:
+        proc, self._proc, self._pending = self._proc, None, b""
+        self._died_at = time.monotonic()
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f and f.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- the schedule delay, flush, shutdown
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="chainyard-span-pipe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.delay)
+            self._wake.clear()
+            while self._records:
+                self._send(self._take(self.max_batch))
+            if self._pending:
+                with self._io:
+                    self._write(b"", 0)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Send what is queued and wait until the helper has posted it (or the timeout)."""
+        while self._records:
+            self._send(self._take(self.max_batch))
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._io:
+            if self._proc is None:
+                return not self._pending
+            self._flushes += 1
+            token = self._flushes
+            mark = marshal.dumps(("flush", token))
+            if not self._write(_LEN.pack(len(mark)) + mark, 0, block=True):
+                return False
+            proc = self._proc
+            assert proc is not None and proc.stdout is not None
+            out = proc.stdout.fileno()
+            line = b""
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([out], [], [], left)[0]:
+                    return False
+                chunk = os.read(out, 256)
+                if not chunk:
+                    self._reap()
+                    return False
+                line += chunk
+            for reply in line.decode().splitlines():
+                got, exported, failed, cpu = reply.split()
+                self.exported_spans, self.failed = int(exported), int(failed)
+                self.export_cpu_s = float(cpu)
+                if int(got) == token:
+                    return True
+            return False
+
+    def shutdown(self) -> None:
+        if self._stop:
+            return
+        flushed = self.force_flush(5000)
+        self._stop = True
+        self._wake.set()
+        with self._io:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the helper sends what it has, then exits
+            try:
+                proc.wait(5 if flushed else 0.5)  # a helper that could not flush is stuck
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def _after_fork(self) -> None:
+        self._records.clear()
+        self._io = threading.Lock()
+        self._proc, self._pending = None, b""  # the parent's helper is the parent's
+        self._wake = threading.Event()
+        if not self._stop:
+            self._start()
+
+    def span_processor(self) -> Any:
+        from .telemetry_export import span_processor
+
+        return span_processor(self)
+
+
+def _plain(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A record with attribute values of marshal's types (str, int, float and bool subclasses,
+    tuples and other sequences made plain)."""
+    if len(record) != 10 or not record[7]:
+        return record
+    attrs = {k: _plain_value(v) for k, v in record[7].items()}
+    return (*record[:7], attrs, *record[8:])
+
+
+def _plain_value(v: Any) -> Any:
+    for t in (bool, int, float, str, bytes):
+        if isinstance(v, t):
+            return t(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    return None if v is None else str(v)
+
+
+# -- the helper process -------------------------------------------------------------------------
+
+
+def _frames(fd: int, out: collections.deque[bytes | None], ready: threading.Condition) -> None:
+    """Read length-prefixed frames off the pipe as fast as they come (the service never waits
+    on the encoder); None at the end."""
+    buf = b""
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        buf = buf + chunk if buf else chunk
+        frames, at = [], 0
+        while len(buf) - at >= 4:
+            (n,) = _LEN.unpack_from(buf, at)
+            if len(buf) - at < 4 + n:
+                break
+            frames.append(buf[at + 4 : at + 4 + n])
+            at += 4 + n
+        buf = buf[at:]
+        with ready:
+            out.extend(frames)
+            ready.notify()
+    with ready:
+        out.append(None)
+        ready.notify()
+
+
+def encode_records(records: list[tuple[Any, ...]]) -> bytes:
+    """The ExportTraceServiceRequest of a batch of `ChildBatcher` records."""
+    groups: dict[Any, list[bytes]] = {}
+    for r in records:
+        if len(r) == 2:
+            group, body = r
+        else:
+            group, body = r[0], otlp.encode_record(*r[1:])
+        otlp.add_span(groups.get(group) or groups.setdefault(group, []), body)
+    return otlp.request(groups)
+
+
+def main() -> None:
+    """The helper: the first frame is its configuration, then batches and flush marks."""
+    from .telemetry_export import OtlpHttpExporter
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the service decides when it ends: EOF
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    frames: collections.deque[bytes | None] = collections.deque()
+    ready = threading.Condition()
+    threading.Thread(target=_frames, args=(0, frames, ready), daemon=True).start()
+    exporter: OtlpHttpExporter | None = None
+    exported = failed = 0
+    while True:
+        with ready:
+            while not frames:
+                ready.wait()
+            frame = frames.popleft()
+            behind = len(frames) > MAX_FRAMES  # the endpoint is slower than the spans come
+        if frame is None:
+            break
+        msg = marshal.loads(frame)
+        if exporter is None:
+            exporter = OtlpHttpExporter(**msg)
+        elif type(msg) is tuple:  # ("flush", token): everything before it is posted
+            reply = f"{msg[1]} {exported} {failed} {time.process_time():.6f}\n"
+            os.write(1, reply.encode())
+        elif not behind and exporter.post(encode_records(msg)):
+            exported += len(msg)
+        else:
+            failed += len(msg)
+    if exporter is not None:
+        exporter.shutdown()
+
+
+if __name__ == "__main__":
+    main()
