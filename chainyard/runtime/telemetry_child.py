@@ -116,6 +116,8 @@ class ChildBatcher:
             return
         if type(span) in otlp.LIGHT:
             if span._events is None and span._status is None and not span._ts and not span._links:
+                f = span._fixed  # its encoded head, cached on the Fixed (otlp.light_head)
+                head = f.heads.get(span.kind_pb) if f is not None and span.name is f.name else None
                 q.append(
                     (
                         span._tracer.group,
@@ -124,7 +126,7 @@ class ChildBatcher:
                         span._pid,
                         span._premote,
                         span._plink,
-                        otlp.light_head(span),
+                        head or otlp.light_head(span),
                         span._attrs,
                         span.start_time,
                         span.end_time or 0,

@@ -217,7 +217,9 @@ def consumer(
 def _begin(msg: Any, durable: str, by_tmpl: _FixedCache) -> tuple[Scope | ProcessSpan, Any, Any]:
     subject = msg.subject
     tmpl = template(subject)
-    fixed = by_tmpl.messaging("process", tmpl, **{"messaging.consumer.group.name": durable})
+    fixed = by_tmpl.get(tmpl) or by_tmpl.messaging(
+        "process", tmpl, **{"messaging.consumer.group.name": durable}
+    )
     attrs = {"messaging.destination.name": subject}
     headers = msg.headers
     parent = None
