@@ -111,7 +111,8 @@ class ChildBatcher:
         """An ended span: a light one as a tuple, anything else encoded here (rare: events,
         status, links, trace state, the SDK's spans)."""
         q = self._records
-        if len(q) >= self.max_queue:
+        n = len(q)
+        if n >= self.max_queue:
             self.dropped += 1
             return
         if type(span) in otlp.LIGHT:
@@ -136,7 +137,7 @@ class ChildBatcher:
                 q.append(span.otlp())
         else:
             q.append(otlp.sdk_record(span))
-        if len(q) >= self.max_batch:
+        if n + 1 >= self.max_batch:
             self._send(self._take(self.max_batch))
 
     def _take(self, n: int) -> list[tuple[Any, ...]]:
