@@ -17,6 +17,7 @@ from otlp_receiver import OtlpReceiver
 
 from chainyard.runtime import telemetry as tm
 from chainyard.runtime import telemetry_child as tc
+from chainyard.runtime import telemetry_helper as th
 from chainyard.runtime import telemetry_otlp as otlp
 
 
@@ -75,7 +76,7 @@ def test_records_encode_as_the_spans_do() -> None:
             batcher.add(s)
         records = batcher._take(10)
         assert [len(r) for r in records] == [10, 2, 2, 10]  # light, general (2), light
-        assert tc.encode_records(records) == otlp.encode(spans)
+        assert th.encode_records(records) == otlp.encode(spans)
     finally:
         batcher._stop = True  # nothing was sent: no helper to stop
         provider.shutdown()

@@ -5,9 +5,8 @@ Python in the process. Encoding and POSTing spans from a thread there cost the e
 than the thread's own CPU (docs/TRACING.md, "Cost"). So `ChildBatcher` keeps only the cheap
 part in the service: an ended span becomes a tuple of what its protobuf needs (ids, times, the
 encoded name, kind and fixed attributes, the attribute dict), a full batch is one
-`marshal.dumps` written to a pipe, and a helper process (`python -m
-chainyard.runtime.telemetry_child`) encodes and POSTs it with telemetry_export's
-`OtlpHttpExporter`. Batching is configured like the SDK's (`OTEL_BSP_*`).
+`marshal.dumps` written to a pipe, and a helper process (`telemetry_helper`) encodes and POSTs
+it with telemetry_export's `OtlpHttpExporter`. Batching is configured like the SDK's (`OTEL_BSP_*`).
 
 What the helper needs (endpoint, headers, timeout, compression) goes over the pipe, never on
 its command line: headers carry credentials. The service never blocks on the helper: a full
@@ -24,7 +23,6 @@ import logging
 import marshal
 import os
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -42,7 +40,6 @@ log = logging.getLogger("chainyard.telemetry")
 _LEN = struct.Struct("<I")
 RESPAWN_S = 5.0  # the soonest a helper that died is replaced
 MAX_PENDING = 16 << 20  # bytes a full pipe may hold back before batches are dropped
-MAX_FRAMES = 64  # batches the helper holds while its endpoint is slow; older ones are dropped
 _F_SETPIPE_SZ = 1031  # Linux: a 1 MB pipe rides out the helper's pauses
 
 
@@ -89,6 +86,7 @@ class ChildBatcher:
         self.delay = (schedule_delay_ms or _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
         self._records: collections.deque[tuple[Any, ...]] = collections.deque()
         self._io = threading.Lock()  # the pipe: whole frames, one writer at a time
+        self._flushing = threading.Lock()  # the helper's replies: one reader at a time
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending = b""  # bytes the pipe has not taken yet
         self._died_at = -RESPAWN_S
@@ -189,7 +187,7 @@ class ChildBatcher:
         if self._stop or time.monotonic() - self._died_at < RESPAWN_S:
             return None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chainyard.runtime.telemetry_child"],
+            [sys.executable, "-m", "chainyard.runtime.telemetry_helper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -239,29 +237,36 @@ class ChildBatcher:
                     self._write(b"", 0)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Send what is queued and wait until the helper has posted it (or the timeout)."""
+        """Send what is queued and wait until the helper has posted it (or the timeout). The
+        pipe is held only to write: the service's batches keep flowing while this waits."""
         while self._records:
             self._send(self._take(self.max_batch))
         deadline = time.monotonic() + timeout_millis / 1000
-        with self._io:
-            if self._proc is None:
-                return not self._pending
-            self._flushes += 1
-            token = self._flushes
-            mark = marshal.dumps(("flush", token))
-            if not self._write(_LEN.pack(len(mark)) + mark, 0, block=True):
+        with self._flushing:
+            with self._io:
+                if self._proc is None:
+                    return not self._pending
+                self._flushes += 1
+                token = self._flushes
+                mark = marshal.dumps(("flush", token))
+                if not self._write(_LEN.pack(len(mark)) + mark, 0, block=True):
+                    return False
+                proc = self._proc
+            try:
+                return self._await_reply(proc, token, deadline)
+            except (OSError, ValueError):  # the helper went away meanwhile
                 return False
-            proc = self._proc
-            assert proc is not None and proc.stdout is not None
-            out = proc.stdout.fileno()
-            line = b""
+
+    def _await_reply(self, proc: Any, token: int, deadline: float) -> bool:
+        out = proc.stdout.fileno()
+        line = b""
+        while True:
             while not line.endswith(b"\n"):
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([out], [], [], left)[0]:
                     return False
                 chunk = os.read(out, 256)
                 if not chunk:
-                    self._reap()
                     return False
                 line += chunk
             for reply in line.decode().splitlines():
@@ -270,7 +275,7 @@ class ChildBatcher:
                 self.export_cpu_s = float(cpu)
                 if int(got) == token:
                     return True
-            return False
+            line = b""  # replies to earlier flushes that timed out
 
     def shutdown(self) -> None:
         if self._stop:
@@ -293,8 +298,14 @@ class ChildBatcher:
 
     def _after_fork(self) -> None:
         self._records.clear()
-        self._io = threading.Lock()
-        self._proc, self._pending = None, b""  # the parent's helper is the parent's
+        self._io, self._flushing = threading.Lock(), threading.Lock()
+        proc, self._proc, self._pending = self._proc, None, b""
+        if proc is not None:  # the parent's helper is the parent's: let go of its pipes here
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f and f.close()
+                except OSError:
+                    pass
         self._wake = threading.Event()
         if not self._stop:
             self._start()
@@ -321,81 +332,3 @@ def _plain_value(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_plain_value(x) for x in v]
     return None if v is None else str(v)
-
-
-# -- the helper process -------------------------------------------------------------------------
-
-
-def _frames(fd: int, out: collections.deque[bytes | None], ready: threading.Condition) -> None:
-    """Read length-prefixed frames off the pipe as fast as they come (the service never waits
-    on the encoder); None at the end."""
-    buf = b""
-    while True:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            break
-        buf = buf + chunk if buf else chunk
-        frames, at = [], 0
-        while len(buf) - at >= 4:
-            (n,) = _LEN.unpack_from(buf, at)
-            if len(buf) - at < 4 + n:
-                break
-            frames.append(buf[at + 4 : at + 4 + n])
-            at += 4 + n
-        buf = buf[at:]
-        with ready:
-            out.extend(frames)
-            ready.notify()
-    with ready:
-        out.append(None)
-        ready.notify()
-
-
-def encode_records(records: list[tuple[Any, ...]]) -> bytes:
-    """The ExportTraceServiceRequest of a batch of `ChildBatcher` records."""
-    groups: dict[Any, list[bytes]] = {}
-    for r in records:
-        if len(r) == 2:
-            group, body = r
-        else:
-            group, body = r[0], otlp.encode_record(*r[1:])
-        otlp.add_span(groups.get(group) or groups.setdefault(group, []), body)
-    return otlp.request(groups)
-
-
-def main() -> None:
-    """The helper: the first frame is its configuration, then batches and flush marks."""
-    from .telemetry_export import OtlpHttpExporter
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # the service decides when it ends: EOF
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    frames: collections.deque[bytes | None] = collections.deque()
-    ready = threading.Condition()
-    threading.Thread(target=_frames, args=(0, frames, ready), daemon=True).start()
-    exporter: OtlpHttpExporter | None = None
-    exported = failed = 0
-    while True:
-        with ready:
-            while not frames:
-                ready.wait()
-            frame = frames.popleft()
-            behind = len(frames) > MAX_FRAMES  # the endpoint is slower than the spans come
-        if frame is None:
-            break
-        msg = marshal.loads(frame)
-        if exporter is None:
-            exporter = OtlpHttpExporter(**msg)
-        elif type(msg) is tuple:  # ("flush", token): everything before it is posted
-            reply = f"{msg[1]} {exported} {failed} {time.process_time():.6f}\n"
-            os.write(1, reply.encode())
-        elif not behind and exporter.post(encode_records(msg)):
-            exported += len(msg)
-        else:
-            failed += len(msg)
-    if exporter is not None:
-        exporter.shutdown()
-
-
-if __name__ == "__main__":
-    main()
