@@ -17,7 +17,6 @@ SIGINT and SIGTERM and exits when the pipe closes, so a stopping service's last 
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import marshal
@@ -28,12 +27,11 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from . import telemetry_otlp as otlp
-from .telemetry_export import _int_env
+from .telemetry_export import Batching
 
 log = logging.getLogger("chainyard.telemetry")
 
@@ -65,25 +63,14 @@ class ChildExport:
         }
 
 
-class ChildBatcher:
+class ChildBatcher(Batching):
     """The queue a tracer's ended spans join (same API as telemetry_export.SpanBatcher), sent
     in batches to a helper process. `exported_spans` / `failed` / `export_cpu_s` are the
     helper's counts as of the last `force_flush`."""
 
-    def __init__(
-        self,
-        export: ChildExport,
-        *,
-        max_queue_size: int | None = None,
-        max_export_batch_size: int | None = None,
-        schedule_delay_ms: int | None = None,
-    ) -> None:
-        self.exporter = export
-        self.max_queue = max_queue_size or _int_env("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self.max_batch = min(
-            self.max_queue, max_export_batch_size or _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
-        )
-        self.delay = (schedule_delay_ms or _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
+    thread_name = "chainyard-span-pipe"
+
+    def __init__(self, export: ChildExport, **batch: Any) -> None:
         self._records: collections.deque[tuple[Any, ...]] = collections.deque()
         self._io = threading.Lock()  # the pipe: whole frames, one writer at a time
         self._flushing = threading.Lock()  # the helper's replies: one reader at a time
@@ -91,17 +78,7 @@ class ChildBatcher:
         self._pending = b""  # bytes the pipe has not taken yet
         self._died_at = -RESPAWN_S
         self._flushes = 0
-        self._stop = False
-        self._wake = threading.Event()
-        self.dropped = 0  # spans dropped here (pipe full, helper down)
-        self.exported_spans = self.failed = 0
-        self.export_cpu_s = 0.0
-        self._thread: threading.Thread | None = None
-        self._start()
-        weak = weakref.ref(self)
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=lambda: (b := weak()) and b._after_fork())
-        atexit.register(lambda: (b := weak()) and b.shutdown())
+        super().__init__(export, **batch)  # also counts `dropped`: pipe full, helper down
 
     # -- the service's side: hot path
 
@@ -222,10 +199,6 @@ class ChildBatcher:
 
     # -- the schedule delay, flush, shutdown
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="chainyard-span-pipe", daemon=True)
-        self._thread.start()
-
     def _run(self) -> None:
         while not self._stop:
             self._wake.wait(self.delay)
@@ -306,14 +279,7 @@ class ChildBatcher:
                     f and f.close()
                 except OSError:
                     pass
-        self._wake = threading.Event()
-        if not self._stop:
-            self._start()
-
-    def span_processor(self) -> Any:
-        from .telemetry_export import span_processor
-
-        return span_processor(self)
+        super()._after_fork()
 
 
 def _plain(record: tuple[Any, ...]) -> tuple[Any, ...]:

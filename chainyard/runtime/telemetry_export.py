@@ -39,16 +39,12 @@ def _int_env(name: str, default: int) -> int:
         return default
 
 
-class SpanBatcher:
-    """A queue of ended spans and the thread that exports them in batches.
+class Batching:
+    """What both span batchers share: the `OTEL_BSP_*` settings (or the arguments given), the
+    counts, a thread woken by a full batch or the schedule delay (`_run`), and a fresh start in a
+    forked child (`_after_fork`) and a flush at exit (`shutdown`)."""
 
-    Like the SDK's BatchSpanProcessor, configured by the same variables: `OTEL_BSP_MAX_QUEUE_SIZE`
-    (2048; spans beyond it are dropped and counted), `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512; a full
-    batch wakes the thread), `OTEL_BSP_SCHEDULE_DELAY` (ms, 5000: the longest a span waits),
-    `OTEL_BSP_EXPORT_TIMEOUT`. `exporter` needs `send(spans) -> bool` (OtlpHttpExporter) or the
-    SDK's `export(spans)`. The SDK's own spans (other libraries' instrumentation under the global
-    provider) join the same queue through `span_processor()`.
-    """
+    thread_name = "chainyard-span-export"
 
     def __init__(
         self,
@@ -64,12 +60,9 @@ class SpanBatcher:
             self.max_queue, max_export_batch_size or _int_env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         )
         self.delay = (schedule_delay_ms or _int_env("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
-        self._send = getattr(exporter, "send", None)
-        self._queue: collections.deque[Any] = collections.deque()
-        self._wake = threading.Event()
-        self._export_lock = threading.Lock()
         self._stop = False
-        self.dropped = 0
+        self._wake = threading.Event()
+        self.dropped = 0  # spans dropped here (a full queue)
         self.failed = 0
         self.exported_spans = 0  # handed to the exporter (counts for the benchmark)
         self.export_cpu_s = 0.0  # CPU time spent encoding and sending them
@@ -81,15 +74,51 @@ class SpanBatcher:
         atexit.register(lambda: (b := weak()) and b.shutdown())
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="chainyard-span-export", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        self._wake = threading.Event()
+        if not self._stop:
+            self._start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def add(self, span: Any) -> None:
+        raise NotImplementedError
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def span_processor(self) -> Any:
+        return span_processor(self)
+
+
+class SpanBatcher(Batching):
+    """A queue of ended spans and the thread that exports them in batches.
+
+    Like the SDK's BatchSpanProcessor, configured by the same variables: `OTEL_BSP_MAX_QUEUE_SIZE`
+    (2048; spans beyond it are dropped and counted), `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512; a full
+    batch wakes the thread), `OTEL_BSP_SCHEDULE_DELAY` (ms, 5000: the longest a span waits),
+    `OTEL_BSP_EXPORT_TIMEOUT`. `exporter` needs `send(spans) -> bool` (OtlpHttpExporter) or the
+    SDK's `export(spans)`. The SDK's own spans (other libraries' instrumentation under the global
+    provider) join the same queue through `span_processor()`.
+    """
+
+    def __init__(self, exporter: Any, **batch: Any) -> None:
+        self._send = getattr(exporter, "send", None)
+        self._queue: collections.deque[Any] = collections.deque()
+        self._export_lock = threading.Lock()
+        super().__init__(exporter, **batch)
 
     def _after_fork(self) -> None:
         self._queue.clear()
         self._export_lock = threading.Lock()
-        self._wake = threading.Event()
-        if not self._stop:
-            self._start()
+        super()._after_fork()
 
     def add(self, span: Any) -> None:
         q = self._queue
@@ -151,9 +180,6 @@ class SpanBatcher:
         self._drain()
         with self._export_lock:
             self.exporter.shutdown()
-
-    def span_processor(self) -> Any:
-        return span_processor(self)
 
 
 def span_processor(batcher: Any) -> Any:
