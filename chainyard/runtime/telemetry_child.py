@@ -90,7 +90,7 @@ class ChildBatcher(Batching):
         if n >= self.max_queue:
             self.dropped += 1
             return
-        if type(span) in otlp.LIGHT:
+        if type(span) in otlp.LIGHT:  # the common case, as otlp.encode tells it (inline: hot)
             if span._events is None and span._status is None and not span._ts and not span._links:
                 f = span._fixed  # its encoded head, cached on the Fixed (otlp.light_head)
                 head = f.heads.get(span.kind_pb) if f is not None and span.name is f.name else None
