@@ -202,3 +202,17 @@ def test_the_export_thread_is_one_setting_away(monkeypatch: pytest.MonkeyPatch) 
     finally:
         threaded.shutdown()
         default.shutdown()
+
+
+async def test_a_partial_batch_leaves_after_the_schedule_delay() -> None:
+    async with OtlpReceiver() as receiver:
+        export = tc.ChildExport(endpoint=f"{receiver.endpoint}/v1/traces")
+        provider = tm.build_provider(
+            Resource.create({"service.name": "svc"}), export, schedule_delay_ms=100
+        )
+        try:
+            provider.get_tracer().start_span("alone").end()  # one span of a 512-span batch
+            (got,) = await receiver.wait_for(lambda s: len(s) >= 1, 10)  # no flush asked
+            assert got.name == "alone"
+        finally:
+            await asyncio.to_thread(provider.shutdown)
