@@ -216,3 +216,22 @@ async def test_a_partial_batch_leaves_after_the_schedule_delay() -> None:
             assert got.name == "alone"
         finally:
             await asyncio.to_thread(provider.shutdown)
+
+
+def test_a_helper_that_cannot_start_drops_spans_and_fails_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tc.sys, "executable", "/nonexistent/python")
+    provider = tm.build_provider(
+        Resource.create({"service.name": "svc"}),
+        tc.ChildExport(endpoint="http://127.0.0.1:9/v1/traces"),
+        max_export_batch_size=2,
+    )
+    try:
+        tracer = provider.get_tracer()
+        for i in range(4):
+            tracer.start_span(f"s{i}").end()  # a full batch: the helper is started, and fails
+        assert provider.batcher.dropped == 4 and provider.batcher._proc is None
+        assert "cannot start the span export helper" in caplog.text
+    finally:
+        provider.shutdown()

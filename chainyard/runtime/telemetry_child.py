@@ -161,15 +161,23 @@ class ChildBatcher(Batching):
         return True
 
     def _spawn(self) -> subprocess.Popen[bytes] | None:
+        """Start the helper; None (and its spans dropped) while it cannot be: a span's end
+        must never fail the handler that ended it."""
         if self._stop or time.monotonic() - self._died_at < RESPAWN_S:
             return None
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chainyard.runtime.telemetry_helper"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "chainyard.runtime.telemetry_helper"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+            )
+        except OSError as e:
+            log.error("cannot start the span export helper (%s); spans are dropped", e)
+            self._died_at = time.monotonic()
+            return None
         assert proc.stdin is not None
+        self._proc, self._pending = proc, b""
         fd = proc.stdin.fileno()
         try:
             import fcntl
@@ -178,9 +186,13 @@ class ChildBatcher(Batching):
         except (ImportError, OSError):
             pass
         config = marshal.dumps(self.exporter.config)
-        os.write(fd, _LEN.pack(len(config)) + config)  # a fresh pipe takes it whole
+        try:
+            os.write(fd, _LEN.pack(len(config)) + config)  # a fresh pipe takes it whole
+        except OSError as e:
+            log.warning("span export helper exited at once (%s)", e)
+            self._reap()
+            return None
         os.set_blocking(fd, False)
-        self._proc, self._pending = proc, b""
         return proc
 
     def _reap(self) -> None:
