@@ -235,3 +235,22 @@ def test_a_helper_that_cannot_start_drops_spans_and_fails_nothing(
         assert "cannot start the span export helper" in caplog.text
     finally:
         provider.shutdown()
+
+
+async def test_strings_that_are_not_unicode_are_replaced_or_dropped_never_raised() -> None:
+    async with OtlpReceiver() as receiver:
+        provider = _provider(receiver.endpoint)
+        tracer = provider.get_tracer()
+        try:
+            # light: sent with U+FFFD; beyond the common case: dropped and counted
+            tracer.start_span("light", attributes={"path": "caf\udce9"}).end()
+            bad = tracer.start_span("status")
+            bad.set_status(Status(StatusCode.ERROR, "caf\udce9"))
+            bad.end()
+            tracer.start_span("after").end()
+            assert await asyncio.to_thread(provider.force_flush, 10_000)
+            got = {s.name: s for s in await receiver.wait_for(lambda s: len(s) >= 2, 10)}
+            assert got["light"].attrs == {"path": "caf\ufffd"} and "after" in got
+            assert "status" not in got and provider.batcher.dropped == 1
+        finally:
+            await asyncio.to_thread(provider.shutdown)

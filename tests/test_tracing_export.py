@@ -273,3 +273,26 @@ def test_exporter_reports_an_unreachable_endpoint() -> None:
     assert e.send([]) is True
     span = tl.LiteTracer(tx.SpanBatcher(Keep()), Resource.create({})).start_span("x")
     assert e.send([span]) is False and e.failed == 1
+
+
+def test_exporter_drops_only_the_span_that_is_not_unicode() -> None:
+    keep = Keep()
+    provider = tm.build_provider(
+        Resource.create({"service.name": "svc"}), keep, schedule_delay_ms=60_000
+    )
+    tr = provider.get_tracer()
+    try:
+        tr.start_span("good").end()
+        tr.start_span("bad", attributes={"path": "caf\udce9"}).end()
+        provider.force_flush()
+        e = tx.OtlpHttpExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.01)
+        posted: list[bytes] = []
+        e.post = lambda body: posted.append(body) or True  # type: ignore[method-assign]
+        assert e.send(keep.spans) and e.failed == 1 and e.exported == 1
+        assert [s.name for s in only_spans(decode(posted[0]))] == ["good"]
+    finally:
+        provider.shutdown()
+
+
+def only_spans(req: ExportTraceServiceRequest) -> list[Any]:
+    return [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]

@@ -109,11 +109,21 @@ class ChildBatcher(Batching):
                     )
                 )
             else:
-                q.append(span.otlp())
+                self._encoded(span, span.otlp)
         else:
-            q.append(otlp.sdk_record(span))
+            self._encoded(span, lambda: otlp.sdk_record(span))
         if n + 1 >= self.max_batch:
             self._send(self._take(self.max_batch))
+
+    def _encoded(self, span: Any, encode: Any) -> None:
+        """A span beyond the common case, encoded here; one that cannot be (a string that is
+        not valid Unicode in its events or status) is dropped and counted, never raised into
+        the code that ended it."""
+        try:
+            self._records.append(encode())
+        except Exception as e:
+            self.dropped += 1
+            log.warning("span %r dropped: %r", getattr(span, "name", "?"), e)
 
     def _take(self, n: int) -> list[tuple[Any, ...]]:
         q = self._records

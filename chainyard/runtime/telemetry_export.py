@@ -206,6 +206,14 @@ DEFAULT_ENDPOINT = "http://localhost:4318"
 _RETRYABLE = (429, 502, 503, 504)
 
 
+def _encodes(span: Any) -> bool:
+    try:
+        encode([span])
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def env(name: str, default: str = "") -> str:
     """`OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`."""
     return (
@@ -348,7 +356,15 @@ class OtlpHttpExporter:
     def send(self, spans: Sequence[Any]) -> bool:
         if not spans:
             return True
-        ok = self.post(encode(spans))
+        try:
+            body = encode(spans)
+        except UnicodeEncodeError:  # a string that is not valid Unicode: drop that span only
+            kept = [s for s in spans if _encodes(s)]
+            bad = len(spans) - len(kept)
+            self.failed += bad
+            log.warning("%d span(s) dropped: strings that are not valid Unicode", bad)
+            spans, body = kept, encode(kept)
+        ok = self.post(body)
         if ok:
             self.exported += len(spans)
         else:

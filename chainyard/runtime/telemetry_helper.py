@@ -12,6 +12,7 @@ import collections
 import logging
 import marshal
 import os
+import re
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from . import telemetry_otlp as otlp
 from .telemetry_child import _LEN
 
+log = logging.getLogger("chainyard.telemetry")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_FRAMES = 64  # batches held while the endpoint is slow; older ones are dropped
 
 
@@ -49,7 +52,16 @@ def _frames(fd: int, out: collections.deque[bytes | None], ready: threading.Cond
 
 
 def encode_records(records: list[tuple[Any, ...]]) -> bytes:
-    """The ExportTraceServiceRequest of a batch of `ChildBatcher` records."""
+    """The ExportTraceServiceRequest of a batch of `ChildBatcher` records. A string that is not
+    valid Unicode (a lone surrogate, say, from bytes decoded with `surrogateescape`) is sent
+    with U+FFFD in its place: OTLP strings are UTF-8."""
+    try:
+        return _encode(records)
+    except UnicodeEncodeError:
+        return _encode([_clean(r) for r in records])
+
+
+def _encode(records: list[tuple[Any, ...]]) -> bytes:
     groups: dict[Any, list[bytes]] = {}
     for r in records:
         if len(r) == 2:
@@ -58,6 +70,29 @@ def encode_records(records: list[tuple[Any, ...]]) -> bytes:
             group, body = r[0], otlp.encode_record(*r[1:])
         otlp.add_span(groups.get(group) or groups.setdefault(group, []), body)
     return otlp.request(groups)
+
+
+def _clean(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(record) != 10 or not record[7]:
+        return record
+    attrs = {_utf8(k): _utf8(v) for k, v in record[7].items()}
+    return (*record[:7], attrs, *record[8:])
+
+
+def _utf8(v: Any) -> Any:
+    if type(v) is str:
+        return _SURROGATE.sub("\ufffd", v)
+    if type(v) is list:
+        return [_utf8(x) for x in v]
+    return v
+
+
+def _post(exporter: Any, records: list[tuple[Any, ...]]) -> bool:
+    try:
+        return bool(exporter.post(encode_records(records)))
+    except Exception as e:  # one bad batch must not end the helper
+        log.warning("a batch of %d spans could not be sent: %r", len(records), e)
+        return False
 
 
 def main() -> None:
@@ -86,7 +121,7 @@ def main() -> None:
         elif type(msg) is tuple:  # ("flush", token): everything before it is posted
             reply = f"{msg[1]} {exported} {failed} {time.process_time():.6f}\n"
             os.write(1, reply.encode())
-        elif not behind and exporter.post(encode_records(msg)):
+        elif not behind and _post(exporter, msg):
             exported += len(msg)
         else:
             failed += len(msg)
