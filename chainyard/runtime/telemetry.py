@@ -152,7 +152,7 @@ def build_provider(resource: Any, exporter: Any = None, **batch: Any) -> Any:
     """Chainyard's tracer (telemetry_lite) exporting OTLP/HTTP protobuf (telemetry_otlp), set up
     from the `OTEL_*` variables: what `setup` installs, and what the benchmark measures. The
     export runs in a helper process (telemetry_child), or with `CHAINYARD_TRACE_EXPORT=thread`
-    in a thread of this one (a host with one core to spare for nothing)."""
+    in a thread of this one (for a host with a single core)."""
     from .telemetry_child import ChildExport
     from .telemetry_export import OtlpHttpExporter
     from .telemetry_lite import LiteProvider, sampler_from_env

@@ -6,8 +6,9 @@ copy at the end), ~9 spans a single-step chain. `LiteTracer.start_span` takes th
 arguments for the OTel API; chainyard's helpers use `child` / `remote_child` / `with_ids`
 instead, handing over the parent span or the ids read from `traceparent` and the attributes
 as a `telemetry_otlp.Fixed` (the repeating ones, encoded once) plus a fresh dict that is kept,
-not copied. On `end` the span joins a queue that `SpanBatcher`'s thread encodes straight to
-OTLP protobuf (telemetry_otlp) and POSTs in full batches.
+not copied. On `end` the span joins its batcher: by default `telemetry_child.ChildBatcher`,
+which pipes full batches to a helper process that encodes them straight to OTLP protobuf
+(telemetry_otlp) and POSTs them; with another exporter, `SpanBatcher`'s thread does that here.
 
 What it keeps from the SDK: W3C ids and flags, parent-based sampling (any `OTEL_TRACES_SAMPLER`
 other than the default `parentbased_always_on` is the SDK's own sampler, asked per span), the
@@ -29,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext
 
 from . import telemetry_otlp as otlp
-from .telemetry_export import SpanBatcher
+from .telemetry_export import Batching, SpanBatcher
 from .telemetry_lite_api import SAMPLED, UNSAMPLED, SpanApi, TracerApi, _Scope, forced_ids
 from .telemetry_w3c import new_span_id, new_trace_id
 
@@ -192,7 +193,7 @@ class LiteTracer(TracerApi):
 
     def __init__(
         self,
-        batcher: Any,
+        batcher: Batching,
         resource: Any,
         scope_name: str = "chainyard",
         scope_version: str | None = None,
@@ -320,7 +321,7 @@ class LiteProvider:
     def __init__(self, resource: Any, exporter: Any, *, sampler: Any = None, **batch: Any) -> None:
         from .telemetry_child import ChildBatcher, ChildExport
 
-        self.batcher: SpanBatcher | ChildBatcher = (
+        self.batcher: Batching = (
             ChildBatcher(exporter, **batch)
             if isinstance(exporter, ChildExport)
             else SpanBatcher(exporter, **batch)
