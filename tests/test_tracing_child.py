@@ -254,3 +254,38 @@ async def test_strings_that_are_not_unicode_are_replaced_or_dropped_never_raised
             assert "status" not in got and provider.batcher.dropped == 1
         finally:
             await asyncio.to_thread(provider.shutdown)
+
+
+async def test_a_stalled_helper_never_blocks_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the helper stopped, ending spans fills the pipe, then the bytes kept back, then
+    whole batches are dropped and counted; once it runs again, the rest arrives."""
+    import signal
+
+    monkeypatch.setattr(tc, "MAX_PENDING", 1 << 20)
+    async with OtlpReceiver() as receiver:
+        export = tc.ChildExport(endpoint=f"{receiver.endpoint}/v1/traces")
+        provider = tm.build_provider(
+            Resource.create({"service.name": "svc"}),
+            export,
+            schedule_delay_ms=600_000,
+            max_export_batch_size=64,
+            max_queue_size=64,
+        )
+        tracer, b = provider.get_tracer(), provider.batcher
+        big = "x" * 4096  # ~260 KB a batch (each value its own: marshal sends a repeat once)
+        try:
+            tracer.start_span("first").end()
+            assert await asyncio.to_thread(provider.force_flush, 10_000)
+            assert b._proc is not None
+            os.kill(b._proc.pid, signal.SIGSTOP)
+            try:
+                for i in range(64 * 40):  # 40 batches, ~10 MB: far beyond what is kept
+                    tracer.start_span("s", attributes={"big": f"{i}{big}"}).end()
+                assert b.dropped > 0 and len(b._pending) > 0
+            finally:
+                os.kill(b._proc.pid, signal.SIGCONT)
+            assert await asyncio.to_thread(provider.force_flush, 30_000)
+            got = await receiver.wait_for(lambda s: len(s) >= 1 + 64 * 40 - b.dropped, 30)
+            assert len(got) + b.dropped == 1 + 64 * 40
+        finally:
+            await asyncio.to_thread(provider.shutdown)
