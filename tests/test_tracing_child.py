@@ -32,11 +32,12 @@ class Keep:
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _provider(endpoint: str, **kw: Any) -> Any:
-    export = tc.ChildExport(endpoint=f"{endpoint}/v1/traces", **kw)
-    return tm.build_provider(
-        Resource.create({"service.name": "svc"}), export, schedule_delay_ms=60_000
-    )
+def _provider(endpoint: str, headers: dict[str, str] | None = None, **batch: Any) -> Any:
+    """A provider piping to a helper that posts to `endpoint`; batch settings as given (the
+    schedule delay a minute unless said: spans leave by a full batch or a flush)."""
+    export = tc.ChildExport(endpoint=f"{endpoint}/v1/traces", headers=headers)
+    batch.setdefault("schedule_delay_ms", 60_000)
+    return tm.build_provider(Resource.create({"service.name": "svc"}), export, **batch)
 
 
 def _spans(tracer: Any) -> list[Any]:
@@ -150,29 +151,19 @@ async def test_shutdown_sends_the_last_spans_and_plain_values() -> None:
         assert proc is None  # stopped and reaped
 
 
-def test_a_full_batch_is_piped_without_a_flush() -> None:
+async def test_a_full_batch_is_piped_without_a_flush() -> None:
     """Batches leave the service as they fill; nothing waits for the schedule delay."""
-
-    async def run() -> None:
-        async with OtlpReceiver() as receiver:
-            export = tc.ChildExport(endpoint=f"{receiver.endpoint}/v1/traces")
-            provider = tm.build_provider(
-                Resource.create({"service.name": "svc"}),
-                export,
-                schedule_delay_ms=600_000,
-                max_export_batch_size=4,
-            )
-            try:
-                tracer = provider.get_tracer()
-                for i in range(8):
-                    tracer.start_span(f"s{i}").end()
-                got = await receiver.wait_for(lambda s: len(s) >= 8, 10)
-                assert sorted(s.name for s in got) == [f"s{i}" for i in range(8)]
-                assert receiver.requests == 2
-            finally:
-                await asyncio.to_thread(provider.shutdown)
-
-    asyncio.run(run())
+    async with OtlpReceiver() as receiver:
+        provider = _provider(receiver.endpoint, schedule_delay_ms=600_000, max_export_batch_size=4)
+        try:
+            tracer = provider.get_tracer()
+            for i in range(8):
+                tracer.start_span(f"s{i}").end()
+            got = await receiver.wait_for(lambda s: len(s) >= 8, 10)
+            assert sorted(s.name for s in got) == [f"s{i}" for i in range(8)]
+            assert receiver.requests == 2
+        finally:
+            await asyncio.to_thread(provider.shutdown)
 
 
 def test_forked_children_start_their_own_helper() -> None:
@@ -206,10 +197,7 @@ def test_the_export_thread_is_one_setting_away(monkeypatch: pytest.MonkeyPatch) 
 
 async def test_a_partial_batch_leaves_after_the_schedule_delay() -> None:
     async with OtlpReceiver() as receiver:
-        export = tc.ChildExport(endpoint=f"{receiver.endpoint}/v1/traces")
-        provider = tm.build_provider(
-            Resource.create({"service.name": "svc"}), export, schedule_delay_ms=100
-        )
+        provider = _provider(receiver.endpoint, schedule_delay_ms=100)
         try:
             provider.get_tracer().start_span("alone").end()  # one span of a 512-span batch
             (got,) = await receiver.wait_for(lambda s: len(s) >= 1, 10)  # no flush asked
@@ -263,10 +251,8 @@ async def test_a_stalled_helper_never_blocks_the_service(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(tc, "MAX_PENDING", 1 << 20)
     async with OtlpReceiver() as receiver:
-        export = tc.ChildExport(endpoint=f"{receiver.endpoint}/v1/traces")
-        provider = tm.build_provider(
-            Resource.create({"service.name": "svc"}),
-            export,
+        provider = _provider(
+            receiver.endpoint,
             schedule_delay_ms=600_000,
             max_export_batch_size=64,
             max_queue_size=64,
