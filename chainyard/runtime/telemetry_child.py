@@ -136,7 +136,7 @@ class ChildBatcher(Batching):
         try:
             frame = marshal.dumps(records)
         except ValueError:  # an attribute value of a type marshal does not know (a str subclass)
-            frame = marshal.dumps([_plain(r) for r in records])
+            frame = marshal.dumps([with_attrs(r, _plain_value) for r in records])
         with self._io:
             if len(self._pending) > MAX_PENDING:
                 self.dropped += len(records)
@@ -304,16 +304,18 @@ class ChildBatcher(Batching):
         super()._after_fork()
 
 
-def _plain(record: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A record with attribute values of marshal's types (str, int, float and bool subclasses,
-    tuples and other sequences made plain)."""
+def with_attrs(record: tuple[Any, ...], fn: Any) -> tuple[Any, ...]:
+    """A light span's record with `fn` applied to its attribute keys and values (any other
+    record, already encoded, as it is)."""
     if len(record) != 10 or not record[7]:
         return record
-    attrs = {k: _plain_value(v) for k, v in record[7].items()}
+    attrs = {fn(k): fn(v) for k, v in record[7].items()}
     return (*record[:7], attrs, *record[8:])
 
 
 def _plain_value(v: Any) -> Any:
+    """`v` as one of marshal's types (str, int, float and bool subclasses, tuples and other
+    sequences made plain)."""
     for t in (bool, int, float, str, bytes):
         if isinstance(v, t):
             return t(v)

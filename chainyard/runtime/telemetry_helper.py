@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from . import telemetry_otlp as otlp
-from .telemetry_child import _LEN
+from .telemetry_child import _LEN, with_attrs
 
 log = logging.getLogger("chainyard.telemetry")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -58,7 +58,7 @@ def encode_records(records: list[tuple[Any, ...]]) -> bytes:
     try:
         return _encode(records)
     except UnicodeEncodeError:
-        return _encode([_clean(r) for r in records])
+        return _encode([with_attrs(r, _utf8) for r in records])
 
 
 def _encode(records: list[tuple[Any, ...]]) -> bytes:
@@ -70,13 +70,6 @@ def _encode(records: list[tuple[Any, ...]]) -> bytes:
             group, body = r[0], otlp.encode_record(*r[1:])
         otlp.add_span(groups.get(group) or groups.setdefault(group, []), body)
     return otlp.request(groups)
-
-
-def _clean(record: tuple[Any, ...]) -> tuple[Any, ...]:
-    if len(record) != 10 or not record[7]:
-        return record
-    attrs = {_utf8(k): _utf8(v) for k, v in record[7].items()}
-    return (*record[:7], attrs, *record[8:])
 
 
 def _utf8(v: Any) -> Any:
