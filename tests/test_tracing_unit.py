@@ -364,7 +364,7 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     assert chain.context.span_id == chain_sc.span_id and chain.context.trace_id == chain_sc.trace_id
     assert chain.parent.span_id == proc.context.span_id
     assert chain.start_time == st.created_at_ms * 1_000_000
-    assert chain.end_time == (st.created_at_ms + 1500) * 1_000_000
+    assert chain.end_time == (st.created_at_ms + 1500) * 1_000_000 + 999_999  # the ms, to its end
     a = chain.attributes
     assert a["chainyard.chain.outcome"] == "completed" and a["chainyard.chain.cost_usd"] == 0.25
     assert a["chainyard.chain.input_tokens"] == 7 and a["chainyard.chain.output_tokens"] == 3

@@ -173,7 +173,9 @@ def end_chain(state: Any) -> None:
     if state.status == "failed":
         span.set_attribute("error.type", "chain_failed")
         span.set_status(Status(StatusCode.ERROR, (state.reason or "")[:200]))
-    span.end(end_time=max(end_ms * 1_000_000, start))
+    # `ended_at_ms` is the millisecond the end was recorded in, floored: the span ends at that
+    # millisecond's last nanosecond, so it never ends before the step span that ended the chain
+    span.end(end_time=max(end_ms * 1_000_000 + 999_999, start))
 
 
 def _route_parent(state: Any) -> Any:
