@@ -24,7 +24,7 @@ async def test_unavailable_then_answered() -> None:
     assert await retry_api(api) == "info" and calls == 3
 
 
-async def test_gives_up_after_its_attempts_and_passes_other_errors_at_once() -> None:
+async def test_gives_up_after_its_time_and_passes_other_errors_at_once() -> None:
     calls = 0
 
     async def down() -> None:
@@ -33,11 +33,11 @@ async def test_gives_up_after_its_attempts_and_passes_other_errors_at_once() -> 
         raise NatsTimeoutError
 
     with pytest.raises(NatsTimeoutError):
-        await retry_api(down, attempts=3)
-    assert calls == 3
+        await retry_api(down, within_s=0.3)
+    assert calls >= 2  # asked again, then gave up when its time was over
 
     async def missing() -> None:
         raise NotFoundError
 
     with pytest.raises(NotFoundError):  # an answer, not an outage: no retry
-        await retry_api(missing, attempts=3)
+        await retry_api(missing, within_s=5)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,14 +215,21 @@ async def open_bus(
     return Bus(nc=nc, js=js, topology=topology, chains=kvs[0], capacity=kvs[1], breakers=kvs[2])
 
 
-async def retry_api(fn: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
-    """JetStream API calls fail during leader elections (a timeout, or 503 unavailable): call
-    `fn` again, pausing 0.05 s doubling to 1 s, up to `attempts` times."""
-    for i in range(attempts):
+async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
+    """JetStream API calls fail while a cluster elects its meta leader (a timeout, or 503
+    unavailable): call `fn` again, pausing 0.05 s doubling to 1 s, for up to `within_s` seconds.
+
+    An election usually takes about a second, but a node that is slow to join a fresh cluster can
+    hold it for tens of seconds; a service starting then should wait, not exit."""
+    give_up = time.monotonic() + within_s
+    for i in itertools.count():
         try:
             return await fn()
-        except (NatsTimeoutError, ServiceUnavailableError):
-            if i == attempts - 1:
+        except (NatsTimeoutError, ServiceUnavailableError) as e:
+            left = give_up - time.monotonic()
+            if left <= 0:
                 raise
-            await asyncio.sleep(min(0.05 * 2**i, 1.0))
+            if i == 0:
+                log.warning("JetStream unavailable (%s); retrying for up to %.0f s", e, left)
+            await asyncio.sleep(min(0.05 * 2**i, 1.0, left))
     raise AssertionError("unreachable")

@@ -340,7 +340,24 @@ class Cluster:
         ]
 
     async def start(self) -> None:
+        """Start the nodes, then wait until every one follows the same meta leader: before
+        that, JetStream answers 503 or not at all."""
         await asyncio.gather(*(n.start() for n in self.nodes))
+        try:
+            await wait_count(self._formed, 120, "the three nodes to agree on a meta leader", 0.1)
+        except TimeoutError as e:
+            tails = "\n".join(f"--- {n}:\n{self.node(n).log_tail}" for n in self.names)
+            raise TimeoutError(f"{e}\n{tails}") from e
+
+    async def _formed(self) -> bool:
+        leaders = set()
+        for name in self.names:
+            try:
+                z = await asyncio.to_thread(self.jsz, name)
+            except Exception:
+                return False
+            leaders.add((z.get("meta_cluster") or {}).get("leader"))  # type: ignore[union-attr]
+        return len(leaders) == 1 and None not in leaders
 
     async def stop(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
