@@ -18,6 +18,7 @@ from ._chain import (
     ToolStep,
     WaitStep,
     new_id,
+    now_ms,
 )
 from ._codec import (
     BadMessage,
@@ -125,6 +126,7 @@ __all__ = [
     "heartbeat_decoder",
     "load_config",
     "new_id",
+    "now_ms",
     "replay_decoder",
     "state_decoder",
     "step_event_decoder",

@@ -139,6 +139,11 @@ class Chain(Base, frozen=True, kw_only=True):
         return self.output or self.steps[-1].id
 
 
+def now_ms() -> int:
+    """Now, as every `*_ms` time in the contracts: milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
 def new_id() -> str:
     """A fresh, time-ordered, subject-safe id (26 hex chars)."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(7).hex()}"
+    return f"{now_ms():012x}{os.urandom(7).hex()}"

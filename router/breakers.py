@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
@@ -25,14 +24,10 @@ from msgspec import Struct
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from chainyard.contracts import Config, StepCompleted, StepFailed
+from chainyard.contracts import Config, StepCompleted, StepFailed, now_ms
 
 log = logging.getLogger("chainyard.router.breakers")
 BreakerStatus = Literal["closed", "open", "half_open"]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Breaker(Struct, frozen=True, kw_only=True):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,16 +18,19 @@ from typing import Any
 
 from nats.js.kv import KeyValue
 
-from chainyard.contracts import DecodeError, Heartbeat, ToolSpec, ValidationError, heartbeat_decoder
+from chainyard.contracts import (
+    DecodeError,
+    Heartbeat,
+    ToolSpec,
+    ValidationError,
+    heartbeat_decoder,
+    now_ms,
+)
 
 log = logging.getLogger("chainyard.router.capacity")
 STALE_AFTER_INTERVALS = 3
 # backlog(pool) -> (num_pending, num_ack_pending) of the pool's durable consumer
 BacklogSource = Callable[[str], Awaitable[tuple[int, int]]]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)

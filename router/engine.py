@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import Callable
 
 import msgspec
@@ -34,6 +33,7 @@ from chainyard.contracts import (
     chain_decoder,
     encode,
     new_id,
+    now_ms,
     replay_decoder,
     step_event_decoder,
     timer_decoder,
@@ -55,10 +55,6 @@ _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UNKNOWN_CHAIN_TRIES = 8  # a control message for a chain not created yet waits ~6 s for it
 # decide(state or None, revision) -> what to do; None: nothing to record
 Decide = Callable[[ChainState | None], chains.Outcome | None]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _msgspec_path(e: Exception) -> tuple[str, str]:

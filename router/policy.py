@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 
-from chainyard.contracts import Config, Deployment, LlmStep, Step, Target
+from chainyard.contracts import Config, Deployment, LlmStep, Step, Target, now_ms
 
 from .breakers import Breakers
 from .candidates import Candidates
@@ -38,10 +37,6 @@ class NoCapacity(str):
     """A reason that may clear by itself (breaker, no live workers, throttling): the step waits."""
 
     __slots__ = ()
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def estimate_input_tokens(step: LlmStep) -> int:

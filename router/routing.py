@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
@@ -25,6 +24,7 @@ from chainyard.contracts import (
     StepCompleted,
     StepFailed,
     Timer,
+    now_ms,
 )
 from chainyard.runtime.nats import Bus
 
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("chainyard.router.routing")
 CAPACITY_RECHECK_S = 0.5
 ROUTING_TIMERS = ("capacity", "hedge")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Routing:

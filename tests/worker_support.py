@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from helpers import start_cli
@@ -19,6 +18,7 @@ from chainyard.contracts import (
     Price,
     Target,
     encode,
+    now_ms,
 )
 from chainyard.runtime.nats import Bus
 from chainyard.stack import llm_worker
@@ -68,10 +68,6 @@ base_url = "{sandbox_url}/v1"
 slots = {slots}
 timeout_s = 30
 """
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def assignment(

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
 
-from chainyard.contracts import DeploymentHealth
+from chainyard.contracts import DeploymentHealth, now_ms
 
 from .providers._base import ProviderError, RateLimits
 
 ALPHA = 0.2  # EWMA weight of the newest observation
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _ewma(old: float | None, new: float) -> float:

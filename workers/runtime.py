@@ -40,6 +40,7 @@ from chainyard.contracts import (
     Usage,
     assignment_decoder,
     encode,
+    now_ms,
     state_decoder,
 )
 from chainyard.runtime import telemetry
@@ -55,10 +56,6 @@ from .providers._base import ProviderError, RateLimits
 
 log = logging.getLogger("chainyard.worker")
 FETCH_BATCH = 256  # one fetch takes at most this many messages, however many slots are free
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True)

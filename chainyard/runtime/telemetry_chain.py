@@ -13,13 +13,14 @@ was chosen among which candidates, why, and at what estimated cost.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+from chainyard.contracts import now_ms
 
 from . import telemetry as tm
 from .telemetry_lite import PARENTS, SpanRef
@@ -106,14 +107,10 @@ def chain_recorded(before: Any, after: Any) -> None:
 
 def chain_ended(before: Any, state: Any) -> None:
     if metrics.on:
-        dur = ((state.ended_at_ms or _now_ms()) - state.created_at_ms) / 1000
+        dur = ((state.ended_at_ms or now_ms()) - state.created_at_ms) / 1000
         metrics.chain_ended(state.status, dur, state.cost_usd)
     if tm._tracer is not None:
         end_chain(state)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def end_chain(state: Any) -> None:
@@ -142,7 +139,7 @@ def end_chain(state: Any) -> None:
         tokens_in += usage.input_tokens
         tokens_out += usage.output_tokens
         attempts += st.attempt
-    end_ms = state.ended_at_ms or _now_ms()
+    end_ms = state.ended_at_ms or now_ms()
     attrs = {
         "chainyard.chain.id": state.chain.id,
         "chainyard.chain.cost_usd": cost,
