@@ -98,9 +98,9 @@ class StepCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="step.
     cost_usd: float = 0.0
     target: Target
     worker: str
-    dispatched_at_ms: int
-    started_at_ms: int
-    latency_ms: float
+    dispatched_at_ms: int  # the router sent the assignment
+    started_at_ms: int  # the call began (after any pause for a provider's rate limit)
+    latency_ms: float  # of the call
     ttft_ms: float | None = None
     v: int = VERSION
 

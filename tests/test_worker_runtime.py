@@ -17,6 +17,7 @@ from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
 from chainyard.workers.cancels import Recent
+from chainyard.workers.providers import ProviderError
 
 EVENTS = f"cy.events.{TENANT}.>"
 
@@ -97,9 +98,28 @@ async def test_after_429_the_worker_pauses_instead_of_hammering(
     # per retry-after: at most slots x (window / retry-after + 1)
     assert 1 <= len(throttled) <= slots * 3, len(throttled)
     assert sandbox.counts["openai.chat"] == n  # one call per step, no retries by the worker
-    # work resumed after the window
+    # work resumed after the pause (started_at_ms is when a call began)
     assert len(completed) == n - len(throttled)
     assert min(e.started_at_ms for e in completed) >= t0 + retry_after_s * 1000 - 50
+
+
+async def test_a_step_held_by_a_pause_starts_when_its_call_does(
+    bus: Bus, sandbox: SandboxServer
+) -> None:
+    """started_at_ms is when the provider call began: a pause for retry-after is queued time,
+    so started_at_ms + latency_ms is when the call ended (as `chainyard trace` draws it)."""
+    w = worker(bus, config(sandbox.url, slots=1), heartbeat_s=0.1)
+    async with Events(bus.nc, EVENTS) as ev, running(w):
+        await heartbeat_seen(bus.capacity, POOL)  # idle: its pull request is out
+        # a 429 as a call would report it; "held" comes through the request already out
+        throttled = ProviderError("retryable", "429", status=429, retry_after_s=1.0)
+        w.health.record_failure("d-free", throttled, 1.0)
+        paused_until = w.health.throttled_until_ms
+        await publish(bus, assignment("held"))
+        held = await ev.wait(_done)
+    assert isinstance(held, StepCompleted), held
+    assert held.started_at_ms >= paused_until, (held.started_at_ms, paused_until)
+    assert held.dispatched_at_ms < paused_until - 500  # it did wait: as queued time
 
 
 async def test_cost_from_price_table_and_from_override(bus: Bus, sandbox: SandboxServer) -> None:

@@ -177,6 +177,7 @@ class Worker:
         try:
             if self.health.throttled_until_ms > now_ms():
                 await self.health.wait_unthrottled()  # in progress meanwhile: _keep_alive
+                started = now_ms()  # the pause counts as queued time, not as the call's
                 if await self._dropped(a, msg, started):
                     return
             await self._run_call(a, msg, started)
