@@ -219,8 +219,8 @@ async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T
     """JetStream API calls fail while a cluster elects its meta leader (a timeout, or 503
     unavailable): call `fn` again, pausing 0.05 s doubling to 1 s, for up to `within_s` seconds.
 
-    An election usually takes about a second, but a node that is slow to join a fresh cluster can
-    hold it for tens of seconds; a service starting then should wait, not exit."""
+    An election usually takes well under a second, but CI once saw a fresh cluster answer 503
+    for over 16 s; a service starting then should wait, not exit."""
     give_up = time.monotonic() + within_s
     for i in itertools.count():
         try:

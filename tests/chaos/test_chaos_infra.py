@@ -350,13 +350,7 @@ class Cluster:
             raise TimeoutError(f"{e}\n{tails}") from e
 
     async def _formed(self) -> bool:
-        leaders = set()
-        for name in self.names:
-            try:
-                z = await asyncio.to_thread(self.jsz, name)
-            except Exception:
-                return False
-            leaders.add((z.get("meta_cluster") or {}).get("leader"))  # type: ignore[union-attr]
+        leaders = {await self._leader_seen_by(name) for name in self.names}
         return len(leaders) == 1 and None not in leaders
 
     async def stop(self) -> None:
@@ -371,17 +365,18 @@ class Cluster:
             return json.loads(r.read())
 
     async def meta_leader(self) -> str | None:
+        """The meta leader as the first running node that knows one sees it."""
         for name in self.names:
-            if self.node(name).pid is None:
-                continue
-            try:
-                z = await asyncio.to_thread(self.jsz, name)
-            except Exception:
-                continue
-            leader = (z.get("meta_cluster") or {}).get("leader")  # type: ignore[union-attr]
-            if leader:
-                return str(leader)
+            if self.node(name).pid is not None and (leader := await self._leader_seen_by(name)):
+                return leader
         return None
+
+    async def _leader_seen_by(self, name: str) -> str | None:
+        try:
+            z = await asyncio.to_thread(self.jsz, name)
+        except Exception:
+            return None
+        return (z.get("meta_cluster") or {}).get("leader")  # type: ignore[union-attr,return-value]
 
 
 @pytest.fixture
