@@ -22,6 +22,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NoKeysError
 
 from chainyard.contracts import (
+    BadMessage,
     Cancel,
     Chain,
     ChainCancelled,
@@ -34,6 +35,8 @@ from chainyard.contracts import (
     StepOverride,
     Subjects,
     Topology,
+    chain_decoder,
+    chain_digest,
     encode,
     event_decoder,
     state_decoder,
@@ -53,6 +56,7 @@ class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ENDED = (ChainCompleted, ChainFailed, ChainCancelled, ChainRejected)
+_TERMINAL_KINDS = ("chain.completed", "chain.failed", "chain.cancelled")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -99,47 +103,87 @@ class Client:
     async def submit(self, chain: Chain | bytes) -> str:
         """Publish a chain (or raw JSON bytes) to the intake; returns the chain id once stored.
 
-        The chain id is the `Nats-Msg-Id`, so submitting the same chain twice is accepted once.
-        """
-        data, chain_id = _prepare(chain)
-        await telemetry.publish(self.js, self.subjects.submit(self.tenant), data, chain_id)
+        A chain id is taken once per tenant: the same chain submitted again is not run again,
+        and a different chain under a used id gets `chain.rejected` (`id_in_use`)."""
+        data, chain_id, _, msg_id = _prepare(chain)
+        await telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
         return chain_id
 
     async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
-        """Submit and wait for the chain's terminal event."""
-        data, chain_id = _prepare(chain)
-        publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, chain_id)
-        return await self._await_end(chain_id, publish, timeout)
+        """Submit and wait for the chain's terminal event, or its rejection.
+
+        Submitted again, the same chain answers with its first run's end; a different chain
+        under a used id answers with its own `chain.rejected`, never the other chain's end."""
+        data, chain_id, digest, msg_id = _prepare(chain)
+        publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        return await self._await_end(chain_id, publish, timeout, digest)
 
     async def _await_end(
-        self, chain_id: str, action: Awaitable[object], timeout: float
+        self,
+        chain_id: str,
+        action: Awaitable[object],
+        timeout: float,
+        digest: str | None = None,
     ) -> ChainEnded:
-        """Subscribe to the chain's events, then perform `action`, then wait for the end.
+        """Subscribe to the chain's events, then perform `action` (a publish to the intake
+        stream), then wait for the end that answers it.
 
-        When the stream says the publish was a duplicate (the same chain id was submitted
-        before), the chain's own event log answers: the first run's terminal event.
-        """
+        Which end answers: a `chain.rejected` of this very message (its `intake_seq` is the
+        publish ack's sequence), or a chain's end whose `digest` is this chain's. The end of an
+        earlier run of the same chain is looked up in the event log, since it will not come
+        again; an earlier, different chain's end is not an answer."""
         ended: asyncio.Future[ChainEnded] = asyncio.get_running_loop().create_future()
+        seq: list[int] = []  # the intake sequence, once the publish is acknowledged
+        early: list[ChainRejected] = []  # rejections seen before the ack
+
+        def offer(ev: Event) -> None:
+            if ended.done():
+                return
+            if isinstance(ev, ChainRejected):
+                if not seq:
+                    early.append(ev)
+                elif ev.intake_seq in (seq[0], 0):  # 0: a router older than intake_seq
+                    ended.set_result(ev)
+            elif isinstance(ev, ENDED) and (digest is None or ev.digest in (digest, "")):
+                ended.set_result(ev)
 
         async def on_event(msg: Msg) -> None:
-            with contextlib.suppress(Exception):
-                ev = event_decoder.decode(msg.data)
-                if isinstance(ev, ENDED) and not ended.done():
-                    ended.set_result(ev)
+            with contextlib.suppress(*BadMessage):
+                offer(event_decoder.decode(msg.data))
 
         sub = await self.nc.subscribe(
             self.subjects.chain_events(self.tenant, chain_id), cb=on_event
         )
         try:
             ack = await action
-            if getattr(ack, "duplicate", False):
-                return await asyncio.wait_for(self._last_event(chain_id), timeout)
+            seq.append(getattr(ack, "seq", 0) or 0)
+            for ev in early:
+                offer(ev)
+            if digest is not None:
+                for ev in await self._ends_before(chain_id):
+                    offer(ev)
             try:
                 return await asyncio.wait_for(ended, timeout)
             except TimeoutError:
                 raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
         finally:
             await sub.unsubscribe()
+
+    async def _ends_before(self, chain_id: str) -> list[Event]:
+        """The chain's terminal events already in the event log (direct gets by subject, which
+        a tenant's permissions allow on its own subjects only)."""
+        stream = self.topology.events.name
+
+        async def last(kind: str) -> Event | None:
+            subject = self.subjects.event(self.tenant, chain_id, kind)
+            try:
+                raw = await self.js.get_last_msg(stream, subject, direct=True)
+                return event_decoder.decode(raw.data or b"")
+            except Exception:  # not there, no permission, a stream without direct gets
+                return None
+
+        got = await asyncio.gather(*(last(k) for k in _TERMINAL_KINDS))
+        return [ev for ev in got if ev is not None]
 
     async def cancel(self, chain_id: str, reason: str = "cancelled by the client") -> None:
         """Ask the router to cancel a chain; it ends with a `chain.cancelled` event, in-flight
@@ -204,15 +248,9 @@ class Client:
             )
         return sorted(rows, key=lambda r: -r.age_s)
 
-    async def _last_event(self, chain_id: str) -> ChainEnded:
-        async for ev in self.watch(chain_id, history=True):
-            if isinstance(ev, ENDED):
-                return ev
-        raise AssertionError("unreachable: watch ends only on a terminal event")
-
     async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
         subject = self.subjects.control(self.tenant, chain_id, verb)
-        await telemetry.publish(self.js, subject, data, f"{chain_id}.{verb}.{_new_id()}")
+        await telemetry.publish(self.js, subject, data, "")
 
     async def watch(
         self, chain_id: str, *, history: bool = True, deltas: bool = False
@@ -245,8 +283,8 @@ class Client:
                     continue
                 ev = event_decoder.decode(msg.data)
                 yield ev
-                if isinstance(ev, ENDED):
-                    return
+                if isinstance(ev, ENDED) and not (isinstance(ev, ChainRejected) and ev.id_in_use):
+                    return  # (a clash of a later submission with this chain does not end it)
         finally:
             for s in subs:
                 with contextlib.suppress(Exception):
@@ -260,16 +298,25 @@ class _IdOnly(msgspec.Struct):
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
-def _prepare(chain: Chain | bytes) -> tuple[bytes, str]:
-    """The bytes to send and the id to send them under.
+def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str | None, str]:
+    """The bytes to send, the chain id, the chain's digest, and the `Nats-Msg-Id` to send.
 
     Raw bytes keep their own `id` when they have a usable one; otherwise (even when they are not
     JSON at all) a fresh id goes in `Nats-Msg-Id`, and the intake's rejection carries it back.
-    """
+    A chain's own id is never a message id: the intake stream's ids are not per tenant, the
+    router's dedup is."""
     if isinstance(chain, Chain):
-        return encode(chain), chain.id
+        return encode(chain), chain.id, chain_digest(chain), ""
+    try:
+        parsed = chain_decoder.decode(chain)
+        return chain, parsed.id, chain_digest(parsed), ""
+    except BadMessage:
+        pass
     try:
         claimed = _id_decoder.decode(chain).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except BadMessage:
         claimed = ""
-    return chain, claimed if _ID.match(claimed) else _new_id()
+    if _ID.match(claimed):
+        return chain, claimed, None, ""
+    fresh = _new_id()
+    return chain, fresh, None, fresh

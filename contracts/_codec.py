@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
 
 from ._chain import Chain
@@ -13,6 +15,15 @@ encoder = msgspec.json.Encoder()
 encode = encoder.encode
 
 chain_decoder = msgspec.json.Decoder(Chain)
+
+
+def chain_digest(chain: Chain) -> str:
+    """Who a chain is, beyond its id: the first 32 hex digits of the SHA-256 of its canonical
+    encoding. Terminal events carry it, so a submitter tells its chain's end from the end of an
+    earlier, different chain of its tenant under the same id."""
+    return hashlib.sha256(encode(chain)).hexdigest()[:32]
+
+
 assignment_decoder = msgspec.json.Decoder(Assignment)
 event_decoder = msgspec.json.Decoder(Event)
 step_event_decoder = msgspec.json.Decoder(StepEvent)

@@ -78,7 +78,7 @@ class Assignment(Out, frozen=True, kw_only=True):
 
     @property
     def msg_id(self) -> str:
-        return f"{self.chain_id}.{self.step_id}.{self.attempt}"
+        return f"{self.tenant}.{self.chain_id}.{self.step_id}.{self.attempt}"
 
 
 class ErrorInfo(Out, frozen=True, kw_only=True):
@@ -139,6 +139,7 @@ class ChainCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
+    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
     v: int = VERSION
 
 
@@ -152,6 +153,7 @@ class ChainFailed(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.f
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
+    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
     v: int = VERSION
 
 
@@ -163,6 +165,7 @@ class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
+    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
     v: int = VERSION
 
 
@@ -182,11 +185,17 @@ class FieldError(Out, frozen=True, kw_only=True):
 
 
 class ChainRejected(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.rejected"):
-    """Intake refused the chain; nothing was created. Every error says where it is."""
+    """Intake refused the chain; nothing was created. Every error says where it is.
+
+    `intake_seq` is the refused message's sequence in the intake stream (a submitter matches it
+    with its publish ack). `id_in_use`: the id belongs to an existing chain of the tenant, which
+    this rejection does not end."""
 
     chain_id: str
     tenant: str
     errors: list[FieldError]
+    intake_seq: int = 0
+    id_in_use: bool = False
     v: int = VERSION
 
 

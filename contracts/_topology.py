@@ -9,6 +9,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 MINUTE_S = 60.0
+INTAKE_DUPLICATE_WINDOW_S = 0.1  # nats-server refuses less than 100 ms
 
 
 class Subjects(Struct, frozen=True, kw_only=True):
@@ -31,8 +32,8 @@ class Subjects(Struct, frozen=True, kw_only=True):
     def delta(self, tenant: str, chain_id: str, step_id: str) -> str:
         return f"{self.prefix}.delta.{tenant}.{chain_id}.{step_id}"
 
-    def cancel(self, chain_id: str) -> str:
-        return f"{self.prefix}.cancel.{chain_id}"
+    def cancel(self, tenant: str, chain_id: str) -> str:
+        return f"{self.prefix}.cancel.{tenant}.{chain_id}"
 
     def control(self, tenant: str, chain_id: str, verb: str) -> str:
         """`verb`: "cancel", "signal.<name>" or "replay"."""
@@ -51,7 +52,7 @@ class Subjects(Struct, frozen=True, kw_only=True):
 
     @property
     def all_cancel(self) -> str:
-        return f"{self.prefix}.cancel.*"
+        return f"{self.prefix}.cancel.*.*"
 
     # Wildcards the services subscribe to.
     @property
@@ -90,6 +91,7 @@ class StreamDef(Struct, frozen=True, kw_only=True):
     duplicate_window_s: float = 2 * MINUTE_S
     max_msg_size: int = -1
     max_bytes: int = -1
+    allow_direct: bool = False  # direct gets by subject: a tenant may read its own events
 
 
 class ConsumerDef(Struct, frozen=True, kw_only=True):
@@ -129,7 +131,10 @@ class Topology(Struct, frozen=True, kw_only=True):
             name=f"{self._tag}_INTAKE",
             subjects=[self.subjects.all_submit, self.subjects.all_control],
             retention="workqueue",
-            duplicate_window_s=10 * MINUTE_S,
+            # The server's minimum: a message id is stream-wide, so it could let one tenant's
+            # submission drop another's. Chain ids are deduplicated per tenant by the router's
+            # create in KV `<tenant>.<chain>` instead (docs/DESIGN-NOTES.md).
+            duplicate_window_s=INTAKE_DUPLICATE_WINDOW_S,
             max_msg_size=self.max_payload,
         )
 
@@ -152,6 +157,7 @@ class Topology(Struct, frozen=True, kw_only=True):
             max_age_s=7 * 24 * 60 * MINUTE_S,
             duplicate_window_s=10 * MINUTE_S,
             max_msg_size=self.max_payload,
+            allow_direct=True,
         )
 
     @property

@@ -145,13 +145,13 @@ def document(topology: Topology | None = None, schema_ref: str = "./schema") -> 
             "messages": msgs("delta"),
         },
         "cancel": {
-            "address": sub.cancel("{chain}"),
+            "address": sub.cancel("{tenant}", "{chain}"),
             "title": "Drop a chain's in-flight calls",
             "description": "Core NATS, from the router to every worker when a chain was "
             "cancelled: workers abort its calls in flight (they end as step.failed, class "
             "`cancelled`) and drop its work that arrives later. Clients cancel with the "
             "control channel, not here.",
-            "parameters": params_of("chain"),
+            "parameters": params_of("tenant", "chain"),
             "messages": msgs("cancelNotice"),
         },
         "deadLetter": {

@@ -27,6 +27,7 @@ from chainyard.contracts import (
     Target,
     Timer,
     WaitStep,
+    chain_digest,
 )
 
 from . import graph, hedge, loops
@@ -221,6 +222,7 @@ def _fail(
         cost_usd=state.cost_usd,
         duration_ms=float(now_ms - state.created_at_ms),
         steps=summaries(state),
+        digest=chain_digest(state.chain),
     )
     return Outcome(state=state, ended=ended)
 
@@ -251,6 +253,7 @@ def completed_event(state: ChainState) -> ChainCompleted:
         cost_usd=state.cost_usd,
         duration_ms=_duration(state),
         steps=summaries(state),
+        digest=chain_digest(state.chain),
     )
 
 
@@ -275,6 +278,7 @@ def ended_event(state: ChainState) -> Ended | None:
             cost_usd=state.cost_usd,
             duration_ms=_duration(state),
             steps=summaries(state),
+            digest=chain_digest(state.chain),
         )
     return None
 
@@ -288,6 +292,7 @@ def cancelled_event(state: ChainState) -> ChainCancelled:
         cost_usd=state.cost_usd,
         duration_ms=_duration(state),
         steps=summaries(state),
+        digest=chain_digest(state.chain),
     )
 
 

@@ -156,7 +156,7 @@ class Router:
                 err = FieldError(
                     path="$.id", message=f"chain id {chain.id!r} is already used by another chain"
                 )
-                await self._reject(msg, tenant, chain.id, [err])
+                await self._reject(msg, tenant, chain.id, [err], id_in_use=True)
                 return
             outcome = chains.followups(existing, now_ms())
         await self._perform(outcome)
@@ -166,15 +166,26 @@ class Router:
         claimed = (msg.headers or {}).get("Nats-Msg-Id", "")
         return claimed if _ID_OK.match(claimed) else f"rejected-{new_id()}"
 
-    async def _reject(self, msg: Msg, tenant: str, chain_id: str, errors: list[FieldError]) -> None:
-        ev = ChainRejected(chain_id=chain_id, tenant=tenant, errors=errors)
+    async def _reject(
+        self,
+        msg: Msg,
+        tenant: str,
+        chain_id: str,
+        errors: list[FieldError],
+        *,
+        id_in_use: bool = False,
+    ) -> None:
+        seq = msg.metadata.sequence.stream
+        ev = ChainRejected(
+            chain_id=chain_id, tenant=tenant, errors=errors, intake_seq=seq, id_in_use=id_in_use
+        )
         log.info(
             "rejected %s/%s: %s",
             tenant,
             chain_id,
             "; ".join(f"{e.path}: {e.message}" for e in errors),
         )
-        await self._publish_event(ev, f"{chain_id}.rejected.{msg.metadata.sequence.stream}")
+        await self._publish_event(ev, f"{tenant}.{chain_id}.rejected.{seq}")
         await self._dead_letter(msg, "intake", "; ".join(e.message for e in errors), tenant)
 
     async def _dead_letter(self, msg: Msg, source: str, reason: str, tenant: str = "") -> None:
@@ -266,7 +277,7 @@ class Router:
     ) -> None:
         log.info("control %s on %s/%s refused: %s", verb, tenant, chain_id, why)
         ev = ControlRejected(chain_id=chain_id, tenant=tenant, verb=verb, message=why)
-        await self._publish_event(ev, f"{chain_id}.control.{msg.metadata.sequence.stream}")
+        await self._publish_event(ev, f"{tenant}.{chain_id}.control.{msg.metadata.sequence.stream}")
         await self._dead_letter(msg, "control", why, tenant)
 
     # -- timers ------------------------------------------------------------------------------
@@ -297,13 +308,14 @@ class Router:
 
     async def _perform(self, outcome: chains.Outcome) -> None:
         state = outcome.state
+        tenant, chain_id = state.tenant, state.chain.id
         jobs = [self._dispatch(state, sid) for sid in outcome.dispatch]
         jobs += [self._schedule(tm) for tm in outcome.timers]
         if outcome.ended is not None:
             kind = outcome.ended.__struct_config__.tag
-            jobs.append(self._publish_event(outcome.ended, f"{state.chain.id}.{kind}"))
+            jobs.append(self._publish_event(outcome.ended, f"{tenant}.{chain_id}.{kind}"))
         if outcome.cancel:
-            jobs.append(self.bus.nc.publish(self.subjects.cancel(state.chain.id), b""))
+            jobs.append(self.bus.nc.publish(self.subjects.cancel(tenant, chain_id), b""))
         if len(jobs) == 1:  # the common case: no task for it, so no extra turn of the loop
             await jobs[0]
         elif jobs:
@@ -363,7 +375,7 @@ class Router:
 
     async def _schedule(self, timer: Timer) -> None:
         subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
-        msg_id = f"{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
+        msg_id = f"{timer.tenant}.{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
         await telemetry.publish(self.bus.publisher, subject, encode(timer), msg_id)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:

@@ -77,7 +77,7 @@ def test_channels_are_the_subjects(doc: dict[str, Any]) -> None:
         "work": s.work("{pool}"),
         "events": s.event("{tenant}", "{chain}", "{type}"),
         "delta": s.delta("{tenant}", "{chain}", "{step}"),
-        "cancel": s.cancel("{chain}"),
+        "cancel": s.cancel("{tenant}", "{chain}"),
         "deadLetter": s.dlq_subject("{source}"),
     }
     assert addresses["submit"] == "cy.submit.{tenant}"

@@ -130,7 +130,7 @@ def test_assignment_msg_id() -> None:
         target=Target(deployment="d", pool="p", provider="openai", model="m"),
         dispatched_at_ms=0,
     )
-    assert a.msg_id == "c9.plan.3"
+    assert a.msg_id == "t.c9.plan.3"  # the tenant is in every identity
 
 
 def test_checked_in_schemas_match_the_contracts() -> None:

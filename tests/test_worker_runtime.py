@@ -221,26 +221,33 @@ async def test_cancel_stops_in_flight_calls_and_drops_later_work(
 ) -> None:
     await sandbox.configure(latency_ms=10_000)
     w = worker(bus, config(sandbox.url))
-    async with Events(bus.nc, EVENTS) as ev, running(w):
+    async with Events(bus.nc, "cy.events.*.>") as ev, running(w):
         await publish(bus, assignment("doomed", "a"), assignment("doomed", "b"))
         await wait_until(lambda: sandbox.counts["openai.chat"] == 2, 10, "both calls in flight")
         t0 = time.monotonic()
-        await bus.nc.publish(bus.subjects.cancel("doomed"), b"")
+        await bus.nc.publish(bus.subjects.cancel("acme", "doomed"), b"")
         await ev.wait(lambda e: isinstance(e, StepFailed), timeout=5, count=2)
         assert time.monotonic() - t0 < 3  # not after the 10 s call
         # work for the cancelled chain arriving later: dropped, never sent
         await sandbox.configure(latency_ms=0)
-        await publish(bus, assignment("doomed", "c"), assignment("other", "x"))
-        await ev.wait(_done, count=4)
+        # ... and another tenant's chain of the same id is not touched
+        await publish(
+            bus,
+            assignment("doomed", "c"),
+            assignment("other", "x"),
+            assignment("doomed", "y", tenant="beta"),
+        )
+        await ev.wait(_done, count=5)
         left, pending, redelivered = await wait_until(_settled(bus), 5, "the work acked")
     by = {(e.chain_id, e.step_id): e for _, e in ev.received if _done(e)}
     for step in ("a", "b", "c"):
         e = by[("doomed", step)]
         assert isinstance(e, StepFailed) and e.error.cls == "cancelled", e
     assert isinstance(by[("other", "x")], StepCompleted)
-    assert sandbox.counts["openai.chat"] == 3  # a, b (cancelled mid-call) and x
+    assert isinstance(by[("doomed", "y")], StepCompleted) and by[("doomed", "y")].tenant == "beta"
+    assert sandbox.counts["openai.chat"] == 4  # a, b (cancelled mid-call), x, beta's y
     assert (left, pending, redelivered) == (0, 0, 0)
-    assert "doomed" in w.cancelled and not w._calls
+    assert "acme.doomed" in w.cancelled and "beta.doomed" not in w.cancelled and not w._calls
 
 
 def test_recent_cancels_are_bounded_and_expire() -> None:

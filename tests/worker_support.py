@@ -79,12 +79,13 @@ def assignment(
     model: str = "m",
     deadline_at_ms: int | None = None,
     stream: bool = False,
+    tenant: str = TENANT,
 ) -> Assignment:
     return Assignment(
         chain_id=chain_id,
         step_id=step_id,
         attempt=1,
-        tenant=TENANT,
+        tenant=tenant,
         step=LlmStep(
             id=step_id,
             model=model,

@@ -6,7 +6,7 @@ event and wait for its ack -> ack the work. A crash anywhere before the last ack
 message; the event's message id and the router's compare-and-set make the second result change
 nothing.
 
-Cancellation: every worker listens (core NATS) on `cy.cancel.*`; a cancelled chain's calls in
+Cancellation: every worker listens (core NATS) on `cy.cancel.*.*`; a cancelled chain's calls in
 flight here are cancelled and end as step.failed "cancelled", and work for it that arrives later
 (within RECENT_CANCEL_S) is dropped the same way, never sent to the provider.
 """
@@ -108,7 +108,7 @@ class Worker:
         self.subjects = bus.topology.subjects
         self.fetch_batch = fetch_batch
         self._in_flight: dict[int, tuple[Msg, float]] = {}
-        self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # chain id -> tasks in a call
+        self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # <tenant>.<chain> -> tasks in a call
         self._chain_cancels: set[asyncio.Task[Any]] = set()  # tasks cancelled by a chain cancel
         self.cancelled = Recent()
         self._draining = False
@@ -123,7 +123,7 @@ class Worker:
         topo = self.bus.topology
         consumer = topo.pool_consumer(self.pool)
         sub = await self.bus.pull(topo.work, consumer)
-        cancels = await self.bus.nc.subscribe(self.subjects.cancel("*"), cb=self._on_cancel)
+        cancels = await self.bus.nc.subscribe(self.subjects.all_cancel, cb=self._on_cancel)
         side = [
             asyncio.create_task(self._heartbeats(stop)),
             asyncio.create_task(self._keep_alive(consumer.ack_wait_s / 3)),
@@ -187,7 +187,7 @@ class Worker:
     async def _dropped(self, a: Assignment, msg: Msg, started: int) -> bool:
         """Fail and ack, without a provider call, work of a cancelled chain or past its deadline."""
         err = None
-        if a.chain_id in self.cancelled:
+        if f"{a.tenant}.{a.chain_id}" in self.cancelled:
             err = ErrorInfo(cls="cancelled", message="the chain was cancelled")
         elif a.deadline_at_ms is not None and now_ms() > a.deadline_at_ms:
             late = now_ms() - a.deadline_at_ms
@@ -207,7 +207,7 @@ class Worker:
         # this task, marked in _chain_cancels so it is told apart from being stopped.
         task = asyncio.current_task()
         assert task is not None
-        calls = self._calls.setdefault(a.chain_id, set())
+        calls = self._calls.setdefault(f"{a.tenant}.{a.chain_id}", set())
         calls.add(task)
         try:
             result = await self.execute(a, self._delta_sink(a) if stream else None)
@@ -252,7 +252,7 @@ class Worker:
         finally:
             calls.discard(task)
             if not calls:
-                self._calls.pop(a.chain_id, None)
+                self._calls.pop(f"{a.tenant}.{a.chain_id}", None)
             if task in self._chain_cancels:  # cancelled, but the call ended without seeing it
                 self._chain_cancels.discard(task)
                 task.uncancel()
@@ -281,7 +281,7 @@ class Worker:
     async def _publish(self, ev: StepCompleted | StepFailed) -> None:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
-        msg_id = f"{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
+        msg_id = f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
         metrics.step_result(ev)
         await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)  # with traceparent
 
@@ -300,9 +300,9 @@ class Worker:
         )
 
     async def _on_cancel(self, msg: Msg) -> None:
-        chain_id = msg.subject.rsplit(".", 1)[-1]
-        self.cancelled.add(chain_id)
-        for task in list(self._calls.get(chain_id, ())):
+        key = msg.subject.split(".", 2)[-1]  # cy.cancel.<tenant>.<chain>: the tenant is in it
+        self.cancelled.add(key)
+        for task in list(self._calls.get(key, ())):
             if task not in self._chain_cancels:
                 self._chain_cancels.add(task)
                 task.cancel()

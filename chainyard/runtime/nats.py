@@ -98,6 +98,7 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
         max_msg_size=d.max_msg_size,
         max_bytes=d.max_bytes,
         num_replicas=replicas,
+        allow_direct=d.allow_direct,
     )
 
 
@@ -155,15 +156,23 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
     """Create the stream, or add subjects a newer version needs to an existing one.
 
     An existing stream's limits are the operator's (max bytes, age, replicas...): a service
-    starting up never resets them."""
+    starting up never resets them. Its subjects, duplicate window and direct gets are
+    the design's."""
     cfg = stream_config(d, replicas)
     try:
         await js.add_stream(cfg)
     except BadRequestError:
         have = (await js.stream_info(d.name)).config
         missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
-        if missing:
+        # The duplicate window is part of the delivery design, not a limit: keep it ours.
+        ours = (have.duplicate_window, bool(have.allow_direct)) != (
+            cfg.duplicate_window,
+            bool(cfg.allow_direct),
+        )
+        if missing or ours:
             have.subjects = [*(have.subjects or []), *missing]
+            have.duplicate_window = cfg.duplicate_window
+            have.allow_direct = cfg.allow_direct
             await js.update_stream(have)
 
 

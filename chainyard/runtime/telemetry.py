@@ -289,10 +289,12 @@ async def publish(
     attrs: dict[str, Any] | None = None,
     parent: Any = None,
 ) -> Any:
-    """`js.publish` with `Nats-Msg-Id`, inside a `send` span whose context rides in the headers.
-    `parent`: a Context (or a Span); by default the handler's scope or the current context."""
+    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), inside a `send` span whose
+    context rides in the headers. `parent`: a Context (or a Span); by default the handler's
+    scope or the current context."""
+    ids = {"Nats-Msg-Id": msg_id} if msg_id else {}
     if _tracer is None:
-        return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+        return await js.publish(subject, data, headers=ids or None)
     if parent is None:
         parent = _parent()
     elif type(parent) is Context:
@@ -308,15 +310,15 @@ async def publish(
         span: Any = LiteSpan(
             lite, fixed.name, tid, sid, parent._sid, remote, ts, PRODUCER, fixed, a, False, _now()
         )
-        headers = {"Nats-Msg-Id": msg_id, TRACEPARENT: f"00-{tid}-{sid}-01"}
+        headers = {**ids, TRACEPARENT: f"00-{tid}-{sid}-01"}
         if ts:
             headers[TRACESTATE] = ts.to_header()
     else:
         span = _start(parent, PRODUCER, fixed, a)
         headers = (
-            span.inject({"Nats-Msg-Id": msg_id})
+            span.inject(dict(ids))
             if type(span) is LiteSpan
-            else inject(span.get_span_context(), {"Nats-Msg-Id": msg_id})
+            else inject(span.get_span_context(), dict(ids))
         )
     try:
         return await js.publish(subject, data, headers=headers)
