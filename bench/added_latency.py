@@ -90,7 +90,7 @@ class Driver:
     async def _on_mark(self, msg: Msg) -> None:
         now = time.perf_counter()
         if msg.subject.startswith(self.bus.subjects.prefix + ".work."):
-            key = (msg.headers or {}).get("Nats-Msg-Id", "").partition(".")[0]
+            key = (msg.headers or {}).get("Nats-Msg-Id", "").split(".")[1]  # <tenant>.<chain>...
         else:
             key = msg.subject[self.offset :].partition(".")[0]
         if (marks := self.marks.get(key)) is not None:

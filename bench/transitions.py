@@ -70,7 +70,8 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
                 event_at[chain] = time.perf_counter()
 
         async def on_work(msg: Msg) -> None:
-            chain, _, step = (msg.headers or {}).get("Nats-Msg-Id", "").partition(".")
+            _, _, rest = (msg.headers or {}).get("Nats-Msg-Id", "").partition(".")  # <tenant>.
+            chain, _, step = rest.partition(".")
             if step.startswith("b.") and chain in event_at:
                 transitions.append((time.perf_counter() - event_at.pop(chain)) * 1000)
 

@@ -35,7 +35,6 @@ from chainyard.contracts import (
     StepOverride,
     Subjects,
     Topology,
-    chain_decoder,
     chain_digest,
     encode,
     event_decoder,
@@ -167,7 +166,8 @@ class Client:
             except TimeoutError:
                 raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # the connection may be closing
+                await sub.unsubscribe()
 
     async def _ends_before(self, chain_id: str) -> list[Event]:
         """The chain's terminal events already in the event log (direct gets by subject, which
@@ -298,25 +298,21 @@ class _IdOnly(msgspec.Struct):
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
-def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str | None, str]:
-    """The bytes to send, the chain id, the chain's digest, and the `Nats-Msg-Id` to send.
+def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str, str]:
+    """The bytes to send, the chain id, their digest, and the `Nats-Msg-Id` to send.
 
     Raw bytes keep their own `id` when they have a usable one; otherwise (even when they are not
     JSON at all) a fresh id goes in `Nats-Msg-Id`, and the intake's rejection carries it back.
     A chain's own id is never a message id: the intake stream's ids are not per tenant, the
     router's dedup is."""
+    data = encode(chain) if isinstance(chain, Chain) else chain
     if isinstance(chain, Chain):
-        return encode(chain), chain.id, chain_digest(chain), ""
-    try:
-        parsed = chain_decoder.decode(chain)
-        return chain, parsed.id, chain_digest(parsed), ""
-    except BadMessage:
-        pass
+        return data, chain.id, chain_digest(data), ""
     try:
         claimed = _id_decoder.decode(chain).id
     except BadMessage:
         claimed = ""
     if _ID.match(claimed):
-        return chain, claimed, None, ""
+        return data, claimed, chain_digest(data), ""
     fresh = _new_id()
-    return chain, fresh, None, fresh
+    return data, fresh, chain_digest(data), fresh

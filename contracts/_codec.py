@@ -17,11 +17,11 @@ encode = encoder.encode
 chain_decoder = msgspec.json.Decoder(Chain)
 
 
-def chain_digest(chain: Chain) -> str:
-    """Who a chain is, beyond its id: the first 32 hex digits of the SHA-256 of its canonical
-    encoding. Terminal events carry it, so a submitter tells its chain's end from the end of an
-    earlier, different chain of its tenant under the same id."""
-    return hashlib.sha256(encode(chain)).hexdigest()[:32]
+def chain_digest(data: bytes) -> str:
+    """Who a chain is, beyond its id: the first 32 hex digits of the SHA-256 of the bytes it was
+    submitted as. Terminal events carry it, so a submitter (in any language: it hashes what it
+    sent) tells its chain's end from the end of another chain its tenant sent under that id."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 assignment_decoder = msgspec.json.Decoder(Assignment)

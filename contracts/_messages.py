@@ -139,7 +139,7 @@ class ChainCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
-    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
+    digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
     v: int = VERSION
 
 
@@ -153,7 +153,7 @@ class ChainFailed(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.f
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
-    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
+    digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
     v: int = VERSION
 
 
@@ -165,7 +165,7 @@ class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     cost_usd: float = 0.0
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
-    digest: str = ""  # chain_digest() of the chain that ended: tells it from a reused id's
+    digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
     v: int = VERSION
 
 

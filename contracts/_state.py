@@ -54,6 +54,9 @@ class ChainState(Struct, frozen=True, kw_only=True):
     # W3C trace context of the chain's own span, fixed at intake (`traceparent`, `tracestate`,
     # and `parent`: the intake span), so later events on any router replica continue the trace.
     trace: dict[str, str] = {}
+    digest: str = (
+        ""  # chain_digest() of the submitted bytes: the same id with other bytes is refused
+    )
     v: int = VERSION
 
     @property

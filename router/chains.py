@@ -27,7 +27,6 @@ from chainyard.contracts import (
     Target,
     Timer,
     WaitStep,
-    chain_digest,
 )
 
 from . import graph, hedge, loops
@@ -222,7 +221,7 @@ def _fail(
         cost_usd=state.cost_usd,
         duration_ms=float(now_ms - state.created_at_ms),
         steps=summaries(state),
-        digest=chain_digest(state.chain),
+        digest=state.digest,
     )
     return Outcome(state=state, ended=ended)
 
@@ -253,7 +252,7 @@ def completed_event(state: ChainState) -> ChainCompleted:
         cost_usd=state.cost_usd,
         duration_ms=_duration(state),
         steps=summaries(state),
-        digest=chain_digest(state.chain),
+        digest=state.digest,
     )
 
 
@@ -278,7 +277,7 @@ def ended_event(state: ChainState) -> Ended | None:
             cost_usd=state.cost_usd,
             duration_ms=_duration(state),
             steps=summaries(state),
-            digest=chain_digest(state.chain),
+            digest=state.digest,
         )
     return None
 
@@ -292,7 +291,7 @@ def cancelled_event(state: ChainState) -> ChainCancelled:
         cost_usd=state.cost_usd,
         duration_ms=_duration(state),
         steps=summaries(state),
-        digest=chain_digest(state.chain),
+        digest=state.digest,
     )
 
 
@@ -310,7 +309,10 @@ def followups(state: ChainState, now_ms: int) -> Outcome:
     every ready step still pending (a repeat that outlives the window only looks again).
     """
     if state.status != "running":
-        return Outcome(state=state, ended=ended_event(state))
+        # Within the window a repeat of the end is dropped by the stream; past it, the end
+        # went out long ago and a repeat would be a second one in the log.
+        recent = now_ms - (state.ended_at_ms or 0) < REDISPATCH_WINDOW_MS
+        return Outcome(state=state, ended=ended_event(state) if recent else None)
     dispatch = [
         sid
         for sid, st in state.steps.items()

@@ -31,6 +31,7 @@ from chainyard.contracts import (
     Timer,
     cancel_decoder,
     chain_decoder,
+    chain_digest,
     encode,
     new_id,
     now_ms,
@@ -77,7 +78,7 @@ class Router:
         self.routing = Routing(bus, config, self.capacity, self.catalog)
         self.policy = self.routing.policy
         self.concurrency = concurrency
-        self.store = StateStore(bus.chains, bus.publisher)
+        self.store = StateStore(bus.chains, bus.js, bus.topology.chains_kv, bus.publisher)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.routing.start()
@@ -103,13 +104,28 @@ class Router:
     # -- the one way state changes -----------------------------------------------------------
 
     async def _apply(self, key: str, decide: Decide) -> chains.Outcome | None:
-        """Load, decide, compare-and-set; on a conflict read again and decide again."""
+        """Load, decide, compare-and-set; on a conflict read again and decide again.
+
+        A decision to record nothing (a duplicate or late event, an unknown chain, a refused
+        control, a retry later) is only final when made on the chain's latest revision: a
+        cached or follower copy may be behind another router replica's write, and acking an
+        event on it would drop the transition it carries. So such a decision is made again
+        on a fresh read before it stands (docs/DESIGN-NOTES.md #20)."""
         fresh = False
         while True:
             state, rev = await self.store.load(key, fresh=fresh)
             telemetry_chain.adopt_state(state)  # a message without trace context joins the chain's
-            outcome = decide(state)
+            try:
+                outcome = decide(state)
+            except control.ControlError:
+                if not fresh:
+                    fresh = True
+                    continue
+                raise
             if outcome is None or outcome.state is state or outcome.retry_after_s is not None:
+                if not fresh:
+                    fresh = True
+                    continue
                 return outcome
             try:
                 await self.store.update(key, outcome.state, rev)
@@ -140,11 +156,14 @@ class Router:
         if (delay := self.routing.defer(msg, tenant, chain)) is not None:
             await msg.nak(delay=delay)  # the tenant is at its share: other tenants' chains first
             return
-        await self._create(msg, tenant, self.routing.begin(chain, tenant, now_ms()))
+        begun = self.routing.begin(chain, tenant, now_ms())
+        await self._create(msg, tenant, begun, chain_digest(msg.data))
 
-    async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome) -> None:
-        """Create a chain's state once; the same chain again is accepted once (its effects are
-        performed again, deduplicated, in case the first attempt crashed before them)."""
+    async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome, digest: str) -> None:
+        """Create a chain's state once; the same chain again (the same bytes: `digest`) is
+        accepted once (its effects are performed again, deduplicated, in case the first attempt
+        crashed before them); another chain under the same id is refused."""
+        outcome.state = msgspec.structs.replace(outcome.state, digest=digest)
         outcome = telemetry_chain.begin_chain(outcome)  # the chain's trace ids, kept in its state
         chain = outcome.state.chain
         key = self.store.key(tenant, chain.id)
@@ -152,7 +171,10 @@ class Router:
             await self.store.create(key, outcome.state)
         except Conflict:
             existing, _ = await self.store.load(key, fresh=True)
-            if existing is None or existing.chain != chain:
+            same = existing is not None and (
+                existing.digest == digest if existing.digest else existing.chain == chain
+            )
+            if existing is None or not same:
                 err = FieldError(
                     path="$.id", message=f"chain id {chain.id!r} is already used by another chain"
                 )
@@ -208,7 +230,6 @@ class Router:
             await self._dead_letter(msg, "events", str(e))
             return
         t = now_ms()
-        stale: list[chains.Outcome] = []
 
         def decide(state: ChainState | None) -> chains.Outcome | None:
             if state is None:
@@ -216,8 +237,7 @@ class Router:
             if not is_current(state, ev.step_id, ev.attempt):  # hedges: two attempts may be live
                 # Duplicate or late (a zombie worker, a lost hedge): change nothing, but make
                 # sure what the recorded state implies did go out.
-                stale.append(chains.followups(state, t))
-                return stale[-1]
+                return chains.followups(state, t)
             return self.routing.transition(state, ev, t, msg)  # budget, breakers, failover
 
         outcome = await self._apply(self.store.key(ev.tenant, ev.chain_id), decide)
@@ -254,7 +274,7 @@ class Router:
                 if old is None:
                     raise control.UnknownChain(f"no chain {chain_id!r}")
                 new = control.replay(old, req, t, self.policy.pick)
-                await self._create(msg, tenant, new)
+                await self._create(msg, tenant, new, chain_digest(encode(new.state.chain)))
                 return
             else:
                 raise control.ControlError(f"unknown control verb {verb!r}")

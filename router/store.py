@@ -3,30 +3,45 @@
 Every write is a compare-and-set on the revision the decision was made from. The cache saves
 the read on the hot path (one KV round trip of seven per step); when another router replica
 wrote in between, the compare-and-set fails, the entry is dropped, and the next read goes to KV.
-Writes go through the lean publisher (runtime/lean.py) as nats-py's KV does them: a publish to
-the key's subject with `Nats-Expected-Last-Subject-Sequence`.
+A cached or follower-served copy can be behind another replica's write, so a decision to write
+nothing is only final on a `fresh` read: the key's last message, served by the stream leader
+(router/engine.py `_apply`). Writes go through the lean publisher (runtime/lean.py) as nats-py's
+KV does them: a publish to the key's subject with `Nats-Expected-Last-Subject-Sequence`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from chainyard.contracts import ChainState, encode, state_decoder
+from chainyard.contracts import ChainState, KvDef, encode, state_decoder
 from chainyard.runtime.lean import Publisher
 
 Conflict = KeyWrongLastSequenceError
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed compare-and-set
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+REMOVED = ("DEL", "PURGE")  # the KV-Operation header of a deleted key's last message
 
 
 class StateStore:
-    def __init__(self, kv: KeyValue, publisher: Publisher, cache_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        js: JetStreamContext,
+        bucket: KvDef,
+        publisher: Publisher,
+        cache_size: int = 10_000,
+    ) -> None:
         self.kv = kv
+        self.js = js
         self.publisher = publisher
-        self._subject = kv._pre  # "$KV.<bucket>.": the subject prefix of its keys
+        self._stream = (
+            f"KV_{bucket.bucket}"  # a bucket's stream and key subjects, as NATS names them
+        )
+        self._subject = f"$KV.{bucket.bucket}."
         self._cache: OrderedDict[str, tuple[ChainState, int]] = OrderedDict()
         self._size = cache_size
 
@@ -35,16 +50,28 @@ class StateStore:
         return f"{tenant}.{chain_id}"
 
     async def load(self, key: str, *, fresh: bool = False) -> tuple[ChainState | None, int]:
-        if not fresh and (hit := self._cache.get(key)) is not None:
-            self._cache.move_to_end(key)
-            return hit
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None, 0
-        if not entry.value:
-            return None, 0
-        state, rev = state_decoder.decode(entry.value), entry.revision or 0
+        """The state and its revision ((None, 0): no such chain). `fresh`: the latest revision,
+        from the stream leader; otherwise this router's cache, or KV (any replica may answer)."""
+        if fresh:
+            try:
+                last = await self.js.get_last_msg(self._stream, self._subject + key)
+            except NotFoundError:
+                return None, 0
+            if not last.data or (last.headers or {}).get("KV-Operation") in REMOVED:
+                return None, 0
+            value, rev = last.data, last.seq or 0
+        else:
+            if (hit := self._cache.get(key)) is not None:
+                self._cache.move_to_end(key)
+                return hit
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                return None, 0
+            if not entry.value:
+                return None, 0
+            value, rev = entry.value, entry.revision or 0
+        state = state_decoder.decode(value)
         self._remember(key, state, rev)
         return state, rev
 

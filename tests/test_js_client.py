@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import chain_log
 
 from chainyard.client import Client
 from chainyard.contracts import Chain, ChainCompleted, LlmStep, Message, ToolStep, encode
@@ -141,30 +142,41 @@ async def test_js_client_submits_and_prints_chain_completed(dev: DevStack, tmp_p
     assert by_step["answer"]["model"] == "gpt-4o-mini"
     assert by_step["answer"]["pool"] == "cloud-sim"
     assert f"submitted {chain.id}" in err
-    # Submitted once, with the chain id as the dedup id and the trace context propagated.
+    # Submitted once, with no stream-wide message id (chain ids are per tenant) and the trace
+    # context propagated.
     assert [s for s, _ in seen] == [f"cy.submit.{TENANT}"]
     headers = seen[0][1]
-    assert headers["Nats-Msg-Id"] == chain.id
+    assert "Nats-Msg-Id" not in headers
     assert headers["traceparent"] == TRACEPARENT
 
 
-async def test_js_client_resubmission_is_deduplicated_and_still_gets_the_result(
+async def test_js_client_resubmission_runs_once_and_still_gets_the_result(
     dev: DevStack, tmp_path: Path
 ) -> None:
-    """The same chain id again after the chain ended: the stream acks it as a duplicate, the
-    chain does not run twice, so no new events come and the client times out (exit 3)."""
+    """The same chain again after it ended: it does not run twice, and the client answers at
+    once with the first run's end, read from the event log. A different chain under the same id
+    is rejected, and the client prints that rejection, not the other chain's end."""
     assert dev.bus is not None
     chain = weather_chain("js-weather-dup")
     path = write(tmp_path, "chain.json", encode(chain))
     first = await run_js("--nats", dev.nats_url, "--tenant", TENANT, str(path))
     assert first[0] == 0, first[2]
-    # The chain has ended: a resubmission is acked as a duplicate and no new events come.
-    code, out, err = await run_js(
-        "--nats", dev.nats_url, "--tenant", TENANT, "--timeout", "2", str(path)
+    again = await run_js("--nats", dev.nats_url, "--tenant", TENANT, "--timeout", "20", str(path))
+    assert again[0] == 0, again[2]
+    assert json.loads(again[1]) == json.loads(first[1])
+    logged = await chain_log(dev.bus.js, TENANT, chain.id)
+    assert [type(e).__name__ for e in logged].count("ChainCompleted") == 1
+    porto = Chain(
+        id=chain.id, steps=[ToolStep(id="weather", tool="weather", args={"city": "Porto"})]
     )
-    assert "duplicate" in err
-    assert code == 3 and out == ""
-    assert "did not end within 2 s" in err
+    other = write(tmp_path, "other.json", encode(porto))
+    code, out, err = await run_js(
+        "--nats", dev.nats_url, "--tenant", TENANT, "--timeout", "20", str(other)
+    )
+    assert code == 1, err
+    ev = json.loads(out)
+    assert ev["type"] == "chain.rejected" and ev["id_in_use"] is True
+    assert "rejected: $.id: chain id 'js-weather-dup' is already used by another chain" in err
 
 
 async def test_js_client_prints_rejection_with_path_and_exits_nonzero(

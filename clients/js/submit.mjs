@@ -10,10 +10,14 @@
 //    malformed chain fails here, before anything is sent, with the same JSON paths the
 //    router's `chain.rejected` event uses ($.steps[0].model);
 // 2. subscribe to cy.events.<tenant>.<chain>.> first, so no event can be missed;
-// 3. publish the chain to cy.submit.<tenant> through JetStream (the stream acks it) with
-//    `Nats-Msg-Id: <chain id>` (a resubmission is deduplicated) and `traceparent` if given;
-// 4. wait for chain.completed / chain.failed / chain.cancelled / chain.rejected and print it
-//    as one line of JSON.
+// 3. publish the chain to cy.submit.<tenant> through JetStream (the stream acks it, with the
+//    message's sequence) and `traceparent` if given; no `Nats-Msg-Id`: the router takes a chain
+//    id once per tenant (the same chain again runs once, another chain under it is rejected);
+// 4. wait for the end that answers this submission and print it as one line of JSON: a
+//    chain.rejected whose `intake_seq` is the ack's sequence, or a chain.completed /
+//    chain.failed / chain.cancelled whose `digest` is the SHA-256 (first 32 hex digits) of the
+//    bytes sent. An end that came before (the same chain submitted earlier) is read from the
+//    event log by a direct get; the end of another chain under the same id is not an answer.
 //
 // Exit status: 0 chain.completed; 1 chain.failed, chain.cancelled or chain.rejected;
 // 2 bad usage or a chain that is not valid JSON / fails the schema (nothing was sent);
@@ -23,14 +27,14 @@ import { readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 
 import Ajv2020 from "ajv/dist/2020.js";
 import { connect, credsAuthenticator, headers, StringCodec } from "nats";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const DEFAULT_SCHEMA = resolve(HERE, "../../contracts/schema/chain.json");
-const TERMINAL = new Set(["chain.completed", "chain.failed", "chain.cancelled", "chain.rejected"]);
+const ENDS = ["chain.completed", "chain.failed", "chain.cancelled"];
 const ID = /^[A-Za-z0-9_-]{1,64}$/;
 const TRACEPARENT = /^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/;
 
@@ -194,41 +198,60 @@ async function main() {
   });
   const sc = StringCodec();
   try {
-    // Subscribe before publishing: the chain's events cannot outrun us.
-    const sub = nc.subscribe(eventsSubject);
-    await nc.flush();
-    const ended = (async () => {
-      for await (const m of sub) {
-        let ev;
-        try {
-          ev = JSON.parse(sc.decode(m.data));
-        } catch {
-          continue; // not ours to judge; the router only sends JSON
-        }
-        if (TERMINAL.has(ev.type)) return ev; // unknown types are "not for me" (schema rule 3)
+    const data = sc.encode(JSON.stringify(chain));
+    const digest = createHash("sha256").update(data).digest("hex").slice(0, 32);
+    let seq; // the intake sequence, once the publish is acknowledged
+    const early = []; // rejections seen before the ack
+    let answer;
+    const answered = new Promise((res) => (answer = res));
+    const offer = (ev) => {
+      if (ev.type === "chain.rejected") {
+        if (seq === undefined) early.push(ev);
+        else if (!ev.intake_seq || ev.intake_seq === seq) answer(ev);
+      } else if (ENDS.includes(ev.type) && (!ev.digest || ev.digest === digest)) {
+        answer(ev); // unknown types are "not for me" (schema rule 3)
       }
-      return undefined;
-    })();
+    };
+    // Subscribe before publishing: the chain's events cannot outrun us.
+    const sub = nc.subscribe(eventsSubject, {
+      callback: (err, m) => {
+        if (err) return;
+        try {
+          offer(JSON.parse(sc.decode(m.data)));
+        } catch {
+          // not ours to judge; the router only sends JSON
+        }
+      },
+    });
+    await nc.flush();
 
     const h = headers();
     if (opts.traceparent) h.set("traceparent", opts.traceparent);
-    const ack = await nc.jetstream().publish(submitSubject, sc.encode(JSON.stringify(chain)), {
-      msgID: chain.id, // sets Nats-Msg-Id: the stream deduplicates a resubmission
-      headers: h,
-    });
+    const ack = await nc.jetstream().publish(submitSubject, data, { headers: h });
     console.error(`submitted ${chain.id} to ${submitSubject} (stream ${ack.stream} seq ${ack.seq})`);
-    if (ack.duplicate) {
-      // Same id within the stream's duplicate window: the chain runs once. If it has already
-      // ended, its terminal event went out before this subscription; read it from the stream
-      // (`chainyard watch <id>`) instead of waiting.
-      console.error(`duplicate: chain ${chain.id} was already submitted; waiting for its end anyway`);
+    seq = ack.seq;
+    early.forEach(offer);
+    // Submitted before and already ended: its end will not come again, it is in the event log.
+    const jsm = await nc.jetstreamManager({ checkAPI: false });
+    const events = `${p.toUpperCase()}_EVENTS`;
+    for (const kind of ENDS) {
+      try {
+        const m = await jsm.direct.getMessage(events, { last_by_subj: `${p}.events.${opts.tenant}.${chain.id}.${kind}` });
+        const ev = m.json();
+        if (ev.digest && ev.digest !== digest) {
+          console.error(`chain id ${chain.id} was used by another chain; waiting for the router's answer`);
+        }
+        offer(ev);
+      } catch {
+        // none yet (or no rights to read the log): the live subscription answers
+      }
     }
 
     let timer;
     const timedOut = new Promise((res) => {
       timer = setTimeout(() => res(null), opts.timeout * 1000);
     });
-    const ev = await Promise.race([ended, timedOut]);
+    const ev = await Promise.race([answered, timedOut]);
     clearTimeout(timer);
     sub.unsubscribe();
     if (!ev) {
