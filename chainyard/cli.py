@@ -213,6 +213,21 @@ async def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_nats(sp: argparse.ArgumentParser, nats: str = "required") -> None:
+    sp.add_argument(
+        "--nats",
+        default=os.environ.get("CHAINYARD_NATS"),
+        required=nats == "required" and not os.environ.get("CHAINYARD_NATS"),
+        help="NATS URL, credentials may ride in it (nats://user:pass@host:4222); "
+        + (
+            "without it an embedded server is started"
+            if nats == "optional"
+            else "env CHAINYARD_NATS"
+        ),
+    )
+    sp.add_argument("--creds", help="NATS credentials file")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chainyard", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -228,18 +243,7 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         if nats != "none":
-            sp.add_argument(
-                "--nats",
-                default=os.environ.get("CHAINYARD_NATS"),
-                required=nats == "required" and not os.environ.get("CHAINYARD_NATS"),
-                help="NATS URL, credentials may ride in it (nats://user:pass@host:4222); "
-                + (
-                    "without it an embedded server is started"
-                    if nats == "optional"
-                    else "env CHAINYARD_NATS"
-                ),
-            )
-            sp.add_argument("--creds", help="NATS credentials file")
+            add_nats(sp, nats)
         return sp
 
     add(
@@ -306,6 +310,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("chain_id")
     sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
     sp.add_argument("--jaeger", help="Jaeger query URL, e.g. http://localhost:16686")
+    from chainyard import dlq
+
+    dlq.configure(
+        add("dlq", dlq.run, "dead letters: list, show, redrive, purge", nats="none"), add_nats
+    )
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p
