@@ -19,6 +19,7 @@ import contextlib
 import json
 import re
 import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -311,7 +312,7 @@ def configure(
     p = verb("list", "one line per dead letter, newest last")
     filters(p)
     p.add_argument("--since", type=duration, help="only newer than this, e.g. 24h")
-    p.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
+    p.add_argument("--limit", type=int, default=50, help="the newest N (default 50; 0: all)")
     p.add_argument("--json", action="store_true", help="JSON lines, untruncated")
     p = verb("show", "one dead letter: headers, original subject, payload")
     p.add_argument("seq", type=int)
@@ -445,12 +446,26 @@ async def _select(dlq: Dlq, args: argparse.Namespace, what: str) -> list[DeadLet
     if not rows:
         raise DlqError(f"no dead letters match ({sel.describe()})")
     if not args.yes:
-        print(f"{what} {len(rows)} dead letters ({sel.describe()})? [y/N] ", end="",
-              file=sys.stderr, flush=True)  # fmt: skip
-        answer = await asyncio.to_thread(sys.stdin.readline)
+        answer = await _ask(f"{what} {len(rows)} dead letters ({sel.describe()})? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise DlqError("not confirmed: nothing done (--yes skips the question)")
     return rows
+
+
+async def _ask(question: str) -> str:
+    """A line from stdin ("" at its end), the loop still serving the connection meanwhile."""
+    print(question, end="", file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        line = sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: Ctrl-C ended the command
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(line))
+
+    # A daemon thread, not the loop's executor, which Ctrl-C would wait on until a line came.
+    threading.Thread(target=read, daemon=True).start()
+    return await answer
 
 
 async def _redrive(dlq: Dlq, args: argparse.Namespace) -> int:
