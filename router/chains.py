@@ -134,8 +134,9 @@ def on_deadline(state: ChainState, now_ms: int) -> Outcome:
 def _unfinished(state: ChainState, sid: str, st: StepState, ready: bool) -> str:
     """What a step was doing when the deadline passed, with its last error if it had one."""
     if st.status == "dispatched":
-        where = f" on {st.target.deployment}" if st.target else ""
-        what = f"step {sid!r} running{where} (attempt {st.attempt}"
+        # Dispatched: running in a worker, or still queued for one (the router cannot tell).
+        where = f" to {st.target.deployment}" if st.target else ""
+        what = f"step {sid!r} dispatched{where} (attempt {st.attempt}"
         if st.error is not None:
             what += f", last error: {st.error.cls}: {st.error.message[:MAX_ERROR_CHARS]}"
         return what + ")"
