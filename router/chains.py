@@ -106,27 +106,19 @@ def on_deadline(state: ChainState, now_ms: int) -> Outcome:
     ready = set(graph.advance(state.chain, state.steps).ready)
     steps = dict(state.steps)
     unfinished: list[str] = []
-    first_failed: str | None = None
     for sid, st in state.steps.items():
-        if st.status in ("dispatched", "waiting"):
-            how = "ran" if st.status == "dispatched" else "waited"
-            err = ErrorInfo(cls="timeout", message=f"the chain's deadline passed while it {how}")
-            steps[sid] = _replace(st, status="failed", error=err)
-            if st.parent is None and first_failed is None:
-                first_failed = sid
-        elif st.status == "pending":
-            steps[sid] = _replace(st, status="cancelled")
-        else:
+        if st.status not in ("pending", "dispatched", "waiting"):
             continue
+        # Dropped with the chain, as by a cancel: "failed" would claim a step.failed event
+        # that no worker sent (the ledger checks that every failed step has one).
+        steps[sid] = _replace(st, status="cancelled")
         if st.parent is None:
             unfinished.append(_unfinished(state, sid, st, sid in ready))
     shown = unfinished[:MAX_NAMED_STEPS]
     if len(unfinished) > len(shown):
         shown.append(f"{len(unfinished) - len(shown)} more")
     reason = f"{DEADLINE_EXCEEDED} ({state.chain.deadline_ms} ms); unfinished: " + "; ".join(shown)
-    state = msgspec.structs.replace(state, steps=steps)
-    error = steps[first_failed].error if first_failed else None
-    out = _fail(state, now_ms, reason, first_failed, error)
+    out = _fail(msgspec.structs.replace(state, steps=steps), now_ms, reason, None, None)
     out.cancel = True
     return out
 

@@ -42,6 +42,7 @@ from chainyard.contracts import (
     load_config,
     state_decoder,
 )
+from chainyard.ledger import audit
 from chainyard.router.engine import Router
 from chainyard.runtime.nats import Bus, ensure_consumer, open_bus
 from chainyard.runtime.server import NatsServer
@@ -129,6 +130,9 @@ async def test_poison_step_is_failed_and_dead_lettered_after_killing_every_worke
         info = await bus.js.consumer_info(topo.work.name, consumer)
         assert info.config.max_deliver == -1 and info.num_ack_pending == 0
 
+        report = await audit(bus.js, [(TENANT, chain.id)], expect="failed", allow_dead_letters=True)
+        assert (report.lost, report.duplicated, report.unexpected) == ([], [], [])
+
         last.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(last.wait(), 15) == 0, (tmp_path / "last.log").read_text()
     finally:
@@ -198,9 +202,9 @@ async def test_deadline_fails_the_chain_and_drops_its_queued_and_running_work(bu
         assert "step 'b' dispatched to" in ended.reason
         assert ended.duration_ms >= 1500
         assert {s.step_id: s.status for s in ended.steps} == {
-            "hold": "failed",
-            "a": "failed",
-            "b": "failed",
+            "hold": "cancelled",
+            "a": "cancelled",
+            "b": "cancelled",
         }
         # The running call is cancelled, the queued one dropped without running.
         for sid in ("a", "b"):
@@ -233,6 +237,8 @@ async def test_deadline_fails_the_chain_and_drops_its_queued_and_running_work(bu
     base = f"cy.events.{TENANT}.{chain.id}"
     assert await stream_count(bus.js, topo.events.name, f"{base}.chain.failed") == 1
     assert len(entered) == 1  # the dropped step never reached the tool
+    report = await audit(bus.js, [(TENANT, chain.id)], expect="failed")
+    assert (report.lost, report.duplicated, report.unexpected) == ([], [], [])
 
 
 async def test_a_tool_past_its_pools_timeout_fails_its_step(bus: Bus) -> None:

@@ -208,7 +208,8 @@ class Worker:
 
     async def _poison(self, a: Assignment, msg: Msg, delivered: int, started: int) -> None:
         """Work that took its worker down on every delivery (a crash, a hang past the ack
-        wait): fail the step so its chain goes on, keep the message for operators, drop it.
+        wait): fail the step so the router ends or moves its chain, keep the message for
+        operators, drop it from the queue.
 
         The pool consumer has no server-side max_deliver (JetStream would drop the message
         without a word): this bound is the worker's own."""
