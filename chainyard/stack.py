@@ -67,9 +67,20 @@ def llm_worker(
     )
 
 
-def tool_workers(bus: Bus, tools: Tools, slots: int = 64) -> list[Worker]:
+def tool_workers(
+    bus: Bus, tools: Tools, slots: int = 64, config: Config | None = None
+) -> list[Worker]:
+    """A worker per tool; each call bounded by its pool's `timeout_s` (config `tool_pools`)."""
+    config = config or Config()
     return [
-        Worker(bus, t.pool, tool_executor(t), slots=slots, models=[t.name], tools=[t.spec])
+        Worker(
+            bus,
+            t.pool,
+            tool_executor(t, config.tool_pool(t.name).timeout_s),
+            slots=slots,
+            models=[t.name],
+            tools=[t.spec],
+        )
         for t in tools
     ]
 
@@ -112,5 +123,5 @@ def build(
         if pools is None or p.name in pools:
             s.runners.append(llm_worker(bus, config, p))
     if tools is not None:
-        s.runners += tool_workers(bus, tools)
+        s.runners += tool_workers(bus, tools, config=config)
     return s

@@ -36,7 +36,16 @@ from ._codec import (
     step_event_decoder,
     timer_decoder,
 )
-from ._config import Config, Deployment, PoolConfig, Price, ProviderKind, dump_config, load_config
+from ._config import (
+    Config,
+    Deployment,
+    PoolConfig,
+    Price,
+    ProviderKind,
+    ToolPoolConfig,
+    dump_config,
+    load_config,
+)
 from ._control import Cancel, Replay, StepOverride, Timer, TimerKind
 from ._messages import (
     Assignment,
@@ -112,6 +121,7 @@ __all__ = [
     "Timer",
     "TimerKind",
     "ToolCall",
+    "ToolPoolConfig",
     "ToolSpec",
     "ToolStep",
     "Topology",

@@ -56,6 +56,15 @@ class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     timeout_s: float = 600.0
 
 
+class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tool's pool (`tool.<name>`). A tool without an entry gets these defaults."""
+
+    name: Name  # the tool's name
+    # One call may take this long; then the step fails (class "timeout"). A sync tool's
+    # thread cannot be stopped: it runs on, the step's result is no longer waited for.
+    timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+
+
 class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prefix: Name = "cy"
     strategy: Strategy = "balanced"
@@ -66,6 +75,7 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     groups: dict[str, list[str]] = {}
     pools: list[PoolConfig] = []
     tools: list[str] = []
+    tool_pools: list[ToolPoolConfig] = []
     # Routing (docs/ROUTING.md). All have defaults so older config files keep loading.
     default_max_tokens: Annotated[int, Meta(ge=1)] = (
         1024  # budget reservation when a step sets none
@@ -100,6 +110,13 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def tool_pool(self, tool: str) -> ToolPoolConfig:
+        """The tool's pool settings: its entry in `tool_pools`, else the defaults."""
+        for p in self.tool_pools:
+            if p.name == tool:
+                return p
+        return ToolPoolConfig(name=tool)
 
 
 def dump_config(config: Config) -> bytes:

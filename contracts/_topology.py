@@ -118,7 +118,7 @@ class Topology(Struct, frozen=True, kw_only=True):
     subjects: Subjects = Subjects()
     replicas: int = 1
     work_ack_wait_s: float = 30.0
-    work_max_deliver: int = 5
+    work_max_deliver: int = 5  # a worker fails and dead-letters work delivered more often
     max_payload: int = 1024 * 1024
 
     @property
@@ -227,7 +227,9 @@ class Topology(Struct, frozen=True, kw_only=True):
             durable="pool-" + pool.replace(".", "_"),
             filter_subject=self.subjects.work(pool),
             ack_wait_s=self.work_ack_wait_s,
-            max_deliver=self.work_max_deliver,
+            # No server-side limit: JetStream would drop the message silently. A worker that
+            # gets it for delivery > work_max_deliver fails the step and dead-letters it.
+            max_deliver=-1,
             max_ack_pending=max_ack_pending,
         )
 

@@ -118,8 +118,10 @@ def document(topology: Topology | None = None, schema_ref: str = "./schema") -> 
             "description": f"The router publishes one assignment per step attempt (stream "
             f"{topo.work.name}, work queue; one durable pull consumer per pool, e.g. "
             f"`{topo.pool_consumer('openai').durable}`, ack wait "
-            f"{topo.work_ack_wait_s:g} s, max deliver {topo.work_max_deliver}). A worker "
-            "publishes the step's event, waits for its ack, then acks the work.",
+            f"{topo.work_ack_wait_s:g} s, no server-side max deliver). A worker "
+            "publishes the step's event, waits for its ack, then acks the work. Work delivered "
+            f"more than {topo.work_max_deliver} times is not run: the worker publishes "
+            "step.failed (fatal) and moves the message to the dead-letter stream.",
             "parameters": params_of("pool"),
             "messages": msgs("assignment"),
             "x-nats-stream": _stream(topo.work),

@@ -38,6 +38,10 @@ RETRY_ELSEWHERE = ("retryable", "context_window")
 REDISPATCH_WINDOW_MS = 5 * 60_000  # half the streams' duplicate window
 CAPACITY_RECHECK_MS = 500  # a step waiting for capacity looks again this often (router/routing.py)
 Ended = ChainCompleted | ChainFailed | ChainCancelled
+DEADLINE_EXCEEDED = "deadline exceeded"  # every reason for a chain past its deadline starts so
+CHAIN_TIMER_STEP = "_chain"  # the step id of a timer of the whole chain (kind "deadline")
+MAX_NAMED_STEPS = 10  # a deadline's reason names this many unfinished steps, then counts
+MAX_ERROR_CHARS = 200  # of each one's last error
 
 
 @dataclass
@@ -63,7 +67,79 @@ def start(chain: Chain, tenant: str, now_ms: int, pick: Pick) -> Outcome:
         created_at_ms=now_ms,
         deadline_at_ms=deadline,
     )
-    return _advance(state, now_ms, pick, [])
+    return begin(state, now_ms, pick)
+
+
+def begin(state: ChainState, now_ms: int, pick: Pick) -> Outcome:
+    """A new chain's first steps, and the durable timer that ends it at its deadline."""
+    out = _advance(state, now_ms, pick, [])
+    if out.state.status == "running" and out.state.deadline_at_ms is not None:
+        out.timers.append(deadline_timer(out.state))
+    return out
+
+
+def deadline_timer(state: ChainState) -> Timer:
+    assert state.deadline_at_ms is not None
+    return Timer(
+        kind="deadline",
+        tenant=state.tenant,
+        chain_id=state.chain.id,
+        step_id=CHAIN_TIMER_STEP,
+        attempt=0,
+        due_at_ms=state.deadline_at_ms,
+    )
+
+
+def on_deadline(state: ChainState, now_ms: int) -> Outcome:
+    """The chain's deadline timer fired: a chain still running fails, naming what was left
+    unfinished and why, and its work in flight is cancelled (queued work is dropped by the
+    workers: it carries the same deadline)."""
+    if state.status != "running":
+        # Ended first, or by this very timer before a crash: its end event (deduplicated) and,
+        # if the deadline ended it, the cancel broadcast again (workers repeat it harmlessly).
+        out = followups(state, now_ms)
+        out.cancel = (state.reason or "").startswith(DEADLINE_EXCEEDED)
+        return out
+    assert state.deadline_at_ms is not None
+    if now_ms < state.deadline_at_ms:  # this router's clock is behind: come back when due
+        return Outcome(state=state, retry_after_s=(state.deadline_at_ms - now_ms) / 1000)
+    ready = set(graph.advance(state.chain, state.steps).ready)
+    steps = dict(state.steps)
+    unfinished: list[str] = []
+    for sid, st in state.steps.items():
+        if st.status not in ("pending", "dispatched", "waiting"):
+            continue
+        # Dropped with the chain, as by a cancel: "failed" would claim a step.failed event
+        # that no worker sent (the ledger checks that every failed step has one).
+        steps[sid] = _replace(st, status="cancelled")
+        if st.parent is None:
+            unfinished.append(_unfinished(state, sid, st, sid in ready))
+    shown = unfinished[:MAX_NAMED_STEPS]
+    if len(unfinished) > len(shown):
+        shown.append(f"{len(unfinished) - len(shown)} more")
+    reason = f"{DEADLINE_EXCEEDED} ({state.chain.deadline_ms} ms); unfinished: " + "; ".join(shown)
+    out = _fail(msgspec.structs.replace(state, steps=steps), now_ms, reason, None, None)
+    out.cancel = True
+    return out
+
+
+def _unfinished(state: ChainState, sid: str, st: StepState, ready: bool) -> str:
+    """What a step was doing when the deadline passed, with its last error if it had one."""
+    if st.status == "dispatched":
+        # Dispatched: running in a worker, or still queued for one (the router cannot tell).
+        where = f" to {st.target.deployment}" if st.target else ""
+        what = f"step {sid!r} dispatched{where} (attempt {st.attempt}"
+        if st.error is not None:
+            what += f", last error: {st.error.cls}: {st.error.message[:MAX_ERROR_CHARS]}"
+        return what + ")"
+    if st.status == "waiting":
+        spec = state.chain.step(sid)
+        if isinstance(spec, WaitStep):
+            return f"step {sid!r} waiting for signal {spec.signal!r}"
+        return f"step {sid!r} waiting for its tool calls"
+    if ready:
+        return f"step {sid!r} not started (no capacity)"
+    return f"step {sid!r} not started"
 
 
 def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) -> Outcome:
@@ -145,14 +221,17 @@ def on_failed(
         return _after_turn(
             state, loops.on_call_ended(state, steps, ev.step_id, now_ms), now_ms, pick
         )
-    why = _failure_reason(ev, st.attempt, max_attempts)
+    past_deadline = state.deadline_at_ms is not None and now_ms >= state.deadline_at_ms
+    why = _failure_reason(ev, st.attempt, max_attempts, past_deadline)
     return _fail(msgspec.structs.replace(state, steps=steps), now_ms, why, ev.step_id, ev.error)
 
 
-def _failure_reason(ev: StepFailed, attempt: int, max_attempts: int) -> str:
+def _failure_reason(ev: StepFailed, attempt: int, max_attempts: int, past_deadline: bool) -> str:
     where = f"step {ev.step_id!r} on {ev.target.deployment}"
-    if ev.error.cls == "expired" or ev.error.cls == "timeout":
-        return f"deadline exceeded: {where}: {ev.error.message}"
+    if ev.error.cls == "expired" or (ev.error.cls == "timeout" and past_deadline):
+        return f"{DEADLINE_EXCEEDED}: {where}: {ev.error.message}"
+    if ev.error.cls == "timeout":  # its own limit (a tool's timeout), not the chain's deadline
+        return f"{where} timed out: {ev.error.message}"
     if ev.error.cls in RETRY_ELSEWHERE and attempt >= max_attempts:
         return f"{where} failed {attempt} times, last: {ev.error.message}"
     return f"{where} failed ({ev.error.cls}): {ev.error.message}"
@@ -163,9 +242,8 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
     if adv.failed_dep:
         return _fail(state, now_ms, f"step {adv.failed_dep!r} failed", adv.failed_dep, None)
     if state.deadline_at_ms is not None and now_ms > state.deadline_at_ms and adv.ready:
-        return _fail(
-            state, now_ms, "deadline exceeded before the next step could start", None, None
-        )
+        why = f"{DEADLINE_EXCEEDED} before the next step could start"
+        return _fail(state, now_ms, why, None, None)
     steps = dict(state.steps)
     timers: list[Timer] = []
     for sid in adv.skipped:
@@ -305,8 +383,10 @@ def followups(state: ChainState, now_ms: int) -> Outcome:
     Safe to repeat: assignments, timers and chain events carry deterministic message ids, and
     the streams drop a repeat within their duplicate window. Only steps dispatched within half
     that window are re-sent, so a repeat can never reach a worker as new work. Timers re-sent:
-    wait timeouts, hedges of re-sent dispatches not hedged yet, and the capacity recheck of
-    every ready step still pending (a repeat that outlives the window only looks again).
+    wait timeouts, hedges of re-sent dispatches not hedged yet, the capacity recheck of
+    every ready step still pending (a repeat that outlives the window only looks again), and
+    the chain's deadline timer (a repeat that outlives the window finds the chain ended, or
+    ends it once: on_deadline is idempotent).
     """
     if state.status != "running":
         # Within the window a repeat of the end is dropped by the stream; past it, the end
@@ -337,4 +417,6 @@ def followups(state: ChainState, now_ms: int) -> Outcome:
         st = state.steps[sid]
         if st.status == "pending" and not isinstance(state.chain.step(sid), WaitStep):
             timers.append(_timer(state, sid, "capacity", now_ms + CAPACITY_RECHECK_MS))
+    if state.deadline_at_ms is not None:
+        timers.append(deadline_timer(state))
     return Outcome(state=state, dispatch=dispatch, timers=timers)

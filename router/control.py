@@ -19,7 +19,7 @@ from chainyard.contracts import (
 )
 
 from . import graph
-from .chains import Outcome, Pick, _advance, _fail, cancelled_event
+from .chains import Outcome, Pick, _advance, _fail, begin, cancelled_event
 
 
 class ControlError(ValueError):
@@ -122,4 +122,4 @@ def replay(old: ChainState, req: Replay, now_ms: int, pick: Pick) -> Outcome:
         deadline_at_ms=now_ms + chain.deadline_ms if chain.deadline_ms else None,
         signals=old.signals,
     )
-    return _advance(state, now_ms, pick, [])
+    return begin(state, now_ms, pick)  # with its deadline timer, like any new chain

@@ -315,11 +315,13 @@ class Router:
         if timer.kind in ROUTING_TIMERS:  # capacity waits and hedges
             await self.routing.on_timer(self, msg, timer)
             return
-        if timer.kind == "wait_timeout":
+        if timer.kind in ("wait_timeout", "deadline"):
             outcome = await self._apply(
-                self.store.key(timer.tenant, timer.chain_id),
-                lambda s: control.wait_timeout(s, timer, t) if s is not None else None,
+                self.store.key(timer.tenant, timer.chain_id), lambda s: _timer_due(s, timer, t)
             )
+            if outcome is not None and outcome.retry_after_s is not None:
+                await msg.nak(delay=outcome.retry_after_s)  # not due by the chain's own clock
+                return
             if outcome is not None:
                 await self._perform(outcome)
         await msg.ack()
@@ -402,6 +404,19 @@ class Router:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)
+
+
+def _timer_due(state: ChainState | None, timer: Timer, t: int) -> chains.Outcome | None:
+    """A chain's wait timeout or deadline: its transition, or, for a chain that has ended
+    (maybe by this timer, before a crash), its end event again (deduplicated)."""
+    if state is None:
+        return None
+    if timer.kind == "deadline":
+        return chains.on_deadline(state, t)
+    out = control.wait_timeout(state, timer, t)
+    if out is None and state.status != "running":
+        return chains.followups(state, t)
+    return out
 
 
 def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:

@@ -1,10 +1,11 @@
 """The worker runtime: one durable pull consumer per pool, bounded slots, heartbeats, drain.
 
 Per work message: decode -> drop if its chain was cancelled or its deadline passed -> skip if
-its result is already recorded -> wait out a provider throttle -> execute -> publish the result
-event and wait for its ack -> ack the work. A crash anywhere before the last ack redelivers the
-message; the event's message id and the router's compare-and-set make the second result change
-nothing.
+its result is already recorded -> fail and dead-letter it if it was delivered more than
+`work_max_deliver` times (it took its workers down) -> wait out a provider throttle -> execute
+-> publish the result event and wait for its ack -> ack the work. A crash anywhere before the
+last ack redelivers the message; the event's message id and the router's compare-and-set make
+the second result change nothing.
 
 Cancellation: every worker listens (core NATS) on `cy.cancel.*.*`; a cancelled chain's calls in
 flight here are cancelled and end as step.failed "cancelled", and work for it that arrives later
@@ -107,6 +108,7 @@ class Worker:
         self.health = Health()
         self.subjects = bus.topology.subjects
         self.fetch_batch = fetch_batch
+        self.max_deliver = bus.topology.work_max_deliver  # beyond it: poison work (_poison)
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self._calls: dict[str, set[asyncio.Task[Any]]] = {}  # <tenant>.<chain> -> tasks in a call
         self._chain_cancels: set[asyncio.Task[Any]] = set()  # tasks cancelled by a chain cancel
@@ -170,8 +172,12 @@ class Worker:
         started = now_ms()
         if await self._dropped(a, msg, started):
             return
-        if num_delivered(msg) > 1 and await self._already_recorded(a):
+        delivered = num_delivered(msg)
+        if delivered > 1 and await self._already_recorded(a):
             await msg.ack()
+            return
+        if delivered > self.max_deliver:
+            await self._poison(a, msg, delivered, started)
             return
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
@@ -199,6 +205,32 @@ class Worker:
         await self._publish(self._failed(a, err, started))
         await msg.ack()
         return True
+
+    async def _poison(self, a: Assignment, msg: Msg, delivered: int, started: int) -> None:
+        """Work that took its worker down on every delivery (a crash, a hang past the ack
+        wait): fail the step so the router ends or moves its chain, keep the message for
+        operators, drop it from the queue.
+
+        The pool consumer has no server-side max_deliver (JetStream would drop the message
+        without a word): this bound is the worker's own."""
+        why = (
+            f"the step crashed or hung its worker on {delivered - 1} deliveries; "
+            "it is not run again (dead-lettered)"
+        )
+        log.error("%s: work %s: %s", self.pool, a.msg_id, why)
+        await self._publish(self._failed(a, ErrorInfo(cls="fatal", message=why), started))
+        headers = {
+            "Cy-Reason": why,
+            "Cy-Subject": msg.subject,
+            "Cy-Tenant": a.tenant,
+            "Cy-Chain": a.chain_id,
+            "Cy-Step": a.step_id,
+            "Nats-Msg-Id": f"{a.msg_id}.dlq",  # a crash before term() stores it once
+        }
+        await self.bus.publisher.publish(
+            self.subjects.dlq_subject("work"), msg.data, headers=headers
+        )
+        await msg.term()
 
     async def _run_call(self, a: Assignment, msg: Msg, started: int) -> None:
         t0 = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -19,6 +20,8 @@ from chainyard.runtime.telemetry_genai import traced_tool
 
 from .providers._base import ProviderError
 from .runtime import Result
+
+DEFAULT_TOOL_TIMEOUT_S = 60.0  # contracts ToolPoolConfig.timeout_s: a config sets it per tool
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,28 @@ def _make_tool(fn: Callable[..., Any], name: str) -> Tool:
     return Tool(name=name, fn=fn, args_type=args_type, description=doc.split("\n\n")[0])
 
 
-def tool_executor(tool: Tool) -> Callable[[Assignment, Any], Any]:
+def tool_executor(
+    tool: Tool, timeout_s: float = DEFAULT_TOOL_TIMEOUT_S
+) -> Callable[[Assignment, Any], Any]:
+    """Run `tool` for an assignment; a call that outlasts `timeout_s` (or the chain's deadline,
+    whichever comes first) fails with class "timeout"."""
+
     async def execute(a: Assignment, on_delta: Any = None) -> Result:
         if not isinstance(a.step, ToolStep) or a.step.tool != tool.name:
             raise ProviderError("fatal", f"pool {tool.pool!r} got a step for {a.step!r}")
+        limit_s, why = timeout_s, f"tool {tool.name!r} did not return within {timeout_s:g} s"
+        left = a.deadline_at_ms / 1000 - time.time() if a.deadline_at_ms else None
+        if left is not None and left < limit_s:
+            limit_s, why = max(left, 0.001), "the step's deadline passed during the call"
+        timeout = asyncio.timeout(limit_s)  # not wait_for: no extra task per call
         try:
-            value = await tool(a.step.args)
+            async with timeout:
+                value = await tool(a.step.args)
         except ProviderError:
             raise
         except Exception as e:
+            if isinstance(e, TimeoutError) and timeout.expired():
+                raise ProviderError("timeout", why) from None
             raise ProviderError(
                 "fatal", f"tool {tool.name!r} raised {type(e).__name__}: {e}"
             ) from e

@@ -177,12 +177,19 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
 
 
 async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDef) -> None:
+    """Create the durable consumer, or bring an existing one to this version's settings.
+
+    Servers since 2.10 update an existing durable on create; older ones refuse, so update.
+    The settings are the delivery design (an old pool consumer's max_deliver of 5 would make
+    the server drop poison work silently), so a refused update is logged, not hidden."""
     cfg = consumer_config(d)
     try:
         await js.add_consumer(stream.name, cfg)
     except BadRequestError:
-        with contextlib.suppress(BadRequestError):
+        try:
             await js.update_consumer(stream.name, cfg)
+        except BadRequestError as e:
+            log.warning("consumer %s on %s keeps its old settings: %s", d.durable, stream.name, e)
 
 
 async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
