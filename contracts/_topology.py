@@ -46,9 +46,17 @@ class Subjects(Struct, frozen=True, kw_only=True):
     def all_control(self) -> str:
         return f"{self.prefix}.control.*.*.>"
 
+    def deadline(self, tenant: str, chain_id: str) -> str:
+        """A chain's deadline timer: a subject (and consumer) of its own, see `Topology`."""
+        return f"{self.prefix}.deadline.{tenant}.{chain_id}"
+
     @property
     def all_timers(self) -> str:
         return f"{self.prefix}.timer.>"
+
+    @property
+    def all_deadlines(self) -> str:
+        return f"{self.prefix}.deadline.>"
 
     @property
     def all_cancel(self) -> str:
@@ -164,7 +172,7 @@ class Topology(Struct, frozen=True, kw_only=True):
     def timers(self) -> StreamDef:
         return StreamDef(
             name=f"{self._tag}_TIMERS",
-            subjects=[self.subjects.all_timers],
+            subjects=[self.subjects.all_timers, self.subjects.all_deadlines],
             retention="workqueue",
             duplicate_window_s=10 * MINUTE_S,
         )
@@ -210,6 +218,19 @@ class Topology(Struct, frozen=True, kw_only=True):
             ack_wait_s=30.0,
             max_deliver=-1,  # every nak until the timer is due counts as a delivery
             max_ack_pending=100_000,
+        )
+
+    @property
+    def deadlines_consumer(self) -> ConsumerDef:
+        """Chain deadlines apart from the other timers: a timer waiting to be due is pending
+        (a delayed nak), so every running chain with a deadline holds a slot until it fires.
+        On their own consumer they never hold back capacity, hedge and wait timers."""
+        return ConsumerDef(
+            durable="router-deadlines",
+            filter_subject=self.subjects.all_deadlines,
+            ack_wait_s=30.0,
+            max_deliver=-1,
+            max_ack_pending=1_000_000,  # running chains with a deadline, at most
         )
 
     @property

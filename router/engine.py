@@ -88,6 +88,7 @@ class Router:
             (topo.events, topo.engine_consumer, self.on_step_event),
             (topo.intake, topo.control_consumer, self.on_control),
             (topo.timers, topo.timers_consumer, self.on_timer),
+            (topo.timers, topo.deadlines_consumer, self.on_timer),
         ]
         try:
             subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
@@ -396,7 +397,11 @@ class Router:
         )
 
     async def _schedule(self, timer: Timer) -> None:
-        subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
+        subject = (
+            self.subjects.deadline(timer.tenant, timer.chain_id)
+            if timer.kind == "deadline"
+            else self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
+        )
         msg_id = f"{timer.tenant}.{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
         await telemetry.publish(self.bus.publisher, subject, encode(timer), msg_id)
 

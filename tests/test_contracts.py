@@ -19,6 +19,7 @@ from chainyard.contracts import (
     StepCompleted,
     Target,
     ToolStep,
+    Topology,
     ValidationError,
     chain_decoder,
     encode,
@@ -153,3 +154,14 @@ def test_sample_chain_validates_against_chain_schema() -> None:
     bad = json.loads(encode(sample_chain()))
     bad["steps"][0]["id"] = "no spaces allowed"
     assert list(v.iter_errors(bad)), "the schema must reject what the decoder rejects"
+
+
+def test_deadlines_have_a_consumer_apart_from_the_other_timers() -> None:
+    """A deadline waits unacknowledged until due; on its own consumer a backlog of deadlines
+    never holds back capacity, hedge and wait timers (work-queue filters must not overlap)."""
+    topo = Topology()
+    deadlines, timers = topo.deadlines_consumer, topo.timers_consumer
+    assert topo.subjects.deadline("t", "c") == "cy.deadline.t.c"
+    assert {deadlines.filter_subject, timers.filter_subject} <= set(topo.timers.subjects)
+    assert not deadlines.filter_subject.startswith(timers.filter_subject.rstrip(">"))
+    assert deadlines.max_ack_pending > timers.max_ack_pending
