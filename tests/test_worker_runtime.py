@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from genai_prices import Usage as GenaiUsage
 from genai_prices import calc_price
-from helpers import Events, heartbeat_seen, running, wait_until
+from helpers import Events, heartbeat_seen, running, stream_messages, wait_until
 from worker_support import POOL, TENANT, assignment, config, now_ms, publish, work_state, worker
 
 from chainyard.contracts import Deployment, Heartbeat, Price, StepCompleted, StepFailed
@@ -191,6 +191,23 @@ async def test_expired_step_is_dropped_with_an_event_never_sent(
     assert isinstance(by["ontime"], StepCompleted)
     assert sandbox.counts["openai.chat"] == 1  # only the step on time reached the provider
     assert (left, pending) == (0, 0)
+
+
+async def test_malformed_assignment_is_dead_lettered_redrivable_and_work_goes_on(
+    bus: Bus, sandbox: SandboxServer
+) -> None:
+    w = worker(bus, config(sandbox.url))
+    subject = bus.subjects.work(POOL)
+    async with Events(bus.nc, EVENTS) as ev, running(w):
+        await bus.js.publish(subject, b'{"chain_id": 7}')
+        await publish(bus, assignment("fine"))
+        await ev.wait(_done)
+        await wait_until(_settled(bus), 5, "the work acked")
+    (dead,) = await stream_messages(bus.js, bus.topology.dlq.name, bus.subjects.dlq_subject("work"))
+    assert dead.data == b'{"chain_id": 7}'
+    assert dead.headers is not None and dead.headers["Cy-Subject"] == subject  # redrive target
+    assert "Expected `str`" in dead.headers["Cy-Reason"]
+    assert isinstance(ev.received[0][1], StepCompleted)
 
 
 async def test_long_call_is_kept_in_progress_not_redelivered(

@@ -164,8 +164,9 @@ class Worker:
             a = assignment_decoder.decode(msg.data)
         except BadMessage as e:
             log.warning("%s: malformed assignment: %s", self.pool, e)
+            headers = {"Cy-Reason": str(e)[:1000], "Cy-Subject": msg.subject}  # redrivable
             await self.bus.publisher.publish(
-                self.subjects.dlq_subject("work"), msg.data, headers={"Cy-Reason": str(e)[:1000]}
+                self.subjects.dlq_subject("work"), msg.data, headers=headers
             )
             await msg.term()
             return
