@@ -2,7 +2,8 @@
 
 A tenant's client needs only publish rights on its intake subject and subscribe rights on its
 own event subjects: `run` subscribes before it submits, so it needs no JetStream API access.
-`watch(..., history=True)` replays the chain's event log and needs read access to the stream.
+`watch(..., history=True)` and `status()` read through consumers whose create request names the
+tenant's own subjects, which deploy/accounts.conf allows a tenant and nothing wider.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
 import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NoKeysError
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from chainyard.contracts import (
     BadMessage,
@@ -213,22 +215,32 @@ class Client:
             req.new_id, self._control(chain_id, "replay", encode(req)), wait
         )
 
-    async def status(self) -> list[ChainStatusRow]:
+    async def status(self, timeout: float = 30.0) -> list[ChainStatusRow]:
         """This tenant's chains in flight: running steps, their pools, cost so far.
 
-        Reads the chain-state bucket, so it needs read access to KV `cy_chains` (an operator's
-        or the tenant's own key prefix)."""
-        kv = await self.js.key_value(self.topology.chains_kv.bucket)
+        Reads the latest state of each of the tenant's keys in KV `cy_chains` through a consumer
+        filtered on `$KV.cy_chains.<tenant>.>`, which a tenant's permissions allow (listing the
+        whole bucket's keys, or its stream info, they do not)."""
+        latest: dict[str, bytes] = {}
+        done = asyncio.Event()
+
+        async def keep(msg: Msg) -> None:
+            latest[msg.subject] = msg.data  # a later revision of a key replaces the earlier
+            if msg.metadata.num_pending == 0:
+                done.set()
+
+        bucket = self.topology.chains_kv.bucket
+        reader = _Ordered(self, f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.>", keep)
         try:
-            keys = [k for k in await kv.keys() if k.startswith(f"{self.tenant}.")]
-        except NoKeysError:
-            return []
+            if await reader.start(DeliverPolicy.LAST_PER_SUBJECT):
+                await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            await reader.stop()
         rows = []
-        for key in keys:
-            entry = await kv.get(key)
-            if not entry.value:
+        for value in latest.values():
+            if not value:  # a deleted or purged key
                 continue
-            state = state_decoder.decode(entry.value)
+            state = state_decoder.decode(value)
             if state.status != "running":
                 continue
             active = {
@@ -262,13 +274,11 @@ class Client:
             queue.put_nowait(msg)
 
         subject = self.subjects.chain_events(self.tenant, chain_id)
-        subs = []
+        subs: list[Subscription | _Ordered] = []
         if history:
-            subs.append(
-                await self.js.subscribe(
-                    subject, cb=put, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-                )
-            )
+            reader = _Ordered(self, self.topology.events.name, subject, put)
+            subs.append(reader)
+            await reader.start(DeliverPolicy.ALL)
         else:
             subs.append(await self.nc.subscribe(subject, cb=put))
         if deltas:
@@ -288,7 +298,82 @@ class Client:
         finally:
             for s in subs:
                 with contextlib.suppress(Exception):
-                    await s.unsubscribe()
+                    await (s.stop() if isinstance(s, _Ordered) else s.unsubscribe())
+
+
+class _Ordered:
+    """The messages of a stream on one filter, in order, pushed to `on_msg`: history, then live.
+
+    The consumer is made with a name, so its create request carries the filter in its subject
+    (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and a tenant's permissions can pin it
+    to the tenant's own subjects (deploy/accounts.conf); `js.subscribe` sends the unscoped
+    form, and looks the stream up. It is ephemeral (the server drops it 5 s after this stops)
+    and needs no acks. A gap in its sequence (messages dropped on a reconnect) starts a new
+    consumer after the last message passed on, as nats.py's ordered consumer does."""
+
+    def __init__(
+        self,
+        client: Client,
+        stream: str,
+        filter_subject: str,
+        on_msg: Callable[[Msg], Awaitable[None]],
+    ) -> None:
+        self.client, self.stream, self.filter, self.on_msg = client, stream, filter_subject, on_msg
+        self.sub: Subscription | None = None
+        self.gen = 0  # which consumer's messages count; an older one's are ignored
+        self.delivered = 0  # consumer sequence of the last message passed on
+        self.last_seq = 0  # its stream sequence
+        self.restart: asyncio.Task[int] | None = None
+
+    async def start(self, policy: DeliverPolicy, start_seq: int | None = None) -> int:
+        """Begin delivery; returns how many stored messages match (0: nothing to read)."""
+        self.gen += 1
+        gen, self.delivered = self.gen, 0
+
+        async def on(msg: Msg) -> None:
+            if gen == self.gen:
+                await self._on(msg)
+
+        nc = self.client.nc
+        inbox = nc.new_inbox()
+        self.sub = await nc.subscribe(inbox, cb=on)  # before the consumer: nothing is missed
+        info = await self.client.js.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                name=secrets.token_hex(12),  # unguessable, so no other client can bind to it
+                filter_subject=self.filter,
+                deliver_subject=inbox,
+                deliver_policy=policy,
+                opt_start_seq=start_seq,
+                ack_policy=AckPolicy.NONE,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        return info.num_pending
+
+    async def _on(self, msg: Msg) -> None:
+        meta = msg.metadata
+        if meta.sequence.consumer != self.delivered + 1:
+            self.gen += 1  # ignore the rest of this consumer; restart outside its callback
+            self.restart = asyncio.create_task(self._restart(self.sub))
+            return
+        self.delivered, self.last_seq = meta.sequence.consumer, meta.sequence.stream
+        await self.on_msg(msg)
+
+    async def _restart(self, old: Subscription | None) -> int:
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        return await self.start(DeliverPolicy.BY_START_SEQUENCE, self.last_seq + 1)
+
+    async def stop(self) -> None:
+        if self.restart is not None:
+            self.restart.cancel()
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            self.sub = None
 
 
 class _IdOnly(msgspec.Struct):

@@ -1,6 +1,7 @@
 """Security: NATS started with deploy/nats-secure.conf (TLS from a throwaway CA made here,
 accounts.conf permissions). Tenant A cannot publish into B's intake, read B's events, B's inbox
-replies or the JetStream API; a tenant named in a payload or header is ignored in favour of the
+replies or the JetStream API beyond its own reads (tests/test_tenant_permissions.py: all a tenant
+may do and may not); a tenant named in a payload or header is ignored in favour of the
 subject; provider API keys never appear in events, state, dead letters, logs or spans."""
 
 from __future__ import annotations
