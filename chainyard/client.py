@@ -32,6 +32,7 @@ from chainyard.contracts import (
     ChainEnded,
     ChainFailed,
     ChainRejected,
+    ChainTimeout,
     Event,
     Replay,
     StepOverride,
@@ -59,10 +60,6 @@ class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
 ENDED = (ChainCompleted, ChainFailed, ChainCancelled, ChainRejected)
 _TERMINAL_KINDS = ("chain.completed", "chain.failed", "chain.cancelled")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class ChainTimeout(TimeoutError):
-    """No terminal event arrived in time; the chain may still be running."""
 
 
 class Client:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chainyard.contracts import Topology
+from chainyard.contracts import ChainyardError, Topology
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -39,7 +39,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-class DlqError(Exception):
+class DlqError(ChainyardError):
     """An expected failure: printed as one line, exit 1."""
 
 

@@ -47,6 +47,7 @@ from ._config import (
     load_config,
 )
 from ._control import Cancel, Replay, StepOverride, Timer, TimerKind
+from ._errors import ChainTimeout, ChainyardError, ConfigError
 from ._messages import (
     Assignment,
     ChainCancelled,
@@ -85,7 +86,10 @@ __all__ = [
     "ChainRejected",
     "ChainState",
     "ChainStatus",
+    "ChainTimeout",
+    "ChainyardError",
     "Config",
+    "ConfigError",
     "ConsumerDef",
     "ControlRejected",
     "DecodeError",

@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ._chain import Capability, Strategy
+from ._errors import ConfigError
 from ._topology import Subjects, Topology
 
 ProviderKind = Literal["openai", "anthropic", "gemini", "null"]
@@ -137,4 +138,4 @@ def load_config(path: str | Path) -> Config:
     try:
         return msgspec.toml.decode(Path(path).read_bytes(), type=Config)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: {e}") from e

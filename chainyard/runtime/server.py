@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from chainyard.contracts import ChainyardError
+
 _READY = re.compile(rb"Server is ready")
 _CLIENT_URL = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 
 
-class ServerError(RuntimeError):
+class ServerError(ChainyardError, RuntimeError):
     """nats-server could not be found or did not become ready."""
 
 

@@ -7,7 +7,15 @@ from typing import Protocol
 
 from msgspec import Struct
 
-from chainyard.contracts import ErrorClass, Message, Output, Params, ToolSpec, Usage
+from chainyard.contracts import (
+    ChainyardError,
+    ErrorClass,
+    Message,
+    Output,
+    Params,
+    ToolSpec,
+    Usage,
+)
 
 
 class LlmRequest(Struct, frozen=True, kw_only=True):
@@ -39,7 +47,7 @@ class Completion(Struct, frozen=True, kw_only=True):
 OnDelta = Callable[[str], None]
 
 
-class ProviderError(Exception):
+class ProviderError(ChainyardError):
     """Every failure of a provider call, classified once, here, for the router to act on."""
 
     def __init__(
