@@ -103,9 +103,9 @@ async def test_error_replies_raise_what_nats_py_raises(bus: Bus) -> None:
     with pytest.raises(APIError):
         await p.publish(SUBJECT, b"two", stream="NOT-THIS-ONE")
     with pytest.raises(NoRespondersError):
-        await p.publish("nostream.here", b"x")
+        await p.publish("nostream.here", b"x", timeout=0.2)
     with pytest.raises(NoStreamResponseError):  # what js.publish raises
-        await p.publish("nostream.here", b"x")
+        await p.publish("nostream.here", b"x", timeout=0.2)
     assert (await p.publish(SUBJECT, b"three")).seq == 2  # still fine afterwards
 
 

@@ -8,6 +8,8 @@ Errors are nats-py's: `nats.js.errors.APIError` and its subclasses for an error 
 expected sequence, ...), `NoResponders` (both `NoStreamResponseError` and `NoRespondersError`)
 when no stream takes the subject, `nats.errors.TimeoutError` when nothing comes back in time
 (also what a request lost in a reconnect ends as: its future times out, it never hangs).
+Unlike `js.publish`, a 503 (no responders: the stream has no leader, e.g. during an election)
+is sent again until the timeout is spent, as nats.go does: nothing was stored, so it is safe.
 
 `Puller` keeps pull requests outstanding on one callback subscription (see consume.py, which
 drives it): `{"batch": n, "expires": ns}` to `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`,
@@ -37,6 +39,10 @@ from .lean_wire import lean_headers, publish_with_headers
 
 log = logging.getLogger("chainyard.lean")
 STATUS = "Status"
+# A 503 (no stream leader) is asked again after this pause, doubling up to the max, until the
+# request's timeout is spent.
+NO_RESPONDERS_PAUSE_S = 0.05
+NO_RESPONDERS_MAX_PAUSE_S = 0.5
 PENDING_MSGS = "Nats-Pending-Messages"
 
 
@@ -176,29 +182,41 @@ class Publisher:
             await self._start()
         if stream is not None:
             headers = {**(headers or {}), "Nats-Expected-Stream": stream}
-        self._n += 1
-        token = str(self._n)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = fut
         at = loop.time() + (self.timeout if timeout is None else timeout)
-        heappush(self._deadlines, (at, token))
-        if self._timer is None or at < self._timer_at:
-            self._arm(loop, at)
-        try:
-            if headers:
-                await publish_with_headers(self.nc, subject, self._prefix + token, payload, headers)
-            else:
-                await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            msg = await fut
-        finally:
-            self._waiting.pop(token, None)
-        data = msg.data
-        if not data:
+        pause = NO_RESPONDERS_PAUSE_S
+        while True:
+            self._n += 1
+            token = str(self._n)
+            fut: asyncio.Future[Msg] = loop.create_future()
+            self._waiting[token] = fut
+            heappush(self._deadlines, (at, token))
+            if self._timer is None or at < self._timer_at:
+                self._arm(loop, at)
+            try:
+                if headers:
+                    await publish_with_headers(
+                        self.nc, subject, self._prefix + token, payload, headers
+                    )
+                else:
+                    await self.nc.publish(subject, payload, reply=self._prefix + token)
+                msg = await fut
+            finally:
+                self._waiting.pop(token, None)
+            data = msg.data
+            if data:
+                break
             hdrs = msg.headers
-            if hdrs and hdrs.get(STATUS) == "503":
+            if not (hdrs and hdrs.get(STATUS) == "503"):
+                raise APIError(description=f"empty reply to a publish on {subject}")
+            # No stream took it, so nothing was stored: while the stream elects a leader (a
+            # node was lost) there is none for seconds. Sending again is safe, with or without
+            # a message id; giving up at once made a caller's retry (a nak) burn one of the
+            # message's deliveries per attempt, and a work message ran out of them mid-election.
+            if loop.time() + pause >= at:
                 raise NoResponders
-            raise APIError(description=f"empty reply to a publish on {subject}")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, NO_RESPONDERS_MAX_PAUSE_S)
         r = _reply.decode(data)
         if r.error is not None:
             e = r.error

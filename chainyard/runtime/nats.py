@@ -223,11 +223,18 @@ async def open_bus(
     topology = topology or Topology()
     nc = await connect(url, name=name, creds=creds, on_closed=on_closed)
     js = nc.jetstream(timeout=10.0)
-    for s in topology.streams:
-        await retry_api(lambda s=s: ensure_stream(js, s, topology.replicas))
-    kvs = [
-        await retry_api(lambda k=k: ensure_kv(js, k, topology.replicas)) for k in topology.buckets
-    ]
+    try:
+        for s in topology.streams:
+            await retry_api(lambda s=s: ensure_stream(js, s, topology.replicas))
+        kvs = [
+            await retry_api(lambda k=k: ensure_kv(js, k, topology.replicas))
+            for k in topology.buckets
+        ]
+    except BaseException:
+        # Nobody else holds this connection: left open, it would reconnect forever.
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
     return Bus(nc=nc, js=js, topology=topology, chains=kvs[0], capacity=kvs[1], breakers=kvs[2])
 
 
