@@ -63,6 +63,7 @@ class NatsServer:
         port: int = -1,
         extra_args: list[str] | None = None,
         ready_timeout_s: float = 20.0,
+        log_file: str | Path | None = None,
     ) -> None:
         self._config_file = config_file
         self._own_store = store_dir is None
@@ -72,6 +73,9 @@ class NatsServer:
         self._ready_timeout_s = ready_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self._log: list[bytes] = []
+        # The whole log, appended across restarts: the tail kept in memory is not enough to
+        # explain a cluster that went wrong minutes earlier.
+        self._log_file = Path(log_file) if log_file else None
         self._drain: asyncio.Task[None] | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -112,7 +116,7 @@ class NatsServer:
             line = await self._proc.stderr.readline()
             if not line:
                 raise ServerError(f"exited with code {await self._proc.wait()}")
-            self._log.append(line)
+            self._keep(line)
             if m := _CLIENT_URL.search(line):
                 self.host, self.port = m.group(1).decode(), int(m.group(2))
                 if self.host == "0.0.0.0":
@@ -124,8 +128,14 @@ class NatsServer:
         # Keep reading so the server never blocks on a full pipe; keep the tail for errors.
         # The reader is passed in: stop() clears self._proc, possibly before this task first runs.
         while line := await stderr.readline():
-            self._log.append(line)
+            self._keep(line)
             del self._log[:-200]
+
+    def _keep(self, line: bytes) -> None:
+        self._log.append(line)
+        if self._log_file is not None:
+            with self._log_file.open("ab") as f:
+                f.write(line)
 
     @property
     def log_tail(self) -> str:

@@ -30,14 +30,27 @@ from chaosharness import (
     work_queue_empty,
     write_config,
 )
-from nats.js.api import DiscardPolicy
+from helpers import running as run_services
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, Placement
 from nats.js.errors import APIError
 
 from chainyard.client import Client
-from chainyard.contracts import encode, load_config
-from chainyard.runtime.nats import open_bus
+from chainyard.contracts import (
+    Assignment,
+    LlmStep,
+    Message,
+    Output,
+    Target,
+    Topology,
+    encode,
+    load_config,
+    now_ms,
+)
+from chainyard.runtime.nats import connect, open_bus, retry_api, stream_config
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
+from chainyard.workers.runtime import Result, Worker
 
 
 async def _kill_server(server: NatsServer) -> None:
@@ -309,35 +322,42 @@ async def _stream_msgs(js: object, stream: str, n: int) -> bool:
 
 
 class Cluster:
-    """Three nats-server nodes with JetStream, routes on free ports, deploy/cluster.conf."""
+    """Three nats-server nodes with JetStream, routes on free ports, deploy/cluster.conf, each
+    tagged `node:<name>` (a test can pin an R1 stream to a node). Node logs: <base>/<name>.log."""
 
     def __init__(self, base: Path) -> None:
         from chaosharness import free_port
 
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.names = ["n1", "n2", "n3"]
         self.cluster_ports = [free_port() for _ in self.names]
         self.http_ports = [free_port() for _ in self.names]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
-        self.nodes = [
-            NatsServer(
-                config_file=ROOT / "deploy" / "cluster.conf",
-                store_dir=base / name,
-                extra_args=[
-                    "--name",
-                    name,
-                    "--cluster_name",
-                    "cy",
-                    "--cluster",
-                    f"nats://127.0.0.1:{self.cluster_ports[i]}",
-                    "--routes",
-                    routes,
-                    "-m",
-                    str(self.http_ports[i]),
-                ],
+        deploy = (ROOT / "deploy" / "cluster.conf").read_text()
+        self.nodes = []
+        for i, name in enumerate(self.names):
+            conf = base / f"{name}.conf"
+            conf.write_text(f'{deploy}\nserver_tags: ["node:{name}"]\n')
+            self.nodes.append(
+                NatsServer(
+                    config_file=conf,
+                    store_dir=base / name,
+                    log_file=base / f"{name}.log",
+                    extra_args=[
+                        "--name",
+                        name,
+                        "--cluster_name",
+                        "cy",
+                        "--cluster",
+                        f"nats://127.0.0.1:{self.cluster_ports[i]}",
+                        "--routes",
+                        routes,
+                        "-m",
+                        str(self.http_ports[i]),
+                    ],
+                )
             )
-            for i, name in enumerate(self.names)
-        ]
 
     async def start(self) -> None:
         """Start the nodes, then wait until every one follows the same meta leader: before
@@ -401,6 +421,12 @@ async def _leader_of(js: object, which: str, topology: object) -> str | None:
     return info.cluster.leader if info.cluster else None
 
 
+# The scenario's named waits add up to less than this: one of them, not pytest's timeout, ends a
+# stuck run and says what it waited for (pytest's timeout stops the loop without the finally).
+CLUSTER_TIMEOUT_S = 900
+
+
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 @pytest.mark.parametrize("leader", ["stream", "consumer", "meta"])
 async def test_cluster_leader_killed(
     cluster: Cluster, tmp_path: Path, ledger: Ledger, leader: str
@@ -410,12 +436,13 @@ async def test_cluster_leader_killed(
     async with SandboxServer(SandboxConfig(capture=0)) as sandbox:
         cfg = write_config(tmp_path / "chainyard.toml", sandbox.url, replicas=3)
         topology = load_config(cfg).topology
-        # everything connects to one node and learns the others from it
-        bus = await open_bus(cluster.nodes[0].url, name="chaos-test", topology=topology)
-        logs = tmp_path / "logs"
+        logs = tmp_path / "logs"  # with the nodes' logs in tmp_path/cluster
         logs.mkdir()
         procs = Procs(cluster.nodes[0].url, cfg, logs)
+        bus = None
         try:
+            # everything connects to one node and learns the others from it
+            bus = await open_bus(cluster.nodes[0].url, name="chaos-test", topology=topology)
             await procs.router()
             await procs.worker()
             await procs.worker()
@@ -441,15 +468,139 @@ async def test_cluster_leader_killed(
 
             await wait_count(moved, 60, f"a new {leader} leader", interval=0.2)
             await cluster.node(victim).restart()
-            await running
-            await wait_all_ended(bus.js, load.accepted, 300)
+            try:  # each submit gives up after 120 s (then it is not in `accepted`)
+                await asyncio.wait_for(running, 150)
+            except TimeoutError:
+                raise AssertionError("the load's submits still unanswered after 150 s") from None
+            notes: dict[str, object] = {"victim": victim, "publish_retries": load.publish_errors}
+            if missing := await wait_all_ended(bus.js, load.accepted, 120):
+                notes["waited_for"] = f"{len(missing)} chains to end, 120 s"
+                notes["consumers"] = await _consumers_state(bus.js, topology)
             procs.assert_alive()
             await ledger.audit(
-                bus,
-                load.accepted,
-                name=f"cluster_{leader}_leader_killed",
-                notes={"victim": victim, "publish_retries": load.publish_errors},
+                bus, load.accepted, name=f"cluster_{leader}_leader_killed", notes=notes
             )
         finally:
             await procs.close()
-            await bus.close()
+            if bus is not None:
+                await bus.close()
+
+
+async def _consumers_state(js: JetStreamContext, topology: Topology) -> str:
+    """What each consumer holds: a message left in a stream that its consumer neither has
+    pending nor awaits an ack for will never be delivered again (its max_deliver is spent)."""
+    t = topology
+    out = []
+    for stream, consumer in (
+        (t.work, t.pool_consumer("sim")),
+        (t.events, t.engine_consumer),
+        (t.intake, t.intake_consumer),
+        (t.timers, t.timers_consumer),
+    ):
+        try:
+            si = await js.stream_info(stream.name)
+            ci = await js.consumer_info(stream.name, consumer.durable)
+            out.append(
+                f"{stream.name}/{consumer.durable}: stored={si.state.messages} "
+                f"pending={ci.num_pending} ack_pending={ci.num_ack_pending} "
+                f"redelivered={ci.num_redelivered} waiting={ci.num_waiting}"
+            )
+        except Exception as e:
+            out.append(f"{stream.name}/{consumer.durable}: {e!r}")
+    return "; ".join(out)
+
+
+async def test_cluster_event_stream_without_leader_costs_no_delivery(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A worker finishes a step while the event stream has no leader (its node is down for
+    6 s): the result is published when the stream is back, the work message is delivered once
+    and the provider called once. Before, each 503 failed the handler, the nak's redelivery
+    (0.25 s doubling) called the provider again, and after 5 deliveries in ~4 s the message was
+    never delivered again: the chain hung (test_cluster_leader_killed[stream], make chaos)."""
+    topology = Topology(replicas=1)
+    # Everything on n1, the services' node, except the event stream on n3: killing n3 takes
+    # the event stream's only replica (it cannot move), and nothing else.
+    nc = await connect(cluster.nodes[0].url, name="setup")
+    js = nc.jetstream()
+    try:
+        for d in topology.streams:
+            cfg = stream_config(d, 1)
+            node = "n3" if d.name == topology.events.name else "n1"
+            cfg.placement = Placement(tags=[f"node:{node}"])
+            await retry_api(lambda cfg=cfg: js.add_stream(cfg))
+        for k in topology.buckets:
+            kv = KeyValueConfig(
+                bucket=k.bucket,
+                history=k.history,
+                ttl=k.ttl_s or None,
+                placement=Placement(tags=["node:n1"]),
+            )
+            await retry_api(lambda kv=kv: js.create_key_value(kv))
+    finally:
+        await nc.close()
+    bus = await open_bus(cluster.nodes[0].url, name="worker", topology=topology)
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def execute(a: Assignment, on_delta: object) -> Result:
+        nonlocal calls
+        calls += 1
+        entered.set()
+        await release.wait()
+        return Result(output=Output(text="done"))
+
+    worker = Worker(bus, "sim", execute, slots=4)
+    a = Assignment(
+        chain_id="c1",
+        step_id="s",
+        attempt=1,
+        tenant="acme",
+        step=LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")]),
+        target=Target(deployment="d", pool="sim", provider="openai", model="m"),
+        dispatched_at_ms=now_ms(),
+    )
+    n3 = cluster.node("n3")
+    try:
+        async with run_services(worker):
+            await bus.publisher.publish(
+                topology.subjects.work("sim"), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+            )
+            await asyncio.wait_for(entered.wait(), 10)
+            n3.signal(signal.SIGKILL)
+            await wait_count(
+                lambda: _route_gone(cluster, "n1", "n3"), 10, "n1 to lose its route to n3"
+            )
+            release.set()  # the result goes to a stream that has no leader now
+            await asyncio.sleep(6.0)  # the outage's duration, not a wait for a result
+            await n3.restart()
+            subject = topology.subjects.event("acme", "c1", "step.completed")
+            got = await wait_count(
+                lambda: _stored(bus.js, topology.events.name, subject),
+                15,
+                "the step's result in the event stream",
+            )
+            info = await bus.js.consumer_info(
+                topology.work.name, topology.pool_consumer("sim").durable
+            )
+            assert (got, calls, info.num_redelivered, info.delivered.consumer_seq) == (1, 1, 0, 1)
+            await wait_count(
+                lambda: work_queue_empty(bus.js, topology), 10, "the work message to be acked"
+            )
+    finally:
+        await bus.close()
+
+
+def _route_gone(cluster: Cluster, on: str, to: str) -> bool:
+    port = cluster.http_ports[cluster.names.index(on)]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/routez", timeout=2) as r:
+        routes = json.loads(r.read()).get("routes") or []
+    return all(x.get("remote_name") != to for x in routes)
+
+
+async def _stored(js: JetStreamContext, stream: str, subject: str) -> int:
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except Exception:
+        return 0
+    return sum((info.state.subjects or {}).values())
