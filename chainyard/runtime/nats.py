@@ -39,6 +39,10 @@ from .lean import Publisher
 
 log = logging.getLogger("chainyard.nats")
 T = TypeVar("T")
+# "no suitable peers for placement": the meta leader does not count enough nodes as current to
+# place the replicas. A cluster that has just formed answers it for a moment (the fault suite saw
+# it in 2 of 40 fresh clusters), as does one short of a node: retry_api asks again.
+NO_SUITABLE_PEERS = 10005
 
 
 def _fmt_url(url: str) -> str:
@@ -161,7 +165,9 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
     cfg = stream_config(d, replicas)
     try:
         await js.add_stream(cfg)
-    except BadRequestError:
+    except BadRequestError as e:
+        if e.err_code == NO_SUITABLE_PEERS:
+            raise
         have = (await js.stream_info(d.name)).config
         missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
         # The duplicate window is part of the delivery design, not a limit: keep it ours.
@@ -207,7 +213,9 @@ async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
                 replicas=replicas,
             )
         )
-    except BadRequestError:
+    except BadRequestError as e:
+        if e.err_code == NO_SUITABLE_PEERS:
+            raise
         return await js.key_value(d.bucket)  # another process created it first
 
 
@@ -240,7 +248,8 @@ async def open_bus(
 
 async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
     """JetStream API calls fail while a cluster elects its meta leader (a timeout, or 503
-    unavailable): call `fn` again, pausing 0.05 s doubling to 1 s, for up to `within_s` seconds.
+    unavailable) or cannot place replicas yet (NO_SUITABLE_PEERS): call `fn` again, pausing
+    0.05 s doubling to 1 s, for up to `within_s` seconds.
 
     An election usually takes well under a second, but CI once saw a fresh cluster answer 503
     for over 16 s; a service starting then should wait, not exit."""
@@ -248,7 +257,9 @@ async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T
     for i in itertools.count():
         try:
             return await fn()
-        except (NatsTimeoutError, ServiceUnavailableError) as e:
+        except (NatsTimeoutError, ServiceUnavailableError, BadRequestError) as e:
+            if isinstance(e, BadRequestError) and e.err_code != NO_SUITABLE_PEERS:
+                raise
             left = give_up - time.monotonic()
             if left <= 0:
                 raise
