@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chaosharness import (
@@ -379,10 +380,25 @@ class Cluster:
     def node(self, name: str) -> NatsServer:
         return self.nodes[self.names.index(name)]
 
-    def jsz(self, name: str) -> dict[str, object]:
+    def jsz(self, name: str, query: str = "") -> dict[str, Any]:
         port = self.http_ports[self.names.index(name)]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz{query}", timeout=2) as r:
             return json.loads(r.read())
+
+    async def caught_up(self, streams: list[str]) -> bool:
+        """Every node holds the same last sequence of each of `streams`: a node that came back
+        has caught up (a reader may be served by any replica)."""
+        last: dict[str, set[int]] = {s: set() for s in streams}
+        for name in self.names:
+            try:
+                z = await asyncio.to_thread(self.jsz, name, "?streams=true")
+            except Exception:
+                return False
+            for acc in z.get("account_details") or []:
+                for sd in acc.get("stream_detail") or []:
+                    if sd["name"] in last:
+                        last[sd["name"]].add(sd["state"]["last_seq"])
+        return all(len(seqs) == 1 for seqs in last.values())
 
     async def meta_leader(self) -> str | None:
         """The meta leader as the first running node that knows one sees it."""
@@ -476,6 +492,10 @@ async def test_cluster_leader_killed(
             if missing := await wait_all_ended(bus.js, load.accepted, 120):
                 notes["waited_for"] = f"{len(missing)} chains to end, 120 s"
                 notes["consumers"] = await _consumers_state(bus.js, topology)
+            read = [topology.events.name, f"KV_{topology.chains_kv.bucket}", topology.dlq.name]
+            await wait_count(
+                lambda: cluster.caught_up(read), 60, f"the three nodes to hold the same {read}"
+            )
             procs.assert_alive()
             await ledger.audit(
                 bus, load.accepted, name=f"cluster_{leader}_leader_killed", notes=notes
