@@ -332,8 +332,11 @@ class Cluster:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.names = ["n1", "n2", "n3"]
-        self.cluster_ports = [free_port() for _ in self.names]
-        self.http_ports = [free_port() for _ in self.names]
+        ports: list[int] = []
+        while len(ports) < 2 * len(self.names):  # free_port can return a port twice
+            if (p := free_port()) not in ports:
+                ports.append(p)
+        self.cluster_ports, self.http_ports = ports[:3], ports[3:]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
         deploy = (ROOT / "deploy" / "cluster.conf").read_text()
         self.nodes = []
@@ -537,7 +540,9 @@ async def test_cluster_event_stream_without_leader_costs_no_delivery(
     6 s): the result is published when the stream is back, the work message is delivered once
     and the provider called once. Before, each 503 failed the handler, the nak's redelivery
     (0.25 s doubling) called the provider again, and after 5 deliveries in ~4 s the message was
-    never delivered again: the chain hung (test_cluster_leader_killed[stream], make chaos)."""
+    never delivered again: the chain hung (test_cluster_leader_killed[stream], make chaos). With
+    the worker's own poison bound (no server max_deliver) it would instead fail the step as
+    having "crashed or hung its worker": an election must cost no delivery."""
     topology = Topology(replicas=1)
     # Everything on n1, the services' node, except the event stream on n3: killing n3 takes
     # the event stream's only replica (it cannot move), and nothing else.
