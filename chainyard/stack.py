@@ -17,7 +17,7 @@ from chainyard.router.engine import Router
 from chainyard.runtime.nats import Bus
 from chainyard.workers.llm import llm_executor
 from chainyard.workers.pricing import Pricer
-from chainyard.workers.providers import Provider, make_provider
+from chainyard.workers.providers import HttpSettings, Provider, make_provider
 from chainyard.workers.providers.null import NullProvider
 from chainyard.workers.runtime import Worker
 from chainyard.workers.tools import Tools, tool_executor
@@ -40,7 +40,11 @@ def provider_for(pool: PoolConfig) -> Provider:
     key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
     if pool.api_key_env and key is None:
         log.warning("pool %s: environment variable %s is not set", pool.name, pool.api_key_env)
-    return make_provider(pool.provider, pool.base_url, key, timeout_s=pool.timeout_s)
+    http = HttpSettings(
+        proxy=pool.proxy, ca_bundle=pool.ca_bundle, max_connections=pool.slots,
+        max_response_bytes=int(pool.max_response_mb * 1024 * 1024),
+    )  # fmt: skip
+    return make_provider(pool.provider, pool.base_url, key, timeout_s=pool.timeout_s, http=http)
 
 
 def price_function(config: Config, pricer: Pricer | None = None):

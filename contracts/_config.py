@@ -55,6 +55,12 @@ class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     api_key_env: str | None = None  # the variable's name, never the key itself
     slots: Annotated[int, Meta(ge=1, le=100_000)] = 64
     timeout_s: float = 600.0
+    # The provider's HTTP client (workers/providers/_http.py). proxy: an http:// forward proxy
+    # URL (credentials allowed); unset, HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply. ca_bundle: a
+    # PEM file of the CAs to trust instead of the default ones (or set SSL_CERT_FILE).
+    proxy: str | None = None
+    ca_bundle: str | None = None
+    max_response_mb: Annotated[float, Meta(gt=0)] = 32.0  # a longer answer fails the attempt
 
 
 class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,7 +1,8 @@
-"""The lean HTTP/1.1 pool under the hot provider call (workers/providers/_lean_http.py).
+"""The HTTP client of every provider call (workers/providers/_http.py).
 
-Each test runs a raw asyncio server on a free port that answers with exact bytes, so framing,
-keep-alive, failures and timeouts are checked against what goes over the socket.
+Raw asyncio servers on free ports answer with exact bytes and count what they were sent, so
+framing, keep-alive, the no-second-POST rule, size caps, timeouts and TLS are checked on the
+socket. The proxy tests run a real forward proxy process (proxy.py) and read its access log.
 """
 
 from __future__ import annotations
@@ -9,19 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import os
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from helpers import wait_until
+from sandbox_fixtures import KEY, req, sandbox  # noqa: F401  (fixture)
 
-from chainyard.workers.providers._http import new_client, post_bytes
-from chainyard.workers.providers._lean_http import LeanPool
+from chainyard.contracts import PoolConfig
+from chainyard.sandbox import SandboxServer
+from chainyard.stack import provider_for
+from chainyard.workers.providers import OpenAIProvider, ProviderError
+from chainyard.workers.providers._http import (
+    HttpClient,
+    HttpError,
+    HttpSettings,
+    HttpTimeout,
+    ResponseTooLarge,
+)
 
 
 class RawServer:
@@ -67,33 +80,39 @@ def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
-def pool(port: int, read_timeout_s: float | None = 5.0, scheme: str = "http") -> LeanPool:
-    return LeanPool(
-        httpx.URL(f"{scheme}://127.0.0.1:{port}/v1"),
-        {"Authorization": "Bearer k", "Content-Type": "application/json", "Host": "wrong"},
-        connect_timeout_s=2.0, read_timeout_s=read_timeout_s, keepalive_s=30.0,
-        ssl_context=None,
-    )  # fmt: skip
+def client(port: int, scheme: str = "http", timeout_s: float = 5.0, **kw: object) -> HttpClient:
+    return HttpClient(
+        f"{scheme}://127.0.0.1:{port}/v1",
+        {"Authorization": "Bearer k", "Content-Type": "application/json"},
+        timeout_s,
+        HttpSettings(**kw),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_env_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their proxies: none from the machine's environment."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
 
 
 async def test_request_bytes_and_keepalive() -> None:
     async with raw_server(lambda req, w: w.write(ok())) as srv:
-        p = pool(srv.port)
+        c = client(srv.port)
         for i in range(3):
-            status, headers, body = await p.post("/v1/chat/completions", b'{"n":%d}' % i)
+            status, headers, body = await c.post("/chat/completions", b'{"n":%d}' % i)
             assert (status, body) == (200, b'{"ok":true}')
-            assert headers["Content-Length"] == "11"  # any case
-        p.close()
+            assert headers["Content-Length"] == "11" and headers["CONTENT-LENGTH"] == "11"
+        await c.aclose()
     assert srv.connections == 1  # one kept-alive connection served all three
     head, body = srv.requests[0].split(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
-    fields = dict(line.split(b": ", 1) for line in lines[1:])
-    assert fields[b"host"] == b"127.0.0.1:%d" % srv.port  # ours, not the caller's "Host"
+    fields = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])}
+    assert fields[b"host"] == b"127.0.0.1:%d" % srv.port
     assert fields[b"authorization"] == b"Bearer k"
     assert fields[b"content-length"] == b"7" and body == b'{"n":0}'
-    assert fields[b"accept-encoding"] == b"gzip"
-    assert len(lines) - 1 == len(fields)  # no header twice
 
 
 async def test_chunked_gzip_and_read_to_close_bodies() -> None:
@@ -114,49 +133,60 @@ async def test_chunked_gzip_and_read_to_close_bodies() -> None:
             w.close()
 
     async with raw_server(answer) as srv:
-        p = pool(srv.port)
-        assert (await p.post("/v1/x", b"{}"))[2] == b'{"a":12}'
-        assert (await p.post("/v1/x", b"{}"))[2] == b'{"zipped":1}'
-        status, _, body = await p.post("/v1/x", b"{}")
+        c = client(srv.port)
+        assert (await c.post("/x", b"{}"))[2] == b'{"a":12}'
+        assert (await c.post("/x", b"{}"))[2] == b'{"zipped":1}'
+        status, _, body = await c.post("/x", b"{}")
         assert (status, body) == (201, b'{"to":"close"}')
-        assert not p._idle  # a closing connection is not kept
-        p.close()
+        await c.aclose()
 
 
-async def test_stale_keepalive_connection_is_retried_once() -> None:
-    def answer(req: bytes, w: asyncio.StreamWriter) -> None:
-        if b'"second"' in req and srv.connections == 1:
-            w.close()  # the kept-alive connection dies as the next request arrives: no answer
-        else:
-            w.write(ok())
+async def test_a_post_is_never_sent_twice_when_a_kept_alive_connection_closes() -> None:
+    """The provider read the request (it may have run and billed it) and closed the connection
+    without answering: the call fails, for the router to fail over; nothing is sent again."""
 
-    async with raw_server(answer) as srv:
-        p = pool(srv.port)
-        await p.post("/v1/x", b'"first"')
-        status, _, _ = await p.post("/v1/x", b'"second"')
-        assert status == 200
-        assert srv.connections == 2 and len(srv.requests) == 3  # the second one went twice
-        p.close()
-
-
-async def test_a_disconnect_after_part_of_an_answer_is_not_retried() -> None:
     def answer(req: bytes, w: asyncio.StreamWriter) -> None:
         if b'"second"' in req:
-            w.write(b"HTTP/1.1 200 OK\r\n")  # part of an answer: the server did see it
+            w.close()  # read, then gone: no byte of an answer
+        elif b'"third"' in req:
+            w.write(b"HTTP/1.1 200 OK\r\n")  # part of an answer, then gone
             w.close()
         else:
             w.write(ok())
 
     async with raw_server(answer) as srv:
-        p = pool(srv.port)
-        await p.post("/v1/x", b'"first"')
-        with pytest.raises(httpx.RemoteProtocolError):
-            await p.post("/v1/x", b'"second"')
-        assert len(srv.requests) == 2
-        p.close()
+        c = client(srv.port)
+        await c.post("/x", b'"first"')
+        with pytest.raises(HttpError):
+            await c.post("/x", b'"second"')  # on the kept-alive connection of the first
+        await c.post("/x", b'"first"')
+        with pytest.raises(HttpError):
+            await c.post("/x", b'"third"')
+        await c.aclose()
+    bodies = [r.split(b"\r\n\r\n", 1)[1] for r in srv.requests]
+    assert bodies == [b'"first"', b'"second"', b'"first"', b'"third"']  # each POST once
 
 
-async def test_failures_are_httpx_errors() -> None:
+async def test_the_adapter_fails_over_on_a_closed_connection_without_a_second_post() -> None:
+    answer_body = b'{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"model":"m-1"}'
+
+    def answer(req: bytes, w: asyncio.StreamWriter) -> None:
+        if len(srv.requests) == 2:
+            w.close()
+        else:
+            w.write(ok(answer_body))
+
+    async with raw_server(answer) as srv:
+        p = OpenAIProvider(f"http://127.0.0.1:{srv.port}/v1", KEY)
+        assert (await p.complete(req())).output.text == "hi"
+        with pytest.raises(ProviderError) as e:
+            await p.complete(req())
+        assert e.value.cls == "retryable" and "connection error" in e.value.message
+        await p.aclose()
+    assert len(srv.requests) == 2
+
+
+async def test_failures_are_the_clients_errors() -> None:
     async def answer(req: bytes, w: asyncio.StreamWriter) -> None:
         if b"half" in req:
             w.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"cut')
@@ -168,49 +198,91 @@ async def test_failures_are_httpx_errors() -> None:
             await asyncio.sleep(5)
 
     async with raw_server(answer) as srv:
-        p = pool(srv.port, read_timeout_s=0.3)
-        with pytest.raises(httpx.RemoteProtocolError, match="disconnected"):
-            await p.post("/v1/x", b"half")
-        with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
-            await p.post("/v1/x", b"garbage")
-        with pytest.raises(httpx.ReadTimeout):
-            await p.post("/v1/x", b"slow")
-        assert not p._idle  # none of those connections is reused
-        p.close()
-    refused = pool(srv.port)  # the server is gone: nothing listens on that port now
-    with pytest.raises(httpx.ConnectError):
-        await refused.post("/v1/x", b"{}")
+        c = client(srv.port, timeout_s=0.3)
+        with pytest.raises(HttpError, match=r"Payload|payload|closed|Disconnect"):
+            await c.post("/x", b"half")
+        with pytest.raises(HttpError):
+            await c.post("/x", b"garbage")
+        with pytest.raises(HttpTimeout):
+            await c.post("/x", b"slow")
+        await c.aclose()
+    refused = client(srv.port)  # the server is gone: nothing listens on that port now
+    with pytest.raises(HttpError, match="Connect"):
+        await refused.post("/x", b"{}")
+    await refused.aclose()
 
 
-async def test_cancelled_call_drops_its_connection() -> None:
-    hold = asyncio.Event()
+async def test_response_size_cap() -> None:
+    big = b"x" * 5000
 
-    async def answer(req: bytes, w: asyncio.StreamWriter) -> None:
-        hold.set()
-        await asyncio.sleep(5)
+    def answer(req: bytes, w: asyncio.StreamWriter) -> None:
+        if b"chunked" in req:
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(5):
+                w.write(b"3e8\r\n%s\r\n" % big[:1000])
+            w.write(b"0\r\n\r\n")
+        elif b"zip" in req:  # small on the wire, large once decoded
+            w.write(ok(gzip.compress(big), b"content-encoding: gzip\r\n"))
+        else:
+            w.write(ok(big))
 
     async with raw_server(answer) as srv:
-        p = pool(srv.port)
-        call = asyncio.create_task(p.post("/v1/x", b"{}"))
-        await asyncio.wait_for(hold.wait(), 5)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        assert not p._idle
-        p.close()
+        c = client(srv.port, max_response_bytes=4096)
+        for body in (b"length", b"chunked", b"zip"):
+            with pytest.raises(ResponseTooLarge):
+                await c.post("/x", body)
+        async with c.stream("/x", b"chunked") as resp:
+            assert resp.status == 200
+            with pytest.raises(ResponseTooLarge):
+                async for _ in resp.lines():
+                    pass
+        await c.aclose()
+        roomy = client(srv.port, max_response_bytes=5000)
+        assert (await roomy.post("/x", b"length"))[2] == big
+        await roomy.aclose()
+        # through an adapter: a clear, retryable ProviderError
+        p = OpenAIProvider(
+            f"http://127.0.0.1:{srv.port}/v1", http=HttpSettings(max_response_bytes=100)
+        )
+        with pytest.raises(ProviderError, match="too large") as e:
+            await p.complete(req())
+        assert e.value.cls == "retryable"
+        await p.aclose()
 
 
-async def test_new_client_posts_through_the_lean_pool_and_closes_it() -> None:
-    async with raw_server(lambda req, w: w.write(ok())) as srv:
-        client = new_client(f"http://127.0.0.1:{srv.port}/v1", {"x-api-key": "k"})
-        status, headers, body = await post_bytes(client, "/chat/completions", b"{}")
-        assert status == 200 and body == b'{"ok":true}' and headers["CONTENT-LENGTH"] == "11"
-        lean = client._transport.lean  # type: ignore[attr-defined]
-        assert lean is not None and len(lean._idle) == 1
-        assert srv.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
-        assert b"x-api-key: k\r\n" in srv.requests[0]
-        await client.aclose()
-        assert lean.closed and not lean._idle
+async def test_stream_lines_across_chunks() -> None:
+    def answer(req: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in (b'data: {"a"', b":1}\r\n\r\ndata: [DO", b"NE]\r\n"):
+            w.write(b"%x\r\n%s\r\n" % (len(part), part))
+        w.write(b"0\r\n\r\n")
+
+    async with raw_server(answer) as srv:
+        c = client(srv.port)
+        async with c.stream("/x", b"{}") as resp:
+            lines = [line async for line in resp.lines()]
+        await c.aclose()
+    assert lines == ['data: {"a":1}', "", "data: [DONE]"]
+
+
+async def test_the_pool_is_bounded() -> None:
+    gate = asyncio.Event()
+
+    async def answer(req: bytes, w: asyncio.StreamWriter) -> None:
+        await gate.wait()
+        w.write(ok())
+
+    async with raw_server(answer) as srv:
+        c = client(srv.port, max_connections=2)
+        calls = [asyncio.create_task(c.post("/x", b"{}")) for _ in range(5)]
+        await wait_until(lambda: len(srv.requests) == 2, 5, "two calls at the server")
+        gate.set()
+        assert [r[0] for r in await asyncio.gather(*calls)] == [200] * 5
+        await c.aclose()
+    assert srv.connections == 2  # the other three waited for a connection of the two
+
+
+# ---------------------------------------------------------------- TLS
 
 
 @pytest.fixture
@@ -228,54 +300,128 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return key, cert
 
 
-async def test_tls(self_signed: tuple[Path, Path]) -> None:
+def tls_server_ctx(key: Path, cert: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def test_tls_custom_ca_bundle_and_ssl_cert_file(
+    self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     key, cert = self_signed
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    async with raw_server(lambda req, w: w.write(ok()), tls=server_ctx) as srv:
-        trusting = ssl.create_default_context(cafile=str(cert))
-        p = pool(srv.port, scheme="https")
-        p.ssl = trusting
-        assert (await p.post("/v1/x", b"{}"))[0] == 200
-        p.close()
-        untrusting = pool(srv.port, scheme="https")  # the system's roots: the cert is unknown
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await untrusting.post("/v1/x", b"{}")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with raw_server(lambda req, w: w.write(ok()), tls=tls_server_ctx(key, cert)) as srv:
+        trusting = client(srv.port, scheme="https", ca_bundle=str(cert))
+        assert (await trusting.post("/x", b"{}"))[0] == 200
+        await trusting.aclose()
+        default = client(srv.port, scheme="https")  # certifi's roots: the cert is unknown
+        with pytest.raises(HttpError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            await default.post("/x", b"{}")
+        await default.aclose()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        from_env = client(srv.port, scheme="https")
+        assert (await from_env.post("/x", b"{}"))[0] == 200
+        await from_env.aclose()
+    assert len(srv.requests) == 2  # the refused handshake sent nothing
 
 
-async def test_connections_idle_past_keepalive_are_closed() -> None:
-    gate = asyncio.Event()
-
-    async def answer(req: bytes, w: asyncio.StreamWriter) -> None:
-        if b"burst" in req:
-            await gate.wait()  # hold the burst's calls so that each opens its own connection
-        w.write(ok())
-
-    async with raw_server(answer) as srv:
-        p = pool(srv.port)
-        p.keepalive = 0.2
-        burst = [asyncio.create_task(p.post("/v1/x", b"burst")) for _ in range(5)]
-        await wait_until(lambda: srv.connections == 5, 5, "five connections")
-        gate.set()
-        await asyncio.gather(*burst)
-        assert len(p._idle) == 5
-        old = list(p._idle)  # the newest, reused from now on, is the last
-        while time.monotonic() - old[0].idle_since <= 0.25:
-            await p.post("/v1/x", b"steady")  # one call at a time: the newest serves them all
-        assert [c.closed for c in old] == [True, True, True, True, False]
-        assert list(p._idle) == [old[-1]] and srv.connections == 5
-        p.close()
+# ---------------------------------------------------------------- a real forward proxy
 
 
-def test_header_values_cannot_split_the_request() -> None:
-    for bad in ("k\r\nX-Injected: 1", "k\n", "k\0"):
-        with pytest.raises(ValueError, match="line break"):
-            LeanPool(
-                httpx.URL("http://127.0.0.1:1/v1"), {"Authorization": bad},
-                connect_timeout_s=1, read_timeout_s=1, keepalive_s=1, ssl_context=None,
-            )  # fmt: skip
-    v6 = LeanPool(
-        httpx.URL("http://[::1]:8080/v1"), {}, connect_timeout_s=1, read_timeout_s=1,
-        keepalive_s=1, ssl_context=None,
+class Proxy:
+    def __init__(self, port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    def saw(self, text: str) -> bool:
+        return text in self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[Proxy]:
+    """proxy.py on a free port, in its own process group (it forks an acceptor)."""
+    port_file, log = tmp_path / "proxy.port", tmp_path / "proxy.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", "0",
+         "--port-file", str(port_file), "--num-acceptors", "1", "--log-file", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    assert v6._head("/v1/x").startswith(b"POST /v1/x HTTP/1.1\r\nhost: [::1]:8080\r\n")
+    try:
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "proxy.py did not start"
+            time.sleep(0.02)
+        yield Proxy(int(port_file.read_text().split()[0]), log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def test_env_proxy_sees_the_provider_call_and_no_proxy_exempts(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with raw_server(lambda req, w: w.write(ok())) as srv:
+        c = client(srv.port)
+        assert c.proxy == proxy.url
+        assert (await c.post("/chat/completions", b"{}"))[0] == 200
+        await c.aclose()  # proxy.py logs a request when its connection closes
+        await wait_until(
+            lambda: proxy.saw(f"POST 127.0.0.1:{srv.port}/v1/chat/completions"), 10, "proxy log"
+        )
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        exempt = client(srv.port)
+        assert exempt.proxy is None
+        assert (await exempt.post("/exempt", b"{}"))[0] == 200
+        await exempt.aclose()
+    assert not proxy.saw("/v1/exempt")
+    assert len(srv.requests) == 2
+
+
+async def test_pool_config_proxy_sees_the_provider_call(
+    proxy: Proxy,
+    sandbox: SandboxServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SANDBOX_KEY", KEY)
+    pool = PoolConfig(
+        name="p", provider="openai", base_url=f"{sandbox.url}/v1", api_key_env="SANDBOX_KEY",
+        proxy=proxy.url,
+    )  # fmt: skip
+    p = provider_for(pool)
+    answer = await p.complete(req())
+    assert answer.output.text and answer.limits is not None  # rate-limit headers still read
+    await p.aclose()  # proxy.py logs a request when its connection closes
+    port = sandbox.url.rsplit(":", 1)[1]
+    await wait_until(lambda: proxy.saw(f"POST 127.0.0.1:{port}/v1/chat/completions"), 10, "log")
+
+
+async def test_https_through_the_proxy_with_a_custom_ca(
+    proxy: Proxy, self_signed: tuple[Path, Path]
+) -> None:
+    key, cert = self_signed
+    async with raw_server(lambda req, w: w.write(ok()), tls=tls_server_ctx(key, cert)) as srv:
+        c = client(srv.port, scheme="https", proxy=proxy.url, ca_bundle=str(cert))
+        assert (await c.post("/x", b"{}"))[0] == 200
+        await c.aclose()
+    await wait_until(lambda: proxy.saw(f"CONNECT 127.0.0.1:{srv.port}"), 10, "CONNECT logged")
+    assert len(srv.requests) == 1
+
+
+def test_pool_config_http_fields() -> None:
+    pool = PoolConfig(name="p", base_url="https://api.example.com/v1", slots=7,
+                      proxy="http://u:pw@proxy.internal:3128", max_response_mb=1.5)  # fmt: skip
+    p = provider_for(pool)
+    c = p._client  # type: ignore[attr-defined]
+    assert c.proxy == "http://proxy.internal:3128"  # the credentials go in a header, not the URL
+    assert c.settings.max_connections == 7
+    assert c.settings.max_response_bytes == 1536 * 1024
+    with pytest.raises(ValueError, match="base URL"):
+        HttpClient("api.example.com/v1")

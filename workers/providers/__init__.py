@@ -6,6 +6,7 @@ from typing import Any
 
 from ._base import Completion, LlmRequest, OnDelta, Provider, ProviderError, RateLimits
 from ._errors import classify_status, is_context_window, parse_retry_after, scrub
+from ._http import HttpSettings
 from ._ratelimit import (
     format_go_duration,
     parse_anthropic,
@@ -23,7 +24,8 @@ _OPENAI_COMPATIBLE = frozenset({"openai", "openai-compatible", "vllm", "ollama",
 
 def make_provider(kind: str, base_url: str, api_key: str | None, **opts: Any) -> Provider:
     """The adapter for `kind` ("openai" | "vllm" | "ollama" | "llamacpp" | "openai-compatible" |
-    "anthropic" | "gemini"). `opts` go to the adapter: timeout_s, headers, name, and
+    "anthropic" | "gemini"). `opts` go to the adapter: timeout_s, http (HttpSettings: proxy, CA
+    bundle, connection and response size bounds), headers, name, and
     max_completion_tokens (OpenAI), version / default_max_tokens (Anthropic), api_version (Gemini).
     """
     k = kind.lower()
@@ -40,6 +42,7 @@ __all__ = [
     "AnthropicProvider",
     "Completion",
     "GeminiProvider",
+    "HttpSettings",
     "LlmRequest",
     "OnDelta",
     "OpenAIProvider",

@@ -13,13 +13,12 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
 import msgspec
 
 from chainyard.contracts import ErrorClass
 
 from ._base import ProviderError, RateLimits
-from ._http import post_bytes
+from ._http import HttpClient, HttpError, HttpTimeout, ResponseTooLarge
 from ._ratelimit import parse_go_duration, parse_limits
 
 _RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -159,7 +158,8 @@ def malformed(provider: str, detail: str, secrets: tuple[str, ...] = ()) -> Prov
 class boundary:  # lowercase: used as a function, `with boundary(provider, secrets):`
     """Turn every failure inside into ProviderError, so `complete` raises nothing else.
 
-    Raised `from None`: a chained httpx exception carries the request, whose headers hold the key.
+    Raised `from None`: a chained client exception may carry the request, whose headers hold the
+    key.
     A class, not a @contextmanager: it is entered twice a provider call, and a generator-based
     one costs several times more.
     """
@@ -177,14 +177,14 @@ class boundary:  # lowercase: used as a function, `with boundary(provider, secre
         if exc is None or isinstance(exc, ProviderError) or not isinstance(exc, Exception):
             return False
         provider, secrets = self.provider, self.secrets
-        if isinstance(exc, httpx.TimeoutException):
-            msg = scrub(f"{provider}: timeout ({type(exc).__name__})", secrets)
-            raise ProviderError("retryable", msg) from None
-        if isinstance(exc, httpx.TransportError):  # connect refused, reset, protocol errors
-            msg = scrub(f"{provider}: connection error ({type(exc).__name__}: {exc})", secrets)
+        if isinstance(exc, HttpTimeout):
+            msg = scrub(f"{provider}: timeout ({exc})", secrets)
             raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
-        if isinstance(exc, httpx.HTTPError):
-            msg = scrub(f"{provider}: http error ({type(exc).__name__}: {exc})", secrets)
+        if isinstance(exc, ResponseTooLarge):  # a fault of that server: another may answer
+            msg = scrub(f"{provider}: response too large ({exc})", secrets)
+            raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
+        if isinstance(exc, HttpError):  # connect refused, reset, closed before the answer
+            msg = scrub(f"{provider}: connection error ({exc})", secrets)
             raise ProviderError("retryable", msg[:_MAX_MESSAGE]) from None
         if isinstance(
             exc, msgspec.DecodeError | msgspec.ValidationError | KeyError | TypeError | ValueError
@@ -194,7 +194,7 @@ class boundary:  # lowercase: used as a function, `with boundary(provider, secre
 
 
 async def post_json(
-    client: httpx.AsyncClient,
+    client: HttpClient,
     provider: str,
     path: str,
     body: dict[str, Any] | bytes,
@@ -205,14 +205,14 @@ async def post_json(
     and the case-insensitive response headers, or ProviderError."""
     content = body if isinstance(body, bytes) else _encode(body)
     with boundary(provider, secrets):
-        status, headers, data = await post_bytes(client, path, content)
+        status, headers, data = await client.post(path, content)
         if status >= 400:
             raise error_from_response(provider, status, headers, data, secrets)
         return (_decode(data) if decoder is None else decoder.decode(data)), headers
 
 
 async def iter_sse(
-    client: httpx.AsyncClient,
+    client: HttpClient,
     provider: str,
     path: str,
     body: dict[str, Any],
@@ -225,15 +225,13 @@ async def iter_sse(
     `on_headers` receives the response headers once (they carry the rate limits).
     """
     with boundary(provider, secrets):
-        async with client.stream("POST", path, content=msgspec.json.encode(body)) as resp:
-            if resp.status_code >= 400:
-                await resp.aread()
-                raise error_from_response(
-                    provider, resp.status_code, resp.headers, resp.content, secrets
-                )
+        async with client.stream(path, msgspec.json.encode(body)) as resp:
+            if resp.status >= 400:
+                data = await resp.read()
+                raise error_from_response(provider, resp.status, resp.headers, data, secrets)
             if on_headers is not None:
                 on_headers(resp.headers)
-            async for line in resp.aiter_lines():
+            async for line in resp.lines():
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()

@@ -1,130 +1,220 @@
-"""The HTTP client every adapter uses: the one place where the client library is chosen.
+"""The HTTP client of every provider call, streaming or not: the one module that names the library.
 
-Adapters get an `httpx.AsyncClient` (its whole API: post, stream, timeouts, errors), but the
-sockets and HTTP/1.1 parsing are aiohttp's, through the `httpx-aiohttp` transport: httpx's own
-pool (httpcore) slows down badly with many concurrent requests (encode/httpx#3215). The hot
-call, a non-streaming POST (`post_bytes`), skips both libraries' request and response models
-for a lean pool (_lean_http.py) beside that transport. bench/http_clients.py has the measured
-numbers. Without httpx-aiohttp installed, it falls back to plain httpx with an unbounded pool,
-and `BACKEND` says which one is in use.
+It is aiohttp. Measured where a worker lives (bench/http_clients.py `--realistic`: 1,000 calls/s to
+a provider answering after 200 ms, then thousands in flight; docs/DESIGN-NOTES.md #22), httpx's
+own pool spent ~20 ms of CPU a call and fell behind the pace (its pool scans every connection on
+each request), the pydantic fork httpx2 ~5 ms, httpx over aiohttp ~470 us, niquests ~780 us,
+aiohttp ~215 us, pyreqwest ~140 us. aiohttp is the most used asyncio client and keeps up.
 
-Notes on the aiohttp transport: env proxies (HTTP(S)_PROXY) are not used, there is no HTTP/2,
-and the client is bound to the event loop of its first request, as httpx's own is. Errors are
-httpx's (ConnectError, ReadTimeout, ...): the few that httpx-aiohttp 0.2 maps wrongly (connection
-refused as ConnectTimeout) or not at all are remapped here, for requests; a failure while reading
-a streamed body is mapped by httpx-aiohttp alone.
+What a provider call gets here:
+- one bounded connection pool per provider (`max_connections`, sized from the pool's slots);
+- proxies: the pool's `proxy`, else the environment's (HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as
+  urllib reads them), worked out once per client since a client has one origin;
+- TLS verified always: the pool's `ca_bundle`, else SSL_CERT_FILE / SSL_CERT_DIR, else certifi's;
+- a cap on response bytes (`ResponseTooLarge`, never a memory blow-up);
+- no request sent twice: aiohttp re-sends only idempotent methods, never a POST. A POST written
+  on a kept-alive connection that then closes raises `HttpError`, which the router fails over on.
+  A connection the server closed while idle is dropped before use (the loop saw its close).
+- failures as `HttpError` / `HttpTimeout`, so no other module knows the library.
+Not available: HTTP/2 (aiohttp speaks HTTP/1.1 only; every provider API serves it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 
 import aiohttp
-import httpx
+import certifi
+from yarl import URL
 
-from ._lean_http import LeanPool
-
-try:
-    from httpx_aiohttp import AiohttpTransport
-except ImportError:  # pragma: no cover - only without the dependency
-    AiohttpTransport = None  # type: ignore[assignment,misc]
-
-BACKEND = "aiohttp" if AiohttpTransport is not None else "httpcore"
 KEEPALIVE_S = 30.0  # idle connections kept this long (provider APIs keep theirs ~60 s or more)
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a completion is KBs; this is a fault's size
 
 
-if AiohttpTransport is not None:
-
-    class _Transport(AiohttpTransport):  # type: ignore[misc,valid-type]
-        """httpx-aiohttp's transport, with an unbounded pool (its own default caps it at 100),
-        and beside it the lean pool that `post_bytes` uses (closed with it)."""
-
-        lean: LeanPool | None = None
-
-        async def aclose(self) -> None:
-            if self.lean is not None:
-                self.lean.close()
-            await super().aclose()
-
-        def get_client(self) -> aiohttp.ClientSession:
-            if self.client is not None:
-                return super().get_client()
-            connector = aiohttp.TCPConnector(
-                limit=0, ssl=self.ssl_context, keepalive_timeout=KEEPALIVE_S
-            )
-            # created lazily, on the first request, so inside the running loop
-            return aiohttp.ClientSession(connector=connector)
-
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            try:
-                return await super().handle_async_request(request)
-            except httpx.ConnectTimeout as e:  # httpx-aiohttp 0.2 maps refused/reset to this
-                if e.__cause__ is None or isinstance(e.__cause__, TimeoutError):
-                    raise
-                raise _as_httpx(e.__cause__, request) from e.__cause__
-            except aiohttp.ClientError as e:  # the ones it leaves unmapped
-                raise _as_httpx(e, request) from e
+class HttpError(Exception):
+    """The exchange failed below HTTP: no answer, or not all of it. The request may have reached
+    the provider; it is never sent again here."""
 
 
-def _as_httpx(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError:
-    """The httpx error httpx's own transport would raise for this aiohttp failure."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc), request=request)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return httpx.ReadError(str(exc), request=request)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return httpx.UnsupportedProtocol(str(exc), request=request)
-    if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
-        exc, aiohttp.ServerDisconnectedError
-    ):
-        return httpx.ReadError(str(exc), request=request)
-    return httpx.RemoteProtocolError(str(exc), request=request)
+class HttpTimeout(HttpError):
+    """Connecting took longer than the connect timeout, or the answer stalled past the read one."""
 
 
-def new_client(
-    base_url: str, headers: dict[str, str] | None = None, timeout_s: float = 600.0
-) -> httpx.AsyncClient:
-    """An httpx-API client for one provider base URL, sized for thousands of concurrent calls."""
-    timeout = httpx.Timeout(timeout_s, connect=10.0)
-    if AiohttpTransport is None:  # pragma: no cover
-        limits = httpx.Limits(
-            max_connections=None, max_keepalive_connections=1024, keepalive_expiry=KEEPALIVE_S
-        )
-        return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
-    return httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=timeout, transport=_Transport()
-    )
+class ResponseTooLarge(HttpError):
+    """The answer is longer than the client's `max_response_bytes`."""
 
 
-def _lean_of(client: httpx.AsyncClient) -> LeanPool | None:
-    """The lean pool beside a `new_client` client's transport, made on first use."""
-    tr = client._transport
-    if AiohttpTransport is None or type(tr) is not _Transport:
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    """How a provider's client connects (the pool config's proxy, ca_bundle, ...)."""
+
+    proxy: str | None = None  # "http://user:pass@host:port"; None: the environment's
+    ca_bundle: str | None = None  # PEM file of the CAs to trust, instead of the default ones
+    max_connections: int = 1024
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+
+
+def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """A verifying context: `ca_bundle`, else SSL_CERT_FILE / SSL_CERT_DIR, else certifi's roots
+    (what httpx trusted before, so a deployment that worked keeps working)."""
+    cafile = ca_bundle or os.environ.get("SSL_CERT_FILE") or None
+    capath = None if ca_bundle else os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+def env_proxy(url: URL) -> str | None:
+    """The proxy the environment names for `url`, unless NO_PROXY exempts its host."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or (url.host and urllib.request.proxy_bypass(url.host)):
         return None
-    if tr.lean is None:
-        t = client.timeout
-        tr.lean = LeanPool(
-            client.base_url, client.headers, connect_timeout_s=t.connect,
-            read_timeout_s=t.read, keepalive_s=KEEPALIVE_S, ssl_context=tr.ssl_context,
-            target_of=lambda path: client._merge_url(path).raw_path.decode("ascii"),
-        )  # fmt: skip
-    return tr.lean
+    return proxy
 
 
-async def post_bytes(
-    client: httpx.AsyncClient, path: str, content: bytes
-) -> tuple[int, Mapping[str, str], bytes]:
-    """POST `content` to `path` on the client's base URL: (status, headers, body).
+class StreamedResponse:
+    """A response whose body is read as it comes: status and headers first."""
 
-    The hot path of every non-streaming provider call. httpx's request and response models,
-    and aiohttp's, cost ten times more CPU per call than the HTTP exchange itself, so a client
-    made by `new_client` posts through the lean pool beside its transport (_lean_http.py: same
-    base URL, headers, timeouts and SSL context, its own keep-alive connections); failures are
-    raised as the httpx errors that the httpx path would raise. Any other client goes through
-    `client.post`. The returned headers are case-insensitive either way.
-    """
-    lean = _lean_of(client)
-    if lean is None or client.is_closed:
-        r = await client.post(path, content=content)
-        return r.status_code, r.headers, r.content
-    return await lean.post(path, content)
+    def __init__(self, resp: aiohttp.ClientResponse, limit: int) -> None:
+        self._resp = resp
+        self._limit = limit
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers  # case-insensitive
+
+    async def read(self) -> bytes:
+        return await _read(self._resp, self._limit)
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body's lines as text (no line ends), the whole body bounded by the size cap."""
+        pending = b""
+        total = 0
+        with _mapped():
+            async for chunk in self._resp.content.iter_any():
+                total += len(chunk)
+                if total > self._limit:
+                    raise ResponseTooLarge(f"streamed response over {self._limit} bytes")
+                *done, pending = (pending + chunk).split(b"\n")
+                for line in done:
+                    yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if pending:
+            yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
+class HttpClient:
+    """POSTs to one provider base URL, with its default headers; made outside the event loop
+    (the session and its pool are made on the first call, inside the loop)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 600.0,
+        settings: HttpSettings | None = None,
+    ) -> None:
+        s = self.settings = settings or HttpSettings()
+        self.base_url = base_url.rstrip("/")
+        self._headers = dict(headers or {})
+        self._limit = s.max_response_bytes
+        origin = URL(self.base_url)
+        if origin.scheme not in ("http", "https") or not origin.host:
+            raise ValueError(f"a provider base URL must be http(s)://host...: {base_url!r}")
+        proxy = s.proxy or env_proxy(origin)
+        proxy_url = URL(proxy) if proxy else None
+        # credentials in the proxy URL go in Proxy-Authorization, not on the wire as userinfo
+        self._proxy_auth = aiohttp.BasicAuth.from_url(proxy_url) if proxy_url else None
+        self._proxy = proxy_url.with_user(None) if proxy_url else None
+        self._ssl = ssl_context(s.ca_bundle) if origin.scheme == "https" else None
+        # sock_read: the longest silence while an answer is awaited or streamed
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=timeout_s
+        )
+        self._urls: dict[str, URL] = {}  # path -> parsed URL (paths are per model: a handful)
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def proxy(self) -> str | None:
+        """The proxy this client's calls go through, or None (for logs and tests)."""
+        return str(self._proxy) if self._proxy else None
+
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) > 1024:
+                self._urls.clear()
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise HttpError("the HTTP client is closed")
+        session = self._session
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.settings.max_connections, limit_per_host=0, ssl=self._ssl or True,
+                keepalive_timeout=KEEPALIVE_S,
+            )  # fmt: skip
+            # trust_env off: the proxy is chosen above, and ~/.netrc must not add credentials
+            session = self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=self._timeout,
+                proxy=self._proxy, proxy_auth=self._proxy_auth, trust_env=False,
+            )  # fmt: skip
+        return session
+
+    async def post(self, path: str, content: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """POST `content` to `path` (after the base URL's path): (status, headers, body)."""
+        session = self._open()
+        with _mapped():
+            async with session.post(self._url(path), data=content) as resp:
+                return resp.status, resp.headers, await _read(resp, self._limit)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, content: bytes) -> AsyncIterator[StreamedResponse]:
+        """POST and hand over the response once its head is in; its body is read by the caller."""
+        session = self._open()
+        with _mapped():
+            async with session.post(self._url(path), data=content) as resp:
+                yield StreamedResponse(resp, self._limit)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refused once it passes `limit` bytes (decoded bytes, when compressed)."""
+    length = resp.content_length
+    if length is not None and length > limit:
+        raise ResponseTooLarge(f"response of {length} bytes, over the {limit} byte limit")
+    with _mapped():
+        if length is not None and "content-encoding" not in resp.headers:
+            return await resp.read()  # the hot path: a small body of known length
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in resp.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                raise ResponseTooLarge(f"response over the {limit} byte limit")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    """aiohttp's failures as this module's."""
+    try:
+        yield
+    except HttpError:
+        raise
+    except TimeoutError as e:  # aiohttp's connect and read timeouts are TimeoutErrors
+        raise HttpTimeout(f"timed out ({type(e).__name__})") from e
+    except aiohttp.ClientError as e:
+        raise HttpError(f"{type(e).__name__}: {e}") from e

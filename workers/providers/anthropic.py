@@ -15,7 +15,7 @@ from chainyard.contracts._messages import FinishReason
 
 from ._base import Completion, LlmRequest, OnDelta, ProviderError, RateLimits
 from ._errors import boundary, iter_sse, post_json, scrub
-from ._http import new_client
+from ._http import HttpClient, HttpSettings
 from ._ratelimit import parse_anthropic
 from .openai import decode_args, json_data
 
@@ -75,6 +75,7 @@ class AnthropicProvider:
         api_key: str | None = None,
         *,
         timeout_s: float = 600.0,
+        http: HttpSettings | None = None,
         version: str = API_VERSION,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         name: str = "anthropic",
@@ -87,10 +88,10 @@ class AnthropicProvider:
         self._secrets = (api_key,) if api_key else ()
         self._default_max_tokens = default_max_tokens
         self._path = "/messages" if base_url.rstrip("/").endswith("/v1") else "/v1/messages"
-        self._client = new_client(base_url, hdrs, timeout_s)
+        self._client = HttpClient(base_url, hdrs, timeout_s, http)
 
     def __repr__(self) -> str:
-        return f"AnthropicProvider(base_url={str(self._client.base_url)!r})"
+        return f"AnthropicProvider(base_url={self._client.base_url!r})"
 
     def body(self, request: LlmRequest, stream: bool) -> dict[str, Any]:
         p = request.params

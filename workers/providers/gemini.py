@@ -15,7 +15,7 @@ from chainyard.contracts._messages import FinishReason
 
 from ._base import Completion, LlmRequest, OnDelta
 from ._errors import boundary, iter_sse, post_json
-from ._http import new_client
+from ._http import HttpClient, HttpSettings
 from .openai import json_data
 
 _FINISH: dict[str, FinishReason] = {
@@ -77,6 +77,7 @@ class GeminiProvider:
         api_key: str | None = None,
         *,
         timeout_s: float = 600.0,
+        http: HttpSettings | None = None,
         api_version: str = "v1beta",
         name: str = "gemini",
         headers: dict[str, str] | None = None,
@@ -89,10 +90,10 @@ class GeminiProvider:
         tail = base_url.rstrip("/").rsplit("/", 1)[-1]
         versioned = tail in ("v1", "v1beta", "v1alpha")
         self._prefix = "/models" if versioned else f"/{api_version}/models"
-        self._client = new_client(base_url, hdrs, timeout_s)
+        self._client = HttpClient(base_url, hdrs, timeout_s, http)
 
     def __repr__(self) -> str:
-        return f"GeminiProvider(base_url={str(self._client.base_url)!r})"
+        return f"GeminiProvider(base_url={self._client.base_url!r})"
 
     def body(self, request: LlmRequest) -> dict[str, Any]:
         p = request.params

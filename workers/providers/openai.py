@@ -15,7 +15,7 @@ from chainyard.contracts._messages import FinishReason
 
 from ._base import Completion, LlmRequest, OnDelta, RateLimits
 from ._errors import boundary, iter_sse, malformed, post_json
-from ._http import new_client
+from ._http import HttpClient, HttpSettings
 from ._ratelimit import parse_openai
 
 _FINISH: dict[str, FinishReason] = {
@@ -106,6 +106,7 @@ class OpenAIProvider:
         api_key: str | None = None,
         *,
         timeout_s: float = 600.0,
+        http: HttpSettings | None = None,
         max_completion_tokens: bool = False,
         name: str = "openai",
         headers: dict[str, str] | None = None,
@@ -116,10 +117,10 @@ class OpenAIProvider:
         self.name = name
         self._secrets = (api_key,) if api_key else ()
         self._max_completion_tokens = max_completion_tokens
-        self._client = new_client(base_url, hdrs, timeout_s)
+        self._client = HttpClient(base_url, hdrs, timeout_s, http)
 
     def __repr__(self) -> str:
-        return f"OpenAIProvider(base_url={str(self._client.base_url)!r})"
+        return f"OpenAIProvider(base_url={self._client.base_url!r})"
 
     def body(self, request: LlmRequest, stream: bool) -> dict[str, Any]:
         """The request body exactly as sent (public so tests and tools can inspect it)."""
