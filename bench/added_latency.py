@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from chainyard.contracts import Chain, LlmStep, Message, Params, encode
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
-from chainyard.workers.providers._http import new_client, post_bytes
+from chainyard.workers.providers._http import HttpClient
 
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
@@ -133,12 +133,12 @@ async def _direct(base_url: str, n: int) -> list[float]:
     body = encode(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     )
-    client = new_client(f"{base_url}/v1", {"Content-Type": "application/json"})
+    client = HttpClient(f"{base_url}/v1", {"Content-Type": "application/json"})
     out: list[float] = []
     try:
         for _ in range(n):
             t0 = time.perf_counter()
-            status, _, _ = await post_bytes(client, "/chat/completions", body)
+            status, _, _ = await client.post("/chat/completions", body)
             out.append((time.perf_counter() - t0) * 1000)
             if status != 200:
                 raise RuntimeError(f"sandbox answered {status}")
@@ -225,7 +225,7 @@ async def added_latency(ctx: Ctx) -> list[Figure]:
         "direct_p99_ms": round(d99, 3),
         "legs_p50_ms": _legs(d.legs),
         "one_at_a_time_legs_p50_ms": alone_legs,
-        "direct": "the worker's HTTP client (the lean pool of workers/providers/_http.py),"
+        "direct": "the worker's HTTP client (workers/providers/_http.py),"
         " sequential, half before and half after the chains",
         "goals_ms": {"p50": 1, "p99": 3},
         "process": "nats-server, router, worker, load sandbox and driver: five OS processes",

@@ -1,14 +1,18 @@
-"""HTTP client throughput: httpx (default, tuned, aiohttp transport), new_client, the lean pool
-(`post_bytes`, the worker's hot path), bare aiohttp.
+"""HTTP client cost: the provider client (workers/providers/_http.py) beside the alternatives.
 
-Against the load sandbox (chainyard.sandbox.load: zero latency, ~20 us a request, so the server
-is not what is measured) in its own process; every request POSTs a small chat completion request
-and decodes the JSON answer.
+Two conditions, the server always the load sandbox (chainyard.sandbox.load, ~20 us a request) in
+its own process, every request a small chat completion POST whose JSON answer is decoded:
+- throughput against a zero-latency server at a fixed concurrency (`measure`): what a client
+  can do flat out;
+- what a worker meets (`measure_realistic`, `--realistic`): calls started at a steady rate (1,000
+  a second) to a provider that answers after 200 ms, each its own task, then thousands started at
+  once: this process's CPU per call, and whether the client keeps the pace.
 
     python -m bench.http_clients [--requests 3000] [--concurrency 1 64 256] [--json]
+    python -m bench.http_clients --realistic [--rate 1000] [--latency-ms 200] [--inflight 5000]
 
-`await measure(...)` returns the same numbers as a dict, for `make bench`. On a machine with
-2+ cores the server and the client are pinned to different cores, so neither starves the other.
+Clients not installed (httpx2, httpx_aiohttp, pyreqwest, niquests: `pip install` them to compare)
+are skipped. On a machine with 2+ cores the server and the client are pinned to different cores.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -28,8 +33,14 @@ import aiohttp
 import httpx
 
 from bench.core import Ctx, Figure, benchmark
+from chainyard.workers.providers._http import HttpError
 
-CLIENTS = ("httpx_default", "httpx_tuned", "httpx_aiohttp", "new_client", "lean", "aiohttp_bare")
+CLIENTS = (
+    "provider_client", "aiohttp_bare", "httpx_default", "httpx_tuned", "httpx2", "httpx_aiohttp",
+    "pyreqwest", "niquests",
+)  # fmt: skip
+OPTIONAL = {"httpx2": "httpx2", "httpx_aiohttp": "httpx_aiohttp", "pyreqwest": "pyreqwest",
+            "niquests": "niquests"}  # fmt: skip
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Say hello."}],
@@ -54,10 +65,10 @@ def _pin(cpu: int, pid: int = 0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def server() -> AsyncIterator[tuple[str, int]]:
+async def server(latency_ms: float = 0.0) -> AsyncIterator[tuple[str, int]]:
     """Start the load sandbox in a child process, pinned to the second core; (base_url, pid)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chainyard.sandbox.load",
+        sys.executable, "-m", "chainyard.sandbox.load", "--latency-ms", str(latency_ms),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
     )  # fmt: skip
     try:
@@ -90,6 +101,11 @@ def _cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- the clients
 
 
+def installed(kinds: Sequence[str]) -> list[str]:
+    """The kinds whose library is importable here (the optional ones are not dependencies)."""
+    return [k for k in kinds if k not in OPTIONAL or importlib.util.find_spec(OPTIONAL[k])]
+
+
 @contextlib.asynccontextmanager
 async def _client(kind: str, base_url: str, concurrency: int) -> AsyncIterator[Post]:
     url = base_url + "/chat/completions"
@@ -105,34 +121,76 @@ async def _client(kind: str, base_url: str, concurrency: int) -> AsyncIterator[P
 
             yield post_bare
         return
-    if kind == "lean":
-        from chainyard.workers.providers._http import new_client, post_bytes
+    if kind == "provider_client":
+        from chainyard.workers.providers._http import HttpClient
 
         body = json.dumps(BODY).encode()
-        async with new_client(base_url, {"content-type": "application/json"}) as lean:
+        pc = HttpClient(base_url, {"content-type": "application/json"})
 
-            async def post_lean() -> None:
-                status, _, data = await post_bytes(lean, "/chat/completions", body)
-                if status != 200:
-                    raise httpx.HTTPError(f"the sandbox answered {status}")
-                assert json.loads(data)["choices"]
+        async def post_provider() -> None:
+            status, _, data = await pc.post("/chat/completions", body)
+            if status != 200:
+                raise httpx.HTTPError(f"the sandbox answered {status}")
+            assert json.loads(data)["choices"]
 
-            yield post_lean
+        try:
+            yield post_provider
+        finally:
+            await pc.aclose()
+        return
+    if kind == "pyreqwest":
+        from pyreqwest.client import ClientBuilder
+
+        body = json.dumps(BODY).encode()
+        builder = ClientBuilder().max_connections(None).pool_max_idle_per_host(1 << 16)
+        async with builder.error_for_status(True).build() as rq:
+
+            async def post_rq() -> None:
+                req = rq.post(url).header("content-type", "application/json").body_bytes(body)
+                r = await req.build().send()
+                assert json.loads(bytes(await r.bytes()))["choices"]
+
+            yield post_rq
+        return
+    if kind == "niquests":
+        import niquests
+
+        size = max(concurrency, 10)
+        async with niquests.AsyncSession(pool_connections=1, pool_maxsize=size) as s:
+
+            async def post_nq() -> None:
+                r = await s.post(url, json=BODY)
+                r.raise_for_status()
+                assert r.json()["choices"]
+
+            yield post_nq
+        return
+
+    if kind == "httpx2":
+        import httpx2
+
+        keep = max(concurrency, 20)
+        limits2 = httpx2.Limits(max_connections=None, max_keepalive_connections=keep)
+        client2 = httpx2.AsyncClient(limits=limits2, timeout=120)
+        async with client2:
+
+            async def post_httpx2() -> None:
+                r = await client2.post(url, json=BODY)
+                r.raise_for_status()
+                assert r.json()["choices"]
+
+            yield post_httpx2
         return
 
     if kind == "httpx_default":
         client = httpx.AsyncClient()
     elif kind == "httpx_tuned":
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrency, 20))
-        client = httpx.AsyncClient(limits=limits)
+        client = httpx.AsyncClient(limits=limits, timeout=120)
     elif kind == "httpx_aiohttp":
         from httpx_aiohttp import HttpxAiohttpClient
 
         client = HttpxAiohttpClient(limits=httpx.Limits(max_connections=max(concurrency, 100)))
-    elif kind == "new_client":
-        from chainyard.workers.providers._http import new_client
-
-        client = new_client(base_url)
     else:
         raise ValueError(f"unknown client {kind!r}; known: {', '.join(CLIENTS)}")
 
@@ -156,7 +214,7 @@ async def _run(post: Post, requests: int, concurrency: int) -> tuple[float, int]
             left -= 1
             try:
                 await post()
-            except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+            except (httpx.HTTPError, aiohttp.ClientError, HttpError, TimeoutError):
                 errors += 1  # e.g. httpx's default 5 s pool timeout at high concurrency
 
     t0 = time.perf_counter()
@@ -176,7 +234,7 @@ async def measure(
 
     Keys: `rows` (client, concurrency, requests, seconds, errors, rps of the calls that succeeded,
     server_cpu_pct), `rps` ({client: {concurrency: rps}}), `http_client_vs_httpx_default_c64`
-    (lean / default httpx at c=64, if both ran), and `conditions`.
+    (the provider client / default httpx at c=64, if both ran), and `conditions`.
     """
     if base_url is None:
         affinity = os.sched_getaffinity(0) if _pinnable() else None
@@ -196,7 +254,7 @@ async def _measure(
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     rps: dict[str, dict[int, float]] = {}
-    for kind in clients:
+    for kind in installed(clients):
         for c in concurrencies:
             async with _client(kind, url, c) as post:
                 await _run(post, min(requests, max(2 * c, 50)), c)  # warm-up: open connections
@@ -219,7 +277,7 @@ async def _measure(
     result: dict[str, Any] = {"rows": rows, "rps": rps}
     with contextlib.suppress(KeyError):
         result["http_client_vs_httpx_default_c64"] = round(
-            rps["lean"][64] / rps["httpx_default"][64], 3
+            rps["provider_client"][64] / rps["httpx_default"][64], 3
         )
     loop = type(asyncio.get_running_loop())
     result["conditions"] = {
@@ -235,25 +293,125 @@ async def _measure(
     return result
 
 
+def _rss_mb() -> float:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def paced(post: Post, rate: float, seconds: float) -> dict[str, Any]:
+    """Start `rate` calls a second for `seconds`, each its own task, as a worker's slots do;
+    this process's CPU per call (user+system, the server is another process) and the peak
+    RSS growth while they ran."""
+    tasks: set[asyncio.Task[None]] = set()
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        try:
+            await post()
+        except Exception:
+            errors += 1
+
+    rss0, peak = _rss_mb(), 0.0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    started = sampled = 0
+    while (now := time.perf_counter() - t0) < seconds:
+        due = int(now * rate) - started
+        for _ in range(due):
+            t = asyncio.create_task(one())
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        started += max(due, 0)
+        if now * 10 > sampled:  # RSS ten times a second: reading it costs CPU too
+            sampled += 1
+            peak = max(peak, _rss_mb())
+        await asyncio.sleep(0.002)
+    while tasks:
+        peak = max(peak, _rss_mb())
+        await asyncio.wait(set(tasks), timeout=0.05)
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - t0
+    return {
+        "calls": started, "errors": errors, "cpu_us_per_call": round(1e6 * cpu / started, 1),
+        "cpu_pct": round(100 * cpu / wall, 1), "rss_growth_mb": round(peak - rss0, 1),
+        "kept_pace": wall < seconds + 2.0,  # the last call ended within 2 s of the last start
+    }  # fmt: skip
+
+
+async def burst(post: Post, n: int) -> dict[str, Any]:
+    """`n` calls started at once (all in flight together): seconds, CPU per call, RSS growth."""
+    rss0, peak = _rss_mb(), 0.0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    tasks = [asyncio.create_task(post()) for _ in range(n)]
+    pending = set(tasks)
+    while pending:
+        peak = max(peak, _rss_mb())
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+    errors = sum(1 for t in tasks if t.exception() is not None)
+    cpu = time.process_time() - cpu0
+    return {
+        "calls": n, "errors": errors, "seconds": round(time.perf_counter() - t0, 2),
+        "cpu_us_per_call": round(1e6 * cpu / n, 1), "rss_growth_mb": round(peak - rss0, 1),
+    }  # fmt: skip
+
+
+async def measure_realistic(
+    clients: Sequence[str] = CLIENTS, latency_ms: float = 200.0, rate: float = 1000.0,
+    seconds: float = 10.0, inflight: int = 5000,
+) -> dict[str, Any]:  # fmt: skip
+    """Each client under what a worker meets: `rate` calls/s to a provider answering after
+    `latency_ms`, then `inflight` calls at once; in one process, clients one after another."""
+    out: dict[str, Any] = {}
+    async with server(latency_ms) as (url, _):
+        _pin(0)
+        for kind in installed(clients):
+            async with _client(kind, url, inflight) as post:
+                await paced(post, rate, 1.0)  # warm-up: the connections a steady rate needs
+                row = {"paced": await paced(post, rate, seconds)}
+                row["inflight"] = await burst(post, inflight)
+            out[kind] = row
+            print(kind, json.dumps(row), file=sys.stderr, flush=True)
+    return {"latency_ms": latency_ms, "rate": rate, "inflight": inflight, "clients": out}
+
+
 @benchmark("http_clients", ("http_client_vs_httpx_default_c64",))
 async def http_client_vs_httpx_default_c64(ctx: Ctx) -> list[Figure]:
-    """The worker's HTTP hot path (workers/providers/_http.py: post_bytes, the lean pool) vs
-    httpx's default client, c=64; the httpx API over the chosen transport (new_client) and bare
-    aiohttp ride along in the conditions."""
+    """The provider client (workers/providers/_http.py) vs httpx's default client, c=64 against
+    a zero-latency server; bare aiohttp rides along in the conditions."""
     n = ctx.n("requests", 3000, 600)
-    kinds = ("httpx_default", "new_client", "aiohttp_bare", "lean")
+    kinds = ("httpx_default", "aiohttp_bare", "provider_client")
     r = await measure(requests=n, concurrencies=(64,), clients=kinds)
     conditions = {**r["conditions"], "requests": n, "concurrency": 64, "rows": r["rows"]}
     return [
         Figure(
             "http_client_vs_httpx_default_c64",
-            r["rps"]["lean"][64],
+            r["rps"]["provider_client"][64],
             "req/s",
             "httpx_default_rps_c64",
             r["rps"]["httpx_default"][64],
             conditions,
         )
     ]
+
+
+@benchmark("http_clients_realistic", ("http_client_cpu_us_per_call_1k_200ms",))
+async def http_client_cpu_per_call(ctx: Ctx) -> list[Figure]:
+    """CPU per call of the provider client at 1,000 calls/s to a provider answering after 200 ms
+    (lower is better), beside bare aiohttp; the burst of calls in flight in the conditions."""
+    seconds = float(ctx.n("seconds", 10, 3))
+    r = await measure_realistic(
+        ("provider_client", "aiohttp_bare"), seconds=seconds, inflight=ctx.n("burst", 5000, 1000)
+    )
+    ours, bare = r["clients"]["provider_client"], r["clients"]["aiohttp_bare"]
+    return [
+        Figure(
+            "http_client_cpu_us_per_call_1k_200ms", ours["paced"]["cpu_us_per_call"], "us",
+            "aiohttp_bare_cpu_us_per_call", bare["paced"]["cpu_us_per_call"], r,
+        )
+    ]  # fmt: skip
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -284,12 +442,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=CLIENTS)
     ap.add_argument("--json", action="store_true", help="print the result dict as JSON")
+    ap.add_argument(
+        "--realistic",
+        action="store_true",
+        help="paced calls to a slow provider and a burst in flight (measure_realistic)",
+    )
+    ap.add_argument("--latency-ms", type=float, default=200.0)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--inflight", type=int, default=5000)
     args = ap.parse_args(argv)
     try:
         import uvloop
     except ImportError:
         uvloop = None  # type: ignore[assignment]
     run = uvloop.run if uvloop is not None else asyncio.run
+    if args.realistic:
+        r = run(measure_realistic(args.clients, args.latency_ms, args.rate, inflight=args.inflight))
+        print(json.dumps(r, indent=2))
+        return
     result = run(measure(args.requests, args.concurrency, args.clients))
     print(json.dumps(result, indent=2) if args.json else _table(result))
 
