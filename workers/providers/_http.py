@@ -165,6 +165,7 @@ class HttpClient:
             session = self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, timeout=self._timeout,
                 proxy=self._proxy, proxy_auth=self._proxy_auth, trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )  # fmt: skip
         return session
 
