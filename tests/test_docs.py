@@ -8,10 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from chainyard.demo import demo_config, tools
-from chainyard.devstack import DevStack
-from chainyard.sandbox import SandboxConfig
 from docs_harness import (
     DOCS,
     ROOT,
@@ -25,6 +21,10 @@ from docs_harness import (
     parse,
     run_block,
 )
+
+from chainyard.demo import demo_config, tools
+from chainyard.devstack import DevStack
+from chainyard.sandbox import SandboxConfig
 
 RUNS = {"shell", "session", "python", "js", "json"}  # kinds that may need the stack
 IDS = [str(d.relative_to(ROOT)) for d in DOCS]
