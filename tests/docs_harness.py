@@ -60,6 +60,10 @@ FENCE = re.compile(r"^(\s*)(`{3,})\s*([\w+-]*)\s*$")
 VERBS = ("skip", "needs", "file", "output", "from", "vary")
 
 
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 class DocError(AssertionError):
     """A block that failed: names the doc and line, says what differed."""
 
@@ -74,7 +78,7 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.doc.relative_to(ROOT)}:{self.line}"
+        return f"{rel(self.doc)}:{self.line}"
 
     @property
     def is_session(self) -> bool:
@@ -137,9 +141,9 @@ def marks_above(doc: Path, lines: list[str], fence: int) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in re.split(r";(?![^()]*\))", m.group(1)))):
         verb, _, arg = part.partition(" ")
         if verb not in VERBS:
-            raise DocError(f"{doc.relative_to(ROOT)}:{fence + 1}: unknown docs-test mark {part!r}")
+            raise DocError(f"{rel(doc)}:{fence + 1}: unknown docs-test mark {part!r}")
         if verb == "skip" and not re.fullmatch(r"\(.+\)", arg.strip()):
-            raise DocError(f"{doc.relative_to(ROOT)}:{fence + 1}: `skip` needs a (reason)")
+            raise DocError(f"{rel(doc)}:{fence + 1}: `skip` needs a (reason)")
         marks[verb] = " ".join(arg.split())
     return marks
 
@@ -207,6 +211,7 @@ NORMALISE: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(nats|tls|https?)://[\w.-]+:\d+"), r"\1://<host>"),  # free ports
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z"), "<time>"),
     (re.compile(r"\b[0-9a-f]{16,}\b"), "<id>"),  # chain ids (new_id), trace ids, digests
+    (re.compile(r"\b[0-9a-f]{4,}\.\.\."), "<id>"),  # an id the doc abridged
     (re.compile(r"\$\d+\.\d+"), "$<cost>"),
     (re.compile(r"\b\d+(\.\d+)? ?(ms|s|us)\b"), "<duration>"),
     (re.compile(r"\b\d+\.\d+(e-?\d+)?\b"), "<n>"),
@@ -363,6 +368,13 @@ if asyncio.iscoroutine(result):
 
 def run_block(block: Block, run: Run) -> str | None:
     """Run one block; return what it printed (None: nothing to compare with)."""
+    try:
+        return _run_block(block, run)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise DocError(f"{block.where}: not valid against the contracts: {e}") from e
+
+
+def _run_block(block: Block, run: Run) -> str | None:
     text = run.local(block.text)
     if "file" in block.marks:
         target = run.scratch / block.marks["file"]

@@ -132,3 +132,46 @@ async def test_doc_examples_run_with_the_local_model(doc: Path, tmp_path: Path) 
     """The blocks that need the local model (the demo): they start their own stack."""
     failures = await asyncio.to_thread(run_doc, doc, Run(tmp_path), local_run=True)
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_harness_fails_on_drift(tmp_path: Path) -> None:
+    """A doc whose printed output, exit status or excerpt drifted fails, naming the line; what
+    changes from run to run (ids, times, costs, free ports) does not."""
+    example = tmp_path / "example.py"
+    example.write_text("def f() -> int:\n    return 1\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "```sh\necho 'chain demo-01a24f8e93144c467055ea049a: 412 ms, $0.000021'\n```\n\n"
+        "<!-- docs-test: output -->\n```\nchain demo-01a2...: 17 ms, $0.000007\n```\n\n"
+        "```sh\necho hello\n```\n\n<!-- docs-test: output -->\n```\ngoodbye\n```\n\n"
+        "```sh\nexit 3\n```\n\n"
+        "```python\nraise SystemExit('boom')\n```\n\n"
+        f"<!-- docs-test: from {example} -->\n```python\ndef f() -> int:\n    return 2\n```\n\n"
+        '```json\n{"kind": "llm", "id": "a", "model": "m", "mesages": []}\n```\n'
+    )
+    (tmp_path / "scratch").mkdir()
+    failures = run_doc(doc, Run(tmp_path / "scratch"), local_run=False)
+    lines = sorted(int(f.split(":")[1]) for f in failures)
+    assert lines == [15, 19, 23, 28, 33], failures
+    assert "goodbye" in failures[0] and "hello" in failures[0]
+
+
+def test_output_matching() -> None:
+    assert compare_ok("total: 4448 ms, 151+57 tokens, $0.000023", "total: 9 ms, 1+2 tokens, $0.1")
+    assert compare_ok("A: ...", "A: anything at all")
+    assert compare_ok("a\n...\nz", "a\nb\nc\nz")
+    assert not compare_ok("a\nz", "a\nb\nz")
+    assert not compare_ok("done in 3 steps", "done in 4 steps")  # counts are not normalised
+    assert compare_ok(
+        '{"type": "chain.completed", "cost_usd": 0.1}',
+        '{"type": "chain.completed", "cost_usd": 0.2, "x": 1}',
+    )
+    assert not compare_ok('{"type": "chain.completed"}', '{"type": "chain.failed"}')
+
+
+def compare_ok(expected: str, actual: str) -> bool:
+    try:
+        compare(Block(ROOT / "README.md", 1, "", expected + "\n"), actual)
+    except DocError:
+        return False
+    return True
