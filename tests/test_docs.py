@@ -4,6 +4,7 @@ stack, and what it prints must be what the doc shows (tests/docs_harness.py says
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from pathlib import Path
 
@@ -175,3 +176,13 @@ def compare_ok(expected: str, actual: str) -> bool:
     except DocError:
         return False
     return True
+
+
+def test_deploy_readme_tenant_block_is_the_one_in_accounts_conf() -> None:
+    """deploy/README.md's "Add a tenant" block shows tenant B's permissions as the file has them."""
+    shown = next(b for b in parse(ROOT / "deploy" / "README.md") if "user: tenant-B" in b.text)
+    conf = (ROOT / "deploy" / "accounts.conf").read_text()
+    block = conf[conf.index("user: tenant-B") :]
+    block = block[: block.find("user:", 5) if "user:" in block[5:] else len(block)]
+    quoted = re.compile(r'"([^"]+)"')
+    assert set(quoted.findall(shown.text)) == set(quoted.findall(block))
