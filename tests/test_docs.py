@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from docs_harness import (
     DOCS,
     ROOT,
@@ -186,3 +187,14 @@ def test_deploy_readme_tenant_block_is_the_one_in_accounts_conf() -> None:
     block = block[: block.find("user:", 5) if "user:" in block[5:] else len(block)]
     quoted = re.compile(r'"([^"]+)"')
     assert set(quoted.findall(shown.text)) == set(quoted.findall(block))
+
+
+def test_compose_nats_runs_with_deploy_nats_conf() -> None:
+    """docs/RELIABILITY.md calls `sync_interval: always` required: compose's NATS must have it."""
+    nats = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["nats"]
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in nats["volumes"] if ":" in v}
+    conf = nats["command"][nats["command"].index("-c") + 1]
+    assert mounted["./nats.conf"] == conf
+    assert re.search(
+        r"^\s*sync_interval:\s*always", (ROOT / "deploy" / "nats.conf").read_text(), re.M
+    )
