@@ -19,9 +19,10 @@ chain_decoder = msgspec.json.Decoder(Chain)
 
 def chain_digest(data: bytes) -> str:
     """Who a chain is, beyond its id: the first 32 hex digits of the SHA-256 of the bytes it was
-    submitted as. Terminal events carry it, so a submitter (in any language: it hashes what it
-    sent) tells its chain's end from the end of another chain its tenant sent under that id."""
-    return hashlib.sha256(data).hexdigest()[:32]
+    submitted as, leading and trailing whitespace aside (a file sent with and without its last
+    newline is one chain). Terminal events carry it, so a submitter (in any language: it hashes
+    what it sent) tells its chain's end from the end of another chain sent under that id."""
+    return hashlib.sha256(data.strip()).hexdigest()[:32]
 
 
 assignment_decoder = msgspec.json.Decoder(Assignment)

@@ -22,6 +22,7 @@ from chainyard.contracts import (
     Topology,
     ValidationError,
     chain_decoder,
+    chain_digest,
     encode,
     event_decoder,
     schema_export,
@@ -165,3 +166,12 @@ def test_deadlines_have_a_consumer_apart_from_the_other_timers() -> None:
     assert {deadlines.filter_subject, timers.filter_subject} <= set(topo.timers.subjects)
     assert not deadlines.filter_subject.startswith(timers.filter_subject.rstrip(">"))
     assert deadlines.max_ack_pending > timers.max_ack_pending
+
+
+def test_chain_digest_is_of_the_bytes_sent_trimmed() -> None:
+    """What a client in any language can compute: the same file with or without its last
+    newline is one chain; any other byte makes it another."""
+    data = encode(sample_chain())
+    assert chain_digest(data) == chain_digest(b"  " + data + b"\n")
+    assert chain_digest(data) != chain_digest(data.replace(b'"id"', b' "id"', 1))
+    assert len(chain_digest(data)) == 32 and int(chain_digest(data), 16) >= 0

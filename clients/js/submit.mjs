@@ -16,7 +16,7 @@
 // 4. wait for the end that answers this submission and print it as one line of JSON: a
 //    chain.rejected whose `intake_seq` is the ack's sequence, or a chain.completed /
 //    chain.failed / chain.cancelled whose `digest` is the SHA-256 (first 32 hex digits) of the
-//    bytes sent. An end that came before (the same chain submitted earlier) is read from the
+//    bytes sent, trimmed of leading and trailing whitespace. An end that came before (the same chain submitted earlier) is read from the
 //    event log by a direct get; the end of another chain under the same id is not an answer.
 //
 // Exit status: 0 chain.completed; 1 chain.failed, chain.cancelled or chain.rejected;
@@ -203,7 +203,9 @@ async function main() {
     // The bytes as given: a chain is the same chain for every client (the router compares
     // digests of the submitted bytes), so the file sent by `chainyard submit` gets its answer.
     const data = sc.encode(named ? JSON.stringify(chain) : text);
-    const digest = createHash("sha256").update(data).digest("hex").slice(0, 32);
+    // (trimmed of ASCII whitespace, as the router does: a last newline is not another chain)
+    const trimmed = sc.decode(data).replace(/^[ \t\n\r\v\f]+|[ \t\n\r\v\f]+$/g, "");
+    const digest = createHash("sha256").update(trimmed).digest("hex").slice(0, 32);
     let seq; // the intake sequence, once the publish is acknowledged
     const early = []; // rejections seen before the ack
     let answer;
