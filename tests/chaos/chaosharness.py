@@ -66,10 +66,11 @@ def write_config(
     slots: int = 32,
     timeout_s: float = 30.0,
     api_key_env: str | None = None,
-    pools: int = 2,
+    pools: int = 1,
 ) -> Path:
-    """Pools `sim` (and `sim2`), each with a deployment of model `m` on the sandbox: the
-    router spreads a step over both, as over one model group of two providers."""
+    """Pool `sim` (and with pools=2 `sim2`, as the stack fixture has it), each with a
+    deployment of model `m` on the sandbox: the router spreads a step over both, as over one
+    model group of two providers."""
     key = f'api_key_env = "{api_key_env}"\n' if api_key_env else ""
     names = ["sim", "sim2"][:pools]
     body = "".join(

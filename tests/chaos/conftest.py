@@ -55,12 +55,12 @@ async def sandbox() -> AsyncIterator[SandboxServer]:
 async def stack(
     nats_server: NatsServer, sandbox: SandboxServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Stack]:
-    """NATS, the sandbox provider, a config (overridable by @pytest.mark.chaos_config(...)),
-    the bus of the test, and an empty process registry. Processes are killed on the way out."""
+    """NATS, the sandbox provider, a config of two pools (overridable by
+    @pytest.mark.chaos_config(...)), the bus of the test, and an empty process registry.
+    Processes are killed on the way out."""
     marker = request.node.get_closest_marker("chaos_config")
-    cfg = write_config(
-        tmp_path / "chainyard.toml", sandbox.url, **(marker.kwargs if marker else {})
-    )
+    kw = {"pools": 2, **(marker.kwargs if marker else {})}
+    cfg = write_config(tmp_path / "chainyard.toml", sandbox.url, **kw)
     from chainyard.contracts import load_config
 
     topology = load_config(cfg).topology
