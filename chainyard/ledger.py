@@ -69,6 +69,7 @@ class Report:
     duplicated: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     notes: dict[str, float | int | str] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)  # why chains failed, cut short
 
     @property
     def ok(self) -> bool:
@@ -91,6 +92,7 @@ class Report:
             out += [f"  {name}: {x}" for x in items[:limit]]
             if len(items) > limit:
                 out.append(f"  {name}: ... {len(items) - limit} more")
+        out += [f"  {n} ended: {why}" for why, n in self.reasons.most_common(5)]
         return "\n".join(out)
 
 
@@ -292,6 +294,8 @@ def _check_chain(
         r.cancelled += 1
     if want != "completed" and not why:
         r.unexpected.append(f"{name}: chain.{want} without a reason")
+    elif want != "completed":
+        r.reasons[f"{want}: {why[:100]}"] += 1
     if expect is not None and want != expect:
         r.unexpected.append(f"{name}: ended {want}, expected {expect} ({why[:200]})")
     elif reason is not None and want != "completed" and not why.startswith(reason):

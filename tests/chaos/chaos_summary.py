@@ -26,6 +26,7 @@ import pytest
 from chainyard.ledger import Report
 
 FAILED = ("failed", "error", "timeout", "running", "unaudited")
+USERS_DEPLOYMENT = {"router": 2, "worker": 3}  # the least every scenario should run
 
 
 class Counted(Protocol):
@@ -96,6 +97,15 @@ def summary_line(scenarios: Iterable[Scenario]) -> str:
         f"routers={t['routers']} workers={t['workers']}"
         + (f" skipped={t['skipped']}" if t["skipped"] else "")
     )
+
+
+def below_users_deployment(scenarios: Iterable[Scenario]) -> list[str]:
+    """Scenarios that ran fewer routers or workers than the deployment users run."""
+    return [
+        s.name
+        for s in scenarios
+        if s.outcome != "skipped" and any(s.peak(k) < v for k, v in USERS_DEPLOYMENT.items())
+    ]
 
 
 def outcome_of(report: pytest.TestReport, current: str) -> tuple[str, str]:
@@ -233,4 +243,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for ln in s.line().splitlines():
             tr.write_line(ln)
     SESSION.save()
+    if small := below_users_deployment(ss):
+        tr.write_line(f"fewer than 2 routers or 3 workers: {', '.join(small)}")
     tr.write_line(summary_line(ss))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import random
 import re
@@ -188,6 +189,7 @@ class Procs:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 env=e,
+                preexec_fn=_die_with_parent,
             )
         proc = Proc(role, p, log)
         self.all.append(proc)
@@ -219,6 +221,16 @@ class Procs:
             if p.running:
                 with contextlib.suppress(Exception):
                     await p.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the test process dies, even by SIGKILL, so
+    a stopped session leaves no service process behind (Linux; elsewhere a no-op)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _kind(role: str) -> str:
@@ -361,18 +373,27 @@ class Load:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def run(self, chains: Sequence[Chain | tuple[str, Chain]], concurrency: int = 64) -> None:
-        """Submit chains (this Load's tenant's, or (tenant, chain) pairs), some at once."""
+    async def run(
+        self,
+        chains: Sequence[Chain | tuple[str, Chain]],
+        concurrency: int = 64,
+        rate: float | None = None,
+    ) -> None:
+        """Submit chains (this Load's tenant's, or (tenant, chain) pairs), some at once; with
+        `rate`, at most that many per second, as clients arriving over time would."""
         sem = asyncio.Semaphore(concurrency)
+        t0 = time.monotonic()
 
-        async def one(c: Chain | tuple[str, Chain]) -> None:
+        async def one(i: int, c: Chain | tuple[str, Chain]) -> None:
+            if rate:
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))  # the pace
             async with sem:
                 if isinstance(c, tuple):
                     await self.submit(c[1], c[0])
                 else:
                     await self.submit(c)
 
-        await asyncio.gather(*(one(c) for c in chains))
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(chains)))
 
 
 TERMINAL = ("completed", "failed", "cancelled")

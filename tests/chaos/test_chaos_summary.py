@@ -41,6 +41,9 @@ def test_summary_counts_every_scenario() -> None:
         "scenarios=3 failed=2 lost=2 duplicated=0 unexpected=0 routers=2-3 workers=3-4 skipped=1"
     )
     assert "TIMEOUT" in ss[2].line() and "no ledger" in ss[2].line()
+    assert chaos_summary.below_users_deployment(ss) == []
+    ss.append(_scenario("passed", routers=1, workers=2))
+    assert chaos_summary.below_users_deployment(ss) == ["passed"]
 
 
 CONFTEST = f"""
