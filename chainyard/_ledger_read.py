@@ -38,12 +38,14 @@ class DeadLetter:
     tenant: str | None
     reason: str
     data: bytes
+    chain: str | None = None  # Cy-Chain and Cy-Step: a work dead letter (a poison step)
+    step: str | None = None
 
 
 @dataclass
 class Snapshot:
     events: list[LoggedEvent] = field(default_factory=list)
-    states: dict[Key, ChainState] = field(default_factory=dict)
+    states: dict[Key, ChainState] = field(default_factory=dict)  # by the KV key's (tenant, id)
     dead: list[DeadLetter] = field(default_factory=list)
     stale_reads: int = 0  # KV entries the consumer read older than the leader's
 
@@ -111,7 +113,9 @@ async def collect(js: JetStreamContext, topology: Topology | None = None) -> Sna
                     if again != state:
                         snap.stale_reads += 1
                     state = again
-        snap.states[(state.tenant, state.chain.id)] = state
+        # The key as stored, not as the state claims: check() compares the two.
+        tenant, _, chain_id = m.subject.removeprefix(f"$KV.{bucket}.").partition(".")
+        snap.states[(tenant, chain_id)] = state
     for m in await read_stream(js, topology.dlq.name, topology.subjects.dlq):
         h = m.headers or {}
         snap.dead.append(
@@ -121,6 +125,8 @@ async def collect(js: JetStreamContext, topology: Topology | None = None) -> Sna
                 h.get("Cy-Tenant"),
                 h.get("Cy-Reason", ""),
                 m.data,
+                h.get("Cy-Chain"),
+                h.get("Cy-Step"),
             )
         )
     return snap

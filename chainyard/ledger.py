@@ -2,18 +2,23 @@
 
 Sources (read-only): the event log (stream CY_EVENTS), chain state (KV cy_chains), the dead
 letters (stream CY_DLQ), and the submitter's own list of what the intake accepted (a publish
-acknowledged by the stream) and what it expects to be rejected. Definitions in
-docs/RELIABILITY.md; in short, per accepted chain:
+acknowledged by the stream) and what it expects to be rejected. Everything is keyed by
+(tenant, chain id): two tenants may use the same chain id. Definitions in docs/RELIABILITY.md;
+in short, per accepted chain:
 
-- lost: no state in KV, a chain still `running`, no terminal chain event, or a completed chain
-  with a step that is neither completed nor skipped;
+- lost: no state in KV, a chain still `running`, no terminal chain event, a completed chain
+  with a step that is neither completed nor skipped, an expected work dead letter (a poison
+  step) missing or without its `step.failed`;
 - duplicated: more than one terminal chain event, more than one `step.completed` for the same
   (chain, step, attempt), a step whose recorded cost or usage is not that of exactly the one
-  completion the state counted (a provider call counted twice), or a chain total that differs
-  from the sum of its steps;
+  completion the state counted (a provider call counted twice), a chain total that differs
+  from the sum of its steps, two dead letters for one attempt of a step;
 - unexpected: anything that should not exist: events, state or dead letters for chains nobody
-  submitted, a chain.rejected for an accepted chain, a status other than the scenario expects,
-  a failure without a reason, KV state that differs from the state rebuilt from the event log.
+  submitted, an event or state of one tenant under another's subject or key, a chain.rejected
+  for an accepted chain (except `id_in_use`: a different chain sent under its id, which does
+  not end it), a status or reason other than the scenario expects, a failure without a reason,
+  KV state that differs from the state rebuilt from the event log, a completed chain whose
+  output is not its output step's (or not the one the scenario computed).
 
 `check()` is pure (data in, report out); `collect()` reads the three sources from NATS
 (_ledger_read.py, with the snapshot's types); `audit()` is the two in a row.
@@ -22,13 +27,15 @@ docs/RELIABILITY.md; in short, per accepted chain:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 
 from chainyard._ledger_read import DeadLetter, Key, LoggedEvent, Snapshot, collect, read_stream
 from chainyard.contracts import (
+    BadMessage,
+    ChainCancelled,
     ChainCompleted,
     ChainFailed,
     ChainRejected,
@@ -37,9 +44,15 @@ from chainyard.contracts import (
     StepCompleted,
     StepFailed,
     Topology,
+    assignment_decoder,
 )
 
 COST_EPS = 1e-12
+Terminal = ChainCompleted | ChainFailed | ChainCancelled
+# What a scenario expects a chain to end as: "completed", "failed", "cancelled", or None (any);
+# one for all chains, or per chain (a chain missing from the mapping: any).
+Expect = str | None | Mapping[Key, str | None]
+StepKey = tuple[str, str, str]  # (tenant, chain id, step id)
 
 
 @dataclass
@@ -49,12 +62,14 @@ class Report:
     steps: int = 0
     completed: int = 0  # chains
     failed: int = 0
+    cancelled: int = 0
     rejected: int = 0
     events: int = 0
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     notes: dict[str, float | int | str] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)  # why chains failed, cut short
 
     @property
     def ok(self) -> bool:
@@ -64,9 +79,10 @@ class Report:
         extra = " ".join(f"{k}={v}" for k, v in self.notes.items())
         return (
             f"{self.scenario or 'run'}: chains={self.accepted} steps={self.steps} "
-            f"completed={self.completed} failed={self.failed} rejected={self.rejected} "
-            f"lost={len(self.lost)} duplicated={len(self.duplicated)} "
-            f"unexpected={len(self.unexpected)}" + (f" {extra}" if extra else "")
+            f"completed={self.completed} failed={self.failed} cancelled={self.cancelled} "
+            f"rejected={self.rejected} lost={len(self.lost)} "
+            f"duplicated={len(self.duplicated)} unexpected={len(self.unexpected)}"
+            + (f" {extra}" if extra else "")
         )
 
     def details(self, limit: int = 20) -> str:
@@ -76,12 +92,11 @@ class Report:
             out += [f"  {name}: {x}" for x in items[:limit]]
             if len(items) > limit:
                 out.append(f"  {name}: ... {len(items) - limit} more")
+        out += [f"  {n} ended: {why}" for why, n in self.reasons.most_common(5)]
         return "\n".join(out)
 
 
-def _event_key(prefix: str, subject: str, ev: Event | None) -> Key | None:
-    if ev is not None:
-        return (ev.tenant, ev.chain_id)
+def _subject_key(prefix: str, subject: str) -> Key | None:
     parts = subject.split(".")
     if len(parts) >= 4 and parts[0] == prefix:
         return (parts[2], parts[3])
@@ -93,16 +108,22 @@ def check(
     accepted: Iterable[Key],
     *,
     expected_rejected: Iterable[Key] = (),
-    expect: str | None = "completed",
+    expect: Expect = "completed",
+    reasons: Mapping[Key, str] | None = None,
+    outputs: Mapping[Key, str] | None = None,
+    expected_dead: Iterable[StepKey] = (),
     allow_dead_letters: bool = False,
     prefix: str = "cy",
     scenario: str = "",
 ) -> Report:
     """Compare what was accepted with what the system recorded.
 
-    `expect`: the terminal status every accepted chain must have ("completed", "failed"), or
-    None when either is fine. `expected_rejected`: chains that must end in exactly one
-    chain.rejected, with nothing created, and their message in the DLQ.
+    `expect`: the terminal status each accepted chain must have. `reasons`: the prefix a failed
+    or cancelled chain's reason must start with. `outputs`: the final text a completed chain
+    must have (what its steps produce, computed by the scenario). `expected_rejected`: chains
+    that must end in exactly one chain.rejected, with nothing created, and their message in the
+    DLQ. `expected_dead`: poison steps, each of which must have a work dead letter and a
+    step.failed.
     """
     accepted_set = set(accepted)
     rejected_set = set(expected_rejected)
@@ -110,10 +131,13 @@ def check(
 
     by_chain: dict[Key, list[LoggedEvent]] = defaultdict(list)
     for le in snapshot.events:
-        k = _event_key(prefix, le.subject, le.event)
+        k = _subject_key(prefix, le.subject)
         if le.event is None or k is None:
             r.unexpected.append(f"undecodable event seq={le.seq} on {le.subject}")
             continue
+        own = (le.event.tenant, le.event.chain_id)
+        if own != k:
+            r.unexpected.append(f"event seq={le.seq} on {le.subject} is of {own[0]}/{own[1]}")
         by_chain[k].append(le)
 
     for k in sorted(set(by_chain) - accepted_set - rejected_set):
@@ -123,6 +147,9 @@ def check(
         r.unexpected.append(
             f"{k[0]}/{k[1]}: state for a chain nobody submitted (or a rejected one)"
         )
+    for k, st in snapshot.states.items():
+        if (st.tenant, st.chain.id) != k:
+            r.unexpected.append(f"{k[0]}/{k[1]}: KV state is {st.tenant}/{st.chain.id}'s")
 
     for k in sorted(rejected_set):
         evs = by_chain.get(k, [])
@@ -140,19 +167,41 @@ def check(
                 )
 
     for k in sorted(accepted_set):
-        _check_chain(r, k, by_chain.get(k, []), snapshot.states.get(k), expect)
-
-    # Dead letters: expected for rejected input, unexpected otherwise.
-    intake_dead = [d for d in snapshot.dead if d.subject.endswith(".intake")]
-    other_dead = [d for d in snapshot.dead if not d.subject.endswith(".intake")]
-    if len(intake_dead) < len(rejected_set):
-        r.lost.append(
-            f"dlq: {len(intake_dead)} intake dead letters for {len(rejected_set)} rejected inputs"
+        want = expect.get(k) if isinstance(expect, Mapping) else expect
+        _check_chain(
+            r,
+            k,
+            by_chain.get(k, []),
+            snapshot.states.get(k),
+            want,
+            (reasons or {}).get(k),
+            (outputs or {}).get(k),
         )
+    in_use = sum(
+        1
+        for k in accepted_set
+        for le in by_chain.get(k, [])
+        if isinstance(le.event, ChainRejected) and le.event.id_in_use
+    )
+    if in_use:
+        r.notes["id_in_use_rejections"] = in_use
+
+    # Dead letters: one per chain.rejected (the refused intake message), the expected poison
+    # steps' work messages; anything else is unexpected.
+    rejections = sum(isinstance(le.event, ChainRejected) for le in snapshot.events)
+    intake_dead = [d for d in snapshot.dead if d.subject.endswith(".intake")]
+    work_dead = [d for d in snapshot.dead if d.subject.endswith(".work")]
+    other_dead = [d for d in snapshot.dead if d not in intake_dead and d not in work_dead]
+    if len(intake_dead) < rejections:
+        r.lost.append(
+            f"dlq: {len(intake_dead)} intake dead letters for {rejections} chain.rejected events"
+        )
+    elif len(intake_dead) > rejections and not allow_dead_letters:
+        r.unexpected.append(
+            f"dlq: {len(intake_dead) - rejections} intake dead letters beyond the rejections"
+        )
+    _check_work_dead(r, work_dead, set(expected_dead), by_chain, allow_dead_letters)
     if not allow_dead_letters:
-        extra = len(intake_dead) - len(rejected_set)
-        if extra > 0:
-            r.unexpected.append(f"dlq: {extra} intake dead letters beyond the rejected inputs")
         for d in other_dead:
             r.unexpected.append(f"dlq: {d.subject} seq={d.seq}: {d.reason[:200]}")
     for d in snapshot.dead:
@@ -161,18 +210,61 @@ def check(
     return r
 
 
+def _check_work_dead(
+    r: Report,
+    dead: list[DeadLetter],
+    expected: set[StepKey],
+    by_chain: Mapping[Key, list[LoggedEvent]],
+    allow: bool,
+) -> None:
+    seen: Counter[tuple[str, str, str, int]] = Counter()
+    for d in dead:
+        sk = (d.tenant or "", d.chain or "", d.step or "")
+        if sk not in expected:
+            if not allow:
+                r.unexpected.append(
+                    f"dlq: work dead letter seq={d.seq} of {sk[0]}/{sk[1]} step {sk[2]}: "
+                    f"{d.reason[:200]}"
+                )
+            continue
+        try:
+            attempt = assignment_decoder.decode(d.data).attempt
+        except BadMessage:
+            attempt = 0
+        seen[(*sk, attempt)] += 1
+    for (t, c, s, attempt), n in seen.items():
+        if n > 1:
+            r.duplicated.append(f"dlq: {n} dead letters for {t}/{c} step {s} attempt {attempt}")
+    for t, c, s in sorted(expected):
+        if not any(x[:3] == (t, c, s) for x in seen):
+            r.lost.append(f"{t}/{c}: no work dead letter for poison step {s}")
+        failed = [
+            le
+            for le in by_chain.get((t, c), [])
+            if isinstance(le.event, StepFailed) and le.event.step_id == s
+        ]
+        if not failed:
+            r.lost.append(f"{t}/{c}: poison step {s} dead-lettered without a step.failed")
+
+
 def _kind(ev: Event | None) -> str:
     return str(ev.__struct_config__.tag) if ev is not None else "?"
 
 
 def _check_chain(
-    r: Report, k: Key, evs: list[LoggedEvent], state: ChainState | None, expect: str | None
+    r: Report,
+    k: Key,
+    evs: list[LoggedEvent],
+    state: ChainState | None,
+    expect: str | None,
+    reason: str | None,
+    output: str | None,
 ) -> None:
     name = f"{k[0]}/{k[1]}"
-    terminal = [le for le in evs if isinstance(le.event, ChainCompleted | ChainFailed)]
-    rejected = [le for le in evs if isinstance(le.event, ChainRejected)]
-    if rejected:
-        r.unexpected.append(f"{name}: accepted chain got chain.rejected: {_errors(rejected[0])}")
+    terminal = [le for le in evs if isinstance(le.event, Terminal)]
+    refused = [le for le in evs if isinstance(le.event, ChainRejected) and not le.event.id_in_use]
+    if refused:
+        r.unexpected.append(f"{name}: accepted chain got chain.rejected: {_errors(refused[0])}")
     if state is None:
         r.lost.append(f"{name}: accepted but no chain state")
         return
@@ -189,19 +281,25 @@ def _check_chain(
         return
     end = terminal[0]
     ev = end.event
-    want = "completed" if isinstance(ev, ChainCompleted) else "failed"
-    if state.status != want and not (want == "failed" and state.status == "cancelled"):
+    assert isinstance(ev, Terminal)
+    want = _kind(ev).removeprefix("chain.")
+    if state.status != want:
         r.unexpected.append(f"{name}: KV says {state.status}, event log says {want}")
+    why = "" if isinstance(ev, ChainCompleted) else ev.reason
     if want == "completed":
         r.completed += 1
-    else:
+    elif want == "failed":
         r.failed += 1
-        assert isinstance(ev, ChainFailed)
-        if not ev.reason:
-            r.unexpected.append(f"{name}: chain.failed without a reason")
+    else:
+        r.cancelled += 1
+    if want != "completed" and not why:
+        r.unexpected.append(f"{name}: chain.{want} without a reason")
+    elif want != "completed":
+        r.reasons[f"{want}: {why[:100]}"] += 1
     if expect is not None and want != expect:
-        reason = ev.reason if isinstance(ev, ChainFailed) else ""
-        r.unexpected.append(f"{name}: ended {want}, expected {expect} ({reason[:200]})")
+        r.unexpected.append(f"{name}: ended {want}, expected {expect} ({why[:200]})")
+    elif reason is not None and want != "completed" and not why.startswith(reason):
+        r.unexpected.append(f"{name}: {want} with reason {why[:200]!r}, expected {reason!r}...")
 
     # Step events, in stream order, before the terminal chain event (what the state counted).
     step_evs = [le for le in evs if isinstance(le.event, StepCompleted | StepFailed)]
@@ -256,9 +354,37 @@ def _check_chain(
                 r.unexpected.append(f"{name}: step {sid} output differs from its event")
         elif got is not None and got.status == "completed" and want == "completed":
             r.unexpected.append(f"{name}: step {sid} {st.status} in KV, completed in the log")
-    if isinstance(ev, ChainCompleted | ChainFailed) and abs(ev.cost_usd - total_cost) > 1e-9:
+    if abs(ev.cost_usd - total_cost) > 1e-9:
         r.duplicated.append(
             f"{name}: chain cost {ev.cost_usd} != sum of counted steps {total_cost}"
+        )
+    if isinstance(ev, ChainCompleted):
+        _check_output(r, name, ev, state, rebuilt, output)
+
+
+def _check_output(
+    r: Report,
+    name: str,
+    ev: ChainCompleted,
+    state: ChainState,
+    rebuilt: Mapping[str, RebuiltStep],
+    output: str | None,
+) -> None:
+    """A completed chain's answer is its output step's counted completion (and, when the
+    scenario computed it, exactly the text its steps produce)."""
+    sid = state.chain.output_step
+    st = state.steps.get(sid)
+    got = rebuilt.get(sid)
+    if st is None or st.status != "completed":
+        return  # a skipped output step: the chain's output is empty by contract
+    if st.output != ev.output or got is None or got.output_text != ev.output.text:
+        r.unexpected.append(
+            f"{name}: chain output {ev.output.text[:80]!r} is not step {sid}'s "
+            f"{(got.output_text if got else None)!r:.80}"
+        )
+    elif output is not None and ev.output.text != output:
+        r.unexpected.append(
+            f"{name}: chain output {ev.output.text[:120]!r}, its steps produce {output[:120]!r}"
         )
 
 
@@ -326,6 +452,7 @@ async def audit(
 __all__ = [
     "COST_EPS",
     "DeadLetter",
+    "Expect",
     "Key",
     "LoggedEvent",
     "RebuiltStep",

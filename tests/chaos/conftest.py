@@ -1,23 +1,23 @@
-"""The fault suite's fixtures and its ledger summary.
+"""The fault suite's fixtures; its summary lives in chaos_summary.py.
 
-Every scenario ends with `await ledger.audit(...)`, which reads the event log, KV and the DLQ,
-checks them against what the scenario's submitter had accepted (chainyard.ledger), records
-the result and fails the test on any lost, duplicated or unexpected item. At the end of the
-session one line per scenario is printed, then
+Every scenario ends with `await ledger.audit(...)` (or `stack.audit(ledger)`), which reads the
+event log, KV and the DLQ, checks them against what the scenario's submitter had accepted
+(chainyard.ledger), records the result and fails the test on any lost, duplicated or unexpected
+item. At the end of the session one line per scenario is printed, then
 
-    scenarios=N lost=L duplicated=D unexpected=U
+    scenarios=N failed=F lost=L duplicated=D unexpected=U routers=2-3 workers=3-4
+
+where a scenario that failed, errored or was stopped by pytest-timeout counts in `failed`.
 
 `CHAOS_SHORT=1` (make chaos-short) runs the same scenarios with smaller loads and shorter
-outages. The last run's figures are written to .chainyard/chaos-last.json.
+outages. The last run's figures are written to .chainyard/chaos-last.json (chaos-short.json).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,7 +27,8 @@ from chainyard.sandbox import SandboxConfig, SandboxServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chaosharness import REPORTS, ROOT, SHORT, Ledger, Load, Procs, Stack, write_config
+import chaos_summary
+from chaosharness import ROOT, SHORT, Ledger, Load, Procs, Stack, write_config
 
 DEPLOY = ROOT / "deploy"
 
@@ -54,12 +55,12 @@ async def sandbox() -> AsyncIterator[SandboxServer]:
 async def stack(
     nats_server: NatsServer, sandbox: SandboxServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Stack]:
-    """NATS, the sandbox provider, a config (overridable by @pytest.mark.chaos_config(...)),
-    the bus of the test, and an empty process registry. Processes are killed on the way out."""
+    """NATS, the sandbox provider, a config of two pools (overridable by
+    @pytest.mark.chaos_config(...)), the bus of the test, and an empty process registry.
+    Processes are killed on the way out."""
     marker = request.node.get_closest_marker("chaos_config")
-    cfg = write_config(
-        tmp_path / "chainyard.toml", sandbox.url, **(marker.kwargs if marker else {})
-    )
+    kw = {"pools": 2, **(marker.kwargs if marker else {})}
+    cfg = write_config(tmp_path / "chainyard.toml", sandbox.url, **kw)
     from chainyard.contracts import load_config
 
     topology = load_config(cfg).topology
@@ -78,46 +79,11 @@ async def stack(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "chaos_config(**kw): chaos config file overrides")
+    chaos_summary.start_session(SHORT, ROOT)
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if not REPORTS:
-        return
-    tr = terminalreporter
-    tr.section(f"chaos ledger ({'short' if SHORT else 'full'})")
-    for _, r, secs in REPORTS:
-        tr.write_line(f"{r.line()} secs={secs:.1f}")
-    lost = sum(len(r.lost) for _, r, _ in REPORTS)
-    dup = sum(len(r.duplicated) for _, r, _ in REPORTS)
-    unexp = sum(len(r.unexpected) for _, r, _ in REPORTS)
-    tr.write_line(f"scenarios={len(REPORTS)} lost={lost} duplicated={dup} unexpected={unexp}")
-    out = ROOT / ".chainyard" / ("chaos-short.json" if SHORT else "chaos-last.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "short": SHORT,
-                "scenarios": [
-                    {
-                        "scenario": s,
-                        "line": r.line(),
-                        "secs": round(t, 1),
-                        "chains": r.accepted,
-                        "steps": r.steps,
-                        "lost": r.lost[:20],
-                        "duplicated": r.duplicated[:20],
-                        "unexpected": r.unexpected[:20],
-                        "notes": r.notes,
-                    }
-                    for s, r, t in REPORTS
-                ],
-                "totals": {
-                    "scenarios": len(REPORTS),
-                    "lost": lost,
-                    "duplicated": dup,
-                    "unexpected": unexp,
-                },
-            },
-            indent=2,
-        )
-    )
+# The summary's hooks: collection (the timeout method), each report, the terminal summary.
+pytest_collection_modifyitems = chaos_summary.pytest_collection_modifyitems
+pytest_runtest_logstart = chaos_summary.pytest_runtest_logstart
+pytest_runtest_logreport = chaos_summary.pytest_runtest_logreport
+pytest_terminal_summary = chaos_summary.pytest_terminal_summary

@@ -1,6 +1,9 @@
-"""Bad input against running services (router and workers as processes): every bad message gets
-a chain.rejected to its sender and a dead letter, good chains sent in between complete, and no
-service stops. The ledger checks both sides: rejected ones rejected once, accepted ones done once.
+"""Bad input against running services (two routers, three workers and a tool worker, as
+processes): every bad message gets a chain.rejected to its sender and a dead letter, good chains
+sent in between complete, and no service stops. Tenant `ta` sends the bad input under chain ids
+that tenant `tb` uses at the same time for good chains: a rejection of one tenant's chain never
+touches the other's. The ledger checks both sides: rejected ones rejected once, accepted ones
+done once, with their own answers.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from chaosharness import (
     TENANT,
     Ledger,
     Stack,
-    heartbeat,
+    diamond,
+    expected_output,
     llm_chain,
+    pairs,
     scale,
-    tool_chain,
+    tool_diamond,
     wait_all_ended,
 )
 
@@ -95,27 +100,29 @@ CASES: dict[str, list[tuple[str, bytes]]] = {
 }
 
 
+OTHER = "tb"  # the tenant that uses the same ids for good chains
+
+
 async def _run_case(
     s: Stack, bad: list[tuple[str, bytes]], goods: int, prefix: str
 ) -> tuple[set[Key], set[Key]]:
-    """Send bad and good chains interleaved; returns (accepted, expected rejected)."""
+    """Send bad chains (tenant ta) and good ones interleaved, among them tb's under the bad
+    ones' ids; returns (accepted, expected rejected)."""
     js = s.bus.js
     rejected: set[Key] = set()
     for i, (cid, data) in enumerate(bad):
+        # The message id names a rejection when the bytes hold no readable chain id.
         await js.publish(s.topology.subjects.submit(TENANT), data, headers={"Nats-Msg-Id": cid})
         rejected.add((TENANT, cid))
+        await s.load.submit(diamond(OTHER, cid), OTHER)
         if i < goods:
-            await s.load.submit(llm_chain(f"{prefix}-good-{i}"))
-    await s.load.run([tool_chain(f"{prefix}-tool-{i}") for i in range(2)])
+            await s.load.run(pairs(f"{prefix}-good-{i}", 1))
+    await s.load.run(pairs(f"{prefix}-tool", 1, tool_diamond))
     return s.load.accepted, rejected
 
 
 async def _services(s: Stack) -> None:
-    await s.procs.router()
-    await s.procs.worker()
-    await s.procs.tools()
-    await heartbeat(s.bus.nc, "sim")
-    await heartbeat(s.bus.nc, "tool.gate")
+    await s.deploy(tools=1)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -123,9 +130,9 @@ async def test_bad_input(stack: Stack, ledger: Ledger, kind: str) -> None:
     s = stack
     await _services(s)
     accepted, rejected = await _run_case(s, CASES[kind], 3, kind)
-    await wait_all_ended(s.bus.js, accepted | rejected, 60)
+    await wait_all_ended(s.bus.js, accepted | rejected, 60, or_rejected=rejected)
     s.procs.assert_alive()
-    await ledger.audit(s.bus, accepted, expected_rejected=rejected, name=f"bad_input[{kind}]")
+    await s.audit(ledger, expected_rejected=rejected, name=f"bad_input[{kind}]")
 
 
 async def test_bad_input_oversized(stack: Stack, ledger: Ledger) -> None:
@@ -142,8 +149,14 @@ async def test_bad_input_oversized(stack: Stack, ledger: Ledger) -> None:
     near = mutated("big-1", _set(["steps", 0, "messages", 0, "content"], "x" * (limit - 2000)))
     assert len(near) < limit
     await js.publish(s.topology.subjects.submit(TENANT), near, headers={"Nats-Msg-Id": "big-1"})
-    await s.load.run([llm_chain(f"big-good-{i}") for i in range(3)])
-    missing = await wait_all_ended(s.bus.js, s.load.accepted | {(TENANT, "big-1")}, 30)
+    await s.load.submit(diamond(OTHER, "big-1"), OTHER)
+    await s.load.run(pairs("big-good", 3))
+    missing = await wait_all_ended(
+        s.bus.js,
+        s.load.accepted | {(TENANT, "big-1")},
+        30,
+        or_rejected={(TENANT, "big-1")},
+    )
     s.procs.assert_alive()
     # Rejected or failed, either is an answer; silence is a lost chain.
     accepted = set(s.load.accepted)
@@ -160,6 +173,7 @@ async def test_bad_input_oversized(stack: Stack, ledger: Ledger) -> None:
         accepted,
         expected_rejected=expected_rejected,
         expect=None,
+        outputs=s.load.outputs,
         name="bad_input[oversized]",
     )
 
@@ -189,20 +203,23 @@ async def test_bad_input_invalid_utf8_headers(stack: Stack, ledger: Ledger) -> N
     subject = s.topology.subjects.submit(TENANT)
     port = s.server.port
     # a good chain with a junk header: accepted and run
+    good = diamond(TENANT, "u8-good")
     await _raw_publish(
-        port,
-        subject,
-        b"Nats-Msg-Id: u8-good\r\nX-Junk: \xff\xfe\xc3\x28\r\n",
-        encode(llm_chain("u8-good")),
+        port, subject, b"Nats-Msg-Id: u8-good\r\nX-Junk: \xff\xfe\xc3\x28\r\n", encode(good)
     )
     # bad JSON with a junk header: rejected under its message id
     await _raw_publish(port, subject, b"Nats-Msg-Id: u8-bad\r\nX-Junk: \xc3\x28\r\n", b"{nope")
     # a message id that is not UTF-8: rejected under a fresh id
     await _raw_publish(port, subject, b"Nats-Msg-Id: \xff\xfe\r\n", b"{nope")
     accepted = {(TENANT, "u8-good")}
-    await s.load.run([llm_chain(f"u8-after-{i}") for i in range(3)])
+    outputs = {(TENANT, "u8-good"): expected_output(good) or ""}
+    await s.load.run([(OTHER, diamond(OTHER, cid)) for cid in ("u8-good", "u8-bad")])
+    await s.load.run(pairs("u8-after", 3))
     accepted |= s.load.accepted
-    await wait_all_ended(s.bus.js, accepted | {(TENANT, "u8-bad")}, 60)
+    outputs |= s.load.outputs
+    await wait_all_ended(
+        s.bus.js, accepted | {(TENANT, "u8-bad")}, 60, or_rejected={(TENANT, "u8-bad")}
+    )
     s.procs.assert_alive()
     info = await s.bus.js.stream_info(
         s.topology.events.name, subjects_filter=f"cy.events.{TENANT}.*.chain.rejected"
@@ -215,6 +232,7 @@ async def test_bad_input_invalid_utf8_headers(stack: Stack, ledger: Ledger) -> N
         s.bus,
         accepted,
         expected_rejected=expected,
+        outputs=outputs,
         name="bad_input[invalid_utf8_headers]",
         notes={"fresh_id_rejections": len(fresh)},
     )
@@ -314,8 +332,10 @@ async def test_bad_input_fuzz(stack: Stack, ledger: Ledger) -> None:
             s.topology.subjects.submit(TENANT), fuzz_case(r, i), headers={"Nats-Msg-Id": f"fz-{i}"}
         )
         sent.add((TENANT, f"fz-{i}"))
-    await s.load.run([llm_chain(f"fz-good-{i}") for i in range(5)])
-    await wait_all_ended(s.bus.js, sent | s.load.accepted, 120)
+    # tb uses the first fuzzed ids for good chains, and both tenants send a few more
+    await s.load.run([(OTHER, diamond(OTHER, f"fz-{i}")) for i in range(scale(20, 10))])
+    await s.load.run(pairs("fz-good", 5))
+    await wait_all_ended(s.bus.js, sent | s.load.accepted, 120, or_rejected=sent)
     s.procs.assert_alive()
     # which were accepted: those with state; the others must have been rejected
     from chainyard.ledger import collect
@@ -328,6 +348,7 @@ async def test_bad_input_fuzz(stack: Stack, ledger: Ledger) -> None:
         accepted,
         expected_rejected=rejected,
         expect=None,
+        outputs=s.load.outputs,
         name="bad_input[fuzz]",
         notes={
             "inputs": n,

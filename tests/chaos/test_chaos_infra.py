@@ -1,6 +1,7 @@
 """Infrastructure faults under load: NATS restarts, a 3-node cluster losing its leaders, cut
 connections, outages longer than a client's reconnect budget, providers that fail or throttle,
-and streams that are full. Each ends with the ledger."""
+and streams that are full. Each runs two router replicas and three workers, with two tenants
+submitting the same chain ids, and ends with the ledger."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ import pytest
 from chaosharness import (
     ROOT,
     SHORT,
+    TENANTS,
     Ledger,
     Load,
     Procs,
     Stack,
+    expected_output,
     heartbeat,
     llm_chain,
+    pairs,
     progress,
     scale,
     wait_all_ended,
@@ -63,38 +67,29 @@ async def test_nats_restart_under_load(stack: Stack, ledger: Ledger) -> None:
     the same port and store. Services reconnect and nothing is lost or done twice."""
     s = stack
     s.load.give_up_s = 120
-    await s.procs.router()
-    await s.procs.worker()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
-    n = scale(5000, 500)  # two steps each
-    load = asyncio.create_task(s.load.run([llm_chain(f"nr-{i}") for i in range(n)]))
+    await s.deploy()
+    n = scale(1250, 125)  # ids, each used by both tenants; four steps a chain
+    load = asyncio.create_task(s.load.run(pairs("nr", n)))
     restarts = 0
     for k in range(2):
-        await progress(s.bus.js, (k + 1) * n // 4, 300)
+        await progress(s.bus.js, (k + 1) * 2 * n // 4, 300)
         await _kill_server(s.server)
         await s.server.restart()
         restarts += 1
     await load
     await wait_all_ended(s.bus.js, s.load.accepted, 600)
     s.procs.assert_alive()
-    await ledger.audit(
-        s.bus,
-        s.load.accepted,
-        notes={"restarts": restarts, "publish_retries": s.load.publish_errors},
-    )
+    await s.audit(ledger, notes={"restarts": restarts})
 
 
 async def test_nats_stalled_briefly(stack: Stack, ledger: Ledger) -> None:
     """The server freezes (SIGSTOP) for 5 s with calls in flight: no TCP error reaches anyone,
     acks wait, ack timers run out; after SIGCONT everything resumes."""
     s = stack
-    await s.procs.router()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
-    n = scale(300, 150)
-    load = asyncio.create_task(s.load.run([llm_chain(f"st-{i}") for i in range(n)]))
-    await progress(s.bus.js, n // 4, 60)
+    await s.deploy()
+    n = scale(150, 50)
+    load = asyncio.create_task(s.load.run(pairs("st", n)))
+    await progress(s.bus.js, 2 * n // 4, 60)
     s.server.signal(signal.SIGSTOP)
     try:
         await asyncio.sleep(5.0)  # the fault's duration, not a wait for a result
@@ -103,7 +98,7 @@ async def test_nats_stalled_briefly(stack: Stack, ledger: Ledger) -> None:
     await load
     await wait_all_ended(s.bus.js, s.load.accepted, 120)
     s.procs.assert_alive()
-    await ledger.audit(s.bus, s.load.accepted)
+    await s.audit(ledger)
 
 
 class BlackHoleProxy:
@@ -171,12 +166,11 @@ async def test_half_open_connection_noticed_by_pings(stack: Stack, ledger: Ledge
     proxy = await BlackHoleProxy(s.server.port).start()
     try:
         await s.sandbox.configure(latency_ms=200)
-        await s.procs.router()
+        await s.deploy(workers=2)  # sim and sim2; the third worker goes through the proxy
         await s.procs.worker(url=proxy.url)
-        await heartbeat(s.bus.nc, "sim")
-        n = 200
-        load = asyncio.create_task(s.load.run([llm_chain(f"ho-{i}") for i in range(n)]))
-        await progress(s.bus.js, n // 5, 60)
+        n = 100
+        load = asyncio.create_task(s.load.run(pairs("ho", n)))
+        await progress(s.bus.js, 2 * n // 5, 60)
         proxy.black_hole()
         other = await s.procs.worker()
         await load
@@ -184,11 +178,10 @@ async def test_half_open_connection_noticed_by_pings(stack: Stack, ledger: Ledge
         # the half-open worker comes back through the proxy once its pings went unanswered
         await wait_count(lambda: proxy.accepted >= 2, 150, "the cut worker to reconnect")
         s.procs.assert_alive()
-        more = [llm_chain(f"ho2-{i}") for i in range(50)]
-        await s.load.run(more)
+        await s.load.run(pairs("ho2", 25))
         await wait_all_ended(s.bus.js, s.load.accepted, 60)
         assert other.running
-        await ledger.audit(s.bus, s.load.accepted, notes={"reconnects": proxy.accepted - 1})
+        await s.audit(ledger, notes={"reconnects": proxy.accepted - 1})
     finally:
         await proxy.close()
 
@@ -197,30 +190,35 @@ async def test_nats_down_longer_than_client_reconnect_budget(stack: Stack, ledge
     """NATS is down until the tenant's client gave up (closed connection); the services, which
     reconnect forever, carry on; the client connects again and resubmits under the same ids."""
     s = stack
-    await s.procs.router()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
-    client = await Client.connect(s.server.url, "acme")
-    chains = [llm_chain(f"dn-{i}") for i in range(scale(200, 80))]
+    await s.deploy()
+    clients = {t: await Client.connect(s.server.url, t) for t in TENANTS}
+    chains = pairs("dn", scale(100, 40))
     accepted: set[tuple[str, str]] = set()
     try:
-        for c in chains[: len(chains) // 2]:
-            await client.submit(c)
-            accepted.add(("acme", c.id))
+        for t, c in chains[: len(chains) // 2]:
+            await clients[t].submit(c)
+            accepted.add((t, c.id))
         s.server.signal(signal.SIGKILL)
-        await wait_count(lambda: client.nc.is_closed, 120, "the client to give up reconnecting")
+        for client in clients.values():
+            await wait_count(
+                lambda c=client: c.nc.is_closed, 120, "the clients to give up reconnecting"
+            )
         with pytest.raises(Exception):  # noqa: B017 - the closed connection's own error type
-            await client.submit(chains[-1])
+            await clients["ta"].submit(chains[-1][1])
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
     await s.server.restart()
-    async with await Client.connect(s.server.url, "acme") as again:
-        for c in chains:  # resubmit everything: the same ids are accepted once
-            await again.submit(c)
-            accepted.add(("acme", c.id))
+    for t in TENANTS:
+        async with await Client.connect(s.server.url, t) as again:
+            for tenant, c in chains:  # resubmit everything: the same chains are accepted once
+                if tenant == t:
+                    await again.submit(c)
+                    accepted.add((t, c.id))
     await wait_all_ended(s.bus.js, accepted, 120)
     s.procs.assert_alive()
-    await ledger.audit(s.bus, accepted)
+    outputs = {(t, c.id): expected_output(c) or "" for t, c in chains}
+    await ledger.audit(s.bus, accepted, outputs=outputs)
 
 
 @pytest.mark.chaos_config(max_attempts=3)
@@ -229,16 +227,15 @@ async def test_provider_fails_forever(stack: Stack, ledger: Ledger) -> None:
     ends failed, and the work queue empties."""
     s = stack
     await s.sandbox.configure(dark=True)
-    await s.procs.router()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
-    n = scale(100, 40)
-    await s.load.run([llm_chain(f"dark-{i}") for i in range(n)])
+    await s.deploy()
+    await s.load.run(pairs("dark", scale(50, 20)))
+    n = len(s.load.accepted)
     await wait_all_ended(s.bus.js, s.load.accepted, 120)
     await wait_count(lambda: work_queue_empty(s.bus.js, s.topology), 30, "an empty work queue")
     calls = s.sandbox.counts["openai.chat"]
-    assert calls <= 3 * n, f"{calls} calls for {n} steps of at most 3 attempts"
-    r = await ledger.audit(s.bus, s.load.accepted, expect="failed", notes={"calls": calls})
+    # only the first step of each chain runs: it fails, so the chain does
+    assert calls <= 3 * n, f"{calls} calls for {n} first steps of at most 3 attempts"
+    r = await s.audit(ledger, expect="failed", notes={"calls": calls})
     assert r.failed == n
 
 
@@ -247,20 +244,15 @@ async def test_provider_429_retry_after_honoured(stack: Stack, ledger: Ledger) -
     """Every call in a 3 s window gets a 429 with retry-after 1 s: steps wait and complete; the
     provider sees a bounded number of requests, not a hot loop."""
     s = stack
-    await s.procs.router()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
-    n = scale(60, 30)
+    await s.deploy()
     await s.sandbox.configure(rate_limit_for_s=3.0, retry_after_s=1.0)
     t0 = time.monotonic()
-    await s.load.run([llm_chain(f"rl-{i}", steps=1) for i in range(n)])
+    await s.load.run(pairs("rl", scale(30, 15)))
     await wait_all_ended(s.bus.js, s.load.accepted, 120)
     calls = s.sandbox.counts["openai.chat"]
+    r = await s.audit(ledger, notes={"calls": calls, "secs": round(time.monotonic() - t0, 1)})
     # each step: at most one 429 per retry-after second of the window, then one success
-    assert calls <= n * 5, f"{calls} provider calls for {n} steps: retry-after not honoured"
-    await ledger.audit(
-        s.bus, s.load.accepted, notes={"calls": calls, "secs": round(time.monotonic() - t0, 1)}
-    )
+    assert calls <= r.steps * 5, f"{calls} calls for {r.steps} steps: retry-after not honoured"
 
 
 @pytest.mark.chaos_config(slots=2)
@@ -270,9 +262,7 @@ async def test_full_streams_refuse_explicitly(stack: Stack, ledger: Ledger) -> N
     s = stack
     js = s.bus.js
     await s.sandbox.configure(latency_ms=1000)  # 2 slots x 1 s: the work queue backs up
-    router = await s.procs.router()
-    await s.procs.worker()
-    await heartbeat(s.bus.nc, "sim")
+    routers = (await s.deploy()).routers
     await wait_count(
         lambda: _has_consumer(js, s.topology.intake.name), 30, "the router's intake consumer"
     )
@@ -283,20 +273,20 @@ async def test_full_streams_refuse_explicitly(stack: Stack, ledger: Ledger) -> N
         cfg.max_msgs = limit
         cfg.discard = DiscardPolicy.NEW
         await js.update_stream(cfg)
-    router.signal(signal.SIGSTOP)  # the router stalls: the intake fills up
+    for r in routers:
+        r.signal(signal.SIGSTOP)  # the routers stall: the intake fills up
     refused: list[str] = []
     try:
-        for i in range(40):
-            c = llm_chain(f"full-{i}")
+        for t, c in pairs("full", 20):
             try:
-                await js.publish(
-                    s.topology.subjects.submit("acme"), encode(c), headers={"Nats-Msg-Id": c.id}
-                )
-                s.load.accepted.add(("acme", c.id))
+                await js.publish(s.topology.subjects.submit(t), encode(c))
+                s.load.accepted.add((t, c.id))
+                s.load.outputs[(t, c.id)] = expected_output(c) or ""
             except APIError as e:
                 refused.append(str(e))
     finally:
-        router.signal(signal.SIGCONT)
+        for r in routers:
+            r.signal(signal.SIGCONT)
     assert len(s.load.accepted) == 20 and len(refused) == 20, refused[:3]
     assert all("maximum messages" in r for r in refused), refused[:3]
     # 20 chains, a work stream of 10 and a slow worker: dispatch is refused and retried
@@ -304,9 +294,10 @@ async def test_full_streams_refuse_explicitly(stack: Stack, ledger: Ledger) -> N
         lambda: _stream_msgs(js, s.topology.work.name, 10), 30, "the work stream to fill up"
     )
     await wait_all_ended(js, s.load.accepted, 120)
-    assert "maximum messages" in router.log.read_text(), "the router never hit the full stream"
+    logs = "".join(r.log.read_text() for r in routers)
+    assert "maximum messages" in logs, "no router ever hit the full stream"
     s.procs.assert_alive()
-    await ledger.audit(s.bus, s.load.accepted, notes={"refused": len(refused)})
+    await s.audit(ledger, notes={"refused": len(refused)})
 
 
 async def _has_consumer(js: object, stream: str) -> bool:
