@@ -101,7 +101,8 @@ class Breakers:
         self.config = config
         self.local: dict[str, Breaker] = {}
         self._probes: dict[tuple[str, int], int] = {}  # (deployment, open_until) -> probes sent
-        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()  # results counted
+        # results counted: (tenant, chain, step, attempt); two tenants' ids never collide
+        self._seen: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -131,7 +132,7 @@ class Breakers:
 
     def observe(self, ev: StepCompleted | StepFailed) -> None:
         """Record a result in the background; a result is counted once per router."""
-        key = (ev.chain_id, ev.step_id, ev.attempt)
+        key = (ev.tenant, ev.chain_id, ev.step_id, ev.attempt)
         if key in self._seen:
             return
         self._seen[key] = None
