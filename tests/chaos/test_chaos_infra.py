@@ -26,7 +26,6 @@ from chaosharness import (
     Stack,
     expected_output,
     heartbeat,
-    llm_chain,
     pairs,
     progress,
     scale,
@@ -442,9 +441,10 @@ async def test_cluster_leader_killed(
     cluster: Cluster, tmp_path: Path, ledger: Ledger, leader: str
 ) -> None:
     """Replicas 3; under load, SIGKILL the node leading the work stream / the pool's consumer /
-    the JetStream meta group, wait for a new leader, bring the node back. Nothing lost."""
+    the JetStream meta group, wait for a new leader, bring the node back. Nothing lost. The
+    users' deployment: two routers, three workers over two pools, two tenants sharing ids."""
     async with SandboxServer(SandboxConfig(capture=0)) as sandbox:
-        cfg = write_config(tmp_path / "chainyard.toml", sandbox.url, replicas=3)
+        cfg = write_config(tmp_path / "chainyard.toml", sandbox.url, replicas=3, pools=2)
         topology = load_config(cfg).topology
         logs = tmp_path / "logs"  # with the nodes' logs in tmp_path/cluster
         logs.mkdir()
@@ -453,14 +453,16 @@ async def test_cluster_leader_killed(
         try:
             # everything connects to one node and learns the others from it
             bus = await open_bus(cluster.nodes[0].url, name="chaos-test", topology=topology)
-            await procs.router()
-            await procs.worker()
-            await procs.worker()
+            for _ in range(2):
+                await procs.router()
+            for pool in ("sim", "sim2", "sim"):
+                await procs.worker(pool)
             await heartbeat(bus.nc, "sim", limit_s=60)
+            await heartbeat(bus.nc, "sim2", limit_s=60)
             load = Load(bus.js, topology=topology, give_up_s=120)
-            n = scale(600, 200)
-            running = asyncio.create_task(load.run([llm_chain(f"cl-{i}") for i in range(n)]))
-            await progress(bus.js, n // 4, 120)
+            n = scale(150, 50)  # ids, each used by both tenants: 300 (100) chains of 4 steps
+            running = asyncio.create_task(load.run(pairs("cl", n)))
+            await progress(bus.js, n // 2, 120)
             if leader == "meta":
                 victim = await wait_count(cluster.meta_leader, 30, "a meta leader")
             else:
@@ -492,7 +494,11 @@ async def test_cluster_leader_killed(
             )
             procs.assert_alive()
             await ledger.audit(
-                bus, load.accepted, name=f"cluster_{leader}_leader_killed", notes=notes
+                bus,
+                load.accepted,
+                name=f"cluster_{leader}_leader_killed",
+                notes=notes,
+                outputs=load.outputs,
             )
         finally:
             await procs.close()
