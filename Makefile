@@ -41,12 +41,13 @@ bench-quick: install
 	$(BIN)/python -m bench --quick
 
 # Fault, load and bad-input suite with the ledger check (docs/RELIABILITY.md); prints one line
-# per scenario and `scenarios=N lost=L duplicated=D unexpected=U`. chaos-short: CI (< 10 min).
+# per scenario and `scenarios=N failed=F lost=L duplicated=D unexpected=U routers=.. workers=..`.
+# chaos-short: the same scenarios with smaller loads, run by CI (~10 min).
 chaos: install
-	$(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py
+	$(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py
 
 chaos-short: install
-	CHAOS_SHORT=1 $(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py
+	CHAOS_SHORT=1 $(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
