@@ -49,7 +49,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "controlRejected": (
         "control.rejected",
         "ControlRejected",
-        "A cancel, signal or replay that could not apply; the chain itself is unaffected.",
+        "A cancel, signal or replay that could not apply; the chain itself is unaffected. "
+        "`intake_seq` is the control message's sequence in the intake stream.",
+    ),
+    "controlAccepted": (
+        "control.accepted",
+        "ControlAccepted",
+        "A cancel, signal or replay the router applied and recorded; `message` says what it "
+        "did, `intake_seq` is the control message's sequence in the intake stream.",
     ),
 }
 

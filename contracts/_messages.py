@@ -170,12 +170,31 @@ class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
 
 
 class ControlRejected(Out, frozen=True, kw_only=True, tag_field="type", tag="control.rejected"):
-    """A cancel, signal or replay that could not apply; the chain itself is unaffected."""
+    """A cancel, signal or replay that could not apply; the chain itself is unaffected.
+
+    `intake_seq` is the control message's sequence in the intake stream: its sender matches it
+    with its publish ack (0: from a router older than the field)."""
 
     chain_id: str
     tenant: str
     verb: str
     message: str
+    intake_seq: int = 0
+    v: int = VERSION
+
+
+class ControlAccepted(Out, frozen=True, kw_only=True, tag_field="type", tag="control.accepted"):
+    """A cancel, signal or replay the router has applied and recorded; `message` says what it
+    did. One per control message (message id `<tenant>.<chain>.control.<intake_seq>`, the same
+    as a rejection's, so a message is answered once either way). Not a step or chain event:
+    the ledger and watchers of a chain's end pass over it."""
+
+    chain_id: str
+    tenant: str
+    verb: str = ""
+    message: str = ""
+    intake_seq: int = 0
+    new_chain_id: str | None = None  # a replay's new chain
     v: int = VERSION
 
 
@@ -207,6 +226,7 @@ Event = (
     | ChainCancelled
     | ChainRejected
     | ControlRejected
+    | ControlAccepted
 )
 StepEvent = StepCompleted | StepFailed
 ChainEnded = ChainCompleted | ChainFailed | ChainCancelled | ChainRejected

@@ -106,8 +106,9 @@ def document(topology: Topology | None = None, schema_ref: str = "./schema") -> 
             "description": f"Durable (stream {topo.intake.name}). `cancel` ends the chain with "
             "chain.cancelled; `signal.<name>` releases the chain's wait steps for that signal, "
             "the JSON payload becomes their output; `replay` re-runs an ended chain from a step "
-            "as a new chain (`replay_of` names the old one). A request that cannot apply gets a "
-            "control.rejected event.",
+            "as a new chain (`replay_of` names the old one). The router answers every request "
+            "on the chain's events: control.accepted once applied, control.rejected when it "
+            "cannot apply; each carries the request's `intake_seq` (its publish ack's seq).",
             "parameters": params_of("tenant", "chain", "verb"),
             "messages": msgs("cancel", "signal", "replay"),
             "x-nats-stream": _stream(topo.intake),

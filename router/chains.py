@@ -137,6 +137,8 @@ def _unfinished(state: ChainState, sid: str, st: StepState, ready: bool) -> str:
         if isinstance(spec, WaitStep):
             return f"step {sid!r} waiting for signal {spec.signal!r}"
         return f"step {sid!r} waiting for its tool calls"
+    if ready and st.error is not None:  # waiting for capacity: why (router/routing.py)
+        return f"step {sid!r} not started: {st.error.message[:MAX_ERROR_CHARS]}"
     if ready:
         return f"step {sid!r} not started (no capacity)"
     return f"step {sid!r} not started"
@@ -243,6 +245,15 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
         return _fail(state, now_ms, f"step {adv.failed_dep!r} failed", adv.failed_dep, None)
     if state.deadline_at_ms is not None and now_ms > state.deadline_at_ms and adv.ready:
         why = f"{DEADLINE_EXCEEDED} before the next step could start"
+        # Why they had not started (recorded when they began to wait): the cause, not only
+        # the deadline.
+        waits = [
+            f"step {sid!r}: {st.error.message[:MAX_ERROR_CHARS]}"
+            for sid in adv.ready
+            if (st := state.steps[sid]).status == "pending" and st.error is not None
+        ]
+        if waits:
+            why += ": " + "; ".join(waits[:MAX_NAMED_STEPS])
         return _fail(state, now_ms, why, None, None)
     steps = dict(state.steps)
     timers: list[Timer] = []
@@ -260,11 +271,18 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
         target = pick(step, [])
         if isinstance(target, NoCapacity):  # may clear by itself: wait on a durable timer
             timers.append(_timer(state, sid, "capacity", now_ms + CAPACITY_RECHECK_MS))
+            # Kept with the step, so a deadline that ends the wait can say why it waited.
+            steps[sid] = _replace(steps[sid], error=ErrorInfo(cls="retryable", message=target))
             continue
         if isinstance(target, str):
             return _fail(msgspec.structs.replace(state, steps=steps), now_ms, target, sid, None)
         steps[sid] = _replace(
-            steps[sid], status="dispatched", attempt=1, target=target, dispatched_at_ms=now_ms
+            steps[sid],
+            status="dispatched",
+            attempt=1,
+            target=target,
+            dispatched_at_ms=now_ms,
+            error=None,  # a capacity wait's reason, now over
         )
         dispatch.append(sid)
     state = msgspec.structs.replace(state, steps=steps)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.msg import Msg
@@ -23,12 +23,14 @@ from chainyard.contracts import (
     ChainRejected,
     ChainState,
     Config,
+    ControlAccepted,
     ControlRejected,
     Event,
     FieldError,
     LlmStep,
     Target,
     Timer,
+    WaitStep,
     cancel_decoder,
     chain_decoder,
     chain_digest,
@@ -160,10 +162,18 @@ class Router:
         begun = self.routing.begin(chain, tenant, now_ms())
         await self._create(msg, tenant, begun, chain_digest(msg.data))
 
-    async def _create(self, msg: Msg, tenant: str, outcome: chains.Outcome, digest: str) -> None:
+    async def _create(
+        self,
+        msg: Msg,
+        tenant: str,
+        outcome: chains.Outcome,
+        digest: str,
+        answer: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
         """Create a chain's state once; the same chain again (the same bytes: `digest`) is
         accepted once (its effects are performed again, deduplicated, in case the first attempt
-        crashed before them); another chain under the same id is refused."""
+        crashed before them); another chain under the same id is refused. `answer(accepted)`
+        runs before the message is acked or refused (a replay's answer to its sender)."""
         outcome.state = msgspec.structs.replace(outcome.state, digest=digest)
         outcome = telemetry_chain.begin_chain(outcome)  # the chain's trace ids, kept in its state
         chain = outcome.state.chain
@@ -179,10 +189,14 @@ class Router:
                 err = FieldError(
                     path="$.id", message=f"chain id {chain.id!r} is already used by another chain"
                 )
+                if answer is not None:
+                    await answer(False)
                 await self._reject(msg, tenant, chain.id, [err], id_in_use=True)
                 return
             outcome = chains.followups(existing, now_ms())
         await self._perform(outcome)
+        if answer is not None:
+            await answer(True)
         await msg.ack()
 
     def _claimed_id(self, msg: Msg) -> str:
@@ -255,6 +269,8 @@ class Router:
     # -- control: cancel, signal, replay -----------------------------------------------------
 
     async def on_control(self, msg: Msg) -> None:
+        """Apply a cancel, signal or replay, then answer it on the chain's events: one
+        `control.accepted` once its transition is recorded, or one `control.rejected`."""
         # cy.control.<tenant>.<chain>.<verb...>
         parts = msg.subject.split(".")
         tenant, chain_id, verb = parts[2], parts[3], ".".join(parts[4:])
@@ -264,18 +280,37 @@ class Router:
             if verb == "cancel":
                 reason = cancel_decoder.decode(msg.data or b"{}").reason
                 outcome = await self._apply(key, _known(lambda s: control.cancel(s, reason, t)))
+                done = "cancelled"
             elif verb.startswith("signal.") and _ID_OK.match(name := verb[len("signal.") :]):
                 data = _json_or_text(msg.data)
-                outcome = await self._apply(
-                    key, _known(lambda s: control.signal(s, name, data, t, self.policy.pick))
-                )
+                said: list[str] = []
+
+                def signal(s: ChainState) -> chains.Outcome:
+                    out = control.signal(s, name, data, t, self.policy.pick)
+                    said[:] = [_signalled(s, out.state, name)]
+                    return out
+
+                outcome = await self._apply(key, _known(signal))
+                done = said[0]
             elif verb == "replay":
                 req = replay_decoder.decode(msg.data)
                 old, _ = await self.store.load(key, fresh=True)
                 if old is None:
                     raise control.UnknownChain(f"no chain {chain_id!r}")
                 new = control.replay(old, req, t, self.policy.pick)
-                await self._create(msg, tenant, new, chain_digest(encode(new.state.chain)))
+
+                async def answer(accepted: bool) -> None:
+                    if accepted:
+                        what = f"replaying as chain {req.new_id!r}"
+                        await self._control_accepted(
+                            msg, tenant, chain_id, verb, what, new_chain_id=req.new_id
+                        )
+                    else:  # its new id is another chain's (chain.rejected on the new id, too)
+                        why = f"chain id {req.new_id!r} is already used by another chain"
+                        await self._control_answer(msg, tenant, chain_id, verb, why)
+
+                digest = chain_digest(encode(new.state.chain))
+                await self._create(msg, tenant, new, digest, answer)
                 return
             else:
                 raise control.ControlError(f"unknown control verb {verb!r}")
@@ -291,14 +326,39 @@ class Router:
             return
         if outcome is not None:
             await self._perform(outcome)
+        await self._control_accepted(msg, tenant, chain_id, verb, done)
         await msg.ack()
+
+    def _control_msg_id(self, msg: Msg, tenant: str, chain_id: str) -> str:
+        # One id per control message for either answer: a redelivery never answers twice.
+        return f"{tenant}.{chain_id}.control.{msg.metadata.sequence.stream}"
+
+    async def _control_accepted(
+        self, msg: Msg, tenant: str, chain_id: str, verb: str, what: str, **kw: str
+    ) -> None:
+        seq = msg.metadata.sequence.stream
+        ev = ControlAccepted(
+            chain_id=chain_id, tenant=tenant, verb=verb, message=what, intake_seq=seq, **kw
+        )
+        await self._publish_event(ev, self._control_msg_id(msg, tenant, chain_id))
+
+    async def _control_answer(
+        self, msg: Msg, tenant: str, chain_id: str, verb: str, why: str
+    ) -> None:
+        ev = ControlRejected(
+            chain_id=chain_id,
+            tenant=tenant,
+            verb=verb,
+            message=why,
+            intake_seq=msg.metadata.sequence.stream,
+        )
+        await self._publish_event(ev, self._control_msg_id(msg, tenant, chain_id))
 
     async def _control_rejected(
         self, msg: Msg, tenant: str, chain_id: str, verb: str, why: str
     ) -> None:
         log.info("control %s on %s/%s refused: %s", verb, tenant, chain_id, why)
-        ev = ControlRejected(chain_id=chain_id, tenant=tenant, verb=verb, message=why)
-        await self._publish_event(ev, f"{tenant}.{chain_id}.control.{msg.metadata.sequence.stream}")
+        await self._control_answer(msg, tenant, chain_id, verb, why)
         await self._dead_letter(msg, "control", why, tenant)
 
     # -- timers ------------------------------------------------------------------------------
@@ -431,6 +491,23 @@ def _known(fn: Callable[[ChainState], chains.Outcome | None]) -> Decide:
         return fn(state)
 
     return decide
+
+
+def _signalled(before: ChainState, after: ChainState, name: str) -> str:
+    """What a signal did, for its sender."""
+    if name in before.signals:
+        return f"signal {name!r} was already recorded; nothing changed"
+    waits = [s.id for s in before.chain.steps if isinstance(s, WaitStep) and s.signal == name]
+    if not waits:
+        return f"signal {name!r} recorded; no wait step of the chain waits for it"
+    woke = [
+        sid
+        for sid in waits
+        if before.steps[sid].status == "waiting" and after.steps[sid].status != "waiting"
+    ]
+    if woke:
+        return f"signal {name!r} released {', '.join(repr(w) for w in woke)}"
+    return f"signal {name!r} recorded; it releases {', '.join(map(repr, waits))} when reached"
 
 
 def _json_or_text(data: bytes) -> object:

@@ -127,11 +127,38 @@ def test_deadline_names_a_waiting_step_and_a_step_without_capacity() -> None:
     end = chains.on_deadline(out.state, T0 + DEADLINE_MS)
     assert isinstance(end.ended, ChainFailed)
     assert "step 'approve' waiting for signal 'approval'" in end.ended.reason
-    assert "step 'fetch' not started (no capacity)" in end.ended.reason
+    # the reason it waited, not only that it did not start
+    assert "step 'fetch' not started: all busy" in end.ended.reason
     assert {s.step_id: s.status for s in end.ended.steps} == {
         "approve": "cancelled",
         "fetch": "cancelled",
     }
+
+
+def test_a_step_due_after_the_deadline_names_why_it_waited() -> None:
+    """A capacity recheck past the deadline ends the chain with the cause of the wait (which
+    pools had no live workers), as the deadline timer does."""
+    chain = Chain(id="c1", deadline_ms=DEADLINE_MS, steps=[ToolStep(id="fetch", tool="s")])
+    why = "no capacity for 'small': local: no live workers in pool local"
+
+    def no_capacity(step: object, exclude: list[str]) -> Target | str:
+        return NoCapacity(why)
+
+    out = chains.start(chain, "t", T0, no_capacity)  # type: ignore[arg-type]
+    assert out.state.steps["fetch"].error == ErrorInfo(cls="retryable", message=why)
+    late = chains._advance(out.state, T0 + DEADLINE_MS + 1, no_capacity, [])  # type: ignore[arg-type]
+    assert isinstance(late.ended, ChainFailed)
+    assert late.ended.reason == (
+        f"deadline exceeded before the next step could start: step 'fetch': {why}"
+    )
+    assert late.ended.steps[0].error is None  # a capacity wait is not a step failure
+
+    def placed(step: object, exclude: list[str]) -> Target | str:
+        return Target(deployment="d", pool="p", provider="openai", model="m")
+
+    # capacity came back in time: dispatched, and the wait's reason is gone
+    on_time = chains._advance(out.state, T0 + 10, placed, [])  # type: ignore[arg-type]
+    assert on_time.dispatch == ["fetch"] and on_time.state.steps["fetch"].error is None
 
 
 def test_deadline_again_changes_nothing_and_repeats_the_end_and_the_cancel() -> None:
