@@ -33,6 +33,9 @@ from chainyard.contracts import (
     ChainFailed,
     ChainRejected,
     ChainTimeout,
+    ChainyardError,
+    ControlAccepted,
+    ControlRejected,
     Event,
     Replay,
     StepOverride,
@@ -58,6 +61,8 @@ class ChainStatusRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ENDED = (ChainCompleted, ChainFailed, ChainCancelled, ChainRejected)
+ControlAnswer = ControlAccepted | ControlRejected
+CONTROL_TIMEOUT_S = 30.0  # a router answers at once; an unknown chain after ~6 s
 _TERMINAL_KINDS = ("chain.completed", "chain.failed", "chain.cancelled")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -184,14 +189,31 @@ class Client:
         got = await asyncio.gather(*(last(k) for k in _TERMINAL_KINDS))
         return [ev for ev in got if ev is not None]
 
-    async def cancel(self, chain_id: str, reason: str = "cancelled by the client") -> None:
-        """Ask the router to cancel a chain; it ends with a `chain.cancelled` event, in-flight
-        steps are dropped at the workers. A chain that already ended gets `control.rejected`."""
-        await self._control(chain_id, "cancel", encode(Cancel(reason=reason)))
+    async def cancel(
+        self,
+        chain_id: str,
+        reason: str = "cancelled by the client",
+        *,
+        timeout: float | None = CONTROL_TIMEOUT_S,
+    ) -> ControlAnswer | None:
+        """Ask the router to cancel a chain: it ends with `chain.cancelled`, its in-flight steps
+        are dropped at the workers. Returns the router's answer: `ControlAccepted` once the
+        cancel is recorded (the `chain.cancelled` is then in the chain's events), or
+        `ControlRejected` with the reason (the chain already ended, no such chain).
+        `timeout=None` only sends it (returns None); no answer in time raises `ChainTimeout`."""
+        return await self._control(chain_id, "cancel", encode(Cancel(reason=reason)), timeout)
 
-    async def signal(self, chain_id: str, name: str, data: object = None) -> None:
-        """Release the chain's wait steps for signal `name`; `data` (JSON) is their output."""
-        await self._control(chain_id, f"signal.{name}", msgspec.json.encode(data))
+    async def signal(
+        self,
+        chain_id: str,
+        name: str,
+        data: object = None,
+        *,
+        timeout: float | None = CONTROL_TIMEOUT_S,
+    ) -> ControlAnswer | None:
+        """Release the chain's wait steps for signal `name`; `data` (JSON) is their output.
+        Returns the router's answer, as `cancel` does (`message` says what the signal did)."""
+        return await self._control(chain_id, f"signal.{name}", msgspec.json.encode(data), timeout)
 
     async def replay(
         self,
@@ -201,16 +223,29 @@ class Client:
         *,
         new_id: str | None = None,
         wait: float | None = None,
-    ) -> str | ChainEnded:
+        timeout: float = CONTROL_TIMEOUT_S,
+    ) -> str | ChainEnded | ControlRejected:
         """Re-run an ended chain from `from_step` as a new chain (linked by `replay_of`);
-        earlier outputs are reused. Returns the new id, or with `wait`, its terminal event."""
+        earlier outputs are reused. Returns the new id once the router has accepted it, or with
+        `wait`, the new chain's terminal event; a replay that cannot apply (the chain is
+        running or unknown, no such step) returns the router's `ControlRejected` at once.
+        No answer within `timeout` raises `ChainTimeout`."""
         req = Replay(new_id=new_id or _new_id(), from_step=from_step, overrides=overrides or {})
+        data = encode(req)
         if wait is None:
-            await self._control(chain_id, "replay", encode(req))
-            return req.new_id
-        return await self._await_end(
-            req.new_id, self._control(chain_id, "replay", encode(req)), wait
-        )
+            answer, _ = await self._request(chain_id, "replay", data, timeout)
+            return answer if isinstance(answer, ControlRejected) else req.new_id
+
+        async def request() -> object:
+            answer, ack = await self._request(chain_id, "replay", data, timeout)
+            if isinstance(answer, ControlRejected):
+                raise _Refused(answer)
+            return ack
+
+        try:  # the new chain's events are subscribed to before the request goes out
+            return await self._await_end(req.new_id, request(), wait)
+        except _Refused as r:
+            return r.answer
 
     async def status(self, timeout: float = 30.0) -> list[ChainStatusRow]:
         """This tenant's chains in flight: running steps, their pools, cost so far.
@@ -257,14 +292,88 @@ class Client:
             )
         return sorted(rows, key=lambda r: -r.age_s)
 
-    async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
-        subject = self.subjects.control(self.tenant, chain_id, verb)
-        await telemetry.publish(self.js, subject, data, "")
+    async def _control(
+        self, chain_id: str, verb: str, data: bytes, timeout: float | None
+    ) -> ControlAnswer | None:
+        if timeout is None:
+            subject = self.subjects.control(self.tenant, chain_id, verb)
+            await telemetry.publish(self.js, subject, data, "")
+            return None
+        answer, _ = await self._request(chain_id, verb, data, timeout)
+        return answer
+
+    async def _request(
+        self, chain_id: str, verb: str, data: bytes, timeout: float
+    ) -> tuple[ControlAnswer, object]:
+        """Publish a control message and wait for the router's answer to it (and its ack):
+        the `control.accepted` or `control.rejected` whose `intake_seq` is the publish ack's."""
+        answered: asyncio.Future[ControlAnswer] = asyncio.get_running_loop().create_future()
+        seq: list[int] = []
+        early: list[ControlAnswer] = []  # answers seen before the ack
+
+        def offer(ev: ControlAnswer) -> None:
+            if answered.done():
+                return
+            if not seq:
+                early.append(ev)
+            elif ev.intake_seq in (seq[0], 0):  # 0: a router older than intake_seq
+                answered.set_result(ev)
+
+        async def on_event(msg: Msg) -> None:
+            with contextlib.suppress(*BadMessage):
+                ev = event_decoder.decode(msg.data)
+                if isinstance(ev, ControlAccepted | ControlRejected):
+                    offer(ev)
+
+        answers = self.subjects.event(self.tenant, chain_id, "control.*")
+        sub = await self.nc.subscribe(answers, cb=on_event)
+        try:
+            subject = self.subjects.control(self.tenant, chain_id, verb)
+            ack = await telemetry.publish(self.js, subject, data, "")
+            seq.append(getattr(ack, "seq", 0) or 0)
+            for ev in early:
+                offer(ev)
+            try:
+                return await asyncio.wait_for(answered, timeout), ack
+            except TimeoutError:
+                raise ChainTimeout(
+                    f"no answer from a router to {verb} of chain {chain_id!r} (tenant "
+                    f"{self.tenant!r}) within {timeout:g} s: is a router running on this NATS?"
+                ) from None
+        finally:
+            with contextlib.suppress(Exception):  # the connection may be closing
+                await sub.unsubscribe()
+
+    async def exists(self, chain_id: str) -> bool:
+        """Whether the tenant has a chain of this id: its state, or any event of it.
+
+        Reads through consumers filtered on the chain's own subjects, which a tenant's
+        permissions allow (like `status` and `watch`)."""
+        bucket = self.topology.chains_kv.bucket
+        for stream, subject in (
+            (f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.{chain_id}"),
+            (self.topology.events.name, self.subjects.chain_events(self.tenant, chain_id)),
+        ):
+            reader = _Ordered(self, stream, subject, _ignore)
+            try:
+                if await reader.start(DeliverPolicy.LAST_PER_SUBJECT):
+                    return True
+            finally:
+                await reader.stop()
+        return False
 
     async def watch(
-        self, chain_id: str, *, history: bool = True, deltas: bool = False
+        self,
+        chain_id: str,
+        *,
+        history: bool = True,
+        deltas: bool = False,
+        missing_after: float | None = None,
     ) -> AsyncIterator[Event | tuple[str, str]]:
-        """Events of one chain until it ends; with `deltas`, also (step_id, text) token deltas."""
+        """Events of one chain until it ends; with `deltas`, also (step_id, text) token deltas.
+
+        With `missing_after` (and `history`), a chain that has no state and no event yet and
+        shows none within that many seconds raises `NoSuchChain` (a mistyped id or tenant)."""
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def put(msg: Msg) -> None:
@@ -272,10 +381,12 @@ class Client:
 
         subject = self.subjects.chain_events(self.tenant, chain_id)
         subs: list[Subscription | _Ordered] = []
+        unknown = False
         if history:
             reader = _Ordered(self, self.topology.events.name, subject, put)
             subs.append(reader)
-            await reader.start(DeliverPolicy.ALL)
+            stored = await reader.start(DeliverPolicy.ALL)
+            unknown = missing_after is not None and not stored and not await self.exists(chain_id)
         else:
             subs.append(await self.nc.subscribe(subject, cb=put))
         if deltas:
@@ -284,7 +395,20 @@ class Client:
             )
         try:
             while True:
-                msg = await queue.get()
+                if unknown:  # nothing yet: it may have been submitted a moment ago
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), missing_after)
+                    except TimeoutError:
+                        if await self.exists(chain_id):  # created, no event yet
+                            unknown = False
+                            continue
+                        raise NoSuchChain(
+                            f"no chain {chain_id!r} for tenant {self.tenant!r}: no state and "
+                            f"no events after {missing_after:g} s"
+                        ) from None
+                    unknown = False
+                else:
+                    msg = await queue.get()
                 if msg.subject.startswith(f"{self.subjects.prefix}.delta."):
                     yield (msg.subject.rsplit(".", 1)[-1], msg.data.decode(errors="replace"))
                     continue
@@ -296,6 +420,22 @@ class Client:
             for s in subs:
                 with contextlib.suppress(Exception):
                     await (s.stop() if isinstance(s, _Ordered) else s.unsubscribe())
+
+
+class NoSuchChain(ChainyardError, LookupError):
+    """The tenant has no chain of that id: no state and no event (`Client.watch`)."""
+
+
+class _Refused(Exception):
+    """A control request the router rejected (inside `replay`, to stop waiting for the end)."""
+
+    def __init__(self, answer: ControlRejected) -> None:
+        super().__init__(answer.message)
+        self.answer = answer
+
+
+async def _ignore(msg: Msg) -> None:
+    pass
 
 
 class _Ordered:

@@ -7,6 +7,7 @@ whose `base_url` is `"local-model"` at llama.cpp's server running SmolLM2-135M l
 from __future__ import annotations
 
 import contextlib
+import socket
 from types import TracebackType
 
 import msgspec
@@ -21,6 +22,19 @@ from chainyard.workers.tools import Tools
 
 SANDBOX = "sandbox"
 LOCAL_MODEL = "local-model"
+DEFAULT_PORT = 4222  # NATS's own default: what every client and example reaches without a flag
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now (as nats-server binds: with SO_REUSEADDR,
+    so a port held only by closed connections counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class DevStack:
@@ -32,9 +46,14 @@ class DevStack:
         local_model: bool = True,
         tools: Tools | None = None,
         sandbox: SandboxConfig | None = None,
+        port: int | None = None,
     ) -> None:
+        """`port`: where the embedded NATS listens when it is free; None or 0: any free port
+        (`port_taken` then says the wanted one was not free)."""
         self.config = config
         self.nats_url = nats_url or ""
+        self.port = port or 0
+        self.port_taken = False
         self.want_local = local_model and any(p.base_url == LOCAL_MODEL for p in config.pools)
         self.tools = tools
         self.sandbox_config = sandbox or SandboxConfig(latency_ms=150.0)
@@ -54,7 +73,10 @@ class DevStack:
 
     async def _start(self) -> None:
         if not self.nats_url:
-            server = await self._stack.enter_async_context(NatsServer())
+            port = self.port
+            if port and not port_free(port):
+                self.port_taken, port = True, -1  # in use: any free port, and say so
+            server = await self._stack.enter_async_context(NatsServer(port=port or -1))
             self.nats_url = server.url
         self.sandbox = await self._stack.enter_async_context(SandboxServer(self.sandbox_config))
         if self.want_local:

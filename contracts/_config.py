@@ -6,6 +6,7 @@ a worker its entry in `pools` and the prices of the deployments it serves.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -140,8 +141,32 @@ def dump_config(config: Config) -> bytes:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a TOML config; errors name the file and the field."""
+    """Read a TOML config; every error is one line naming the file, the field and its value."""
     try:
-        return msgspec.toml.decode(Path(path).read_bytes(), type=Config)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from e
+    try:
+        return msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {_where(data, str(e))}") from e
+    except msgspec.DecodeError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def _where(data: bytes, error: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.pools[0].slots`" as
+    "$.pools[0].slots = 'many': Expected `int`, got `str`" (the value read from the file)."""
+    message, sep, at = error.rpartition(" - at `")
+    if not sep:
+        return error
+    field = at.rstrip("`")
+    value: Any = msgspec.toml.decode(data)
+    for key in re.findall(r"\.([^.\[]+)|\[(\d+)\]", field.removeprefix("$")):
+        try:
+            value = value[key[0]] if key[0] else value[int(key[1])]
+        except (KeyError, IndexError, TypeError):
+            return f"{field}: {message}"
+    if isinstance(value, dict | list):  # a table: the message names what is wrong in it
+        return f"{field}: {message}"
+    return f"{field} = {value!r}: {message}"
