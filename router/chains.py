@@ -272,7 +272,7 @@ def _advance(state: ChainState, now_ms: int, pick: Pick, dispatch: list[str]) ->
         if isinstance(target, NoCapacity):  # may clear by itself: wait on a durable timer
             timers.append(_timer(state, sid, "capacity", now_ms + CAPACITY_RECHECK_MS))
             # Kept with the step, so a deadline that ends the wait can say why it waited.
-            steps[sid] = _replace(steps[sid], error=ErrorInfo(cls="retryable", message=target))
+            steps[sid] = _replace(steps[sid], error=ErrorInfo(cls="retryable", message=str(target)))
             continue
         if isinstance(target, str):
             return _fail(msgspec.structs.replace(state, steps=steps), now_ms, target, sid, None)

@@ -146,6 +146,7 @@ def test_a_step_due_after_the_deadline_names_why_it_waited() -> None:
 
     out = chains.start(chain, "t", T0, no_capacity)  # type: ignore[arg-type]
     assert out.state.steps["fetch"].error == ErrorInfo(cls="retryable", message=why)
+    assert why in msgspec.json.encode(out.state).decode()  # recorded as it is (KV)
     late = chains._advance(out.state, T0 + DEADLINE_MS + 1, no_capacity, [])  # type: ignore[arg-type]
     assert isinstance(late.ended, ChainFailed)
     assert late.ended.reason == (
