@@ -287,7 +287,8 @@ async def test_signal_before_the_wait_is_kept(stack: Stack) -> None:
     )
     # Sent before the chain exists: the router waits a few seconds for the chain to be created
     # (its intake may be in flight), records the signal, and the wait step finds it later.
-    await stack.client.signal("early", "go", "now")
+    # (timeout=None: only send it; waiting for the router's answer would wait for the chain)
+    assert await stack.client.signal("early", "go", "now", timeout=None) is None
     chain_id = await stack.client.submit(chain)
     ended = [ev async for ev in stack.client.watch(chain_id)][-1]
     assert isinstance(ended, ChainCompleted), ended
