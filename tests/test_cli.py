@@ -20,18 +20,23 @@ from chainyard.contracts import schema_export
 
 CLI = [sys.executable, "-m", "chainyard.cli"]
 URL_LINE = re.compile(r"chainyard dev: NATS at (nats://\S+)")
+HINT_LINE = re.compile(r"(clients reach it|point clients at it).*\n")  # printed after the URL
 
 
 class Dev:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
+        self.out = ""  # what it printed on stdout up to its URL and hints
 
 
-def start_dev(log: Path, timeout: float = 60.0) -> Dev:
-    """`chainyard dev --no-local`; returns once it printed its NATS URL (read from its stdout)."""
+def start_dev(log: Path, *args: str, timeout: float = 60.0) -> Dev:
+    """`chainyard dev --no-local ARGS`; returns once it printed its NATS URL (read from its
+    stdout, which is kept in `Dev.out`). On any free port unless ARGS name one: a test never
+    takes 4222 from a stack a person is running."""
     err = log.open("wb")
+    args = args or ("--port", "0")
     proc = subprocess.Popen(
-        [*CLI, "dev", "--no-local"], stdout=subprocess.PIPE, stderr=err, env=python_env()
+        [*CLI, "dev", "--no-local", *args], stdout=subprocess.PIPE, stderr=err, env=python_env()
     )
     err.close()
     assert proc.stdout is not None
@@ -49,8 +54,11 @@ def start_dev(log: Path, timeout: float = 60.0) -> Dev:
         if ready:
             chunk = os.read(proc.stdout.fileno(), 4096)
             buf += chunk
-            if m := URL_LINE.search(buf.decode(errors="replace")):
-                return Dev(proc, m.group(1), log)
+            text = buf.decode(errors="replace")
+            if (m := URL_LINE.search(text)) and HINT_LINE.search(text):
+                dev = Dev(proc, m.group(1), log)
+                dev.out = text
+                return dev
 
 
 def stop_dev(dev: Dev, timeout: float = 30.0) -> int:
