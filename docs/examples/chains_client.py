@@ -15,6 +15,8 @@ from chainyard.contracts import (
     Chain,
     ChainCancelled,
     ChainEnded,
+    ControlAccepted,
+    ControlRejected,
     LlmStep,
     Message,
     Params,
@@ -39,15 +41,18 @@ async def follow(client: Client, chain: Chain) -> dict[str, str]:
 
 
 async def approve(client: Client, chain_id: str) -> None:
-    await client.signal(chain_id, "approval", {"approved": True, "by": "ana"})
+    answer = await client.signal(chain_id, "approval", {"approved": True, "by": "ana"})
+    if not isinstance(answer, ControlAccepted):  # the router refused, and says why
+        raise RuntimeError(answer.message)
 
 
 async def stop(client: Client, chain_id: str) -> None:
-    await client.cancel(chain_id, reason="the customer withdrew")
+    answer = await client.cancel(chain_id, reason="the customer withdrew")
+    print(answer.message)  # "cancelled", or why not: "chain '...' already ended (completed)"
 
 
-async def retry_answer(client: Client, chain_id: str) -> ChainEnded:
-    # returns the new chain's terminal event; without `wait`, its id
+async def retry_answer(client: Client, chain_id: str) -> ChainEnded | ControlRejected:
+    # the new chain's terminal event (without `wait`, its id), or the router's refusal
     return await client.replay(
         chain_id,
         "answer",
