@@ -219,8 +219,10 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         tools=tools,
         port=args.port,
     )
-    if await _unless_stopped(dev.__aenter__(), stop) is None:
-        return 1  # stopped while starting: nothing to drain
+    with _connecting(args.nats or "", say=True):  # (only an external NATS can be down)
+        started = await _unless_stopped(dev.__aenter__(), stop)
+    if started is None:
+        raise Fail("stopped while starting", 1)  # nothing to drain
     try:
         from chainyard.runtime.telemetry_metrics import start_service
 
