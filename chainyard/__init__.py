@@ -36,6 +36,7 @@ __all__ = [
     "LlmStep",
     "Loop",
     "Message",
+    "NoSuchChain",
     "Output",
     "Params",
     "ProviderError",
@@ -56,6 +57,7 @@ __all__ = [
 _ELSEWHERE = {
     "ChainStatusRow": "chainyard.client",
     "Client": "chainyard.client",
+    "NoSuchChain": "chainyard.client",
     "ProviderError": "chainyard.workers.providers",
     "Tools": "chainyard.workers.tools",
 }
@@ -75,7 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
-    from chainyard.client import ChainStatusRow, Client
+    from chainyard.client import ChainStatusRow, Client, NoSuchChain
     from chainyard.contracts import (
         Chain,
         ChainCancelled,

@@ -19,7 +19,7 @@ from chainyard.contracts import (
 )
 
 from . import graph
-from .chains import Outcome, Pick, _advance, _fail, begin, cancelled_event
+from .chains import Outcome, Pick, _advance, _fail, begin, cancelled_event, followups
 
 
 class ControlError(ValueError):
@@ -31,6 +31,12 @@ class UnknownChain(ControlError):
 
 
 def cancel(state: ChainState, reason: str, now_ms: int) -> Outcome:
+    if state.status == "cancelled":
+        # Cancelled already: by this very message before a crash cut off its effects, or by
+        # another. The effects again (deduplicated), so `chain.cancelled` surely went out.
+        again = followups(state, now_ms)
+        again.cancel = True
+        return again
     if state.status != "running":
         raise ControlError(f"chain {state.chain.id!r} already ended ({state.status})")
     steps = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from chainyard.contracts import (
     Chain,
     ChainCompleted,
@@ -17,7 +20,7 @@ from chainyard.contracts import (
     ToolStep,
     Usage,
 )
-from chainyard.router import chains
+from chainyard.router import chains, control
 
 T0 = 1_000_000
 DEPLOYMENTS = ["dep-a", "dep-b"]
@@ -215,3 +218,18 @@ def test_followups_of_an_ended_chain_republish_the_end() -> None:
     assert isinstance(out.ended, ChainCompleted)
     again = chains.followups(out.state, T0 + 2)
     assert again.dispatch == [] and again.ended == out.ended
+
+
+def test_cancel_again_repeats_its_effects_and_a_finished_chain_refuses() -> None:
+    """A cancel redelivered after a crash between its record and its effects finds the chain
+    cancelled: the same effects again (the end, the workers' cancel), nothing new recorded."""
+
+    start = chains.start(diamond(), "t", T0, Picker())
+    first = control.cancel(start.state, "stop", T0 + 5)
+    again = control.cancel(first.state, "stop", T0 + 9)
+    assert again.state is first.state and again.cancel
+    assert again.ended == first.ended and again.dispatch == []
+    done = chains.on_completed(start.state, completed("plan"), T0 + 1, Picker()).state
+    finished = msgspec.structs.replace(done, status="completed", ended_at_ms=T0 + 2)
+    with pytest.raises(control.ControlError, match="already ended \\(completed\\)"):
+        control.cancel(finished, "stop", T0 + 3)

@@ -40,6 +40,7 @@ def test_one_exception_base() -> None:
     errors = [
         chainyard.ConfigError,
         chainyard.ChainTimeout,
+        chainyard.NoSuchChain,
         chainyard.ProviderError,
         ServerError,
         DlqError,
