@@ -52,7 +52,7 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     tools = load_tools(args.tools) if getattr(args, "tools", None) else None
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
-    from chainyard.runtime.telemetry_metrics import start_service
+    from chainyard.runtime.metrics import start_service
 
     obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
     tune_gc(THRESHOLDS if router else WORKER_THRESHOLDS)  # after start-up: what it made is frozen

@@ -44,7 +44,7 @@ from chainyard.contracts import (
     state_decoder,
 )
 from chainyard.contracts import new_id as _new_id
-from chainyard.runtime import telemetry
+from chainyard.runtime import messaging, tracing
 from chainyard.runtime.nats import connect
 
 
@@ -69,7 +69,7 @@ class Client:
         self.topology = topology or Topology()
         self.subjects: Subjects = self.topology.subjects
         self.js = nc.jetstream()
-        telemetry.use_global()  # the application's OTel provider, if it set one up
+        tracing.use_global()  # the application's OTel provider, if it set one up
 
     @classmethod
     async def connect(
@@ -104,7 +104,7 @@ class Client:
         A chain id is taken once per tenant: the same chain submitted again is not run again,
         and a different chain under a used id gets `chain.rejected` (`id_in_use`)."""
         data, chain_id, _, msg_id = _prepare(chain)
-        await telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        await messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
         return chain_id
 
     async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
@@ -113,7 +113,7 @@ class Client:
         Submitted again, the same chain answers with its first run's end; a different chain
         under a used id answers with its own `chain.rejected`, never the other chain's end."""
         data, chain_id, digest, msg_id = _prepare(chain)
-        publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
         return await self._await_end(chain_id, publish, timeout, digest)
 
     async def _await_end(
@@ -259,7 +259,7 @@ class Client:
 
     async def _control(self, chain_id: str, verb: str, data: bytes) -> None:
         subject = self.subjects.control(self.tenant, chain_id, verb)
-        await telemetry.publish(self.js, subject, data, "")
+        await messaging.publish(self.js, subject, data, "")
 
     async def watch(
         self, chain_id: str, *, history: bool = True, deltas: bool = False
