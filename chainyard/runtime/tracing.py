@@ -131,6 +131,15 @@ def _apps_provider() -> Any:
     return p
 
 
+def build_provider(default_service: str) -> TracerProvider:
+    """The SDK's TracerProvider as the variables configure it, one BatchSpanProcessor (its
+    `OTEL_BSP_*`) per exporter: what `setup` installs, and what the benchmark measures."""
+    provider = TracerProvider(resource=resource(default_service), id_generator=ChainIds())
+    for exporter in exporters():
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
 def setup(default_service: str) -> bool:
     """Trace this process as the `OTEL_*` variables say. An application's own global provider
     wins over the variables. True when this call turned tracing on (then `shutdown` undoes it),
@@ -145,9 +154,7 @@ def setup(default_service: str) -> bool:
         return True
     if not configured():
         return False
-    provider = TracerProvider(resource=resource(default_service), id_generator=ChainIds())
-    for exporter in exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_*
+    provider = build_provider(default_service)
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)  # for other libraries' spans too (once a process)
         _installed.add(id(provider))
