@@ -82,7 +82,7 @@ def _provider(endpoint: str, **env: str) -> tuple[Any, _Count]:
     return provider, count
 
 
-@benchmark(NAME, (NAME, SAMPLED))
+@benchmark("tracing", (NAME, SAMPLED))
 async def tracing_overhead(ctx: Ctx) -> list[Figure]:
     """Single-step chains/s with spans exported over OTLP/HTTP (all, and 1 in 10) vs off."""
     n = ctx.n("n", 3000, 400)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_until
-from otlp_receiver import OtlpReceiver, Span
+from otlp_receiver import OtlpGrpcReceiver, OtlpReceiver, Span
 
 from chainyard.client import Client
 from chainyard.contracts import Chain, ChainCompleted, LlmStep, Message, ToolStep
@@ -95,6 +95,45 @@ async def test_default_service_name_and_off_without_exporter(nats_server: NatsSe
         nats_server.url, "roots", "2", OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true"
     )
     assert disabled[0] == []
+
+
+async def test_an_applications_own_provider_is_used_as_is(nats_server: NatsServer) -> None:
+    spans, _ = await probe(nats_server.url, "roots", "2", PROBE_OWN_PROVIDER="1")
+    assert [s["name"] for s in spans] == ["send cy.work.{pool}"] * 2
+    assert spans[0]["resource"]["attributes"]["service.name"] == "my-app"
+
+
+@pytest.mark.parametrize("protocol", ["", "http/protobuf", "grpc"])
+async def test_otlp_exporter_by_protocol(nats_server: NatsServer, protocol: str) -> None:
+    """`otlp` is OTLP/HTTP unless OTEL_EXPORTER_OTLP_PROTOCOL says grpc (the grpc extra)."""
+    if protocol == "grpc":
+        pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    receiver = OtlpGrpcReceiver() if protocol == "grpc" else OtlpReceiver()
+    async with receiver:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+        if protocol:
+            otel["OTEL_EXPORTER_OTLP_PROTOCOL"] = protocol
+        await probe(nats_server.url, "roots", "3", **otel)
+        spans = await receiver.wait_for(lambda s: len(s) >= 3, timeout=10)
+    assert [s.name for s in spans] == ["send cy.work.{pool}"] * 3
+    assert {s.service for s in spans} == {"chainyard-probe"}
+
+
+async def test_an_exporter_that_is_not_installed_is_an_error_at_start(
+    nats_server: NatsServer,
+) -> None:
+    p = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(PROBE),
+        nats_server.url,
+        "roots",
+        "1",
+        stderr=asyncio.subprocess.PIPE,
+        env=otel_env(OTEL_TRACES_EXPORTER="zipkin_json"),
+    )
+    _, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode != 0
+    assert "OTEL_TRACES_EXPORTER=zipkin_json: no span exporter 'zipkin_json'" in err.decode()
 
 
 @pytest.mark.parametrize(

@@ -4,23 +4,33 @@
 `python tests/tracing_probe.py NATS_URL hop TRACEPARENT`: a message carrying TRACEPARENT (and
 baggage `tier=gold` if the propagators carry it) is handled by a traced consumer that publishes
 onward; what the handler saw and the onward message's headers are printed to stderr as JSON.
-Spans go wherever `OTEL_TRACES_EXPORTER` says (console: stdout).
+Spans go wherever `OTEL_TRACES_EXPORTER` says (console: stdout). With `PROBE_OWN_PROVIDER=1` the
+probe first installs its own global TracerProvider (service `my-app`, console exporter), as an
+application that sets up the SDK itself would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
-from opentelemetry import baggage, context, propagate
+from opentelemetry import baggage, context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
 from chainyard.runtime import messaging, tracing
 from chainyard.runtime.nats import connect
 
 
 async def main(url: str, what: str, arg: str) -> None:
+    if os.environ.get("PROBE_OWN_PROVIDER"):  # an application's own SDK setup, made first
+        provider = TracerProvider(resource=Resource({"service.name": "my-app"}))
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        trace.set_tracer_provider(provider)
     on = tracing.setup("chainyard-probe")
     nc = await connect(url, name="probe")
     try:
@@ -34,6 +44,8 @@ async def main(url: str, what: str, arg: str) -> None:
         await nc.close()
         if on:
             tracing.shutdown()
+        if os.environ.get("PROBE_OWN_PROVIDER"):
+            provider.shutdown()
 
 
 async def hop(nc: Any, traceparent: str) -> None:

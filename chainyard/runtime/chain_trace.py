@@ -88,7 +88,7 @@ def begin_chain(outcome: Any) -> Any:
 
 def adopt_state(state: Any) -> None:
     """A handler whose message had no trace context continues the chain's trace."""
-    if tracing._tracer is None or state is None:
+    if tracing._tracer is None or state is None or not messaging.waiting():
         return
     ctx = chain_context(state)
     if ctx is not None:

@@ -194,6 +194,12 @@ def current_span() -> Span:
     return trace.get_current_span()
 
 
+def waiting() -> bool:
+    """The handler's message carried no trace context and nothing has given it one yet."""
+    s = _scope.get()
+    return s is not None and s.span is None
+
+
 def adopt(parent: Context) -> None:
     """A handler whose message carried no trace context continues `parent` (the chain's)."""
     s = _scope.get()
