@@ -32,6 +32,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from chainyard.contracts import ConfigError
+
 log = logging.getLogger("chainyard.tracing")
 
 TRUE = ("1", "true", "yes", "on")
@@ -118,7 +120,7 @@ def exporters() -> list[Any]:
         found = entry_points(group="opentelemetry_traces_exporter", name=ep)
         if not found:
             hint = " (pip install 'chainyard[grpc]')" if ep == "otlp_proto_grpc" else ""
-            raise RuntimeError(f"OTEL_TRACES_EXPORTER={name}: no span exporter {ep!r}{hint}")
+            raise ConfigError(f"OTEL_TRACES_EXPORTER={name}: no span exporter {ep!r}{hint}")
         out.append(next(iter(found)).load()())
     return out
 
