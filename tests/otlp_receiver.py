@@ -90,7 +90,8 @@ class OtlpReceiver:
     metric_names: set[str] = field(default_factory=set)
     raw: list[ExportTraceServiceRequest] = field(default_factory=list)
     requests: int = 0
-    discard: bool = False  # benchmarks: answer at once, decode nothing
+    discard: bool = False  # benchmarks: count the spans (GET /count), keep nothing
+    spans_counted: int = 0
     bytes_received: int = 0
     last_headers: dict[str, str] = field(default_factory=dict)  # of the last trace request
     _runner: web.AppRunner | None = None
@@ -106,6 +107,7 @@ class OtlpReceiver:
         app.router.add_post("/v1/traces", self._traces)
         app.router.add_post("/v1/metrics", self._metrics)
         app.router.add_get("/api/v3/traces/{trace_id}", self._jaeger)  # what Jaeger v2 answers
+        app.router.add_get("/count", self._count)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -132,15 +134,21 @@ class OtlpReceiver:
         self.last_headers = {k.lower(): v for k, v in request.headers.items()}
         self.requests += 1
         self.bytes_received += len(body)
-        if self.discard:
-            return web.Response(content_type="application/x-protobuf")
         req = ExportTraceServiceRequest()
         req.ParseFromString(body)
+        if self.discard:
+            self.spans_counted += sum(
+                len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans
+            )
+            return web.Response(content_type="application/x-protobuf")
         await self.add(req)
         return web.Response(
             body=ExportTraceServiceResponse().SerializeToString(),
             content_type="application/x-protobuf",
         )
+
+    async def _count(self, request: web.Request) -> web.Response:
+        return web.json_response({"spans": self.spans_counted, "requests": self.requests})
 
     async def add(self, req: ExportTraceServiceRequest) -> None:
         self.raw.append(req)

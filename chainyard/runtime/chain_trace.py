@@ -169,6 +169,37 @@ def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> st
     return f"strategy {strategy or 'balanced'}"
 
 
+def _decision(
+    a: Any,
+    state: Any,
+    model: str,
+    candidates: Callable[[], list[str]] | None,
+    strategy: str | None,
+) -> dict[str, Any]:
+    target, step = a.target, a.step
+    st = state.steps.get(a.step_id)
+    cands = tuple(candidates()) if candidates is not None else (target.deployment,)
+    strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
+    kind = _KIND.get(type(step))
+    if kind is None:
+        kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
+    attrs: dict[str, Any] = {
+        "chainyard.step.kind": kind,
+        "chainyard.route.model": model,
+        "chainyard.route.candidates": cands,
+        "chainyard.route.choice": target.deployment,
+        "chainyard.route.pool": target.pool,
+        "chainyard.route.provider": target.provider,
+        "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
+        "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
+    }
+    if strategy:
+        attrs["chainyard.route.strategy"] = strategy
+    if st is not None and st.tried:
+        attrs["chainyard.route.tried"] = list(st.tried)
+    return attrs
+
+
 async def publish_work(
     js: Any,
     subject: str,
@@ -185,34 +216,18 @@ async def publish_work(
     tr = tracing._tracer
     if tr is None:
         return await js.publish(subject, data, headers={"Nats-Msg-Id": a.msg_id})
-    step = a.step
-    st = state.steps.get(a.step_id)
-    cands = tuple(candidates()) if candidates is not None else (target.deployment,)
-    model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
-    kind = _KIND.get(type(step))
-    if kind is None:
-        kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
-    attrs: dict[str, Any] = {
+    ids = {
         "chainyard.tenant": a.tenant,
         "chainyard.chain.id": a.chain_id,
         "chainyard.step.id": a.step_id,
-        "chainyard.step.kind": kind,
         "chainyard.step.attempt": a.attempt,
-        "chainyard.route.model": model,
-        "chainyard.route.candidates": cands,
-        "chainyard.route.choice": target.deployment,
-        "chainyard.route.pool": target.pool,
-        "chainyard.route.provider": target.provider,
-        "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
-        "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
     }
-    if strategy:
-        attrs["chainyard.route.strategy"] = strategy
-    if st is not None and st.tried:
-        attrs["chainyard.route.tried"] = list(st.tried)
+    step = a.step
+    model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
     messaging.ensure_span()
-    route = tr.start_span(f"route {model}", kind=SpanKind.INTERNAL, attributes=attrs)
+    route = tr.start_span(f"route {model}", kind=SpanKind.INTERNAL, attributes=ids)
+    if route.is_recording():  # the decision's details only for a span that is kept
+        route.set_attributes(_decision(a, state, model, candidates, strategy))
     try:
         return await messaging.publish(
             js,

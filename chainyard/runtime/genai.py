@@ -69,6 +69,29 @@ def _output_messages(output: Any) -> str:
     return _json([{"role": "assistant", "parts": parts, "finish_reason": output.finish_reason}])
 
 
+def _request(a: Any) -> dict[str, Any]:
+    t, step = a.target, a.step
+    attrs: dict[str, Any] = {
+        "chainyard.deployment": t.deployment,
+        "chainyard.pool": t.pool,
+        "chainyard.chain.id": a.chain_id,
+        "chainyard.step.id": a.step_id,
+        "chainyard.step.attempt": a.attempt,
+    }
+    params = getattr(step, "params", None)
+    if params is not None:
+        for field, name in (
+            ("max_tokens", "gen_ai.request.max_tokens"),
+            ("temperature", "gen_ai.request.temperature"),
+        ):
+            v = getattr(params, field, None)
+            if v is not None:
+                attrs[name] = v
+    if tracing.capture_content:
+        attrs["gen_ai.input.messages"] = _input_messages(step)
+    return attrs
+
+
 def traced_chat(execute: Execute) -> Execute:
     """Wrap an LLM executor: one `chat {model}` CLIENT span per provider call, current while
     the call runs (an instrumented HTTP client's spans nest under it)."""
@@ -78,30 +101,19 @@ def traced_chat(execute: Execute) -> Execute:
         if tr is None:
             return await execute(a, on_delta)
         t = a.target
-        step = a.step
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": provider_name(t.provider),
-            "gen_ai.request.model": t.model,
-            "chainyard.deployment": t.deployment,
-            "chainyard.pool": t.pool,
-            "chainyard.chain.id": a.chain_id,
-            "chainyard.step.id": a.step_id,
-            "chainyard.step.attempt": a.attempt,
-        }
-        params = getattr(step, "params", None)
-        if params is not None:
-            for field, name in (
-                ("max_tokens", "gen_ai.request.max_tokens"),
-                ("temperature", "gen_ai.request.temperature"),
-            ):
-                v = getattr(params, field, None)
-                if v is not None:
-                    attrs[name] = v
-        if tracing.capture_content:
-            attrs["gen_ai.input.messages"] = _input_messages(step)
         messaging.ensure_span()
-        span = tr.start_span(f"chat {t.model}", kind=SpanKind.CLIENT, attributes=attrs)
+        span = tr.start_span(
+            f"chat {t.model}",
+            kind=SpanKind.CLIENT,
+            attributes={  # what the conventions want at creation (a sampler may read them)
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": provider_name(t.provider),
+                "gen_ai.request.model": t.model,
+            },
+        )
+        recording = span.is_recording()
+        if recording:
+            span.set_attributes(_request(a))
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             r = await execute(a, on_delta)
@@ -109,6 +121,8 @@ def traced_chat(execute: Execute) -> Execute:
             _fail(span, e)
             raise
         else:
+            if not recording:
+                return r
             usage = r.usage
             done: dict[str, Any] = {
                 "gen_ai.response.model": r.model or t.model,
