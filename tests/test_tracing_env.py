@@ -25,6 +25,7 @@ from chainyard.client import Client
 from chainyard.contracts import Chain, ChainCompleted, LlmStep, Message, ToolStep
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
+from chainyard.sandbox import local_model
 
 PROBE = Path(__file__).with_name("tracing_probe.py")
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -282,3 +283,36 @@ async def test_chainyard_dev_with_an_otlp_endpoint_exports_one_trace_per_chain(
         assert all(not s.parent_id or s.parent_id in ids for s in ss)
         assert {"execute_tool weather", "chat gpt-4o-mini"} <= {s.name for s in ss}
     assert {s.service for s in spans} == {"chainyard-dev"}
+
+
+@pytest.mark.localmodel
+@pytest.mark.skipif(
+    not local_model.available(), reason=f"local model: {local_model.unavailable_reason()}"
+)
+async def test_make_demo_with_an_otlp_endpoint_exports_one_trace_per_chain(
+    tmp_path: Path,
+) -> None:
+    """`make demo` is `chainyard demo`: its two chains are two traces, rooted at its client."""
+    async with OtlpReceiver() as receiver:
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chainyard.cli",
+            "demo",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=otel_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint),
+        )
+        out, _ = await asyncio.wait_for(demo.communicate(), 600)
+        assert demo.returncode == 0, out.decode()
+        # the demo flushes its spans before it exits: all are here
+        spans = list(receiver.spans)
+    traces: dict[str, list[Span]] = defaultdict(list)
+    for s in spans:
+        traces[s.trace_id].append(s)
+    assert len(traces) == 2, {t: sorted({s.name for s in ss}) for t, ss in traces.items()}
+    for ss in traces.values():
+        assert [s.name for s in ss if not s.parent_id] == ["send cy.submit.{tenant}"]
+        assert sum(s.name == "chain" for s in ss) == 1
+        ids = {s.span_id for s in ss}
+        assert all(not s.parent_id or s.parent_id in ids for s in ss)
