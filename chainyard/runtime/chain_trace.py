@@ -214,8 +214,9 @@ async def publish_work(
     if metrics.on:
         metrics.routed(target.pool, target.deployment)
     tr = tracing._tracer
-    if tr is None:
-        return await js.publish(subject, data, headers={"Nats-Msg-Id": a.msg_id})
+    messaging.ensure_span()
+    if tr is None or messaging.sampled_out():
+        return await messaging.publish(js, subject, data, a.msg_id)
     ids = {
         "chainyard.tenant": a.tenant,
         "chainyard.chain.id": a.chain_id,
@@ -224,7 +225,6 @@ async def publish_work(
     }
     step = a.step
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    messaging.ensure_span()
     route = tr.start_span(f"route {model}", kind=SpanKind.INTERNAL, attributes=ids)
     if route.is_recording():  # the decision's details only for a span that is kept
         route.set_attributes(_decision(a, state, model, candidates, strategy))

@@ -100,8 +100,10 @@ def traced_chat(execute: Execute) -> Execute:
         tr = tracing._tracer
         if tr is None:
             return await execute(a, on_delta)
-        t = a.target
         messaging.ensure_span()
+        if messaging.sampled_out():
+            return await execute(a, on_delta)
+        t = a.target
         span = tr.start_span(
             f"chat {t.model}",
             kind=SpanKind.CLIENT,
@@ -151,6 +153,9 @@ def traced_tool(name: str, execute: Execute) -> Execute:
         tr = tracing._tracer
         if tr is None:
             return await execute(a, on_delta)
+        messaging.ensure_span()
+        if messaging.sampled_out():
+            return await execute(a, on_delta)
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": name,
@@ -164,7 +169,6 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tracing.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        messaging.ensure_span()
         span = tr.start_span(f"execute_tool {name}", kind=SpanKind.INTERNAL, attributes=attrs)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:

@@ -122,6 +122,9 @@ async def publish(
         return await js.publish(subject, data, headers=headers or None)
     if context is None:
         ensure_span()
+    if sampled_out(context):  # nothing under it is recorded: only the context travels on
+        propagate.inject(headers, context=context)
+        return await js.publish(subject, data, headers=headers)
     a = _attrs("send", "send", subject, msg_id)
     if attrs:
         a.update(attrs)
@@ -157,6 +160,10 @@ class _Scope:
     def start(self, parent: Context | None, link: bool) -> Span:
         tr = tracing._tracer
         assert tr is not None
+        if parent is not None and sampled_out(parent):  # nothing to record: carry it on
+            self.span = trace.get_current_span(parent)
+            self.attach(parent)
+            return self.span
         links = None
         if link and parent is not None:
             links = [Link(trace.get_current_span(parent).get_span_context())]
@@ -178,6 +185,15 @@ class _Scope:
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
     "chainyard_trace_scope", default=None
 )
+
+
+def sampled_out(context: Context | None = None) -> bool:
+    """A span made under `context` (default: the current one) would not be recorded: its
+    parent was sampled out and the sampler follows the parent (`tracing.follows_parent`)."""
+    if not tracing.follows_parent:
+        return False
+    sc = trace.get_current_span(context).get_span_context()
+    return sc.is_valid and not sc.trace_flags.sampled
 
 
 def ensure_span() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import weakref
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -30,6 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from chainyard.contracts import ConfigError
@@ -41,8 +43,13 @@ TRUE = ("1", "true", "yes", "on")
 _tracer: Tracer | None = None  # None: tracing is off
 _owned: TracerProvider | None = None  # a provider this module built (flushed and shut down here)
 _installed: set[int] = set()  # ids of providers this module made global (never "the app's own")
+_built: weakref.WeakSet[Any] = weakref.WeakSet()  # providers built here from the variables
 # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: prompt and completion text in spans
 capture_content = False
+# True when the tracer's sampler is one of the SDK's parent-based samplers as the environment
+# configures them (`parentbased_*`, the default): a span under a sampled-out parent is then
+# never recorded, so the helpers skip making it and only carry the context on
+follows_parent = False
 # a chain's own span is emitted when the chain ends, with the ids drawn at intake (chain_trace)
 forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "chainyard_forced_ids", default=None
@@ -139,6 +146,7 @@ def build_provider(default_service: str) -> TracerProvider:
     provider = TracerProvider(resource=resource(default_service), id_generator=ChainIds())
     for exporter in exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    _built.add(provider)
     return provider
 
 
@@ -168,8 +176,11 @@ def setup(default_service: str) -> bool:
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:
     """Trace with `provider` (an SDK TracerProvider, or any OTel API provider)."""
-    global _tracer, capture_content
+    global _tracer, capture_content, follows_parent
     t = provider.get_tracer("chainyard")
+    # only a provider built here from the variables: its parent-based sampler has the
+    # specification's delegates (an application's may sample under a sampled-out parent)
+    follows_parent = provider in _built and isinstance(provider.sampler, ParentBased)
     gen = getattr(t, "id_generator", None)  # the SDK Tracer's public attribute
     if isinstance(gen, IdGenerator) and not isinstance(gen, ChainIds):
         t.id_generator = ChainIds(gen)  # type: ignore[attr-defined]  # chain spans keep their ids
