@@ -184,6 +184,21 @@ async def test_parentbased_ratio_follows_the_parent_across_a_hop(
         assert names == []
 
 
+async def test_a_sampler_that_ignores_the_parent_still_decides_under_a_sampled_out_one(
+    nats_server: NatsServer,
+) -> None:
+    """Spans under a sampled-out parent are skipped only for parent-based samplers."""
+    spans, _ = await probe(
+        nats_server.url,
+        "hop",
+        SAMPLED[:-2] + "00",
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_TRACES_SAMPLER="always_on",
+    )
+    names = sorted(s["name"] for s in spans)
+    assert names == ["process cy.work.{pool}", "send cy.events.{tenant}.{chain}.step.completed"]
+
+
 @pytest.mark.parametrize("propagators", ["tracecontext,baggage", "tracecontext"])
 async def test_otel_propagators_carry_baggage_across_a_hop(
     nats_server: NatsServer, propagators: str
