@@ -66,7 +66,7 @@ def _traceparent(sc: SpanContext) -> dict[str, str]:
 def begin_chain(outcome: Any) -> Any:
     """Intake: put the new chain's trace context in its state (`outcome.state`), make the
     chain's span the parent of what the handler does next, and return the outcome."""
-    if tracing._tracer is None:
+    if tracing.active is None:
         return outcome
     proc = messaging.current_span().get_span_context()  # the intake's process span
     sid = _ids.generate_span_id()
@@ -88,7 +88,7 @@ def begin_chain(outcome: Any) -> Any:
 
 def adopt_state(state: Any) -> None:
     """A handler whose message had no trace context continues the chain's trace."""
-    if tracing._tracer is None or state is None or not messaging.waiting():
+    if tracing.active is None or state is None or not messaging.waiting():
         return
     ctx = chain_context(state)
     if ctx is not None:
@@ -106,13 +106,13 @@ def chain_ended(state: Any) -> None:
     if metrics.on:
         dur = ((state.ended_at_ms or now_ms()) - state.created_at_ms) / 1000
         metrics.chain_ended(state.status, dur, state.cost_usd)
-    if tracing._tracer is not None:
+    if tracing.active is not None:
         end_chain(state)
 
 
 def end_chain(state: Any) -> None:
     """Emit the chain's span under the ids drawn at intake."""
-    tr = tracing._tracer
+    tr = tracing.active
     t = getattr(state, "trace", None)
     ctx = chain_context(state) if t else None
     if tr is None or ctx is None:
@@ -213,7 +213,7 @@ async def publish_work(
     target = a.target
     if metrics.on:
         metrics.routed(target.pool, target.deployment)
-    tr = tracing._tracer
+    tr = tracing.active
     messaging.ensure_span()
     if tr is None or messaging.sampled_out():
         return await messaging.publish(js, subject, data, a.msg_id)

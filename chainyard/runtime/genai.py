@@ -97,7 +97,7 @@ def traced_chat(execute: Execute) -> Execute:
     the call runs (an instrumented HTTP client's spans nest under it)."""
 
     async def run(a: Any, on_delta: Any) -> Any:
-        tr = tracing._tracer
+        tr = tracing.active
         if tr is None:
             return await execute(a, on_delta)
         messaging.ensure_span()
@@ -150,7 +150,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
     """Wrap a tool executor: one `execute_tool {name}` span, current while the tool runs."""
 
     async def run(a: Any, on_delta: Any = None) -> Any:
-        tr = tracing._tracer
+        tr = tracing.active
         if tr is None:
             return await execute(a, on_delta)
         messaging.ensure_span()

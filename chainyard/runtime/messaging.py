@@ -117,7 +117,7 @@ async def publish(
     """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), inside a `send` span whose
     context rides in the headers. `context`: the parent (default: the current context)."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else {}
-    tr = tracing._tracer
+    tr = tracing.active
     if tr is None:
         return await js.publish(subject, data, headers=headers or None)
     if context is None:
@@ -158,7 +158,7 @@ class _Scope:
         self.tokens: list[Any] = []
 
     def start(self, parent: Context | None, link: bool) -> Span:
-        tr = tracing._tracer
+        tr = tracing.active
         assert tr is not None
         if parent is not None and sampled_out(parent):  # nothing to record: carry it on
             self.span = trace.get_current_span(parent)
@@ -241,7 +241,7 @@ def consumer(
         if counted:
             metrics.in_flight(pool, 1)  # type: ignore[arg-type]
         try:
-            if tracing._tracer is None:
+            if tracing.active is None:
                 await handler(msg)
             else:  # inline, not a nested coroutine: every resume of the handler passes here
                 scope, token = _begin(msg, durable)
@@ -297,7 +297,7 @@ def _settle(
     op: str, orig: Callable[..., Awaitable[Any]], subject: str, durable: str
 ) -> Callable[..., Awaitable[Any]]:
     async def settle(*args: Any, **kw: Any) -> Any:
-        tr = tracing._tracer
+        tr = tracing.active
         if tr is None:
             return await orig(*args, **kw)
         a = _attrs(op, "settle", subject, None)

@@ -3,7 +3,7 @@
 On when an exporter is named (`OTEL_TRACES_EXPORTER=console|otlp|...`) or an OTLP endpoint is
 set (`OTEL_EXPORTER_OTLP_ENDPOINT`, `..._TRACES_ENDPOINT`), and `OTEL_SDK_DISABLED` is not true.
 Off, nothing is installed and the helpers in `messaging`, `genai` and `chain_trace` return after
-one check of `tracer()`.
+one check of `tracing.active`.
 
 Everything else is the SDK's own reading of the variables: the sampler (`OTEL_TRACES_SAMPLER`,
 `..._ARG`), span limits, `OTEL_BSP_*` for the BatchSpanProcessor, the resource
@@ -40,7 +40,7 @@ log = logging.getLogger("chainyard.tracing")
 
 TRUE = ("1", "true", "yes", "on")
 
-_tracer: Tracer | None = None  # None: tracing is off
+active: Tracer | None = None  # the tracer the helpers use; None: tracing is off
 _owned: TracerProvider | None = None  # a provider this module built (flushed and shut down here)
 _installed: set[int] = set()  # ids of providers this module made global (never "the app's own")
 _built: weakref.WeakSet[Any] = weakref.WeakSet()  # providers built here from the variables
@@ -60,12 +60,8 @@ def _env(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
-def tracer() -> Tracer | None:
-    return _tracer
-
-
 def enabled() -> bool:
-    return _tracer is not None
+    return active is not None
 
 
 class ChainIds(IdGenerator):
@@ -155,7 +151,7 @@ def setup(default_service: str) -> bool:
     wins over the variables. True when this call turned tracing on (then `shutdown` undoes it),
     False when it was off or already on."""
     global _owned
-    if _tracer is not None:
+    if active is not None:
         return False
     app = _apps_provider()
     if app is not None:
@@ -176,7 +172,7 @@ def setup(default_service: str) -> bool:
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:
     """Trace with `provider` (an SDK TracerProvider, or any OTel API provider)."""
-    global _tracer, capture_content, follows_parent
+    global active, capture_content, follows_parent
     t = provider.get_tracer("chainyard")
     # only a provider built here from the variables: its parent-based sampler has the
     # specification's delegates (an application's may sample under a sampled-out parent)
@@ -187,17 +183,17 @@ def enable(provider: Any, *, capture: bool | None = None) -> None:
     if capture is None:
         capture = _env("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT").lower() in TRUE
     capture_content = capture
-    _tracer = t
+    active = t
 
 
 def disable() -> None:
-    global _tracer
-    _tracer = None
+    global active
+    active = None
 
 
 def use_global() -> bool:
     """Trace with the application's own provider, if it installed one (the client does)."""
-    if _tracer is not None:
+    if active is not None:
         return True
     app = _apps_provider()
     if app is None:
