@@ -171,7 +171,7 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
         "tracer": "OpenTelemetry SDK TracerProvider + BatchSpanProcessor + OTLPSpanExporter "
         "(OTLP/HTTP protobuf), built by tracing.build_provider from OTEL_* variables",
         "batch": "OTEL_BSP_* defaults (512 a batch, 5 s delay, 2048 queue)",
-        "receiver": "local process, reads and discards the body (tests/otlp_receiver.py --discard)",
+        "receiver": "local process, counts spans, keeps none (tests/otlp_receiver.py --discard)",
         "off_rounds_per_s": [round(r.per_s, 1) for r in runs["off"]],
         "cpu_us_per_chain_off": round(cpu_off, 1),
         "off_p50_ms": round(statistics.median(r.pct(50) for r in runs["off"]), 3),
