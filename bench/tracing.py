@@ -1,30 +1,39 @@
-"""Figure tracing_overhead_ratio: the chainyard path with tracing exported vs tracing off.
+"""Figures tracing_overhead_ratio and tracing_overhead_ratio_sampled: tracing on vs off.
 
 One embedded nats-server, Router + Worker(NullProvider) in one process (bench.chainyard_path),
-the same driver as nats_path. Tracing on = what `telemetry.setup` installs in a service
-(`telemetry.build_provider`: chainyard's light spans, piped in batches to a helper process that
-encodes OTLP protobuf directly and POSTs it with http.client), sending to a local OTLP receiver
-in another process
-(tests/otlp_receiver.py); off = chainyard's helpers with no tracer (what a service gets with no
-OTEL_EXPORTER_OTLP_ENDPOINT). Rounds alternate off / on in the same run; the figure is the
-median on-round throughput over the median off-round throughput (goal >= 0.85). The conditions
-also carry this process's CPU per chain in each kind of round (all threads) and the exporter's
-CPU per span (the helper process's, or the export thread's in mode 4). `--set mode=4` measures
-the export thread it replaced, `--set mode=1|2` the SDK paths before that (SDK spans with the
-direct encoder; SDK spans with the SDK's OTLP exporter), mode 3 spans made and queued in the
-thread's batcher but never encoded or sent.
+the same driver as nats_path. Tracing on = what `tracing.setup` installs in a service
+(`tracing.build_provider`: the OpenTelemetry SDK's TracerProvider with a BatchSpanProcessor and
+the OTLP/HTTP exporter, configured by the `OTEL_*` variables), sending to a local OTLP receiver
+in another process (tests/otlp_receiver.py); off = no tracer (what a service gets with no
+exporter and no endpoint configured). Two tracing setups are measured:
+
+- `tracing_overhead_ratio`: the SDK's default sampler (parent-based always-on: every chain
+  traced). Goal >= 0.6.
+- `tracing_overhead_ratio_sampled`: `OTEL_TRACES_SAMPLER=parentbased_traceidratio`,
+  `OTEL_TRACES_SAMPLER_ARG=0.1` (one chain in ten traced, the rest carry an unsampled
+  context). Goal >= 0.9.
+
+Rounds alternate off / on / sampled in the same run; each figure is the median on-round
+throughput over the median off-round throughput. The conditions carry this process's CPU per
+chain in each kind of round (all threads: the SDK's export thread included), the spans
+recorded per chain, and the spans the receiver got (the rest were dropped by the
+BatchSpanProcessor's full queue, `OTEL_BSP_MAX_QUEUE_SIZE`, as the SDK does under overload).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import time
 from typing import Any
 
-from chainyard.runtime import telemetry
+import httpx
+from opentelemetry.sdk.trace import SpanProcessor
+
+from chainyard.runtime import tracing
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -34,42 +43,18 @@ from .core import HERE, Ctx, Figure, benchmark
 from .drive import Completions, Run, drive
 
 NAME = "tracing_overhead_ratio"
+SAMPLED = "tracing_overhead_ratio_sampled"
+RATIO = "0.1"
 
 
-class _Counting:
-    """Wraps an SDK exporter (modes 1 and 2) to count what was exported."""
+class _Count(SpanProcessor):
+    """Counts the spans that end recorded (sampled): spans per chain."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.exported = 0
-        self.failed = 0
+    def __init__(self) -> None:
+        self.ended = 0
 
-    def export(self, spans: Any) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        r = self.inner.export(spans)
-        if r == SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.failed += len(spans)
-        return r
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-MODES = {
-    0: "chainyard light spans piped to a helper process: direct OTLP protobuf, http.client POST"
-    " (production)",
-    4: "chainyard light spans, batching thread in the service: direct OTLP protobuf encoder,"
-    " http.client POST (before)",
-    1: "SDK spans + BatchSpanProcessor, direct OTLP protobuf encoder",
-    2: "SDK spans + BatchSpanProcessor + SDK OTLPSpanExporter (before)",
-    3: "diagnosis: chainyard light spans queued, never encoded or sent",
-}
+    def on_end(self, span: Any) -> None:
+        self.ended += 1
 
 
 async def _receiver() -> tuple[asyncio.subprocess.Process, str]:
@@ -82,65 +67,48 @@ async def _receiver() -> tuple[asyncio.subprocess.Process, str]:
     return proc, line.decode().strip()
 
 
-def _provider(endpoint: str, mode: int) -> tuple[Any, Any]:
-    """(provider, exporter with .exported / .failed counts). Mode 0 is what `telemetry.setup`
-    installs in a service; 1 and 2 are the SDK paths it replaced, for comparison."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    from chainyard.runtime.telemetry_child import ChildExport
-    from chainyard.runtime.telemetry_export import OtlpHttpExporter
-
-    resource = Resource.create({"service.name": "chainyard-bench"})
-    url = f"{endpoint}/v1/traces"
-    if mode == 0:
-        provider = telemetry.build_provider(resource, ChildExport(endpoint=url))
-        return provider, provider.batcher  # OTEL_BSP_* defaults; the helper's counts
-    if mode == 4:
-        exporter = OtlpHttpExporter(endpoint=url)
-        return telemetry.build_provider(resource, exporter), exporter
-    if mode == 3:  # diagnosis: spans made and queued, never encoded or sent
-
-        class _Null:
-            exported = failed = 0
-
-            def send(self, spans: Any) -> bool:
-                self.exported += len(spans)
-                return True
-
-            def shutdown(self) -> None:
-                pass
-
-        exporter = _Null()
-        return telemetry.build_provider(resource, exporter), exporter
-    if mode == 1:
-        exporter = _Counting(OtlpHttpExporter(endpoint=url))
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = _Counting(OTLPSpanExporter(endpoint=url))
-    provider = TracerProvider(resource=resource, id_generator=telemetry._ChainIds())
-    provider.add_span_processor(BatchSpanProcessor(exporter))  # defaults, as before
-    return provider, exporter
+async def _received(endpoint: str) -> int:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"{endpoint}/count")).json()["spans"]
 
 
-@benchmark(NAME, (NAME,))
+def _provider(endpoint: str, **env: str) -> tuple[Any, _Count]:
+    """What `tracing.setup` builds from these variables (and no other OTEL_* ones)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, **env)
+    try:
+        provider = tracing.build_provider("chainyard-bench")
+    finally:
+        for k in [k for k in os.environ if k.startswith("OTEL_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+    count = _Count()
+    provider.add_span_processor(count)
+    return provider, count
+
+
+@benchmark("tracing", (NAME, SAMPLED))
 async def tracing_overhead(ctx: Ctx) -> list[Figure]:
-    """Single-step chains/s with every span exported over OTLP/HTTP vs tracing off."""
+    """Single-step chains/s with spans exported over OTLP/HTTP (all, and 1 in 10) vs off."""
     n = ctx.n("n", 3000, 400)
     window = ctx.n("window", 256, 256)
     warm = ctx.n("warmup", 300, 100)
-    rounds = max(1, ctx.n("rounds", 5, 2))  # the figure swings by +-0.05 a round here
+    rounds = max(1, ctx.n("rounds", 5, 2))
     tmo = 60 + n / 20
     load_before = load_average()
     recv, endpoint = await _receiver()
-    mode = ctx.n("mode", 0, 0)
-    provider, exporter = _provider(endpoint, mode)
-    off: list[Run] = []
-    on: list[Run] = []
-    cpu_off: list[float] = []  # this process's CPU (all threads) per chain, us
-    cpu_on: list[float] = []
+    full, full_count = _provider(endpoint)
+    sampled, sampled_count = _provider(
+        endpoint, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=RATIO
+    )
+    kinds: dict[str, Any] = {"off": None, "on": full, "sampled": sampled}
+    runs: dict[str, list[Run]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}  # this process's CPU per chain, us
+    counted: dict[str, int] = {"on": 0, "sampled": 0}  # spans ended recorded
+    received: dict[str, int] = {"on": 0, "sampled": 0}  # spans the receiver got
+    seen = 0
     try:
         async with NatsServer() as server:
             bus = await open_bus(server.url, name="bench-tracing")
@@ -148,81 +116,94 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
             cy = ChainyardPath(bus, done, worker_slots=window, router_concurrency=window)
             try:
                 await cy.start()
-                telemetry.enable(provider, capture=False)
-                await drive([f"tw-{i}" for i in range(warm)], cy.submit, done, window, tmo)
-                telemetry.disable()
-                await drive([f"ow-{i}" for i in range(warm)], cy.submit, done, window, tmo)
-                await asyncio.to_thread(provider.force_flush)
+                for kind, provider in kinds.items():  # warm every path
+                    if provider is not None:
+                        tracing.enable(provider, capture=False)
+                    keys = [f"w{kind}-{i}" for i in range(warm)]
+                    await drive(keys, cy.submit, done, window, tmo)
+                    tracing.disable()
+                    if provider is not None:
+                        await asyncio.to_thread(provider.force_flush)
                 cy.check_alive()
+                seen = await _received(endpoint)
                 for r in range(rounds):
-                    telemetry.disable()
-                    c0 = time.process_time()
-                    off.append(
-                        await drive([f"off{r}-{i}" for i in range(n)], cy.submit, done, window, tmo)
-                    )
-                    cpu_off.append((time.process_time() - c0) / n * 1e6)
-                    telemetry.enable(provider, capture=False)
-                    c0 = time.process_time()
-                    on.append(
-                        await drive([f"on{r}-{i}" for i in range(n)], cy.submit, done, window, tmo)
-                    )
-                    telemetry.disable()
-                    await asyncio.to_thread(provider.force_flush)  # no export in the off round
-                    cpu_on.append((time.process_time() - c0) / n * 1e6)  # export included
-                if ctx.profile:  # an extra on round: the event loop's share of the tracing cost
-                    telemetry.enable(provider, capture=False)
+                    for kind, provider in kinds.items():
+                        counts = full_count if kind == "on" else sampled_count
+                        before = counts.ended
+                        if provider is not None:
+                            tracing.enable(provider, capture=False)
+                        c0 = time.process_time()
+                        keys = [f"{kind}{r}-{i}" for i in range(n)]
+                        runs[kind].append(await drive(keys, cy.submit, done, window, tmo))
+                        tracing.disable()
+                        if provider is not None:  # no export left for the next round
+                            await asyncio.to_thread(provider.force_flush)
+                            counted[kind] += counts.ended - before
+                            now = await _received(endpoint)
+                            received[kind] += now - seen
+                            seen = now
+                        cpu[kind].append((time.process_time() - c0) / n * 1e6)
+                if ctx.profile:  # an extra on round: where the tracing cost goes
+                    tracing.enable(full, capture=False)
                     with ctx.profiled("tracing_on"):
                         await drive([f"prof-{i}" for i in range(n)], cy.submit, done, window, tmo)
-                    telemetry.disable()
+                    tracing.disable()
             finally:
-                telemetry.disable()
+                tracing.disable()
                 await cy.stop()
                 await bus.close()
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(provider.shutdown)
+        for p in (full, sampled):
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(p.shutdown)
         recv.terminate()
         await recv.wait()
 
-    exported = getattr(exporter, "exported", None)
-    if exported is None:  # the helper process's count (mode 0)
-        exported = exporter.exported_spans
-    on_tp = statistics.median(r.per_s for r in on)
-    off_tp = statistics.median(r.per_s for r in off)
-    cond: dict[str, Any] = {
+    off_tp = statistics.median(r.per_s for r in runs["off"])
+    cpu_off = statistics.median(cpu["off"])
+    common: dict[str, Any] = {
         "N": n,
         "in_flight_window": window,
         "rounds": rounds,
         "warmup": warm,
         "process": "driver, router and worker in one process, one connection; receiver apart",
         "provider": "NullProvider (instant, in process)",
-        "mode": mode,
-        "tracer_exporter": MODES[mode],
+        "tracer": "OpenTelemetry SDK TracerProvider + BatchSpanProcessor + OTLPSpanExporter "
+        "(OTLP/HTTP protobuf), built by tracing.build_provider from OTEL_* variables",
         "batch": "OTEL_BSP_* defaults (512 a batch, 5 s delay, 2048 queue)",
-        "receiver": "local process, reads and discards the body (tests/otlp_receiver.py --discard)",
-        "settle_spans": telemetry.settle_spans,
-        "sampler": "parent-based always-on (every chain traced)",
-        "spans_exported": exported,
-        "spans_failed": exporter.failed,
-        "spans_per_chain": round(exported / max(1, (n * rounds + warm)), 2),
-        "on_rounds_per_s": [round(r.per_s, 1) for r in on],
-        "off_rounds_per_s": [round(r.per_s, 1) for r in off],
-        "cpu_us_per_chain_off": round(statistics.median(cpu_off), 1),
-        "cpu_us_per_chain_on": round(statistics.median(cpu_on), 1),
-        "tracing_cpu_us_per_span": round(
-            (statistics.median(cpu_on) - statistics.median(cpu_off))
-            / max(0.01, exported / max(1, n * rounds + warm)),
-            1,
-        ),
-        "export_cpu_us_per_span": (
-            round(provider.batcher.export_cpu_s / max(1, provider.batcher.exported_spans) * 1e6, 1)
-            if hasattr(provider, "batcher")
-            else None
-        ),
-        "on_p50_ms": round(statistics.median(r.pct(50) for r in on), 3),
-        "off_p50_ms": round(statistics.median(r.pct(50) for r in off), 3),
+        "receiver": "local process, counts spans, keeps none (tests/otlp_receiver.py --discard)",
+        "off_rounds_per_s": [round(r.per_s, 1) for r in runs["off"]],
+        "cpu_us_per_chain_off": round(cpu_off, 1),
+        "off_p50_ms": round(statistics.median(r.pct(50) for r in runs["off"]), 3),
         "load_average_before": load_before,
         "load_average_after": load_average(),
-        "goal": ">= 0.85",
     }
-    return [Figure(NAME, on_tp, "steps/s", "tracing_off_steps_per_s", off_tp, cond)]
+    figures = []
+    for kind, name, sampler, goal in (
+        ("on", NAME, "parentbased_always_on (the SDK's default: every chain traced)", ">= 0.6"),
+        (
+            "sampled",
+            SAMPLED,
+            f"parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG={RATIO}",
+            ">= 0.9",
+        ),
+    ):
+        tp = statistics.median(r.per_s for r in runs[kind])
+        cpu_on = statistics.median(cpu[kind])
+        chains = n * rounds
+        per_chain = counted[kind] / chains  # made and recorded (sampled)
+        cond = {
+            **common,
+            "sampler": sampler,
+            "spans_per_chain": round(per_chain, 2),
+            "spans_exported_per_chain": round(received[kind] / chains, 2),
+            "spans_dropped": counted[kind] - received[kind],
+            "on_rounds_per_s": [round(r.per_s, 1) for r in runs[kind]],
+            "cpu_us_per_chain_on": round(cpu_on, 1),
+            "tracing_cpu_us_per_chain": round(cpu_on - cpu_off, 1),
+            "tracing_cpu_us_per_exported_span": round((cpu_on - cpu_off) / max(0.01, per_chain), 1),
+            "on_p50_ms": round(statistics.median(r.pct(50) for r in runs[kind]), 3),
+            "goal": goal,
+        }
+        figures.append(Figure(name, tp, "steps/s", "tracing_off_steps_per_s", off_tp, cond))
+    return figures

@@ -176,7 +176,7 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
         raise Fail(f"stopped before NATS at {_safe_url(args.nats)} could be reached", 4)
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
-    from chainyard.runtime.telemetry_metrics import start_service
+    from chainyard.runtime.metrics import start_service
 
     obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
     tune_gc(THRESHOLDS if router else WORKER_THRESHOLDS)  # after start-up: what it made is frozen
@@ -224,7 +224,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     if started is None:
         raise Fail("stopped while starting", 1)  # nothing to drain
     try:
-        from chainyard.runtime.telemetry_metrics import start_service
+        from chainyard.runtime.metrics import start_service
 
         assert dev.bus is not None and dev.services is not None
         obs = start_service("dev", dev.bus, dev.config, dev.services.runners, args.metrics_port)

@@ -47,7 +47,7 @@ from chainyard.contracts import (
     state_decoder,
 )
 from chainyard.contracts import new_id as _new_id
-from chainyard.runtime import telemetry
+from chainyard.runtime import messaging, tracing
 from chainyard.runtime.nats import connect
 
 
@@ -74,7 +74,7 @@ class Client:
         self.topology = topology or Topology()
         self.subjects: Subjects = self.topology.subjects
         self.js = nc.jetstream()
-        telemetry.use_global()  # the application's OTel provider, if it set one up
+        tracing.use_global()  # the application's OTel provider, if it set one up
 
     @classmethod
     async def connect(
@@ -109,7 +109,7 @@ class Client:
         A chain id is taken once per tenant: the same chain submitted again is not run again,
         and a different chain under a used id gets `chain.rejected` (`id_in_use`)."""
         data, chain_id, _, msg_id = _prepare(chain)
-        await telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        await messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
         return chain_id
 
     async def run(self, chain: Chain | bytes, timeout: float = 300.0) -> ChainEnded:
@@ -118,7 +118,7 @@ class Client:
         Submitted again, the same chain answers with its first run's end; a different chain
         under a used id answers with its own `chain.rejected`, never the other chain's end."""
         data, chain_id, digest, msg_id = _prepare(chain)
-        publish = telemetry.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
         return await self._await_end(chain_id, publish, timeout, digest)
 
     async def _await_end(
@@ -297,7 +297,7 @@ class Client:
     ) -> ControlAnswer | None:
         if timeout is None:
             subject = self.subjects.control(self.tenant, chain_id, verb)
-            await telemetry.publish(self.js, subject, data, "")
+            await messaging.publish(self.js, subject, data, "")
             return None
         answer, _ = await self._request(chain_id, verb, data, timeout)
         return answer
@@ -329,7 +329,7 @@ class Client:
         sub = await self.nc.subscribe(answers, cb=on_event)
         try:
             subject = self.subjects.control(self.tenant, chain_id, verb)
-            ack = await telemetry.publish(self.js, subject, data, "")
+            ack = await messaging.publish(self.js, subject, data, "")
             seq.append(getattr(ack, "seq", 0) or 0)
             for ev in early:
                 offer(ev)

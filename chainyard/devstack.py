@@ -13,6 +13,7 @@ from types import TracebackType
 import msgspec
 
 from chainyard.contracts import Config
+from chainyard.runtime.metrics import start_service
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -87,6 +88,9 @@ class DevStack:
         )
         self._stack.push_async_callback(self.bus.close)
         self.services = build(self.bus, self.config, tools=self.tools)
+        # traced and measured from the same OTEL_* variables as `chainyard router` / `worker`
+        obs = start_service("dev", self.bus, self.config, self.services.runners)
+        self._stack.push_async_callback(obs.stop)
         self.services.start()
         self._stack.push_async_callback(self.services.shutdown)
 

@@ -236,8 +236,8 @@ async def run(
     out: Any = None,
 ) -> int:
     from chainyard.contracts import Subjects, Topology, state_decoder
+    from chainyard.runtime.chain_trace import trace_id_of
     from chainyard.runtime.nats import connect
-    from chainyard.runtime.telemetry_chain import trace_id_of
 
     out = out or sys.stdout
     topo = Topology(subjects=Subjects(prefix=prefix))

@@ -41,7 +41,7 @@ from chainyard.contracts import (
     step_event_decoder,
     timer_decoder,
 )
-from chainyard.runtime import telemetry, telemetry_chain
+from chainyard.runtime import chain_trace, messaging
 from chainyard.runtime.consume import consume
 from chainyard.runtime.faults import crash_point
 from chainyard.runtime.nats import Bus
@@ -96,7 +96,7 @@ class Router:
             subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
             await asyncio.gather(*(
                 consume(
-                    sub, telemetry.consumer(fn, c.durable), stop, self.concurrency,
+                    sub, messaging.consumer(fn, c.durable), stop, self.concurrency,
                     name=c.durable, rebind=lambda s=s, c=c: self.bus.pull(s, c),
                 )
                 for sub, (s, c, fn) in zip(subs, loops_, strict=True)
@@ -117,7 +117,7 @@ class Router:
         fresh = False
         while True:
             state, rev = await self.store.load(key, fresh=fresh)
-            telemetry_chain.adopt_state(state)  # a message without trace context joins the chain's
+            chain_trace.adopt_state(state)  # a message without trace context joins the chain's
             try:
                 outcome = decide(state)
             except control.ControlError:
@@ -136,7 +136,7 @@ class Router:
                 fresh = True
                 continue
             crash_point("after_record")
-            telemetry_chain.chain_recorded(state, outcome.state)  # ended: emit the chain's span
+            chain_trace.chain_recorded(state, outcome.state)  # ended: emit the chain's span
             return outcome
 
     # -- intake ----------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Router:
         crashed before them); another chain under the same id is refused. `answer(accepted)`
         runs before the message is acked or refused (a replay's answer to its sender)."""
         outcome.state = msgspec.structs.replace(outcome.state, digest=digest)
-        outcome = telemetry_chain.begin_chain(outcome)  # the chain's trace ids, kept in its state
+        outcome = chain_trace.begin_chain(outcome)  # the chain's trace ids, kept in its state
         chain = outcome.state.chain
         key = self.store.key(tenant, chain.id)
         try:
@@ -442,7 +442,7 @@ class Router:
             reserved_usd=reserved_usd or None,
             hedge=hedge,
         )
-        await telemetry_chain.publish_work(  # inside a routing span, with traceparent
+        await chain_trace.publish_work(  # inside a routing span, with traceparent
             self.bus.publisher,
             self.subjects.work(target.pool),
             encode(a),
@@ -463,12 +463,12 @@ class Router:
             else self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
         )
         msg_id = f"{timer.tenant}.{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
-        await telemetry.publish(self.bus.publisher, subject, encode(timer), msg_id)
+        await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
-        await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)
+        await messaging.publish(self.bus.publisher, subject, encode(ev), msg_id)
 
 
 def _timer_due(state: ChainState | None, timer: Timer, t: int) -> chains.Outcome | None:

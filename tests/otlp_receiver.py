@@ -57,6 +57,31 @@ class Span:
         return (self.end_ns - self.start_ns) / 1e6
 
 
+def spans_of(req: ExportTraceServiceRequest) -> list[Span]:
+    got: list[Span] = []
+    for rs in req.resource_spans:
+        res = {kv.key: value(kv.value) for kv in rs.resource.attributes}
+        service = str(res.get("service.name", ""))
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                got.append(
+                    Span(
+                        service=service,
+                        name=s.name,
+                        kind=s.kind,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_id=s.parent_span_id.hex(),
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attrs={kv.key: value(kv.value) for kv in s.attributes},
+                        links=[(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
+                        status_code=s.status.code,
+                    )
+                )
+    return got
+
+
 @dataclass
 class OtlpReceiver:
     host: str = "127.0.0.1"
@@ -65,7 +90,8 @@ class OtlpReceiver:
     metric_names: set[str] = field(default_factory=set)
     raw: list[ExportTraceServiceRequest] = field(default_factory=list)
     requests: int = 0
-    discard: bool = False  # benchmarks: answer at once, decode nothing
+    discard: bool = False  # benchmarks: count the spans (GET /count), keep nothing
+    spans_counted: int = 0
     bytes_received: int = 0
     last_headers: dict[str, str] = field(default_factory=dict)  # of the last trace request
     _runner: web.AppRunner | None = None
@@ -81,11 +107,12 @@ class OtlpReceiver:
         app.router.add_post("/v1/traces", self._traces)
         app.router.add_post("/v1/metrics", self._metrics)
         app.router.add_get("/api/v3/traces/{trace_id}", self._jaeger)  # what Jaeger v2 answers
+        app.router.add_get("/count", self._count)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -107,40 +134,28 @@ class OtlpReceiver:
         self.last_headers = {k.lower(): v for k, v in request.headers.items()}
         self.requests += 1
         self.bytes_received += len(body)
-        if self.discard:
-            return web.Response(content_type="application/x-protobuf")
         req = ExportTraceServiceRequest()
         req.ParseFromString(body)
-        self.raw.append(req)
-        got: list[Span] = []
-        for rs in req.resource_spans:
-            res = {kv.key: value(kv.value) for kv in rs.resource.attributes}
-            service = str(res.get("service.name", ""))
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    got.append(
-                        Span(
-                            service=service,
-                            name=s.name,
-                            kind=s.kind,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_id=s.parent_span_id.hex(),
-                            start_ns=s.start_time_unix_nano,
-                            end_ns=s.end_time_unix_nano,
-                            attrs={kv.key: value(kv.value) for kv in s.attributes},
-                            links=[(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
-                            status_code=s.status.code,
-                        )
-                    )
-        assert self._changed is not None
-        async with self._changed:
-            self.spans.extend(got)
-            self._changed.notify_all()
+        if self.discard:
+            self.spans_counted += sum(
+                len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans
+            )
+            return web.Response(content_type="application/x-protobuf")
+        await self.add(req)
         return web.Response(
             body=ExportTraceServiceResponse().SerializeToString(),
             content_type="application/x-protobuf",
         )
+
+    async def _count(self, request: web.Request) -> web.Response:
+        return web.json_response({"spans": self.spans_counted, "requests": self.requests})
+
+    async def add(self, req: ExportTraceServiceRequest) -> None:
+        self.raw.append(req)
+        assert self._changed is not None
+        async with self._changed:
+            self.spans.extend(spans_of(req))
+            self._changed.notify_all()
 
     async def _jaeger(self, request: web.Request) -> web.Response:
         """Jaeger's `/api/v3/traces/{id}` shape: OTLP JSON under `result` (protobuf's JSON
@@ -185,6 +200,36 @@ class OtlpReceiver:
         except TimeoutError:
             names = sorted({f"{s.service}:{s.name}" for s in self.spans})
             raise TimeoutError(f"spans never matched; have {len(self.spans)}: {names}") from None
+
+
+class OtlpGrpcReceiver(OtlpReceiver):
+    """The same receiver over OTLP/gRPC (traces only): grpc.aio on a free port."""
+
+    _server: Any = None
+
+    async def __aenter__(self) -> OtlpGrpcReceiver:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as svc
+
+        receiver = self
+
+        class Traces(svc.TraceServiceServicer):
+            async def Export(  # the gRPC service method's name
+                self, request: ExportTraceServiceRequest, context: Any
+            ) -> ExportTraceServiceResponse:
+                receiver.requests += 1
+                await receiver.add(request)
+                return ExportTraceServiceResponse()
+
+        self._changed = asyncio.Condition()
+        self._server = grpc.aio.server()
+        svc.add_TraceServiceServicer_to_server(Traces(), self._server)
+        self.port = self._server.add_insecure_port(f"{self.host}:0")
+        await self._server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(None)
 
 
 async def _serve() -> None:

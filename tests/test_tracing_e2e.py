@@ -28,7 +28,7 @@ from otlp_receiver import OtlpReceiver, Span
 from chainyard import trace_view
 from chainyard.client import Client
 from chainyard.contracts import Chain, ChainCompleted, LlmStep, Message, ToolStep
-from chainyard.runtime import telemetry
+from chainyard.runtime import tracing
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -137,7 +137,7 @@ async def test_one_chain_is_one_trace_across_processes(
     local = InMemorySpanExporter()  # the client's own spans (this process)
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(local))
-    telemetry.enable(provider, capture=False)
+    tracing.enable(provider, capture=False)
     procs: list[asyncio.subprocess.Process] = []
     metrics_port = free_port()
     try:
@@ -208,7 +208,7 @@ async def test_one_chain_is_one_trace_across_processes(
             await wait_until(lambda: want <= receiver.metric_names, 15, "OTLP metrics")
             metric_names = set(receiver.metric_names)
     finally:
-        telemetry.disable()
+        tracing.disable()
         for p in procs:
             if p.returncode is None:
                 p.terminate()

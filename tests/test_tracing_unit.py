@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -31,57 +32,32 @@ from chainyard.contracts import (
     ToolStep,
     Usage,
 )
-from chainyard.runtime import telemetry as tm
-from chainyard.runtime import telemetry_chain as tc
-from chainyard.runtime import telemetry_genai as tg
-from chainyard.runtime.telemetry_metrics import Metrics
+from chainyard.runtime import chain_trace as tc
+from chainyard.runtime import genai as tg
+from chainyard.runtime import messaging as tm
+from chainyard.runtime import tracing
+from chainyard.runtime.metrics import Metrics
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-class LiteSpans:
-    """InMemorySpanExporter's reading side for chainyard's light tracer (what services run)."""
-
-    def __init__(self) -> None:
-        self.kept: list[Any] = []
-        self.provider: Any = None
-
-    def send(self, spans: Any) -> bool:
-        self.kept.extend(spans)
-        return True
-
-    def shutdown(self) -> None:
-        pass
-
-    def get_finished_spans(self) -> tuple[Any, ...]:
-        self.provider.force_flush()
-        return tuple(self.kept)
-
-    def clear(self) -> None:
-        self.provider.force_flush()
-        self.kept.clear()
-
-
-@pytest.fixture(params=["sdk", "lite"])
-def spans(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The helpers' spans, through an SDK provider (embedding apps, `enable`) or through the
-    light tracer's own fast path (services, `setup`): the same shapes either way."""
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """The helpers' spans through an SDK provider, as `tracing.setup` builds it."""
     monkeypatch.setattr(tm, "settle_spans", True)  # CHAINYARD_TRACE_SETTLE=true
-    if request.param == "sdk":
-        exporter: Any = InMemorySpanExporter()
-        provider: Any = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        exporter = LiteSpans()
-        provider = exporter.provider = tm.build_provider(
-            Resource.create({}), exporter, schedule_delay_ms=60_000
-        )
-    tm.enable(provider, capture=False)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider, capture=False)
     try:
         yield exporter
     finally:
-        tm.disable()
+        tracing.disable()
         provider.shutdown()
+
+
+def traceparent(sc: Any) -> str:
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
 class FakeJs:
@@ -136,39 +112,17 @@ def state(**kw: Any) -> ChainState:
 # -- propagation --------------------------------------------------------------------------
 
 
-def test_traceparent_parse_format_roundtrip() -> None:
-    sc = tm.parse(TP, "k=v")
-    assert sc is not None and sc.is_remote and sc.trace_flags.sampled
-    assert tm.format_traceparent(sc) == TP
-    assert sc.trace_state.to_header() == "k=v"
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        None,
-        "",
-        "garbage",
-        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
-        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
-    ],
-)
-def test_invalid_traceparent_is_ignored(bad: str | None) -> None:
-    assert tm.parse(bad) is None
-
-
-def test_future_version_with_extra_fields_is_accepted() -> None:
-    assert tm.parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what") is not None
-
-
-def test_headers_are_read_case_insensitively() -> None:
+async def test_headers_are_read_case_insensitively(spans: InMemorySpanExporter) -> None:
     for key in ("traceparent", "Traceparent", "TRACEPARENT"):
-        sc = tm.extract({"Nats-Msg-Id": "x", key: TP})
-        assert sc is not None and f"{sc.trace_id:032x}" == TP.split("-")[1]
-    assert tm.extract(None) is None and tm.extract({}) is None
+        spans.clear()
+        await tm.consumer(_noop, "d")(FakeMsg("cy.submit.acme", {"Nats-Msg-Id": "x", key: TP}))
+        (sp,) = spans.get_finished_spans()
+        assert f"{sp.context.trace_id:032x}" == TP.split("-")[1], key
+        assert f"{sp.parent.span_id:016x}" == TP.split("-")[2], key
+
+
+async def _noop(msg: Any) -> None:
+    return None
 
 
 def test_subject_templates() -> None:
@@ -179,6 +133,7 @@ def test_subject_templates() -> None:
     assert t("cy.control.acme.c1.signal.ok") == "cy.control.{tenant}.{chain}.signal.{name}"
     assert t("cy.control.acme.c1.cancel") == "cy.control.{tenant}.{chain}.cancel"
     assert t("cy.timer.acme.c1.s") == "cy.timer.{tenant}.{chain}.{step}"
+    assert t("cy.deadline.acme.c1") == "cy.deadline.{tenant}.{chain}"
     assert t("cy.dlq.work") == "cy.dlq.work"
 
 
@@ -186,7 +141,7 @@ def test_subject_templates() -> None:
 
 
 async def test_off_publish_sends_only_the_message_id() -> None:
-    assert not tm.enabled()
+    assert not tracing.enabled()
     js = FakeJs()
     await tm.publish(js, "cy.work.sim", b"x", "c1.s.1")
     assert js.sent == [("cy.work.sim", b"x", {"Nats-Msg-Id": "c1.s.1"})]
@@ -240,7 +195,7 @@ async def test_send_span_injects_lowercase_traceparent(spans: InMemorySpanExport
     (sp,) = spans.get_finished_spans()
     headers = js.sent[0][2]
     assert sp.name == "send cy.work.{pool}" and sp.kind == SpanKind.PRODUCER
-    assert headers["traceparent"] == tm.format_traceparent(sp.get_span_context())
+    assert headers["traceparent"] == traceparent(sp.get_span_context())
     assert headers["Nats-Msg-Id"] == "c1.s.1"
     a = sp.attributes
     assert a["messaging.system"] == "nats" and a["messaging.operation.type"] == "send"
@@ -328,11 +283,13 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
 
     await tm.consumer(intake, "intake")(FakeMsg("cy.submit.acme", {"traceparent": TP}))
     st: ChainState = holder["state"]
-    chain_sc = tm.parse(st.trace["traceparent"])
-    assert chain_sc is not None and chain_sc.trace_id == int(TP.split("-")[1], 16)
+    chain_ctx = tc.chain_context(st)
+    assert chain_ctx is not None
+    chain_sc = trace.get_current_span(chain_ctx).get_span_context()
+    assert chain_sc.trace_id == int(TP.split("-")[1], 16)
     by = {x.name: x for x in spans.get_finished_spans()}
     proc = by["process cy.submit.{tenant}"]
-    assert st.trace["parent"] == tm.format_traceparent(proc.context)
+    assert st.trace["parent"] == traceparent(proc.context)
     route = by["route small"]
     assert route.parent.span_id == chain_sc.span_id  # the first steps hang under the chain
     assert route.attributes["chainyard.route.candidates"] == ("sim-d", "other-d")
@@ -416,7 +373,7 @@ async def test_chat_span_attributes_and_no_prompt_text(spans: InMemorySpanExport
 
 
 async def test_chat_span_captures_content_only_when_asked(spans: InMemorySpanExporter) -> None:
-    tm.capture_content = True
+    tracing.capture_content = True
 
     async def execute(a: Assignment, on_delta: Any) -> Result:
         return Result(output=Output(text="ANSWER"))

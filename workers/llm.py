@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from chainyard.contracts import Assignment, LlmStep, Target, Usage
-from chainyard.runtime.telemetry_genai import traced_chat
+from chainyard.runtime.genai import traced_chat
 
 from .providers._base import LlmRequest, OnDelta, Provider, ProviderError
 from .runtime import Execute, Result

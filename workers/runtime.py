@@ -44,12 +44,12 @@ from chainyard.contracts import (
     now_ms,
     state_decoder,
 )
-from chainyard.runtime import telemetry
+from chainyard.runtime import messaging
 from chainyard.runtime.consume import Slots, consume, release_slot
 from chainyard.runtime.faults import crash_point
 from chainyard.runtime.lean import num_delivered
+from chainyard.runtime.metrics import metrics
 from chainyard.runtime.nats import Bus
-from chainyard.runtime.telemetry_metrics import metrics
 
 from .cancels import Recent
 from .health import Health
@@ -134,7 +134,7 @@ class Worker:
         try:
             await consume(
                 sub,
-                telemetry.consumer(self._on_work, consumer.durable, pool=self.pool),
+                messaging.consumer(self._on_work, consumer.durable, pool=self.pool),
                 stop,
                 self.slots.total,
                 name=self.pool,
@@ -316,7 +316,7 @@ class Worker:
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         msg_id = f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
         metrics.step_result(ev)
-        await telemetry.publish(self.bus.publisher, subject, encode(ev), msg_id)  # with traceparent
+        await messaging.publish(self.bus.publisher, subject, encode(ev), msg_id)  # with traceparent
 
     async def _already_recorded(self, a: Assignment) -> bool:
         """On redelivery only: was this step's result already recorded? Then don't call again."""

@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 import msgspec
 
 from chainyard.contracts import Assignment, Output, ToolSpec, ToolStep
-from chainyard.runtime.telemetry_genai import traced_tool
+from chainyard.runtime.genai import traced_tool
 
 from .providers._base import ProviderError
 from .runtime import Result

@@ -116,12 +116,11 @@ class Metrics:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
+
+        from .tracing import resource
 
         reader = PeriodicExportingMetricReader(OTLPMetricExporter())  # OTEL_METRIC_EXPORT_*
-        self._meter_provider = MeterProvider(
-            metric_readers=[reader], resource=Resource.create({"service.name": service})
-        )
+        self._meter_provider = MeterProvider(metric_readers=[reader], resource=resource(service))
         m = self._meter_provider.get_meter("chainyard")
         o = self._o
         o["routed"] = m.create_counter("chainyard.steps.routed", "{step}")
@@ -262,14 +261,14 @@ class Observability:
         self._stop = stop
 
     async def stop(self) -> None:
-        from . import telemetry
+        from . import tracing
 
         self._stop.set()
         if self._task is not None:
             with contextlib.suppress(BaseException):
                 await self._task
         if self.tracing:
-            await asyncio.to_thread(telemetry.shutdown)
+            await asyncio.to_thread(tracing.shutdown)
         metrics.shutdown()
 
 
@@ -277,12 +276,16 @@ def start_service(
     kind: str, bus: Any, config: Any, runners: list[Any], metrics_port: int | None = None
 ) -> Observability:
     """Tracing from the OTEL_* variables, metrics on `metrics_port` and/or OTLP, and the poller."""
-    from . import telemetry
+    from . import tracing
 
     default = f"chainyard-{kind}"
-    tracing = telemetry.setup(default)
-    otlp = telemetry.configured() and os.environ.get("OTEL_METRICS_EXPORTER", "otlp") != "none"
-    metrics.setup(port=metrics_port, otlp=otlp, service=telemetry.service_name(default))
+    traced = tracing.setup(default)
+    otlp = (
+        tracing.configured()
+        and tracing.otlp_endpoint()
+        and os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
+    )
+    metrics.setup(port=metrics_port, otlp=otlp, service=default)
     stop = asyncio.Event()
     task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
-    return Observability(tracing, task, stop)
+    return Observability(traced, task, stop)

@@ -17,12 +17,9 @@ from typing import Any
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
-from . import telemetry as tm
-from .telemetry_lite import LiteSpan
-
-_CHAT = tm._FixedCache()
-_TOOL = tm._FixedCache()
+from . import messaging, tracing
 
 # chainyard's provider kinds -> gen_ai.provider.name well-known values
 PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
@@ -41,8 +38,8 @@ def _error_type(e: BaseException) -> str:
     return getattr(e, "cls", None) or type(e).__qualname__
 
 
-def _fail(span: Any, e: BaseException) -> None:
-    tm.record_error(span, e, _error_type(e))
+def _fail(span: Span, e: BaseException) -> None:
+    tracing.record_error(span, e, _error_type(e))
     cls = getattr(e, "cls", None)
     if cls:
         span.set_attribute("chainyard.error.class", cls)
@@ -72,69 +69,79 @@ def _output_messages(output: Any) -> str:
     return _json([{"role": "assistant", "parts": parts, "finish_reason": output.finish_reason}])
 
 
+def _request(a: Any) -> dict[str, Any]:
+    t, step = a.target, a.step
+    attrs: dict[str, Any] = {
+        "chainyard.deployment": t.deployment,
+        "chainyard.pool": t.pool,
+        "chainyard.chain.id": a.chain_id,
+        "chainyard.step.id": a.step_id,
+        "chainyard.step.attempt": a.attempt,
+    }
+    params = getattr(step, "params", None)
+    if params is not None:
+        for field, name in (
+            ("max_tokens", "gen_ai.request.max_tokens"),
+            ("temperature", "gen_ai.request.temperature"),
+        ):
+            v = getattr(params, field, None)
+            if v is not None:
+                attrs[name] = v
+    if tracing.capture_content:
+        attrs["gen_ai.input.messages"] = _input_messages(step)
+    return attrs
+
+
 def traced_chat(execute: Execute) -> Execute:
-    """Wrap an LLM executor: one CLIENT span per provider call."""
+    """Wrap an LLM executor: one `chat {model}` CLIENT span per provider call, current while
+    the call runs (an instrumented HTTP client's spans nest under it)."""
 
     async def run(a: Any, on_delta: Any) -> Any:
-        tr = tm._tracer
+        tr = tracing.active
         if tr is None:
             return await execute(a, on_delta)
+        messaging.ensure_span()
+        if messaging.sampled_out():
+            return await execute(a, on_delta)
         t = a.target
-        step = a.step
-        fixed = _CHAT.get(t)
-        if fixed is None:  # the same for every call to a deployment (Target): encoded once
-            fixed = _CHAT.put(
-                t,
-                f"chat {t.model}",
-                {
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": provider_name(t.provider),
-                    "gen_ai.request.model": t.model,
-                    "chainyard.deployment": t.deployment,
-                    "chainyard.pool": t.pool,
-                },
-            )
-        attrs: dict[str, Any] = {
-            "chainyard.chain.id": a.chain_id,
-            "chainyard.step.id": a.step_id,
-            "chainyard.step.attempt": a.attempt,
-        }
-        params = getattr(step, "params", None)
-        if params is not None:
-            for field, name in (
-                ("max_tokens", "gen_ai.request.max_tokens"),
-                ("temperature", "gen_ai.request.temperature"),
-            ):
-                v = getattr(params, field, None)
-                if v is not None:
-                    attrs[name] = v
-        if tm.capture_content:
-            attrs["gen_ai.input.messages"] = _input_messages(step)
-        span = tm._start(tm._parent(), tm.CLIENT, fixed, attrs)
+        span = tr.start_span(
+            f"chat {t.model}",
+            kind=SpanKind.CLIENT,
+            attributes={  # what the conventions want at creation (a sampler may read them)
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": provider_name(t.provider),
+                "gen_ai.request.model": t.model,
+            },
+        )
+        recording = span.is_recording()
+        if recording:
+            span.set_attributes(_request(a))
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             r = await execute(a, on_delta)
         except BaseException as e:
             _fail(span, e)
-            span.end()
             raise
-        usage = r.usage
-        done = {
-            "gen_ai.response.model": r.model or t.model,
-            "gen_ai.usage.input_tokens": usage.input_tokens,
-            "gen_ai.usage.output_tokens": usage.output_tokens,
-            "gen_ai.response.finish_reasons": [r.output.finish_reason],
-            "chainyard.cost_usd": float(r.cost_usd),
-        }
-        if r.ttft_ms is not None:
-            done["chainyard.ttft_ms"] = float(r.ttft_ms)
-        if tm.capture_content:
-            done["gen_ai.output.messages"] = _output_messages(r.output)
-        if type(span) is LiteSpan and span._fixed is fixed:  # none of these keys is fixed
-            span._attrs.update(done)
         else:
+            if not recording:
+                return r
+            usage = r.usage
+            done: dict[str, Any] = {
+                "gen_ai.response.model": r.model or t.model,
+                "gen_ai.usage.input_tokens": usage.input_tokens,
+                "gen_ai.usage.output_tokens": usage.output_tokens,
+                "gen_ai.response.finish_reasons": [r.output.finish_reason],
+                "chainyard.cost_usd": float(r.cost_usd),
+            }
+            if r.ttft_ms is not None:
+                done["chainyard.ttft_ms"] = float(r.ttft_ms)
+            if tracing.capture_content:
+                done["gen_ai.output.messages"] = _output_messages(r.output)
             span.set_attributes(done)
-        span.end()
-        return r
+            return r
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     return run
 
@@ -143,21 +150,16 @@ def traced_tool(name: str, execute: Execute) -> Execute:
     """Wrap a tool executor: one `execute_tool {name}` span, current while the tool runs."""
 
     async def run(a: Any, on_delta: Any = None) -> Any:
-        tr = tm._tracer
+        tr = tracing.active
         if tr is None:
             return await execute(a, on_delta)
-        fixed = _TOOL.get(name)
-        if fixed is None:
-            fixed = _TOOL.put(
-                name,
-                f"execute_tool {name}",
-                {
-                    "gen_ai.operation.name": "execute_tool",
-                    "gen_ai.tool.name": name,
-                    "gen_ai.tool.type": "function",
-                },
-            )
+        messaging.ensure_span()
+        if messaging.sampled_out():
+            return await execute(a, on_delta)
         attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": name,
+            "gen_ai.tool.type": "function",
             "chainyard.chain.id": a.chain_id,
             "chainyard.step.id": a.step_id,
             "chainyard.step.attempt": a.attempt,
@@ -165,9 +167,9 @@ def traced_tool(name: str, execute: Execute) -> Execute:
         call_id = getattr(a.step, "tool_call_id", None)
         if call_id:
             attrs["gen_ai.tool.call.id"] = call_id
-        if tm.capture_content:
+        if tracing.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = tm._start(tm._parent(), tm.INTERNAL, fixed, attrs)
+        span = tr.start_span(f"execute_tool {name}", kind=SpanKind.INTERNAL, attributes=attrs)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)
@@ -175,7 +177,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             _fail(span, e)
             raise
         else:
-            if tm.capture_content:
+            if tracing.capture_content:
                 out = r.output
                 span.set_attribute("gen_ai.tool.call.result", out.text or _json(out.data))
             return r
