@@ -40,10 +40,16 @@ from chainyard.contracts import (
     ChainFailed,
     ChainRejected,
     ChainState,
+    ControlRejected,
     Event,
+    LlmStep,
+    Step,
     StepCompleted,
     StepFailed,
+    StepState,
     Topology,
+    Usage,
+    WaitStep,
     assignment_decoder,
 )
 
@@ -141,8 +147,17 @@ def check(
         by_chain[k].append(le)
 
     for k in sorted(set(by_chain) - accepted_set - rejected_set):
-        kinds = Counter(_kind(le.event) for le in by_chain[k])
-        r.unexpected.append(f"{k[0]}/{k[1]}: events for a chain nobody submitted: {dict(kinds)}")
+        # The router's answer to a control message for a chain that never came is an answer
+        # to its sender, not a chain's event.
+        kinds = Counter(
+            _kind(le.event)
+            for le in by_chain[k]
+            if not (isinstance(le.event, ControlRejected) and k not in snapshot.states)
+        )
+        if kinds:
+            r.unexpected.append(
+                f"{k[0]}/{k[1]}: events for a chain nobody submitted: {dict(kinds)}"
+            )
     for k in sorted(set(snapshot.states) - accepted_set):
         r.unexpected.append(
             f"{k[0]}/{k[1]}: state for a chain nobody submitted (or a rejected one)"
@@ -315,6 +330,16 @@ def _check_chain(
     rebuilt = rebuild(counted)
     total_cost = 0.0
     for sid, st in state.steps.items():
+        spec = _spec(state, sid)
+        if isinstance(spec, WaitStep) or (st.status == "completed" and st.attempt == 0):
+            # No worker ran it: a wait step ends by its signal or timeout, and a step a replay
+            # kept has its output from the replayed chain (attempt 0, no call, no cost).
+            total_cost += st.cost_usd
+            continue
+        if isinstance(spec, LlmStep) and spec.loop is not None:
+            _check_loop(r, name, sid, st, step_evs, reason=why)
+            total_cost += st.cost_usd
+            continue
         if st.status == "completed":
             done = [
                 le.event
@@ -377,7 +402,9 @@ def _check_output(
     got = rebuilt.get(sid)
     if st is None or st.status != "completed":
         return  # a skipped output step: the chain's output is empty by contract
-    if st.output != ev.output or got is None or got.output_text != ev.output.text:
+    by_worker = not isinstance(_spec(state, sid), WaitStep) and st.attempt > 0
+    from_log = got is not None and got.output_text == ev.output.text
+    if st.output != ev.output or (by_worker and not from_log):
         r.unexpected.append(
             f"{name}: chain output {ev.output.text[:80]!r} is not step {sid}'s "
             f"{(got.output_text if got else None)!r:.80}"
@@ -386,6 +413,41 @@ def _check_output(
         r.unexpected.append(
             f"{name}: chain output {ev.output.text[:120]!r}, its steps produce {output[:120]!r}"
         )
+
+
+def _spec(state: ChainState, sid: str) -> Step | None:
+    """A step's definition: the chain's, or (an agent loop's tool call) the one in its state."""
+    st = state.steps.get(sid)
+    if st is not None and st.spec is not None:
+        return st.spec
+    try:
+        return state.chain.step(sid)
+    except KeyError:
+        return None
+
+
+def _check_loop(
+    r: Report, name: str, sid: str, st: StepState, step_evs: list[LoggedEvent], reason: str
+) -> None:
+    """An agent loop's step is one model call per turn (one completion per attempt): its cost
+    and usage are the sum of its turns'; it ends with an answer, or failed at a limit (the
+    chain's reason says which)."""
+    turns = [
+        le.event
+        for le in step_evs
+        if isinstance(le.event, StepCompleted) and le.event.step_id == sid
+    ]
+    cost = sum(t.cost_usd for t in turns)
+    usage = sum((t.usage for t in turns), Usage())
+    if abs(st.cost_usd - cost) > COST_EPS or st.usage != usage:
+        r.duplicated.append(
+            f"{name}: loop {sid} cost {st.cost_usd} usage {st.usage} != its {len(turns)} "
+            f"turns' {cost} {usage}"
+        )
+    if st.status == "completed" and (not turns or turns[-1].output != st.output):
+        r.lost.append(f"{name}: loop {sid} completed without the turn that answered")
+    if st.status == "failed" and not ((st.error and st.error.message) or reason):
+        r.unexpected.append(f"{name}: loop {sid} failed without a reason")
 
 
 @dataclass(frozen=True)

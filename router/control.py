@@ -23,7 +23,12 @@ from .chains import Outcome, Pick, _advance, _fail, begin, cancelled_event, foll
 
 
 class ControlError(ValueError):
-    """A control request that cannot apply; the message says why, for the sender."""
+    """A control request that cannot apply; the message says why, for the sender. `effects`:
+    what the recorded state implies, to perform again before refusing (deduplicated)."""
+
+    def __init__(self, message: str, effects: Outcome | None = None) -> None:
+        super().__init__(message)
+        self.effects = effects
 
 
 class UnknownChain(ControlError):
@@ -31,14 +36,13 @@ class UnknownChain(ControlError):
 
 
 def cancel(state: ChainState, reason: str, now_ms: int) -> Outcome:
-    if state.status == "cancelled":
-        # Cancelled already: by this very message before a crash cut off its effects, or by
-        # another. The effects again (deduplicated), so `chain.cancelled` surely went out.
-        again = followups(state, now_ms)
-        again.cancel = True
-        return again
     if state.status != "running":
-        raise ControlError(f"chain {state.chain.id!r} already ended ({state.status})")
+        # Refused; but a chain cancelled already (maybe by this very message, before a crash
+        # cut off its effects) gets the effects again, so `chain.cancelled` surely went out.
+        again = followups(state, now_ms) if state.status == "cancelled" else None
+        if again is not None:
+            again.cancel = True
+        raise ControlError(f"chain {state.chain.id!r} already ended ({state.status})", again)
     steps = {
         sid: msgspec.structs.replace(st, status="cancelled")
         if st.status in ("pending", "dispatched", "waiting")

@@ -322,6 +322,8 @@ class Router:
             await self._control_rejected(msg, tenant, chain_id, verb, str(e))
             return
         except (control.ControlError, *BadMessage) as e:
+            if isinstance(e, control.ControlError) and e.effects is not None:
+                await self._perform(e.effects)
             await self._control_rejected(msg, tenant, chain_id, verb, str(e))
             return
         if outcome is not None:

@@ -222,14 +222,17 @@ def test_followups_of_an_ended_chain_republish_the_end() -> None:
 
 def test_cancel_again_repeats_its_effects_and_a_finished_chain_refuses() -> None:
     """A cancel redelivered after a crash between its record and its effects finds the chain
-    cancelled: the same effects again (the end, the workers' cancel), nothing new recorded."""
-
+    cancelled: refused (it ended), but with the same effects again to perform (the end, the
+    workers' cancel), so `chain.cancelled` surely went out. A completed chain: refused alone."""
     start = chains.start(diamond(), "t", T0, Picker())
     first = control.cancel(start.state, "stop", T0 + 5)
-    again = control.cancel(first.state, "stop", T0 + 9)
-    assert again.state is first.state and again.cancel
-    assert again.ended == first.ended and again.dispatch == []
+    with pytest.raises(control.ControlError, match="already ended \\(cancelled\\)") as again:
+        control.cancel(first.state, "stop", T0 + 9)
+    effects = again.value.effects
+    assert effects is not None and effects.state is first.state and effects.cancel
+    assert effects.ended == first.ended and effects.dispatch == []
     done = chains.on_completed(start.state, completed("plan"), T0 + 1, Picker()).state
     finished = msgspec.structs.replace(done, status="completed", ended_at_ms=T0 + 2)
-    with pytest.raises(control.ControlError, match="already ended \\(completed\\)"):
+    with pytest.raises(control.ControlError, match="already ended \\(completed\\)") as refused:
         control.cancel(finished, "stop", T0 + 3)
+    assert refused.value.effects is None
