@@ -38,7 +38,6 @@ from typing import Any
 import msgspec
 
 from chainyard.contracts import Assignment, LlmStep, Message, Target, encode
-from chainyard.runtime.lean import subscribe_direct
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -202,9 +201,9 @@ class Completions:
         self.done = asyncio.Event()
         self.latencies: list[float] = []
 
-    def on(self, msg: Any) -> None:
-        """From the read loop (lean.subscribe_direct): the driver takes as little of the shared
-        cores as it can, since the bare loop it is compared with has no driver at all."""
+    async def on(self, msg: Any) -> None:
+        """A subscription callback that does no more than count: the driver takes as little of
+        the shared cores as it can, since the bare loop it is compared with has no driver."""
         now = time.perf_counter()
         if msg.subject.endswith("step.failed"):
             self.failed += 1
@@ -234,7 +233,7 @@ async def run_worker(
     """Preload n steps, start a worker process, wait for n events; sample RSS and ack-pending."""
     bus = await open_bus(nats_url, name="bench-driver")
     c = Completions(n)
-    sub = await subscribe_direct(bus.nc, f"cy.events.{TENANT}.*.step.*", c.on)
+    sub = await bus.nc.subscribe(f"cy.events.{TENANT}.*.step.*", cb=c.on)
     peak = {"rss_mb": 0.0, "inflight": 0, "rss_at_peak_inflight": 0.0}
     try:
         await preload(bus, assignments(n, tag), tag)

@@ -80,7 +80,7 @@ class Router:
         self.routing = Routing(bus, config, self.capacity, self.catalog)
         self.policy = self.routing.policy
         self.concurrency = concurrency
-        self.store = StateStore(bus.chains, bus.js, bus.topology.chains_kv, bus.publisher)
+        self.store = StateStore(bus.chains, bus.js, bus.topology.chains_kv)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.routing.start()

@@ -5,8 +5,9 @@ the read on the hot path (one KV round trip of seven per step); when another rou
 wrote in between, the compare-and-set fails, the entry is dropped, and the next read goes to KV.
 A cached or follower-served copy can be behind another replica's write, so a decision to write
 nothing is only final on a `fresh` read: the key's last message, served by the stream leader
-(router/engine.py `_apply`). Writes go through the lean publisher (runtime/lean.py) as nats-py's
-KV does them: a publish to the key's subject with `Nats-Expected-Last-Subject-Sequence`.
+(router/engine.py `_apply`). Writes are nats-py's KV create / update (a publish to the key's
+subject with `Nats-Expected-Last-Subject-Sequence`), sent again while the bucket's stream has no
+leader (runtime/nats.py `while_no_leader`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from chainyard.contracts import ChainState, KvDef, encode, state_decoder
-from chainyard.runtime.lean import Publisher
+from chainyard.runtime.nats import JS_TIMEOUT_S, while_no_leader
 
+# What nats-py's KV raises on JetStream's 10071 (wrong last subject sequence): a failed CAS.
 Conflict = KeyWrongLastSequenceError
-WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed compare-and-set
-EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 REMOVED = ("DEL", "PURGE")  # the KV-Operation header of a deleted key's last message
 
 
@@ -32,12 +32,10 @@ class StateStore:
         kv: KeyValue,
         js: JetStreamContext,
         bucket: KvDef,
-        publisher: Publisher,
         cache_size: int = 10_000,
     ) -> None:
         self.kv = kv
         self.js = js
-        self.publisher = publisher
         self._stream = (
             f"KV_{bucket.bucket}"  # a bucket's stream and key subjects, as NATS names them
         )
@@ -78,33 +76,20 @@ class StateStore:
     async def create(self, key: str, state: ChainState) -> int:
         """Raises Conflict when the key exists."""
         data = encode(state)
-        try:
-            rev = await self._write(key, data, 0)
-        except Conflict:  # exists, or was deleted: nats-py's create tells the two apart
-            rev = await self.kv.create(key, data)
+        rev = await while_no_leader(lambda _: self.kv.create(key, data), JS_TIMEOUT_S)
         self._remember(key, state, rev)
         return rev
 
     async def update(self, key: str, state: ChainState, last: int) -> int:
         """Raises Conflict when someone else wrote since `last`."""
+        data = encode(state)
         try:
-            rev = await self._write(key, encode(state), last)
+            rev = await while_no_leader(lambda _: self.kv.update(key, data, last), JS_TIMEOUT_S)
         except Conflict:
             self._cache.pop(key, None)
             raise
         self._remember(key, state, rev)
         return rev
-
-    async def _write(self, key: str, data: bytes, last: int) -> int:
-        try:
-            ack = await self.publisher.publish(
-                self._subject + key, data, headers={EXPECTED_LAST: str(last)}
-            )
-        except APIError as e:
-            if e.err_code == WRONG_LAST_SEQUENCE:
-                raise Conflict(description=e.description) from e
-            raise
-        return ack.seq
 
     def _remember(self, key: str, state: ChainState, rev: int) -> None:
         if state.status != "running":

@@ -1,5 +1,5 @@
-"""consume(): how many pull requests a consumer keeps waiting at the server, and how fast a
-backlog fills free slots, on a real one."""
+"""consume(): how many pull requests a consumer keeps waiting at the server (one fetch at a time),
+and how fast a backlog fills free slots, on a real one."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import wait_until
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
-from chainyard.runtime.consume import ASKED_REQUESTS, Slots, consume, release_slot
+from chainyard.runtime.consume import Slots, consume, release_slot
 from chainyard.runtime.nats import Bus
 
 STREAM, DURABLE = "CONSUME", "pool"
@@ -71,12 +71,12 @@ async def idle_workers(
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
 
-async def test_an_idle_worker_keeps_a_few_requests_waiting(bus: Bus) -> None:
+async def test_an_idle_worker_keeps_one_request_waiting(bus: Bus) -> None:
     seen: list[bytes] = []
     async with idle_workers(bus, 1, seen):
-        await wait_until(lambda: _count_at_least(bus, ASKED_REQUESTS), 10, "pull requests")
+        await wait_until(lambda: _count_at_least(bus, 1), 10, "a pull request")
         samples = [await _waiting(bus) for _ in range(10)]
-        assert max(samples) <= ASKED_REQUESTS  # it was 10,000 / 256 = 40
+        assert max(samples) <= 1  # it was 10,000 / 256 = 40 before requests were capped
         payloads = [b"m%d" % i for i in range(3000)]  # more than the requests asked for
         await asyncio.gather(*(bus.publisher.publish("consume.x", p) for p in payloads))
         await wait_until(lambda: len(seen) >= len(payloads), 10, "every message")
@@ -89,7 +89,7 @@ async def test_twenty_idle_workers_stay_under_max_waiting(
     seen: list[bytes] = []
     with caplog.at_level(logging.WARNING, logger="chainyard.consume"):
         async with idle_workers(bus, 20, seen):
-            await wait_until(lambda: _count_at_least(bus, 20 * ASKED_REQUESTS), 10, "requests")
+            await wait_until(lambda: _count_at_least(bus, 20), 10, "a request from each")
             await asyncio.gather(
                 *(bus.publisher.publish("consume.x", b"%d" % i) for i in range(2000))
             )
@@ -100,9 +100,9 @@ async def test_twenty_idle_workers_stay_under_max_waiting(
 
 
 async def test_a_backlog_fills_every_free_slot_without_waiting_for_a_handler(bus: Bus) -> None:
-    # 5,000 queued, 10,000 slots, handlers that do not end: the worker asks for 4 x 256 at a
-    # time, and must ask again as each request is served, not when a handler ends (none does
-    # here) nor at the next request expiry (60 s away).
+    # 5,000 queued, 10,000 slots, handlers that do not end: the worker fetches 256 at a time,
+    # and must fetch again as each fetch is served, not when a handler ends (none does here)
+    # nor at the next request expiry (60 s away).
     payloads = [b"b%d" % i for i in range(5000)]
     seen: list[bytes] = []
     hold = asyncio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -25,7 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError, NoStreamResponseError, ServiceUnavailableError
 
 from chainyard.contracts import (
     Assignment,
@@ -47,7 +51,6 @@ from chainyard.contracts import (
 from chainyard.runtime import messaging
 from chainyard.runtime.consume import Slots, consume, release_slot
 from chainyard.runtime.faults import crash_point
-from chainyard.runtime.lean import num_delivered
 from chainyard.runtime.metrics import metrics
 from chainyard.runtime.nats import Bus
 
@@ -57,6 +60,16 @@ from .providers._base import ProviderError, RateLimits
 
 log = logging.getLogger("chainyard.worker")
 FETCH_BATCH = 256  # one fetch takes at most this many messages, however many slots are free
+# JetStream did not take a result (no stream leader, no answer, disconnected): the worker keeps
+# the work message and publishes again, every RESULT_RETRY_S (_publish).
+UNAVAILABLE = (
+    NatsTimeoutError,
+    NoStreamResponseError,
+    NoRespondersError,
+    ServiceUnavailableError,
+    OutboundBufferLimitError,
+)
+RESULT_RETRY_S = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +127,7 @@ class Worker:
         self._chain_cancels: set[asyncio.Task[Any]] = set()  # tasks cancelled by a chain cancel
         self.cancelled = Recent()
         self._draining = False
+        self._stop = asyncio.Event()  # run()'s
         self.completed = 0
 
     @property
@@ -122,6 +136,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop fetching, finish what is in flight, and leave."""
+        self._stop = stop
         topo = self.bus.topology
         consumer = topo.pool_consumer(self.pool)
         sub = await self.bus.pull(topo.work, consumer)
@@ -171,17 +186,18 @@ class Worker:
             await msg.term()
             return
         started = now_ms()
-        if await self._dropped(a, msg, started):
-            return
-        delivered = num_delivered(msg)
-        if delivered > 1 and await self._already_recorded(a):
-            await msg.ack()
-            return
-        if delivered > self.max_deliver:
-            await self._poison(a, msg, delivered, started)
-            return
+        # Kept in progress from here (_keep_alive), also while a result waits for JetStream.
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
+            if await self._dropped(a, msg, started):
+                return
+            delivered = msg.metadata.num_delivered or 1
+            if delivered > 1 and await self._already_recorded(a):
+                await msg.ack()
+                return
+            if delivered > self.max_deliver:
+                await self._poison(a, msg, delivered, started)
+                return
             if self.health.throttled_until_ms > now_ms():
                 await self.health.wait_unthrottled()  # in progress meanwhile: _keep_alive
                 started = now_ms()  # the pause counts as queued time, not as the call's
@@ -316,13 +332,32 @@ class Worker:
         subject = self.subjects.event(ev.tenant, ev.chain_id, str(kind))
         msg_id = f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}.{kind}"
         metrics.step_result(ev)
-        await messaging.publish(self.bus.publisher, subject, encode(ev), msg_id)  # with traceparent
+        data = encode(ev)
+        for attempt in itertools.count():
+            try:
+                await messaging.publish(self.bus.publisher, subject, data, msg_id)  # traceparent
+                return
+            except UNAVAILABLE as e:
+                # Not a nak: its redelivery would count as a delivery (toward the poison bound)
+                # and call the provider again. The message stays ours (in progress) meanwhile;
+                # the same message id makes a publish that did land before a timeout count once.
+                if self._stop.is_set():
+                    raise
+                if attempt == 0:
+                    log.warning("%s: result %s not stored (%r); retrying", self.pool, msg_id, e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), RESULT_RETRY_S)
 
     async def _already_recorded(self, a: Assignment) -> bool:
         """On redelivery only: was this step's result already recorded? Then don't call again."""
         try:
             entry = await self.bus.chains.get(f"{a.tenant}.{a.chain_id}")
         except KeyNotFoundError:
+            return False
+        except (NatsError, TimeoutError) as e:
+            # The bucket has no leader, say: run the step. A failed attempt would be nak'ed and
+            # use up a delivery; if it was recorded, the router's compare-and-set ignores this.
+            log.warning("%s: chain state unreadable for %s (%r)", self.pool, a.msg_id, e)
             return False
         if not entry.value:
             return False

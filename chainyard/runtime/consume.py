@@ -1,8 +1,9 @@
-"""A pull-consumer loop with bounded concurrency: ask for only as many messages as there are slots.
+"""A pull-consumer loop with bounded concurrency: fetch only as many messages as there are slots.
 
-Pull requests stay outstanding (lean.Puller): when a handler finishes and enough slots are free
-that are not already asked for, one request asks for them, so a slot never waits a round trip
-for its next message, and messages go straight from the subscription callback to a handler task.
+One `fetch` at a time, sized to the free slots (up to `max_batch`). nats-py's fetch returns as
+soon as the first message has come and the server has sent what it had ready, so a fetch
+waiting on an idle consumer hands over a new message at once; while a backlog lasts, each fetch
+takes the slots freed during the previous one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,16 +20,11 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 
-from .lean import Puller, num_delivered
-
 log = logging.getLogger("chainyard.consume")
 STUCK_AFTER_EMPTY_FETCHES = 5  # expiry periods with nothing delivered before a staleness check
-# Messages asked for and not yet delivered, in pull requests of `max_batch`: at most this many
-# requests' worth. A pull request waits at the server until it is served or expires, and a
-# consumer holds at most 512 waiting (its max_waiting): 40 from each idle 10,000-slot worker
-# filled that with 13 workers. A request is answered in one round trip while work is queued,
-# so four keep even 10,000 slots fed.
-ASKED_REQUESTS = 4
+# On stop, a fetch under way this long is let finish (its messages are nak'ed for another
+# consumer); one still waiting then is cancelled: nothing had come for it.
+STOP_GRACE_S = 0.1
 Handler = Callable[[Msg], Awaitable[None]]
 PullSub = JetStreamContext.PullSubscription
 
@@ -77,22 +72,20 @@ async def consume(
     max_batch: int | None = None,
     rebind: Callable[[], Awaitable[PullSub]] | None = None,
 ) -> None:
-    """Run `handler` on every message until `stop` is set, then finish what is in flight.
+    """Run `handler` on every message of the pull subscription `sub` until `stop` is set, then
+    finish what is in flight.
 
-    `sub` names the stream and durable consumer (a pull subscription from `Bus.pull`); its own
-    fetch subscription is not used. At most `concurrency` handlers run at once (`slots` shares
-    the count with the caller, e.g. for heartbeats).
-    `gate`, when given, is called before each pull request: None lets the request go, an
-    awaitable holds it until done (a throttled worker waits there).
-    `max_batch` caps one pull request (a worker with 10,000 free slots asks in bites, so the
-    other workers of its pool get their share). A pull request expires after `fetch_timeout_s`.
+    At most `concurrency` handlers run at once (`slots` shares the count with the caller, e.g.
+    for heartbeats). `gate`, when given, is called before each fetch: None lets it go, an
+    awaitable holds it until done (a throttled worker waits there). `max_batch` caps one fetch
+    (a worker with 10,000 free slots asks in bites, so the other workers of its pool get their
+    share). A fetch waits at most `fetch_timeout_s` for a first message.
     `rebind`, when given, makes a new pull subscription: used when nothing is delivered for a
-    while although the consumer has messages waiting, which happens after a JetStream leader
-    moves (nats.py #504). The subscription is closed on return.
+    while although the consumer has messages waiting, which happens after a server restart or a
+    JetStream leader move (nats.py #504). The subscription is unsubscribed on return, not drained
+    (DESIGN-NOTES #7).
     The handler acks, naks or terms its message; one that raises gets its message nak'ed with a
     growing delay (it comes back) and the loop goes on: one bad message never stops it.
-    On `stop`, messages that arrive after it (from requests still outstanding) are nak'ed at once
-    for another consumer to take, and the handlers running are awaited.
     """
     slots = slots or Slots(concurrency)
     c = _Consumer(sub, handler, stop, slots, name, gate, fetch_timeout_s, max_batch, rebind)
@@ -113,8 +106,6 @@ class _Consumer:
         rebind: Callable[[], Awaitable[PullSub]] | None,
     ) -> None:
         self.sub = sub
-        self.nc: Any = sub._nc
-        self.js: JetStreamContext = sub._js
         self.handler = handler
         self.stop = stop
         self.slots = slots
@@ -122,62 +113,77 @@ class _Consumer:
         self.gate = gate
         self.expires_s = expires_s
         self.max_batch = max(1, min(max_batch or slots.total, slots.total))
-        # Ask again once this many free slots are not asked for: a few requests per batch.
-        self.threshold = max(1, self.max_batch // 8)
-        self.max_asked = ASKED_REQUESTS * self.max_batch
         self.rebind = rebind
         self.tasks: set[asyncio.Task[None]] = set()
         self.released: set[asyncio.Task[Any] | None] = set()  # running, slot given back early
-        self.waiting: deque[Msg] = deque()  # delivered beyond the free slots: run when one frees
-        self.stopping = False
-        self.wake = asyncio.Event()
-        self.backoff_until = 0.0
-        self.last_delivery = self.last_pull = self.last_check = time.monotonic()
-        self.reconnects = self.nc.stats.get("reconnects", 0)
-        self.puller = self._puller(sub)
-
-    def _puller(self, sub: PullSub) -> Puller:
-        return Puller(
-            self.nc, sub._stream, sub._consumer, self._deliver, self._on_status,
-            expires_s=self.expires_s,
-        )  # fmt: skip
+        self.freed = asyncio.Event()  # a slot was given back (or stop was set)
+        self.last_delivery = self.last_check = time.monotonic()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        waker = asyncio.ensure_future(self.stop.wait())
-        waker.add_done_callback(lambda _: self.wake.set())
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.ensure_future(self.stop.wait())
+        self.stopped.add_done_callback(lambda _: self.freed.set())
+        fetching: asyncio.Future[list[Msg]] | None = None
         try:
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()  # its fetch subscription: we pull on our own
-            await self.puller.start()
-            await self._pull_loop()
+            while not self.stop.is_set():
+                if self.slots.free <= 0:
+                    self.freed.clear()
+                    await self.freed.wait()
+                    continue
+                held = self.gate() if self.gate is not None else None
+                if held is not None and not await self._gate(held):
+                    break
+                n = min(self.slots.free, self.max_batch)
+                fetching = asyncio.ensure_future(self.sub.fetch(n, timeout=self.expires_s))
+                await asyncio.wait((fetching, self.stopped), return_when=asyncio.FIRST_COMPLETED)
+                if not fetching.done():
+                    break  # stopped while waiting: the finally ends the fetch
+                got, fetching = fetching, None
+                if not await self._took(got):
+                    break
         finally:
-            self.stopping = True
-            waker.cancel()
-            await self.puller.stop(self._nak_now)
-            while self.waiting:
-                self._nak_now(self.waiting.popleft())
+            self.stopped.cancel()
+            if fetching is not None:
+                await self._end_fetch(fetching)
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
             while self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    # -- delivery: from the subscription callback, no awaits ------------------------------
+    async def _took(self, fetched: asyncio.Future[list[Msg]]) -> bool:
+        """Start a handler per fetched message; False when the connection is closed."""
+        try:
+            msgs = fetched.result()
+        except TimeoutError:  # nothing came within expires (nats-py's is also the builtin one)
+            await self._check_stuck()
+            return True
+        except ConnectionClosedError:
+            return False
+        except Exception as e:  # 503 no consumer, disconnected with a full buffer...: not hot
+            log.warning("%s: fetch failed: %s", self.name, e)
+            await asyncio.wait((self.stopped,), timeout=0.2)
+            await self._check_stuck()
+            return True
+        self.last_delivery = time.monotonic()
+        for msg in msgs:
+            if self.stop.is_set():
+                self._nak_now(msg)
+            else:
+                self._start(msg)
+        return True
 
-    def _deliver(self, msg: Msg) -> None:
-        self.last_delivery = self.puller.last_heard
-        if self.stopping or self.stop.is_set():
-            self._nak_now(msg)
-        elif self.slots.free > 0 and not self.waiting:
-            self._start(msg)
-            # A request served in full leaves slots that nobody has asked for yet: ask now,
-            # not when a handler finishes (a worker with 10,000 free slots and a backlog would
-            # otherwise start only max_asked messages per handler duration).
-            if self.puller.pending < self.max_asked - self.threshold and (
-                self._want() >= self.threshold
-            ):
-                self.wake.set()
-        else:  # more came than asked for (requests outlived a reset): run it when a slot frees
-            self.waiting.append(msg)
+    async def _end_fetch(self, fetching: asyncio.Future[list[Msg]]) -> None:
+        """On stop: a fetch that is being served finishes and its messages go back at once; one
+        still waiting is cancelled (unsubscribing withdraws its pull request)."""
+        await asyncio.wait((fetching,), timeout=STOP_GRACE_S)
+        if not fetching.done():
+            fetching.cancel()
+            await asyncio.wait((fetching,))
+        if not fetching.cancelled() and fetching.exception() is None:
+            for msg in fetching.result():
+                self._nak_now(msg)
+
+    # -- handlers ---------------------------------------------------------------------------
 
     def _start(self, msg: Msg) -> None:
         self.slots.take()
@@ -199,10 +205,7 @@ class _Consumer:
 
     def _give(self) -> None:
         self.slots.give()
-        if self.waiting and not self.stopping:
-            self._start(self.waiting.popleft())
-        if self._want() >= self.threshold:  # (also when a waiting message took the slot)
-            self.wake.set()
+        self.freed.set()
 
     async def _run(self, msg: Msg) -> None:
         _running.set(self)  # this task's own context: for release_slot()
@@ -211,7 +214,7 @@ class _Consumer:
         except Exception:
             # It comes back, later each time (0.25 s doubling to 30 s): a stream that is full
             # or a leader election must not turn into a hot loop, nor into a dropped message.
-            n = num_delivered(msg)
+            n = msg.metadata.num_delivered or 1
             log.exception(
                 "%s: handler failed on %s (delivery %d); will retry", self.name, msg.subject, n
             )
@@ -223,93 +226,29 @@ class _Consumer:
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
-    def _on_status(self, status: str, description: str) -> None:
-        if status in ("404", "408"):
-            pass  # a request expired: ask again if slots are free
-        elif status == "409" and "Leadership Change" in description:
-            log.info("%s: consumer leader changed: asking again", self.name)
-        else:  # 503 (no consumer), 409 consumer deleted / max waiting, 400...: not in a hot loop
-            log.warning("%s: pull request ended with %s %s", self.name, status, description)
-            self.backoff_until = time.monotonic() + 0.2
-        self.wake.set()
-
-    # -- asking for messages --------------------------------------------------------------
-
-    def _want(self) -> int:
-        return min(self.slots.free - len(self.waiting), self.max_asked) - self.puller.pending
-
-    async def _pull_loop(self) -> None:
-        next_tick = time.monotonic() + self.expires_s
-        while not self.stop.is_set():
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + self.expires_s
-                if self.nc.is_closed:
-                    return
-                await self._housekeeping(now)
-                continue
-            want = self._want()
-            if now >= self.backoff_until and (
-                want >= self.threshold or (want > 0 and self.puller.pending == 0)
-            ):
-                held = self.gate() if self.gate is not None else None
-                if held is not None and not await self._gate(held):
-                    return
-                want = self._want()
-                if want <= 0:
-                    continue
-                try:
-                    await self.puller.pull(min(want, self.max_batch))
-                    self.last_pull = time.monotonic()
-                except ConnectionClosedError:
-                    return
-                except Exception as e:  # disconnected with a full buffer, ...: again shortly
-                    log.warning("%s: pull request failed: %s", self.name, e)
-                    self.backoff_until = time.monotonic() + 0.2
-                continue
-            self.wake.clear()
-            wake_at = min(next_tick, self.backoff_until) if self.backoff_until > now else next_tick
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.001, wake_at - now))
+    # -- waiting ----------------------------------------------------------------------------
 
     async def _gate(self, held: Awaitable[None]) -> bool:
         """Wait for the gate; False when stopped meanwhile."""
         g = asyncio.ensure_future(held)
-        s = asyncio.ensure_future(self.stop.wait())
         try:
-            await asyncio.wait({g, s}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({g, self.stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            s.cancel()
             if not g.done():
                 g.cancel()
         return not self.stop.is_set()
 
-    async def _housekeeping(self, now: float) -> None:
-        p = self.puller
-        reconnects = self.nc.stats.get("reconnects", 0)
-        if reconnects != self.reconnects:  # requests made before may be gone with the server
-            self.reconnects = reconnects
-            p.reset()
-        elif p.pending and now - p.last_heard > 2 * self.expires_s + 1.0:
-            p.reset()  # neither a message nor an expiry came back: those requests are lost
-        idle = STUCK_AFTER_EMPTY_FETCHES * self.expires_s
-        asking = now - self.last_pull < 2 * self.expires_s
-        if (
-            self.rebind is not None
-            and asking
-            and now - self.last_delivery >= idle
-            and now - self.last_check >= idle
-        ):
-            self.last_check = now
-            await self._rebind_if_stuck()
-
-    async def _rebind_if_stuck(self) -> None:
+    async def _check_stuck(self) -> None:
         """Nothing arrived for a while: if the consumer has messages waiting, the subscription is
-        stale (a leader moved under it), so bind a new one. One info request per idle spell."""
-        assert self.rebind is not None
-        p = self.puller
+        stale (the server restarted, a leader moved under it), so bind a new one. One info
+        request per idle spell."""
+        now = time.monotonic()
+        idle = STUCK_AFTER_EMPTY_FETCHES * self.expires_s
+        if self.rebind is None or now - self.last_delivery < idle or now - self.last_check < idle:
+            return
+        self.last_check = now
         try:
-            info = await self.js.consumer_info(p.stream, p.durable)
+            info = await self.sub.consumer_info()
         except Exception as e:
             log.warning("%s: consumer info failed while idle: %s", self.name, e)
             info = None
@@ -322,8 +261,6 @@ class _Consumer:
         except Exception as e:
             log.warning("%s: rebinding failed, will try again: %s", self.name, e)
             return
+        old, self.sub = self.sub, sub
         with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        old, self.puller = p, self._puller(sub)
-        await self.puller.start()
-        await old.stop(self._deliver)
+            await old.unsubscribe()

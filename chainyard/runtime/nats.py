@@ -21,6 +21,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
+    PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -28,6 +29,7 @@ from nats.js.api import (
 from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
+    NoStreamResponseError,
     NotFoundError,
     ServiceUnavailableError,
 )
@@ -35,14 +37,17 @@ from nats.js.kv import KeyValue
 
 from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
 
-from .lean import Publisher
-
 log = logging.getLogger("chainyard.nats")
 T = TypeVar("T")
 # "no suitable peers for placement": the meta leader does not count enough nodes as current to
 # place the replicas. A cluster that has just formed answers it for a moment (the fault suite saw
 # it in 2 of 40 fresh clusters), as does one short of a node: retry_api asks again.
 NO_SUITABLE_PEERS = 10005
+# A publish that no stream took (503: the stream has no leader) is sent again after this pause,
+# doubling up to the max, until its timeout is spent.
+NO_LEADER_PAUSE_S = 0.05
+NO_LEADER_MAX_PAUSE_S = 0.5
+JS_TIMEOUT_S = 10.0
 
 
 def _fmt_url(url: str) -> str:
@@ -118,6 +123,55 @@ def consumer_config(d: ConsumerDef) -> ConsumerConfig:
     )
 
 
+async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float) -> T:
+    """`call(seconds left)` (a JetStream publish, a KV write) again while no stream answers it
+    (503, raised by nats-py as NoStreamResponseError), for up to `timeout` seconds, as nats.go
+    does.
+
+    Nothing was stored, so sending again is safe, with or without a message id. A stream elects
+    a leader for seconds after losing a node; giving up at once made a worker's retry (a nak)
+    use up one of its work message's deliveries per attempt."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    pause = NO_LEADER_PAUSE_S
+    while True:
+        try:
+            return await call(give_up - loop.time())
+        except NoStreamResponseError:
+            if loop.time() + pause >= give_up:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, NO_LEADER_MAX_PAUSE_S)
+
+
+class Publisher:
+    """`js.publish` with its arguments, PubAck and errors (nats-py's `APIError` with `err_code`,
+    `nats.errors.TimeoutError`), sent again while the stream has no leader (`while_no_leader`).
+
+    What the router and workers publish with; `runtime/messaging.py` wraps its `publish`."""
+
+    def __init__(self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S) -> None:
+        self.js = js
+        self.timeout = timeout
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        if stream is not None:  # js.publish adds the expected stream to the dict it is given
+            headers = dict(headers or {})
+        return await while_no_leader(
+            lambda left: self.js.publish(
+                subject, payload, timeout=left, stream=stream, headers=headers
+            ),
+            self.timeout if timeout is None else timeout,
+        )
+
+
 @dataclass
 class Bus:
     """The connection, JetStream and KV handles that a service works with."""
@@ -133,9 +187,9 @@ class Bus:
 
     @property
     def publisher(self) -> Publisher:
-        """`js.publish`'s shape and errors at a fraction of its CPU (runtime/lean.py)."""
+        """`js.publish` that waits out a stream's leader election (`Publisher`)."""
         if self._publisher is None:
-            self._publisher = Publisher(self.nc, timeout=getattr(self.js, "_timeout", 10.0))
+            self._publisher = Publisher(self.js)
         return self._publisher
 
     @property
@@ -230,7 +284,7 @@ async def open_bus(
     """Connect and make sure every stream and bucket exists (safe from many processes at once)."""
     topology = topology or Topology()
     nc = await connect(url, name=name, creds=creds, on_closed=on_closed)
-    js = nc.jetstream(timeout=10.0)
+    js = nc.jetstream(timeout=JS_TIMEOUT_S)
     try:
         for s in topology.streams:
             await retry_api(lambda s=s: ensure_stream(js, s, topology.replicas))
