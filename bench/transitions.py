@@ -125,7 +125,7 @@ async def step_transition(ctx: Ctx) -> list[Figure]:
         "rounds_p99_ms": [round(r.pct(99), 3) for r in rounds],
         "transitions_measured": sum(r.n for r in rounds),
         "provider": "in-process null provider",
-        "baseline": "sequential publish -> PubAck, the lean publisher the router uses, same server",
+        "baseline": "sequential publish -> PubAck, the publisher the router uses, same server",
         "load_before": load_before,
         "load_after": load_average(),
     }

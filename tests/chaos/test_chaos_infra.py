@@ -36,7 +36,7 @@ from chaosharness import (
 )
 from helpers import running as run_services
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, Placement
+from nats.js.api import DiscardPolicy, Placement, StreamConfig
 from nats.js.errors import APIError
 
 from chainyard.client import Client
@@ -543,24 +543,7 @@ async def test_cluster_event_stream_without_leader_costs_no_delivery(
     topology = Topology(replicas=1)
     # Everything on n1, the services' node, except the event stream on n3: killing n3 takes
     # the event stream's only replica (it cannot move), and nothing else.
-    nc = await connect(cluster.nodes[0].url, name="setup")
-    js = nc.jetstream()
-    try:
-        for d in topology.streams:
-            cfg = stream_config(d, 1)
-            node = "n3" if d.name == topology.events.name else "n1"
-            cfg.placement = Placement(tags=[f"node:{node}"])
-            await retry_api(lambda cfg=cfg: js.add_stream(cfg))
-        for k in topology.buckets:
-            kv = KeyValueConfig(
-                bucket=k.bucket,
-                history=k.history,
-                ttl=k.ttl_s or None,
-                placement=Placement(tags=["node:n1"]),
-            )
-            await retry_api(lambda kv=kv: js.create_key_value(kv))
-    finally:
-        await nc.close()
+    await _place_r1(cluster, topology, on_n3=topology.events.name)
     bus = await open_bus(cluster.nodes[0].url, name="worker", topology=topology)
     entered, release = asyncio.Event(), asyncio.Event()
     calls = 0
@@ -611,6 +594,96 @@ async def test_cluster_event_stream_without_leader_costs_no_delivery(
             )
     finally:
         await bus.close()
+
+
+async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
+    cluster: Cluster,
+) -> None:
+    """A redelivered step first reads its chain's state (is its result recorded already?).
+    While the chain-state bucket has no leader (its only node is down) that read fails: it
+    counts as "not recorded" and the step runs. Before, every delivery failed on the read and
+    was nak'ed (a delivery each, 6 in 15 s), and the provider was never called."""
+    topology = Topology(replicas=1)
+    bucket = f"KV_{topology.chains_kv.bucket}"
+    await _place_r1(cluster, topology, on_n3=bucket)
+    bus = await open_bus(cluster.nodes[0].url, name="worker", topology=topology)
+    calls = 0
+
+    async def execute(a: Assignment, on_delta: object) -> Result:
+        nonlocal calls
+        calls += 1
+        return Result(output=Output(text="done"))
+
+    a = Assignment(
+        chain_id="c1",
+        step_id="s",
+        attempt=1,
+        tenant="acme",
+        step=LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")]),
+        target=Target(deployment="d", pool="sim", provider="openai", model="m"),
+        dispatched_at_ms=now_ms(),
+    )
+    consumer = topology.pool_consumer("sim")
+    try:
+        await bus.publisher.publish(
+            topology.subjects.work("sim"), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+        )
+        # A first delivery that ends without a result, as a crashed worker's does.
+        sub = await bus.pull(topology.work, consumer)
+        [first] = await sub.fetch(1, timeout=10)
+        await first.nak()
+        await sub.unsubscribe()
+        cluster.node("n3").signal(signal.SIGKILL)
+        await wait_count(lambda: _route_gone(cluster, "n1", "n3"), 10, "n1 to lose n3")
+        async with run_services(Worker(bus, "sim", execute, slots=4)):
+            subject = topology.subjects.event("acme", "c1", "step.completed")
+            await wait_count(
+                lambda: _stored(bus.js, topology.events.name, subject), 15, "the step's result"
+            )
+            await wait_count(
+                lambda: work_queue_empty(bus.js, topology), 10, "the work message to be acked"
+            )
+        info = await bus.js.consumer_info(topology.work.name, consumer.durable)
+        assert (calls, info.delivered.consumer_seq) == (1, 2)
+        failed = topology.subjects.event("acme", "c1", "step.failed")
+        assert await _stored(bus.js, topology.events.name, failed) == 0
+    finally:
+        await bus.close()
+
+
+async def _place_r1(cluster: Cluster, topology: Topology, on_n3: str) -> None:
+    """Every stream and bucket with one replica on n1 (the services' node) but `on_n3` (a
+    stream's name, KV_<bucket> for a bucket) on n3: killing n3 takes that one's only replica
+    (it cannot move), and nothing else."""
+    nc = await connect(cluster.nodes[0].url, name="setup")
+    js = nc.jetstream()
+
+    def tags(name: str) -> Placement:
+        return Placement(tags=["node:n3" if name == on_n3 else "node:n1"])
+
+    try:
+        for d in topology.streams:
+            cfg = stream_config(d, 1)
+            cfg.placement = tags(d.name)
+            await retry_api(lambda cfg=cfg: js.add_stream(cfg))
+        for k in topology.buckets:
+            # A bucket's stream as nats-py's create_key_value makes it, which ignores placement.
+            kv = StreamConfig(
+                name=f"KV_{k.bucket}",
+                subjects=[f"$KV.{k.bucket}.>"],
+                allow_direct=True,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
+                discard=DiscardPolicy.NEW,
+                max_msgs_per_subject=k.history,
+                max_age=k.ttl_s or None,
+                num_replicas=1,
+                placement=tags(f"KV_{k.bucket}"),
+            )
+            await retry_api(lambda kv=kv: js.add_stream(kv))
+            assert (await js.stream_info(kv.name)).cluster.leader == kv.placement.tags[0][5:]
+    finally:
+        await nc.close()
 
 
 def _route_gone(cluster: Cluster, on: str, to: str) -> bool:
