@@ -5,7 +5,9 @@ its result is already recorded -> fail and dead-letter it if it was delivered mo
 `work_max_deliver` times (it took its workers down) -> wait out a provider throttle -> execute
 -> publish the result event and wait for its ack -> ack the work. A crash anywhere before the
 last ack redelivers the message; the event's message id and the router's compare-and-set make
-the second result change nothing.
+the second result change nothing. JetStream being unavailable costs no delivery: the result is
+published again in place (the work kept in progress), and a chain state that cannot be read on
+redelivery counts as not recorded.
 
 Cancellation: every worker listens (core NATS) on `cy.cancel.*.*`; a cancelled chain's calls in
 flight here are cancelled and end as step.failed "cancelled", and work for it that arrives later
