@@ -301,7 +301,7 @@ async def paced_worker(
     ):
         bus = await open_bus(nats.url, name="bench-driver")
         c = Completions(n)
-        sub = await subscribe_direct(bus.nc, f"cy.events.{TENANT}.*.step.*", c.on)
+        sub = await bus.nc.subscribe(f"cy.events.{TENANT}.*.step.*", cb=c.on)
         payloads = assignments(n, tag)
         try:
             async with worker(nats.url, url, slots, cores[0] if cores else None) as proc:
