@@ -635,6 +635,11 @@ async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
         await sub.unsubscribe()
         cluster.node("n3").signal(signal.SIGKILL)
         await wait_count(lambda: _route_gone(cluster, "n1", "n3"), 10, "n1 to lose n3")
+
+        async def meta_leader_alive() -> bool:  # the worker's consumer create needs one
+            return await cluster.meta_leader() in ("n1", "n2")
+
+        await wait_count(meta_leader_alive, 30, "a meta leader on n1 or n2", interval=0.2)
         async with run_services(Worker(bus, "sim", execute, slots=4)):
             subject = topology.subjects.event("acme", "c1", "step.completed")
             await wait_count(
