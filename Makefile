@@ -56,4 +56,4 @@ schema: install
 	$(BIN)/chainyard schema
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/results.json
+	rm -rf $(VENV) build *.egg-info bench/results.json bench/peers/node_modules

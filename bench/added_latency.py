@@ -48,7 +48,9 @@ def _config(base_url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def service(args: list[str], tmp: Path, name: str) -> AsyncIterator[None]:
+async def service(
+    args: list[str], tmp: Path, name: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`chainyard <args>` as its own process, its output in a log shown if it fails."""
     log_path = tmp / f"{name}.log"
     with log_path.open("wb") as log:
@@ -57,7 +59,7 @@ async def service(args: list[str], tmp: Path, name: str) -> AsyncIterator[None]:
             stdout=log, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield
+        yield proc
     finally:
         await _stop(proc)
         if proc.returncode not in (0, None):
@@ -129,19 +131,27 @@ class Driver:
         return (t1 - t0) * 1000
 
 
-async def _direct(base_url: str, n: int) -> list[float]:
+async def _direct(
+    base_url: str, n: int, headers: dict[str, str] | None = None, window: int = 1
+) -> list[float]:
+    """n chat completions POSTed to `base_url`/v1 with the worker's HTTP client, `window` at a
+    time (bench.gateways sends the same calls through a peer gateway with its `headers`)."""
     body = encode(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     )
-    client = HttpClient(f"{base_url}/v1", {"Content-Type": "application/json"})
+    client = HttpClient(f"{base_url}/v1", {"Content-Type": "application/json", **(headers or {})})
     out: list[float] = []
-    try:
-        for _ in range(n):
+
+    async def calls(count: int) -> None:
+        for _ in range(count):
             t0 = time.perf_counter()
             status, _, _ = await client.post("/chat/completions", body)
             out.append((time.perf_counter() - t0) * 1000)
             if status != 200:
-                raise RuntimeError(f"sandbox answered {status}")
+                raise RuntimeError(f"{base_url} answered {status}")
+
+    try:
+        await asyncio.gather(*(calls(n // window + (i < n % window)) for i in range(window)))
     finally:
         await client.aclose()
     return out

@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "bench.workers",
     "bench.routing",
     "bench.added_latency",
+    "bench.gateways",
     "bench.transitions",
     "bench.tracing",
     "bench.http_clients",
