@@ -28,6 +28,7 @@ from typing import Any
 MODULES: tuple[str, ...] = (
     "bench.nats_path",
     "bench.workers",
+    "bench.provider_calls",
     "bench.routing",
     "bench.added_latency",
     "bench.gateways",
