@@ -158,13 +158,40 @@ def table(before: list[str], after: list[str], labels: tuple[str, str]) -> str:
     return "\n".join(out)
 
 
+PEER_ROWS = (
+    ("added p50, 1 in flight", "peer_added_p50_ms_c1", "ms"),
+    ("added p99, 1 in flight", "peer_added_p99_ms_c1", "ms"),
+    ("added p50, 32 in flight", "peer_added_p50_ms_c32", "ms"),
+    ("added p99, 32 in flight", "peer_added_p99_ms_c32", "ms"),
+    ("CPU per request, 1 in flight", "peer_cpu_us_per_request_c1", "us"),
+    ("CPU per request, 32 in flight", "peer_cpu_us_per_request_c32", "us"),
+)
+
+
+def peer_table(before: list[str], after: list[str], labels: tuple[str, str]) -> str:
+    """chainyard beside Portkey (each figure's value and its same-run baseline), both sides."""
+    b, a = _load(before), _load(after)
+    out = [
+        f"| | {labels[0]}: chainyard | Portkey | {labels[1]}: chainyard | Portkey |",
+        "|---|---|---|---|---|",
+    ]
+    for label, figure, unit in PEER_ROWS:
+        cells = [
+            _cell(side, figure, path)[0] for side in (b, a) for path in ("value", "baseline_value")
+        ]
+        out.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
     ap.add_argument("--before", nargs="+", required=True, metavar="[SUFFIX=]PATH")
     ap.add_argument("--after", nargs="+", required=True, metavar="[SUFFIX=]PATH")
     ap.add_argument("--labels", nargs=2, default=("before", "after"))
+    ap.add_argument("--peers", action="store_true", help="the Portkey row's table instead")
     args = ap.parse_args()
-    print(table(args.before, args.after, tuple(args.labels)))
+    make = peer_table if args.peers else table
+    print(make(args.before, args.after, tuple(args.labels)))
 
 
 if __name__ == "__main__":
