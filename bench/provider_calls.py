@@ -19,14 +19,21 @@ import statistics
 import time
 from typing import Any
 
-from nats.aio.msg import Msg
-
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
-from .workers import POOL, TENANT, Completions, assignments, cpu_s, sandbox, worker
+from .workers import (
+    POOL,
+    TENANT,
+    Completions,
+    _has_heartbeat,
+    assignments,
+    cpu_s,
+    sandbox,
+    worker,
+)
 
 RATE = 1000  # calls a second
 LATENCY_MS = 200.0
@@ -48,22 +55,17 @@ async def _worker(nats_url: str, url: str, sandbox_pid: int, n: int) -> dict[str
     bus = await open_bus(nats_url, name="bench-provider-calls")
     c = Completions(n)
 
-    async def on_event(msg: Msg) -> None:
-        c.on(msg)
-
-    up = asyncio.Event()
-
-    async def on_heartbeat(_: Msg) -> None:
-        up.set()
-
-    sub = await bus.nc.subscribe(f"{bus.subjects.prefix}.events.{TENANT}.*.step.*", cb=on_event)
-    # the worker's first capacity heartbeat: it is connected and consuming
-    beat = await bus.nc.subscribe(f"$KV.{bus.topology.capacity_kv.bucket}.>", cb=on_heartbeat)
+    sub = await bus.nc.subscribe(f"{bus.subjects.prefix}.events.{TENANT}.*.step.*", cb=c.on)
     payloads = assignments(n, "p")
     subject = bus.subjects.work(POOL)
     try:
         async with worker(nats_url, url, SLOTS, None) as proc:
-            await asyncio.wait_for(up.wait(), 30)
+            for _ in range(1200):  # up to 60 s for its first heartbeat (as bench.workers waits)
+                if await _has_heartbeat(bus):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("the worker sent no heartbeat")
 
             async def one(i: int) -> None:
                 await bus.js.publish(subject, payloads[i], headers={"Nats-Msg-Id": f"p{i}"})
@@ -76,7 +78,6 @@ async def _worker(nats_url: str, url: str, sandbox_pid: int, n: int) -> dict[str
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-            await beat.unsubscribe()
         await bus.close()
     return {
         "cpu_us_per_call": round(cpu / n * 1e6, 1),
