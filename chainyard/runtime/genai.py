@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from . import messaging, tracing
 
@@ -92,16 +92,23 @@ def _request(a: Any) -> dict[str, Any]:
     return attrs
 
 
+def _tracer() -> Tracer | None:
+    """The tracer when this call gets a span of its own: tracing is on and the handler's trace
+    is sampled in; else None (the call runs bare)."""
+    tr = tracing.active
+    if tr is None:
+        return None
+    messaging.ensure_span()
+    return None if messaging.sampled_out() else tr
+
+
 def traced_chat(execute: Execute) -> Execute:
     """Wrap an LLM executor: one `chat {model}` CLIENT span per provider call, current while
     the call runs (an instrumented HTTP client's spans nest under it)."""
 
     async def run(a: Any, on_delta: Any) -> Any:
-        tr = tracing.active
+        tr = _tracer()
         if tr is None:
-            return await execute(a, on_delta)
-        messaging.ensure_span()
-        if messaging.sampled_out():
             return await execute(a, on_delta)
         t = a.target
         span = tr.start_span(
@@ -150,11 +157,8 @@ def traced_tool(name: str, execute: Execute) -> Execute:
     """Wrap a tool executor: one `execute_tool {name}` span, current while the tool runs."""
 
     async def run(a: Any, on_delta: Any = None) -> Any:
-        tr = tracing.active
+        tr = _tracer()
         if tr is None:
-            return await execute(a, on_delta)
-        messaging.ensure_span()
-        if messaging.sampled_out():
             return await execute(a, on_delta)
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool",
