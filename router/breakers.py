@@ -5,6 +5,9 @@ open --(cooldown over)--> half-open: at most `probes` dispatches per replica go 
 half-open --success--> closed;  --failure--> open again, cooldown doubled (capped)
 
 A Retry-After from a provider cools its deployment down until then, without opening the breaker.
+A failure counts once across replicas (its id is kept in the value until the next reset) and
+only if it ended after the last success: a router that dies before acking lets another replica
+see the same results again, late, and neither may push a healthy deployment open.
 Every change is a compare-and-set on the key's revision; each router watches the bucket, so a
 breaker opened by one replica is seen by all within a watch round trip. Picking reads only the
 local copy (no I/O on the routing path).
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
@@ -41,10 +44,22 @@ class Breaker(Struct, frozen=True, kw_only=True):
     cooled_until_ms: int = 0  # Retry-After: no dispatch before this
     reason: str = ""
     at_ms: int = 0
+    reset_ms: int = 0  # when the call that last closed it ended: older failures prove nothing
+    counted: tuple[str, ...] = ()  # failures counted since that reset (bounded; see MAX_COUNTED)
 
 
 _decoder = msgspec.json.Decoder(Breaker)
 CLOSED = Breaker()
+MAX_COUNTED = 64  # ids kept per deployment: more than any breaker_failures/breaker_throttles
+
+
+def result_id(ev: StepCompleted | StepFailed) -> str:
+    return f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}"
+
+
+def ended_ms(ev: StepCompleted | StepFailed) -> int:
+    """When the call ended (0 when the event does not say: then it is never too old)."""
+    return int(ev.started_at_ms + ev.latency_ms) if ev.started_at_ms else 0
 
 
 def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) -> Breaker | None:
@@ -54,10 +69,18 @@ def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) 
             return None
         if b.status == "open" and t < b.open_until_ms:
             return None  # a late success from before it opened proves nothing
-        return Breaker(at_ms=t, cooled_until_ms=b.cooled_until_ms)
+        ended = ended_ms(ev)
+        if ended and ended < b.reset_ms:
+            return None  # an older success than the one that closed it
+        return Breaker(at_ms=t, cooled_until_ms=b.cooled_until_ms, reset_ms=ended or t)
     err = ev.error
     if err.cls not in ("retryable", "timeout"):
         return None  # fatal, context_window, cancelled...: the deployment is not unhealthy
+    rid = result_id(ev)
+    ended = ended_ms(ev)
+    if rid in b.counted or (ended and ended < b.reset_ms):
+        return None  # counted already (by a replica), or ended before the last success
+    counted = (*b.counted[-(MAX_COUNTED - 1) :], rid)
     throttled = err.status == 429
     failures = b.failures + 1
     throttles = b.throttles + 1 if throttled else 0
@@ -75,13 +98,13 @@ def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) 
             else (f"{failures} consecutive failures, last: {err.message}")
         )
     else:
+        cooldown = None
+    if cooldown is None or (b.status == "open" and t < b.open_until_ms):
+        # not yet at the threshold, or already open: keep counting, keep the window
         return msgspec.structs.replace(
-            b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t
-        )
-    if b.status == "open" and t < b.open_until_ms:  # already open: keep counting, keep the window
-        return msgspec.structs.replace(
-            b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t
-        )
+            b, failures=failures, throttles=throttles, cooled_until_ms=cooled, at_ms=t,
+            counted=counted,
+        )  # fmt: skip
     until = max(t + int(cooldown * 1000), cooled)
     return Breaker(
         status="open",
@@ -92,6 +115,8 @@ def next_state(b: Breaker, ev: StepCompleted | StepFailed, cfg: Config, t: int) 
         cooled_until_ms=cooled,
         reason=why,
         at_ms=t,
+        reset_ms=b.reset_ms,
+        counted=counted,
     )
 
 
@@ -104,6 +129,7 @@ class Breakers:
         # results counted: (tenant, chain, step, attempt); two tenants' ids never collide
         self._seen: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recording: Counter[str] = Counter()  # deployment -> records in flight
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self.on_change: Callable[[], None] | None = None
@@ -138,12 +164,21 @@ class Breakers:
         self._seen[key] = None
         while len(self._seen) > 50_000:
             self._seen.popitem(last=False)
-        b = self.local.get(ev.target.deployment, CLOSED)
-        if next_state(b, ev, self.config, now_ms()) is None:
-            return  # nothing to change: no KV traffic on the happy path
+        name = ev.target.deployment
+        b = self.local.get(name, CLOSED)
+        if next_state(b, ev, self.config, now_ms()) is None and not self._recording[name]:
+            # nothing to change: no KV traffic on the happy path (unless a failure is being
+            # recorded: this success may have to reset what that record is about to count)
+            return
+        self._recording[name] += 1
         t = asyncio.get_running_loop().create_task(self.record(ev))
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._recording[name] -= 1
+
+        t.add_done_callback(done)
 
     async def record(self, ev: StepCompleted | StepFailed) -> None:
         name = ev.target.deployment

@@ -4,24 +4,80 @@ from __future__ import annotations
 
 from helpers import wait_until
 
-from chainyard.contracts import Config, Deployment, ErrorInfo, StepFailed, Target
-from chainyard.router.breakers import Breakers
+from chainyard.contracts import (
+    Config,
+    Deployment,
+    ErrorInfo,
+    StepCompleted,
+    StepFailed,
+    Target,
+    Usage,
+)
+from chainyard.router.breakers import CLOSED, Breakers, next_state
 from chainyard.runtime.nats import Bus
 
+TARGET = Target(deployment="d", pool="p", provider="openai", model="m")
+CFG = Config(deployments=[Deployment(name="d", pool="p", model="m")], breaker_failures=3)
 
-def failure(tenant: str) -> StepFailed:
+
+def failure(tenant: str, chain: str = "x", started_at_ms: int = 0) -> StepFailed:
     return StepFailed(
-        chain_id="x", step_id="s", attempt=1, tenant=tenant,
+        chain_id=chain, step_id="s", attempt=1, tenant=tenant,
         error=ErrorInfo(cls="retryable", message="HTTP 500", status=500),
-        target=Target(deployment="d", pool="p", provider="openai", model="m"), worker="w",
+        target=TARGET, worker="w", started_at_ms=started_at_ms, latency_ms=10.0,
     )  # fmt: skip
+
+
+def success(started_at_ms: int) -> StepCompleted:
+    return StepCompleted(
+        chain_id="ok", step_id="s", attempt=1, tenant="ta", output="fine", usage=Usage(),
+        target=TARGET, worker="w", dispatched_at_ms=started_at_ms, started_at_ms=started_at_ms,
+        latency_ms=10.0,
+    )  # fmt: skip
+
+
+def test_a_failure_older_than_the_last_success_does_not_count() -> None:
+    """A late failure (a redelivery after a router died) that ended before the success which
+    closed the breaker says nothing about the deployment now."""
+    b = next_state(CLOSED, failure("ta", "a", started_at_ms=1_000), CFG, 1_100)
+    assert b is not None and b.failures == 1
+    b = next_state(b, success(started_at_ms=2_000), CFG, 2_100)
+    assert b is not None and b.failures == 0 and b.reset_ms == 2_010
+    assert next_state(b, failure("ta", "late", started_at_ms=1_500), CFG, 3_000) is None
+    after = next_state(b, failure("ta", "new", started_at_ms=2_500), CFG, 3_000)
+    assert after is not None and after.failures == 1
+
+
+def test_a_failure_counts_once_whoever_sees_it_again() -> None:
+    b = next_state(CLOSED, failure("ta"), CFG, 1)
+    assert b is not None and b.failures == 1
+    assert next_state(b, failure("ta"), CFG, 2) is None  # the same result, seen again
+    again = next_state(b, failure("tb"), CFG, 2)  # another tenant's same ids: another call
+    assert again is not None and again.failures == 2
+
+
+async def test_two_replicas_count_a_redelivered_failure_once(bus: Bus) -> None:
+    """Router A records a failure, dies before acking; router B gets the event again: the
+    shared value remembers it was counted."""
+    a, b = Breakers(bus.breakers, CFG), Breakers(bus.breakers, CFG)
+    await a.start()
+    await b.start()
+    try:
+        a.observe(failure("ta"))
+        await wait_until(lambda: b.status("d").failures == 1, 5, "B sees A's record")
+        b.observe(failure("ta"))
+        b.observe(failure("tb"))
+        await wait_until(lambda: a.status("d").failures == 2, 5, "A sees B's one new record")
+        assert b.status("d").failures == 2 and b.status("d").status == "closed"
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_two_tenants_same_ids_are_two_results(bus: Bus) -> None:
     """The same (chain, step, attempt) under two tenants is two calls that failed: both count,
     while a repeat of one tenant's result (a redelivered event) counts once."""
-    cfg = Config(deployments=[Deployment(name="d", pool="p", model="m")], breaker_failures=3)
-    breakers = Breakers(bus.breakers, cfg)
+    breakers = Breakers(bus.breakers, CFG)
     await breakers.start()
     try:
         for tenant in ("ta", "ta", "tb"):

@@ -191,10 +191,11 @@ def completed(attempt: int = 1, target: Target = TGT, cost: float = 0.01) -> Ste
 def test_breaker_opens_cools_probes_and_closes() -> None:
     cfg = Config(breaker_failures=3, breaker_cooldown_s=1.0)
     b: Breaker = CLOSED
-    for i in range(3):
-        b = next_state(b, failed(), cfg, T + i) or b
+    for i in range(3):  # three calls (three attempts) failed
+        b = next_state(b, failed(attempt=i + 1), cfg, T + i) or b
     assert b.status == "open" and b.open_until_ms == T + 2 + 1000
-    again = next_state(b, failed(), cfg, b.open_until_ms + 1)  # a failed probe: longer cooldown
+    assert next_state(b, failed(attempt=3), cfg, T + 3) is None  # the same result again
+    again = next_state(b, failed(attempt=4), cfg, b.open_until_ms + 1)  # a failed probe: longer cooldown
     assert again is not None and again.status == "open" and again.cooldown_s == 2.0
     closed = next_state(again, completed(), cfg, again.open_until_ms + 1)
     assert closed is not None and closed.status == "closed" and closed.failures == 0
@@ -205,7 +206,7 @@ def test_429_storm_opens_and_retry_after_cools() -> None:
     cfg = Config(breaker_throttles=2, breaker_failures=10)
     b = next_state(CLOSED, failed(429, retry_after=3.0), cfg, T)
     assert b is not None and b.status == "closed" and b.cooled_until_ms == T + 3000
-    b = next_state(b, failed(429, retry_after=3.0), cfg, T + 1)
+    b = next_state(b, failed(429, retry_after=3.0, attempt=2), cfg, T + 1)
     assert b is not None and b.status == "open" and "429" in b.reason
 
 
