@@ -195,7 +195,9 @@ def test_breaker_opens_cools_probes_and_closes() -> None:
         b = next_state(b, failed(attempt=i + 1), cfg, T + i) or b
     assert b.status == "open" and b.open_until_ms == T + 2 + 1000
     assert next_state(b, failed(attempt=3), cfg, T + 3) is None  # the same result again
-    again = next_state(b, failed(attempt=4), cfg, b.open_until_ms + 1)  # a failed probe: longer cooldown
+    again = next_state(
+        b, failed(attempt=4), cfg, b.open_until_ms + 1
+    )  # a failed probe: longer cooldown
     assert again is not None and again.status == "open" and again.cooldown_s == 2.0
     closed = next_state(again, completed(), cfg, again.open_until_ms + 1)
     assert closed is not None and closed.status == "closed" and closed.failures == 0
