@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import time
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import pytest
 from helpers import alive, start_cli, wait_until
 from keda_double import HPA_TOLERANCE, Keda, ScaledObject, Tick, hpa_desired
 from nats.aio.msg import Msg
+from scale_support import free_ports, two_step_chain
 from worker_support import POOL, live_workers
 
-from chainyard.contracts import Chain, LlmStep, Message, Topology, encode, event_decoder
+from chainyard.contracts import Topology, encode, event_decoder
 from chainyard.ledger import audit
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
@@ -34,12 +34,6 @@ TENANTS = ("ta", "tb")  # the same chain ids in both
 SLOTS = 2  # per worker process; KEDA's lagThreshold is the pool's slots
 LATENCY_MS = 250
 MAX_REPLICAS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_toml(sandbox_url: str) -> str:
@@ -59,21 +53,6 @@ base_url = "{sandbox_url}/v1"
 slots = {SLOTS}
 timeout_s = 30
 """
-
-
-def chain(tenant: str, cid: str) -> Chain:
-    """Two steps, the second referring to the first (its work is queued when the first ends)."""
-    return Chain(
-        id=cid,
-        steps=[
-            LlmStep(id="a", model="m", messages=[Message(role="user", content=f"{tenant} {cid}")]),
-            LlmStep(
-                id="b",
-                model="m",
-                messages=[Message(role="user", content="then {{steps.a.output}}")],
-            ),
-        ],
-    )
 
 
 # -- the formula, pure ---------------------------------------------------------------------------
@@ -120,7 +99,7 @@ def windows(ticks: list[Tick], done: list[float]) -> dict[int, float]:
 async def test_keda_formula_scales_real_workers_up_and_down_and_sigterm_drains(
     tmp_path: Path,
 ) -> None:
-    http = free_port()
+    [http] = free_ports(1)
     topo = Topology()
     procs: list[asyncio.subprocess.Process] = []
     async with (
@@ -161,7 +140,7 @@ async def test_keda_formula_scales_real_workers_up_and_down_and_sigterm_drains(
         async def burst(prefix: str, n: int) -> None:
             for i in range(n):
                 for t in TENANTS:
-                    c = chain(t, f"{prefix}-{i:03d}")
+                    c = two_step_chain(t, f"{prefix}-{i:03d}")
                     await bus.js.publish(topo.subjects.submit(t), encode(c))
                     accepted.add((t, c.id))
 
