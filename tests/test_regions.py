@@ -187,11 +187,13 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
             await start("router-us", "router", "--region", "us")
             await start("router-ap", "router", "--region", "ap")
             second = asyncio.create_task(load(list(buses.values()), "two", 20, ledger))
-            await wait_until(
-                lambda: sum(len(v) for v in ledger.ran.values()) >= 2 * len(first) + 20,
-                60,
-                "phase 2 under way",
-            )
+            eu_pool = topo.pool_consumer("sim-eu").durable
+
+            async def eu_busy() -> bool:  # steps in the middle of their call on eu's pool
+                info = await buses["us"].js.consumer_info(topo.work.name, eu_pool)
+                return info.num_ack_pending >= 3
+
+            await wait_until(eu_busy, 60, "phase 2 under way on eu's pool", 0.05)
             cut_at = time.monotonic()
             cluster.node("eu").signal(signal.SIGKILL)
             for name in ("router-eu", "worker-eu"):
@@ -222,6 +224,7 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
                 return True
 
             await wait_until(only_eu_work_left, 90, "the chains outside eu to end", 0.5)
+            assert waiting, "no chain was waiting on eu's pool: the cut missed its work"
             survivors = ledger.pools(ledger.accepted, after=cut_at)
             assert survivors["sim-us"] > 0 and survivors["sim-ap"] > 0, survivors
             print(
