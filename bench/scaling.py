@@ -24,18 +24,17 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from nats.aio.msg import Msg
 
 from chainyard.contracts import Chain, LlmStep, Message, encode
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
 from .core import Ctx, Figure, benchmark
-from .workers import POOL, TENANT, _stop, assignments, cpu_s, preload
+from .workers import POOL, TENANT, Completions, _stop, assignments, cpu_s, preload
 
 CONFIG = f"""
 [[deployments]]
@@ -49,31 +48,6 @@ name = "{POOL}"
 provider = "null"
 slots = 256
 """
-
-
-class Stamps:
-    """Counts matching events; `done` at n; the first and last arrival times."""
-
-    def __init__(self, n: int, suffix: str) -> None:
-        self.n, self.suffix = n, suffix
-        self.count = 0
-        self.first = self.last = 0.0
-        self.done = asyncio.Event()
-
-    async def on(self, msg: Msg) -> None:
-        if not msg.subject.endswith(self.suffix):
-            return
-        now = time.perf_counter()
-        self.count += 1
-        if self.count == 1:
-            self.first = now
-        self.last = now
-        if self.count >= self.n:
-            self.done.set()
-
-    @property
-    def per_s(self) -> float:
-        return (self.count - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
 @contextlib.asynccontextmanager
@@ -125,33 +99,55 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
     return {kind: sum(cpu_s(p) for p in ps) for kind, ps in pids.items()}
 
 
-def _per_step(before: dict[str, float], after: dict[str, float], steps: int) -> dict[str, float]:
-    return {f"{k}_cpu_us_per_step": round(1e6 * (after[k] - before[k]) / steps, 1) for k in after}
+@dataclass
+class Run:
+    nats: NatsServer
+    config: Path
+    bus: Bus
+    events: Completions
+    procs: list[asyncio.subprocess.Process]
+
+    async def measure(self, pids: dict[str, list[int]], load: Awaitable[None]) -> dict[str, float]:
+        """CPU seconds per process kind spent from before `load` until every counted event."""
+        pids = {**pids, "nats": [self.nats.pid or 0]}
+        before = _cpu(pids)
+        await load
+        await asyncio.wait_for(self.events.done.wait(), 300)
+        return {k: v - before[k] for k, v in _cpu(pids).items()}
 
 
-async def workers_run(n_workers: int, n: int) -> dict[str, Any]:
-    """n preloaded steps drained by n_workers processes of one pool."""
+@contextlib.asynccontextmanager
+async def stack(commands: list[list[str]], counted: str, n: int) -> AsyncIterator[Run]:
+    """A fresh nats-server, the service processes, and the driver counting n events on
+    `counted` (a subject under the bench tenant's events)."""
     async with NatsServer() as nats:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = Path(tmp) / "chainyard.toml"
             cfg.write_text(CONFIG)
             bus = await open_bus(nats.url, name="bench-driver")
-            c = Stamps(n, "step.completed")
-            sub = await bus.nc.subscribe(f"cy.events.{TENANT}.*.step.*", cb=c.on)
+            c = Completions(n)
+            sub = await bus.nc.subscribe(f"cy.events.{TENANT}.{counted}", cb=c.on)
             try:
-                cmds = [["worker", "--pool", POOL]] * n_workers
-                async with processes(nats.url, cfg, cmds) as procs:
-                    await _workers_up(bus, n_workers)
-                    pids = {"workers": [p.pid for p in procs], "nats": [nats.pid or 0]}
-                    cpu0 = _cpu(pids)
-                    await preload(bus, assignments(n, f"w{n_workers}-"), f"w{n_workers}-")
-                    await asyncio.wait_for(c.done.wait(), 300)
-                    cpu1 = _cpu(pids)
+                async with processes(nats.url, cfg, commands) as procs:
+                    yield Run(nats, cfg, bus, c, procs)
             finally:
                 await sub.unsubscribe()
                 await bus.close()
-    return {"processes": n_workers, "steps": n, "steps_per_s": round(c.per_s, 1),
-            **_per_step(cpu0, cpu1, n)}  # fmt: skip
+
+
+def _per_step(cpu: dict[str, float], steps: int) -> dict[str, float]:
+    return {f"{k}_cpu_us_per_step": round(1e6 * v / steps, 1) for k, v in cpu.items()}
+
+
+async def workers_run(n_workers: int, n: int) -> dict[str, Any]:
+    """n steps, published once every worker has a heartbeat, drained by n_workers processes."""
+    async with stack([["worker", "--pool", POOL]] * n_workers, "*.step.*", n) as run:
+        await _workers_up(run.bus, n_workers)
+        tag = f"w{n_workers}-"
+        load = preload(run.bus, assignments(n, tag), tag)
+        cpu = await run.measure({"workers": [p.pid for p in run.procs]}, load)
+    return {"processes": n_workers, "steps": n, "steps_per_s": round(run.events.per_s, 1),
+            **_per_step(cpu, n)}  # fmt: skip
 
 
 def _chain(i: int) -> Chain:
@@ -166,40 +162,27 @@ def _chain(i: int) -> Chain:
     )
 
 
+async def _submit(bus: Bus, chains: int) -> None:
+    subject = bus.subjects.submit(TENANT)
+    for start in range(0, chains, 500):
+        batch = range(start, min(chains, start + 500))
+        await asyncio.gather(*(bus.js.publish(subject, encode(_chain(i))) for i in batch))
+
+
 async def routers_run(n_routers: int, chains: int, workers: int = 2) -> dict[str, Any]:
     """`chains` two-step chains submitted at once to n_routers replicas."""
-    async with NatsServer() as nats:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = Path(tmp) / "chainyard.toml"
-            cfg.write_text(CONFIG)
-            bus = await open_bus(nats.url, name="bench-driver")
-            c = Stamps(chains, "chain.completed")
-            sub = await bus.nc.subscribe(f"cy.events.{TENANT}.*.chain.*", cb=c.on)
-            cmds = [["worker", "--pool", POOL]] * workers + [["router"]] * n_routers
-            try:
-                async with processes(nats.url, cfg, cmds) as procs:
-                    await _workers_up(bus, workers)
-                    await _routers_up(cfg, n_routers)
-                    pids = {
-                        "routers": [p.pid for p in procs[workers:]],
-                        "workers": [p.pid for p in procs[:workers]],
-                        "nats": [nats.pid or 0],
-                    }
-                    cpu0 = _cpu(pids)
-                    subject = bus.subjects.submit(TENANT)
-                    for start in range(0, chains, 500):
-                        batch = range(start, min(chains, start + 500))
-                        await asyncio.gather(
-                            *(bus.js.publish(subject, encode(_chain(i))) for i in batch)
-                        )
-                    await asyncio.wait_for(c.done.wait(), 300)
-                    cpu1 = _cpu(pids)
-            finally:
-                await sub.unsubscribe()
-                await bus.close()
-    steps = 2 * chains
+    cmds = [["worker", "--pool", POOL]] * workers + [["router"]] * n_routers
+    async with stack(cmds, "*.chain.*", chains) as run:
+        await _workers_up(run.bus, workers)
+        await _routers_up(run.config, n_routers)
+        pids = {
+            "routers": [p.pid for p in run.procs[workers:]],
+            "workers": [p.pid for p in run.procs[:workers]],
+        }
+        cpu = await run.measure(pids, _submit(run.bus, chains))
+    steps_per_s = round(2 * run.events.per_s, 1)
     return {"routers": n_routers, "workers": workers, "chains": chains,
-            "steps_per_s": round(2 * c.per_s, 1), **_per_step(cpu0, cpu1, steps)}  # fmt: skip
+            "steps_per_s": steps_per_s, **_per_step(cpu, 2 * chains)}  # fmt: skip
 
 
 def _figures(prefix: str, runs: list[dict[str, Any]], key: str, base: str) -> list[Figure]:
@@ -219,7 +202,7 @@ async def scaling(ctx: Ctx) -> list[Figure]:
     """Steps/s with 1, 2, 4 worker processes on one pool and with 1, 2, 3 routers (null
     provider), as ratios to one process, with CPU per step per process kind."""
     n = ctx.n("scale_steps", 40_000, 5_000)
-    chains = ctx.n("scale_chains", 5_000, 1_000)
+    chains = ctx.n("scale_chains", 5_000, 2_000)
     workers = [await workers_run(k, n) for k in (1, 2, 4)]
     routers = [await routers_run(k, chains) for k in (1, 2, 3)]
     for r in (*workers, *routers):
