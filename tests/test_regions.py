@@ -128,7 +128,7 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
     cluster = RegionCluster(tmp_path / "cluster", REGIONS, DELAY_S)
     procs: dict[str, asyncio.subprocess.Process] = {}
     buses: dict[str, Bus] = {}
-    async with SandboxServer(SandboxConfig(latency_ms=50, capture=0)) as sandbox:
+    async with SandboxServer(SandboxConfig(latency_ms=150, capture=0)) as sandbox:
         cfg = tmp_path / "chainyard.toml"
         cfg.write_text(config_toml(sandbox.url))
         topo: Topology = load_config(cfg).topology
