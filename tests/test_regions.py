@@ -6,9 +6,10 @@ node. Two tenants submit chains with the same ids from every region.
 
 1. With only eu's router up, every step runs on eu's pool although us and ap have equally
    priced, idle pools: the router keeps work in its region.
-2. Under load, eu is cut off: its node, router and worker are SIGKILLed. Every chain ends in
-   the surviving regions, except the ones with a step in flight on eu's pool, which wait for
-   it in the pool's queue (nothing else can take a message addressed to eu's pool).
+2. Under load, eu is cut off: its node, router and worker are SIGKILLed; then us's worker is
+   drained away (SIGTERM), so us's router has no pool at home and fails over to ap. Every
+   chain ends in the surviving regions, except the ones with a step in flight on eu's pool,
+   which wait for it in the pool's queue (nothing else can take a message addressed to it).
 3. eu comes back (node restarted on its store, a new worker): those end too. The ledger over
    everything: no chain lost, none ended twice, no step completed twice.
 """
@@ -204,6 +205,16 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
                 await asyncio.wait_for(buses.pop("eu").close(), 5)
             await wait_until(lambda: cluster.formed(["us", "ap"]), 60, "a meta leader in us/ap")
             two = await second
+            # us's pool is drained away too (SIGTERM): us's router now has nothing at home
+            drained = procs.pop("worker-us")
+            drained.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(drained.wait(), 60) == 0
+
+            async def us_pool_gone() -> bool:
+                keys = await buses["us"].capacity.keys()
+                return not any(k.startswith("sim-us.") for k in keys)
+
+            await wait_until(us_pool_gone, 10, "the drained worker's heartbeat to go")
             third = await load([buses["us"], buses["ap"]], "three", 10, ledger)
 
             waiting: set[Key] = set()
@@ -232,6 +243,9 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
                 f"{len(waiting)} chains waited for eu's pool"
             )
             assert third <= ledger.accepted and two <= ledger.accepted
+            # us's router failed over to another region: nothing of phase 3 ran at home
+            assert "sim-us" not in ledger.pools(third), ledger.pools(third)
+            assert ledger.pools(third)["sim-ap"] > 0, ledger.pools(third)
 
             # 3. eu comes back: its queued work runs, everything ends once
             await cluster.node("eu").restart()
