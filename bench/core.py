@@ -35,6 +35,7 @@ MODULES: tuple[str, ...] = (
     "bench.transitions",
     "bench.tracing",
     "bench.http_clients",
+    "bench.scaling",
 )
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"

@@ -21,6 +21,7 @@ from chainyard.contracts import (
     ConfigError,
     ControlAccepted,
     ControlRejected,
+    RouterConfig,
     encode,
     load_config,
 )
@@ -124,7 +125,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 def _config(args: argparse.Namespace) -> Config:
     if args.config:
-        return load_config(args.config)
+        return _with_region(load_config(args.config), getattr(args, "region", None))
     if args.command == "worker" and args.tools and not args.pool:
         return Config()  # tools only: nothing to configure
     if args.command in ("router", "worker"):
@@ -137,6 +138,21 @@ def _config(args: argparse.Namespace) -> Config:
     from chainyard.demo import demo_config
 
     return demo_config()
+
+
+def _with_region(config: Config, region: str | None) -> Config:
+    """A router's `--region` (or env CHAINYARD_REGION) over the config's `[router] region`."""
+    if not region:
+        return config
+    import msgspec
+
+    try:
+        router = msgspec.convert(
+            {**msgspec.to_builtins(config.router), "region": region}, RouterConfig
+        )
+    except msgspec.ValidationError as e:
+        raise Fail(f"--region {region!r}: {e}", 2) from None
+    return msgspec.structs.replace(config, router=router)
 
 
 def _tools(spec: str):  # -> Tools
@@ -457,6 +473,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     sp = add("router", cmd_router, "run the router")
     sp.add_argument("--config", help="TOML config (required)")
+    sp.add_argument(
+        "--region",
+        default=os.environ.get("CHAINYARD_REGION"),
+        help="this router's region: it prefers pools there (docs/SCALING.md); "
+        "default: env CHAINYARD_REGION, else the config's [router] region",
+    )
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     sp = add("worker", cmd_worker, "run workers for pools and/or tools")
     sp.add_argument("--config", help="TOML config (required, except for --tools alone)")

@@ -62,6 +62,9 @@ class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     proxy: str | None = None
     ca_bundle: str | None = None
     max_response_mb: Annotated[float, Meta(gt=0)] = 32.0  # a longer answer fails the attempt
+    # Where the pool's workers run (docs/SCALING.md, "Regions"): routers prefer pools in their
+    # own region. None: no region, as near to every router as its own region's pools.
+    region: Name | None = None
 
 
 class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +74,16 @@ class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # One call may take this long; then the step fails (class "timeout"). A sync tool's
     # thread cannot be stopped: it runs on, the step's result is no longer waited for.
     timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+
+
+class RouterConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `[router]` table: settings of a router process (docs/SCALING.md, "Regions")."""
+
+    # The router's region (`--region`, env CHAINYARD_REGION, else this); None: no preference.
+    region: Name | None = None
+    # A pool in another region wins over the router's own region's only when its estimated cost
+    # is lower by more than this fraction of the cheapest local one (0.2: 20 % cheaper).
+    cross_region_margin: Annotated[float, Meta(ge=0, le=1)] = 0.2
 
 
 class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -98,6 +111,7 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     breaker_probes: Annotated[int, Meta(ge=1)] = 2  # dispatches let through while half-open
     tenant_max_outstanding: Annotated[int, Meta(ge=0)] = 0  # per router replica; 0: no cap
     backlog_poll_s: Annotated[float, Meta(gt=0)] = 1.0  # pool consumer backlog poll period
+    router: RouterConfig = RouterConfig()
 
     @property
     def topology(self) -> Topology:

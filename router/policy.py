@@ -4,8 +4,9 @@ Checks first (no I/O, all from local views): the model or group, route constrain
 (avoid, capabilities), context window (input estimated at 4 characters a token, plus
 max_tokens), per-step max cost, the chain's remaining budget, the circuit breaker and any
 Retry-After cool-down, live workers (a fresh heartbeat), the provider's throttling, and the
-predicted latency against the deadline. Among what is left: the `prefer`red ones if any, the
-ones with free slots if any, then the strategy's best score (strategies.py).
+predicted latency against the deadline. Among what is left: the `prefer`red ones if any, those
+in the router's region unless cost or capacity says otherwise (`near_first`), the ones with free
+slots if any, then the strategy's best score (strategies.py).
 
 Two implementations of one decision. `_choose_slow` is the reference: it checks candidate by
 candidate and says why when nothing is eligible. `choose` is what runs: it reads the cached
@@ -27,7 +28,7 @@ from .candidates import Candidates
 from .capacity import CapacityView
 from .catalog import Catalog, target_of, tool_target
 from .prices import unit_prices
-from .strategies import Eligible, best, best_index
+from .strategies import Eligible, best, best_index, near_first
 
 CHARS_PER_TOKEN = 4.0
 Choice = tuple[Deployment, float]  # (deployment, estimated cost to reserve)
@@ -65,6 +66,18 @@ class Ctx:
     exclude_pools: frozenset[str] = field(default_factory=frozenset)
 
 
+def far_deployments(config: Config) -> frozenset[str]:
+    """The deployments whose pool is in another region than the router's (`[router] region`).
+    A router or a pool without a region is near everything."""
+    here = config.router.region
+    if here is None:
+        return frozenset()
+    regions = {p.name: p.region for p in config.pools}
+    return frozenset(
+        d.name for d in config.deployments if (r := regions.get(d.pool)) is not None and r != here
+    )
+
+
 def _take(sel: list[int], *columns: list) -> tuple[list, ...]:
     """The rows `sel` of parallel lists."""
     return tuple([col[i] for i in sel] for col in columns)
@@ -85,6 +98,8 @@ class Policy:
         self.breakers = breakers
         self.rng = rng or random.Random()
         self._prices = {d.name: unit_prices(d) for d in self.config.deployments}
+        self._far = far_deployments(self.config)
+        self._margin = self.config.router.cross_region_margin
         self._candidates = Candidates(catalog, capacity, breakers, self.price)
 
     def price(self, d: Deployment) -> tuple[float, float]:
@@ -202,6 +217,11 @@ class Policy:
             sel = [i for i, c in enumerate(C) if c.pool in pref or c.name in pref]
             if sel and len(sel) < len(C):
                 C, L, P, K = _take(sel, C, L, P, K)
+        if self._far and len(C) > 1:  # the router's own region first (near_first)
+            far = self._far
+            got = near_first([c.name in far for c in C], K, [F[pi] for pi in P], self._margin)
+            if got is not None:
+                C, L, P, K = _take(got, C, L, P, K)
         if len(C) > 1 and not room_everywhere:  # the ones with free slots if any
             sel = [i for i, pi in enumerate(P) if F[pi] > 0]
             if sel and len(sel) < len(C):
@@ -277,6 +297,12 @@ class Policy:
             pref = set(step.route.prefer)
             preferred = [c for c in ok if c[0].pool in pref or c[0].name in pref]
             ok = preferred or ok
+        if self._far and len(ok) > 1:
+            far = self._far
+            got = near_first(
+                [c[0].name in far for c in ok], [c[1] for c in ok], [c[3] for c in ok], self._margin
+            )
+            ok = ok if got is None else [ok[i] for i in got]
         if len(ok) > 1:
             with_room = [c for c in ok if c[3] > 0]
             ok = with_room or ok

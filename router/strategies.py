@@ -84,6 +84,28 @@ def best_index(
     return a if _load(g, P[a], F) <= _load(g, P[b], F) else b
 
 
+def near_first(
+    far: list[bool], costs: list[float], free: list[int], margin: float
+) -> list[int] | None:
+    """Region preference: the indices of the eligible to keep (None: keep them all).
+
+    Near ones (in the router's region, or without a region) are kept; a far one only when it
+    is cheaper than the cheapest near one by more than `margin` (a fraction of that cost).
+    When no near one has a free slot and a far one has, nothing is dropped: capacity elsewhere
+    beats queueing at home (the free-slot rule that follows then picks among those with room).
+    A near one that is not eligible (breaker open, no live workers, tried) is not here at all,
+    which is the failover across regions.
+    """
+    near = [i for i, f in enumerate(far) if not f]
+    if not near or len(near) == len(far):
+        return None
+    if not any(free[i] > 0 for i in near) and any(free[i] > 0 for i, f in enumerate(far) if f):
+        return None
+    bar = min([costs[i] for i in near]) * (1.0 - margin)
+    keep = [i for i, f in enumerate(far) if not f or costs[i] < bar]
+    return keep if len(keep) < len(far) else None
+
+
 def _ties(
     g: Group, K: list[float], L: list[float | None], strategy: str, whole_snapshot: bool
 ) -> list[int]:

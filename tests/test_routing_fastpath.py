@@ -7,7 +7,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from chainyard.contracts import Config, Deployment, LlmStep, Message, Params, Price, Route
+from chainyard.contracts import (
+    Config,
+    Deployment,
+    LlmStep,
+    Message,
+    Params,
+    PoolConfig,
+    Price,
+    Route,
+    RouterConfig,
+)
 from chainyard.router.breakers import Breaker, Breakers
 from chainyard.router.capacity import CapacityView, DeploymentStats, PoolLoad
 from chainyard.router.catalog import Catalog
@@ -36,11 +46,18 @@ def world(seed: int) -> tuple[Policy, Any]:
         )
         for i in range(n)
     ]
+    # Regions from their own generator: the draws above stay as they were.
+    where = random.Random(-seed)
+    regions = [None, "eu", "us"]
     cfg = Config(
         deployments=deps,
         groups={"g": [d.name for d in deps]},
         strategy=rng.choice(STRATEGIES),
         breaker_probes=1,
+        pools=[PoolConfig(name=f"p{i}", region=where.choice(regions)) for i in range(4)],
+        router=RouterConfig(
+            region=where.choice(regions), cross_region_margin=where.choice([0.0, 0.2, 0.9])
+        ),
     )  # type: ignore[arg-type]
     cap = CapacityView(None)  # type: ignore[arg-type]
     brk = Breakers(None, cfg)  # type: ignore[arg-type]
