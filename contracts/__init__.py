@@ -13,6 +13,7 @@ from ._chain import (
     Params,
     Route,
     Step,
+    StepCache,
     ToolCall,
     ToolSpec,
     ToolStep,
@@ -37,6 +38,7 @@ from ._codec import (
     timer_decoder,
 )
 from ._config import (
+    CacheConfig,
     Config,
     Deployment,
     PoolConfig,
@@ -79,6 +81,7 @@ __all__ = [
     "VERSION",
     "Assignment",
     "BadMessage",
+    "CacheConfig",
     "Cancel",
     "Chain",
     "ChainCancelled",
@@ -116,6 +119,7 @@ __all__ = [
     "Route",
     "RouterConfig",
     "Step",
+    "StepCache",
     "StepCompleted",
     "StepEvent",
     "StepFailed",

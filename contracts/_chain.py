@@ -76,6 +76,16 @@ class Loop(Base, frozen=True, kw_only=True):
     max_cost_usd: Annotated[float, Meta(ge=0)] | None = None
 
 
+class StepCache(Base, frozen=True, kw_only=True):
+    """Opt in to the shared response cache (docs/OPERATIONS.md): an identical request (the
+    same model or group, messages, tools and params) of the same tenant answered within
+    `ttl_s` seconds completes this step at once, at no cost, without a provider call.
+    Caching a call with temperature > 0 is the chain author's choice: a hit repeats one
+    sampled answer."""
+
+    ttl_s: Annotated[float, Meta(gt=0, le=366 * 86400)]
+
+
 class LlmStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="llm"):
     """One model call. Message text may contain `{{steps.<id>.output}}` references."""
 
@@ -88,6 +98,7 @@ class LlmStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="llm"):
     loop: Loop | None = None
     after: list[Id] = []
     when: str | None = None
+    cache: StepCache | None = None  # not with `loop`: an agent loop is not one request
 
 
 class ToolStep(Base, frozen=True, kw_only=True, tag_field="kind", tag="tool"):

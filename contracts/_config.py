@@ -86,6 +86,16 @@ class RouterConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     cross_region_margin: Annotated[float, Meta(ge=0, le=1)] = 0.2
 
 
+class CacheConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The shared response cache (`[cache]`; docs/OPERATIONS.md). Steps opt in one by one."""
+
+    # Tenants never share answers unless the operator says they may (one company's tenants).
+    shared_across_tenants: bool = False
+    max_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024  # the bucket; oldest go first
+    max_entry_bytes: Annotated[int, Meta(ge=256, le=1024 * 1024)] = 256 * 1024  # larger: not kept
+    max_ttl_s: Annotated[float, Meta(gt=0)] = 86400.0  # the bucket's max age bounds every ttl_s
+
+
 class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prefix: Name = "cy"
     strategy: Strategy = "balanced"
@@ -112,6 +122,7 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tenant_max_outstanding: Annotated[int, Meta(ge=0)] = 0  # per router replica; 0: no cap
     backlog_poll_s: Annotated[float, Meta(gt=0)] = 1.0  # pool consumer backlog poll period
     router: RouterConfig = RouterConfig()
+    cache: CacheConfig = CacheConfig()
 
     @property
     def topology(self) -> Topology:

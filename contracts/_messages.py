@@ -102,6 +102,10 @@ class StepCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="step.
     started_at_ms: int  # the call began (after any pause for a provider's rate limit)
     latency_ms: float  # of the call
     ttft_ms: float | None = None
+    # A response-cache hit (no provider call; `worker` is "cache"): `saved_usd` is what the
+    # call that stored the answer cost, `usage` is zero (no tokens were spent).
+    cached: bool = False
+    saved_usd: float = 0.0
     v: int = VERSION
 
 

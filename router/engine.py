@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -28,6 +29,8 @@ from chainyard.contracts import (
     Event,
     FieldError,
     LlmStep,
+    Step,
+    StepCompleted,
     Target,
     Timer,
     WaitStep,
@@ -44,9 +47,10 @@ from chainyard.contracts import (
 from chainyard.runtime import chain_trace, messaging
 from chainyard.runtime.consume import consume
 from chainyard.runtime.faults import crash_point
+from chainyard.runtime.metrics import metrics
 from chainyard.runtime.nats import Bus
 
-from . import chains, control, graph, loops
+from . import cache, chains, control, graph, loops
 from .capacity import CapacityView
 from .catalog import Catalog
 from .hedge import is_current
@@ -81,8 +85,16 @@ class Router:
         self.policy = self.routing.policy
         self.concurrency = concurrency
         self.store = StateStore(bus.chains, bus.js, bus.topology.chains_kv)
+        self.cache: cache.ResponseCache | None = None  # opened by `run`
+
+    async def open_cache(self) -> None:
+        topo = self.bus.topology
+        self.cache = await cache.ResponseCache.open(
+            self.bus.js, topo.subjects.prefix, self.config.cache, topo.replicas
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self.open_cache()
         await self.routing.start()
         topo = self.bus.topology
         loops_ = [
@@ -233,6 +245,7 @@ class Router:
         await self.bus.publisher.publish(
             self.subjects.dlq_subject(source), msg.data, headers=headers
         )
+        metrics.dead_letter(source)
         await msg.term()
 
     # -- step events -------------------------------------------------------------------------
@@ -245,14 +258,17 @@ class Router:
             await self._dead_letter(msg, "events", str(e))
             return
         t = now_ms()
+        current = [False]
 
         def decide(state: ChainState | None) -> chains.Outcome | None:
+            current[0] = False
             if state is None:
                 return None
             if not is_current(state, ev.step_id, ev.attempt):  # hedges: two attempts may be live
                 # Duplicate or late (a zombie worker, a lost hedge): change nothing, but make
                 # sure what the recorded state implies did go out.
                 return chains.followups(state, t)
+            current[0] = True
             return self.routing.transition(state, ev, t, msg)  # budget, breakers, failover
 
         outcome = await self._apply(self.store.key(ev.tenant, ev.chain_id), decide)
@@ -264,7 +280,21 @@ class Router:
             await msg.nak(delay=outcome.retry_after_s)  # durable: JetStream brings it back
             return
         await self._perform(outcome)
+        if current[0] and isinstance(ev, StepCompleted) and not ev.cached:
+            await self._keep_answer(outcome.state, ev)
         await msg.ack()
+
+    async def _keep_answer(self, state: ChainState, ev: StepCompleted) -> None:
+        """Store a provider's answer for a step that opted in to the cache (a failure, or an
+        answer that ended in error, never is)."""
+        if self.cache is None or ev.output.finish_reason == "error":
+            return
+        step = cache.cached_step(loops.spec_of(state, ev.step_id))
+        if step is None:
+            return
+        outcome = await self.cache.store(graph.resolve(step, state.steps), state.tenant, ev)
+        if metrics.on:
+            metrics.cache_stored(ev.target.pool, outcome)
 
     # -- control: cancel, signal, replay -----------------------------------------------------
 
@@ -415,9 +445,32 @@ class Router:
     async def _dispatch(self, state: ChainState, step_id: str) -> None:
         st = state.steps[step_id]
         assert st.target is not None, f"{step_id} dispatched without a target"
+        step = self._step_for(state, step_id)
+        if self.cache is not None and (wanted := cache.cached_step(step)) is not None:
+            t0 = time.perf_counter()
+            entry = await self.cache.lookup(wanted, state.tenant)
+            if entry is not None:  # answered: the step's event instead of its assignment
+                ms = (time.perf_counter() - t0) * 1000
+                ev = cache.hit_event(
+                    state, step_id, st.attempt, st.target, st.dispatched_at_ms or now_ms(),
+                    entry, ms,
+                )  # fmt: skip
+                delta = self.subjects.delta(state.tenant, state.chain.id, step_id)
+                await cache.publish_hit(
+                    self.bus.publisher,
+                    self.subjects.event(state.tenant, state.chain.id, "step.completed"),
+                    delta if wanted.params.stream else None,
+                    self.bus.nc,
+                    ev,
+                    wanted.model,
+                )
+                return
+            if metrics.on:
+                metrics.cache_miss(st.target.pool, st.target.deployment)
         await self.send_assignment(
-            state, step_id, st.attempt, st.target, st.dispatched_at_ms, st.reserved_usd
-        )
+            state, step_id, st.attempt, st.target, st.dispatched_at_ms, st.reserved_usd,
+            step=step,
+        )  # fmt: skip
 
     async def send_assignment(
         self,
@@ -429,6 +482,7 @@ class Router:
         reserved_usd: float,
         *,
         hedge: bool = False,
+        step: Step | None = None,
     ) -> None:
         """Publish one attempt of a step to its pool, references resolved, in a routing span."""
         a = Assignment(
@@ -436,7 +490,7 @@ class Router:
             step_id=step_id,
             attempt=attempt,
             tenant=state.tenant,
-            step=self._step_for(state, step_id),
+            step=step or self._step_for(state, step_id),
             target=target,
             dispatched_at_ms=dispatched_at_ms or now_ms(),
             deadline_at_ms=state.deadline_at_ms,

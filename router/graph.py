@@ -25,6 +25,7 @@ REF = re.compile(r"\{\{\s*steps\.([A-Za-z0-9_-]+)\.output((?:\.[A-Za-z0-9_-]+)*)
 _OPERAND = re.compile(r"^steps\.([A-Za-z0-9_-]+)\.output((?:\.[A-Za-z0-9_-]+)*)$")
 _OPS = ("==", "!=", "contains", "not-contains")
 _FALSY = {"", "false", "0", "no", "none", "null"}
+NO_LOOP_CACHE = "cache is for one model call; an agent loop step (with `loop`) cannot be cached"
 
 
 class GraphError(ValueError):
@@ -104,6 +105,9 @@ def validate(chain: Chain) -> list[GraphError]:
                 )
             elif d == s.id:
                 errors.append(GraphError(f"$.steps[{i}]", f"step {s.id!r} refers to itself"))
+    for i, s in enumerate(chain.steps):
+        if isinstance(s, LlmStep) and s.cache is not None and s.loop is not None:
+            errors.append(GraphError(f"$.steps[{i}].cache", NO_LOOP_CACHE))
     if chain.output is not None and chain.output not in index:
         errors.append(GraphError("$.output", f"output names unknown step {chain.output!r}"))
     if not errors:

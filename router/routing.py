@@ -90,7 +90,8 @@ class Routing:
         self, state: ChainState, ev: StepCompleted | StepFailed, t: int, msg: Msg
     ) -> chains.Outcome:
         """A current step event -> the next state (the engine has checked `is_current`)."""
-        self.breakers.observe(ev)
+        if not (isinstance(ev, StepCompleted) and ev.cached):  # no provider was asked
+            self.breakers.observe(ev)
         self.capacity.note_result(ev.target.pool)
         self.fairness.done(state.tenant, f"{ev.chain_id}.{ev.step_id}")
         if isinstance(ev, StepFailed):

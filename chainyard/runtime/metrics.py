@@ -17,6 +17,12 @@ numbers go to both backends:
 | chainyard_breaker_state | deployment | 0 closed, 1 half open, 2 open (router) |
 | chainyard_chains_ended_total | outcome | chains that ended, by outcome (router) |
 | chainyard_chain_duration_seconds | outcome | chain durations (histogram) |
+| chainyard_queue_lag_seconds | pool | age of the oldest work message not yet delivered |
+| chainyard_dead_letters_total | source | messages set aside in the dead-letter stream |
+| chainyard_cache_hits_total | pool, deployment | steps answered from the response cache (router) |
+| chainyard_cache_misses_total | pool, deployment | opted-in steps the cache could not answer |
+| chainyard_cache_saved_usd_total | pool, deployment | what the cached answers had cost |
+| chainyard_cache_stores_total | pool, outcome | answers stored, or not (too_large, error) |
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 log = logging.getLogger("chainyard.metrics")
@@ -108,6 +115,25 @@ class Metrics:
             buckets=CHAIN_BUCKETS,
             registry=r,
         )
+        p["lag"] = Gauge(
+            "chainyard_queue_lag_seconds", "oldest undelivered work", ["pool"], registry=r
+        )
+        p["dead"] = Counter(
+            "chainyard_dead_letters", "messages dead-lettered", ["source"], registry=r
+        )
+        p["cache_hits"] = Counter(
+            "chainyard_cache_hits", "cache hits", ["pool", "deployment"], registry=r
+        )
+        p["cache_misses"] = Counter(
+            "chainyard_cache_misses", "cache misses", ["pool", "deployment"], registry=r
+        )
+        p["cache_saved"] = Counter(
+            "chainyard_cache_saved_usd", "USD saved by hits", ["pool", "deployment"], registry=r
+        )
+        p["cache_stores"] = Counter(
+            "chainyard_cache_stores", "answers offered to the cache", ["pool", "outcome"],
+            registry=r,
+        )  # fmt: skip
         if port >= 0:
             self._server = start_http_server(port, addr=addr, registry=r)
             log.info("prometheus metrics on %s:%s/metrics", addr, port)
@@ -135,6 +161,12 @@ class Metrics:
         o["breaker"] = m.create_gauge("chainyard.breaker.state", "1")
         o["chains"] = m.create_counter("chainyard.chains.ended", "{chain}")
         o["chain_s"] = m.create_histogram("chainyard.chain.duration", "s")
+        o["lag"] = m.create_gauge("chainyard.queue.lag", "s")
+        o["dead"] = m.create_counter("chainyard.dead_letters", "{message}")
+        o["cache_hits"] = m.create_counter("chainyard.cache.hits", "{step}")
+        o["cache_misses"] = m.create_counter("chainyard.cache.misses", "{step}")
+        o["cache_saved"] = m.create_counter("chainyard.cache.saved", "USD")
+        o["cache_stores"] = m.create_counter("chainyard.cache.stores", "{answer}")
 
     def shutdown(self) -> None:
         srv = self._server[0] if isinstance(self._server, tuple) else self._server
@@ -224,6 +256,28 @@ class Metrics:
             self._add("chains", 1, {"outcome": outcome})
             self._observe("chain_s", duration_s, {"outcome": outcome})
 
+    def queue_lag(self, pool: str, seconds: float) -> None:
+        if self.on:
+            self._set("lag", seconds, {"pool": pool})
+
+    def dead_letter(self, source: str) -> None:
+        if self.on:
+            self._add("dead", 1, {"source": source})
+
+    def cache_hit(self, pool: str, deployment: str, saved_usd: float) -> None:
+        if self.on:
+            where = {"pool": pool, "deployment": deployment}
+            self._add("cache_hits", 1, where)
+            self._add("cache_saved", saved_usd, where)
+
+    def cache_miss(self, pool: str, deployment: str) -> None:
+        if self.on:
+            self._add("cache_misses", 1, {"pool": pool, "deployment": deployment})
+
+    def cache_stored(self, pool: str, outcome: str) -> None:
+        if self.on:
+            self._add("cache_stores", 1, {"pool": pool, "outcome": outcome})
+
 
 metrics = Metrics()
 
@@ -243,6 +297,7 @@ async def poll(
                     topo.work.name, topo.pool_consumer(pool).durable, timeout=2.0
                 )
                 metrics.queue(pool, info.num_pending or 0, info.num_ack_pending or 0)
+                metrics.queue_lag(pool, await _oldest_waiting_s(bus.js, topo, pool, info))
             except Exception:  # no consumer yet (no worker ever joined): nothing waits there
                 continue
         for b in breakers:
@@ -250,6 +305,21 @@ async def poll(
                 metrics.breaker(d.name, b.status(d.name).status)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
+
+
+async def _oldest_waiting_s(js: Any, topo: Any, pool: str, info: Any) -> float:
+    """How long the pool's oldest undelivered work message has waited (0: none waits)."""
+    if not info.num_pending:
+        return 0.0
+    msg = await js.get_msg(
+        topo.work.name,
+        seq=(info.delivered.stream_seq or 0) + 1,
+        subject=topo.pool_consumer(pool).filter_subject,
+        next=True,
+    )
+    if msg.time is None:
+        return 0.0
+    return max(0.0, time.time() - msg.time.timestamp())
 
 
 class Observability:
