@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from chainyard.contracts import ChainyardError, Topology
+from chainyard.contracts import DLQ_SOURCES, ChainyardError, Topology
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
 
 # nats is imported where it is used: the CLI builds its parser (configure) on every start.
 
-SOURCES = ("intake", "events", "control", "timers", "work")
+SOURCES = DLQ_SOURCES
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -75,9 +75,10 @@ from ._messages import (
     Usage,
 )
 from ._state import ChainState, ChainStatus, StepState, StepStatus
-from ._topology import ConsumerDef, KvDef, StreamDef, Subjects, Topology
+from ._topology import DLQ_SOURCES, ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 __all__ = [
+    "DLQ_SOURCES",
     "VERSION",
     "Assignment",
     "BadMessage",

@@ -11,6 +11,9 @@ from msgspec import Struct
 MINUTE_S = 60.0
 INTAKE_DUPLICATE_WINDOW_S = 0.1  # nats-server refuses less than 100 ms
 
+# The streams a message can be dead-lettered from (`cy.dlq.<source>`).
+DLQ_SOURCES = ("intake", "events", "control", "timers", "work")
+
 
 class Subjects(Struct, frozen=True, kw_only=True):
     """Subject builders for one deployment prefix (default `cy`)."""

@@ -32,7 +32,9 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, get_args
+
+from chainyard.contracts import DLQ_SOURCES, ErrorClass
 
 log = logging.getLogger("chainyard.metrics")
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
@@ -121,6 +123,8 @@ class Metrics:
         p["dead"] = Counter(
             "chainyard_dead_letters", "messages dead-lettered", ["source"], registry=r
         )
+        for source in DLQ_SOURCES:  # at 0 from the start: the first one is an increase
+            p["dead"].labels(source=source)
         p["cache_hits"] = Counter(
             "chainyard_cache_hits", "cache hits", ["pool", "deployment"], registry=r
         )
@@ -256,6 +260,20 @@ class Metrics:
             self._add("chains", 1, {"outcome": outcome})
             self._observe("chain_s", duration_s, {"outcome": outcome})
 
+    def served(self, pool: str, deployment: str) -> None:
+        """A worker's deployment: its step counters exist at 0 from the start, so the first
+        calls (the first failures) are an increase Prometheus sees."""
+        where = {"pool": pool, "deployment": deployment}
+        for name in ("completed", "cost"):
+            if (p := self._p.get(name)) is not None:
+                p.labels(**where)
+        if (p := self._p.get("failed")) is not None:
+            for cls in get_args(ErrorClass):
+                p.labels(**where, error_class=cls)
+        if (p := self._p.get("latency")) is not None:
+            for outcome in ("completed", "failed"):
+                p.labels(**where, outcome=outcome)
+
     def queue_lag(self, pool: str, seconds: float) -> None:
         if self.on:
             self._set("lag", seconds, {"pool": pool})
@@ -290,6 +308,10 @@ async def poll(
     pools = {d.pool for d in config.deployments} | {p.name for p in config.pools}
     pools |= {r.pool for r in runners if hasattr(r, "pool")}
     breakers = [r.routing.breakers for r in runners if hasattr(r, "routing")]
+    served = {r.pool for r in runners if hasattr(r, "pool")}
+    for d in config.deployments:
+        if d.pool in served:
+            metrics.served(d.pool, d.name)
     while not stop.is_set():
         for pool in sorted(pools):
             try:
