@@ -36,6 +36,7 @@ MODULES: tuple[str, ...] = (
     "bench.tracing",
     "bench.http_clients",
     "bench.scaling",
+    "bench.cache",
 )
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
