@@ -277,9 +277,14 @@ async def check_everything(http: aiohttp.ClientSession, prom: str) -> None:
             continue
 
         async def answered(expr: str = expr) -> list[dict[str, Any]]:
-            return await query(http, prom, expr)
+            result = await query(http, prom, expr)
+            # A value, not only a series: a ratio of two idle rates is NaN.
+            return result if any(s["value"][1] != "NaN" for s in result) else []
 
-        await wait_until(answered, 90, f"panel {title!r}: {expr}", interval=0.5)
+        result = await wait_until(answered, 90, f"panel {title!r}: {expr}", interval=0.5)
+        print(f"{title}: {expr}")  # docs/OPERATIONS.md shows a run's (pytest -s)
+        for series in result:
+            print(f"  {series['metric']} {series['value'][1]}")
 
     rules = alert_rules()
     for r in rules:

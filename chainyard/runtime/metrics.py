@@ -39,6 +39,7 @@ from chainyard.contracts import DLQ_SOURCES, ErrorClass
 log = logging.getLogger("chainyard.metrics")
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CACHE_STORE_OUTCOMES = ("stored", "too_large", "error")  # router/cache.py ResponseCache.store
 CHAIN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
@@ -274,6 +275,16 @@ class Metrics:
             for outcome in ("completed", "failed"):
                 p.labels(**where, outcome=outcome)
 
+    def routes_to(self, pool: str, deployment: str) -> None:
+        """A router's deployment: its routing and cache counters exist at 0 from the start."""
+        where = {"pool": pool, "deployment": deployment}
+        for name in ("routed", "cache_hits", "cache_misses", "cache_saved"):
+            if (p := self._p.get(name)) is not None:
+                p.labels(**where)
+        if (p := self._p.get("cache_stores")) is not None:
+            for outcome in CACHE_STORE_OUTCOMES:
+                p.labels(pool=pool, outcome=outcome)
+
     def queue_lag(self, pool: str, seconds: float) -> None:
         if self.on:
             self._set("lag", seconds, {"pool": pool})
@@ -312,6 +323,8 @@ async def poll(
     for d in config.deployments:
         if d.pool in served:
             metrics.served(d.pool, d.name)
+        if breakers:  # a router
+            metrics.routes_to(d.pool, d.name)
     while not stop.is_set():
         for pool in sorted(pools):
             try:
