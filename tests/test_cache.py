@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import chain_log, start_cli, wait_until
+from helpers import chain_log, running, start_cli, wait_until
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from worker_support import live_workers
 
 from chainyard.client import Client
@@ -31,9 +35,12 @@ from chainyard.contracts import (
     load_config,
 )
 from chainyard.router.cache import CACHE_WORKER, bucket_name, request_key
+from chainyard.router.engine import Router
+from chainyard.runtime import tracing
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
+from chainyard.stack import llm_worker
 
 POOL = "sim"
 MAX_ENTRY = 2048
@@ -266,3 +273,43 @@ def test_the_key_is_the_normalized_request() -> None:
     with_a = msgspec.structs.replace(step, tools=[a])
     with_b = msgspec.structs.replace(step, tools=[b])
     assert request_key(with_a, "acme", False) == request_key(with_b, "acme", False)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider, capture=False)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+        provider.shutdown()
+
+
+async def test_a_hit_has_a_cache_span(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    async with SandboxServer(SandboxConfig(capture=0)) as sandbox:
+        path = tmp_path / "chainyard.toml"
+        path.write_text(toml(sandbox.url))
+        cfg = load_config(path)
+        bus = await open_bus(nats_server.url, name="t", topology=cfg.topology)
+        try:
+            router = Router(bus, cfg)
+            worker = llm_worker(bus, cfg, cfg.pools[0], heartbeat_s=0.2)
+            async with running(router, worker):
+                stack = Stack(url=nats_server.url, sandbox=sandbox, bus=bus)
+                await stack.run("acme", cached_chain("t1", "traced"))
+                _, events = await stack.run("acme", cached_chain("t2", "traced"))
+        finally:
+            await bus.close()
+    hit = _step_event(events)
+    assert isinstance(hit, StepCompleted) and hit.cached and sandbox.counts["openai.chat"] == 1
+    cache_spans = [s for s in spans.get_finished_spans() if s.name == "cache m"]
+    assert len(cache_spans) == 1
+    attrs = cache_spans[0].attributes or {}
+    assert attrs["chainyard.cache.hit"] is True and attrs["chainyard.chain.id"] == "t2"
+    assert attrs["chainyard.cache.saved_usd"] == pytest.approx(hit.saved_usd)
+    assert not [s for s in spans.get_finished_spans() if s.name == "route m"][1:]  # t1 only
