@@ -34,6 +34,7 @@ from chainyard.contracts import (
     ToolSpec,
     load_config,
 )
+from chainyard.ledger import audit
 from chainyard.router.cache import CACHE_WORKER, bucket_name, request_key
 from chainyard.router.engine import Router
 from chainyard.runtime import tracing
@@ -184,6 +185,12 @@ async def test_second_chain_hits_without_a_provider_call(stack: Stack) -> None:
     _, events4 = await stack.run("globex", cached_chain("first", "what is the capital of France"))
     other = _step_event(events4)
     assert isinstance(other, StepCompleted) and not other.cached and stack.calls == 2
+
+    # The ledger of the run: every chain ended once, every step event counted once, each
+    # chain's cost the sum of its steps' (a hit's 0 included).
+    accepted = [("acme", "first"), ("acme", "second"), ("acme", "streamed"), ("globex", "first")]
+    report = await audit(stack.bus.js, accepted)
+    assert report.ok and report.completed == 4, report.details()
 
 
 async def test_an_expired_entry_misses(stack: Stack) -> None:
