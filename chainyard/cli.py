@@ -557,6 +557,9 @@ def parser() -> argparse.ArgumentParser:
     dlq.configure(
         add("dlq", dlq.run, "dead letters: list, show, redrive, purge", nats="none"), add_nats
     )
+    from chainyard.gateway import cli as gateway
+
+    gateway.configure(add("gateway", gateway.run, "the HTTP gateway", nats="none"), add_nats)
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI and Anthropic wire formats and chainyard's chain API over NATS."""

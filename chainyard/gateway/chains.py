@@ -1,0 +1,157 @@
+"""chainyard's own chain API over HTTP: what a NATS client can do, an HTTP-only client can.
+
+- `POST /v1/chains`: a chain in the published JSON format (contracts/schema/chain.json); one
+  without `id` gets a fresh one. Answers with the terminal event (200; a rejection 400, an id
+  used by another chain 409), or with `Accept: text/event-stream` the chain's events as SSE to
+  its end, or with `?wait=false` at once (202, `{"id": ...}`).
+- `GET /v1/chains/{id}`: the chain's state (KV `cy_chains`); `/events`: its events to its end
+  (SSE, else JSON lines), `?deltas=true` with the streamed text.
+- `POST /v1/chains/{id}/cancel` (`{"reason": ...}`) and `/signal/{name}` (the body is the
+  signal's JSON data): the router's answer, 200 accepted or 409 refused.
+
+Every one is scoped to the key's tenant: another tenant's chain of the same id is not seen.
+Errors are in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from chainyard.contracts import (
+    ChainRejected,
+    ControlAccepted,
+    ControlRejected,
+    encode,
+    new_id,
+)
+
+from .core import ApiError, Gateway, bad_request, run_step
+from .http import CHAIN_ID, Sse, bearer, json_response, read_json, server_span
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TRUE = ("1", "true", "yes")
+
+
+def _path_id(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not _ID.match(value):
+        raise bad_request(f"{name}: expected 1-64 of A-Z a-z 0-9 _ -, got {value!r}", name)
+    return value
+
+
+def _wants_sse(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def _ended_status(ended: Any) -> int:
+    if isinstance(ended, ChainRejected):
+        return 409 if ended.id_in_use else 400
+    return 200
+
+
+async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    grant = gw.authenticate(bearer(request))
+    body = await read_json(request, gw)
+    if "id" not in body:
+        body["id"] = new_id()
+    chain_id = str(body["id"])
+    data = msgspec.json.encode(body)
+    client = gw.client(grant.tenant)
+    timeout = (body.get("deadline_ms") or gw.settings.deadline_ms) / 1000 + 5
+    with server_span(request, "POST /v1/chains") as headers:
+        headers[CHAIN_ID] = chain_id
+        if request.query.get("wait", "true").lower() not in _TRUE:
+            await client.submit(data)
+            return json_response({"id": chain_id}, headers, status=202)
+        if not _wants_sse(request):
+            ended = await run_step(client, data, timeout)
+            return json_response(msgspec.to_builtins(ended), headers, _ended_status(ended))
+        await client.submit(data)
+        return await _events(gw, request, grant.tenant, chain_id, headers, deltas=False)
+
+
+async def state(gw: Gateway, request: web.Request) -> web.Response:
+    grant = gw.authenticate(bearer(request))
+    chain_id = _path_id(request, "chain_id")
+    kv = await gw.client(grant.tenant).js.key_value(gw.topology.chains_kv.bucket)
+    try:
+        entry = await kv.get(f"{grant.tenant}.{chain_id}")
+    except Exception:  # KeyNotFoundError, or deleted
+        entry = None
+    if entry is None or not entry.value:
+        raise ApiError(404, f"no chain {chain_id!r}", type="not_found_error", code="not_found")
+    return web.Response(body=entry.value, content_type="application/json")
+
+
+async def events(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    grant = gw.authenticate(bearer(request))
+    chain_id = _path_id(request, "chain_id")
+    if not await gw.client(grant.tenant).exists(chain_id):
+        raise ApiError(404, f"no chain {chain_id!r}", type="not_found_error", code="not_found")
+    deltas = request.query.get("deltas", "").lower() in _TRUE
+    return await _events(gw, request, grant.tenant, chain_id, {CHAIN_ID: chain_id}, deltas)
+
+
+async def _events(
+    gw: Gateway,
+    request: web.Request,
+    tenant: str,
+    chain_id: str,
+    headers: dict[str, str],
+    deltas: bool,
+) -> web.StreamResponse:
+    """The chain's events (history, then live) to its end: SSE (`event: <type>`), else JSON
+    lines; a streamed delta is `{"type": "delta", "step_id", "text"}`."""
+    sse = _wants_sse(request)
+    if sse:
+        out = Sse(request, headers)
+    else:
+        resp = web.StreamResponse(headers={**headers, "content-type": "application/x-ndjson"})
+        await resp.prepare(request)
+    async for ev in gw.client(tenant).watch(chain_id, deltas=deltas):
+        if isinstance(ev, tuple):
+            kind, data = (
+                "delta",
+                msgspec.json.encode({"type": "delta", "step_id": ev[0], "text": ev[1]}),
+            )
+        else:
+            kind, data = getattr(ev, "type", type(ev).__name__), encode(ev)
+        if sse:
+            await out.send(data, kind)
+        else:
+            await resp.write(data + b"\n")
+    if sse:
+        return await out.close()
+    await resp.write_eof()
+    return resp
+
+
+def _answer(answer: ControlAccepted | ControlRejected | None) -> web.Response:
+    status = 200 if isinstance(answer, ControlAccepted) else 409
+    return json_response(msgspec.to_builtins(answer), status=status)
+
+
+async def cancel(gw: Gateway, request: web.Request) -> web.Response:
+    grant = gw.authenticate(bearer(request))
+    chain_id = _path_id(request, "chain_id")
+    body = await read_json(request, gw) if request.can_read_body else {}
+    reason = str(body.get("reason") or "cancelled over HTTP")
+    return _answer(await gw.client(grant.tenant).cancel(chain_id, reason))
+
+
+async def signal(gw: Gateway, request: web.Request) -> web.Response:
+    grant = gw.authenticate(bearer(request))
+    chain_id = _path_id(request, "chain_id")
+    name = _path_id(request, "name")
+    raw = await request.read() if request.can_read_body else b""
+    if len(raw) > gw.settings.max_body_bytes:
+        raise ApiError(413, "the signal's data is too large", code="request_too_large")
+    try:
+        data = msgspec.json.decode(raw) if raw.strip() else None
+    except msgspec.DecodeError as e:
+        raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    return _answer(await gw.client(grant.tenant).signal(chain_id, name, data))

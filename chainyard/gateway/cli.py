@@ -1,0 +1,124 @@
+"""`chainyard gateway`: the HTTP gateway as a service (any number of replicas).
+
+Keys: with `--key KEY=TENANT[:MODEL,...]` (repeatable) only those keys are let in; with
+`--open` every request is tenant `default` with every model (what `chainyard dev` runs); with
+neither, keys come from NATS KV (`chainyard keys`, chainyard/gateway/keys.py) and per-key
+limits are enforced across replicas (limits.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("chainyard.gateway")
+
+
+def configure(
+    sp: argparse.ArgumentParser, add_nats: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    add_nats(sp)
+    sp.add_argument("--config", required=True, help="TOML config: its models and groups")
+    sp.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8080, help="listen port (default 8080; 0: any)")
+    sp.add_argument(
+        "--key",
+        action="append",
+        metavar="KEY=TENANT[:MODEL,...]",
+        help="a static API key for a tenant, optionally limited to models or groups (repeat)",
+    )
+    sp.add_argument(
+        "--open", action="store_true", help="no keys: every request is tenant 'default'"
+    )
+    sp.add_argument(
+        "--max-body-kb", type=int, default=4096, help="larger request bodies get 413 (4096)"
+    )
+    sp.add_argument(
+        "--deadline-ms",
+        type=int,
+        default=300_000,
+        help="a request's deadline unless x-chainyard-deadline-ms says (default 300000)",
+    )
+
+
+def static_keys(specs: list[str]) -> Any:
+    """`KEY=TENANT[:MODEL,...]` items as StaticKeys; a malformed one raises ValueError."""
+    from .core import StaticGrant, StaticKeys
+
+    keys = {}
+    for i, spec in enumerate(specs):
+        key, eq, rest = spec.partition("=")
+        tenant, _, models = rest.partition(":")
+        if not eq or not key or not tenant:
+            raise ValueError(f"--key {spec!r}: expected KEY=TENANT[:MODEL,...]")
+        names = tuple(m.strip() for m in models.split(",") if m.strip())
+        keys[key] = StaticGrant(key_id=f"static-{i}", tenant=tenant, models=names)
+    return StaticKeys(keys)
+
+
+async def _kv_keys(js: Any) -> tuple[Any, Any]:
+    from . import keys as kv_keys  # type: ignore[attr-defined]  # built beside this module
+    from . import limits as kv_limits  # type: ignore[attr-defined]
+
+    return await kv_keys.KeyStore.open(js), await kv_limits.Limits.open(js)
+
+
+async def run(args: argparse.Namespace) -> int:
+    from chainyard.contracts import ConfigError, load_config
+    from chainyard.runtime import tracing
+    from chainyard.runtime.nats import connect
+
+    from .app import HttpServer
+    from .core import Gateway, Settings, StaticKeys
+
+    try:
+        config = load_config(args.config)
+        keys: Any = static_keys(args.key) if args.key else None
+    except (ConfigError, ValueError) as e:
+        print(f"chainyard gateway: {e}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        nc = await connect(args.nats, name="chainyard-gateway", creds=args.creds)
+    except Exception as e:
+        print(f"chainyard gateway: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
+        return 4
+    limits = None
+    if keys is None and args.open:
+        keys = StaticKeys()
+    elif keys is None:
+        try:
+            keys, limits = await _kv_keys(nc.jetstream())
+        except ImportError:
+            print(
+                "chainyard gateway: keys in NATS KV are not available in this build; "
+                "use --key KEY=TENANT or --open",
+                file=sys.stderr,
+            )
+            await nc.close()
+            return 2
+    tracing.setup("chainyard-gateway")  # OTEL_* like every other entry point
+    settings = Settings(max_body_bytes=args.max_body_kb * 1024, deadline_ms=args.deadline_ms)
+    gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings)
+    try:
+        async with HttpServer(gw, args.host, args.port) as server:
+            print(f"chainyard gateway: listening on {server.url}", flush=True)
+            await stop.wait()
+    except OSError as e:  # the port is taken, the address is not ours
+        print(f"chainyard gateway: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        tracing.shutdown()
+    return 0

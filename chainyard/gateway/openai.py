@@ -1,0 +1,398 @@
+"""OpenAI's Chat Completions (`POST /v1/chat/completions`) and `GET /v1/models`.
+
+A request becomes a one-step chain on the model or group it names. Unknown fields: OpenAI
+refuses an argument it does not know (400, "Unrecognized request argument supplied"), and so
+does the gateway; arguments OpenAI knows that have no counterpart here (`seed`, `top_p`,
+`user`, `store`, ...) are accepted and have no effect (`IGNORED`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from chainyard.contracts import (
+    ChainCompleted,
+    ChainEnded,
+    LlmStep,
+    Message,
+    Params,
+    ToolCall,
+    ToolSpec,
+)
+
+from .core import (
+    STEP_ID,
+    ApiError,
+    Delta,
+    Gateway,
+    Grant,
+    bad_request,
+    chain_id_for,
+    end_error,
+    estimate_tokens,
+    hints,
+    one_step_chain,
+    run_step,
+    stream_step,
+)
+from .http import CHAIN_ID, Sse, bearer, convert, json_response, read_json, server_span
+
+# Known to OpenAI, no effect here (each is in OpenAI's CreateChatCompletionRequest; a test
+# checks that against the OpenAPI document).
+IGNORED = frozenset(
+    {
+        "frequency_penalty", "presence_penalty", "top_p", "seed", "user", "store",
+        "parallel_tool_calls", "service_tier", "logit_bias", "reasoning_effort", "modalities",
+        "prediction", "prompt_cache_key", "safety_identifier", "verbosity", "top_logprobs",
+        "logprobs", "web_search_options", "audio",
+    }
+)  # fmt: skip
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    logprobs: bool | None = None
+
+
+KNOWN = frozenset(ChatRequest.__struct_fields__) | IGNORED
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (other parts are refused, naming them)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                raise bad_request(
+                    f"{where}[{i}]: only text content parts are supported (got {kind!r})",
+                    f"{where}[{i}]",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"{where}: expected a string or a list of content parts", where)
+
+
+def _args(raw: Any, where: str) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = msgspec.json.decode(raw or "{}")
+    except (msgspec.DecodeError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise bad_request(f"{where}: the arguments must be a JSON object", where)
+    return value
+
+
+def _message(m: Any, i: int) -> Message:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad_request(f"{where}: expected an object", where)
+    role = m.get("role")
+    if role in ("system", "developer", "user"):
+        return Message(
+            role="user" if role == "user" else "system",
+            content=_text(m.get("content"), f"{where}.content"),
+        )
+    if role == "assistant":
+        calls = []
+        for j, c in enumerate(m.get("tool_calls") or []):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request(f"{where}.tool_calls[{j}]: expected a function call", where)
+            args = _args(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
+            calls.append(ToolCall(id=str(c.get("id") or f"call_{j}"), name=fn["name"], args=args))
+        return Message(
+            role="assistant", content=_text(m.get("content"), f"{where}.content"), tool_calls=calls
+        )
+    if role == "tool":
+        return Message(
+            role="tool",
+            content=_text(m.get("content"), f"{where}.content"),
+            tool_call_id=str(m.get("tool_call_id") or ""),
+        )
+    raise bad_request(f"{where}.role: unsupported role {role!r}", f"{where}.role")
+
+
+def _tools(req: ChatRequest) -> list[ToolSpec]:
+    choice = req.tool_choice
+    if choice is None or choice == "auto":
+        pass
+    elif choice == "none":
+        return []  # the model may not call any: it is offered none
+    else:
+        raise bad_request(
+            "tool_choice: only 'auto' and 'none' are supported (a step offers its tools to the "
+            "model, which decides)",
+            "tool_choice",
+        )
+    specs = []
+    for i, t in enumerate(req.tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise bad_request(f"tools[{i}]: only function tools are supported", f"tools[{i}]")
+        fields = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
+        specs.append(convert(fields, ToolSpec))
+    return specs
+
+
+def _params(req: ChatRequest) -> Params:
+    fmt: Literal["text", "json"] = "text"
+    schema = None
+    rf = req.response_format or {"type": "text"}
+    kind = rf.get("type")
+    if kind == "json_object":
+        fmt = "json"
+    elif kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise bad_request("response_format.json_schema: expected an object", "response_format")
+        fmt, schema = "json", js.get("schema") or {"type": "object"}
+    elif kind != "text":
+        raise bad_request(f"response_format.type: unsupported {kind!r}", "response_format")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return convert(
+        {
+            "max_tokens": req.max_completion_tokens or req.max_tokens,
+            "temperature": req.temperature,
+            "stop": stop,
+            "response_format": fmt,
+            "json_schema": schema,
+            "stream": bool(req.stream),
+        },
+        Params,
+    )
+
+
+def parse(body: dict[str, Any]) -> ChatRequest:
+    for name in body:
+        if name not in KNOWN:
+            raise bad_request(f"Unrecognized request argument supplied: {name}", name)
+    req: ChatRequest = convert(body, ChatRequest)
+    if req.n not in (None, 1):
+        raise bad_request("n: only n=1 is supported", "n")
+    if req.logprobs:
+        raise bad_request("logprobs: not supported", "logprobs")
+    if not req.messages:
+        raise bad_request("messages: at least one message is required", "messages")
+    return req
+
+
+def step_of(req: ChatRequest) -> LlmStep:
+    return convert(
+        {
+            "id": STEP_ID,
+            "model": req.model,
+            "messages": [msgspec.to_builtins(_message(m, i)) for i, m in enumerate(req.messages)],
+            "tools": [msgspec.to_builtins(t) for t in _tools(req)],
+            "params": msgspec.to_builtins(_params(req)),
+        },
+        LlmStep,
+    )
+
+
+def metadata_of(req: ChatRequest) -> dict[str, str]:
+    meta = dict(req.metadata or {})
+    if req.user:
+        meta["user"] = req.user
+    return meta
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+_FINISH = {"length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter"}
+
+
+def _finish(ended: ChainCompleted) -> str:
+    return _FINISH.get(ended.output.finish_reason, "stop")
+
+
+def _arguments(c: ToolCall) -> str:
+    if set(c.args) == {"_raw"}:  # what the model wrote, when it was not a JSON object
+        return str(c.args["_raw"])
+    return msgspec.json.encode(c.args).decode()
+
+
+def _calls(ended: ChainCompleted, indexed: bool) -> list[dict[str, Any]]:
+    out = []
+    for i, c in enumerate(ended.output.tool_calls):
+        call: dict[str, Any] = {
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": _arguments(c)},
+        }
+        out.append({"index": i, **call} if indexed else call)
+    return out
+
+
+def _usage(ended: ChainEnded) -> dict[str, int]:
+    u = getattr(ended, "usage", None)
+    tin, tout = (u.input_tokens, u.output_tokens) if u else (0, 0)
+    return {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
+
+
+def _served_model(ended: ChainCompleted, asked: str) -> str:
+    return next((s.model for s in ended.steps if s.model), asked)
+
+
+def completion(ended: ChainCompleted, asked: str, created: int) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": ended.output.text or (None if ended.output.tool_calls else ""),
+        "refusal": None,
+    }
+    if ended.output.tool_calls:
+        message["tool_calls"] = _calls(ended, indexed=False)
+    return {
+        "id": f"chatcmpl-{ended.chain_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": _served_model(ended, asked),
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": _finish(ended), "logprobs": None}
+        ],
+        "usage": _usage(ended),
+    }
+
+
+def error_body(e: ApiError) -> dict[str, Any]:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def error_response(e: ApiError) -> web.Response:
+    return json_response(error_body(e), {**e.headers}, status=e.status)
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    grant = gw.authenticate(bearer(request))
+    req = parse(await read_json(request, gw))
+    gw.check_model(grant, req.model)
+    step = step_of(req)
+    hint = hints(request.headers)
+    text = "".join(m.content for m in step.messages)
+    await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
+    chain_id = chain_id_for(grant.tenant, request.headers.get("idempotency-key"), "chat")
+    chain = one_step_chain(step, chain_id, hint, metadata_of(req), gw.settings.deadline_ms)
+    timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
+    client = gw.client(grant.tenant)
+    created = int(time.time())
+    with server_span(request, "POST /v1/chat/completions") as headers:
+        headers[CHAIN_ID] = chain_id
+        try:
+            if req.stream:
+                return await _stream(gw, grant, request, req, chain, headers, created, timeout)
+            ended = await run_step(client, chain, timeout)
+        except BaseException as e:
+            gw.cancel_if_abandoned(grant.tenant, chain_id, e)
+            raise
+        await gw.settle(grant, ended)
+        err = end_error(ended)
+        if err is not None:
+            err.headers.update(headers)
+            raise err
+        assert isinstance(ended, ChainCompleted)
+        return json_response(completion(ended, req.model, created), headers)
+
+
+async def _stream(
+    gw: Gateway,
+    grant: Grant,
+    request: web.Request,
+    req: ChatRequest,
+    chain: Any,
+    headers: dict[str, str],
+    created: int,
+    timeout: float,
+) -> web.StreamResponse:
+    sse = Sse(request, headers)
+    usage_on = bool(req.stream_options and req.stream_options.include_usage)
+    base = {"id": f"chatcmpl-{chain.id}", "object": "chat.completion.chunk", "created": created}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, model: str = req.model) -> bytes:
+        c: dict[str, Any] = {
+            **base,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        if usage_on:
+            c["usage"] = None
+        return msgspec.json.encode(c)
+
+    ended: ChainEnded | None = None
+    async for item in stream_step(gw.client(grant.tenant), chain, timeout):
+        if isinstance(item, Delta):
+            if not sse.open:
+                await sse.send(chunk({"role": "assistant", "content": "", "refusal": None}))
+            await sse.send(chunk({"content": item.text}))
+        else:
+            ended = item
+    assert ended is not None
+    await gw.settle(grant, ended)
+    err = end_error(ended)
+    if err is not None:
+        if not sse.open:  # nothing sent yet: an ordinary error answer
+            err.headers.update(headers)
+            raise err
+        await sse.send(msgspec.json.encode(error_body(err)))
+        return await sse.close()
+    assert isinstance(ended, ChainCompleted)
+    model = _served_model(ended, req.model)
+    if not sse.open:
+        await sse.send(chunk({"role": "assistant", "content": "", "refusal": None}, model=model))
+    if ended.output.tool_calls:
+        await sse.send(chunk({"tool_calls": _calls(ended, indexed=True)}, model=model))
+    await sse.send(chunk({}, _finish(ended), model=model))
+    if usage_on:
+        await sse.send(
+            msgspec.json.encode({**base, "model": model, "choices": [], "usage": _usage(ended)})
+        )
+    await sse.send(b"[DONE]")
+    return await sse.close()
+
+
+async def list_models(gw: Gateway, request: web.Request) -> web.Response:
+    grant = gw.authenticate(bearer(request))
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": f"chainyard-{entry.kind}"}
+        for name, entry in sorted(gw.models.items())
+        if not grant.models or name in grant.models
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def get_model(gw: Gateway, request: web.Request) -> web.Response:
+    grant = gw.authenticate(bearer(request))
+    name = request.match_info["model"]
+    entry = gw.check_model(grant, name)
+    return json_response(
+        {"id": name, "object": "model", "created": 0, "owned_by": f"chainyard-{entry.kind}"}
+    )

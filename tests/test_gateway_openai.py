@@ -1,0 +1,405 @@
+"""`chainyard gateway` with the official `openai` SDK, unchanged but for base_url and key, over
+a live deployment (tests/gateway_stack.py): two gateway and two router processes, a worker
+process per pool, sandbox providers. Shapes are checked against OpenAI's OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
+from helpers import Events, stream_events, wait_until
+from test_sandbox_openapi import SPEC, validate
+
+from chainyard.contracts import ChainCancelled
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+needs_spec = pytest.mark.skipif(not SPEC.exists(), reason=f"no OpenAI OpenAPI document at {SPEC}")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with live_stack(tmp_path_factory.mktemp("gw")) as s:
+        yield s
+        assert PROVIDER_KEY not in s.logs_text()  # nor in any log line
+
+
+def sdk(live: Stack, key: str = KEYS["acme"], i: int = 0, **kw: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=live.v1(i), api_key=key, max_retries=0, **kw)
+
+
+def auth(key: str = KEYS["acme"]) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def ask(text: str, **kw: object) -> dict[str, object]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **kw}
+
+
+@needs_spec
+async def test_plain_completion_in_openai_shape(live: Stack) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(
+            f"{live.v1()}/chat/completions", headers=auth(), json=ask("hello there")
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    validate(body, "CreateChatCompletionResponse")
+    assert body["choices"][0]["message"]["content"] == "echo: hello there"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+    chain_id = r.headers["x-chainyard-chain-id"]
+    assert body["id"] == f"chatcmpl-{chain_id}"
+    validate(ask("hello there"), "CreateChatCompletionRequest")
+
+
+async def test_sdk_plain_and_headers(live: Stack) -> None:
+    async with sdk(live) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="small",
+            messages=[
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "two words"}]},
+            ],
+            max_tokens=16,
+            temperature=0,
+            stop=["zzz"],
+            extra_headers={
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            },
+        )
+    done = raw.parse()
+    assert done.choices[0].message.content == "echo: two words"
+    assert raw.headers["x-chainyard-chain-id"].startswith("chat-")
+    assert raw.headers["x-chainyard-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = live.sandboxes["primary"].last("openai.chat")
+    assert sent.body["max_tokens"] == 16 and sent.body["stop"] == ["zzz"]
+
+
+@needs_spec
+async def test_streaming_chunks_end_with_usage_and_done(live: Stack) -> None:
+    body = ask("one two three four five", stream=True, stream_options={"include_usage": True})
+    chunks = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream(
+            "POST", f"{live.v1()}/chat/completions", headers=auth(), json=body
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line.removeprefix("data: "))
+    assert chunks[-1] == "[DONE]"
+    decoded = [json.loads(c) for c in chunks[:-1]]
+    for c in decoded:
+        validate(c, "CreateChatCompletionStreamResponse")
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in decoded if c["choices"])
+    assert text == "echo: one two three four five"
+    assert decoded[-1]["choices"] == [] and decoded[-1]["usage"]["completion_tokens"] == 6
+    assert decoded[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_sdk_streaming(live: Stack) -> None:
+    async with sdk(live) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "stream this please"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts, usage = [], None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+    assert "".join(parts) == "echo: stream this please"
+    assert usage is not None and usage.completion_tokens == 4
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+async def test_sdk_tool_call_round_trip(live: Stack) -> None:
+    async with sdk(live) as client:
+        first = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": 'call get_weather {"city": "Paris"}'}],
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="auto",
+        )
+        msg = first.choices[0].message
+        assert first.choices[0].finish_reason == "tool_calls"
+        assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+        call = msg.tool_calls[0]
+        assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+        second = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[
+                {"role": "user", "content": 'call get_weather {"city": "Paris"}'},
+                msg.model_dump(exclude_none=True),  # type: ignore[list-item]
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+            ],
+            tools=[WEATHER],  # type: ignore[list-item]
+        )
+    assert second.choices[0].message.content == "echo: sunny, 21 C"
+
+
+async def test_sdk_streamed_tool_call(live: Stack) -> None:
+    async with sdk(live) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": 'call get_weather {"city": "Oslo"}'}],
+            tools=[WEATHER],  # type: ignore[list-item]
+            stream=True,
+        )
+        calls, finish = [], None
+        async for chunk in stream:
+            for ch in chunk.choices:
+                calls += ch.delta.tool_calls or []
+                finish = ch.finish_reason or finish
+    assert finish == "tool_calls"
+    assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
+    assert json.loads(calls[0].function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+
+
+async def test_sdk_json_schema_output(live: Stack) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    }
+    async with sdk(live) as client:
+        done = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "plan a trip"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "trip", "schema": schema, "strict": True},
+            },
+        )
+        mode = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "json please"}],
+            response_format={"type": "json_object"},
+        )
+    data = json.loads(done.choices[0].message.content or "")
+    assert isinstance(data["city"], str) and isinstance(data["days"], int)
+    sent = live.sandboxes["primary"].captured
+    assert any(c.body.get("response_format", {}).get("type") == "json_schema" for c in sent)
+    assert json.loads(mode.choices[0].message.content or "") == {"echo": "json please"}
+
+
+async def test_sdk_errors_have_openai_shape_and_status(live: Stack) -> None:
+    async with sdk(live) as client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], n=2
+            )
+        assert bad.value.status_code == 400 and bad.value.param == "n"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(
+                model="gpt-9", messages=[{"role": "user", "content": "x"}]
+            )
+        assert missing.value.code == "model_not_found" and missing.value.param == "model"
+        with pytest.raises(openai.BadRequestError) as extra:
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "x"}],
+                extra_body={"frobnicate": True},
+            )
+        assert extra.value.param == "frobnicate"
+    async with sdk(live, key="sk-wrong") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
+    async with sdk(live, key=KEYS["narrow"]) as client:
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
+        assert denied.value.param == "model"
+        ok = await client.chat.completions.create(
+            model="backup-mini", messages=[{"role": "user", "content": "allowed"}]
+        )
+        assert ok.choices[0].message.content == "echo: allowed"
+
+
+async def test_bad_input_never_crashes_the_gateway(live: Stack) -> None:
+    url = f"{live.v1()}/chat/completions"
+    async with httpx.AsyncClient(timeout=30) as http:
+        cases = {
+            "malformed": (b'{"model": "gpt-4o-mini",, }', 400, None),
+            "not an object": (b"[1, 2]", 400, None),
+            "wrong type": (json.dumps(ask("x", max_tokens="many")).encode(), 400, "max_tokens"),
+            "no messages": (json.dumps(ask("x") | {"messages": []}).encode(), 400, "messages"),
+            "image part": (
+                json.dumps(
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}
+                ).encode(),
+                400,
+                "messages[0].content[0]",
+            ),
+            "oversized": (json.dumps(ask("x" * 100_000)).encode(), 413, None),
+        }  # fmt: skip
+        for name, (data, status, param) in cases.items():
+            r = await http.post(
+                url, headers={**auth(), "content-type": "application/json"}, content=data
+            )
+            assert r.status_code == status, (name, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, name
+            assert err["param"] == param, (name, err)
+        bad_hint = await http.post(
+            url, headers={**auth(), "x-chainyard-max-cost-usd": "lots"}, json=ask("x")
+        )
+        assert (
+            bad_hint.status_code == 400
+            and bad_hint.json()["error"]["param"] == "x-chainyard-max-cost-usd"
+        )
+        assert (await http.get(f"{live.url}/healthz")).status_code == 200
+        assert (await http.get(f"{live.url}/readyz")).status_code == 200
+        r = await http.post(url, headers=auth(), json=ask("still alive"))
+        assert r.json()["choices"][0]["message"]["content"] == "echo: still alive"
+
+
+async def test_deadline_header_gives_504(live: Stack) -> None:
+    async with sdk(live) as client:
+        with pytest.raises(openai.APIStatusError) as late:
+            await client.chat.completions.create(
+                model="slow-model",
+                messages=[{"role": "user", "content": "take your time"}],
+                extra_headers={"x-chainyard-deadline-ms": "500"},
+            )
+    assert late.value.status_code == 504
+    assert "deadline" in late.value.message
+
+
+async def test_models_lists_what_the_key_may_use(live: Stack) -> None:
+    async with sdk(live) as client:
+        names = {m.id async for m in client.models.list()}
+    assert {"gpt-4o-mini", "small", "primary-mini", "backup-mini", "slow-model"} <= names
+    async with sdk(live, key=KEYS["narrow"]) as client:
+        assert [m.id async for m in client.models.list()] == ["backup-mini"]
+
+
+async def step_events(live: Stack, chain_id: str, tenant: str = "acme") -> list[object]:
+    return list(await stream_events(live.bus.js, f"cy.events.{tenant}.{chain_id}.>"))
+
+
+async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack) -> None:
+    calls_before = live.sandboxes["primary"].counts["openai.chat"]
+    headers = {"Idempotency-Key": "order-7731"}
+    async with sdk(live, i=0) as a, sdk(live, i=1) as b:
+        answers = await asyncio.gather(
+            a.chat.completions.with_raw_response.create(
+                **ask("charge once"),
+                extra_headers=headers,  # type: ignore[arg-type]
+            ),
+            b.chat.completions.with_raw_response.create(
+                **ask("charge once"),
+                extra_headers=headers,  # type: ignore[arg-type]
+            ),
+        )
+        again = await a.chat.completions.with_raw_response.create(
+            **ask("charge once"),
+            extra_headers=headers,  # type: ignore[arg-type]
+        )
+        with pytest.raises(openai.ConflictError):  # the same key with another request
+            await b.chat.completions.create(**ask("charge twice"), extra_headers=headers)  # type: ignore[arg-type]
+    ids = {r.headers["x-chainyard-chain-id"] for r in (*answers, again)}
+    assert len(ids) == 1
+    bodies = [r.parse() for r in (*answers, again)]
+    assert {b.id for b in bodies} == {f"chatcmpl-{ids.pop()}"}
+    assert {b.choices[0].message.content for b in bodies} == {"echo: charge once"}
+    chain_id = bodies[0].id.removeprefix("chatcmpl-")
+    events = await step_events(live, chain_id)
+    assert [type(e).__name__ for e in events].count("StepCompleted") == 1
+    assert live.sandboxes["primary"].counts["openai.chat"] == calls_before + 1
+
+
+async def test_provider_failing_over_mid_test(live: Stack) -> None:
+    async with sdk(live) as client:
+        before = await client.chat.completions.with_raw_response.create(**ask("before"))  # type: ignore[arg-type]
+        await live.sandboxes["primary"].configure(dark=True)
+        try:
+            answers = await asyncio.gather(
+                *(client.chat.completions.create(**ask(f"during {i}")) for i in range(6))  # type: ignore[arg-type]
+            )
+        finally:
+            await live.sandboxes["primary"].configure(dark=False)
+    assert [a.choices[0].message.content for a in answers] == [
+        f"echo: during {i}" for i in range(6)
+    ]
+    assert before.parse().choices[0].message.content == "echo: before"
+    served = set()
+    for a in answers:
+        events = await step_events(live, a.id.removeprefix("chatcmpl-"))
+        served |= {e.target.pool for e in events if type(e).__name__ == "StepCompleted"}
+    assert served == {"backup"}
+
+
+async def test_provider_error_reaches_caller_without_the_provider_key(live: Stack) -> None:
+    await live.sandboxes["backup"].configure(error_rate=1.0, error_status=400)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(
+                f"{live.v1()}/chat/completions",
+                headers=auth(),
+                json=ask("x") | {"model": "backup-mini"},
+            )
+            s = await http.post(
+                f"{live.v1()}/chat/completions",
+                headers=auth(),
+                json=ask("x", stream=True) | {"model": "backup-mini"},
+            )
+    finally:
+        await live.sandboxes["backup"].configure(error_rate=0.0)
+    assert r.status_code == 400 and "provider refused" in r.json()["error"]["message"]
+    assert s.status_code == 400
+    for text in (r.text, s.text, str(r.headers), str(s.headers)):
+        assert PROVIDER_KEY not in text
+
+
+async def test_client_disconnect_mid_stream_cancels_the_chain(live: Stack) -> None:
+    await live.sandboxes["primary"].configure(chunk_delay_ms=300.0)
+    try:
+        async with Events(live.bus.nc, "cy.events.acme.>") as ev:
+            async with httpx.AsyncClient(timeout=30) as http:
+                async with http.stream(
+                    "POST",
+                    f"{live.v1()}/chat/completions",
+                    headers=auth(),
+                    json=ask("a b c d e f g h i j k l m n o p", stream=True),
+                ) as r:
+                    chain_id = r.headers["x-chainyard-chain-id"]
+                    async for line in r.aiter_lines():
+                        if '"content":"echo' in line or '"content": "echo' in line:
+                            break
+            # the connection is closed here, mid-stream
+            await wait_until(
+                lambda: any(
+                    isinstance(e, ChainCancelled) and e.chain_id == chain_id for _, e in ev.received
+                ),
+                20,
+                "the chain's cancel after the client went away",
+            )
+    finally:
+        await live.sandboxes["primary"].configure(chunk_delay_ms=0.0)
