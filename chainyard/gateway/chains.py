@@ -119,7 +119,7 @@ async def _events(
                 msgspec.json.encode({"type": "delta", "step_id": ev[0], "text": ev[1]}),
             )
         else:
-            kind, data = getattr(ev, "type", type(ev).__name__), encode(ev)
+            kind, data = str(ev.__struct_config__.tag), encode(ev)
         if sse:
             await out.send(data, kind)
         else:
