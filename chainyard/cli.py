@@ -234,6 +234,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         local_model=not args.no_local,
         tools=tools,
         port=args.port,
+        gateway_port=args.gateway_port,
     )
     with _connecting(args.nats or "", say=True):  # (only an external NATS can be down)
         started = await _unless_stopped(dev.__aenter__(), stop)
@@ -257,6 +258,11 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             print("clients reach it without --nats: chainyard submit FILE --wait", flush=True)
         else:
             print(f"point clients at it: export CHAINYARD_NATS={url}", flush=True)
+        print(
+            f"chainyard dev: HTTP gateway at {dev.gateway_url}/v1 (OpenAI/Anthropic base URL; "
+            "no keys: every request is tenant 'default')",
+            flush=True,
+        )
         if args.metrics_port:
             print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         await stop.wait()
@@ -471,6 +477,12 @@ def parser() -> argparse.ArgumentParser:
         "0: any free port)",
     )
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    sp.add_argument(
+        "--gateway-port",
+        type=int,
+        default=8080,
+        help="the HTTP gateway's port when it is free, else any free port (default 8080)",
+    )
     sp = add("router", cmd_router, "run the router")
     sp.add_argument("--config", help="TOML config (required)")
     sp.add_argument(

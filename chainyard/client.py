@@ -520,16 +520,30 @@ class _IdOnly(msgspec.Struct):
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
+def _with_id(data: bytes) -> bytes:
+    """A chain (JSON object) without an `id` gets a fresh one; anything else is left as is,
+    for the router to judge."""
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data
+    if isinstance(value, dict) and "id" not in value:
+        return msgspec.json.encode({"id": _new_id(), **value})
+    return data
+
+
 def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str, str]:
     """The bytes to send, the chain id, their digest, and the `Nats-Msg-Id` to send.
 
-    Raw bytes keep their own `id` when they have a usable one; otherwise (even when they are not
-    JSON at all) a fresh id goes in `Nats-Msg-Id`, and the intake's rejection carries it back.
+    Raw bytes keep their own `id` when they have a usable one; a JSON object without one gets a
+    fresh one; otherwise (even when they are not JSON at all) a fresh id goes in `Nats-Msg-Id`,
+    and the intake's rejection carries it back.
     A chain's own id is never a message id: the intake stream's ids are not per tenant, the
     router's dedup is."""
     data = encode(chain) if isinstance(chain, Chain) else chain
     if isinstance(chain, Chain):
         return data, chain.id, chain_digest(data), ""
+    data = _with_id(data)
     try:
         claimed = _id_decoder.decode(chain).id
     except BadMessage:

@@ -230,9 +230,10 @@ async def run_demo(nats_url: str | None = None, out: TextIO = sys.stdout) -> int
         "starting NATS, router, workers, the local model (SmolLM2-135M) ...", file=out, flush=True
     )
     t0 = time.perf_counter()
-    async with DevStack(demo_config(), nats_url=nats_url, tools=tools) as dev:
+    async with DevStack(demo_config(), nats_url=nats_url, tools=tools, gateway_port=0) as dev:
         assert dev.bus is not None
         print(f"ready in {time.perf_counter() - t0:.1f} s; NATS at {dev.nats_url}", file=out)
+        print(f"HTTP gateway (OpenAI/Anthropic base URL): {dev.gateway_url}/v1", file=out)
         client = Client(dev.bus.nc, "demo", dev.bus.topology)
         chain = demo_chain()
         print(f"\n1) a chain. Q: {QUESTION}", file=out)

@@ -48,13 +48,18 @@ class DevStack:
         tools: Tools | None = None,
         sandbox: SandboxConfig | None = None,
         port: int | None = None,
+        gateway_port: int | None = None,
     ) -> None:
         """`port`: where the embedded NATS listens when it is free; None or 0: any free port
-        (`port_taken` then says the wanted one was not free)."""
+        (`port_taken` then says the wanted one was not free). `gateway_port`: start the HTTP
+        gateway (open: no keys, tenant `default`) there when it is free, else on any free port
+        (0: any); None: no gateway. Its base URL is then `gateway_url`."""
         self.config = config
         self.nats_url = nats_url or ""
         self.port = port or 0
         self.port_taken = False
+        self.gateway_port = gateway_port
+        self.gateway_url = ""
         self.want_local = local_model and any(p.base_url == LOCAL_MODEL for p in config.pools)
         self.tools = tools
         self.sandbox_config = sandbox or SandboxConfig(latency_ms=150.0)
@@ -93,6 +98,18 @@ class DevStack:
         self._stack.push_async_callback(obs.stop)
         self.services.start()
         self._stack.push_async_callback(self.services.shutdown)
+        if self.gateway_port is not None:
+            await self._start_gateway(self.bus, self.gateway_port)
+
+    async def _start_gateway(self, bus: Bus, port: int) -> None:
+        from chainyard.gateway.app import HttpServer
+        from chainyard.gateway.core import Gateway
+
+        if port and not port_free(port):
+            port = 0
+        server = HttpServer(Gateway(bus.nc, self.config), port=port)
+        await self._stack.enter_async_context(server)
+        self.gateway_url = server.url
 
     def _resolve(self, config: Config) -> Config:
         pools = []

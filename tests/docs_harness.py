@@ -52,6 +52,7 @@ DOCS = [
     ROOT / "deploy" / "README.md",
 ]
 DOC_URLS = ("nats://127.0.0.1:4222", "nats://localhost:4222")
+DOC_GATEWAY_URLS = ("http://127.0.0.1:8080", "http://localhost:8080")  # `chainyard dev`'s
 TENANT = "acme"
 BLOCK_TIMEOUT_S = 120.0
 SHELL = {"sh", "bash", "shell", "console"}
@@ -305,6 +306,7 @@ class Run:
 
     scratch: Path
     nats_url: str = ""
+    gateway_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -325,6 +327,8 @@ class Run:
     def local(self, text: str) -> str:
         for url in DOC_URLS:
             text = text.replace(url, self.nats_url or url)
+        for url in DOC_GATEWAY_URLS:
+            text = text.replace(url, self.gateway_url or url)
         return text
 
     def sh(self, script: str, *, stderr_too: bool = False, stdin: str | None = None) -> str:

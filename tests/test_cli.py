@@ -176,3 +176,19 @@ def test_dev_sigterm_exits_cleanly_and_leaves_no_nats_server(tmp_path: Path) -> 
     assert rc == 0, d.log.read_text()
     assert not alive(servers[0]), f"nats-server {servers[0]} outlived the dev stack"
     assert children_of(d.proc.pid) == []
+
+
+def test_submit_chain_without_id_gets_one(dev: Dev, tmp_path: Path) -> None:
+    chain = {k: v for k, v in GOOD.items() if k != "id"}
+    r = submit(dev, chain, tmp_path / "no-id.json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["type"] == "chain.completed" and len(ev["chain_id"]) == 26
+    path = tmp_path / "no-id.json"
+    printed = subprocess.run(
+        [*CLI, "submit", str(path), "--nats", dev.url],
+        capture_output=True, text=True, timeout=60, env=python_env(),
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    new_id = printed.stdout.strip()
+    assert len(new_id) == 26 and new_id != ev["chain_id"]

@@ -109,10 +109,14 @@ async def test_doc_examples_run(doc: Path, tmp_path: Path) -> None:
         failures = await asyncio.to_thread(run_doc, doc, Run(tmp_path), local_run=False)
     else:
         config = DevStack(
-            demo_config(), local_model=False, tools=tools, sandbox=SandboxConfig(latency_ms=20.0)
+            demo_config(),
+            local_model=False,
+            tools=tools,
+            sandbox=SandboxConfig(latency_ms=20.0),
+            gateway_port=0,
         )
         async with config as dev:
-            run = Run(tmp_path, dev.nats_url)
+            run = Run(tmp_path, dev.nats_url, dev.gateway_url)
             # The examples block on subprocesses; the stack runs on this loop meanwhile.
             failures = await asyncio.to_thread(run_doc, doc, run, local_run=False)
     assert not failures, "\n\n".join(failures)

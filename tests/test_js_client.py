@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(
 def node_modules() -> Path:
     """clients/js/node_modules, installed from package-lock.json with `npm ci` when missing."""
     modules = JS / "node_modules"
-    if not (modules / "nats").is_dir() or not (modules / "ajv").is_dir():
+    if not all((modules / m).is_dir() for m in ("nats", "ajv", "openai")):
         assert NPM is not None
         done = subprocess.run(
             [NPM, "ci", "--prefix", str(JS), "--no-audit", "--no-fund"],
