@@ -545,7 +545,7 @@ def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str, str]:
         return data, chain.id, chain_digest(data), ""
     data = _with_id(data)
     try:
-        claimed = _id_decoder.decode(chain).id
+        claimed = _id_decoder.decode(data).id
     except BadMessage:
         claimed = ""
     if _ID.match(claimed):
