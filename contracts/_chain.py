@@ -54,6 +54,9 @@ class Params(Base, frozen=True, kw_only=True):
     response_format: Literal["text", "json"] = "text"
     json_schema: dict[str, Any] | None = None
     stream: bool = False
+    # With tools: "auto" (None: the same, the model decides), "none" (it may call none),
+    # "required" (it must call one), or the name of the one tool it must call.
+    tool_choice: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
 
 
 class Route(Base, frozen=True, kw_only=True):

@@ -1,8 +1,10 @@
 """A live deployment for the gateway tests: real nats-server, two router processes, a worker
 process per pool, two `chainyard gateway` processes, and sandbox providers in the test.
 
-Pools: `primary` (cheapest) and `backup` both serve `gpt-4o-mini`, so a dark primary fails
-over to the backup; `slow` answers after 3 s (deadlines); group `small` is primary + backup.
+Pools: `primary` (cheapest) and `backup` both serve `gpt-4o-mini`; group `small` is primary +
+backup; `slow` answers after 3 s (deadlines); `flaky` (cheapest) and `spare` both serve
+`ha-model`, for the failover test to darken `flaky` without opening a breaker that other tests
+route through. Two worker processes serve them: primary + flaky, and backup + spare + slow.
 Keys: `sk-acme` (tenant acme, every model), `sk-globex` (tenant globex), `sk-narrow` (tenant
 acme, only `backup-mini`). Providers need `PROVIDER_KEY`; no answer may ever contain it.
 """
@@ -27,7 +29,8 @@ from chainyard.sandbox import SandboxConfig, SandboxServer
 
 PROVIDER_KEY = "sk-provider-secret-7f3a9c0d1e2b4a5f"
 KEYS = {"acme": "sk-acme", "globex": "sk-globex", "narrow": "sk-narrow"}
-POOLS = ("primary", "backup", "slow")
+POOLS = ("primary", "backup", "slow", "flaky", "spare")
+WORKERS = (("primary", "flaky"), ("backup", "spare", "slow"))
 
 
 def config_toml(urls: dict[str, str]) -> str:
@@ -68,6 +71,18 @@ name = "slow-model"
 pool = "slow"
 model = "slow-model"
 price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
+
+[[deployments]]
+name = "flaky-ha"
+pool = "flaky"
+model = "ha-model"
+price = {{ input_per_mtok = 0.15, output_per_mtok = 0.6 }}
+
+[[deployments]]
+name = "spare-ha"
+pool = "spare"
+model = "ha-model"
+price = {{ input_per_mtok = 1.5, output_per_mtok = 6.0 }}
 
 [groups]
 small = ["primary-mini", "backup-mini"]
@@ -140,10 +155,9 @@ async def live_stack(tmp: Path, gateways: int = 2) -> AsyncIterator[Stack]:
         common = ("--nats", nats.url, "--config", str(cfg))
         for i in range(2):
             procs.append(await start_cli(tmp / f"router-{i}.log", "router", *common))
-        for pool in POOLS:
-            procs.append(
-                await start_cli(tmp / f"worker-{pool}.log", "worker", *common, "--pool", pool)
-            )
+        for i, pools in enumerate(WORKERS):
+            flags = [f"--pool={p}" for p in pools]
+            procs.append(await start_cli(tmp / f"worker-{i}.log", "worker", *common, *flags))
         keys = [
             f"--key={KEYS['acme']}=acme",
             f"--key={KEYS['globex']}=globex",
@@ -167,7 +181,7 @@ async def _warm(s: Stack) -> None:
     each pool answers."""
     async with httpx.AsyncClient(timeout=60) as http:
         for base in s.gateways:
-            for model in ("primary-mini", "backup-mini"):
+            for model in ("primary-mini", "backup-mini", "flaky-ha", "spare-ha"):
                 r = await http.post(
                     f"{base}/v1/chat/completions",
                     headers={"authorization": f"Bearer {KEYS['acme']}"},

@@ -110,6 +110,26 @@ async def test_anthropic_sdk_tool_use_round_trip(live: Stack) -> None:
     assert second.content[0].text == "echo: warm"  # type: ignore[union-attr]
 
 
+async def test_anthropic_tool_choice_reaches_the_provider(live: Stack) -> None:
+    tool = {"name": "get_weather", "input_schema": {"type": "object", "properties": {}}}
+    async with claude(live) as client:
+        for choice, sent in (
+            ({"type": "any"}, "required"),
+            (
+                {"type": "tool", "name": "get_weather"},
+                {"type": "function", "function": {"name": "get_weather"}},
+            ),
+        ):
+            await client.messages.create(
+                model="primary-mini",
+                max_tokens=16,
+                tools=[tool],  # type: ignore[list-item]
+                tool_choice=choice,  # type: ignore[arg-type]
+                messages=[{"role": "user", "content": "weather?"}],
+            )
+            assert live.sandboxes["primary"].last("openai.chat").body["tool_choice"] == sent
+
+
 async def test_anthropic_errors_in_anthropic_shape(live: Stack) -> None:
     async with claude(live) as client:
         with pytest.raises(anthropic.NotFoundError) as missing:

@@ -16,7 +16,7 @@ from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
 from helpers import Events, stream_events, wait_until
 from test_sandbox_openapi import SPEC, validate
 
-from chainyard.contracts import ChainCancelled
+from chainyard.contracts import ChainCancelled, StepCompleted, StepFailed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 needs_spec = pytest.mark.skipif(not SPEC.exists(), reason=f"no OpenAI OpenAPI document at {SPEC}")
@@ -158,6 +158,27 @@ async def test_sdk_tool_call_round_trip(live: Stack) -> None:
             tools=[WEATHER],  # type: ignore[list-item]
         )
     assert second.choices[0].message.content == "echo: sunny, 21 C"
+
+
+async def test_sdk_tool_choice_reaches_the_provider(live: Stack) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    async with sdk(live) as client:
+        for choice, sent in (("required", "required"), (named, named), ("none", "none")):
+            await client.chat.completions.create(
+                model="primary-mini",
+                messages=[{"role": "user", "content": "weather?"}],
+                tools=[WEATHER],  # type: ignore[list-item]
+                tool_choice=choice,  # type: ignore[arg-type]
+            )
+            assert live.sandboxes["primary"].last("openai.chat").body["tool_choice"] == sent
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                model="primary-mini",
+                messages=[{"role": "user", "content": "weather?"}],
+                tools=[WEATHER],  # type: ignore[list-item]
+                tool_choice={"type": "function"},  # type: ignore[typeddict-item]
+            )
+        assert bad.value.param == "tool_choice"
 
 
 async def test_sdk_streamed_tool_call(live: Stack) -> None:
@@ -331,29 +352,34 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
     assert {b.choices[0].message.content for b in bodies} == {"echo: charge once"}
     chain_id = bodies[0].id.removeprefix("chatcmpl-")
     events = await step_events(live, chain_id)
-    assert [type(e).__name__ for e in events].count("StepCompleted") == 1
+    assert sum(isinstance(e, StepCompleted) for e in events) == 1
     assert live.sandboxes["primary"].counts["openai.chat"] == calls_before + 1
 
 
 async def test_provider_failing_over_mid_test(live: Stack) -> None:
+    def ask_ha(text: str) -> dict[str, object]:
+        return ask(text) | {"model": "ha-model"}
+
     async with sdk(live) as client:
-        before = await client.chat.completions.with_raw_response.create(**ask("before"))  # type: ignore[arg-type]
-        await live.sandboxes["primary"].configure(dark=True)
+        before = await client.chat.completions.create(**ask_ha("before"))  # type: ignore[arg-type]
+        await live.sandboxes["flaky"].configure(dark=True)
         try:
             answers = await asyncio.gather(
-                *(client.chat.completions.create(**ask(f"during {i}")) for i in range(6))  # type: ignore[arg-type]
+                *(client.chat.completions.create(**ask_ha(f"during {i}")) for i in range(6))  # type: ignore[arg-type]
             )
         finally:
-            await live.sandboxes["primary"].configure(dark=False)
+            await live.sandboxes["flaky"].configure(dark=False)
     assert [a.choices[0].message.content for a in answers] == [
         f"echo: during {i}" for i in range(6)
     ]
-    assert before.parse().choices[0].message.content == "echo: before"
-    served = set()
-    for a in answers:
-        events = await step_events(live, a.id.removeprefix("chatcmpl-"))
-        served |= {e.target.pool for e in events if type(e).__name__ == "StepCompleted"}
-    assert served == {"backup"}
+    assert before.choices[0].message.content == "echo: before"
+    served, failed = set(), set()
+    for a in (before, *answers):
+        for e in await step_events(live, a.id.removeprefix("chatcmpl-")):
+            if isinstance(e, StepCompleted | StepFailed):
+                (served if isinstance(e, StepCompleted) else failed).add(e.target.pool)
+    assert served == {"flaky", "spare"}  # before on the cheapest, during on the other
+    assert failed == {"flaky"}  # the failed attempts, failed over
 
 
 async def test_provider_error_reaches_caller_without_the_provider_key(live: Stack) -> None:

@@ -123,12 +123,20 @@ def _messages(req: MessagesRequest) -> list[dict[str, Any]]:
     return out
 
 
+def _tool_choice(req: MessagesRequest) -> str | None:
+    """Anthropic's `tool_choice` as the step's: auto, none, any (-> required), or a tool."""
+    choice = req.tool_choice or {"type": "auto"}
+    kind = choice.get("type")
+    if kind in ("auto", "none"):
+        return str(kind)
+    if kind == "any":
+        return "required"
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return str(choice["name"])
+    raise bad_request("tool_choice: expected type auto, any, tool or none", "tool_choice")
+
+
 def _tools(req: MessagesRequest) -> list[dict[str, Any]]:
-    choice = (req.tool_choice or {}).get("type", "auto")
-    if choice == "none":
-        return []
-    if choice != "auto":
-        raise bad_request("tool_choice.type: only 'auto' and 'none' are supported", "tool_choice")
     specs = []
     for i, t in enumerate(req.tools or []):
         if "input_schema" not in t or "name" not in t:
@@ -165,6 +173,7 @@ def step_of(req: MessagesRequest) -> LlmStep:
                 "temperature": req.temperature,
                 "stop": req.stop_sequences or [],
                 "stream": req.stream,
+                "tool_choice": _tool_choice(req) if req.tools else None,
             },
         },
         LlmStep,

@@ -140,18 +140,21 @@ def _message(m: Any, i: int) -> Message:
     raise bad_request(f"{where}.role: unsupported role {role!r}", f"{where}.role")
 
 
+def tool_choice(choice: str | dict[str, Any] | None) -> str | None:
+    """OpenAI's `tool_choice` as the step's: "auto", "none", "required" or a function name."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice  # type: ignore[return-value]
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        return fn["name"]
+    raise bad_request(
+        "tool_choice: expected 'auto', 'none', 'required' or "
+        '{"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
+
+
 def _tools(req: ChatRequest) -> list[ToolSpec]:
-    choice = req.tool_choice
-    if choice is None or choice == "auto":
-        pass
-    elif choice == "none":
-        return []  # the model may not call any: it is offered none
-    else:
-        raise bad_request(
-            "tool_choice: only 'auto' and 'none' are supported (a step offers its tools to the "
-            "model, which decides)",
-            "tool_choice",
-        )
     specs = []
     for i, t in enumerate(req.tools or []):
         fn = t.get("function") if isinstance(t, dict) else None
@@ -179,6 +182,7 @@ def _params(req: ChatRequest) -> Params:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return convert(
         {
+            "tool_choice": tool_choice(req.tool_choice) if req.tools else None,
             "max_tokens": req.max_completion_tokens or req.max_tokens,
             "temperature": req.temperature,
             "stop": stop,

@@ -120,6 +120,12 @@ class AnthropicProvider:
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in request.tools
             ]
+            if p.tool_choice and p.tool_choice != "auto":
+                body["tool_choice"] = (
+                    {"type": "none"} if p.tool_choice == "none"
+                    else {"type": "any"} if p.tool_choice == "required"
+                    else {"type": "tool", "name": p.tool_choice}
+                )  # fmt: skip
         if stream:
             body["stream"] = True
         return body

@@ -110,6 +110,12 @@ class GeminiProvider:
                     ]
                 }
             ]
+            if p.tool_choice and p.tool_choice != "auto":
+                mode = {"none": "NONE", "required": "ANY"}.get(p.tool_choice, "ANY")
+                calling: dict[str, Any] = {"mode": mode}
+                if mode == "ANY" and p.tool_choice != "required":
+                    calling["allowedFunctionNames"] = [p.tool_choice]
+                body["toolConfig"] = {"functionCallingConfig": calling}
         gen: dict[str, Any] = {}
         if p.max_tokens is not None:
             gen["maxOutputTokens"] = p.max_tokens

@@ -149,9 +149,14 @@ class OpenAIProvider:
                 }
                 for t in request.tools
             ]
-            # OpenAI's default with tools, said out loud: llama.cpp's server only offers the
-            # tools to the model when tool_choice is given.
-            body["tool_choice"] = "auto"
+            # OpenAI's default with tools ("auto") said out loud: llama.cpp's server only offers
+            # the tools to the model when tool_choice is given.
+            choice = p.tool_choice or "auto"
+            body["tool_choice"] = (
+                choice
+                if choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": choice}}
+            )
         if p.response_format == "json":
             if p.json_schema is not None:
                 body["response_format"] = {
