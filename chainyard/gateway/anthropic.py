@@ -20,15 +20,8 @@ from .core import (
     Delta,
     Gateway,
     bad_request,
-    chain_id_for,
-    end_error,
-    estimate_tokens,
-    hints,
-    one_step_chain,
-    run_step,
-    stream_step,
 )
-from .http import CHAIN_ID, Sse, bearer, convert, json_response, read_json, server_span
+from .http import Sse, StepCall, bearer, convert, json_response, read_json, served_model
 
 IGNORED = frozenset({"top_k", "top_p", "thinking", "service_tier", "container", "mcp_servers"})
 
@@ -201,10 +194,6 @@ def _usage(ended: ChainEnded) -> dict[str, int]:
     }
 
 
-def _served_model(ended: ChainCompleted, asked: str) -> str:
-    return next((s.model for s in ended.steps if s.model), asked)
-
-
 def message(ended: ChainCompleted, asked: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if ended.output.text or not ended.output.tool_calls:
@@ -214,7 +203,7 @@ def message(ended: ChainCompleted, asked: str) -> dict[str, Any]:
         "id": f"msg_{ended.chain_id}",
         "type": "message",
         "role": "assistant",
-        "model": _served_model(ended, asked),
+        "model": served_model(ended, asked),
         "content": content,
         "stop_reason": _stop_reason(ended),
         "stop_sequence": None,
@@ -237,97 +226,63 @@ def error_response(e: ApiError) -> web.Response:
 async def messages(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     req = parse(await read_json(request, gw))
-    gw.check_model(grant, req.model)
-    step = step_of(req)
-    text = "".join(m.content for m in step.messages)
-    await gw.admit(grant, estimate_tokens(text, req.max_tokens))
-    chain_id = chain_id_for(grant.tenant, request.headers.get("idempotency-key"), "msg")
-    meta = {"user": str(req.metadata["user_id"])} if (req.metadata or {}).get("user_id") else {}
-    chain = one_step_chain(step, chain_id, hints(request.headers), meta, gw.settings.deadline_ms)
-    timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
-    client = gw.client(grant.tenant)
-    with server_span(request, "POST /v1/messages") as headers:
-        headers[CHAIN_ID] = chain_id
-        try:
-            if not req.stream:
-                ended = await run_step(client, chain, timeout)
-                await gw.settle(grant, ended)
-                err = end_error(ended)
-                if err is not None:
-                    err.headers.update(headers)
-                    raise err
-                assert isinstance(ended, ChainCompleted)
-                return json_response(message(ended, req.model), headers)
-            return await _stream(gw, request, req, chain, headers, timeout, grant)
-        except BaseException as e:
-            gw.cancel_if_abandoned(grant.tenant, chain_id, e)
-            raise
+    user = (req.metadata or {}).get("user_id")
+    meta = {"user": str(user)} if user else {}
+    call = await StepCall.admit(gw, request, grant, step_of(req), meta, "msg")
+
+    async def respond(call: StepCall) -> web.StreamResponse:
+        if req.stream:
+            return await _stream(call, request, req)
+        return json_response(message(await call.completed(), req.model), call.headers)
+
+    return await call.answer(request, respond)
 
 
-async def _stream(
-    gw: Gateway,
-    request: web.Request,
-    req: MessagesRequest,
-    chain: Any,
-    headers: dict[str, str],
-    timeout: float,
-    grant: Any,
-) -> web.StreamResponse:
-    sse = Sse(request, headers)
+async def _stream(call: StepCall, request: web.Request, req: MessagesRequest) -> web.StreamResponse:
+    sse = Sse(request, call.headers)
 
     async def send(event: str, data: dict[str, Any]) -> None:
         await sse.send(msgspec.json.encode({"type": event, **data}), event)
 
     async def start(model: str) -> None:
         head = {
-            "id": f"msg_{chain.id}", "type": "message", "role": "assistant", "model": model,
+            "id": f"msg_{call.chain.id}", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }  # fmt: skip
         await send("message_start", {"message": head})
-        await send(
-            "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
-        )
+        block = {"type": "text", "text": ""}
+        await send("content_block_start", {"index": 0, "content_block": block})
 
     ended: ChainEnded | None = None
-    async for item in stream_step(gw.client(grant.tenant), chain, timeout):
+    async for item in call.stream():
         if isinstance(item, Delta):
             if not sse.open:
                 await start(req.model)
-            await send(
-                "content_block_delta",
-                {"index": 0, "delta": {"type": "text_delta", "text": item.text}},
-            )
+            delta = {"type": "text_delta", "text": item.text}
+            await send("content_block_delta", {"index": 0, "delta": delta})
         else:
             ended = item
     assert ended is not None
-    await gw.settle(grant, ended)
-    err = end_error(ended)
+    err = await call.outcome(ended)
     if err is not None:
         if not sse.open:
-            err.headers.update(headers)
             raise err
         await send("error", {"error": error_body(err)["error"]})
         return await sse.close()
     assert isinstance(ended, ChainCompleted)
     if not sse.open:
-        await start(_served_model(ended, req.model))
+        await start(served_model(ended, req.model))
     await send("content_block_stop", {"index": 0})
     for i, c in enumerate(ended.output.tool_calls, start=1):
-        block = {**_tool_block(c), "input": {}}
-        await send("content_block_start", {"index": i, "content_block": block})
-        partial = msgspec.json.encode(c.args).decode()
         await send(
-            "content_block_delta",
-            {"index": i, "delta": {"type": "input_json_delta", "partial_json": partial}},
+            "content_block_start", {"index": i, "content_block": {**_tool_block(c), "input": {}}}
         )
+        delta = {"type": "input_json_delta", "partial_json": msgspec.json.encode(c.args).decode()}
+        await send("content_block_delta", {"index": i, "delta": delta})
         await send("content_block_stop", {"index": i})
-    await send(
-        "message_delta",
-        {
-            "delta": {"stop_reason": _stop_reason(ended), "stop_sequence": None},
-            "usage": {"output_tokens": _usage(ended)["output_tokens"]},
-        },
-    )
+    stop = {"stop_reason": _stop_reason(ended), "stop_sequence": None}
+    usage = {"output_tokens": _usage(ended)["output_tokens"]}
+    await send("message_delta", {"delta": stop, "usage": usage})
     await send("message_stop", {})
     return await sse.close()

@@ -56,7 +56,8 @@ def _ended_status(ended: Any) -> int:
 async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     body = await read_json(request, gw)
-    if "id" not in body:
+    fresh_id = "id" not in body
+    if fresh_id:
         body["id"] = new_id()
     chain_id = str(body["id"])
     data = msgspec.json.encode(body)
@@ -68,7 +69,7 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
             await client.submit(data)
             return json_response({"id": chain_id}, headers, status=202)
         if not _wants_sse(request):
-            ended = await run_step(client, data, timeout)
+            ended = await run_step(client, data, timeout, fresh_id=fresh_id)
             return json_response(msgspec.to_builtins(ended), headers, _ended_status(ended))
         await client.submit(data)
         return await _events(gw, request, grant.tenant, chain_id, headers, deltas=False)

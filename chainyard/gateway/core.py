@@ -183,9 +183,11 @@ def end_error(ended: ChainEnded) -> ApiError | None:
 # -- running a step --------------------------------------------------------------------------
 
 
-async def run_step(client: Client, chain: Chain, timeout_s: float) -> ChainEnded:
+async def run_step(
+    client: Client, chain: Chain | bytes, timeout_s: float, *, fresh_id: bool = False
+) -> ChainEnded:
     try:
-        return await client.run(chain, timeout=timeout_s)
+        return await client.run(chain, timeout=timeout_s, fresh_id=fresh_id)
     except ChainTimeout:
         raise ApiError(
             504, f"no answer within {timeout_s:g} s", type="timeout", code="deadline_exceeded"
@@ -199,7 +201,7 @@ class Delta(msgspec.Struct, frozen=True):
 
 
 async def stream_step(
-    client: Client, chain: Chain, timeout_s: float
+    client: Client, chain: Chain, timeout_s: float, *, fresh_id: bool = False
 ) -> AsyncIterator[Delta | ChainEnded]:
     """The step's text deltas as they come, then the chain's end.
 
@@ -218,7 +220,7 @@ async def stream_step(
         await nc.subscribe(subjects.delta(client.tenant, chain.id, STEP_ID), cb=put),
         await nc.subscribe(subjects.event(client.tenant, chain.id, "step.failed"), cb=put),
     ]
-    run = asyncio.ensure_future(run_step(client, chain, timeout_s))
+    run = asyncio.ensure_future(run_step(client, chain, timeout_s, fresh_id=fresh_id))
     sent = ""  # passed on so far
     attempt = ""  # the text of the attempt streaming now
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -12,9 +12,23 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, format_trace_id
 
+from chainyard.contracts import Chain, ChainCompleted, ChainEnded, LlmStep
 from chainyard.runtime import tracing
 
-from .core import ApiError, Gateway, bad_request
+from .core import (
+    ApiError,
+    Delta,
+    Gateway,
+    Grant,
+    bad_request,
+    chain_id_for,
+    end_error,
+    estimate_tokens,
+    hints,
+    one_step_chain,
+    run_step,
+    stream_step,
+)
 
 CHAIN_ID = "x-chainyard-chain-id"
 TRACE_ID = "x-chainyard-trace-id"
@@ -120,3 +134,77 @@ def json_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+class StepCall:
+    """One request's one-step chain, checked and admitted: what both fronts run."""
+
+    def __init__(self, gw: Gateway, grant: Grant, chain: Chain, fresh_id: bool) -> None:
+        self.gw, self.grant, self.chain, self.fresh_id = gw, grant, chain, fresh_id
+        self.client = gw.client(grant.tenant)
+        self.timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
+        self.headers: dict[str, str] = {CHAIN_ID: chain.id}
+
+    @classmethod
+    async def admit(
+        cls,
+        gw: Gateway,
+        request: web.Request,
+        grant: Grant,
+        step: LlmStep,
+        metadata: dict[str, str],
+        prefix: str,
+    ) -> StepCall:
+        """The key may use the model, its limits admit the call, the chain is built (its id
+        from the `Idempotency-Key` when there is one, the routing hints from the headers)."""
+        gw.check_model(grant, step.model)
+        text = "".join(m.content for m in step.messages)
+        await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
+        key = request.headers.get("idempotency-key")
+        chain_id = chain_id_for(grant.tenant, key, prefix)
+        hint = hints(request.headers)
+        if step.params.stream:  # a hedge's deltas would interleave with the first attempt's
+            route = msgspec.structs.replace(hint.route, hedge_after_ms=None)
+            hint = msgspec.structs.replace(hint, route=route)
+        chain = one_step_chain(step, chain_id, hint, metadata, gw.settings.deadline_ms)
+        return cls(gw, grant, chain, fresh_id=not key)
+
+    async def answer(
+        self,
+        request: web.Request,
+        respond: Callable[[StepCall], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """`respond` inside the request's span; a chain nobody waits for any more (the caller
+        went away, the wait timed out) is cancelled."""
+        with server_span(request, f"{request.method} {request.path}") as trace_headers:
+            self.headers.update(trace_headers)
+            try:
+                return await respond(self)
+            except BaseException as e:
+                self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
+                raise
+
+    async def outcome(self, ended: ChainEnded) -> ApiError | None:
+        """Settle the call's usage with the limits; the error answer of an unsuccessful end."""
+        await self.gw.settle(self.grant, ended)
+        err = end_error(ended)
+        if err is not None:
+            err.headers.update(self.headers)
+        return err
+
+    async def completed(self) -> ChainCompleted:
+        """Run the chain to its end; anything but completed raises its error answer."""
+        ended = await run_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
+        err = await self.outcome(ended)
+        if err is not None:
+            raise err
+        assert isinstance(ended, ChainCompleted)
+        return ended
+
+    def stream(self) -> AsyncIterator[Delta | ChainEnded]:
+        return stream_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
+
+
+def served_model(ended: ChainCompleted, asked: str) -> str:
+    """The model that answered (the provider's name), else the one asked for."""
+    return next((s.model for s in ended.steps if s.model), asked)

@@ -29,17 +29,9 @@ from .core import (
     ApiError,
     Delta,
     Gateway,
-    Grant,
     bad_request,
-    chain_id_for,
-    end_error,
-    estimate_tokens,
-    hints,
-    one_step_chain,
-    run_step,
-    stream_step,
 )
-from .http import CHAIN_ID, Sse, bearer, convert, json_response, read_json, server_span
+from .http import Sse, StepCall, bearer, convert, json_response, read_json, served_model
 
 # Known to OpenAI, no effect here (each is in OpenAI's CreateChatCompletionRequest; a test
 # checks that against the OpenAPI document).
@@ -261,10 +253,6 @@ def _usage(ended: ChainEnded) -> dict[str, int]:
     return {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
 
 
-def _served_model(ended: ChainCompleted, asked: str) -> str:
-    return next((s.model for s in ended.steps if s.model), asked)
-
-
 def completion(ended: ChainCompleted, asked: str, created: int) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
@@ -277,7 +265,7 @@ def completion(ended: ChainCompleted, asked: str, created: int) -> dict[str, Any
         "id": f"chatcmpl-{ended.chain_id}",
         "object": "chat.completion",
         "created": created,
-        "model": _served_model(ended, asked),
+        "model": served_model(ended, asked),
         "choices": [
             {"index": 0, "message": message, "finish_reason": _finish(ended), "logprobs": None}
         ],
@@ -299,47 +287,28 @@ def error_response(e: ApiError) -> web.Response:
 async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     req = parse(await read_json(request, gw))
-    gw.check_model(grant, req.model)
-    step = step_of(req)
-    hint = hints(request.headers)
-    text = "".join(m.content for m in step.messages)
-    await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
-    chain_id = chain_id_for(grant.tenant, request.headers.get("idempotency-key"), "chat")
-    chain = one_step_chain(step, chain_id, hint, metadata_of(req), gw.settings.deadline_ms)
-    timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
-    client = gw.client(grant.tenant)
+    call = await StepCall.admit(gw, request, grant, step_of(req), metadata_of(req), "chat")
     created = int(time.time())
-    with server_span(request, "POST /v1/chat/completions") as headers:
-        headers[CHAIN_ID] = chain_id
-        try:
-            if req.stream:
-                return await _stream(gw, grant, request, req, chain, headers, created, timeout)
-            ended = await run_step(client, chain, timeout)
-        except BaseException as e:
-            gw.cancel_if_abandoned(grant.tenant, chain_id, e)
-            raise
-        await gw.settle(grant, ended)
-        err = end_error(ended)
-        if err is not None:
-            err.headers.update(headers)
-            raise err
-        assert isinstance(ended, ChainCompleted)
-        return json_response(completion(ended, req.model, created), headers)
+
+    async def respond(call: StepCall) -> web.StreamResponse:
+        if req.stream:
+            return await _stream(call, request, req, created)
+        ended = await call.completed()
+        return json_response(completion(ended, req.model, created), call.headers)
+
+    return await call.answer(request, respond)
 
 
 async def _stream(
-    gw: Gateway,
-    grant: Grant,
-    request: web.Request,
-    req: ChatRequest,
-    chain: Any,
-    headers: dict[str, str],
-    created: int,
-    timeout: float,
+    call: StepCall, request: web.Request, req: ChatRequest, created: int
 ) -> web.StreamResponse:
-    sse = Sse(request, headers)
+    sse = Sse(request, call.headers)
     usage_on = bool(req.stream_options and req.stream_options.include_usage)
-    base = {"id": f"chatcmpl-{chain.id}", "object": "chat.completion.chunk", "created": created}
+    base = {
+        "id": f"chatcmpl-{call.chain.id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+    }
 
     def chunk(delta: dict[str, Any], finish: str | None = None, model: str = req.model) -> bytes:
         c: dict[str, Any] = {
@@ -351,27 +320,26 @@ async def _stream(
             c["usage"] = None
         return msgspec.json.encode(c)
 
+    first = {"role": "assistant", "content": "", "refusal": None}
     ended: ChainEnded | None = None
-    async for item in stream_step(gw.client(grant.tenant), chain, timeout):
+    async for item in call.stream():
         if isinstance(item, Delta):
             if not sse.open:
-                await sse.send(chunk({"role": "assistant", "content": "", "refusal": None}))
+                await sse.send(chunk(first))
             await sse.send(chunk({"content": item.text}))
         else:
             ended = item
     assert ended is not None
-    await gw.settle(grant, ended)
-    err = end_error(ended)
+    err = await call.outcome(ended)
     if err is not None:
         if not sse.open:  # nothing sent yet: an ordinary error answer
-            err.headers.update(headers)
             raise err
-        await sse.send(msgspec.json.encode(error_body(err)))
+        await sse.send(msgspec.json.encode(error_body(err)))  # as OpenAI does mid-stream
         return await sse.close()
     assert isinstance(ended, ChainCompleted)
-    model = _served_model(ended, req.model)
+    model = served_model(ended, req.model)
     if not sse.open:
-        await sse.send(chunk({"role": "assistant", "content": "", "refusal": None}, model=model))
+        await sse.send(chunk(first, model=model))
     if ended.output.tool_calls:
         await sse.send(chunk({"tool_calls": _calls(ended, indexed=True)}, model=model))
     await sse.send(chunk({}, _finish(ended), model=model))
