@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -83,15 +82,18 @@ async def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"chainyard gateway: {e}", file=sys.stderr)
         return 2
+    # (not `Fail`: run as `python -m chainyard.cli`, that module is `__main__`, another class)
+    from chainyard.cli import _connecting, _safe_url, _stop_on_signals, _unless_stopped
+
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        nc = await connect(args.nats, name="chainyard-gateway", creds=args.creds)
-    except Exception as e:
-        print(f"chainyard gateway: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
+    _stop_on_signals(stop)
+    # like `router` and `worker`: NATS down at start is said once, and retried until it is up
+    with _connecting(args.nats, say=True):
+        connecting = connect(args.nats, name="chainyard-gateway", creds=args.creds)
+        nc = await _unless_stopped(connecting, stop)
+    if nc is None:
+        say = f"stopped before NATS at {_safe_url(args.nats)} could be reached"
+        print(f"chainyard gateway: {say}", file=sys.stderr)
         return 4
     limits = None
     if keys is None and args.open:

@@ -272,12 +272,12 @@ class Grant(Protocol):
     def models(self) -> tuple[str, ...]: ...
 
 
-class Keys(Protocol):
+class KeyLookup(Protocol):
     def authenticate(self, raw_key: str) -> Grant | None: ...
     async def stop(self) -> None: ...
 
 
-class Limits(Protocol):
+class Admission(Protocol):
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None: ...
     async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None: ...
 
@@ -353,15 +353,15 @@ class Gateway:
         nc: NatsClient,
         config: Config,
         *,
-        keys: Keys | None = None,
-        limits: Limits | None = None,
+        keys: KeyLookup | None = None,
+        limits: Admission | None = None,
         settings: Settings | None = None,
     ) -> None:
         self.nc = nc
         self.config = config
         self.topology = config.topology
-        self.keys: Keys = keys or StaticKeys()
-        self.limits: Limits = limits or NoLimits()
+        self.keys: KeyLookup = keys or StaticKeys()
+        self.limits: Admission = limits or NoLimits()
         self.settings = settings or Settings()
         self.models = catalog(config)
         self._clients: dict[str, Client] = {}

@@ -1,0 +1,93 @@
+"""`chainyard gateway` as a command: bad flags, no NATS, a taken port each end with one line
+and their exit code; with a NATS it serves until SIGTERM and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+from helpers import python_env
+
+from chainyard.runtime.server import NatsServer
+
+CONFIG = """
+[[deployments]]
+name = "d"
+pool = "p"
+model = "m"
+
+[[pools]]
+name = "p"
+base_url = "http://127.0.0.1:9/v1"
+"""
+
+
+async def gateway(*args: str, timeout: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainyard.cli", "gateway", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=python_env(),
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_bad_key_spec_and_config_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    code, out = await gateway("--config", str(cfg), "--key", "no-tenant")
+    assert code == 2 and "--key 'no-tenant': expected KEY=TENANT" in out
+    code, out = await gateway("--config", str(tmp_path / "missing.toml"), "--open")
+    assert code == 2 and "cannot read the config file" in out
+
+
+async def test_unreachable_nats_is_said_once_and_sigterm_stops_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    url = f"nats://127.0.0.1:{port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainyard.cli", "gateway", "--config", str(cfg), "--open",
+        "--nats", url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=python_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    said = ""
+    while "retrying until it is up" not in said:
+        said = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    assert f"cannot reach NATS at {url}" in said
+    proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 4
+    assert "stopped before NATS" in out.decode()
+
+
+async def test_serves_until_sigterm_and_refuses_a_taken_port(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    args = ["--config", str(cfg), "--open", "--nats", nats_server.url, "--port", "0"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainyard.cli", "gateway", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=python_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    url = line.rsplit(" ", 1)[-1].strip()
+    assert line.startswith("chainyard gateway: listening on http://127.0.0.1:"), line
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/readyz")).text == "ready\n"
+        models = (await http.get(f"{url}/v1/models")).json()
+        assert {m["id"] for m in models["data"]} == {"m", "d"}
+    port = url.rsplit(":", 1)[-1]
+    code, out = await gateway(*args[:-1], port)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in out
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
