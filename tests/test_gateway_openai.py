@@ -429,3 +429,16 @@ async def test_client_disconnect_mid_stream_cancels_the_chain(live: Stack) -> No
             )
     finally:
         await live.sandboxes["primary"].configure(chunk_delay_ms=0.0)
+
+
+async def test_client_giving_up_on_a_plain_request_cancels_the_chain(live: Stack) -> None:
+    async with Events(live.bus.nc, "cy.events.acme.>") as ev:
+        async with httpx.AsyncClient(timeout=0.8) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(
+                    f"{live.v1()}/chat/completions",
+                    headers=auth(),
+                    json=ask("slow answer") | {"model": "slow-model"},
+                )
+        cancelled = await ev.wait(lambda e: isinstance(e, ChainCancelled), 20)
+    assert isinstance(cancelled, ChainCancelled) and "nobody waits" in cancelled.reason

@@ -35,6 +35,7 @@ _TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     502: "api_error",
+    503: "api_error",
     504: "timeout_error",
 }
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from aiohttp import web
+from nats.errors import Error as NatsError
 
 from . import anthropic, chains, openai
 from .core import ApiError, Gateway
@@ -44,6 +45,14 @@ def _guard(
             raise
         except asyncio.CancelledError:
             raise
+        except (NatsError, TimeoutError) as e:  # NATS unreachable or slow: try again shortly
+            log.warning("%s %s: NATS: %r", request.method, request.path, e)
+            return shape(
+                ApiError(
+                    503, "the gateway cannot reach NATS right now; retry shortly",
+                    type="api_error", code="unavailable", headers={"retry-after": "1"},
+                )
+            )  # fmt: skip
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return shape(ApiError(500, "internal error in the gateway", type="api_error"))
