@@ -262,6 +262,22 @@ async def test_sdk_errors_have_openai_shape_and_status(live: Stack) -> None:
         assert ok.choices[0].message.content == "echo: allowed"
 
 
+@needs_spec
+async def test_errors_and_models_match_the_openapi_document(live: Stack) -> None:
+    async with httpx.AsyncClient(base_url=live.v1(), timeout=30) as http:
+        for bad in (ask("x", n=3), ask("x") | {"model": "gpt-9"}):
+            r = await http.post("/chat/completions", headers=auth(), json=bad)
+            assert r.status_code in (400, 404)
+            validate(r.json(), "ErrorResponse")
+        r = await http.post("/chat/completions", json=ask("x"))  # no key
+        assert r.status_code == 401
+        validate(r.json(), "ErrorResponse")
+        models = await http.get("/models", headers=auth())
+        validate(models.json(), "ListModelsResponse")
+        one = await http.get("/models/small", headers=auth())
+        validate(one.json(), "Model")
+
+
 async def test_bad_input_never_crashes_the_gateway(live: Stack) -> None:
     url = f"{live.v1()}/chat/completions"
     async with httpx.AsyncClient(timeout=30) as http:
@@ -354,6 +370,27 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
     events = await step_events(live, chain_id)
     assert sum(isinstance(e, StepCompleted) for e in events) == 1
     assert live.sandboxes["primary"].counts["openai.chat"] == calls_before + 1
+
+
+async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live: Stack) -> None:
+    headers = {"Idempotency-Key": "stream-retry-1"}
+    texts, ids = [], set()
+    for i in (0, 1):  # the retry goes to the other replica, after the first has ended
+        async with sdk(live, i=i) as client:
+            stream = await client.chat.completions.create(
+                **ask("say it once"),
+                stream=True,
+                extra_headers=headers,  # type: ignore[arg-type]
+            )
+            parts = []
+            async for chunk in stream:
+                ids.add(chunk.id)
+                parts += [c.delta.content or "" for c in chunk.choices]
+            texts.append("".join(parts))
+    assert texts == ["echo: say it once"] * 2
+    [chat_id] = ids
+    events = await step_events(live, chat_id.removeprefix("chatcmpl-"))
+    assert sum(isinstance(e, StepCompleted) for e in events) == 1
 
 
 async def test_provider_failing_over_mid_test(live: Stack) -> None:
