@@ -5,6 +5,7 @@ process per pool, sandbox providers. Shapes are checked against OpenAI's OpenAPI
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,7 @@ from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
 from helpers import Events, stream_events, wait_until
 from test_sandbox_openapi import SPEC, validate
 
+from chainyard import trace_view
 from chainyard.contracts import ChainCancelled, StepCompleted, StepFailed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -410,13 +412,20 @@ async def test_provider_failing_over_mid_test(live: Stack) -> None:
         f"echo: during {i}" for i in range(6)
     ]
     assert before.choices[0].message.content == "echo: before"
-    served, failed = set(), set()
+    served, failed, failed_over = set(), set(), []
     for a in (before, *answers):
         for e in await step_events(live, a.id.removeprefix("chatcmpl-")):
             if isinstance(e, StepCompleted | StepFailed):
                 (served if isinstance(e, StepCompleted) else failed).add(e.target.pool)
+            if isinstance(e, StepFailed):
+                failed_over.append(e.chain_id)
     assert served == {"flaky", "spare"}  # before on the cheapest, during on the other
     assert failed == {"flaky"}  # the failed attempts, failed over
+    out = io.StringIO()  # and `chainyard trace` shows it
+    code = await trace_view.run(failed_over[0], nats_url=live.nats.url, tenant="acme", out=out)
+    drawn = out.getvalue()
+    assert code == 0 and "call #1" in drawn and "call #2" in drawn, drawn
+    assert "flaky-ha: retryable 503" in drawn and "spare-ha" in drawn, drawn
 
 
 async def test_provider_error_reaches_caller_without_the_provider_key(live: Stack) -> None:
