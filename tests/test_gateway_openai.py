@@ -13,12 +13,14 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+import yaml
 from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
 from helpers import Events, stream_events, wait_until
 from test_sandbox_openapi import SPEC, validate
 
 from chainyard import trace_view
 from chainyard.contracts import ChainCancelled, StepCompleted, StepFailed
+from chainyard.gateway import openai as gateway_openai
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 needs_spec = pytest.mark.skipif(not SPEC.exists(), reason=f"no OpenAI OpenAPI document at {SPEC}")
@@ -29,6 +31,31 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]
     async with live_stack(tmp_path_factory.mktemp("gw")) as s:
         yield s
         assert PROVIDER_KEY not in s.logs_text()  # nor in any log line
+
+
+def request_properties() -> set[str]:
+    """Every property of CreateChatCompletionRequest, through its allOf and $refs."""
+    schemas = yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schemas = schemas["components"]["schemas"]
+    names: set[str] = set()
+
+    def walk(node: dict[str, object]) -> None:
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            walk(schemas[ref.rsplit("/", 1)[-1]])
+        names.update(node.get("properties", {}))  # type: ignore[arg-type]
+        for part in node.get("allOf", []):  # type: ignore[attr-defined]
+            walk(part)
+
+    walk(schemas["CreateChatCompletionRequest"])
+    return names
+
+
+@needs_spec
+async def test_every_accepted_argument_is_one_openai_knows() -> None:
+    known = request_properties()
+    assert "messages" in known and "frobnicate" not in known
+    assert gateway_openai.KNOWN <= known, gateway_openai.KNOWN - known
 
 
 def sdk(live: Stack, key: str = KEYS["acme"], i: int = 0, **kw: object) -> openai.AsyncOpenAI:

@@ -78,14 +78,10 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
 async def state(gw: Gateway, request: web.Request) -> web.Response:
     grant = gw.authenticate(bearer(request))
     chain_id = _path_id(request, "chain_id")
-    kv = await gw.client(grant.tenant).js.key_value(gw.topology.chains_kv.bucket)
-    try:
-        entry = await kv.get(f"{grant.tenant}.{chain_id}")
-    except Exception:  # KeyNotFoundError, or deleted
-        entry = None
-    if entry is None or not entry.value:
+    value = await gw.chain_state(grant.tenant, chain_id)
+    if value is None:
         raise ApiError(404, f"no chain {chain_id!r}", type="not_found_error", code="not_found")
-    return web.Response(body=entry.value, content_type="application/json")
+    return web.Response(body=value, content_type="application/json")
 
 
 async def events(gw: Gateway, request: web.Request) -> web.StreamResponse:

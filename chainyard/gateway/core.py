@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from chainyard.client import Client
 from chainyard.contracts import (
@@ -365,6 +367,7 @@ class Gateway:
         self.settings = settings or Settings()
         self.models = catalog(config)
         self._clients: dict[str, Client] = {}
+        self._chains_kv: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     def client(self, tenant: str) -> Client:
@@ -373,6 +376,16 @@ class Gateway:
         if c is None:
             c = self._clients[tenant] = Client(self.nc, tenant, self.topology)
         return c
+
+    async def chain_state(self, tenant: str, chain_id: str) -> bytes | None:
+        """The chain's state as stored (KV `cy_chains`, key `<tenant>.<chain>`), or None."""
+        if self._chains_kv is None:
+            self._chains_kv = await self.nc.jetstream().key_value(self.topology.chains_kv.bucket)
+        try:
+            entry = await self._chains_kv.get(f"{tenant}.{chain_id}")
+        except KeyNotFoundError:  # (a deleted key too)
+            return None
+        return entry.value or None
 
     def authenticate(self, raw_key: str | None) -> Grant:
         grant = self.keys.authenticate(raw_key or "")
