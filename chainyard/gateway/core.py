@@ -225,6 +225,7 @@ async def stream_step(
     run = asyncio.ensure_future(run_step(client, chain, timeout_s, fresh_id=fresh_id))
     sent = ""  # passed on so far
     attempt = ""  # the text of the attempt streaming now
+    got: asyncio.Future[Msg] | None = None
     try:
         while True:
             got = asyncio.ensure_future(queue.get())
@@ -249,6 +250,8 @@ async def stream_step(
         yield ended
     finally:
         run.cancel()
+        if got is not None:
+            got.cancel()
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
