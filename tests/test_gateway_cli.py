@@ -91,3 +91,28 @@ async def test_serves_until_sigterm_and_refuses_a_taken_port(
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in out
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_dev_starts_a_gateway_and_prints_its_url() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chainyard.cli", "dev", "--no-local", "--port", "0",
+        "--gateway-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env=python_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = ""
+        while "HTTP gateway at" not in line:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, "dev ended without printing the gateway's URL"
+        base = line.split("HTTP gateway at ", 1)[1].split()[0]
+        assert base.startswith("http://127.0.0.1:") and base.endswith("/v1")
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(
+                f"{base}/chat/completions",
+                json={"model": "small", "messages": [{"role": "user", "content": "dev says"}]},
+            )
+        assert r.json()["choices"][0]["message"]["content"] == "echo: dev says"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
