@@ -41,6 +41,7 @@ from chainyard.contracts import (
     StepOverride,
     Subjects,
     Topology,
+    chain_decoder,
     chain_digest,
     encode,
     event_decoder,
@@ -519,13 +520,6 @@ class _Ordered:
             self.sub = None
 
 
-class _IdOnly(msgspec.Struct):
-    id: str = ""
-
-
-_id_decoder = msgspec.json.Decoder(_IdOnly)
-
-
 def _with_id(data: bytes) -> bytes:
     """A chain (JSON object) without an `id` gets a fresh one; anything else is left as is,
     for the router to judge."""
@@ -541,9 +535,10 @@ def _with_id(data: bytes) -> bytes:
 def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str, str]:
     """The bytes to send, the chain id, their digest, and the `Nats-Msg-Id` to send.
 
-    Raw bytes keep their own `id` when they have a usable one; a JSON object without one gets a
-    fresh one; otherwise (even when they are not JSON at all) a fresh id goes in `Nats-Msg-Id`,
-    and the intake's rejection carries it back.
+    Raw bytes keep their own `id` when they are a chain the router can decode (its rejection,
+    if any, then comes on that id's subjects); a JSON object without an id gets a fresh one;
+    otherwise (not JSON, not a valid chain) a fresh id goes in `Nats-Msg-Id`, which the
+    router's rejection carries back.
     A chain's own id is never a message id: the intake stream's ids are not per tenant, the
     router's dedup is."""
     data = encode(chain) if isinstance(chain, Chain) else chain
@@ -551,7 +546,7 @@ def _prepare(chain: Chain | bytes) -> tuple[bytes, str, str, str]:
         return data, chain.id, chain_digest(data), ""
     data = _with_id(data)
     try:
-        claimed = _id_decoder.decode(data).id
+        claimed = chain_decoder.decode(data).id  # only a chain the router can read keeps its id
     except BadMessage:
         claimed = ""
     if _ID.match(claimed):

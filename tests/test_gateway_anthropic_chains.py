@@ -184,6 +184,17 @@ async def test_chain_without_id_gets_one_and_answers_with_its_end(live: Stack) -
         assert kinds == ["step.completed", "step.completed", "chain.completed"]
 
 
+async def test_bad_chains_are_rejected_with_their_paths(live: Stack) -> None:
+    async with httpx.AsyncClient(base_url=live.v1(), timeout=30) as http:
+        bad = {"deadline_ms": "soon", "steps": [{"kind": "llm", "id": "a", "model": "gpt-9"}]}
+        r = await http.post("/chains", headers=auth(), json=bad)
+        assert r.status_code == 400
+        ended = r.json()
+        assert ended["type"] == "chain.rejected" and ended["errors"][0]["path"].startswith("$")
+        broken = await http.post("/chains", headers=auth(), content=b'{"steps": [')
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
+
+
 async def test_same_chain_id_in_two_tenants(live: Stack) -> None:
     async with httpx.AsyncClient(base_url=live.v1(), timeout=30) as http:
         chain = {"id": "shared-id", "steps": [CHAIN["steps"][0]]}

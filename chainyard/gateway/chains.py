@@ -62,7 +62,9 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     chain_id = str(body["id"])
     data = msgspec.json.encode(body)
     client = gw.client(grant.tenant)
-    timeout = (body.get("deadline_ms") or gw.settings.deadline_ms) / 1000 + 5
+    deadline = body.get("deadline_ms")  # (the router judges it; a wrong one is rejected)
+    wait_ms = deadline if isinstance(deadline, int) and deadline > 0 else gw.settings.deadline_ms
+    timeout = wait_ms / 1000 + 5
     with server_span(request, "POST /v1/chains") as headers:
         headers[CHAIN_ID] = chain_id
         if request.query.get("wait", "true").lower() not in _TRUE:
@@ -70,6 +72,7 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
             return json_response({"id": chain_id}, headers, status=202)
         if not _wants_sse(request):
             ended = await run_step(client, data, timeout, fresh_id=fresh_id)
+            headers[CHAIN_ID] = ended.chain_id  # (a chain the router cannot read gets another)
             return json_response(msgspec.to_builtins(ended), headers, _ended_status(ended))
         await client.submit(data)
         return await _events(gw, request, grant.tenant, chain_id, headers, deltas=False)

@@ -345,7 +345,6 @@ def allowed(grant: Grant, model: str) -> bool:
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 4 * 1024 * 1024  # a larger body is refused with 413
-    timeout_s: float = 300.0  # the longest wait for a chain's end without a deadline header
     deadline_ms: int = 300_000  # the chain deadline when the request sets none
 
 
