@@ -192,3 +192,12 @@ def test_submit_chain_without_id_gets_one(dev: Dev, tmp_path: Path) -> None:
     assert printed.returncode == 0, printed.stderr
     new_id = printed.stdout.strip()
     assert len(new_id) == 26 and new_id != ev["chain_id"]
+
+
+def test_submit_wait_undecodable_chain_with_an_id_is_rejected(dev: Dev, tmp_path: Path) -> None:
+    bad = {"id": "cli-no-messages", "steps": [{"kind": "llm", "id": "a", "model": "gpt-4o-mini"}]}
+    r = submit(dev, bad, tmp_path / "no-messages.json")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["type"] == "chain.rejected"
+    assert "rejected: $.steps[0]: Object missing required field `messages`" in r.stderr
