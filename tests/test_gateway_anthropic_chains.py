@@ -57,6 +57,7 @@ async def test_anthropic_sdk_streaming(live: Stack) -> None:
             final = await stream.get_final_message()
     assert text == "echo: stream me some words"
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == 5
+    assert final.usage.input_tokens == 4
 
 
 async def test_anthropic_sdk_raw_event_types(live: Stack) -> None:

@@ -283,7 +283,7 @@ async def _stream(call: StepCall, request: web.Request, req: MessagesRequest) ->
         await send("content_block_delta", {"index": i, "delta": delta})
         await send("content_block_stop", {"index": i})
     stop = {"stop_reason": _stop_reason(ended), "stop_sequence": None}
-    usage = {"output_tokens": _usage(ended)["output_tokens"]}
+    usage = _usage(ended)  # input too: the start could not know it yet
     await send("message_delta", {"delta": stop, "usage": usage})
     await send("message_stop", {})
     return await sse.close()
