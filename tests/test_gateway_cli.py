@@ -31,7 +31,12 @@ async def gateway(*args: str, timeout: float = 30) -> tuple[int, str]:
         sys.executable, "-m", "chainyard.cli", "gateway", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=python_env(),
     )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:  # (a test that failed leaves no process behind)
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode()
 
@@ -63,7 +68,12 @@ async def test_unreachable_nats_is_said_once_and_sigterm_stops_it(tmp_path: Path
         said = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     assert f"cannot reach NATS at {url}" in said
     proc.send_signal(signal.SIGTERM)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 4
     assert "stopped before NATS" in out.decode()
 
@@ -79,18 +89,23 @@ async def test_serves_until_sigterm_and_refuses_a_taken_port(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=python_env(),
     )  # fmt: skip
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-    url = line.rsplit(" ", 1)[-1].strip()
-    assert line.startswith("chainyard gateway: listening on http://127.0.0.1:"), line
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{url}/readyz")).text == "ready\n"
-        models = (await http.get(f"{url}/v1/models")).json()
-        assert {m["id"] for m in models["data"]} == {"m", "d"}
-    port = url.rsplit(":", 1)[-1]
-    code, out = await gateway(*args[:-1], port)
-    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in out
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        url = line.rsplit(" ", 1)[-1].strip()
+        assert line.startswith("chainyard gateway: listening on http://127.0.0.1:"), line
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/readyz")).text == "ready\n"
+            models = (await http.get(f"{url}/v1/models")).json()
+            assert {m["id"] for m in models["data"]} == {"m", "d"}
+        port = url.rsplit(":", 1)[-1]
+        code, out = await gateway(*args[:-1], port)
+        assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in out
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_dev_starts_a_gateway_and_prints_its_url() -> None:
@@ -115,4 +130,9 @@ async def test_dev_starts_a_gateway_and_prints_its_url() -> None:
         assert r.json()["choices"][0]["message"]["content"] == "echo: dev says"
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 30)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
