@@ -422,6 +422,28 @@ async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live
     assert sum(isinstance(e, StepCompleted) for e in events) == 1
 
 
+async def test_cache_header_answers_a_repeat_without_a_provider_call(live: Stack) -> None:
+    def calls() -> int:
+        return sum(sb.counts["openai.chat"] for sb in live.sandboxes.values())
+
+    headers = {"x-chainyard-cache-ttl-s": "60"}
+    async with sdk(live) as client:
+        first = await client.chat.completions.create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        before = calls()
+        again = await client.chat.completions.create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                **ask("x"),  # type: ignore[arg-type]
+                extra_headers={"x-chainyard-cache-ttl-s": "0"},
+            )
+    assert bad.value.param == "x-chainyard-cache-ttl-s"
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.id != first.id and calls() == before
+    [done] = [e for e in await step_events(live, again.id.removeprefix("chatcmpl-"))
+              if isinstance(e, StepCompleted)]  # fmt: skip
+    assert done.cached
+
+
 async def test_provider_failing_over_mid_test(live: Stack) -> None:
     def ask_ha(text: str) -> dict[str, object]:
         return ask(text) | {"model": "ha-model"}

@@ -34,6 +34,7 @@ from chainyard.contracts import (
     Config,
     LlmStep,
     Route,
+    StepCache,
     StepFailed,
     event_decoder,
     new_id,
@@ -76,6 +77,7 @@ class Hints(msgspec.Struct, frozen=True, kw_only=True):
 
     route: Route = Route()
     deadline_ms: int | None = None
+    cache: StepCache | None = None
 
 
 def _number(headers: Mapping[str, str], name: str, kind: type[float] | type[int]) -> Any:
@@ -98,7 +100,8 @@ def _names(headers: Mapping[str, str], name: str) -> list[str]:
 
 def hints(headers: Mapping[str, str]) -> Hints:
     """`x-chainyard-strategy`, `-max-cost-usd`, `-deadline-ms`, `-prefer`, `-avoid` (comma
-    separated pools or deployments) and `-hedge-after-ms`; a malformed one is a 400 naming it."""
+    separated pools or deployments), `-hedge-after-ms` and `-cache-ttl-s` (the step's response
+    cache, docs/OPERATIONS.md); a malformed one is a 400 naming it."""
     strategy = headers.get(HINT + "strategy")
     fields: dict[str, Any] = {
         "strategy": strategy.strip() if strategy else None,
@@ -111,7 +114,14 @@ def hints(headers: Mapping[str, str]) -> Hints:
         route = msgspec.convert(fields, Route)
     except msgspec.ValidationError as e:
         raise bad_request(f"header {HINT}strategy: {e}", HINT + "strategy") from None
-    return Hints(route=route, deadline_ms=_number(headers, "deadline-ms", int))
+    ttl_s = _number(headers, "cache-ttl-s", float)
+    try:
+        cache = StepCache(ttl_s=ttl_s) if ttl_s is not None else None
+        if cache is not None:  # (constructing does not validate: round-trip to check bounds)
+            cache = msgspec.convert(msgspec.to_builtins(cache), StepCache)
+    except msgspec.ValidationError as e:
+        raise bad_request(f"header {HINT}cache-ttl-s: {e}", HINT + "cache-ttl-s") from None
+    return Hints(route=route, deadline_ms=_number(headers, "deadline-ms", int), cache=cache)
 
 
 # -- chain ids -------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ def chain_id_for(tenant: str, idempotency_key: str | None, prefix: str) -> str:
 def one_step_chain(
     step: LlmStep, chain_id: str, hint: Hints, metadata: dict[str, str], default_deadline_ms: int
 ) -> Chain:
-    step = msgspec.structs.replace(step, route=hint.route)
+    step = msgspec.structs.replace(step, route=hint.route, cache=hint.cache)
     return Chain(
         id=chain_id,
         steps=[step],
