@@ -98,6 +98,8 @@ async def test_sdk_plain_and_headers(live: Stack) -> None:
             max_tokens=16,
             temperature=0,
             stop=["zzz"],
+            user="u-42",
+            metadata={"team": "bi"},
             extra_headers={
                 "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
             },
@@ -108,6 +110,10 @@ async def test_sdk_plain_and_headers(live: Stack) -> None:
     assert raw.headers["x-chainyard-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     sent = live.sandboxes["primary"].last("openai.chat")
     assert sent.body["max_tokens"] == 16 and sent.body["stop"] == ["zzz"]
+    async with httpx.AsyncClient(timeout=30) as http:
+        chain_id = raw.headers["x-chainyard-chain-id"]
+        state = (await http.get(f"{live.v1()}/chains/{chain_id}", headers=auth())).json()
+    assert state["chain"]["metadata"] == {"team": "bi", "user": "u-42"}
 
 
 @needs_spec
