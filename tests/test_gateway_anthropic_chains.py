@@ -224,6 +224,37 @@ async def test_chain_events_as_sse(live: Stack) -> None:
     assert all(k == e["type"] for k, e in events)
 
 
+async def test_events_with_streamed_deltas(live: Stack) -> None:
+    streamed = {
+        "steps": [
+            {"kind": "llm", "id": "talk", "model": "small", "params": {"stream": True},
+             "messages": [{"role": "user", "content": "four words come back"}]}
+        ]
+    }  # fmt: skip
+    # the first token after 500 ms: the events request is in place before any delta
+    await live.sandboxes["primary"].configure(latency_ms=500.0, chunk_delay_ms=50.0)
+    try:
+        async with httpx.AsyncClient(base_url=live.v1(), timeout=30) as http:
+            chain_id = (
+                await http.post("/chains?wait=false", headers=auth(), json=streamed)
+            ).json()["id"]
+            kinds, text = [], ""
+            async with http.stream(
+                "GET",
+                f"/chains/{chain_id}/events?deltas=true",
+                headers={**auth(), "accept": "text/event-stream"},
+            ) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        ev = json.loads(line.removeprefix("data: "))
+                        kinds.append(ev["type"])
+                        text += ev.get("text", "") if ev["type"] == "delta" else ""
+    finally:
+        await live.sandboxes["primary"].configure(latency_ms=0.0, chunk_delay_ms=0.0)
+    assert kinds[-2:] == ["step.completed", "chain.completed"]
+    assert "delta" in kinds and text == "echo: four words come back"
+
+
 async def test_signal_and_cancel_over_http(live: Stack) -> None:
     waiting = {"steps": [{"kind": "wait", "id": "approval", "signal": "approve"}]}
     async with httpx.AsyncClient(base_url=live.v1(), timeout=30) as http:

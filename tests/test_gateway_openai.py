@@ -352,6 +352,27 @@ async def test_bad_input_never_crashes_the_gateway(live: Stack) -> None:
         assert r.json()["choices"][0]["message"]["content"] == "echo: still alive"
 
 
+async def test_routing_headers_reach_the_router(live: Stack) -> None:
+    async with sdk(live) as client:
+        avoided = await client.chat.completions.create(
+            **ask("not on primary"),
+            extra_headers={"x-chainyard-avoid": "primary"},  # type: ignore[arg-type]
+        )
+        preferred = await client.chat.completions.create(
+            **ask("backup please"),  # type: ignore[arg-type]
+            extra_headers={"x-chainyard-prefer": "backup-mini", "x-chainyard-strategy": "fastest"},
+        )
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                **ask("x"),
+                extra_headers={"x-chainyard-strategy": "random"},  # type: ignore[arg-type]
+            )
+    assert bad.value.param == "x-chainyard-strategy"
+    for done in (avoided, preferred):
+        events = await step_events(live, done.id.removeprefix("chatcmpl-"))
+        assert {e.target.pool for e in events if isinstance(e, StepCompleted)} == {"backup"}
+
+
 async def test_deadline_header_gives_504(live: Stack) -> None:
     async with sdk(live) as client:
         with pytest.raises(openai.APIStatusError) as late:
