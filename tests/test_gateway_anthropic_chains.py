@@ -140,6 +140,16 @@ async def test_anthropic_errors_in_anthropic_shape(live: Stack) -> None:
         assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
         with pytest.raises(anthropic.BadRequestError):
             await client.messages.create(model="small", max_tokens=8, messages=[])
+    async with httpx.AsyncClient(timeout=30) as http:  # (the SDK will not send it without)
+        no_max = await http.post(
+            f"{live.v1()}/messages",
+            headers={"x-api-key": KEYS["acme"]},
+            json={"model": "small", "messages": [{"role": "user", "content": "x"}]},
+        )
+    assert no_max.status_code == 400
+    error = no_max.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("max_tokens: Object missing required field")
     async with claude(live, key="sk-nope") as client:
         with pytest.raises(anthropic.AuthenticationError) as denied:
             await client.messages.create(

@@ -321,6 +321,7 @@ async def test_bad_input_never_crashes_the_gateway(live: Stack) -> None:
             "not an object": (b"[1, 2]", 400, None),
             "wrong type": (json.dumps(ask("x", max_tokens="many")).encode(), 400, "max_tokens"),
             "no messages": (json.dumps(ask("x") | {"messages": []}).encode(), 400, "messages"),
+            "no model": (json.dumps({"messages": ask("x")["messages"]}).encode(), 400, "model"),
             "image part": (
                 json.dumps(
                     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -72,9 +73,13 @@ def convert(value: Any, kind: type[Any]) -> Any:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as e:
         message, _, at = str(e).rpartition(" - at `")
-        path = at.rstrip("`").removeprefix("$.") if message else ""
-        where = f"{path}: " if path else ""
-        raise bad_request(f"{where}{message or e}", path or None) from None
+        message = message or str(e)
+        path = at.rstrip("`").removeprefix("$") if at != str(e) else ""
+        missing = re.match(r"Object missing required field `(.+)`", message)
+        if missing:  # the field itself, not the object it is missing from
+            path = f"{path}.{missing.group(1)}"
+        path = path.removeprefix(".")
+        raise bad_request(f"{path}: {message}" if path else message, path or None) from None
 
 
 @contextlib.contextmanager
