@@ -105,10 +105,11 @@ class DevStack:
         from chainyard.gateway.app import HttpServer
         from chainyard.gateway.core import Gateway
 
-        if port and not port_free(port):
-            port = 0
-        server = HttpServer(Gateway(bus.nc, self.config), port=port)
-        await self._stack.enter_async_context(server)
+        gateway = Gateway(bus.nc, self.config)
+        try:
+            server = await self._stack.enter_async_context(HttpServer(gateway, port=port))
+        except OSError:  # taken (by another stack, or between a check and the bind): any port
+            server = await self._stack.enter_async_context(HttpServer(gateway, port=0))
         self.gateway_url = server.url
 
     def _resolve(self, config: Config) -> Config:

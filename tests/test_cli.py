@@ -34,7 +34,7 @@ def start_dev(log: Path, *args: str, timeout: float = 60.0) -> Dev:
     stdout, which is kept in `Dev.out`). On any free port unless ARGS name one: a test never
     takes 4222 from a stack a person is running."""
     err = log.open("wb")
-    args = args or ("--port", "0")
+    args = args or ("--port", "0", "--gateway-port", "0")
     proc = subprocess.Popen(
         [*CLI, "dev", "--no-local", *args], stdout=subprocess.PIPE, stderr=err, env=python_env()
     )

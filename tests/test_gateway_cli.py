@@ -136,3 +136,17 @@ async def test_dev_starts_a_gateway_and_prints_its_url() -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_dev_stack_takes_another_port_when_the_gateway_port_is_taken() -> None:
+    from chainyard.demo import demo_config, tools
+    from chainyard.devstack import DevStack
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = DevStack(demo_config(), local_model=False, tools=tools, gateway_port=port)
+        async with stack as dev, httpx.AsyncClient() as http:
+            assert not dev.gateway_url.endswith(f":{port}")
+            assert (await http.get(f"{dev.gateway_url}/healthz")).status_code == 200

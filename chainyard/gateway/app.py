@@ -117,7 +117,11 @@ class HttpServer:
     async def __aenter__(self) -> HttpServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:  # the port is taken: nothing is left behind
+            await self.runner.cleanup()
+            raise
         sockets = self.runner.addresses
         port = sockets[0][1] if sockets else self.port
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
