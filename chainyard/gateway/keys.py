@@ -12,13 +12,10 @@ as soon as NATS delivers the KV update (milliseconds; tests/test_gateway_keys.py
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -28,6 +25,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from chainyard.contracts import Topology
+from chainyard.gateway.kv_view import KvView
 from chainyard.runtime.nats import ensure_kv, retry_api
 
 log = logging.getLogger("chainyard.gateway.keys")
@@ -163,43 +161,20 @@ async def revoke_key(kv: KeyValue, key_id: str) -> tuple[str, int] | None:
     return tenant, (await kv.status()).stream_info.state.last_seq
 
 
-class KeyStore:
+class KeyStore(KvView):
     """Every key of the bucket in memory, kept current by a KV watch."""
 
     def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+        super().__init__(kv)
         self.records: dict[str, KeyRecord] = {}  # key id -> record
         self._by_hash: dict[str, Grant] = {}
-        self.revision = 0  # the last bucket revision applied
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
 
     @classmethod
     async def open(cls, js: JetStreamContext, topology: Topology | None = None) -> KeyStore:
         """Load every key, then follow the bucket; returns once the load is complete."""
-        store = cls(await open_keys_kv(js, topology))
-        await store._start()
-        return store
-
-    async def _start(self) -> None:
-        self._watcher = await self.kv.watchall()
-        loaded = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(self._watcher, loaded))
-        await loaded
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
-        async for entry in watcher:
-            if entry is None:  # the initial values are all in
-                if not loaded.done():
-                    loaded.set_result(None)
-                continue
-            self._apply(entry)
-            async with self._changed:
-                self._changed.notify_all()
+        return await cls(await open_keys_kv(js, topology))._start()
 
     def _apply(self, entry: KeyValue.Entry) -> None:
-        self.revision = max(self.revision, entry.revision or 0)
         old = self.records.pop(entry.key, None)
         if old is not None:
             self._by_hash.pop(old.key_sha256, None)
@@ -218,18 +193,3 @@ class KeyStore:
         if not raw_key.startswith(KEY_PREFIX):
             return None
         return self._by_hash.get(key_sha256(raw_key))
-
-    async def until(self, check: Callable[[KeyStore], bool]) -> None:
-        """Wait until `check(self)` holds after the updates seen so far (bound it with a timeout):
-        e.g. until `revision` reaches the one `revoke_key` answered."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: check(self))
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

@@ -23,7 +23,6 @@ midnight), the `retry-after` to send. Windows follow each replica's clock (keep 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from chainyard.contracts import Topology
 from chainyard.gateway.keys import Grant
+from chainyard.gateway.kv_view import KvView
 from chainyard.runtime.nats import ensure_kv, retry_api
 
 log = logging.getLogger("chainyard.gateway.limits")
@@ -55,17 +55,15 @@ class Counter(msgspec.Struct, frozen=True, kw_only=True):
 _counter_decoder = msgspec.json.Decoder(Counter)
 
 
-class Limits:
+class Limits(KvView):
     """`admit` before a request, `settle` after it; one per gateway process."""
 
     def __init__(self, kv: KeyValue, clock: Callable[[], float] = time.time) -> None:
-        self.kv = kv
+        super().__init__(kv)
         self.clock = clock  # wall time: windows are UTC minutes and days, the same on replicas
         self._seen: dict[str, tuple[Counter | None, int]] = {}  # KV key -> (counter, revision)
         self._leases: dict[str, tuple[int, int]] = {}  # key id -> (minute, requests left)
         self._locks: dict[str, asyncio.Lock] = {}  # KV key -> one writer in this process
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
 
     @classmethod
     async def open(
@@ -75,28 +73,19 @@ class Limits:
         *,
         clock: Callable[[], float] = time.time,
     ) -> Limits:
+        """The counters as they are, then followed; returns once they are loaded."""
         topology = topology or Topology()
         kv = await retry_api(lambda: ensure_kv(js, topology.limits_kv, topology.replicas))
-        limits = cls(kv, clock)
-        limits._watcher = await kv.watchall()
-        loaded = asyncio.get_running_loop().create_future()
-        limits._task = asyncio.create_task(limits._follow(limits._watcher, loaded))
-        await loaded
-        return limits
+        return await cls(kv, clock)._start()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
-        async for entry in watcher:
-            if entry is None:
-                if not loaded.done():
-                    loaded.set_result(None)
-                continue
-            gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
-            try:
-                counter = None if gone else _counter_decoder.decode(entry.value)
-            except msgspec.DecodeError:
-                log.warning("limit counter %s is not a counter; it will be rewritten", entry.key)
-                counter = None
-            self._remember(entry.key, counter, entry.revision or 0)
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
+        try:
+            counter = None if gone else _counter_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            log.warning("limit counter %s is not a counter; it will be rewritten", entry.key)
+            counter = None
+        self._remember(entry.key, counter, entry.revision or 0)
 
     def _remember(self, key: str, counter: Counter | None, revision: int) -> None:
         """Keep the newest of what the watch delivers and what this process wrote."""
@@ -189,12 +178,3 @@ class Limits:
             if limited is not None and amount > 0:
                 async with self._locks.setdefault(key, asyncio.Lock()):
                     await self._add(key, window, lambda _used, a=amount: a)
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
