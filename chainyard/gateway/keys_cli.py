@@ -123,7 +123,7 @@ async def _create(js: JetStreamContext, args: argparse.Namespace) -> int:
     print(raw, flush=True)
     print(
         f"created {record.key_id} for tenant {record.tenant} ({_limits(record)}); "
-        "the key above is shown only this once",
+        "the key (on stdout) is shown only this once",
         file=sys.stderr,
     )
     return 0
