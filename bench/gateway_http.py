@@ -9,7 +9,9 @@ is called three ways with the same client (the worker's HTTP client, bench.added
 - through `chainyard gateway` (its own process, with an API key from KV `cy_keys` carrying an
   rpm limit, so the key store and the shared limits are on the path), in front of nats-server,
   `chainyard router` and `chainyard worker`, each its own process: a one-step chain per request.
-Rounds alternate the three. Added latency = the path's percentile minus the direct call's;
+A fourth path, in the conditions only, submits the same one-step chain on NATS (no HTTP), to
+split chainyard's added latency into the pool's part and the gateway's. Rounds alternate the
+paths. Added latency = the path's percentile minus the direct call's;
 requests per second = requests over the wall time of the path's rounds; CPU per request = the
 gateway process's CPU over its requests (Portkey: its node process; chainyard: the gateway
 process, and router + worker + gateway as a second number in the conditions).
@@ -47,7 +49,7 @@ from chainyard.gateway.limits import Limits
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
-from .added_latency import POOL, _direct, service
+from .added_latency import POOL, Driver, _direct, service
 from .added_latency import _config as live_config
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
@@ -55,6 +57,7 @@ from .drive import percentile
 from .gateways import (
     LATENCY_MS,
     WINDOWS,
+    _chains,
     _free_port,
     _Path,
     _pinned_version,
@@ -232,11 +235,17 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
             auth = {"Authorization": f"Bearer {raw_key}"}
             direct = _Path("direct", lambda _p, n, w: _direct(url, n, window=w))
             chainyard = _Path("chainyard", lambda _p, n, w: _direct(gw_url, n, auth, w))
+            # the same chain submitted on NATS, no HTTP: splits chainyard's figure into the pool's
+            # part and the gateway's (conditions only)
+            driver = Driver(bus)
+            await driver.start()
+            on_nats = _Path("nats", lambda p, n, w: _chains(driver, p, n, w))
+            on_nats.pids = {"router": router.pid, "worker": worker.pid}
             direct.pids = {"driver": os.getpid()}  # the bare client's own CPU: a yardstick
             chainyard.pids = {"gateway": gw_pid, "router": router.pid, "worker": worker.pid}
             if nats.pid:
                 chainyard.pids["nats_server"] = nats.pid
-            paths = [direct, chainyard]
+            paths = [direct, chainyard, on_nats]
             pk_url = ""
             if node:
                 pk_url, pk_pid = await stack.enter_async_context(portkey(node, script))
@@ -280,6 +289,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
         "direct": ("driver",),
         "portkey": ("portkey",),
         "chainyard": ("gateway",),
+        "nats": ("router", "worker"),
     }
     by_window: dict[int, dict[str, Any]] = {}
     for w in WINDOWS:
@@ -308,8 +318,11 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
         "gateway_cpu": "Portkey: its node process; chainyard: the gateway process (router + "
         "worker + gateway in gateway_router_worker_cpu_us_per_request); direct: the driver's "
         "own client, a yardstick",
+        "nats": "the same one-step chain submitted on NATS by this driver (bench.added_latency's "
+        "Driver), no HTTP: chainyard's added latency minus this one's is the gateway's own",
         "rounds": rounds,
-        "order": "rounds alternate direct, Portkey, chainyard and the reverse; each window in turn",
+        "order": "rounds alternate direct, Portkey, chainyard, nats and the reverse; each window "
+        "in turn",
         "results": {f"c{w}": rows for w, rows in by_window.items()},
         "dark": {
             "primary": "accepts connections, never answers",
