@@ -35,7 +35,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from chainyard.contracts import Topology
 from chainyard.gateway.keys import Grant
 from chainyard.gateway.kv_view import KvView
-from chainyard.runtime.nats import ensure_kv, retry_api
+from chainyard.runtime.nats import JS_TIMEOUT_S, ensure_kv, retry_api, while_no_leader
 
 log = logging.getLogger("chainyard.gateway.limits")
 
@@ -148,12 +148,20 @@ class Limits(KvView):
                 return 0
             new = Counter(window=window, used=used + add)
             try:
-                revision = await self.kv.update(key, msgspec.json.encode(new), last=revision)
+                revision = await self._write(key, new, revision)
             except KeyWrongLastSequenceError:
                 counter, revision = await self._read(key)
                 continue
             self._remember(key, new, revision)
             return add
+
+    async def _write(self, key: str, counter: Counter, last: int) -> int:
+        """`counter` at `key` if its revision is still `last`: the new revision. A bucket
+        electing a leader answers 503: that is waited out, as the services' writes do."""
+        value = msgspec.json.encode(counter)
+        return await while_no_leader(
+            lambda _left: self.kv.update(key, value, last=last), JS_TIMEOUT_S
+        )
 
     async def _read(self, key: str) -> tuple[Counter | None, int]:
         try:
