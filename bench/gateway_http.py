@@ -45,7 +45,7 @@ from typing import Any
 import msgspec
 
 from chainyard.gateway.keys import Grant, KeyStore, checked_grant, create_key, open_keys_kv
-from chainyard.gateway.limits import Limits
+from chainyard.gateway.limits import LEASE_MAX, Limits
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -414,6 +414,6 @@ async def limits_admit(ctx: Ctx) -> list[Figure]:
         "what": "KeyStore.authenticate + Limits.admit, rpm limit far away, one process, "
         "nats-server on the same machine",
         "us_per_admit": {k: round(v, 2) for k, v in per_us.items()},
-        "lease_max": limits.lease_max,
+        "lease_max": LEASE_MAX,
     }
     return [Figure("limits_admit_us_leased", per_us["leased"], "us", "cas_per_request", cas, cond)]
