@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 
 from chainyard.gateway.keys import (
     Grant,
@@ -23,6 +24,7 @@ from chainyard.gateway.keys import (
     open_keys_kv,
     revoke_key,
 )
+from chainyard.runtime.nats import connect
 from chainyard.runtime.server import NatsServer
 
 
@@ -187,3 +189,29 @@ async def test_keys_bad_input_and_unreachable_nats_exit_codes(nats_server: NatsS
     assert code == 2 and "invalid int value" in err  # argparse's own words
     code, _, err = await cli("list", nats_url="nats://127.0.0.1:1")
     assert code == 4 and "cannot reach NATS at nats://127.0.0.1:1" in err, err
+
+
+async def test_replicas_keep_following_the_keys_after_nats_restarts() -> None:
+    """A restart of nats-server (same store) loses no key and stops no replica's watch."""
+    async with NatsServer() as server:
+        ncs = [await connect(server.url, name=f"gateway-{i}") for i in range(2)]
+        stores = [await KeyStore.open(nc.jetstream()) for nc in ncs]
+        try:
+            before, _ = await create_key(stores[0].kv, checked_grant(tenant="t1"))
+            for s in stores:
+                await asyncio.wait_for(s.until(lambda v: v.authenticate(before) is not None), 1)
+            await server.restart()
+            for _ in range(100):  # until the connection is back and JetStream answers
+                try:
+                    after, _ = await create_key(stores[0].kv, checked_grant(tenant="t2"))
+                    break
+                except (NatsError, OSError):
+                    continue
+            for s in stores:  # the watch goes on past the restart (nats-py's ordered consumer)
+                await asyncio.wait_for(s.until(lambda v: v.authenticate(after) is not None), 15)
+                assert s.authenticate(before) is not None
+        finally:
+            for s in stores:
+                await s.stop()
+            for nc in ncs:
+                await nc.close()

@@ -164,15 +164,17 @@ async def revoke_key(kv: KeyValue, key_id: str) -> tuple[str, int] | None:
 class KeyStore(KvView):
     """Every key of the bucket in memory, kept current by a KV watch."""
 
-    def __init__(self, kv: KeyValue) -> None:
-        super().__init__(kv)
+    def __init__(self, kv: KeyValue, bucket: str = "cy_keys") -> None:
+        super().__init__(kv, bucket)
         self.records: dict[str, KeyRecord] = {}  # key id -> record
         self._by_hash: dict[str, Grant] = {}
 
     @classmethod
     async def open(cls, js: JetStreamContext, topology: Topology | None = None) -> KeyStore:
         """Load every key, then follow the bucket; returns once the load is complete."""
-        return await cls(await open_keys_kv(js, topology))._start()
+        topology = topology or Topology()
+        kv = await open_keys_kv(js, topology)
+        return await cls(kv, topology.keys_kv.bucket)._start()
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         old = self.records.pop(entry.key, None)

@@ -58,8 +58,10 @@ _counter_decoder = msgspec.json.Decoder(Counter)
 class Limits(KvView):
     """`admit` before a request, `settle` after it; one per gateway process."""
 
-    def __init__(self, kv: KeyValue, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(kv)
+    def __init__(
+        self, kv: KeyValue, clock: Callable[[], float] = time.time, bucket: str = "cy_limits"
+    ) -> None:
+        super().__init__(kv, bucket)
         self.clock = clock  # wall time: windows are UTC minutes and days, the same on replicas
         self._seen: dict[str, tuple[Counter | None, int]] = {}  # KV key -> (counter, revision)
         self._leases: dict[str, tuple[int, int]] = {}  # key id -> (minute, requests left)
@@ -77,7 +79,7 @@ class Limits(KvView):
         """The counters as they are, then followed; returns once they are loaded."""
         topology = topology or Topology()
         kv = await retry_api(lambda: ensure_kv(js, topology.limits_kv, topology.replicas))
-        return await cls(kv, clock)._start()
+        return await cls(kv, clock, topology.limits_kv.bucket)._start()
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
