@@ -132,12 +132,19 @@ class Driver:
 
 
 async def _direct(
-    base_url: str, n: int, headers: dict[str, str] | None = None, window: int = 1
+    base_url: str,
+    n: int,
+    headers: dict[str, str] | None = None,
+    window: int = 1,
+    *,
+    model: str = "gpt-4o-mini",
+    failed: list[int] | None = None,
 ) -> list[float]:
     """n chat completions POSTed to `base_url`/v1 with the worker's HTTP client, `window` at a
-    time (bench.gateways sends the same calls through a peer gateway with its `headers`)."""
+    time (bench.gateways sends the same calls through a peer gateway with its `headers`). An
+    answer other than 200 raises, or with `failed` is appended there (its latency is kept)."""
     body = encode(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     )
     client = HttpClient(f"{base_url}/v1", {"Content-Type": "application/json", **(headers or {})})
     out: list[float] = []
@@ -147,8 +154,10 @@ async def _direct(
             t0 = time.perf_counter()
             status, _, _ = await client.post("/chat/completions", body)
             out.append((time.perf_counter() - t0) * 1000)
-            if status != 200:
+            if status != 200 and failed is None:
                 raise RuntimeError(f"{base_url} answered {status}")
+            if status != 200 and failed is not None:
+                failed.append(status)
 
     try:
         await asyncio.gather(*(calls(n // window + (i < n % window)) for i in range(window)))

@@ -32,6 +32,7 @@ MODULES: tuple[str, ...] = (
     "bench.routing",
     "bench.added_latency",
     "bench.gateways",
+    "bench.gateway_http",
     "bench.transitions",
     "bench.tracing",
     "bench.http_clients",

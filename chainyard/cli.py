@@ -572,6 +572,11 @@ def parser() -> argparse.ArgumentParser:
     from chainyard.gateway import cli as gateway
 
     gateway.configure(add("gateway", gateway.run, "the HTTP gateway", nats="none"), add_nats)
+    from chainyard.gateway import keys_cli
+
+    keys_cli.configure(
+        add("keys", keys_cli.run, "gateway API keys: create, list, revoke", nats="none"), add_nats
+    )
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

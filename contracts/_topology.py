@@ -9,6 +9,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 MINUTE_S = 60.0
+DAY_S = 24 * 60 * MINUTE_S
 INTAKE_DUPLICATE_WINDOW_S = 0.1  # nats-server refuses less than 100 ms
 
 # The streams a message can be dead-lettered from (`cy.dlq.<source>`).
@@ -270,5 +271,16 @@ class Topology(Struct, frozen=True, kw_only=True):
         return KvDef(bucket=f"{self.subjects.prefix}_breakers".replace("-", "_"))
 
     @property
+    def keys_kv(self) -> KvDef:
+        """The gateway's API keys, hashed (chainyard/gateway/keys.py); services only."""
+        return KvDef(bucket=f"{self.subjects.prefix}_keys".replace("-", "_"))
+
+    @property
+    def limits_kv(self) -> KvDef:
+        """Per-key rpm/tpm/spend counters shared by gateway replicas (chainyard/gateway/limits.py).
+        A counter untouched for two days (a revoked key's) ages out."""
+        return KvDef(bucket=f"{self.subjects.prefix}_limits".replace("-", "_"), ttl_s=2 * DAY_S)
+
+    @property
     def buckets(self) -> list[KvDef]:
-        return [self.chains_kv, self.capacity_kv, self.breakers_kv]
+        return [self.chains_kv, self.capacity_kv, self.breakers_kv, self.keys_kv, self.limits_kv]

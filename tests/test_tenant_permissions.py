@@ -278,6 +278,18 @@ async def test_tenant_cannot_touch_another_tenants_chains(stack: Stack) -> None:
         await a.publish("$JS.API.STREAM.MSG.GET.KV_cy_chains", b'{"last_by_subj": ">"}')
         await a.publish("$JS.API.STREAM.INFO.KV_cy_chains", b'{"subjects_filter": ">"}')
         await a.publish("$KV.cy_chains.B.b2", b"{}")
+        # the gateway's API keys and limit counters: no tenant reads, adds or resets them
+        for bucket in ("cy_keys", "cy_limits"):
+            await a.subscribe(f"$KV.{bucket}.>")
+            await a.publish(f"$JS.API.DIRECT.GET.KV_{bucket}", b'{"last_by_subj": ">"}')
+            await a.publish(f"$JS.API.STREAM.MSG.GET.KV_{bucket}", b'{"last_by_subj": ">"}')
+            await a.publish(
+                f"$JS.API.CONSUMER.CREATE.KV_{bucket}.x.$KV.{bucket}.>",
+                consumer_request(f"KV_{bucket}", f"$KV.{bucket}.>"),
+            )
+            await a.publish(f"$JS.API.STREAM.PURGE.KV_{bucket}")
+        await a.publish("$KV.cy_keys.key_000000000000", b'{"tenant": "B"}')
+        await a.publish("$KV.cy_limits.key_000000000000.rpm", b'{"window": 0}')
         # look around, delete, purge, ack others' messages, point a service's consumer at A
         for subject in (
             "$JS.API.INFO",

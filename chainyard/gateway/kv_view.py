@@ -1,0 +1,158 @@
+"""A KV bucket followed into memory: the shared part of the key store and the limit counters.
+
+A watch is an ordered push consumer, and nats-py does not start it again when the server it
+was on restarts (the consumer is gone; nothing more arrives, and nothing says so). A view that
+silently stopped would keep accepting revoked keys, so the view checks: every CHECK_S it reads
+the bucket's last revision, and when the bucket is ahead of what it applied at two checks in a
+row with nothing applied in between, it watches again from the start and drops what the new
+watch no longer shows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Self
+
+from nats.js.kv import KV_PURGE, KeyValue
+
+log = logging.getLogger("chainyard.gateway")
+
+CHECK_S = 0.5  # a stalled watch is found and replaced within about 2 x this
+
+
+class KvView:
+    """Applies every entry of `kv` (`_apply`, in bucket order) from a watch; `_start` returns
+    once the entries that existed are applied, and later ones follow within milliseconds."""
+
+    def __init__(self, kv: KeyValue, bucket: str) -> None:
+        self.kv = kv
+        self.bucket = bucket  # for logs
+        self.revision = 0  # the last bucket revision applied
+        self.rewatched = 0  # how often a stalled watch was replaced
+        self._live: set[str] = set()  # keys with a value
+        self._changed = asyncio.Condition()
+        self._restart = asyncio.Event()  # set by _check: the watch stalled
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        """Take in one entry: a value, or a delete or purge (`operation`) of its key."""
+        raise NotImplementedError
+
+    async def _start(self) -> Self:
+        loaded = asyncio.get_running_loop().create_future()
+        self._tasks = [
+            asyncio.create_task(self._follow(loaded)),
+            asyncio.create_task(self._check()),
+        ]
+        try:
+            await loaded
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _follow(self, loaded: asyncio.Future[None]) -> None:
+        """Watch the bucket; start over when `_check` finds the watch stalled."""
+        while True:
+            try:
+                await self._watch_once(loaded)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the server went away mid-watch: watch again
+                if not loaded.done():
+                    loaded.set_exception(e)
+                    return
+                log.warning("watch on %s ended (%s); watching again", self.bucket, e)
+                await asyncio.sleep(CHECK_S)
+
+    async def _watch_once(self, loaded: asyncio.Future[None]) -> None:
+        """One watch, until it ends, fails, or `_check` says it stalled."""
+        watcher = await self.kv.watchall()
+        self._restart.clear()
+        updates = asyncio.ensure_future(self._updates(watcher, loaded))
+        restart = asyncio.ensure_future(self._restart.wait())
+        try:
+            await asyncio.wait({updates, restart}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            restart.cancel()
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+            if not updates.done():
+                updates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await updates  # raises what ended it, if it failed
+
+    async def _updates(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+        seen: set[str] | None = set()  # the keys this watch showed, until its first None
+        async for entry in watcher:
+            if entry is None:  # the entries that existed are all in
+                if seen is not None:
+                    for gone in self._live - seen:  # removed while no watch was on
+                        self._take(self._gone(gone))
+                    seen = None
+                if not loaded.done():
+                    loaded.set_result(None)
+                await self._notify()
+                continue
+            if seen is not None:
+                seen.add(entry.key)
+            self._take(entry)
+            await self._notify()
+
+    def _gone(self, key: str) -> KeyValue.Entry:
+        return KeyValue.Entry(
+            bucket="", key=key, value=None, revision=None, delta=None, created=None,
+            operation=KV_PURGE,
+        )  # fmt: skip
+
+    def _take(self, entry: KeyValue.Entry) -> None:
+        self.revision = max(self.revision, entry.revision or 0)
+        if entry.operation is None and entry.value:
+            self._live.add(entry.key)
+        else:
+            self._live.discard(entry.key)
+        self._apply(entry)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _check(self) -> None:
+        stalled_at = -1  # the revision applied when the bucket was last seen ahead of it
+        while True:
+            await asyncio.sleep(CHECK_S)  # a period, not a wait for an event
+            try:
+                ahead = await self.bucket_revision() > self.revision
+            except Exception:
+                continue
+            if not ahead:
+                stalled_at = -1
+            elif stalled_at == self.revision:  # ahead twice, nothing applied in between
+                log.warning(
+                    "watch on %s stalled at revision %d; watching again", self.bucket, self.revision
+                )
+                self.rewatched += 1
+                stalled_at = -1
+                self._restart.set()
+            else:
+                stalled_at = self.revision
+
+    async def until(self, check: Callable[[Self], bool]) -> None:
+        """Wait until `check(self)` holds after an update (bound it with a timeout); e.g. until
+        `revision` reaches a write's."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: check(self))
+
+    async def bucket_revision(self) -> int:
+        """The bucket's last revision now: once `revision` reaches it, this view has every write
+        made before the call."""
+        return (await self.kv.status()).stream_info.state.last_seq
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

@@ -1,0 +1,162 @@
+"""Keys and limits through the real thing: two `chainyard gateway` processes reading keys from
+KV (no --key, no --open), a router and a worker process, the OpenAI wire format over HTTP.
+
+A key made with the library (as `chainyard keys create` does) works on both replicas; its model
+grant gives 403; its rpm is shared by the replicas (429 with retry-after on both); its spend per
+day, counted from the chain's cost on one replica, refuses on the other; a revoked key gets 401
+on both within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from gateway_stack import POOLS, PROVIDER_KEY, _gateway_url, config_toml
+from helpers import start_cli, wait_until
+
+from chainyard.gateway.keys import checked_grant, create_key, open_keys_kv, revoke_key
+from chainyard.runtime.nats import open_bus
+from chainyard.runtime.server import NatsServer
+from chainyard.sandbox import SandboxConfig, SandboxServer
+
+
+@dataclass
+class Replicas:
+    urls: list[str]  # the gateways' base URLs
+    kv: object  # the cy_keys bucket (nats KeyValue)
+    sandbox: SandboxServer
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
+    os.environ["GW_PROVIDER_KEY"] = PROVIDER_KEY
+    async with contextlib.AsyncExitStack() as stack:
+        nats = await stack.enter_async_context(NatsServer())
+        sb = await stack.enter_async_context(
+            SandboxServer(SandboxConfig(api_key=PROVIDER_KEY, latency_ms=0.0))
+        )
+        cfg = tmp_path / "chainyard.toml"
+        cfg.write_text(config_toml(dict.fromkeys(POOLS, sb.url)))
+        bus = await open_bus(nats.url, name="keys-http-test")
+        stack.push_async_callback(bus.close)
+        common = ("--nats", nats.url, "--config", str(cfg))
+        procs = [
+            await start_cli(tmp_path / "router.log", "router", *common),
+            await start_cli(tmp_path / "worker.log", "worker", *common),
+        ]
+
+        async def stop_all() -> None:
+            for p in procs:
+                if p.returncode is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    await asyncio.wait_for(p.wait(), 15)
+                except TimeoutError:
+                    p.kill()
+                    await p.wait()
+
+        stack.push_async_callback(stop_all)
+        urls = []
+        for i in range(2):
+            log = tmp_path / f"gateway-{i}.log"
+            procs.append(await start_cli(log, "gateway", *common, "--port", "0"))
+            urls.append(await _gateway_url(log, procs[-1]))
+        yield Replicas(urls=urls, kv=await open_keys_kv(bus.js), sandbox=sb)
+
+
+async def ask(
+    http: httpx.AsyncClient, base: str, key: str, model: str = "gpt-4o-mini"
+) -> httpx.Response:
+    return await http.post(
+        f"{base}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+    )
+
+
+async def new_key(r: Replicas, **grant: object) -> tuple[str, str]:
+    raw, record = await create_key(r.kv, checked_grant(**grant))  # type: ignore[arg-type]
+    return raw, record.key_id
+
+
+async def answered_on_both(r: Replicas, http: httpx.AsyncClient, key: str, status: int) -> None:
+    """Every replica answers `status` for this key, within a second of the change."""
+
+    async def both() -> bool:
+        return all([(await ask(http, u, key)).status_code == status for u in r.urls])
+
+    await wait_until(both, 1.0, f"both gateways to answer {status}")
+
+
+def _outside_a_minute_boundary() -> float:
+    """Seconds to wait so that the next ~10 s stay in one UTC minute (rpm windows)."""
+    into = time.time() % 60
+    return 0.0 if into < 45 else 60.5 - into
+
+
+async def test_a_kv_key_works_on_every_replica_until_revoked(replicas: Replicas) -> None:
+    r = replicas
+    async with httpx.AsyncClient(timeout=60) as http:
+        raw, key_id = await new_key(r, tenant="acme", models=("gpt-4o-mini",))
+        await answered_on_both(r, http, raw, 200)
+        refused = await ask(http, r.urls[1], raw, model="slow-model")  # not granted
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["param"] == "model"
+        for bad in ("cy-nope", "sk-not-chainyards", raw + "x"):
+            got = await ask(http, r.urls[0], bad)
+            assert got.status_code == 401, got.text
+            assert raw not in got.text
+        assert await revoke_key(r.kv, key_id) is not None  # type: ignore[arg-type]
+        await answered_on_both(r, http, raw, 401)
+
+
+async def test_rpm_is_shared_by_the_replicas(replicas: Replicas) -> None:
+    r = replicas
+    await asyncio.sleep(_outside_a_minute_boundary())  # a clock boundary, not a race
+    raw, _ = await new_key(r, tenant="acme", rpm=4)
+    async with httpx.AsyncClient(timeout=60) as http:
+        statuses = [(await ask(http, r.urls[i % 2], raw)).status_code for i in range(8)]
+        assert statuses == [200] * 4 + [429] * 4
+        for base in r.urls:
+            over = await ask(http, base, raw)
+            assert over.status_code == 429
+            assert over.json()["error"]["code"] == "rate_limit_exceeded"
+            left = 60 - time.time() % 60
+            assert 1 <= int(over.headers["retry-after"]) <= math.ceil(left) + 1
+
+
+async def test_spend_per_day_counted_on_one_replica_refuses_on_the_other(
+    replicas: Replicas,
+) -> None:
+    r = replicas
+    raw, _ = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)  # one call spends more
+    async with httpx.AsyncClient(timeout=60) as http:
+        first = await ask(http, r.urls[0], raw)
+        assert first.status_code == 200, first.text
+
+        async def refused_on_the_other() -> httpx.Response | None:
+            got = await ask(http, r.urls[1], raw)
+            return got if got.status_code == 429 else None
+
+        over = await wait_until(refused_on_the_other, 1.0, "the other replica to refuse")
+        to_midnight = (
+            datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            + timedelta(days=1)
+            - datetime.now(UTC)
+        ).total_seconds()
+        assert abs(int(over.headers["retry-after"]) - to_midnight) <= 2
+        calls = r.sandbox.counts["openai.chat"]
+        for base in r.urls * 2:  # refused on both, and a refused request runs nothing
+            assert (await ask(http, base, raw)).status_code == 429
+        assert r.sandbox.counts["openai.chat"] == calls
