@@ -28,6 +28,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from chainyard.contracts import Config, StepCompleted, StepFailed, now_ms
+from chainyard.runtime.kv_view import KvView
+from chainyard.runtime.nats import retry_api
 
 log = logging.getLogger("chainyard.router.breakers")
 BreakerStatus = Literal["closed", "open", "half_open"]
@@ -130,8 +132,7 @@ class Breakers:
         self._seen: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._recording: Counter[str] = Counter()  # deployment -> records in flight
-        self._watch_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._view: KvView | None = None  # the bucket followed: every replica's changes
         self.on_change: Callable[[], None] | None = None
 
     # -- reading (sync, on the routing path) ------------------------------------------------
@@ -222,33 +223,21 @@ class Breakers:
     # -- watching ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._watch_task = asyncio.create_task(self._watch())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), 5.0)
+        self._view = await retry_api(KvView(self.kv, "breakers", apply=self._entry).start)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *([self._watch_task] if self._watch_task else [])]
+        tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._view is not None:
+            await self._view.stop()
 
-    async def _watch(self) -> None:
-        while True:
-            try:
-                watcher = await self.kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self.local.pop(entry.key, None)
-                        continue
-                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        self._set(entry.key, _decoder.decode(entry.value))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("breaker watch restarting: %s", e)
-                await asyncio.sleep(0.5)
+    def _entry(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self.local.pop(entry.key, None)
+            return
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            self._set(entry.key, _decoder.decode(entry.value))

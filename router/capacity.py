@@ -26,6 +26,8 @@ from chainyard.contracts import (
     heartbeat_decoder,
     now_ms,
 )
+from chainyard.runtime.kv_view import KvView
+from chainyard.runtime.nats import retry_api
 
 log = logging.getLogger("chainyard.router.capacity")
 STALE_AFTER_INTERVALS = 3
@@ -120,18 +122,19 @@ class CapacityView:
         self._backlog = backlog
         self._poll_s = poll_s
         self._tasks: list[asyncio.Task[None]] = []
-        self._ready = asyncio.Event()
+        self._view: KvView | None = None  # the heartbeats, followed across server restarts
 
     def poll_backlog(self, source: BacklogSource, period_s: float) -> None:
         """Poll each seen pool's consumer backlog every `period_s` (set before `start`)."""
         self._backlog, self._poll_s = source, period_s
 
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._watch()))
+        view = KvView(
+            self._kv, "capacity", apply=lambda e: self._apply(e.key, e.value, e.operation)
+        )
+        self._view = await retry_api(view.start)
         if self._backlog is not None:
             self._tasks.append(asyncio.create_task(self._poll()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), 5.0)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -140,21 +143,8 @@ class CapacityView:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                watcher = await self._kv.watchall()
-                async for entry in watcher:
-                    if entry is None:  # end of the initial values
-                        self._ready.set()
-                        continue
-                    self._apply(entry.key, entry.value, entry.operation)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a server restart ends the watch: start a new one
-                log.warning("capacity watch restarting: %s", e)
-                await asyncio.sleep(0.5)
+        if self._view is not None:
+            await self._view.stop()
 
     async def _poll(self) -> None:
         """Consumer backlog per pool: one cheap consumer-info request per pool per period."""

@@ -1,20 +1,30 @@
-"""Breakers shared through KV: results are counted once per router, per tenant's identity."""
+"""Breakers shared through KV: results are counted once per router, per tenant's identity; the
+routers' views of KV (breakers, capacity) outlive a restart of nats-server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from helpers import wait_until
+from nats.errors import Error as NatsError
 
 from chainyard.contracts import (
     Config,
     Deployment,
     ErrorInfo,
+    Heartbeat,
     StepCompleted,
     StepFailed,
     Target,
     Usage,
+    encode,
+    now_ms,
 )
 from chainyard.router.breakers import CLOSED, Breakers, next_state
-from chainyard.runtime.nats import Bus
+from chainyard.router.capacity import CapacityView
+from chainyard.runtime.nats import Bus, open_bus
+from chainyard.runtime.server import NatsServer
 
 TARGET = Target(deployment="d", pool="p", provider="openai", model="m")
 CFG = Config(deployments=[Deployment(name="d", pool="p", model="m")], breaker_failures=3)
@@ -87,3 +97,50 @@ async def test_two_tenants_same_ids_are_two_results(bus: Bus) -> None:
         await wait_until(lambda: breakers.status("d").status == "open", 5, "the breaker open")
     finally:
         await breakers.stop()
+
+
+async def test_replicas_keep_seeing_each_other_after_nats_restarts() -> None:
+    """A restart of nats-server (same store) ends the watch's consumer without a word from
+    nats-py: each replica must still see what the other records afterwards."""
+    async with NatsServer() as server:
+        buses = [await open_bus(server.url, name=f"router-{i}") for i in range(2)]
+        a, b = (Breakers(bus.breakers, CFG) for bus in buses)
+        await a.start()
+        await b.start()
+        try:
+            a.observe(failure("ta", "before"))
+            await wait_until(lambda: b.status("d").failures == 1, 5, "B sees A's record")
+            await server.restart()
+            for i in range(200):  # until JetStream answers again: A records, B must see it
+                a.observe(failure("ta", f"after-{i}"))
+                if a.status("d").failures >= 2:
+                    break
+                await asyncio.sleep(0.05)  # a retry period while the server comes back
+            await wait_until(lambda: b.status("d").failures >= 2, 15, "B sees A after restart")
+        finally:
+            await a.stop()
+            await b.stop()
+            for bus in buses:
+                await bus.close()
+
+
+async def test_capacity_follows_heartbeats_after_nats_restarts() -> None:
+    """The same for the heartbeats: a router that stopped seeing them would route nothing."""
+    async with NatsServer() as server:
+        bus = await open_bus(server.url, name="router")
+        view = CapacityView(bus.capacity)
+        await view.start()
+        try:
+            await server.restart()
+            for _ in range(200):  # until JetStream answers again
+                with contextlib.suppress(NatsError, OSError):
+                    beat = Heartbeat(
+                        pool="p", worker="w1", slots_total=4, slots_free=3, at_ms=now_ms(),
+                        interval_ms=60_000,
+                    )  # fmt: skip
+                    await bus.capacity.put("p.w1", encode(beat))
+                    break
+            await wait_until(lambda: len(view.fresh("p")) == 1, 15, "the heartbeat seen")
+        finally:
+            await view.stop()
+            await bus.close()

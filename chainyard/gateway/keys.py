@@ -25,7 +25,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from chainyard.contracts import Topology
-from chainyard.gateway.kv_view import KvView
+from chainyard.runtime.kv_view import KvView
 from chainyard.runtime.nats import ensure_kv, retry_api
 
 log = logging.getLogger("chainyard.gateway.keys")
@@ -174,7 +174,7 @@ class KeyStore(KvView):
         """Load every key, then follow the bucket; returns once the load is complete."""
         topology = topology or Topology()
         kv = await open_keys_kv(js, topology)
-        return await cls(kv, topology.keys_kv.bucket)._start()
+        return await cls(kv, topology.keys_kv.bucket).start()
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         old = self.records.pop(entry.key, None)

@@ -34,7 +34,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from chainyard.contracts import Topology
 from chainyard.gateway.keys import Grant
-from chainyard.gateway.kv_view import KvView
+from chainyard.runtime.kv_view import KvView
 from chainyard.runtime.nats import JS_TIMEOUT_S, ensure_kv, retry_api, while_no_leader
 
 log = logging.getLogger("chainyard.gateway.limits")
@@ -79,7 +79,7 @@ class Limits(KvView):
         """The counters as they are, then followed; returns once they are loaded."""
         topology = topology or Topology()
         kv = await retry_api(lambda: ensure_kv(js, topology.limits_kv, topology.replicas))
-        return await cls(kv, clock, topology.limits_kv.bucket)._start()
+        return await cls(kv, clock, topology.limits_kv.bucket).start()
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         gone = entry.operation in (KV_DEL, KV_PURGE) or not entry.value

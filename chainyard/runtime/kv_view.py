@@ -1,4 +1,5 @@
-"""A KV bucket followed into memory: the shared part of the key store and the limit counters.
+"""A KV bucket followed into memory: the routers' breakers and capacity, the gateway's keys and
+limit counters.
 
 A watch is an ordered push consumer, and nats-py does not start it again when the server it
 was on restarts (the consumer is gone; nothing more arrives, and nothing says so). A view that
@@ -17,18 +18,22 @@ from typing import Self
 
 from nats.js.kv import KV_PURGE, KeyValue
 
-log = logging.getLogger("chainyard.gateway")
+log = logging.getLogger("chainyard.kv")
 
 CHECK_S = 0.5  # a stalled watch is found and replaced within about 2 x this
 
 
 class KvView:
-    """Applies every entry of `kv` (`_apply`, in bucket order) from a watch; `_start` returns
-    once the entries that existed are applied, and later ones follow within milliseconds."""
+    """Applies every entry of `kv` (`_apply`, in bucket order) from a watch; `start` returns
+    once the entries that existed are applied, and later ones follow within milliseconds.
+    Subclass it and override `_apply`, or pass `apply`."""
 
-    def __init__(self, kv: KeyValue, bucket: str) -> None:
+    def __init__(
+        self, kv: KeyValue, bucket: str, apply: Callable[[KeyValue.Entry], None] | None = None
+    ) -> None:
         self.kv = kv
         self.bucket = bucket  # for logs
+        self._on_entry = apply
         self.revision = 0  # the last bucket revision applied
         self.rewatched = 0  # how often a stalled watch was replaced
         self._live: set[str] = set()  # keys with a value
@@ -38,9 +43,11 @@ class KvView:
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         """Take in one entry: a value, or a delete or purge (`operation`) of its key."""
-        raise NotImplementedError
+        if self._on_entry is None:
+            raise NotImplementedError("override _apply or pass apply")
+        self._on_entry(entry)
 
-    async def _start(self) -> Self:
+    async def start(self) -> Self:
         loaded = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._follow(loaded)),
