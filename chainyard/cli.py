@@ -495,7 +495,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("worker", cmd_worker, "run workers for pools and/or tools")
     sp.add_argument("--config", help="TOML config (required, except for --tools alone)")
     sp.add_argument(
-        "--pool", action="append", help="pool to serve (repeat; default: all in config)"
+        "--pool",
+        action="append",
+        help="pool to serve (repeat; default: all in config); tool.NAME: that tool of --tools only",
     )
     sp.add_argument("--tools", help="module:attribute of a chainyard Tools registry to serve")
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
@@ -577,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     keys_cli.configure(
         add("keys", keys_cli.run, "gateway API keys: create, list, revoke", nats="none"), add_nats
     )
+    from chainyard.k8s import cli as deploy
+
+    deploy.configure(add("deploy", deploy.run, "render manifests", nats="none"), add_nats)
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

@@ -9,6 +9,7 @@ import asyncio
 import importlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from chainyard.workers.pricing import Pricer
 from chainyard.workers.providers import HttpSettings, Provider, make_provider
 from chainyard.workers.providers.null import NullProvider
 from chainyard.workers.runtime import Worker
-from chainyard.workers.tools import Tools, tool_executor
+from chainyard.workers.tools import Tool, Tools, tool_executor
 
 log = logging.getLogger("chainyard.stack")
 
@@ -72,7 +73,7 @@ def llm_worker(
 
 
 def tool_workers(
-    bus: Bus, tools: Tools, slots: int = 64, config: Config | None = None
+    bus: Bus, tools: Iterable[Tool], slots: int = 64, config: Config | None = None
 ) -> list[Worker]:
     """A worker per tool; each call bounded by its pool's `timeout_s` (config `tool_pools`)."""
     config = config or Config()
@@ -127,5 +128,8 @@ def build(
         if pools is None or p.name in pools:
             s.runners.append(llm_worker(bus, config, p))
     if tools is not None:
-        s.runners += tool_workers(bus, tools, config=config)
+        # `--pool tool.<name>` picks tools (one Deployment per tool pool); none named: all.
+        named = {p for p in pools or () if p.startswith("tool.")}
+        picked = [t for t in tools if not named or t.pool in named]
+        s.runners += tool_workers(bus, picked, config=config)
     return s

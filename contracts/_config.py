@@ -47,6 +47,31 @@ class Deployment(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return self.provider_model or self.model
 
 
+Quantity = Annotated[str, Meta(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
+
+
+class Scale(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How `chainyard deploy k8s` runs a pool (docs/KUBERNETES.md); services ignore it.
+
+    KEDA keeps ceil(lag / lag_threshold) replicas within [min_replicas, max_replicas]; lag is the
+    pool consumer's pending plus unacknowledged messages. min_replicas 0: scale to zero while
+    nothing waits. cpu and memory: one replica's requests and limits (Kubernetes quantities)."""
+
+    min_replicas: Annotated[int, Meta(ge=0, le=10_000)] = 1
+    max_replicas: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    lag_threshold: Annotated[int, Meta(ge=1)] | None = None  # None: the pool's slots
+    cpu_request: Quantity = "250m"
+    cpu_limit: Quantity = "2"
+    memory_request: Quantity = "256Mi"
+    memory_limit: Quantity = "1Gi"
+
+    def __post_init__(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+
+
 class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A worker pool: which provider API it speaks and where. Keys come from the environment."""
 
@@ -65,6 +90,7 @@ class PoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Where the pool's workers run (docs/SCALING.md, "Regions"): routers prefer pools in their
     # own region. None: no region, as near to every router as its own region's pools.
     region: Name | None = None
+    scale: Scale = msgspec.field(default_factory=Scale)  # Kubernetes only (`deploy k8s`)
 
 
 class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -74,6 +100,7 @@ class ToolPoolConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # One call may take this long; then the step fails (class "timeout"). A sync tool's
     # thread cannot be stopped: it runs on, the step's result is no longer waited for.
     timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    scale: Scale = msgspec.field(default_factory=Scale)  # Kubernetes only (`deploy k8s`)
 
 
 class RouterConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
