@@ -126,8 +126,9 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 def _config(args: argparse.Namespace) -> Config:
     if args.config:
         return _with_region(load_config(args.config), getattr(args, "region", None))
-    if args.command == "worker" and args.tools and not args.pool:
-        return Config()  # tools only: nothing to configure
+    if args.command == "worker" and args.tools:
+        if all(p.startswith("tool.") for p in args.pool or ()):
+            return Config()  # tools only: nothing to configure
     if args.command in ("router", "worker"):
         needs = "the deployments to route to" if args.command == "router" else "the pools to serve"
         raise Fail(
@@ -170,33 +171,48 @@ def _tools(spec: str):  # -> Tools
 
 
 async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | None) -> int:
+    from chainyard import readiness
     from chainyard.runtime.gc_tuning import THRESHOLDS, WORKER_THRESHOLDS, tune_gc
+    from chainyard.runtime.metrics import start_service
     from chainyard.runtime.nats import open_bus
+    from chainyard.runtime.probes import Probes
     from chainyard.stack import build
 
     config = _config(args)
     tools = _tools(args.tools) if getattr(args, "tools", None) else None
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    with _connecting(args.nats, say=True):
-        bus = await _unless_stopped(
-            open_bus(
-                args.nats,
-                name=f"chainyard-{args.command}",
-                topology=config.topology,
-                creds=args.creds,
-            ),
-            stop,
-        )
+    # The service port answers from the start: alive, and not ready until NATS is reached.
+    probes = Probes()
+    if args.metrics_port is not None:
+        try:
+            await probes.start(args.metrics_port)
+        except OSError as e:
+            raise Fail(f"--metrics-port {args.metrics_port}: {e.strerror or e}", 2) from None
+    probes.waiting = f"connecting to NATS at {_safe_url(args.nats)}"
+    try:
+        with _connecting(args.nats, say=True):
+            bus = await _unless_stopped(
+                open_bus(
+                    args.nats,
+                    name=f"chainyard-{args.command}",
+                    topology=config.topology,
+                    creds=args.creds,
+                ),
+                stop,
+            )
+    except BaseException:
+        await probes.stop()
+        raise
     if bus is None:
+        await probes.stop()
         raise Fail(f"stopped before NATS at {_safe_url(args.nats)} could be reached", 4)
     services = build(bus, config, router=router, pools=pools, tools=tools)
     services.stop = stop
-    from chainyard.runtime.metrics import start_service
-
-    obs = start_service(args.command, bus, config, services.runners, args.metrics_port)  # OTEL_*
+    obs = await start_service(args.command, bus, config, services.runners, probes=probes)
     tune_gc(THRESHOLDS if router else WORKER_THRESHOLDS)  # after start-up: what it made is frozen
     services.start()
+    probes.ready_when(readiness.checks(bus, config, services))
     log.info("%s serving on %s", args.command, _safe_url(args.nats))
     try:
         await services.wait()
@@ -241,10 +257,14 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     if started is None:
         raise Fail("stopped while starting", 1)  # nothing to drain
     try:
+        from chainyard import readiness
         from chainyard.runtime.metrics import start_service
 
         assert dev.bus is not None and dev.services is not None
-        obs = start_service("dev", dev.bus, dev.config, dev.services.runners, args.metrics_port)
+        obs = await start_service(
+            "dev", dev.bus, dev.config, dev.services.runners, args.metrics_port
+        )
+        obs.probes.ready_when(readiness.checks(dev.bus, dev.config, dev.services))
         tune_gc()
         url = dev.nats_url
         if dev.port_taken:
@@ -476,7 +496,9 @@ def parser() -> argparse.ArgumentParser:
         help="the embedded NATS's port when it is free, else any free port (default 4222; "
         "0: any free port)",
     )
-    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    sp.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port"
+    )
     sp.add_argument(
         "--gateway-port",
         type=int,
@@ -491,7 +513,9 @@ def parser() -> argparse.ArgumentParser:
         help="this router's region: it prefers pools there (docs/SCALING.md); "
         "default: env CHAINYARD_REGION, else the config's [router] region",
     )
-    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    sp.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port"
+    )
     sp = add("worker", cmd_worker, "run workers for pools and/or tools")
     sp.add_argument("--config", help="TOML config (required, except for --tools alone)")
     sp.add_argument(
@@ -500,7 +524,9 @@ def parser() -> argparse.ArgumentParser:
         help="pool to serve (repeat; default: all in config); tool.NAME: that tool of --tools only",
     )
     sp.add_argument("--tools", help="module:attribute of a chainyard Tools registry to serve")
-    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    sp.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port"
+    )
     for name, fn, help in (
         ("submit", cmd_submit, "submit a chain (JSON file or - for stdin)"),
         ("watch", cmd_watch, "print a chain's events as JSON lines until it ends"),

@@ -94,7 +94,7 @@ class DevStack:
         self._stack.push_async_callback(self.bus.close)
         self.services = build(self.bus, self.config, tools=self.tools)
         # traced and measured from the same OTEL_* variables as `chainyard router` / `worker`
-        obs = start_service("dev", self.bus, self.config, self.services.runners)
+        obs = await start_service("dev", self.bus, self.config, self.services.runners)
         self._stack.push_async_callback(obs.stop)
         self.services.start()
         self._stack.push_async_callback(self.services.shutdown)

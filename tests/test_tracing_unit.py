@@ -413,7 +413,7 @@ async def test_tool_span(spans: InMemorySpanExporter) -> None:
 
 def test_prometheus_metrics() -> None:
     m = Metrics()
-    m.setup(port=-1)  # registry only, no HTTP server
+    m.setup(prometheus=True)  # registry only, no HTTP server
     assert m.on
     t = target()
     m.routed(t.pool, t.deployment)

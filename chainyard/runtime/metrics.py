@@ -36,6 +36,8 @@ from typing import Any, get_args
 
 from chainyard.contracts import DLQ_SOURCES, ErrorClass
 
+from .probes import Probes
+
 log = logging.getLogger("chainyard.metrics")
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -50,32 +52,21 @@ class Metrics:
         self._p: dict[str, Any] = {}  # prometheus metrics by short name
         self._o: dict[str, Any] = {}  # otel instruments by short name
         self._meter_provider: Any = None
-        self._server: Any = None
 
     # -- set up ----------------------------------------------------------------------------
 
     def setup(
-        self,
-        *,
-        port: int | None = None,
-        otlp: bool = False,
-        service: str = "chainyard",
-        addr: str = "0.0.0.0",
+        self, *, prometheus: bool = False, otlp: bool = False, service: str = "chainyard"
     ) -> None:
-        if port is not None:
-            self._prometheus(port, addr)
+        """prometheus: keep a registry (served on the service port by runtime.probes)."""
+        if prometheus:
+            self._prometheus()
         if otlp:
             self._otel(service)
         self.on = bool(self._p or self._o)
 
-    def _prometheus(self, port: int, addr: str) -> None:
-        from prometheus_client import (
-            CollectorRegistry,
-            Counter,
-            Gauge,
-            Histogram,
-            start_http_server,
-        )
+    def _prometheus(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
         p = self._p
@@ -139,9 +130,6 @@ class Metrics:
             "chainyard_cache_stores", "answers offered to the cache", ["pool", "outcome"],
             registry=r,
         )  # fmt: skip
-        if port >= 0:
-            self._server = start_http_server(port, addr=addr, registry=r)
-            log.info("prometheus metrics on %s:%s/metrics", addr, port)
 
     def _otel(self, service: str) -> None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -174,11 +162,6 @@ class Metrics:
         o["cache_stores"] = m.create_counter("chainyard.cache.stores", "{answer}")
 
     def shutdown(self) -> None:
-        srv = self._server[0] if isinstance(self._server, tuple) else self._server
-        if srv is not None:
-            with contextlib.suppress(Exception):
-                srv.shutdown()
-                srv.server_close()
         if self._meter_provider is not None:
             with contextlib.suppress(Exception):
                 self._meter_provider.shutdown()
@@ -360,8 +343,11 @@ async def _oldest_waiting_s(js: Any, topo: Any, pool: str, info: Any) -> float:
 class Observability:
     """What one service process turned on; `stop` flushes and shuts it down."""
 
-    def __init__(self, tracing: bool, task: asyncio.Task[None] | None, stop: asyncio.Event) -> None:
+    def __init__(
+        self, tracing: bool, task: asyncio.Task[None] | None, stop: asyncio.Event, probes: Probes
+    ) -> None:
         self.tracing = tracing
+        self.probes = probes
         self._task = task
         self._stop = stop
 
@@ -374,13 +360,20 @@ class Observability:
                 await self._task
         if self.tracing:
             await asyncio.to_thread(tracing.shutdown)
+        await self.probes.stop()
         metrics.shutdown()
 
 
-def start_service(
-    kind: str, bus: Any, config: Any, runners: list[Any], metrics_port: int | None = None
+async def start_service(
+    kind: str,
+    bus: Any,
+    config: Any,
+    runners: list[Any],
+    metrics_port: int | None = None,
+    probes: Probes | None = None,
 ) -> Observability:
-    """Tracing from the OTEL_* variables, metrics on `metrics_port` and/or OTLP, and the poller."""
+    """Tracing from the OTEL_* variables, metrics on OTLP and/or the service port (`probes`,
+    started on `metrics_port` here unless the caller started it earlier), and the poller."""
     from . import tracing
 
     default = f"chainyard-{kind}"
@@ -390,7 +383,11 @@ def start_service(
         and tracing.otlp_endpoint()
         and os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
     )
-    metrics.setup(port=metrics_port, otlp=otlp, service=default)
+    probes = probes or Probes()
+    if metrics_port is not None and probes.port is None:
+        await probes.start(metrics_port)
+    metrics.setup(prometheus=probes.port is not None, otlp=otlp, service=default)
+    probes.registry = metrics.registry
     stop = asyncio.Event()
     task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
-    return Observability(traced, task, stop)
+    return Observability(traced, task, stop, probes)
