@@ -320,3 +320,22 @@ def test_checkov_finds_no_failed_check_and_every_skip_has_a_reason(rendered) -> 
             assert len(reason.strip()) > 20, f"{c['check_id']} skipped without a reason"
         passed += len(results.get("passed_checks", []))
     assert passed > 500  # the scan really ran its checks
+
+
+def test_nats_helm_values_keep_the_durability_settings_and_the_accounts() -> None:
+    """deploy/k8s/nats-values.yaml (the official chart's values): 3 nodes, JetStream on files,
+    sync_interval always, monitoring on for KEDA, and deploy/accounts.conf as it is."""
+    values = yaml.safe_load((ROOT / "deploy" / "k8s" / "nats-values.yaml").read_text())
+    cfg = values["config"]
+    assert cfg["cluster"] == {"enabled": True, "replicas": 3}
+    js = cfg["jetstream"]
+    assert js["enabled"] and js["fileStore"]["enabled"] and js["fileStore"]["pvc"]["enabled"]
+    assert js["merge"]["sync_interval"] == "always"
+    assert cfg["monitor"] == {"enabled": True, "port": 8222}
+    assert cfg["merge"]["00$include"] == "accounts.conf"
+    accounts = values["configMap"]["merge"]["data"]["accounts.conf"]
+    assert accounts == (ROOT / "deploy" / "accounts.conf").read_text()
+    # Every password the accounts name comes from a Secret, none is written here.
+    env = values["container"]["env"]
+    for var in ("CY_SERVICES_PASSWORD", "CY_TENANT_A_PASSWORD", "CY_TENANT_B_PASSWORD"):
+        assert f"${var}" in accounts and "secretKeyRef" in env[var]["valueFrom"]
