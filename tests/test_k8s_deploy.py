@@ -182,7 +182,9 @@ def test_workers_and_their_scaling_follow_the_config(rendered) -> None:
     }
     # One Deployment per pool and per tool pool, beside router and gateway.
     want = {"openai-eu", "gpu", "tool.weather", "tool.search"}
-    assert want <= set(pools) and len(deps) == 7  # + Anthropic_Main.1 (a label as is) + 2
+    assert want <= set(pools)
+    # + Anthropic_Main.1, the gateway and the routers (one per region, when there are regions)
+    assert len(deps) == 5 + 1 + (2 if HAS_REGION else 1)
     odd = [n for n in deps if n.startswith("chainyard-pool-anthropic-main-1-")]
     assert len(odd) == 1, "a pool name Kubernetes cannot take is made a DNS label, kept apart"
     for name, so in scaled.items():
@@ -223,6 +225,13 @@ def test_workers_and_their_scaling_follow_the_config(rendered) -> None:
         sel = grace.get("nodeSelector", {})
         assert sel == {"topology.kubernetes.io/region": "eu-west-1"}
         assert "nodeSelector" not in deps["chainyard-pool-gpu"]["spec"]["template"]["spec"]
+        # A router per region, placed there and told its region.
+        for region in ("eu-west-1", "us-east-1"):
+            pod = deps[f"chainyard-router-{region}"]["spec"]["template"]["spec"]
+            assert pod["nodeSelector"] == {"topology.kubernetes.io/region": region}
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert env["CHAINYARD_REGION"] == region
+        assert "chainyard-router" not in deps
 
 
 def test_provider_keys_are_secret_references_and_pods_are_locked_down(rendered) -> None:
@@ -233,7 +242,7 @@ def test_provider_keys_are_secret_references_and_pods_are_locked_down(rendered) 
         pod = dep["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         for env in c["env"]:
-            assert "value" not in env or env["name"] == "OTEL_SERVICE_NAME", env
+            assert "value" not in env or env["name"] in ("OTEL_SERVICE_NAME", "CHAINYARD_REGION")
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         assert pod["securityContext"]["runAsNonRoot"] is True

@@ -129,19 +129,26 @@ def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
         _network_policy(s),
     ]
     base = ["--config", CONFIG_PATH]
-    router = _deployment(
-        s,
-        name="chainyard-router",
-        component="router",
-        args=["router", *base, "--metrics-port", str(METRICS_PORT)],
-        port=METRICS_PORT,
-        grace_s=SERVICE_GRACE_S,
-        scale=Scale(),
-        region=None,
-        env=[],
-        config_map=cm_name,
-        replicas=s.router_replicas,
-    )
+    # Routers prefer pools in their own region (CHAINYARD_REGION): with regions, one router
+    # Deployment per region, placed there; without, one for all.
+    regions = sorted({r for p in config.pools if (r := getattr(p, "region", None))})
+    for region in regions or [None]:
+        name = dns_name("chainyard-router", region) if region else "chainyard-router"
+        env = [{"name": "CHAINYARD_REGION", "value": region}] if region else []
+        router = _deployment(
+            s,
+            name=name,
+            component="router",
+            args=["router", *base, "--metrics-port", str(METRICS_PORT)],
+            port=METRICS_PORT,
+            grace_s=SERVICE_GRACE_S,
+            scale=Scale(),
+            region=region,
+            env=env,
+            config_map=cm_name,
+            replicas=s.router_replicas,
+        )
+        objs += [router, _pdb(s, name, min_available=1)]
     gateway = _deployment(
         s,
         name="chainyard-gateway",
@@ -155,7 +162,6 @@ def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
         config_map=cm_name,
         replicas=s.gateway_replicas,
     )
-    objs += [router, _pdb(s, "chainyard-router", min_available=1)]
     objs += [gateway, _pdb(s, "chainyard-gateway", min_available=1), _gateway_service(s)]
     for w in _workloads(config, s, base, tools):
         objs.append(
