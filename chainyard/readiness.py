@@ -1,5 +1,6 @@
 """What `/readyz` checks for the services of one process (runtime/probes.py serves it).
 
+- `stopping`: the process has not been told to stop (SIGTERM: it drains, not ready).
 - `nats`: the connection is up (not reconnecting, not closed).
 - `consumers`: JetStream answers for every durable consumer the process's router and workers
   bind, and each one exists on its stream (a consumer info per durable).
@@ -35,7 +36,10 @@ def checks(bus: Bus, config: Config, services: Services) -> dict[str, Check]:
     """The checks of the process running `services` (their runners) with `config`."""
     topo = bus.topology
     bound: list[tuple[StreamDef, ConsumerDef]] = []
-    out: dict[str, Check] = {"nats": lambda: _connected(bus)}
+    out: dict[str, Check] = {
+        "stopping": lambda: _running(services),
+        "nats": lambda: _connected(bus),
+    }
     for r in services.runners:
         if isinstance(r, Router):
             bound += [
@@ -54,6 +58,11 @@ def checks(bus: Bus, config: Config, services: Services) -> dict[str, Check]:
             names = [d.name for d in config.deployments if d.pool == pool.name]
             out[f"provider:{pool.name}"] = lambda p=pool, n=names: _provider(bus, p, n)
     return out
+
+
+async def _running(services: Services) -> str | None:
+    # Told to stop (SIGTERM): draining the calls in flight, taking no new work.
+    return "draining before exit" if services.stop.is_set() else None
 
 
 async def _connected(bus: Bus) -> str | None:

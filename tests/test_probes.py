@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import heartbeat_seen, start_cli, wait_until
+from helpers import Events, heartbeat_seen, start_cli, wait_until
 from sandbox_fixtures import KEY
-from worker_support import POOL, toml
+from worker_support import POOL, TENANT, assignment, publish, toml, work_state
 
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
@@ -101,7 +101,7 @@ async def test_not_ready_until_nats_is_up_and_again_after_it_goes(tmp_path: Path
                     assert set(body["checks"].values()) == {"ok"}
                 # The worker's checks name its pool's consumer and provider; the router's its own.
                 _, w = await probe(wport, "/readyz")
-                assert {"nats", "consumers", f"provider:{POOL}"} == set(w["checks"])
+                assert {"stopping", "nats", "consumers", f"provider:{POOL}"} == set(w["checks"])
                 code, text = await _metrics(wport)
                 assert code == 200 and "chainyard_in_flight" in text
 
@@ -169,7 +169,7 @@ async def test_a_tool_pool_process_serves_only_its_tool(
     ]
     async with service(tmp_path / "tools.log", "worker", *args, "--metrics-port", str(port)):
         body = await answers(port, "/readyz", 200, "the tool worker is ready")
-        assert set(body["checks"]) == {"nats", "consumers"}
+        assert set(body["checks"]) == {"stopping", "nats", "consumers"}
         bus = await open_bus(nats_server.url, name="test")
         try:
             await heartbeat_seen(bus.capacity, f"tool.{picked}")
@@ -177,5 +177,37 @@ async def test_a_tool_pool_process_serves_only_its_tool(
             assert {k.split(".")[1] for k in keys} == {picked}, keys
             durables = await bus.js.consumers_info(bus.topology.work.name)
             assert [c.name for c in durables] == [f"pool-tool_{picked}"]
+        finally:
+            await bus.close()
+
+
+async def test_a_draining_worker_says_so_until_its_call_ends(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """SIGTERM during a call: /readyz turns 503 (`stopping`) while the worker finishes the call,
+    /healthz stays 200, and the step's result is published before the process exits 0."""
+    async with SandboxServer(SandboxConfig(latency_ms=3000)) as sandbox:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(toml(sandbox.url))
+        port = free_port()
+        args = ["--nats", nats_server.url, "--config", str(cfg), "--metrics-port", str(port)]
+        bus = await open_bus(nats_server.url, name="test")
+        try:
+            async with service(tmp_path / "w.log", "worker", *args, "--pool", POOL) as proc:
+                await answers(port, "/readyz", 200, "the worker is ready")
+                subject = bus.subjects.event(TENANT, "drain-1", "step.completed")
+                async with Events(bus.nc, subject) as events:
+                    await publish(bus, assignment("drain-1"))
+
+                    async def delivered() -> bool:
+                        return (await work_state(bus))[1] == 1  # ack pending: in the call
+
+                    await wait_until(delivered, 10.0, "the step in the worker's hands")
+                    proc.terminate()
+                    body = await answers(port, "/readyz", 503, "not ready while draining")
+                    assert body["checks"]["stopping"] == "draining before exit", body
+                    assert await probe(port, "/healthz") == (200, {"status": "ok"})
+                    await events.wait(lambda ev: ev.step_id == "s", 20.0)
+                    assert await asyncio.wait_for(proc.wait(), 20.0) == 0
         finally:
             await bus.close()
