@@ -348,3 +348,27 @@ def test_nats_helm_values_keep_the_durability_settings_and_the_accounts() -> Non
     env = values["container"]["env"]
     for var in ("CY_SERVICES_PASSWORD", "CY_TENANT_A_PASSWORD", "CY_TENANT_B_PASSWORD"):
         assert f"${var}" in accounts and "secretKeyRef" in env[var]["valueFrom"]
+
+
+def test_every_rendered_command_is_one_the_cli_takes(rendered) -> None:
+    """The containers' args parse with chainyard's own parser (the gateway's once it exists),
+    and each service listens where its probes and Service look."""
+    import importlib.util
+
+    from chainyard.cli import parser
+
+    has_gateway = importlib.util.find_spec("chainyard.gateway") is not None
+    for which in ("demo", "rich"):
+        for dep in objects(rendered[which][1], "Deployment").values():
+            (c,) = dep["spec"]["template"]["spec"]["containers"]
+            args = c["args"]
+            port = c["ports"][0]["containerPort"]
+            if args[0] == "gateway":
+                assert args[args.index("--port") + 1] == str(port)
+                assert args[args.index("--host") + 1] == "0.0.0.0"
+                if not has_gateway:
+                    continue
+            parsed = parser().parse_args(args)
+            assert parsed.config == "/etc/chainyard/chainyard.toml"
+            if args[0] in ("router", "worker"):
+                assert parsed.metrics_port == port

@@ -153,7 +153,7 @@ def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
         s,
         name="chainyard-gateway",
         component="gateway",
-        args=["gateway", *base, "--port", str(GATEWAY_PORT)],
+        args=["gateway", *base, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
         port=GATEWAY_PORT,
         grace_s=SERVICE_GRACE_S,
         scale=Scale(),
