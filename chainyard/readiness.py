@@ -76,13 +76,17 @@ async def _connected(bus: Bus) -> str | None:
 async def _consumers(bus: Bus, bound: list[tuple[StreamDef, ConsumerDef]]) -> str | None:
     if not bus.nc.is_connected:
         return "NATS not connected"
-    missing = []
-    for stream, consumer in bound:
+
+    async def missing(stream: StreamDef, consumer: ConsumerDef) -> str | None:
         try:
             await bus.js.consumer_info(stream.name, consumer.durable, timeout=1.0)
         except Exception as e:  # not found, no JetStream, timeout: not bound
-            missing.append(f"{stream.name}/{consumer.durable} ({type(e).__name__})")
-    return f"not bound: {', '.join(missing)}" if missing else None
+            return f"{stream.name}/{consumer.durable} ({type(e).__name__})"
+        return None
+
+    found = await asyncio.gather(*(missing(s, c) for s, c in bound))
+    gone = [m for m in found if m]
+    return f"not bound: {', '.join(gone)}" if gone else None
 
 
 def provider_address(pool: PoolConfig) -> tuple[str, int] | None:

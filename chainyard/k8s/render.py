@@ -261,7 +261,7 @@ def _service_account(s: Settings) -> Obj:
 
 def _config_map(s: Settings, name: str, text: str) -> Obj:
     # Named after its content and immutable: a new config is a new ConfigMap, which rolls the
-    # Deployments that name it (kubectl apply --prune, or kustomize, removes the old one).
+    # Deployments that name it; the old one stays until pruned (docs/KUBERNETES.md).
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
