@@ -292,6 +292,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     bad.write_text('[[pools]]\nname = "x"\n[pools.scale]\ncpu_limit = "lots"\n')
     done = deploy("--config", bad)
     assert done.returncode == 2 and "cpu_limit" in done.stderr
+    done = deploy("--config", DEMO, "--tools", "m:t", "--namespace", "My_Space")
+    assert done.returncode == 2 and "not a DNS label" in done.stderr
     done = deploy("--config", tmp_path / "missing.toml")
     assert done.returncode == 2 and "missing.toml" in done.stderr
 

@@ -115,6 +115,8 @@ class Workload:
 
 def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
     """Every object, in apply order (`KIND_ORDER`, then name)."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", s.namespace):
+        raise RenderError(f"--namespace {s.namespace!r}: not a DNS label (a-z, 0-9, '-')")
     tools = sorted(set(config.tools) | {p.name for p in config.tool_pools})
     if tools and not s.tools:
         raise RenderError(
