@@ -134,6 +134,9 @@ def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
     # Routers prefer pools in their own region (CHAINYARD_REGION): with regions, one router
     # Deployment per region, placed there; without, one for all.
     regions = sorted({r for p in config.pools if (r := getattr(p, "region", None))})
+    for region in regions:
+        if label_value(region) != region:  # no node could carry it: say so now
+            raise RenderError(f"region {region!r} cannot be a Kubernetes label value")
     for region in regions or [None]:
         name = dns_name("chainyard-router", region) if region else "chainyard-router"
         env = [{"name": "CHAINYARD_REGION", "value": region}] if region else []
