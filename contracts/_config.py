@@ -54,8 +54,9 @@ class Scale(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How `chainyard deploy k8s` runs a pool (docs/KUBERNETES.md); services ignore it.
 
     KEDA keeps ceil(lag / lag_threshold) replicas within [min_replicas, max_replicas]; lag is the
-    pool consumer's pending plus unacknowledged messages. min_replicas 0: scale to zero while
-    nothing waits. cpu and memory: one replica's requests and limits (Kubernetes quantities)."""
+    pool consumer's pending plus unacknowledged messages. min_replicas 0: scale to zero, which
+    routed work cannot wake (routers skip a pool without a live worker; docs/KUBERNETES.md).
+    cpu and memory: one replica's requests and limits (Kubernetes quantities)."""
 
     min_replicas: Annotated[int, Meta(ge=0, le=10_000)] = 1
     max_replicas: Annotated[int, Meta(ge=1, le=10_000)] = 10

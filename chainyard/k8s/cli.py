@@ -9,7 +9,15 @@ from pathlib import Path
 
 from chainyard.contracts import ConfigError, load_config
 
-from .render import HEADER_START, RenderError, Settings, render, to_files, to_stream
+from .render import (
+    HEADER_START,
+    RenderError,
+    Settings,
+    render,
+    to_files,
+    to_stream,
+    warnings,
+)
 
 DEFAULTS = Settings()
 
@@ -77,6 +85,8 @@ def render_to(args: argparse.Namespace) -> int:
         nats_account=args.nats_account,
     )
     objs = render(config, text, settings)
+    for warning in warnings(config):
+        print(f"chainyard deploy k8s: warning: {warning}", file=sys.stderr)
     source = Path(args.config).name
     if not args.out:
         sys.stdout.write(to_stream(objs, source))
