@@ -63,7 +63,7 @@ def alert_rules() -> list[dict[str, Any]]:
 def exported_names() -> set[str]:
     """Every series name metrics.py registers (counters with `_total`, histograms' parts)."""
     m = Metrics()
-    m.setup(port=-1)  # the registry, no server
+    m.setup(prometheus=True)  # the registry, no server
     names = set()
     for family in m.registry.collect():
         kind = family.type
