@@ -15,7 +15,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 
-from chainyard.runtime.consume import Slots, consume
+from chainyard.runtime.consume import Durable, Slots, consume
 from chainyard.runtime.nats import Bus, Publisher, open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -32,8 +32,8 @@ async def _consumer(bus: Bus, ack_wait: float = 30.0) -> None:
     await bus.js.add_consumer(STREAM, cfg)
 
 
-async def _bind(bus: Bus) -> object:
-    return await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+async def _bind(bus: Bus) -> Durable:
+    return Durable(bus.nc, STREAM, DURABLE)
 
 
 class Seen:
@@ -228,7 +228,7 @@ async def test_requests_expire_and_are_renewed_while_idle(bus: Bus) -> None:
         await msg.ack()
         await seen.add(msg)
 
-    async with consuming(bus, handler, fetch_timeout_s=0.1):
+    async with consuming(bus, handler, request_expires_s=0.1):
         # a message long after the first requests expired (408) still arrives
         waiter = asyncio.get_running_loop().create_future()
 
@@ -256,12 +256,12 @@ async def test_deleted_consumer_is_rebound(bus: Bus) -> None:
         await msg.ack_sync()
         await seen.add(msg)
 
-    async def rebind() -> object:
+    async def rebind() -> Durable:
         with contextlib.suppress(APIError):
             await _consumer(bus)
         return await _bind(bus)
 
-    async with consuming(bus, handler, fetch_timeout_s=0.1, rebind=rebind):
+    async with consuming(bus, handler, request_expires_s=0.1, rebind=rebind):
         await bus.publisher.publish(SUBJECT, b"1")
         await seen.wait(1)
         await bus.js.delete_consumer(STREAM, DURABLE)  # 409 consumer deleted, then 503s
@@ -282,7 +282,7 @@ async def test_consumer_goes_on_after_a_server_restart() -> None:
         try:
             await _stream(bus)
             await _consumer(bus)
-            async with consuming(bus, handler, fetch_timeout_s=0.2):
+            async with consuming(bus, handler, request_expires_s=0.2):
                 await bus.publisher.publish(SUBJECT, b"before")
                 await seen.wait(1)
                 await server.restart()
@@ -343,7 +343,7 @@ async def test_requests_outstanding_at_stop_do_not_hold_messages(bus: Bus) -> No
     async def never(msg: Msg) -> None:
         raise AssertionError(f"delivered to a stopped consumer: {msg.data!r}")
 
-    async with consuming(bus, never, 4, fetch_timeout_s=30.0):
+    async with consuming(bus, never, 4, request_expires_s=30.0):
         for _ in range(100):  # until its pull request (4 messages, 30 s) is waiting
             if (await bus.js.consumer_info(STREAM, DURABLE)).num_waiting:
                 break
