@@ -217,25 +217,27 @@ async def publish_work(
     messaging.ensure_span()
     if tr is None or messaging.sampled_out():
         return await messaging.publish(js, subject, data, a.msg_id)
-    ids = {
-        "chainyard.tenant": a.tenant,
-        "chainyard.chain.id": a.chain_id,
-        "chainyard.step.id": a.step_id,
-        "chainyard.step.attempt": a.attempt,
-    }
     step = a.step
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    route = tr.start_span(f"route {model}", kind=SpanKind.INTERNAL, attributes=ids)
+    # the assignment's send: the worker's `process` span is its child (no `send` span of its own)
+    route = tr.start_span(
+        f"route {model}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "chainyard.tenant": a.tenant,
+            "chainyard.chain.id": a.chain_id,
+            "chainyard.step.id": a.step_id,
+            "chainyard.step.attempt": a.attempt,
+            "messaging.system": messaging.SYSTEM,
+            "messaging.destination.name": subject,
+            "messaging.message.id": a.msg_id,
+        },
+    )
     if route.is_recording():  # the decision's details only for a span that is kept
         route.set_attributes(_decision(a, state, model, candidates, strategy))
     try:
         return await messaging.publish(
-            js,
-            subject,
-            data,
-            a.msg_id,
-            context=trace.set_span_in_context(route),
-            attrs={"chainyard.chain.id": a.chain_id, "chainyard.step.id": a.step_id},
+            js, subject, data, a.msg_id, context=trace.set_span_in_context(route)
         )
     except BaseException as e:
         tracing.record_error(route, e)
