@@ -172,7 +172,6 @@ def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> st
 def _decision(
     a: Any,
     state: Any,
-    model: str,
     candidates: Callable[[], list[str]] | None,
     strategy: str | None,
 ) -> dict[str, Any]:
@@ -184,8 +183,9 @@ def _decision(
     if kind is None:
         kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
     attrs: dict[str, Any] = {
+        "chainyard.step.id": a.step_id,
+        "chainyard.step.attempt": a.attempt,
         "chainyard.step.kind": kind,
-        "chainyard.route.model": model,
         "chainyard.route.candidates": cands,
         "chainyard.route.choice": target.deployment,
         "chainyard.route.pool": target.pool,
@@ -219,22 +219,15 @@ async def publish_work(
         return await messaging.publish(js, subject, data, a.msg_id)
     step = a.step
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    # the assignment's send: the worker's `process` span is its child (no `send` span of its own)
+    # The assignment's send: the worker's `process` span is its child (no `send` span of its
+    # own). Its attributes are given once, at the start: under a sampled parent (checked above)
+    # the span is kept. The chain and tenant are the trace's (the chain span has them), the model
+    # is in the span's name.
     route = tr.start_span(
         f"route {model}",
         kind=SpanKind.PRODUCER,
-        attributes={
-            "chainyard.tenant": a.tenant,
-            "chainyard.chain.id": a.chain_id,
-            "chainyard.step.id": a.step_id,
-            "chainyard.step.attempt": a.attempt,
-            "messaging.system": messaging.SYSTEM,
-            "messaging.destination.name": subject,
-            "messaging.message.id": a.msg_id,
-        },
+        attributes=_decision(a, state, candidates, strategy),
     )
-    if route.is_recording():  # the decision's details only for a span that is kept
-        route.set_attributes(_decision(a, state, model, candidates, strategy))
     try:
         return await messaging.publish(
             js, subject, data, a.msg_id, context=trace.set_span_in_context(route)
