@@ -70,14 +70,18 @@ def begin_chain(outcome: Any) -> Any:
         return outcome
     proc = messaging.current_span().get_span_context()  # the intake's process span
     sid = _ids.generate_span_id()
+    # `parent` (the intake's span, the chain span's parent) is kept only for a sampled chain:
+    # its presence is how `end_chain` knows, without parsing, that there is a span to emit
     if proc.is_valid:
         chain = SpanContext(proc.trace_id, sid, False, proc.trace_flags, proc.trace_state)
         t = _traceparent(chain)
-        t["parent"] = _traceparent(proc)["traceparent"]
+        if proc.trace_flags.sampled:
+            t["parent"] = _traceparent(proc)["traceparent"]
     else:  # no handler and no current span: the chain starts its own trace
         flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
         chain = SpanContext(_ids.generate_trace_id(), sid, False, flags)
         t = _traceparent(chain)
+        t["parent"] = ""  # a root
     messaging.make_current(trace.set_span_in_context(NonRecordingSpan(chain)))
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
@@ -114,8 +118,10 @@ def end_chain(state: Any) -> None:
     """Emit the chain's span under the ids drawn at intake."""
     tr = tracing.active
     t = getattr(state, "trace", None)
-    ctx = chain_context(state) if t else None
-    if tr is None or ctx is None:
+    if tr is None or not t or "parent" not in t:  # not traced, or sampled out (begin_chain)
+        return
+    ctx = chain_context(state)
+    if ctx is None:
         return
     sc = trace.get_current_span(ctx).get_span_context()
     if not sc.trace_flags.sampled:

@@ -10,7 +10,7 @@ message published to an idle consumer is handed over as soon as the server deliv
 A request asks for as many messages as there are free slots (up to `max_batch`), so the slots
 are never exceeded; the next one goes out when it has been served (its batch delivered), when
 it ended, or when one that was waiting is judged lost (no end by its expiry and a grace period:
-the server restarted, the connection was re-established). DESIGN-NOTES #25 has the figures.
+the server restarted, the connection was re-established). DESIGN-NOTES #27 has the figures.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def template(subject: str) -> str:
 
 def _attrs(op: str, kind: str, subject: str, msg_id: str | None) -> dict[str, Any]:
     # no `messaging.destination.template`: it is the span's name. Every attribute costs the
-    # SDK's validation and the exporter's encoding, a few us each (DESIGN-NOTES #25).
+    # SDK's validation and the exporter's encoding, a few us each (DESIGN-NOTES #27).
     a: dict[str, Any] = {
         "messaging.system": SYSTEM,
         "messaging.operation.name": op,
@@ -119,7 +119,7 @@ async def publish(
     """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty) and the trace context in
     its headers. `context`: the span that produces the message (the router's `route` span);
     from a consumer's handler, its `process` span does. Either way the message gets no span of
-    its own: that span is its send (fewer spans a step, the same tree: DESIGN-NOTES #25).
+    its own: that span is its send (fewer spans a step, the same tree: DESIGN-NOTES #27).
     Elsewhere (a client, a script) the publish gets a `send` span."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else {}
     tr = tracing.active
