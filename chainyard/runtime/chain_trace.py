@@ -9,8 +9,9 @@ the end emits the `chain` span with that same id (the tracer's id generator is t
 outcome. A message without trace context (a timer) continues the chain's trace
 (`adopt_state`).
 
-Routing spans (`route {model}`) wrap the `send cy.work.{pool}` of each assignment and say what
-was chosen among which candidates, why, and at what estimated cost.
+Routing spans (`route {model}`, PRODUCER) are each assignment's send: the worker's `process`
+span is their child. They say what was chosen among which candidates, why, and at what
+estimated cost.
 """
 
 from __future__ import annotations
