@@ -179,11 +179,15 @@ async def test_bounded_concurrency_and_shared_slots(bus: Bus) -> None:
     slots = Slots(limit)
     running = peak = 0
     low = limit
+    full = asyncio.Event()  # every slot taken once: a backlog fills them all
 
     async def handler(msg: Msg) -> None:
         nonlocal running, peak, low
         running += 1
         peak, low = max(peak, running), min(low, slots.free)
+        if running == limit:
+            full.set()
+        await asyncio.wait_for(full.wait(), 10)  # the first ones hold their slots until then
         for _ in range(5):  # work that yields to the loop
             await asyncio.sleep(0)
         running -= 1
