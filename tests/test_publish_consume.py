@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from helpers import wait_until
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -247,6 +248,34 @@ async def test_requests_expire_and_are_renewed_while_idle(bus: Bus) -> None:
         await bus.publisher.publish(SUBJECT, b"late")
         await seen.wait(1)
     assert len(statuses) >= 3
+
+
+async def test_a_refused_request_is_not_repeated_in_a_hot_loop(bus: Bus) -> None:
+    """A consumer that takes one waiting request, already taken by another client: the server
+    refuses the loop's every request (409 Exceeded MaxWaiting). It asks again after a pause,
+    not at once, thousands of times a second."""
+    await _stream(bus)
+    cfg = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, max_waiting=1)
+    await bus.js.add_consumer(STREAM, cfg)
+    other = await bus.nc.subscribe(bus.nc.new_inbox())  # the one waiting request, for 30 s
+    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}"
+    await bus.nc.publish(next_subject, b'{"batch": 1, "expires": 30000000000}', other.subject)
+    await bus.nc.flush()
+    requests: list[bytes] = []
+
+    async def note(m: Msg) -> None:
+        requests.append(m.data)
+
+    async def never(msg: Msg) -> None:
+        raise AssertionError("a refused request delivered a message")
+
+    probe = await bus.nc.subscribe(next_subject, cb=note)
+    async with consuming(bus, never, 4):
+        await wait_until(lambda: len(requests) >= 2, 5, "a request, refused, then another")
+        await asyncio.sleep(1.0)  # how many more in a second: the pause is what is measured
+    await probe.unsubscribe()
+    await other.unsubscribe()
+    assert 2 <= len(requests) <= 12, len(requests)
 
 
 async def test_deleted_consumer_is_rebound(bus: Bus) -> None:

@@ -37,6 +37,9 @@ log = logging.getLogger("chainyard.consume")
 STOP_GRACE_S = 2.0
 # A pull request with no end (408) by its expiry plus this long is taken as lost
 LOST_AFTER_S = 0.5
+# After a request the server refused (409: too many waiting, a batch over the consumer's max...)
+# the next waits this long: asking again at once would repeat the refusal in a hot loop
+REFUSED_PAUSE_S = 0.2
 Handler = Callable[[Msg], Awaitable[None]]
 
 
@@ -151,6 +154,7 @@ class _Consumer:
         self.left = 0
         self.lost_at = 0.0
         self.missing = False  # the server said the consumer does not exist
+        self.refused = False  # the server refused the last request
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -163,6 +167,10 @@ class _Consumer:
                 self.wake.clear()
                 if self.missing:
                     await self._rebind()
+                elif self.refused:
+                    self.refused = False
+                    await asyncio.wait((stopped,), timeout=REFUSED_PAUSE_S)
+                    continue
                 held = self.gate() if self.gate is not None else None
                 if held is not None and not await self._gate(held):
                     break
@@ -235,6 +243,8 @@ class _Consumer:
         what = headers.get(Header.DESCRIPTION, "") if headers else ""
         if status == StatusCode.SERVICE_UNAVAILABLE or "deleted" in what.lower():
             self.missing = True
+        else:
+            self.refused = True
         log.warning("%s: pull request ended: %s %s", self.name, status, what)
 
     async def _rebind(self) -> None:
