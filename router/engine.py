@@ -105,11 +105,11 @@ class Router:
             (topo.timers, topo.deadlines_consumer, self.on_timer),
         ]
         try:
-            subs = [await self.bus.pull(s, c) for s, c, _ in loops_]
+            subs = [await self.bus.durable(s, c) for s, c, _ in loops_]
             await asyncio.gather(*(
                 consume(
                     sub, messaging.consumer(fn, c.durable), stop, self.concurrency,
-                    name=c.durable, rebind=lambda s=s, c=c: self.bus.pull(s, c),
+                    name=c.durable, rebind=lambda s=s, c=c: self.bus.durable(s, c),
                 )
                 for sub, (s, c, fn) in zip(subs, loops_, strict=True)
             ))  # fmt: skip

@@ -1,4 +1,4 @@
-"""consume(): how many pull requests a consumer keeps waiting at the server (one fetch at a time),
+"""consume(): how many pull requests a consumer keeps waiting at the server (one at a time),
 and how fast a backlog fills free slots, on a real one."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from helpers import wait_until
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
-from chainyard.runtime.consume import Slots, consume, release_slot
+from chainyard.runtime.consume import Durable, Slots, consume, release_slot
 from chainyard.runtime.nats import Bus
 
 STREAM, DURABLE = "CONSUME", "pool"
@@ -29,7 +29,7 @@ async def idle_workers(
     n: int,
     seen: list[bytes],
     hold: asyncio.Event | None = None,
-    fetch_timeout_s: float = 1.0,
+    request_expires_s: float = 1.0,
 ) -> AsyncIterator[None]:
     """n consume loops with 10,000 slots each, on one durable consumer. With `hold`, a handler
     records its message, then waits for `hold` before it acks."""
@@ -50,7 +50,7 @@ async def idle_workers(
     stop = asyncio.Event()
     tasks = []
     for i in range(n):
-        sub = await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+        sub = Durable(bus.nc, STREAM, DURABLE)
         tasks.append(
             asyncio.create_task(
                 consume(
@@ -60,7 +60,7 @@ async def idle_workers(
                     10_000,
                     name=f"w{i}",
                     max_batch=256,
-                    fetch_timeout_s=fetch_timeout_s,
+                    request_expires_s=request_expires_s,
                 )
             )
         )
@@ -107,7 +107,7 @@ async def test_a_backlog_fills_every_free_slot_without_waiting_for_a_handler(bus
     seen: list[bytes] = []
     hold = asyncio.Event()
     try:
-        async with idle_workers(bus, 1, seen, hold, fetch_timeout_s=60.0):
+        async with idle_workers(bus, 1, seen, hold, request_expires_s=60.0):
             await asyncio.gather(*(bus.publisher.publish("consume.x", p) for p in payloads))
             await wait_until(lambda: len(seen) >= len(payloads), 10, "every message started")
             hold.set()
@@ -147,13 +147,15 @@ async def test_a_released_slot_starts_the_next_message_and_stop_still_waits_for_
 
     release_slot()  # outside a handler: nothing to give back
     stop = asyncio.Event()
-    sub = await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+    sub = Durable(bus.nc, STREAM, DURABLE)
     task = asyncio.create_task(consume(sub, handler, stop, 1, name="one", slots=slots))
     await bus.publisher.publish("consume.x", b"first")
     await wait_until(lambda: started == [b"first"], 10, "the first message")
     await bus.publisher.publish("consume.x", b"second")
-    await wait_until(lambda: finished == [b"second"], 10, "the second message, beside the first")
-    assert slots.free == 1  # the first holds none, the second gave its own back
+    # the first holds no slot, the second gives its own back once its task is done
+    await wait_until(
+        lambda: finished == [b"second"] and slots.free == 1, 10, "the second, beside the first"
+    )
     stop.set()
     await asyncio.sleep(0)
     assert not task.done()  # the first handler is still running

@@ -9,13 +9,14 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from helpers import wait_until
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 
-from chainyard.runtime.consume import Slots, consume
+from chainyard.runtime.consume import Durable, Slots, consume
 from chainyard.runtime.nats import Bus, Publisher, open_bus
 from chainyard.runtime.server import NatsServer
 
@@ -32,8 +33,8 @@ async def _consumer(bus: Bus, ack_wait: float = 30.0) -> None:
     await bus.js.add_consumer(STREAM, cfg)
 
 
-async def _bind(bus: Bus) -> object:
-    return await bus.js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
+async def _bind(bus: Bus) -> Durable:
+    return Durable(bus.nc, STREAM, DURABLE)
 
 
 class Seen:
@@ -179,11 +180,15 @@ async def test_bounded_concurrency_and_shared_slots(bus: Bus) -> None:
     slots = Slots(limit)
     running = peak = 0
     low = limit
+    full = asyncio.Event()  # every slot taken once: a backlog fills them all
 
     async def handler(msg: Msg) -> None:
         nonlocal running, peak, low
         running += 1
         peak, low = max(peak, running), min(low, slots.free)
+        if running == limit:
+            full.set()
+        await asyncio.wait_for(full.wait(), 10)  # the first ones hold their slots until then
         for _ in range(5):  # work that yields to the loop
             await asyncio.sleep(0)
         running -= 1
@@ -228,7 +233,7 @@ async def test_requests_expire_and_are_renewed_while_idle(bus: Bus) -> None:
         await msg.ack()
         await seen.add(msg)
 
-    async with consuming(bus, handler, fetch_timeout_s=0.1):
+    async with consuming(bus, handler, request_expires_s=0.1):
         # a message long after the first requests expired (408) still arrives
         waiter = asyncio.get_running_loop().create_future()
 
@@ -245,6 +250,34 @@ async def test_requests_expire_and_are_renewed_while_idle(bus: Bus) -> None:
     assert len(statuses) >= 3
 
 
+async def test_a_refused_request_is_not_repeated_in_a_hot_loop(bus: Bus) -> None:
+    """A consumer that takes one waiting request, already taken by another client: the server
+    refuses the loop's every request (409 Exceeded MaxWaiting). It asks again after a pause,
+    not at once, thousands of times a second."""
+    await _stream(bus)
+    cfg = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, max_waiting=1)
+    await bus.js.add_consumer(STREAM, cfg)
+    other = await bus.nc.subscribe(bus.nc.new_inbox())  # the one waiting request, for 30 s
+    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}"
+    await bus.nc.publish(next_subject, b'{"batch": 1, "expires": 30000000000}', other.subject)
+    await bus.nc.flush()
+    requests: list[bytes] = []
+
+    async def note(m: Msg) -> None:
+        requests.append(m.data)
+
+    async def never(msg: Msg) -> None:
+        raise AssertionError("a refused request delivered a message")
+
+    probe = await bus.nc.subscribe(next_subject, cb=note)
+    async with consuming(bus, never, 4):
+        await wait_until(lambda: len(requests) >= 2, 5, "a request, refused, then another")
+        await asyncio.sleep(1.0)  # how many more in a second: the pause is what is measured
+    await probe.unsubscribe()
+    await other.unsubscribe()
+    assert 2 <= len(requests) <= 12, len(requests)
+
+
 async def test_deleted_consumer_is_rebound(bus: Bus) -> None:
     await _stream(bus)
     await _consumer(bus)
@@ -256,12 +289,12 @@ async def test_deleted_consumer_is_rebound(bus: Bus) -> None:
         await msg.ack_sync()
         await seen.add(msg)
 
-    async def rebind() -> object:
+    async def rebind() -> Durable:
         with contextlib.suppress(APIError):
             await _consumer(bus)
         return await _bind(bus)
 
-    async with consuming(bus, handler, fetch_timeout_s=0.1, rebind=rebind):
+    async with consuming(bus, handler, request_expires_s=0.1, rebind=rebind):
         await bus.publisher.publish(SUBJECT, b"1")
         await seen.wait(1)
         await bus.js.delete_consumer(STREAM, DURABLE)  # 409 consumer deleted, then 503s
@@ -282,7 +315,7 @@ async def test_consumer_goes_on_after_a_server_restart() -> None:
         try:
             await _stream(bus)
             await _consumer(bus)
-            async with consuming(bus, handler, fetch_timeout_s=0.2):
+            async with consuming(bus, handler, request_expires_s=0.2):
                 await bus.publisher.publish(SUBJECT, b"before")
                 await seen.wait(1)
                 await server.restart()
@@ -343,7 +376,7 @@ async def test_requests_outstanding_at_stop_do_not_hold_messages(bus: Bus) -> No
     async def never(msg: Msg) -> None:
         raise AssertionError(f"delivered to a stopped consumer: {msg.data!r}")
 
-    async with consuming(bus, never, 4, fetch_timeout_s=30.0):
+    async with consuming(bus, never, 4, request_expires_s=30.0):
         for _ in range(100):  # until its pull request (4 messages, 30 s) is waiting
             if (await bus.js.consumer_info(STREAM, DURABLE)).num_waiting:
                 break

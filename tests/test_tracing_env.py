@@ -177,7 +177,7 @@ async def test_parentbased_ratio_follows_the_parent_across_a_hop(
     assert onward["traceparent"].endswith(flags)
     names = sorted(s["name"] for s in spans)
     if flags == "01":
-        assert names == ["process cy.work.{pool}", "send cy.events.{tenant}.{chain}.step.completed"]
+        assert names == ["process cy.work.{pool}"]  # its onward publish has no span of its own
         proc = next(s for s in spans if s["name"].startswith("process"))
         assert proc["parent_id"] == "0x" + SAMPLED.split("-")[2]
     else:
@@ -196,7 +196,7 @@ async def test_a_sampler_that_ignores_the_parent_still_decides_under_a_sampled_o
         OTEL_TRACES_SAMPLER="always_on",
     )
     names = sorted(s["name"] for s in spans)
-    assert names == ["process cy.work.{pool}", "send cy.events.{tenant}.{chain}.step.completed"]
+    assert names == ["process cy.work.{pool}"]  # its onward publish has no span of its own
 
 
 @pytest.mark.parametrize("propagators", ["tracecontext,baggage", "tracecontext"])

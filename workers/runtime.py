@@ -141,7 +141,7 @@ class Worker:
         self._stop = stop
         topo = self.bus.topology
         consumer = topo.pool_consumer(self.pool)
-        sub = await self.bus.pull(topo.work, consumer)
+        durable = await self.bus.durable(topo.work, consumer)
         cancels = await self.bus.nc.subscribe(self.subjects.all_cancel, cb=self._on_cancel)
         side = [
             asyncio.create_task(self._heartbeats(stop)),
@@ -150,7 +150,7 @@ class Worker:
         await self._beat()
         try:
             await consume(
-                sub,
+                durable,
                 messaging.consumer(self._on_work, consumer.durable, pool=self.pool),
                 stop,
                 self.slots.total,
@@ -158,7 +158,7 @@ class Worker:
                 slots=self.slots,
                 gate=self.health.gate,
                 max_batch=self.fetch_batch,
-                rebind=lambda: self.bus.pull(topo.work, consumer),
+                rebind=lambda: self.bus.durable(topo.work, consumer),
             )
         finally:
             self._draining = True

@@ -9,8 +9,9 @@ the end emits the `chain` span with that same id (the tracer's id generator is t
 outcome. A message without trace context (a timer) continues the chain's trace
 (`adopt_state`).
 
-Routing spans (`route {model}`) wrap the `send cy.work.{pool}` of each assignment and say what
-was chosen among which candidates, why, and at what estimated cost.
+Routing spans (`route {model}`, PRODUCER) are each assignment's send: the worker's `process`
+span is their child. They say what was chosen among which candidates, why, and at what
+estimated cost.
 """
 
 from __future__ import annotations
@@ -70,14 +71,18 @@ def begin_chain(outcome: Any) -> Any:
         return outcome
     proc = messaging.current_span().get_span_context()  # the intake's process span
     sid = _ids.generate_span_id()
+    # `parent` (the intake's span, the chain span's parent) is kept only for a sampled chain:
+    # its presence is how `end_chain` knows, without parsing, that there is a span to emit
     if proc.is_valid:
         chain = SpanContext(proc.trace_id, sid, False, proc.trace_flags, proc.trace_state)
         t = _traceparent(chain)
-        t["parent"] = _traceparent(proc)["traceparent"]
+        if proc.trace_flags.sampled:
+            t["parent"] = _traceparent(proc)["traceparent"]
     else:  # no handler and no current span: the chain starts its own trace
         flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
         chain = SpanContext(_ids.generate_trace_id(), sid, False, flags)
         t = _traceparent(chain)
+        t["parent"] = ""  # a root
     messaging.make_current(trace.set_span_in_context(NonRecordingSpan(chain)))
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
@@ -114,8 +119,10 @@ def end_chain(state: Any) -> None:
     """Emit the chain's span under the ids drawn at intake."""
     tr = tracing.active
     t = getattr(state, "trace", None)
-    ctx = chain_context(state) if t else None
-    if tr is None or ctx is None:
+    if tr is None or not t or "parent" not in t:  # not traced, or sampled out (begin_chain)
+        return
+    ctx = chain_context(state)
+    if ctx is None:
         return
     sc = trace.get_current_span(ctx).get_span_context()
     if not sc.trace_flags.sampled:
@@ -172,7 +179,6 @@ def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> st
 def _decision(
     a: Any,
     state: Any,
-    model: str,
     candidates: Callable[[], list[str]] | None,
     strategy: str | None,
 ) -> dict[str, Any]:
@@ -184,8 +190,9 @@ def _decision(
     if kind is None:
         kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
     attrs: dict[str, Any] = {
+        "chainyard.step.id": a.step_id,
+        "chainyard.step.attempt": a.attempt,
         "chainyard.step.kind": kind,
-        "chainyard.route.model": model,
         "chainyard.route.candidates": cands,
         "chainyard.route.choice": target.deployment,
         "chainyard.route.pool": target.pool,
@@ -217,25 +224,20 @@ async def publish_work(
     messaging.ensure_span()
     if tr is None or messaging.sampled_out():
         return await messaging.publish(js, subject, data, a.msg_id)
-    ids = {
-        "chainyard.tenant": a.tenant,
-        "chainyard.chain.id": a.chain_id,
-        "chainyard.step.id": a.step_id,
-        "chainyard.step.attempt": a.attempt,
-    }
     step = a.step
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    route = tr.start_span(f"route {model}", kind=SpanKind.INTERNAL, attributes=ids)
-    if route.is_recording():  # the decision's details only for a span that is kept
-        route.set_attributes(_decision(a, state, model, candidates, strategy))
+    # The assignment's send: the worker's `process` span is its child (no `send` span of its
+    # own). Its attributes are given once, at the start: under a sampled parent (checked above)
+    # the span is kept. The chain and tenant are the trace's (the chain span has them), the model
+    # is in the span's name.
+    route = tr.start_span(
+        f"route {model}",
+        kind=SpanKind.PRODUCER,
+        attributes=_decision(a, state, candidates, strategy),
+    )
     try:
         return await messaging.publish(
-            js,
-            subject,
-            data,
-            a.msg_id,
-            context=trace.set_span_in_context(route),
-            attrs={"chainyard.chain.id": a.chain_id, "chainyard.step.id": a.step_id},
+            js, subject, data, a.msg_id, context=trace.set_span_in_context(route)
         )
     except BaseException as e:
         tracing.record_error(route, e)

@@ -1,9 +1,16 @@
-"""A pull-consumer loop with bounded concurrency: fetch only as many messages as there are slots.
+"""A pull-consumer loop with bounded concurrency: messages are asked for only as slots free up.
 
-One `fetch` at a time, sized to the free slots (up to `max_batch`). nats-py's fetch returns as
-soon as the first message has come and the server has sent what it had ready, so a fetch
-waiting on an idle consumer hands over a new message at once; while a backlog lasts, each fetch
-takes the slots freed during the previous one.
+The loop keeps one pull request waiting at the server, on a core subscription of its own inbox:
+JetStream's documented pull API, `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` with `batch`
+and `expires` (nats-py's `fetch` sends the same request). Messages and the request's end (a
+408 when it expires, a 409 or 503 when it cannot be served) arrive on that inbox and are handled
+in the subscription's callback: no task, timer or request round trip per message, and a
+message published to an idle consumer is handed over as soon as the server delivers it.
+
+A request asks for as many messages as there are free slots (up to `max_batch`), so the slots
+are never exceeded; the next one goes out when it has been served (its batch delivered), when
+it ended, or when one that was waiting is judged lost (no end by its expiry and a grace period:
+the server restarted, the connection was re-established). DESIGN-NOTES #27 has the figures.
 """
 
 from __future__ import annotations
@@ -11,22 +18,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError
-from nats.js import JetStreamContext
+from nats.js.api import DEFAULT_PREFIX, Header, StatusCode
 
 log = logging.getLogger("chainyard.consume")
-STUCK_AFTER_EMPTY_FETCHES = 5  # expiry periods with nothing delivered before a staleness check
-# On stop, a fetch under way this long is let finish (its messages are nak'ed for another
-# consumer); one still waiting then is cancelled: nothing had come for it.
-STOP_GRACE_S = 0.1
+# On stop, messages delivered before the server saw the inbox go are nak'ed within this long
+STOP_GRACE_S = 2.0
+# A pull request with no end (408) by its expiry plus this long is taken as lost
+LOST_AFTER_S = 0.5
+# After a request the server refused (409: too many waiting, a batch over the consumer's max...)
+# the next waits this long: asking again at once would repeat the refusal in a hot loop
+REFUSED_PAUSE_S = 0.2
 Handler = Callable[[Msg], Awaitable[None]]
-PullSub = JetStreamContext.PullSubscription
+
+
+@dataclass(frozen=True)
+class Durable:
+    """A durable pull consumer to take messages from: the connection, stream and its name."""
+
+    nc: Client
+    stream: str
+    name: str
+    api_prefix: str = DEFAULT_PREFIX
+
+    @property
+    def next_subject(self) -> str:
+        return f"{self.api_prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.name}"
 
 
 def release_slot() -> None:
@@ -60,7 +88,7 @@ class Slots:
 
 
 async def consume(
-    sub: PullSub,
+    durable: Durable,
     handler: Handler,
     stop: asyncio.Event,
     concurrency: int,
@@ -68,34 +96,33 @@ async def consume(
     name: str,
     slots: Slots | None = None,
     gate: Callable[[], Awaitable[None] | None] | None = None,
-    fetch_timeout_s: float = 1.0,
+    request_expires_s: float = 1.0,
     max_batch: int | None = None,
-    rebind: Callable[[], Awaitable[PullSub]] | None = None,
+    rebind: Callable[[], Awaitable[Durable]] | None = None,
 ) -> None:
-    """Run `handler` on every message of the pull subscription `sub` until `stop` is set, then
+    """Run `handler` on every message of the durable pull consumer until `stop` is set, then
     finish what is in flight.
 
     At most `concurrency` handlers run at once (`slots` shares the count with the caller, e.g.
-    for heartbeats). `gate`, when given, is called before each fetch: None lets it go, an
-    awaitable holds it until done (a throttled worker waits there). `max_batch` caps one fetch
-    (a worker with 10,000 free slots asks in bites, so the other workers of its pool get their
-    share). A fetch waits at most `fetch_timeout_s` for a first message.
-    `rebind`, when given, makes a new pull subscription: used when nothing is delivered for a
-    while although the consumer has messages waiting, which happens after a server restart or a
-    JetStream leader move (nats.py #504). The subscription is unsubscribed on return, not drained
-    (DESIGN-NOTES #7).
+    for heartbeats). `gate`, when given, is called before each pull request: None lets it go,
+    an awaitable holds it until done (a throttled worker waits there, with no request left
+    waiting at the server). `max_batch` caps one request (a worker with 10,000 free slots asks
+    in bites, so the other workers of its pool get their share). A request waits at most
+    `request_expires_s` at the server, then another is sent.
+    `rebind`, when given, makes sure the consumer exists again (and may name another): called
+    when the server says it does not (deleted, or lost with a server's store).
     The handler acks, naks or terms its message; one that raises gets its message nak'ed with a
     growing delay (it comes back) and the loop goes on: one bad message never stops it.
     """
     slots = slots or Slots(concurrency)
-    c = _Consumer(sub, handler, stop, slots, name, gate, fetch_timeout_s, max_batch, rebind)
+    c = _Consumer(durable, handler, stop, slots, name, gate, request_expires_s, max_batch, rebind)
     await c.run()
 
 
 class _Consumer:
     def __init__(
         self,
-        sub: PullSub,
+        durable: Durable,
         handler: Handler,
         stop: asyncio.Event,
         slots: Slots,
@@ -103,9 +130,9 @@ class _Consumer:
         gate: Callable[[], Awaitable[None] | None] | None,
         expires_s: float,
         max_batch: int | None,
-        rebind: Callable[[], Awaitable[PullSub]] | None,
+        rebind: Callable[[], Awaitable[Durable]] | None,
     ) -> None:
-        self.sub = sub
+        self.durable = durable
         self.handler = handler
         self.stop = stop
         self.slots = slots
@@ -116,72 +143,144 @@ class _Consumer:
         self.rebind = rebind
         self.tasks: set[asyncio.Task[None]] = set()
         self.released: set[asyncio.Task[Any] | None] = set()  # running, slot given back early
-        self.freed = asyncio.Event()  # a slot was given back (or stop was set)
-        self.last_delivery = self.last_check = time.monotonic()
+        self.wake = asyncio.Event()  # a request is due (or stop was set)
+        self.stopping = False
+        self.inbox = durable.nc.new_inbox()
+        self.sub: Subscription | None = None
+        self.ids = itertools.count()
+        # the pull request waiting at the server: its reply subject, what it still may bring,
+        # and when it is judged lost
+        self.reply = ""
+        self.left = 0
+        self.lost_at = 0.0
+        self.missing = False  # the server said the consumer does not exist
+        self.refused = False  # the server refused the last request
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.stopped = asyncio.ensure_future(self.stop.wait())
-        self.stopped.add_done_callback(lambda _: self.freed.set())
-        fetching: asyncio.Future[list[Msg]] | None = None
+        stopped = asyncio.ensure_future(self.stop.wait())
+        stopped.add_done_callback(lambda _: self.wake.set())
+        self.stopped = stopped
         try:
+            self.sub = await self.durable.nc.subscribe(self.inbox + ".*", cb=self._on_msg)
             while not self.stop.is_set():
-                if self.slots.free <= 0:
-                    self.freed.clear()
-                    await self.freed.wait()
+                self.wake.clear()
+                if self.missing:
+                    await self._rebind()
+                elif self.refused:
+                    self.refused = False
+                    await asyncio.wait((stopped,), timeout=REFUSED_PAUSE_S)
                     continue
                 held = self.gate() if self.gate is not None else None
                 if held is not None and not await self._gate(held):
                     break
-                n = min(self.slots.free, self.max_batch)
-                fetching = asyncio.ensure_future(self.sub.fetch(n, timeout=self.expires_s))
-                await asyncio.wait((fetching, self.stopped), return_when=asyncio.FIRST_COMPLETED)
-                if not fetching.done():
-                    break  # stopped while waiting: the finally ends the fetch
-                got, fetching = fetching, None
-                if not await self._took(got):
+                if self.reply and time.monotonic() > self.lost_at:
+                    log.info("%s: pull request %s lost, asking again", self.name, self.reply)
+                    self.reply = ""
+                if not self.reply and self.slots.free > 0 and not await self._request():
                     break
+                await self._sleep()
+        except ConnectionClosedError:
+            pass
         finally:
-            self.stopped.cancel()
-            if fetching is not None:
-                await self._end_fetch(fetching)
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
+            stopped.cancel()
+            self.stopping = True
+            await self._close()
             while self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    async def _took(self, fetched: asyncio.Future[list[Msg]]) -> bool:
-        """Start a handler per fetched message; False when the connection is closed."""
+    async def _request(self) -> bool:
+        """Ask for as many messages as there are free slots; False when the connection closed."""
+        n = min(self.slots.free, self.max_batch)
+        reply = f"{self.inbox}.{next(self.ids)}"
+        req = {"batch": n, "expires": int(self.expires_s * 1e9)}
         try:
-            msgs = fetched.result()
-        except TimeoutError:  # nothing came within expires (nats-py's is also the builtin one)
-            await self._check_stuck()
-            return True
+            await self.durable.nc.publish(
+                self.durable.next_subject, json.dumps(req).encode(), reply=reply
+            )
         except ConnectionClosedError:
             return False
-        except Exception as e:  # 503 no consumer, disconnected with a full buffer...: not hot
-            log.warning("%s: fetch failed: %s", self.name, e)
+        except Exception as e:  # disconnected with a full buffer...: not hot
+            log.warning("%s: pull request failed: %s", self.name, e)
             await asyncio.wait((self.stopped,), timeout=0.2)
-            await self._check_stuck()
             return True
-        self.last_delivery = time.monotonic()
-        for msg in msgs:
-            if self.stop.is_set():
-                self._nak_now(msg)
-            else:
-                self._start(msg)
+        self.reply, self.left = reply, n
+        self.lost_at = time.monotonic() + self.expires_s + LOST_AFTER_S
         return True
 
-    async def _end_fetch(self, fetching: asyncio.Future[list[Msg]]) -> None:
-        """On stop: a fetch that is being served finishes and its messages go back at once; one
-        still waiting is cancelled (unsubscribing withdraws its pull request)."""
-        await asyncio.wait((fetching,), timeout=STOP_GRACE_S)
-        if not fetching.done():
-            fetching.cancel()
-            await asyncio.wait((fetching,))
-        if not fetching.cancelled() and fetching.exception() is None:
-            for msg in fetching.result():
+    async def _sleep(self) -> None:
+        """Until a request is due, or a waiting one's time is up."""
+        if self.reply:
+            timeout = max(0.0, self.lost_at - time.monotonic())
+        else:  # no request: waiting for a slot, or a failed request to be sent again
+            timeout = None if self.slots.free <= 0 else 0.0
+        if timeout == 0.0 or self.wake.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        """The inbox's callback: a message to handle, or the end of a pull request."""
+        headers = msg.headers
+        status = headers.get(Header.STATUS) if headers else None
+        if not status:
+            if self.stopping:
                 self._nak_now(msg)
+                return
+            self._start(msg)
+            if self.reply:  # a delivery carries its stream subject: it is the waiting request's
+                self.left -= 1
+                if self.left <= 0:  # served: the next request may go
+                    self.reply = ""
+                    self.wake.set()
+            return
+        if status == StatusCode.CONTROL_MESSAGE or msg.subject != self.reply:
+            return  # a heartbeat, or the end of a request already given up
+        self.reply = ""
+        self.wake.set()
+        if status == StatusCode.REQUEST_TIMEOUT:  # expired: the usual end while idle
+            return
+        what = headers.get(Header.DESCRIPTION, "") if headers else ""
+        if status == StatusCode.SERVICE_UNAVAILABLE or "deleted" in what.lower():
+            self.missing = True
+        else:
+            self.refused = True
+        log.warning("%s: pull request ended: %s %s", self.name, status, what)
+
+    async def _rebind(self) -> None:
+        self.missing = False
+        if self.rebind is None:
+            await asyncio.wait((self.stopped,), timeout=0.2)
+            return
+        try:
+            durable = await self.rebind()
+        except Exception as e:
+            log.warning("%s: rebinding failed, will try again: %s", self.name, e)
+            self.missing = True
+            await asyncio.wait((self.stopped,), timeout=0.2)
+            return
+        self.durable = durable
+
+    async def _withdraw(self) -> None:
+        """Take back the waiting pull request: the server drops a request whose inbox has no
+        subscriber. What it had sent already is handled; the next request uses a new inbox."""
+        await self._close()
+        self.stopping = False
+        self.reply = ""
+        self.inbox = self.durable.nc.new_inbox()
+        self.sub = await self.durable.nc.subscribe(self.inbox + ".*", cb=self._on_msg)
+
+    async def _close(self) -> None:
+        """Unsubscribe the inbox; messages the server sent before it saw that are still
+        handled by `_on_msg` (nak'ed at once when stopping)."""
+        sub, self.sub = self.sub, None
+        if sub is None:
+            return
+        try:
+            await asyncio.wait_for(sub.drain(), STOP_GRACE_S)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -205,7 +304,8 @@ class _Consumer:
 
     def _give(self) -> None:
         self.slots.give()
-        self.freed.set()
+        if not self.reply:  # a request is due only when none is waiting
+            self.wake.set()
 
     async def _run(self, msg: Msg) -> None:
         _running.set(self)  # this task's own context: for release_slot()
@@ -229,7 +329,9 @@ class _Consumer:
     # -- waiting ----------------------------------------------------------------------------
 
     async def _gate(self, held: Awaitable[None]) -> bool:
-        """Wait for the gate; False when stopped meanwhile."""
+        """Wait for the gate, with no request waiting at the server; False when stopped."""
+        if self.reply:
+            await self._withdraw()
         g = asyncio.ensure_future(held)
         try:
             await asyncio.wait({g, self.stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -237,30 +339,3 @@ class _Consumer:
             if not g.done():
                 g.cancel()
         return not self.stop.is_set()
-
-    async def _check_stuck(self) -> None:
-        """Nothing arrived for a while: if the consumer has messages waiting, the subscription is
-        stale (the server restarted, a leader moved under it), so bind a new one. One info
-        request per idle spell."""
-        now = time.monotonic()
-        idle = STUCK_AFTER_EMPTY_FETCHES * self.expires_s
-        if self.rebind is None or now - self.last_delivery < idle or now - self.last_check < idle:
-            return
-        self.last_check = now
-        try:
-            info = await self.sub.consumer_info()
-        except Exception as e:
-            log.warning("%s: consumer info failed while idle: %s", self.name, e)
-            info = None
-        if info is not None and info.num_pending == 0:
-            return
-        waiting = info.num_pending if info is not None else "?"
-        log.warning("%s: %s messages waiting but none delivered: rebinding", self.name, waiting)
-        try:
-            sub = await self.rebind()
-        except Exception as e:
-            log.warning("%s: rebinding failed, will try again: %s", self.name, e)
-            return
-        old, self.sub = self.sub, sub
-        with contextlib.suppress(Exception):
-            await old.unsubscribe()

@@ -70,13 +70,15 @@ def _output_messages(output: Any) -> str:
 
 
 def _request(a: Any) -> dict[str, Any]:
+    """The chat span's attributes, all given at its start (one call into the SDK). The chain,
+    step and attempt are the parent `process` span's `messaging.message.id`."""
     t, step = a.target, a.step
     attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": provider_name(t.provider),
+        "gen_ai.request.model": t.model,
         "chainyard.deployment": t.deployment,
         "chainyard.pool": t.pool,
-        "chainyard.chain.id": a.chain_id,
-        "chainyard.step.id": a.step_id,
-        "chainyard.step.attempt": a.attempt,
     }
     params = getattr(step, "params", None)
     if params is not None:
@@ -111,18 +113,8 @@ def traced_chat(execute: Execute) -> Execute:
         if tr is None:
             return await execute(a, on_delta)
         t = a.target
-        span = tr.start_span(
-            f"chat {t.model}",
-            kind=SpanKind.CLIENT,
-            attributes={  # what the conventions want at creation (a sampler may read them)
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": provider_name(t.provider),
-                "gen_ai.request.model": t.model,
-            },
-        )
+        span = tr.start_span(f"chat {t.model}", kind=SpanKind.CLIENT, attributes=_request(a))
         recording = span.is_recording()
-        if recording:
-            span.set_attributes(_request(a))
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             r = await execute(a, on_delta)
@@ -164,9 +156,6 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": name,
             "gen_ai.tool.type": "function",
-            "chainyard.chain.id": a.chain_id,
-            "chainyard.step.id": a.step_id,
-            "chainyard.step.attempt": a.attempt,
         }
         call_id = getattr(a.step, "tool_call_id", None)
         if call_id:

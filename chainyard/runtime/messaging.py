@@ -1,8 +1,10 @@
 """Messaging spans and trace context on the bus: publish and consume middleware.
 
-`publish` wraps a JetStream publish in a `send {destination template}` PRODUCER span and
-injects the context into the NATS headers with the SDK's propagators (`opentelemetry.propagate`:
-W3C `traceparent` / `tracestate` and `baggage` by default, whatever `OTEL_PROPAGATORS` names).
+`publish` injects the trace context into a JetStream publish's NATS headers with the SDK's
+propagators (`opentelemetry.propagate`: W3C `traceparent` / `tracestate` and `baggage` by
+default, whatever `OTEL_PROPAGATORS` names). Inside a handler the handler's `process` span (or
+the `route` span given as `context`) is the message's producer; elsewhere the publish gets a
+`send {destination template}` PRODUCER span of its own.
 `consumer` wraps a pull consumer's handler in a `process {template}` CONSUMER span, child of
 and linked to the context extracted from the message (header names read in any case, so a Go
 client's `Traceparent` works), and makes it current for the handler: the spans and publishes of
@@ -90,11 +92,12 @@ def template(subject: str) -> str:
 
 
 def _attrs(op: str, kind: str, subject: str, msg_id: str | None) -> dict[str, Any]:
+    # no `messaging.destination.template`: it is the span's name. Every attribute costs the
+    # SDK's validation and the exporter's encoding, a few us each (DESIGN-NOTES #27).
     a: dict[str, Any] = {
         "messaging.system": SYSTEM,
         "messaging.operation.name": op,
         "messaging.operation.type": kind,
-        "messaging.destination.template": template(subject),
         "messaging.destination.name": subject,
     }
     if msg_id:
@@ -111,27 +114,26 @@ async def publish(
     data: bytes,
     msg_id: str,
     *,
-    attrs: dict[str, Any] | None = None,
     context: Context | None = None,
 ) -> Any:
-    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), inside a `send` span whose
-    context rides in the headers. `context`: the parent (default: the current context)."""
+    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty) and the trace context in
+    its headers. `context`: the span that produces the message (the router's `route` span);
+    from a consumer's handler, its `process` span does. Either way the message gets no span of
+    its own: that span is its send (fewer spans a step, the same tree: DESIGN-NOTES #27).
+    Elsewhere (a client, a script) the publish gets a `send` span."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else {}
     tr = tracing.active
     if tr is None:
         return await js.publish(subject, data, headers=headers or None)
-    if context is None:
+    if context is None and _scope.get() is not None:
         ensure_span()
-    if sampled_out(context):  # nothing under it is recorded: only the context travels on
+        context = otel_context.get_current()
+    if context is not None or sampled_out():  # only the context travels on
         propagate.inject(headers, context=context)
         return await js.publish(subject, data, headers=headers)
     a = _attrs("send", "send", subject, msg_id)
-    if attrs:
-        a.update(attrs)
-    span = tr.start_span(
-        f"send {template(subject)}", context=context, kind=SpanKind.PRODUCER, attributes=a
-    )
-    propagate.inject(headers, context=trace.set_span_in_context(span, context))
+    span = tr.start_span(f"send {template(subject)}", kind=SpanKind.PRODUCER, attributes=a)
+    propagate.inject(headers, context=trace.set_span_in_context(span))
     try:
         return await js.publish(subject, data, headers=headers)
     except BaseException as e:
@@ -148,11 +150,12 @@ class _Scope:
     """A handler's process span (None until it has a parent, see `adopt`) and the contexts it
     made current, detached in reverse order when the handler returns."""
 
-    __slots__ = ("attrs", "name", "span", "start_ns", "tokens")
+    __slots__ = ("durable", "msg_id", "span", "start_ns", "subject", "tokens")
 
-    def __init__(self, name: str, attrs: dict[str, Any]) -> None:
-        self.name = name
-        self.attrs = attrs
+    def __init__(self, subject: str, msg_id: str | None, durable: str) -> None:
+        self.subject = subject
+        self.msg_id = msg_id
+        self.durable = durable
         self.start_ns = time.time_ns()
         self.span: Span | None = None
         self.tokens: list[Any] = []
@@ -167,11 +170,13 @@ class _Scope:
         links = None
         if link and parent is not None:
             links = [Link(trace.get_current_span(parent).get_span_context())]
+        attrs = _attrs("process", "process", self.subject, self.msg_id)  # only for a span made
+        attrs["messaging.consumer.group.name"] = self.durable
         span = self.span = tr.start_span(
-            self.name,
+            f"process {template(self.subject)}",
             context=parent if parent is not None else otel_context.get_current(),
             kind=SpanKind.CONSUMER,
-            attributes=self.attrs,
+            attributes=attrs,
             links=links,
             start_time=self.start_ns,
         )
@@ -267,9 +272,7 @@ def _begin(msg: Any, durable: str) -> tuple[_Scope, Any]:
     if headers:
         mid = headers.get("Nats-Msg-Id") or GETTER.get(headers, "nats-msg-id")
         mid = mid[0] if isinstance(mid, list) else mid
-    attrs = _attrs("process", "process", subject, mid)
-    attrs["messaging.consumer.group.name"] = durable
-    scope = _Scope(f"process {template(subject)}", attrs)
+    scope = _Scope(subject, mid, durable)
     token = _scope.set(scope)
     if headers:
         ctx = propagate.extract(headers, getter=GETTER)

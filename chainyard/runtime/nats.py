@@ -37,6 +37,8 @@ from nats.js.kv import KeyValue
 
 from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
 
+from .consume import Durable
+
 log = logging.getLogger("chainyard.nats")
 T = TypeVar("T")
 # "no suitable peers for placement": the meta leader does not count enough nodes as current to
@@ -202,6 +204,11 @@ class Bus:
         """Create or update the durable consumer, then bind a pull subscription to it."""
         await ensure_consumer(self.js, stream, consumer)
         return await self.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
+
+    async def durable(self, stream: StreamDef, consumer: ConsumerDef) -> Durable:
+        """Create or update the durable consumer; what `consume` takes messages from."""
+        await ensure_consumer(self.js, stream, consumer)
+        return Durable(self.nc, stream.name, consumer.durable)
 
     async def close(self) -> None:
         if not self._closed:
