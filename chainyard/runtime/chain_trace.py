@@ -141,6 +141,8 @@ def end_chain(state: Any) -> None:
     }
     if state.reason:
         attrs["chainyard.chain.reason"] = state.reason[:500]
+    for key, value in state.chain.metadata.items():  # bounded at intake (contracts/_chain.py)
+        attrs[f"chainyard.metadata.{key}"] = value
     start = state.created_at_ms * 1_000_000
     parent = _context(t.get("parent"), t.get("tracestate")) or Context()
     token = tracing.forced_ids.set((sc.trace_id, sc.span_id))
