@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from chainyard.contracts import ChainState, Event, Topology, event_decoder, state_decoder
@@ -50,6 +53,57 @@ class Snapshot:
     stale_reads: int = 0  # KV entries the consumer read older than the leader's
 
 
+async def follow_stream(
+    js: JetStreamContext,
+    stream: str,
+    subjects: str | list[str],
+    on_msg: Callable[[Msg], None],
+    *,
+    last_per_subject: bool = False,
+    since: datetime | None = None,
+) -> tuple[Subscription | None, asyncio.Future[None]]:
+    """Hand every message of `stream` on `subjects` (all, the last per subject, or those
+    stored from `since` on) to `on_msg`, then each new one, through an ordered consumer (it
+    costs the stream's writers nothing). The future is done once the stored messages have all
+    been handed over (at once for an empty stream); the subscription is None for a stream that
+    does not exist. The API calls are retried while the cluster elects a leader."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        info = await retry_api(lambda: js.stream_info(stream))
+    except NotFoundError:
+        done.set_result(None)
+        return None, done
+    if info.state.messages == 0:
+        done.set_result(None)
+
+    async def cb(msg: Msg) -> None:
+        on_msg(msg)
+        if msg.metadata.num_pending == 0 and not done.done():
+            done.set_result(None)
+
+    filters = [subjects] if isinstance(subjects, str) else subjects
+    config = ConsumerConfig(filter_subjects=filters if len(filters) > 1 else None)
+    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+    if since is not None:
+        policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, since
+    sub = await retry_api(
+        lambda: js.subscribe(
+            filters[0],
+            cb=cb,
+            ordered_consumer=True,
+            deliver_policy=policy,
+            stream=stream,
+            config=config,
+        )
+    )
+    if since is not None and not done.done():
+        # Nothing stored since then: no message will say so.
+        pending = await retry_api(sub.consumer_info)
+        if not pending.num_pending and not done.done():
+            done.set_result(None)
+    return sub, done
+
+
 async def read_stream(
     js: JetStreamContext,
     stream: str,
@@ -58,34 +112,18 @@ async def read_stream(
     last_per_subject: bool = False,
     limit_s: float = 60.0,
 ) -> list[Msg]:
-    """Every message stored in `stream` (optionally the last per subject), with an ordered
-    consumer; ends when the consumer reports nothing pending. The API calls are retried while
-    the cluster elects a leader (an audit right after a node loss)."""
-    try:
-        info = await retry_api(lambda: js.stream_info(stream))
-    except NotFoundError:
-        return []
-    if info.state.messages == 0:
-        return []
+    """Every message stored in `stream` (optionally the last per subject), read with
+    `follow_stream` until it reports nothing pending."""
     out: list[Msg] = []
-    done = asyncio.get_running_loop().create_future()
-
-    async def cb(msg: Msg) -> None:
-        out.append(msg)
-        if msg.metadata.num_pending == 0 and not done.done():
-            done.set_result(None)
-
-    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
-    sub = await retry_api(
-        lambda: js.subscribe(
-            subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
-        )
+    sub, done = await follow_stream(
+        js, stream, subject, out.append, last_per_subject=last_per_subject
     )
     try:
         await asyncio.wait_for(done, limit_s)
     finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
     return out
 
 

@@ -105,7 +105,7 @@ def chain_recorded(before: Any, after: Any) -> None:
 def chain_ended(state: Any) -> None:
     if metrics.on:
         dur = ((state.ended_at_ms or now_ms()) - state.created_at_ms) / 1000
-        metrics.chain_ended(state.status, dur, state.cost_usd)
+        metrics.chain_ended(state.status, dur, state.cost_usd, state.tenant, state.usage)
     if tracing.active is not None:
         end_chain(state)
 
