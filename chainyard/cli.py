@@ -608,7 +608,12 @@ def parser() -> argparse.ArgumentParser:
     from chainyard.k8s import cli as deploy
 
     deploy.configure(add("deploy", deploy.run, "render manifests", nats="none"), add_nats)
-    from chainyard import usage
+    from chainyard import top, usage
+
+    top.configure(
+        add("top", top.run, "a live view of pools, deployments, tenants, failures", nats="none"),
+        add_nats,
+    )
 
     usage.configure(
         add("usage", usage.run, "chains, tokens and cost by tenant, model, ...", nats="none"),

@@ -24,6 +24,7 @@ from chainyard.contracts import (
     PoolConfig,
     Price,
     ToolStep,
+    WaitStep,
     dump_config,
     encode,
 )
@@ -102,6 +103,9 @@ class Stack:
     url: str
     config: Config
 
+    async def submit(self, tenant: str, chain: Chain) -> None:
+        await self.bus.js.publish(self.bus.subjects.submit(tenant), encode(chain))
+
     async def run_chains(self, count: int, first: int = 0, timeout: float = 60.0) -> list[object]:
         """`count` chains per tenant, ids c-<first>.., the same ids for both tenants; returns
         their terminal events once all have ended."""
@@ -115,6 +119,16 @@ class Stack:
             want = len(ids) * len(TENANTS)
             await ev.wait(lambda e: isinstance(e, TERMINAL), timeout, count=want)
             return ev.matching(lambda e: isinstance(e, TERMINAL))
+
+
+def waiting(chain_id: str) -> Chain:
+    """A chain that stays running: its step waits for a signal nobody sends."""
+    return Chain(id=chain_id, steps=[WaitStep(id="approve", signal="approve")])
+
+
+def failing(chain_id: str) -> Chain:
+    """A chain whose tool step raises (no `query`): it fails with a reason."""
+    return Chain(id=chain_id, steps=[ToolStep(id="boom", tool="search", args={})])
 
 
 @contextlib.asynccontextmanager

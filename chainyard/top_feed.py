@@ -1,0 +1,116 @@
+"""`chainyard top`'s reading side: feeds a `Feed` (top_model.py) from what NATS already holds.
+
+Only readers, so the view costs the data path nothing: ordered consumers (no acks, no durable
+state) on the KV buckets' streams (`cy_capacity` heartbeats, `cy_breakers`, `cy_chains`) and on
+the event log from midnight UTC, plus a poll of the pool consumers' info once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from chainyard._ledger_read import follow_stream
+from chainyard.contracts import Topology
+from chainyard.top_model import Feed
+
+POLL_S = 1.0
+DELETED = ("DEL", "PURGE")
+
+
+def _kv_value(msg: Msg) -> bytes | None:
+    """The entry's value; None for a deleted or purged key."""
+    if (msg.headers or {}).get("KV-Operation") in DELETED or not msg.data:
+        return None
+    return msg.data
+
+
+def midnight_utc(now: datetime | None = None) -> datetime:
+    now = now or datetime.now(UTC)
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class Sources:
+    """Start with `start()`; `ready` is done once everything stored has been read."""
+
+    def __init__(self, js: JetStreamContext, feed: Feed, topology: Topology | None = None) -> None:
+        self.js = js
+        self.feed = feed
+        self.topology = topology or Topology()
+        self._subs: list[Subscription] = []
+        self._poller: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[list[None]] | None = None
+
+    async def start(self, since: datetime | None = None) -> None:
+        feed, topo = self.feed, self.topology
+        feed.prefix = topo.subjects.prefix
+        waits = []
+
+        async def kv(bucket: str, apply: object) -> None:
+            prefix = f"$KV.{bucket}."
+
+            def on_msg(msg: Msg) -> None:
+                apply(msg.subject.removeprefix(prefix), _kv_value(msg))  # type: ignore[operator]
+
+            sub, done = await follow_stream(
+                self.js, f"KV_{bucket}", f"{prefix}>", on_msg, last_per_subject=True
+            )
+            self._keep(sub)
+            waits.append(done)
+
+        await kv(topo.capacity_kv.bucket, feed.on_heartbeat)
+        await kv(topo.breakers_kv.bucket, feed.on_breaker)
+        await kv(topo.chains_kv.bucket, feed.on_chain)
+
+        def on_event(msg: Msg) -> None:
+            at = msg.metadata.timestamp
+            at_ms = int(at.timestamp() * 1000) if at else 0
+            feed.on_event(msg.subject, msg.data, at_ms)
+
+        sub, done = await follow_stream(
+            self.js,
+            topo.events.name,
+            topo.subjects.all_events,
+            on_event,
+            since=since or midnight_utc(),
+        )
+        self._keep(sub)
+        waits.append(done)
+        await self.poll_queues()
+        self._poller = asyncio.create_task(self._poll())
+        self.ready = asyncio.gather(*waits)
+
+    def _keep(self, sub: Subscription | None) -> None:
+        if sub is not None:
+            self._subs.append(sub)
+
+    async def poll_queues(self) -> None:
+        """Pending and ack-pending of every pool's consumer (num_pending, num_ack_pending)."""
+        work = self.topology.work.name
+        head = self.topology.subjects.work("")
+        with contextlib.suppress(Exception):  # no work stream yet: no pools to show
+            for info in await self.js.consumers_info(work):
+                subject = info.config.filter_subject or ""
+                if subject.startswith(head):
+                    pool = subject.removeprefix(head)
+                    self.feed.on_queue(pool, info.num_pending or 0, info.num_ack_pending or 0)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            await self.poll_queues()
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
