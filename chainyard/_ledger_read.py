@@ -56,13 +56,13 @@ class Snapshot:
 async def follow_stream(
     js: JetStreamContext,
     stream: str,
-    subjects: str | list[str],
+    subject: str,
     on_msg: Callable[[Msg], None],
     *,
     last_per_subject: bool = False,
     since: datetime | None = None,
 ) -> tuple[Subscription | None, asyncio.Future[None]]:
-    """Hand every message of `stream` on `subjects` (all, the last per subject, or those
+    """Hand every message of `stream` on `subject` (all, the last per subject, or those
     stored from `since` on) to `on_msg`, then each new one, through an ordered consumer (it
     costs the stream's writers nothing). The future is done once the stored messages have all
     been handed over (at once for an empty stream); the subscription is None for a stream that
@@ -81,14 +81,15 @@ async def follow_stream(
         if msg.metadata.num_pending == 0 and not done.done():
             done.set_result(None)
 
-    filters = [subjects] if isinstance(subjects, str) else subjects
-    config = ConsumerConfig(filter_subjects=filters if len(filters) > 1 else None)
+    # One filter subject: nats-py's ordered consumer with several (filter_subjects) was 60x
+    # slower here (nats-py 2.16, nats-server 2.15); callers skip what they don't need.
+    config = ConsumerConfig()
     policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
     if since is not None:
         policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, since
     sub = await retry_api(
         lambda: js.subscribe(
-            filters[0],
+            subject,
             cb=cb,
             ordered_consumer=True,
             deliver_policy=policy,

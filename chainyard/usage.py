@@ -169,12 +169,12 @@ def _count(row: UsageRow, steps: int, usage: Usage, cost: float, cached: int, sa
     row.saved_usd += saved
 
 
-def subjects(topology: Topology, tenant: str | None) -> list[str]:
-    """The event subjects the report reads: step completions and chain ends, one tenant's or
-    every tenant's (a tenant's NATS user may read only its own)."""
-    who = tenant or "*"
-    base = f"{topology.subjects.prefix}.events.{who}.*"
-    return [f"{base}.step.completed", f"{base}.chain.*"]
+def subject(topology: Topology, tenant: str | None) -> str:
+    """The event log of one tenant or of every tenant (a tenant's NATS user may read only its
+    own); `UsageReport.add` skips what is neither a step completion nor a chain's end."""
+    if tenant:
+        return f"{topology.subjects.prefix}.events.{tenant}.>"
+    return topology.subjects.all_events
 
 
 async def scan(
@@ -186,11 +186,11 @@ async def scan(
     since: datetime | None,
     limit_s: float = 600.0,
 ) -> None:
-    """Hand the event log's step completions and chain ends (from `since`) to `on_msg`."""
+    """Hand the event log (from `since`) to `on_msg`."""
     from chainyard._ledger_read import follow_stream
 
     sub, done = await follow_stream(
-        js, topology.events.name, subjects(topology, tenant), on_msg, since=since
+        js, topology.events.name, subject(topology, tenant), on_msg, since=since
     )
     try:
         await asyncio.wait_for(done, limit_s)

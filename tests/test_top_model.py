@@ -141,5 +141,5 @@ def test_rows_sort_and_print() -> None:
     assert [r[0] for r in table_rows(tenants, snap, None, False)] == ["a", "b", "c"]
     assert [r[0] for r in table_rows(tenants, snap, spend_col, True)] == ["c", "b", "a"]
     text = plain(snap)
-    assert "tenants (today, UTC):" in text and "$0.300000" in text
+    assert "tenants (today, UTC):" in text and "$0.3000" in text
     assert ChainState  # the KV value's type: on_chain reads its `status` only
