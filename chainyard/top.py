@@ -125,7 +125,8 @@ def plain(snap: Snapshot) -> str:
         widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
         out.append(f"{pane.title}:")
         for line in [head, *body]:
-            out.append("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)))
+            cells = (x.ljust(w) for x, w in zip(line, widths, strict=True))
+            out.append(("  " + "  ".join(cells)).rstrip())
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

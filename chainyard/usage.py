@@ -20,7 +20,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -224,8 +224,11 @@ async def report(
 # -- output --------------------------------------------------------------------------------
 
 
-def as_dicts(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:
-    return [msgspec.structs.asdict(r) for r in rows]
+def as_dict(row: UsageRow) -> dict[str, Any]:
+    """A row for JSON; money rounded to 1e-12 USD (a sum of floats is not exact below that)."""
+    d = msgspec.structs.asdict(row)
+    d["cost_usd"], d["saved_usd"] = round(row.cost_usd, 12), round(row.saved_usd, 12)
+    return d
 
 
 def to_json(rep: UsageReport, since: datetime | None) -> str:
@@ -233,8 +236,8 @@ def to_json(rep: UsageReport, since: datetime | None) -> str:
         {
             "by": rep.by,
             "since": since.isoformat() if since else None,
-            "rows": as_dicts(rep.sorted_rows()),
-            "total": msgspec.structs.asdict(rep.total),
+            "rows": [as_dict(r) for r in rep.sorted_rows()],
+            "total": as_dict(rep.total),
         },
         indent=2,
     )
