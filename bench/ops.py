@@ -19,7 +19,6 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-from chainyard._ledger_read import follow_stream
 from chainyard.contracts import (
     Chain,
     ChainCompleted,
@@ -36,6 +35,7 @@ from chainyard.contracts import (
     encode,
     now_ms,
 )
+from chainyard.ordered import follow
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.top_feed import Sources
@@ -139,19 +139,19 @@ async def _fill(bus: Bus, chains: int) -> tuple[int, int, int]:
     return events, kv, size
 
 
-async def _raw_read(bus: Bus, stream: str, subjects: str, last_per_subject: bool) -> int:
+async def _raw_read(bus: Bus, stream: str, subject: str, last_per_subject: bool) -> int:
     seen = 0
 
     def count(_msg: object) -> None:
         nonlocal seen
         seen += 1
 
-    sub, done = await follow_stream(
-        bus.js, stream, subjects, count, last_per_subject=last_per_subject
-    )
+    reader, done = await follow(
+        bus.nc, bus.js, stream, subject, count, last_per_subject=last_per_subject,
+        flow_control=True,
+    )  # fmt: skip
     await asyncio.wait_for(done, 600)
-    if sub is not None:
-        await sub.unsubscribe()
+    await reader.stop()
     return seen
 
 
@@ -173,7 +173,7 @@ async def ops_views(ctx: Ctx) -> list[Figure]:
             raw_events_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            rep = await report(bus.js, by="tenant")
+            rep = await report(bus.nc, by="tenant")
             usage_s = time.perf_counter() - t0
             assert rep.total.chains == events - 3 * chains, rep.total
 
@@ -184,12 +184,10 @@ async def ops_views(ctx: Ctx) -> list[Figure]:
             raw_both_s = raw_events_s + time.perf_counter() - t0
 
             feed = Feed()
-            sources = Sources(bus.js, feed, topo)
+            sources = Sources(bus.nc, feed, topo)
             t0 = time.perf_counter()
             midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-            await sources.start(since=midnight)
-            assert sources.ready is not None
-            await asyncio.wait_for(sources.ready, 600)
+            await asyncio.wait_for(await sources.start(since=midnight), 600)
             snap = feed.snapshot(now_ms())
             top_s = time.perf_counter() - t0
             await sources.stop()

@@ -14,9 +14,12 @@ class Unreachable(ChainyardError):
     """NATS could not be reached; the message names the URL without its credentials."""
 
 
-async def connect_once(url: str, creds: str | None, name: str) -> NatsClient:
+async def connect_once(
+    url: str, creds: str | None, name: str, inbox_prefix: str = "_INBOX"
+) -> NatsClient:
     """A connection for one command: two tries, no reconnecting later (a lost server ends the
-    command). max_reconnect_attempts=0 would mean "forever" here."""
+    command). max_reconnect_attempts=0 would mean "forever" here. A tenant's user connects
+    with `_INBOX_<tenant>` (deploy/accounts.conf: its replies come there)."""
     import nats
     from nats.errors import Error as NatsError
 
@@ -35,6 +38,7 @@ async def connect_once(url: str, creds: str | None, name: str) -> NatsClient:
             reconnect_time_wait=0.5,
             connect_timeout=5,
             error_cb=quiet,
+            inbox_prefix=inbox_prefix,
         )
     except (NatsError, OSError, TimeoutError) as e:
         raise Unreachable(f"cannot reach NATS at {_fmt_url(url)}: {e or type(e).__name__}") from e

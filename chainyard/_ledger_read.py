@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from chainyard.contracts import ChainState, Event, Topology, event_decoder, state_decoder
@@ -53,80 +50,6 @@ class Snapshot:
     stale_reads: int = 0  # KV entries the consumer read older than the leader's
 
 
-async def follow_stream(
-    js: JetStreamContext,
-    stream: str,
-    subject: str,
-    on_msg: Callable[[Msg], None],
-    *,
-    last_per_subject: bool = False,
-    since: datetime | None = None,
-) -> tuple[Subscription | None, asyncio.Future[None]]:
-    """Hand every message of `stream` on `subject` (all, the last per subject, or those
-    stored from `since` on) to `on_msg`, then each new one, through an ordered consumer (it
-    costs the stream's writers nothing). The future is done once the stored messages have all
-    been handed over (at once for an empty stream); the subscription is None for a stream that
-    does not exist. The API calls are retried while the cluster elects a leader."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    try:
-        info = await retry_api(lambda: js.stream_info(stream))
-    except NotFoundError:
-        done.set_result(None)
-        return None, done
-    first, last = info.state.first_seq, info.state.last_seq
-    config = ConsumerConfig()
-    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
-    if since is not None:
-        # A start sequence, not a start time: the ordered consumer restarts itself from a
-        # sequence after a gap, which the server refuses beside an opt_start_time.
-        first = await first_seq_since(js, stream, since, first, last)
-        policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, first
-    if info.state.messages == 0 or first > last:
-        done.set_result(None)
-
-    async def cb(msg: Msg) -> None:
-        on_msg(msg)
-        if msg.metadata.num_pending == 0 and not done.done():
-            done.set_result(None)
-
-    sub = await retry_api(
-        lambda: js.subscribe(
-            subject,
-            cb=cb,
-            ordered_consumer=True,
-            deliver_policy=policy,
-            stream=stream,
-            config=config,
-        )
-    )
-    if not done.done():
-        # The filter may match nothing of what is stored: no message will say so.
-        pending = await retry_api(sub.consumer_info)
-        if not pending.num_pending and not pending.delivered.stream_seq and not done.done():
-            done.set_result(None)
-    return sub, done
-
-
-async def first_seq_since(
-    js: JetStreamContext, stream: str, since: datetime, first: int, last: int
-) -> int:
-    """The sequence of the first message of `stream` stored at or after `since` (`last + 1`
-    if none): a binary search over the stored sequences, one direct read per step."""
-    lo, hi = first, last + 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        try:
-            m = await retry_api(lambda mid=mid: js.get_msg(stream, seq=mid, next=True))
-        except NotFoundError:  # nothing at or after mid
-            hi = mid
-            continue
-        if m.time is not None and m.time < since and m.seq is not None:
-            lo = m.seq + 1
-        else:
-            hi = mid
-    return lo
-
-
 async def read_stream(
     js: JetStreamContext,
     stream: str,
@@ -135,18 +58,34 @@ async def read_stream(
     last_per_subject: bool = False,
     limit_s: float = 60.0,
 ) -> list[Msg]:
-    """Every message stored in `stream` (optionally the last per subject), read with
-    `follow_stream` until it reports nothing pending."""
+    """Every message stored in `stream` (optionally the last per subject), with an ordered
+    consumer; ends when the consumer reports nothing pending. The API calls are retried while
+    the cluster elects a leader (an audit right after a node loss)."""
+    try:
+        info = await retry_api(lambda: js.stream_info(stream))
+    except NotFoundError:
+        return []
+    if info.state.messages == 0:
+        return []
     out: list[Msg] = []
-    sub, done = await follow_stream(
-        js, stream, subject, out.append, last_per_subject=last_per_subject
+    done = asyncio.get_running_loop().create_future()
+
+    async def cb(msg: Msg) -> None:
+        out.append(msg)
+        if msg.metadata.num_pending == 0 and not done.done():
+            done.set_result(None)
+
+    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+    sub = await retry_api(
+        lambda: js.subscribe(
+            subject, cb=cb, ordered_consumer=True, deliver_policy=policy, stream=stream
+        )
     )
     try:
         await asyncio.wait_for(done, limit_s)
     finally:
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
     return out
 
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -185,7 +184,6 @@ def make_app(feed: Feed, title: str, ready: asyncio.Future[Any] | None) -> Any:
         def on_mount(self) -> None:
             self.query_one("#pools").focus()
             self.set_interval(REFRESH_S, self.redraw)
-            self.started = time.monotonic()
             self.redraw()
 
         def redraw(self) -> None:
@@ -250,18 +248,18 @@ async def run(args: argparse.Namespace) -> int:
         print(f"top: {e}", file=sys.stderr)
         return 4
     feed = Feed()
-    sources = Sources(nc.jetstream(), feed)
+    sources = Sources(nc, feed)
     try:
-        await sources.start()
+        ready = await sources.start()
         if args.once:
             try:
-                await asyncio.wait_for(asyncio.shield(sources.ready), FIRST_SCREEN_S)  # type: ignore[arg-type]
+                await asyncio.wait_for(asyncio.shield(ready), FIRST_SCREEN_S)
             except TimeoutError:
                 print("top: the event log did not arrive in time", file=sys.stderr)
                 return 3
             print(plain(feed.snapshot(now_ms())), end="")
             return 0
-        app = make_app(feed, f"chainyard top  {_fmt_url(args.nats)}", sources.ready)
+        app = make_app(feed, f"chainyard top  {_fmt_url(args.nats)}", ready)
         code = await app.run_async()
         return int(code or 0)
     finally:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from chainyard._ledger_read import follow_stream
 from chainyard.contracts import Topology
+from chainyard.ordered import OrderedReader, follow
 from chainyard.top_model import Feed
 
 POLL_S = 1.0
@@ -38,56 +40,53 @@ def midnight_utc(now: datetime | None = None) -> datetime:
 class Sources:
     """Start with `start()`; `ready` is done once everything stored has been read."""
 
-    def __init__(self, js: JetStreamContext, feed: Feed, topology: Topology | None = None) -> None:
-        self.js = js
+    def __init__(self, nc: NatsClient, feed: Feed, topology: Topology | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.feed = feed
         self.topology = topology or Topology()
-        self._subs: list[Subscription] = []
+        self._readers: list[OrderedReader] = []
         self._poller: asyncio.Task[None] | None = None
-        self.ready: asyncio.Future[list[None]] | None = None
+        self.ready: asyncio.Future[Any] | None = None
 
-    async def start(self, since: datetime | None = None) -> None:
+    async def start(self, since: datetime | None = None) -> asyncio.Future[Any]:
+        """Start reading (the event log from `since`, default midnight UTC); returns `ready`."""
         feed, topo = self.feed, self.topology
         feed.prefix = topo.subjects.prefix
         waits = []
 
-        async def kv(bucket: str, apply: object) -> None:
+        async def read(stream: str, subject: str, on_msg: Callable[[Msg], None], **kw: Any) -> None:
+            reader, done = await follow(
+                self.nc, self.js, stream, subject, on_msg, flow_control=True, **kw
+            )
+            self._readers.append(reader)
+            waits.append(done)
+
+        def kv(bucket: str, apply: Callable[[str, bytes | None], None]) -> Awaitable[None]:
             prefix = f"$KV.{bucket}."
 
             def on_msg(msg: Msg) -> None:
-                apply(msg.subject.removeprefix(prefix), _kv_value(msg))  # type: ignore[operator]
+                apply(msg.subject.removeprefix(prefix), _kv_value(msg))
 
-            sub, done = await follow_stream(
-                self.js, f"KV_{bucket}", f"{prefix}>", on_msg, last_per_subject=True
-            )
-            self._keep(sub)
-            waits.append(done)
-
-        await kv(topo.capacity_kv.bucket, feed.on_heartbeat)
-        await kv(topo.breakers_kv.bucket, feed.on_breaker)
-        await kv(topo.chains_kv.bucket, feed.on_chain)
+            return read(f"KV_{bucket}", f"{prefix}>", on_msg, last_per_subject=True)
 
         def on_event(msg: Msg) -> None:
             at = msg.metadata.timestamp
-            at_ms = int(at.timestamp() * 1000) if at else 0
-            feed.on_event(msg.subject, msg.data, at_ms)
+            feed.on_event(msg.subject, msg.data, int(at.timestamp() * 1000) if at else 0)
 
-        sub, done = await follow_stream(
-            self.js,
-            topo.events.name,
-            topo.subjects.all_events,
-            on_event,
-            since=since or midnight_utc(),
-        )
-        self._keep(sub)
-        waits.append(done)
+        with contextlib.suppress(NotFoundError):  # a bucket no service has made yet
+            await kv(topo.capacity_kv.bucket, feed.on_heartbeat)
+        with contextlib.suppress(NotFoundError):
+            await kv(topo.breakers_kv.bucket, feed.on_breaker)
+        with contextlib.suppress(NotFoundError):
+            await kv(topo.chains_kv.bucket, feed.on_chain)
+        with contextlib.suppress(NotFoundError):
+            since = since or midnight_utc()
+            await read(topo.events.name, topo.subjects.all_events, on_event, since=since)
         await self.poll_queues()
         self._poller = asyncio.create_task(self._poll())
         self.ready = asyncio.gather(*waits)
-
-    def _keep(self, sub: Subscription | None) -> None:
-        if sub is not None:
-            self._subs.append(sub)
+        return self.ready
 
     async def poll_queues(self) -> None:
         """Pending and ack-pending of every pool's consumer (num_pending, num_ack_pending)."""
@@ -110,7 +109,6 @@ class Sources:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs.clear()
+        for reader in self._readers:
+            await reader.stop()
+        self._readers.clear()

@@ -25,12 +25,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-
-from chainyard.contracts import Topology, Usage
+from chainyard.contracts import ChainyardError, Topology, Usage
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-    from nats.js import JetStreamContext
+    from nats.aio.client import Client as NatsClient
 
 GROUPS = ("tenant", "model", "pool", "deployment")  # and metadata.<key>
 STEP_GROUPS = ("model", "pool", "deployment")  # a chain's steps may fall in several rows
@@ -65,6 +63,10 @@ class _StepDone(msgspec.Struct, kw_only=True):
 
 _end_decoder = msgspec.json.Decoder(_ChainEnd)
 _done_decoder = msgspec.json.Decoder(_StepDone)
+
+
+class Refused(ChainyardError):
+    """NATS refused the read of the event log (permissions), or is not there to answer."""
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
@@ -177,47 +179,43 @@ def subject(topology: Topology, tenant: str | None) -> str:
     return topology.subjects.all_events
 
 
-async def scan(
-    js: JetStreamContext,
-    on_msg: Callable[[Msg], None],
-    *,
-    topology: Topology,
-    tenant: str | None,
-    since: datetime | None,
-    limit_s: float = 600.0,
-) -> None:
-    """Hand the event log (from `since`) to `on_msg`."""
-    from chainyard._ledger_read import follow_stream
-
-    sub, done = await follow_stream(
-        js, topology.events.name, subject(topology, tenant), on_msg, since=since
-    )
-    try:
-        await asyncio.wait_for(done, limit_s)
-    finally:
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-
 async def report(
-    js: JetStreamContext,
+    nc: NatsClient,
     *,
     by: str = "tenant",
     tenant: str | None = None,
     since: datetime | None = None,
     topology: Topology | None = None,
+    limit_s: float = 600.0,
 ) -> UsageReport:
+    """The report of the event log from `since` (every tenant's, or `tenant`'s alone)."""
+    from nats.errors import Error as NatsError
+
+    from chainyard.ordered import follow
+
     topology = topology or Topology()
     rep = UsageReport(by)
     prefix = topology.subjects.prefix
-    await scan(
-        js,
-        lambda m: rep.add(m.subject, m.data, prefix),
-        topology=topology,
-        tenant=tenant,
-        since=since,
-    )
+    where = subject(topology, tenant)
+    try:
+        reader, done = await follow(
+            nc,
+            nc.jetstream(),
+            topology.events.name,
+            where,
+            lambda m: rep.add(m.subject, m.data, prefix),
+            since=since,
+            flow_control=tenant is None,  # a tenant's user may not answer flow control
+        )
+    except (NatsError, TimeoutError) as e:  # a denied request is never answered: a timeout
+        raise Refused(
+            f"NATS refused to read {where} ({e or type(e).__name__}); a tenant's user may "
+            "read only its own events: --tenant <its name>"
+        ) from e
+    try:
+        await asyncio.wait_for(done, limit_s)
+    finally:
+        await reader.stop()
     return rep
 
 
@@ -320,16 +318,20 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     since = datetime.now(UTC) - args.since
     try:
-        nc = await connect_once(args.nats, args.creds, "chainyard-usage")
+        inbox = f"_INBOX_{args.tenant}" if args.tenant else "_INBOX"
+        nc = await connect_once(args.nats, args.creds, "chainyard-usage", inbox)
     except Unreachable as e:
         print(f"usage: {e}", file=sys.stderr)
         return 4
     try:
-        rep = await report(nc.jetstream(), by=args.by, tenant=args.tenant, since=since)
+        rep = await report(nc, by=args.by, tenant=args.tenant, since=since)
+    except Refused as e:
+        print(f"usage: {e}", file=sys.stderr)
+        return 4
     except TimeoutError:
         print("usage: the event log did not arrive in time", file=sys.stderr)
         return 3
-    except NatsError as e:  # permissions (another tenant's events), a lost server
+    except NatsError as e:  # a lost server
         print(f"usage: NATS: {e or type(e).__name__}", file=sys.stderr)
         return 4
     finally:

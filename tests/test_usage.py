@@ -15,13 +15,23 @@ from typing import Any
 
 import pytest
 from helpers import Events, python_env, wait_for_event
-from ops_stack import FAST, TENANTS, live_stack, provider  # noqa: F401  (fixture)
+from ops_stack import FAST, TENANTS, live_stack, provider, tools  # noqa: F401  (fixture)
+from test_security import Secure, secure  # noqa: F401  (fixture)
 
-from chainyard.contracts import Chain, ChainRejected, Usage, encode
+from chainyard.contracts import (
+    Chain,
+    ChainCompleted,
+    ChainRejected,
+    Config,
+    ToolStep,
+    Usage,
+    encode,
+)
 from chainyard.runtime.metrics import Metrics, metrics
-from chainyard.runtime.nats import Bus
+from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxServer
+from chainyard.stack import build
 from chainyard.usage import COLUMNS, UsageReport
 
 CHAINS = 4  # per tenant
@@ -230,3 +240,34 @@ def test_report_joins_cache_hits_to_their_chain_and_skips_what_is_not_an_end() -
     assert (t.chains, t.completed, t.steps, t.cached_steps, t.saved_usd) == (1, 1, 2, 1, 0.25)
     with pytest.raises(ValueError, match=r"metadata\.KEY"):
         UsageReport("metadata.")
+
+
+async def test_a_tenant_reads_its_own_usage_and_no_other(
+    secure: Secure,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deploy/accounts.conf: tenant A's user gets its report with `--tenant A`; B's events, or
+    every tenant's, are refused by the server (exit 4), never shown."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(secure.dir / "ca.pem"))  # trust the test CA
+    bus = await open_bus(secure.url("services"), name="services")
+    services = build(bus, Config(tools=["search"]), tools=tools)
+    services.start()
+    try:
+        async with Events(bus.nc, "cy.events.*.*.chain.>") as ev:
+            for tenant in ("A", "B", "B"):
+                n = len(ev.received)
+                await bus.js.publish(bus.subjects.submit(tenant), encode(Chain(
+                    id=f"u{n}", metadata={"feature": "f"},
+                    steps=[ToolStep(id="s", tool="search", args={"query": "q"})])))  # fmt: skip
+                await ev.wait(lambda e, n=n: isinstance(e, ChainCompleted), count=n + 1)
+        as_a = secure.url("tenant-A")
+        rc, out, err = await cli("usage", "--nats", as_a, "--tenant", "A", "--json")
+        assert rc == 0, err
+        doc = json.loads(out)
+        assert [r["key"] for r in doc["rows"]] == ["A"] and doc["total"]["chains"] == 1
+        for refused in (["--tenant", "B"], []):
+            rc, out, err = await cli("usage", "--nats", as_a, "--json", *refused)
+            assert rc == 4 and not out and "NATS refused to read" in err, (refused, rc, err)
+    finally:
+        await services.shutdown()
+        await bus.close()
