@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
 from chainyard.contracts import ChainyardError, Topology, Usage
 
 if TYPE_CHECKING:
