@@ -51,16 +51,25 @@ class Sources:
 
     async def start(self, since: datetime | None = None) -> asyncio.Future[Any]:
         """Start reading (the event log from `since`, default midnight UTC); returns `ready`."""
+        self.feed.prefix = self.topology.subjects.prefix
+        await self.poll_queues()
+        self._poller = asyncio.create_task(self._poll())
+        self.ready = asyncio.ensure_future(self._read_all(since or midnight_utc()))
+        return self.ready
+
+    async def _read_all(self, since: datetime) -> None:
+        """Each source's history in turn, then its live messages: one history at a time, as
+        several at once outrun a reader (the server cuts a connection more than 64 MB behind,
+        flow control or not)."""
         feed, topo = self.feed, self.topology
-        feed.prefix = topo.subjects.prefix
-        waits = []
 
         async def read(stream: str, subject: str, on_msg: Callable[[Msg], None], **kw: Any) -> None:
-            reader, done = await follow(
-                self.nc, self.js, stream, subject, on_msg, flow_control=True, **kw
-            )
-            self._readers.append(reader)
-            waits.append(done)
+            with contextlib.suppress(NotFoundError):  # a bucket no service has made yet
+                reader, done = await follow(
+                    self.nc, self.js, stream, subject, on_msg, flow_control=True, **kw
+                )
+                self._readers.append(reader)
+                await done
 
         def kv(bucket: str, apply: Callable[[str, bytes | None], None]) -> Awaitable[None]:
             prefix = f"$KV.{bucket}."
@@ -74,19 +83,10 @@ class Sources:
             at = msg.metadata.timestamp
             feed.on_event(msg.subject, msg.data, int(at.timestamp() * 1000) if at else 0)
 
-        with contextlib.suppress(NotFoundError):  # a bucket no service has made yet
-            await kv(topo.capacity_kv.bucket, feed.on_heartbeat)
-        with contextlib.suppress(NotFoundError):
-            await kv(topo.breakers_kv.bucket, feed.on_breaker)
-        with contextlib.suppress(NotFoundError):
-            await kv(topo.chains_kv.bucket, feed.on_chain)
-        with contextlib.suppress(NotFoundError):
-            since = since or midnight_utc()
-            await read(topo.events.name, topo.subjects.all_events, on_event, since=since)
-        await self.poll_queues()
-        self._poller = asyncio.create_task(self._poll())
-        self.ready = asyncio.gather(*waits)
-        return self.ready
+        await kv(topo.capacity_kv.bucket, feed.on_heartbeat)
+        await kv(topo.breakers_kv.bucket, feed.on_breaker)
+        await kv(topo.chains_kv.bucket, feed.on_chain)
+        await read(topo.events.name, topo.subjects.all_events, on_event, since=since)
 
     async def poll_queues(self) -> None:
         """Pending and ack-pending of every pool's consumer (num_pending, num_ack_pending)."""
@@ -105,6 +105,8 @@ class Sources:
             await self.poll_queues()
 
     async def stop(self) -> None:
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
