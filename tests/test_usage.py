@@ -183,8 +183,9 @@ async def test_bad_metadata_is_refused_with_its_path(
         base = {"id": "m", "steps": [{"kind": "tool", "id": "t", "tool": "search"}]}
         cases = {
             "too-many": ({f"k{i}": "v" for i in range(17)}, "length <= 16"),
-            "long-value": ({"k": "x" * 257}, "length <= 256"),
-            "bad-key": ({"a b": "v"}, "key"),
+            "long-value": ({"k": "x" * 513}, "length <= 512"),
+            "long-key": ({"k" * 65: "v"}, "length <= 64 (a key)"),
+            "empty-key": ({"": "v"}, "length >= 1 (a key)"),
             "not-text": ({"k": 1}, "Expected `str`"),
         }
         async with Events(bus.nc, "cy.events.acme.*.chain.rejected") as ev:
