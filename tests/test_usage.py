@@ -23,6 +23,9 @@ from chainyard.contracts import (
     ChainCompleted,
     ChainRejected,
     Config,
+    LlmStep,
+    Message,
+    StepCache,
     ToolStep,
     Usage,
     encode,
@@ -272,3 +275,36 @@ async def test_a_tenant_reads_its_own_usage_and_no_other(
     finally:
         await services.shutdown()
         await bus.close()
+
+
+async def test_cache_hits_are_counted_as_savings(
+    bus: Bus,
+    nats_server: NatsServer,
+    provider: SandboxServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The second of two identical cached requests is a hit: usage counts it under its
+    deployment as a cached step, saving what the first call cost, and charges nothing."""
+
+    def cached(cid: str) -> Chain:
+        ask = LlmStep(id="ask", model="m-fast", cache=StepCache(ttl_s=600),
+                      messages=[Message(role="user", content="the same question")])  # fmt: skip
+        return Chain(id=cid, steps=[ask], metadata={"feature": "faq"})
+
+    async with live_stack(bus, nats_server.url, provider.url, tmp_path) as stack:
+        ends = []
+        async with Events(bus.nc, "cy.events.acme.*.chain.>") as ev:
+            for n, cid in enumerate(("first", "second")):
+                await stack.submit("acme", cached(cid))
+                ends.append(await ev.wait(lambda e: isinstance(e, ChainCompleted), count=n + 1))
+    first, second = ends
+    assert isinstance(first, ChainCompleted) and isinstance(second, ChainCompleted)
+    assert first.cost_usd > 0 and second.cost_usd == 0
+    rc, out, err = await cli("usage", "--nats", nats_server.url, "--json", "--by", "deployment")
+    assert rc == 0, err
+    doc = json.loads(out)
+    (row,) = doc["rows"]
+    assert (row["key"], row["chains"], row["steps"], row["cached_steps"]) == ("fast-d", 2, 2, 1)
+    assert row["saved_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
+    assert row["cost_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
+    assert doc["total"]["saved_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
