@@ -191,6 +191,7 @@ async def report(
 ) -> UsageReport:
     """The report of the event log from `since` (every tenant's, or `tenant`'s alone)."""
     from nats.errors import Error as NatsError
+    from nats.js.errors import NotFoundError
 
     from chainyard.ordered import follow
 
@@ -208,6 +209,8 @@ async def report(
             since=since,
             flow_control=tenant is None,  # a tenant's user may not answer flow control
         )
+    except NotFoundError:
+        return rep  # no event log yet (no service has run): nothing to count
     except (NatsError, TimeoutError) as e:  # a denied request is never answered: a timeout
         raise Refused(
             f"NATS refused to read {where} ({e or type(e).__name__}); a tenant's user may "

@@ -308,3 +308,10 @@ async def test_cache_hits_are_counted_as_savings(
     assert row["saved_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
     assert row["cost_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
     assert doc["total"]["saved_usd"] == pytest.approx(first.cost_usd, rel=1e-9)
+
+
+async def test_usage_before_any_service_ran_is_an_empty_report(nats_server: NatsServer) -> None:
+    rc, out, err = await cli("usage", "--nats", nats_server.url, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["rows"] == [] and doc["total"]["chains"] == 0
