@@ -76,7 +76,7 @@ async def test_usage_totals_are_the_chain_events_and_metrics_agree(
     provider: SandboxServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    metrics.setup(prometheus=True, max_tenants=1)  # the routers below record here; acme or globex folds
+    metrics.setup(prometheus=True, max_tenants=1)  # the routers below record here; one folds
     try:
         async with live_stack(bus, nats_server.url, provider.url, tmp_path) as stack:
             ends = await stack.run_chains(CHAINS)
