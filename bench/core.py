@@ -38,6 +38,7 @@ MODULES: tuple[str, ...] = (
     "bench.http_clients",
     "bench.scaling",
     "bench.cache",
+    "bench.ops",
 )
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"

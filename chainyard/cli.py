@@ -608,6 +608,17 @@ def parser() -> argparse.ArgumentParser:
     from chainyard.k8s import cli as deploy
 
     deploy.configure(add("deploy", deploy.run, "render manifests", nats="none"), add_nats)
+    from chainyard import top, usage
+
+    top.configure(
+        add("top", top.run, "a live view of pools, deployments, tenants, failures", nats="none"),
+        add_nats,
+    )
+
+    usage.configure(
+        add("usage", usage.run, "chains, tokens and cost by tenant, model, ...", nats="none"),
+        add_nats,
+    )
     sp = add("schema", cmd_schema, "write the JSON Schema files of the contracts", nats="none")
     sp.add_argument("--out", help="directory (default: the package's contracts/schema)")
     return p

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from types import TracebackType
 
@@ -21,7 +20,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from chainyard.contracts import (
     BadMessage,
@@ -48,6 +47,7 @@ from chainyard.contracts import (
     state_decoder,
 )
 from chainyard.contracts import new_id as _new_id
+from chainyard.ordered import OrderedReader
 from chainyard.runtime import messaging, tracing
 from chainyard.runtime.nats import connect
 
@@ -269,7 +269,9 @@ class Client:
                 done.set()
 
         bucket = self.topology.chains_kv.bucket
-        reader = _Ordered(self, f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.>", keep)
+        reader = OrderedReader(
+            self.nc, self.js, f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.>", keep
+        )
         try:
             if await reader.start(DeliverPolicy.LAST_PER_SUBJECT):
                 await asyncio.wait_for(done.wait(), timeout)
@@ -361,7 +363,7 @@ class Client:
             (f"KV_{bucket}", f"$KV.{bucket}.{self.tenant}.{chain_id}"),
             (self.topology.events.name, self.subjects.chain_events(self.tenant, chain_id)),
         ):
-            reader = _Ordered(self, stream, subject, _ignore)
+            reader = OrderedReader(self.nc, self.js, stream, subject, _ignore)
             try:
                 if await reader.start(DeliverPolicy.LAST_PER_SUBJECT):
                     return True
@@ -387,10 +389,10 @@ class Client:
             queue.put_nowait(msg)
 
         subject = self.subjects.chain_events(self.tenant, chain_id)
-        subs: list[Subscription | _Ordered] = []
+        subs: list[Subscription | OrderedReader] = []
         unknown = False
         if history:
-            reader = _Ordered(self, self.topology.events.name, subject, put)
+            reader = OrderedReader(self.nc, self.js, self.topology.events.name, subject, put)
             subs.append(reader)
             stored = await reader.start(DeliverPolicy.ALL)
             unknown = missing_after is not None and not stored and not await self.exists(chain_id)
@@ -426,7 +428,7 @@ class Client:
         finally:
             for s in subs:
                 with contextlib.suppress(Exception):
-                    await (s.stop() if isinstance(s, _Ordered) else s.unsubscribe())
+                    await (s.stop() if isinstance(s, OrderedReader) else s.unsubscribe())
 
 
 class NoSuchChain(ChainyardError, LookupError):
@@ -443,81 +445,6 @@ class _Refused(Exception):
 
 async def _ignore(msg: Msg) -> None:
     pass
-
-
-class _Ordered:
-    """The messages of a stream on one filter, in order, pushed to `on_msg`: history, then live.
-
-    The consumer is made with a name, so its create request carries the filter in its subject
-    (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and a tenant's permissions can pin it
-    to the tenant's own subjects (deploy/accounts.conf); `js.subscribe` sends the unscoped
-    form, and looks the stream up. It is ephemeral (the server drops it 5 s after this stops)
-    and needs no acks. A gap in its sequence (messages dropped on a reconnect) starts a new
-    consumer after the last message passed on, as nats.py's ordered consumer does."""
-
-    def __init__(
-        self,
-        client: Client,
-        stream: str,
-        filter_subject: str,
-        on_msg: Callable[[Msg], Awaitable[None]],
-    ) -> None:
-        self.client, self.stream, self.filter, self.on_msg = client, stream, filter_subject, on_msg
-        self.sub: Subscription | None = None
-        self.gen = 0  # which consumer's messages count; an older one's are ignored
-        self.delivered = 0  # consumer sequence of the last message passed on
-        self.last_seq = 0  # its stream sequence
-        self.restart: asyncio.Task[int] | None = None
-
-    async def start(self, policy: DeliverPolicy, start_seq: int | None = None) -> int:
-        """Begin delivery; returns how many stored messages match (0: nothing to read)."""
-        self.gen += 1
-        gen, self.delivered = self.gen, 0
-
-        async def on(msg: Msg) -> None:
-            if gen == self.gen:
-                await self._on(msg)
-
-        nc = self.client.nc
-        inbox = nc.new_inbox()
-        self.sub = await nc.subscribe(inbox, cb=on)  # before the consumer: nothing is missed
-        info = await self.client.js.add_consumer(
-            self.stream,
-            ConsumerConfig(
-                name=secrets.token_hex(12),  # unguessable, so no other client can bind to it
-                filter_subject=self.filter,
-                deliver_subject=inbox,
-                deliver_policy=policy,
-                opt_start_seq=start_seq,
-                ack_policy=AckPolicy.NONE,
-                mem_storage=True,
-                num_replicas=1,
-            ),
-        )
-        return info.num_pending
-
-    async def _on(self, msg: Msg) -> None:
-        meta = msg.metadata
-        if meta.sequence.consumer != self.delivered + 1:
-            self.gen += 1  # ignore the rest of this consumer; restart outside its callback
-            self.restart = asyncio.create_task(self._restart(self.sub))
-            return
-        self.delivered, self.last_seq = meta.sequence.consumer, meta.sequence.stream
-        await self.on_msg(msg)
-
-    async def _restart(self, old: Subscription | None) -> int:
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
-        return await self.start(DeliverPolicy.BY_START_SEQUENCE, self.last_seq + 1)
-
-    async def stop(self) -> None:
-        if self.restart is not None:
-            self.restart.cancel()
-        if self.sub is not None:
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
-            self.sub = None
 
 
 def _with_id(data: bytes) -> bytes:

@@ -331,30 +331,14 @@ def configure(
 
 
 async def run(args: argparse.Namespace) -> int:
-    import nats
     from nats.errors import Error as NatsError
 
-    from chainyard.runtime.nats import _fmt_url
-
-    async def quiet(e: Exception) -> None:
-        pass  # a failed connect is reported once, below; not once per attempt
+    from chainyard._command import Unreachable, connect_once
 
     try:
-        # One command, not a service: two tries to connect, no reconnecting later (a lost
-        # server ends the command). max_reconnect_attempts=0 would mean "forever" here.
-        nc = await nats.connect(
-            args.nats,
-            name="chainyard-dlq",
-            user_credentials=args.creds,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=quiet,
-        )
-    except (NatsError, OSError, TimeoutError) as e:
-        print(f"dlq: cannot reach NATS at {_fmt_url(args.nats)}: {e or type(e).__name__}",
-              file=sys.stderr)  # fmt: skip
+        nc = await connect_once(args.nats, args.creds, "chainyard-dlq")
+    except Unreachable as e:
+        print(f"dlq: {e}", file=sys.stderr)
         return 1
     try:
         dlq = Dlq(nc)

@@ -16,6 +16,16 @@ Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", max_length=64)]
 Role = Literal["system", "user", "assistant", "tool"]
 Strategy = Literal["cheapest", "fastest", "balanced", "weighted"]
 Capability = Literal["tools", "json", "vision", "streaming"]
+# A chain's metadata (a feature, a user id, ...) travels to its terminal event, its span and the
+# usage report; bounded so that it stays small on every event that carries it. The bounds are
+# OpenAI's for a request's `metadata`, so the gateway passes any valid one through.
+METADATA_MAX_KEYS = 16
+METADATA_MAX_VALUE = 512
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=64)]
+Metadata = Annotated[
+    dict[MetadataKey, Annotated[str, Meta(max_length=METADATA_MAX_VALUE)]],
+    Meta(max_length=METADATA_MAX_KEYS),
+]
 
 
 class Base(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -138,7 +148,7 @@ class Chain(Base, frozen=True, kw_only=True):
     budget_usd: Annotated[float, Meta(ge=0)] | None = None
     deadline_ms: Annotated[int, Meta(ge=1)] | None = None
     priority: Annotated[int, Meta(ge=0, le=9)] = 5
-    metadata: dict[str, str] = {}
+    metadata: Metadata = {}
     replay_of: Id | None = None  # set by the router on a replay: the chain this one re-runs
     v: int = VERSION
 

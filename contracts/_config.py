@@ -151,6 +151,8 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     backlog_poll_s: Annotated[float, Meta(gt=0)] = 1.0  # pool consumer backlog poll period
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
+    # Tenants with a `tenant` label of their own in the metrics; the rest count as `other`.
+    metrics_max_tenants: Annotated[int, Meta(ge=0, le=10_000)] = 50
 
     @property
     def topology(self) -> Topology:

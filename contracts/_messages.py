@@ -133,6 +133,7 @@ class StepSummary(Out, frozen=True, kw_only=True):
     usage: Usage = Usage()
     cost_usd: float = 0.0
     error: str | None = None
+    deployment: str | None = None
 
 
 class ChainCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.completed"):
@@ -144,6 +145,7 @@ class ChainCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
     digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
+    metadata: dict[str, str] = {}  # the chain's, for usage reports
     v: int = VERSION
 
 
@@ -158,6 +160,7 @@ class ChainFailed(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.f
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
     digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
+    metadata: dict[str, str] = {}  # the chain's, for usage reports
     v: int = VERSION
 
 
@@ -170,6 +173,7 @@ class ChainCancelled(Out, frozen=True, kw_only=True, tag_field="type", tag="chai
     duration_ms: float = 0.0
     steps: list[StepSummary] = []
     digest: str = ""  # chain_digest() of the submitted chain: tells its end from a reused id's
+    metadata: dict[str, str] = {}  # the chain's, for usage reports
     v: int = VERSION
 
 

@@ -318,6 +318,7 @@ def _fail(
         duration_ms=float(now_ms - state.created_at_ms),
         steps=summaries(state),
         digest=state.digest,
+        metadata=state.chain.metadata,
     )
     return Outcome(state=state, ended=ended)
 
@@ -334,6 +335,7 @@ def summaries(state: ChainState) -> list[StepSummary]:
             usage=st.usage,
             cost_usd=st.cost_usd,
             error=st.error.message if st.error and st.status == "failed" else None,
+            deployment=st.target.deployment if st.target else None,
         )
         for sid, st in state.steps.items()
     ]
@@ -349,6 +351,7 @@ def completed_event(state: ChainState) -> ChainCompleted:
         duration_ms=_duration(state),
         steps=summaries(state),
         digest=state.digest,
+        metadata=state.chain.metadata,
     )
 
 
@@ -374,6 +377,7 @@ def ended_event(state: ChainState) -> Ended | None:
             duration_ms=_duration(state),
             steps=summaries(state),
             digest=state.digest,
+            metadata=state.chain.metadata,
         )
     return None
 
@@ -388,6 +392,7 @@ def cancelled_event(state: ChainState) -> ChainCancelled:
         duration_ms=_duration(state),
         steps=summaries(state),
         digest=state.digest,
+        metadata=state.chain.metadata,
     )
 
 

@@ -65,10 +65,13 @@ Decide = Callable[[ChainState | None], chains.Outcome | None]
 
 
 def _msgspec_path(e: Exception) -> tuple[str, str]:
-    """Split msgspec's "... - at `$.steps[0].model`" into (path, message)."""
+    """Split msgspec's "... - at `$.steps[0].model`" into (path, message); a bad key of an
+    object ("... - at `key` in `$.metadata`") is the object's, and the message says so."""
     text = str(e)
     if " - at `" in text:
         message, _, path = text.rpartition(" - at `")
+        if path.startswith("key` in `"):
+            return path.removeprefix("key` in `").rstrip("`"), f"{message} (a key)"
         return path.rstrip("`"), message
     return "$", text
 

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from test_security import Secure, secure  # noqa: F401 - `secure` is a fixture
 
-from chainyard.client import Client, _Ordered
+from chainyard.client import Client
 from chainyard.contracts import (
     Chain,
     ChainCancelled,
@@ -31,6 +31,7 @@ from chainyard.contracts import (
     encode,
     state_decoder,
 )
+from chainyard.ordered import OrderedReader
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.stack import Services, build
 from chainyard.workers.tools import Tools
@@ -414,7 +415,7 @@ async def test_ordered_reader_starts_again_after_a_gap(stack: Stack) -> None:
             if len(got) == 6:
                 complete.set()
 
-        reader = _Ordered(a, "CY_EVENTS", "cy.events.A.>", keep)
+        reader = OrderedReader(a.nc, a.js, "CY_EVENTS", "cy.events.A.>", keep)
         dropped: list[int] = []
         on = reader._on  # drop the second message once, as a lost one would be
 

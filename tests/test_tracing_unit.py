@@ -306,6 +306,7 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     ended = msgspec.structs.replace(
         st,
         status="completed",
+        chain=msgspec.structs.replace(st.chain, metadata={"feature": "search", "user": "u-1"}),
         ended_at_ms=st.created_at_ms + 1500,
         steps={
             "s": StepState(
@@ -327,6 +328,7 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     a = chain.attributes
     assert a["chainyard.chain.outcome"] == "completed" and a["chainyard.chain.cost_usd"] == 0.25
     assert a["chainyard.chain.input_tokens"] == 7 and a["chainyard.chain.output_tokens"] == 3
+    assert a["chainyard.metadata.feature"] == "search" and a["chainyard.metadata.user"] == "u-1"
 
 
 def test_route_reasons() -> None:

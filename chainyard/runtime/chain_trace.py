@@ -110,7 +110,7 @@ def chain_recorded(before: Any, after: Any) -> None:
 def chain_ended(state: Any) -> None:
     if metrics.on:
         dur = ((state.ended_at_ms or now_ms()) - state.created_at_ms) / 1000
-        metrics.chain_ended(state.status, dur, state.cost_usd)
+        metrics.chain_ended(state.status, dur, state.cost_usd, state.tenant, state.usage)
     if tracing.active is not None:
         end_chain(state)
 
@@ -148,6 +148,8 @@ def end_chain(state: Any) -> None:
     }
     if state.reason:
         attrs["chainyard.chain.reason"] = state.reason[:500]
+    for key, value in state.chain.metadata.items():  # bounded at intake (contracts/_chain.py)
+        attrs[f"chainyard.metadata.{key}"] = value
     start = state.created_at_ms * 1_000_000
     parent = _context(t.get("parent"), t.get("tracestate")) or Context()
     token = tracing.forced_ids.set((sc.trace_id, sc.span_id))

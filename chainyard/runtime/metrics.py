@@ -23,6 +23,13 @@ numbers go to both backends:
 | chainyard_cache_misses_total | pool, deployment | opted-in steps the cache could not answer |
 | chainyard_cache_saved_usd_total | pool, deployment | what the cached answers had cost |
 | chainyard_cache_stores_total | pool, outcome | answers stored, or not (too_large, error) |
+| chainyard_tenant_chains_ended_total | tenant, outcome | chains that ended, per tenant (router) |
+| chainyard_tenant_tokens_total | tenant, type | input / output tokens of ended chains (router) |
+| chainyard_tenant_cost_usd_total | tenant | cost of ended chains (router) |
+
+The tenant metrics count a chain when it ends, as `chainyard usage` does, so their totals are
+the report's. The `tenant` label is bounded: past `metrics_max_tenants` (config, default 50)
+distinct tenants in one process, the next ones are counted under `tenant="other"`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,25 @@ BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CACHE_STORE_OUTCOMES = ("stored", "too_large", "error")  # router/cache.py ResponseCache.store
 CHAIN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+OTHER_TENANTS = "other"
+DEFAULT_MAX_TENANTS = 50
+
+
+class TenantLabels:
+    """The `tenant` label: the first `limit` tenants seen keep their name, later ones share
+    `other`, so a deployment with many tenants cannot grow the series without bound."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_TENANTS) -> None:
+        self.limit = limit
+        self._own: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self._own:
+            return tenant
+        if len(self._own) < self.limit:
+            self._own.add(tenant)
+            return tenant
+        return OTHER_TENANTS
 
 
 class Metrics:
@@ -52,13 +78,20 @@ class Metrics:
         self._p: dict[str, Any] = {}  # prometheus metrics by short name
         self._o: dict[str, Any] = {}  # otel instruments by short name
         self._meter_provider: Any = None
+        self.tenant_label = TenantLabels()
 
     # -- set up ----------------------------------------------------------------------------
 
     def setup(
-        self, *, prometheus: bool = False, otlp: bool = False, service: str = "chainyard"
+        self,
+        *,
+        prometheus: bool = False,
+        otlp: bool = False,
+        service: str = "chainyard",
+        max_tenants: int = DEFAULT_MAX_TENANTS,
     ) -> None:
         """prometheus: keep a registry (served on the service port by runtime.probes)."""
+        self.tenant_label = TenantLabels(max_tenants)
         if prometheus:
             self._prometheus()
         if otlp:
@@ -130,6 +163,15 @@ class Metrics:
             "chainyard_cache_stores", "answers offered to the cache", ["pool", "outcome"],
             registry=r,
         )  # fmt: skip
+        p["t_chains"] = Counter(
+            "chainyard_tenant_chains_ended", "chains ended", ["tenant", "outcome"], registry=r
+        )
+        p["t_tokens"] = Counter(
+            "chainyard_tenant_tokens", "tokens of ended chains", ["tenant", "type"], registry=r
+        )
+        p["t_cost"] = Counter(
+            "chainyard_tenant_cost_usd", "USD of ended chains", ["tenant"], registry=r
+        )
 
     def _otel(self, service: str) -> None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -160,6 +202,9 @@ class Metrics:
         o["cache_misses"] = m.create_counter("chainyard.cache.misses", "{step}")
         o["cache_saved"] = m.create_counter("chainyard.cache.saved", "USD")
         o["cache_stores"] = m.create_counter("chainyard.cache.stores", "{answer}")
+        o["t_chains"] = m.create_counter("chainyard.tenant.chains.ended", "{chain}")
+        o["t_tokens"] = m.create_counter("chainyard.tenant.tokens", "{token}")
+        o["t_cost"] = m.create_counter("chainyard.tenant.cost", "USD")
 
     def shutdown(self) -> None:
         if self._meter_provider is not None:
@@ -239,10 +284,26 @@ class Metrics:
         if self.on:
             self._set("breaker", BREAKER.get(status, 2), {"deployment": deployment})
 
-    def chain_ended(self, outcome: str, duration_s: float, cost_usd: float) -> None:
-        if self.on:
-            self._add("chains", 1, {"outcome": outcome})
-            self._observe("chain_s", duration_s, {"outcome": outcome})
+    def chain_ended(
+        self,
+        outcome: str,
+        duration_s: float,
+        cost_usd: float,
+        tenant: str | None = None,
+        usage: Any = None,
+    ) -> None:
+        if not self.on:
+            return
+        self._add("chains", 1, {"outcome": outcome})
+        self._observe("chain_s", duration_s, {"outcome": outcome})
+        if tenant is None:
+            return
+        who = self.tenant_label(tenant)
+        self._add("t_chains", 1, {"tenant": who, "outcome": outcome})
+        self._add("t_cost", cost_usd, {"tenant": who})
+        if usage is not None:
+            self._add("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
+            self._add("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
 
     def served(self, pool: str, deployment: str) -> None:
         """A worker's deployment: its step counters exist at 0 from the start, so the first
@@ -386,7 +447,10 @@ async def start_service(
     probes = probes or Probes()
     if metrics_port is not None and probes.port is None:
         await probes.start(metrics_port)
-    metrics.setup(prometheus=probes.port is not None, otlp=otlp, service=default)
+    max_tenants = getattr(config, "metrics_max_tenants", DEFAULT_MAX_TENANTS)
+    metrics.setup(
+        prometheus=probes.port is not None, otlp=otlp, service=default, max_tenants=max_tenants
+    )
     probes.registry = metrics.registry
     stop = asyncio.Event()
     task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
