@@ -119,13 +119,15 @@ class ResponseCache:
             except BadRequestError:
                 return await js.key_value(bucket)  # another replica created it first
 
+        async def discard_old() -> None:
+            # A full cache drops its oldest answers; a KV bucket refuses new ones by default.
+            info = await js.stream_info(f"KV_{bucket}")
+            if info.config.discard != DiscardPolicy.OLD:
+                info.config.discard = DiscardPolicy.OLD
+                await js.update_stream(info.config)
+
         kv = await retry_api(create)
-        # A full cache drops its oldest answers; a KV bucket refuses new ones by default.
-        stream = f"KV_{bucket}"
-        info = await js.stream_info(stream)
-        if info.config.discard != DiscardPolicy.OLD:
-            info.config.discard = DiscardPolicy.OLD
-            await js.update_stream(info.config)
+        await retry_api(discard_old)  # both wait out a leader election, as every service does
         return cls(kv, config)
 
     def key(self, step: LlmStep, tenant: str) -> str:
