@@ -54,8 +54,9 @@ class Scale(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How `chainyard deploy k8s` runs a pool (docs/KUBERNETES.md); services ignore it.
 
     KEDA keeps ceil(lag / lag_threshold) replicas within [min_replicas, max_replicas]; lag is the
-    pool consumer's pending plus unacknowledged messages. min_replicas 0: scale to zero, which
-    routed work cannot wake (routers skip a pool without a live worker; docs/KUBERNETES.md).
+    pool consumer's pending plus unacknowledged messages. min_replicas 0: scale to zero; routers
+    then queue the pool's work while no worker runs (a pool with free slots elsewhere is still
+    preferred), and that lag wakes it.
     cpu and memory: one replica's requests and limits (Kubernetes quantities)."""
 
     min_replicas: Annotated[int, Meta(ge=0, le=10_000)] = 1
@@ -180,6 +181,11 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             if p.name == tool:
                 return p
         return ToolPoolConfig(name=tool)
+
+    def scaled_to_zero(self) -> list[str]:
+        """The work pools (`tool.<name>` for a tool's) whose `scale.min_replicas` is 0."""
+        pools = [p.name for p in self.pools if p.scale.min_replicas == 0]
+        return pools + [f"tool.{p.name}" for p in self.tool_pools if p.scale.min_replicas == 0]
 
 
 def dump_config(config: Config) -> bytes:

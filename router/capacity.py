@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from chainyard.runtime.nats import retry_api
 
 log = logging.getLogger("chainyard.router.capacity")
 STALE_AFTER_INTERVALS = 3
+ALWAYS = 2**62  # live_until_ms of a pool that scales to zero: its queue is where work waits
 # backlog(pool) -> (num_pending, num_ack_pending) of the pool's durable consumer
 BacklogSource = Callable[[str], Awaitable[tuple[int, int]]]
 
@@ -106,8 +107,16 @@ class CapacityView:
     """
 
     def __init__(
-        self, kv: KeyValue, backlog: BacklogSource | None = None, poll_s: float = 1.0
+        self,
+        kv: KeyValue,
+        backlog: BacklogSource | None = None,
+        poll_s: float = 1.0,
+        wakeable: Iterable[str] = (),
     ) -> None:
+        """`wakeable`: pools scaled to zero (`scale.min_replicas = 0`). They count as live with
+        no free slot while no worker runs, so their work is queued: the queue's lag is what
+        wakes them (KEDA), where skipping them would leave the step waiting for a worker that
+        nothing starts."""
         self._kv = kv
         self._beats: dict[str, Heartbeat] = {}  # key "<pool>.<worker>" -> latest
         self._sent: defaultdict[str, int] = defaultdict(int)  # pool -> dispatched since beats
@@ -123,6 +132,10 @@ class CapacityView:
         self._poll_s = poll_s
         self._tasks: list[asyncio.Task[None]] = []
         self._view: KvView | None = None  # the heartbeats, followed across server restarts
+        self._wakeable = frozenset(wakeable)
+        for pool in self._wakeable:
+            self._seen_pools.add(pool)
+            self.pools[pool] = PoolLoad(live_until_ms=ALWAYS)
 
     def poll_backlog(self, source: BacklogSource, period_s: float) -> None:
         """Poll each seen pool's consumer backlog every `period_s` (set before `start`)."""
@@ -194,6 +207,8 @@ class CapacityView:
         load.live_until_ms = max(
             (hb.at_ms + STALE_AFTER_INTERVALS * hb.interval_ms for hb in beats), default=0
         )
+        if pool in self._wakeable:
+            load.live_until_ms = ALWAYS
         merged: dict[str, list] = {}
         for hb in beats:
             for name, h in hb.deployments.items():

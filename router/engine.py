@@ -81,7 +81,7 @@ class Router:
         self.bus = bus
         self.config = config
         self.subjects = bus.topology.subjects
-        self.capacity = CapacityView(bus.capacity)
+        self.capacity = CapacityView(bus.capacity, wakeable=config.scaled_to_zero())
         self.catalog = Catalog(config, self.capacity.seen)
         # The routing policy, breakers, budgets, hedges and fairness: everything that decides.
         self.routing = Routing(bus, config, self.capacity, self.catalog)

@@ -108,9 +108,7 @@ def render_dir(config: Path, out: Path, *extra: str) -> dict[str, Any]:
     """Render into `out`; the objects by file name (kustomization.yaml included)."""
     done = deploy("--config", config, "--tools", "chainyard.demo:tools", "--out", out, *extra)
     assert done.returncode == 0, done.stderr
-    # A pool scaled to zero renders, with a warning: routed work never wakes it.
-    zero = [line for line in done.stderr.splitlines() if "min_replicas = 0" in line]
-    assert len(zero) == config.read_text().count("min_replicas = 0"), done.stderr
+    assert "min_replicas" not in done.stderr, done.stderr  # a pool at zero is fine now
     return {p.name: yaml.safe_load(p.read_text()) for p in sorted(out.glob("*.yaml"))}
 
 

@@ -232,3 +232,85 @@ async def test_keda_formula_scales_real_workers_up_and_down_and_sigterm_drains(
                     await p.wait()
             await bus.close()
     assert not any(alive(p.pid) for p in procs)
+
+
+@pytest.mark.timeout(180)
+async def test_a_pool_scaled_to_zero_is_woken_by_its_queued_work(tmp_path: Path) -> None:
+    """`scale.min_replicas = 0`: with no worker running, routers still send the pool's steps to
+    its queue (the pool counts as live with no free slot), and that lag is what wakes it: the
+    KEDA double takes the pool from zero to one, the chains complete, it goes back to zero
+    after its cooldown, and a second round wakes it again from its consumer's pending count."""
+    [http] = free_ports(1)
+    topo = Topology()
+    procs: list[asyncio.subprocess.Process] = []
+    async with (
+        NatsServer(extra_args=["-m", str(http)]) as server,
+        SandboxServer(SandboxConfig(latency_ms=20, capture=0)) as sandbox,
+    ):
+        cfg = tmp_path / "chainyard.toml"
+        cfg.write_text(config_toml(sandbox.url) + "\n[pools.scale]\nmin_replicas = 0\n")
+        bus: Bus = await open_bus(server.url, name="test", topology=topo)
+        n = itertools.count(1)
+
+        async def start_worker() -> asyncio.subprocess.Process:
+            args = ["worker", "--nats", server.url, "--config", str(cfg), "--pool", POOL]
+            p = await start_cli(tmp_path / f"worker{next(n)}.log", *args)
+            procs.append(p)
+            return p
+
+        async def no_pids() -> set[int]:
+            return set()
+
+        async def run_round(prefix: str) -> set[tuple[str, str]]:
+            chains = {t: two_step_chain(t, f"{prefix}-0") for t in TENANTS}
+            for t, c in chains.items():
+                await bus.js.publish(topo.subjects.submit(t), encode(c))
+            return {(t, c.id) for t, c in chains.items()}
+
+        done: set[tuple[str, str]] = set()
+
+        async def on_end(msg: Msg) -> None:
+            ev = event_decoder.decode(msg.data)
+            done.add((ev.tenant, ev.chain_id))
+
+        await bus.nc.subscribe("cy.events.*.*.chain.completed", cb=on_end)
+
+        so = ScaledObject(
+            monitoring=f"http://127.0.0.1:{http}",
+            stream=topo.work.name,
+            consumer=topo.pool_consumer(POOL).durable,
+            lag_threshold=SLOTS,
+            min_replicas=0,
+            max_replicas=1,
+            cooldown_s=1.0,
+        )
+        try:
+            for i in range(2):
+                procs.append(
+                    await start_cli(
+                        tmp_path / f"router{i}.log", "router", "--nats", server.url,
+                        "--config", str(cfg),
+                    )
+                )  # fmt: skip
+            async with Keda(so, start_worker, no_pids) as keda:
+                first = await run_round("wake1")
+                await wait_until(lambda: first <= done, 90, "round 1 to complete from zero")
+                await wait_until(lambda: len(keda.stopped) == 1, 30, "back to zero")
+                assert await asyncio.wait_for(keda.stopped[0].wait(), 30) == 0
+                second = await run_round("wake2")
+                # woken by the consumer's own pending count this time (it exists now)
+                await wait_until(lambda: second <= done, 90, "round 2 to complete from zero")
+                timeline = keda.line()
+            assert len(keda.stopped) + len(keda.replicas) == 2, timeline  # woken twice
+            woke = [k for k in keda.ticks if k.replicas == 0 and k.lag.total > 0]
+            assert woke, timeline  # work waited in the queue while no worker ran
+            report = await audit(bus.js, first | second, topology=topo, scenario="zero")
+            assert report.ok and report.completed == 4, report.details()
+            assert sandbox.counts["openai.chat"] == 8  # two steps a chain, each called once
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+                    await p.wait()
+            await bus.close()

@@ -16,7 +16,6 @@ from .render import (
     render,
     to_files,
     to_stream,
-    warnings,
 )
 
 DEFAULTS = Settings()
@@ -85,8 +84,6 @@ def render_to(args: argparse.Namespace) -> int:
         nats_account=args.nats_account,
     )
     objs = render(config, text, settings)
-    for warning in warnings(config):
-        print(f"chainyard deploy k8s: warning: {warning}", file=sys.stderr)
     source = Path(args.config).name
     if not args.out:
         sys.stdout.write(to_stream(objs, source))

@@ -227,18 +227,6 @@ def _workloads(config: Config, s: Settings, base: list[str], tools: list[str]) -
     return out
 
 
-def warnings(config: Config) -> list[str]:
-    """What renders, but will not do what the operator probably wants."""
-    zero = [p.name for p in config.pools if p.scale.min_replicas == 0]
-    zero += [f"tool.{p.name}" for p in config.tool_pools if p.scale.min_replicas == 0]
-    return [
-        f"pool {name}: min_replicas = 0 never wakes up on routed work: routers send no step to "
-        "a pool without a live worker, so KEDA sees no lag (docs/SCALING.md); use it only for "
-        "a pool given work by other means"
-        for name in zero
-    ]
-
-
 # -- objects ---------------------------------------------------------------------------------
 
 
