@@ -234,6 +234,7 @@ async def run_demo(nats_url: str | None = None, out: TextIO = sys.stdout) -> int
         assert dev.bus is not None
         print(f"ready in {time.perf_counter() - t0:.1f} s; NATS at {dev.nats_url}", file=out)
         print(f"HTTP gateway (OpenAI/Anthropic base URL): {dev.gateway_url}/v1", file=out)
+        print(f"watch it from another terminal: chainyard top --nats {dev.nats_url}", file=out)
         client = Client(dev.bus.nc, "demo", dev.bus.topology)
         chain = demo_chain()
         print(f"\n1) a chain. Q: {QUESTION}", file=out)
