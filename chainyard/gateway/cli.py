@@ -62,15 +62,16 @@ def static_keys(specs: list[str]) -> Any:
 
 
 async def _kv_keys(js: Any) -> tuple[Any, Any]:
-    from . import keys as kv_keys  # type: ignore[attr-defined]  # built beside this module
-    from . import limits as kv_limits  # type: ignore[attr-defined]
+    from .keys import KeyStore
+    from .limits import Limits
 
-    return await kv_keys.KeyStore.open(js), await kv_limits.Limits.open(js)
+    return await KeyStore.open(js), await Limits.open(js)
 
 
 async def run(args: argparse.Namespace) -> int:
     from chainyard.contracts import ConfigError, load_config
     from chainyard.runtime import tracing
+    from chainyard.runtime.kv_view import KvView
     from chainyard.runtime.nats import connect
 
     from .app import HttpServer
@@ -99,16 +100,7 @@ async def run(args: argparse.Namespace) -> int:
     if keys is None and args.open:
         keys = StaticKeys()
     elif keys is None:
-        try:
-            keys, limits = await _kv_keys(nc.jetstream())
-        except ImportError:
-            print(
-                "chainyard gateway: keys in NATS KV are not available in this build; "
-                "use --key KEY=TENANT or --open",
-                file=sys.stderr,
-            )
-            await nc.close()
-            return 2
+        keys, limits = await _kv_keys(nc.jetstream())
     tracing.setup("chainyard-gateway")  # OTEL_* like every other entry point
     settings = Settings(max_body_bytes=args.max_body_kb * 1024, deadline_ms=args.deadline_ms)
     gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings)
@@ -120,6 +112,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"chainyard gateway: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     finally:
+        for view in (keys, limits):  # the KV views' watches (static keys have none)
+            if isinstance(view, KvView):
+                with contextlib.suppress(Exception):
+                    await view.stop()
         with contextlib.suppress(Exception):
             await nc.drain()
         tracing.shutdown()

@@ -344,6 +344,9 @@ def _deployment(
         "ports": [{"name": port_name, "containerPort": port, "protocol": "TCP"}],
         # Alive: the service's event loop answers. A loop stuck for a minute is restarted.
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        # Started: up to 10 minutes, the liveness probe waits. Routers and workers answer at
+        # once; the gateway opens its port once NATS answers, which may be down at start.
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 120},
         # Ready: NATS connected, streams and consumers bound, the provider reachable or its
         # breaker known (docs/KUBERNETES.md).
         "readinessProbe": {
