@@ -82,3 +82,19 @@ async def test_completed_call_is_settled_with_its_tokens_and_cost(
     assert limits.estimates and limits.estimates[0] > 0
     [(tenant, tokens, cost)] = limits.settled
     assert tenant == "tenant-a" and tokens == done.usage.total_tokens and cost > 0
+
+
+async def test_a_retry_with_the_same_idempotency_key_is_settled_once(
+    gateway: tuple[str, CountingLimits, DevStack],
+) -> None:
+    """The retry gets the first answer and runs nothing; its usage was counted the first time."""
+    url, limits, dev = gateway
+    assert dev.sandbox is not None
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "once"}]}
+    headers = {"Idempotency-Key": "pay-once-1"}
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-t", max_retries=0) as oa:
+        first = await oa.chat.completions.create(**ask, extra_headers=headers)
+        calls = dev.sandbox.counts["openai.chat"]
+        again = await oa.chat.completions.create(**ask, extra_headers=headers)
+    assert again.id == first.id and dev.sandbox.counts["openai.chat"] == calls
+    assert len(limits.settled) == 1, limits.settled

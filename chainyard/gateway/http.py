@@ -144,8 +144,11 @@ def json_response(
 class StepCall:
     """One request's one-step chain, checked and admitted: what both fronts run."""
 
-    def __init__(self, gw: Gateway, grant: Grant, chain: Chain, fresh_id: bool) -> None:
+    def __init__(
+        self, gw: Gateway, grant: Grant, chain: Chain, fresh_id: bool, replay: bool = False
+    ) -> None:
         self.gw, self.grant, self.chain, self.fresh_id = gw, grant, chain, fresh_id
+        self.replay = replay  # an Idempotency-Key whose chain exists: its usage was settled
         self.client = gw.client(grant.tenant)
         self.timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
         self.headers: dict[str, str] = {CHAIN_ID: chain.id}
@@ -172,7 +175,8 @@ class StepCall:
             route = msgspec.structs.replace(hint.route, hedge_after_ms=None)
             hint = msgspec.structs.replace(hint, route=route)
         chain = one_step_chain(step, chain_id, hint, metadata, gw.settings.deadline_ms)
-        return cls(gw, grant, chain, fresh_id=not key)
+        replay = key is not None and await gw.chain_state(grant.tenant, chain_id) is not None
+        return cls(gw, grant, chain, fresh_id=not key, replay=replay)
 
     async def answer(
         self,
@@ -180,18 +184,22 @@ class StepCall:
         respond: Callable[[StepCall], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         """`respond` inside the request's span; a chain nobody waits for any more (the caller
-        went away, the wait timed out) is cancelled."""
+        went away, the wait timed out) is cancelled, unless it has an Idempotency-Key: then
+        the caller's retry picks up the same chain."""
         with server_span(request, f"{request.method} {request.path}") as trace_headers:
             self.headers.update(trace_headers)
             try:
                 return await respond(self)
             except BaseException as e:
-                self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
+                if self.fresh_id:
+                    self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
                 raise
 
     async def outcome(self, ended: ChainEnded) -> ApiError | None:
-        """Settle the call's usage with the limits; the error answer of an unsuccessful end."""
-        await self.gw.settle(self.grant, ended)
+        """Settle the call's usage with the limits (once per chain: not on a replay); the error
+        answer of an unsuccessful end."""
+        if not self.replay:
+            await self.gw.settle(self.grant, ended)
         err = end_error(ended)
         if err is not None:
             err.headers.update(self.headers)
