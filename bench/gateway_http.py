@@ -61,7 +61,7 @@ from .gateways import (
     _free_port,
     _Path,
     _pinned_version,
-    portkey,
+    portkey_path,
     portkey_script,
 )
 from .workers import sandbox
@@ -248,14 +248,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
             paths = [direct, chainyard, on_nats]
             pk_url = ""
             if node:
-                pk_url, pk_pid = await stack.enter_async_context(portkey(node, script))
-                headers = {
-                    "x-portkey-provider": "openai",
-                    "x-portkey-custom-host": f"{url}/v1",
-                    "Authorization": "Bearer sk-bench",
-                }
-                pk = _Path("portkey", lambda _p, n, w: _direct(pk_url, n, headers, w))
-                pk.pids = {"portkey": pk_pid}
+                pk, pk_url = await portkey_path(stack, node, script, url)
                 paths.insert(1, pk)
             for p in paths:
                 p.pids["sandbox"] = sandbox_pid

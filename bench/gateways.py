@@ -124,6 +124,22 @@ async def portkey(node: str, script: str) -> AsyncIterator[tuple[str, int]]:
             await reader
 
 
+async def portkey_path(
+    stack: contextlib.AsyncExitStack, node: str, script: str, stand_in: str
+) -> tuple[_Path, str]:
+    """Portkey started on `stack`, as a path to the stand-in (its OpenAI custom host), and its
+    base URL."""
+    base, pid = await stack.enter_async_context(portkey(node, script))
+    headers = {
+        "x-portkey-provider": "openai",
+        "x-portkey-custom-host": f"{stand_in}/v1",
+        "Authorization": "Bearer sk-bench",
+    }
+    path = _Path("portkey", lambda _p, n, w: _direct(base, n, headers, w))
+    path.pids = {"portkey": pid}
+    return path, base
+
+
 async def _chains(d: Driver, prefix: str, n: int, window: int) -> list[float]:
     """n one-step chains, `window` in flight (as `_direct` does its calls): latencies in ms."""
     out: list[float] = []
@@ -214,14 +230,7 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
                 chainyard.pids["nats_server"] = nats.pid
             paths = [direct, chainyard]
             if node:
-                pk_url, pk_pid = await stack.enter_async_context(portkey(node, script))
-                headers = {
-                    "x-portkey-provider": "openai",
-                    "x-portkey-custom-host": f"{url}/v1",
-                    "Authorization": "Bearer sk-bench",
-                }
-                pk = _Path("portkey", lambda _p, n, w: _direct(pk_url, n, headers, w))
-                pk.pids = {"portkey": pk_pid}
+                pk, _ = await portkey_path(stack, node, script, url)
                 paths.insert(1, pk)
             for p in paths:  # the stand-in's CPU in every row, to show it is the same
                 p.pids["sandbox"] = sandbox_pid

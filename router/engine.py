@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 
 from chainyard.contracts import (
     Assignment,
@@ -87,7 +88,9 @@ class Router:
         self.routing = Routing(bus, config, self.capacity, self.catalog)
         self.policy = self.routing.policy
         self.concurrency = concurrency
-        self.store = StateStore(bus.chains, bus.js, bus.topology.chains_kv)
+        self.store = StateStore(
+            bus.chains, bus.js, bus.topology.chains_kv, max_payload=bus.nc.max_payload
+        )
         self.cache: cache.ResponseCache | None = None  # opened by `run`
 
     async def open_cache(self) -> None:
@@ -195,6 +198,10 @@ class Router:
         key = self.store.key(tenant, chain.id)
         try:
             await self.store.create(key, outcome.state)
+        except MaxPayloadError as e:  # under the limit as sent, over it with the chain's state
+            why = f"the chain is too large to run: its state would not fit in a message ({e})"
+            await self._reject(msg, tenant, chain.id, [FieldError(path="$", message=why)])
+            return
         except Conflict:
             existing, _ = await self.store.load(key, fresh=True)
             same = existing is not None and (

@@ -19,11 +19,15 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from chainyard.contracts import ChainState, KvDef, encode, state_decoder
-from chainyard.runtime.nats import JS_TIMEOUT_S, while_no_leader
+from chainyard.runtime.nats import JS_TIMEOUT_S, fits, while_no_leader
 
 # What nats-py's KV raises on JetStream's 10071 (wrong last subject sequence): a failed CAS.
 Conflict = KeyWrongLastSequenceError
 REMOVED = ("DEL", "PURGE")  # the KV-Operation header of a deleted key's last message
+
+
+# What nats-py's KV create/update put in a write's headers (the expected last sequence)
+KV_WRITE_HEADERS = {"Nats-Expected-Last-Subject-Sequence": "18446744073709551615"}
 
 
 class StateStore:
@@ -33,9 +37,11 @@ class StateStore:
         js: JetStreamContext,
         bucket: KvDef,
         cache_size: int = 10_000,
+        max_payload: int = 0,
     ) -> None:
         self.kv = kv
         self.js = js
+        self.max_payload = max_payload  # the server's: a write over it closes the connection
         self._stream = (
             f"KV_{bucket.bucket}"  # a bucket's stream and key subjects, as NATS names them
         )
@@ -76,6 +82,7 @@ class StateStore:
     async def create(self, key: str, state: ChainState) -> int:
         """Raises Conflict when the key exists."""
         data = encode(state)
+        fits(data, KV_WRITE_HEADERS, self.max_payload)
         rev = await while_no_leader(lambda _: self.kv.create(key, data), JS_TIMEOUT_S)
         self._remember(key, state, rev)
         return rev
@@ -83,6 +90,7 @@ class StateStore:
     async def update(self, key: str, state: ChainState, last: int) -> int:
         """Raises Conflict when someone else wrote since `last`."""
         data = encode(state)
+        fits(data, KV_WRITE_HEADERS, self.max_payload)
         try:
             rev = await while_no_leader(lambda _: self.kv.update(key, data, last), JS_TIMEOUT_S)
         except Conflict:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import Events, running, stream_messages_eventually
+from nats.errors import MaxPayloadError
 
 from chainyard.contracts import (
     Chain,
@@ -22,7 +23,7 @@ from chainyard.contracts import (
     encode,
 )
 from chainyard.router.engine import Router
-from chainyard.runtime.nats import Bus
+from chainyard.runtime.nats import Bus, fits
 from chainyard.stack import tool_workers
 from chainyard.workers.llm import llm_executor
 from chainyard.workers.providers.null import NullProvider
@@ -207,3 +208,16 @@ async def _no_state(bus: Bus, cid: str) -> bool:
     except Exception:  # no keys at all
         return True
     return f"{TENANT}.{cid}" not in keys
+
+
+def test_a_publish_over_max_payload_with_its_headers_is_refused_before_the_server() -> None:
+    """nats-py checks a payload alone; the server closes the connection of a message whose
+    headers take it over the limit (a service whose connection closes exits): `fits` refuses it
+    first, as the same MaxPayloadError."""
+    headers = {"Nats-Msg-Id": "t.c.s.1"}
+    fits(b"x" * 900, headers, 1000)  # 900 + 12 + 22: fits
+    with pytest.raises(MaxPayloadError):
+        fits(b"x" * 980, headers, 1000)  # the payload alone fits, not with its headers
+    with pytest.raises(MaxPayloadError):
+        fits(b"x" * 960, None, 1000, stream="CY_WORK")  # js.publish adds Nats-Expected-Stream
+    fits(b"x" * 10_000, headers, 0)  # 0: unchecked

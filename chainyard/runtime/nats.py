@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import nats
 from nats.aio.client import Client
+from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -146,15 +147,35 @@ async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float)
         pause = min(pause * 2, NO_LEADER_MAX_PAUSE_S)
 
 
+def fits(
+    payload: bytes, headers: dict[str, str] | None, max_payload: int, stream: str | None = None
+) -> None:
+    """Raise MaxPayloadError, as nats-py does for a payload alone over the limit, when the
+    payload and its headers together are: the server's answer to that is to close the
+    connection (`Maximum Payload Violation`), and a service whose connection closes exits."""
+    if not max_payload:
+        return
+    size = len(payload) + 12  # "NATS/1.0\r\n" and the blank line
+    for k, v in (headers or {}).items():
+        size += len(k) + len(v) + 4
+    if stream is not None:
+        size += len("Nats-Expected-Stream") + len(stream) + 4
+    if size > max_payload:
+        raise MaxPayloadError(f"{size} bytes with headers, over the server's {max_payload}")
+
+
 class Publisher:
     """`js.publish` with its arguments, PubAck and errors (nats-py's `APIError` with `err_code`,
     `nats.errors.TimeoutError`), sent again while the stream has no leader (`while_no_leader`).
 
     What the router and workers publish with; `runtime/messaging.py` wraps its `publish`."""
 
-    def __init__(self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S) -> None:
+    def __init__(
+        self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S, max_payload: int = 0
+    ) -> None:
         self.js = js
         self.timeout = timeout
+        self.max_payload = max_payload  # the server's (0: unchecked); see `fits`
 
     async def publish(
         self,
@@ -166,6 +187,7 @@ class Publisher:
     ) -> PubAck:
         if stream is not None:  # js.publish adds the expected stream to the dict it is given
             headers = dict(headers or {})
+        fits(payload, headers, self.max_payload, stream)
         return await while_no_leader(
             lambda left: self.js.publish(
                 subject, payload, timeout=left, stream=stream, headers=headers
@@ -191,7 +213,7 @@ class Bus:
     def publisher(self) -> Publisher:
         """`js.publish` that waits out a stream's leader election (`Publisher`)."""
         if self._publisher is None:
-            self._publisher = Publisher(self.js)
+            self._publisher = Publisher(self.js, max_payload=self.nc.max_payload)
         return self._publisher
 
     @property
