@@ -15,13 +15,12 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers import start_cli, wait_until
+from helpers import start_cli, stop_all, wait_until
 
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
@@ -140,18 +139,7 @@ async def live_stack(tmp: Path, gateways: int = 2) -> AsyncIterator[Stack]:
         stack.push_async_callback(bus.close)
         procs: list[asyncio.subprocess.Process] = []
 
-        async def stop_all() -> None:
-            for p in procs:
-                if p.returncode is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    await asyncio.wait_for(p.wait(), 15)
-                except TimeoutError:
-                    p.kill()
-                    await p.wait()
-
-        stack.push_async_callback(stop_all)
+        stack.push_async_callback(lambda: stop_all(procs))
         common = ("--nats", nats.url, "--config", str(cfg))
         for i in range(2):
             procs.append(await start_cli(tmp / f"router-{i}.log", "router", *common))

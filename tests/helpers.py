@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,20 @@ async def start_cli(log: Path, *args: str) -> asyncio.subprocess.Process:
         )  # fmt: skip
     finally:
         out.close()
+
+
+async def stop_all(procs: Iterable[asyncio.subprocess.Process], grace_s: float = 15) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL past `grace_s`)."""
+    procs = list(procs)
+    for p in procs:
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.wait(), grace_s)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
 
 
 def names(items: Sequence[Any]) -> list[str]:

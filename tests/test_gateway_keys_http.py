@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_stack import POOLS, PROVIDER_KEY, _gateway_url, config_toml
-from helpers import start_cli, wait_until
+from helpers import start_cli, stop_all, wait_until
 
 from chainyard.gateway.keys import checked_grant, create_key, open_keys_kv, revoke_key
 from chainyard.runtime.nats import open_bus
@@ -50,23 +49,13 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
         bus = await open_bus(nats.url, name="keys-http-test")
         stack.push_async_callback(bus.close)
         common = ("--nats", nats.url, "--config", str(cfg))
-        procs = [
-            await start_cli(tmp_path / "router.log", "router", *common),
+        procs = [  # two routers, as deployed; the two gateways below
+            await start_cli(tmp_path / "router-0.log", "router", *common),
+            await start_cli(tmp_path / "router-1.log", "router", *common),
             await start_cli(tmp_path / "worker.log", "worker", *common),
         ]
 
-        async def stop_all() -> None:
-            for p in procs:
-                if p.returncode is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    await asyncio.wait_for(p.wait(), 15)
-                except TimeoutError:
-                    p.kill()
-                    await p.wait()
-
-        stack.push_async_callback(stop_all)
+        stack.push_async_callback(lambda: stop_all(procs))
         urls = []
         for i in range(2):
             log = tmp_path / f"gateway-{i}.log"

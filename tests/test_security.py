@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import nats
 import pytest
 from aiohttp import web
+from helpers import stop_all
 from nats.aio.client import Client as NatsClient
 
 from chainyard.client import Client
@@ -429,15 +429,7 @@ async def test_keys_never_leak_and_subject_tenant_wins(
             finally:
                 await a.close()
         finally:
-            for p, _ in procs:
-                if p.returncode is None:
-                    p.send_signal(signal.SIGTERM)
-            for p, _ in procs:
-                try:
-                    await asyncio.wait_for(p.wait(), 20)
-                except TimeoutError:
-                    p.kill()
-                    await p.wait()
+            await stop_all((p for p, _ in procs), grace_s=20)
     # read everything as the services user
     svc = await nats.connect(s.url("services"), tls=s.tls)
     try:
