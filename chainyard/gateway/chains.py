@@ -16,11 +16,13 @@ Errors are in OpenAI's error shape.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from chainyard.client import NoSuchChain
 from chainyard.contracts import (
     ChainRejected,
     ControlAccepted,
@@ -31,6 +33,9 @@ from chainyard.contracts import (
 
 from .core import ApiError, Gateway, bad_request, run_step
 from .http import CHAIN_ID, Sse, bearer, json_response, read_json, server_span
+
+# As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
+MISSING_AFTER_S = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TRUE = ("1", "true", "yes")
@@ -90,10 +95,9 @@ async def state(gw: Gateway, request: web.Request) -> web.Response:
 async def events(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     chain_id = _path_id(request, "chain_id")
-    if not await gw.client(grant.tenant).exists(chain_id):
-        raise ApiError(404, f"no chain {chain_id!r}", type="not_found_error", code="not_found")
     deltas = request.query.get("deltas", "").lower() in _TRUE
-    return await _events(gw, request, grant.tenant, chain_id, {CHAIN_ID: chain_id}, deltas)
+    headers = {CHAIN_ID: chain_id}
+    return await _events(gw, request, grant.tenant, chain_id, headers, deltas, MISSING_AFTER_S)
 
 
 async def _events(
@@ -103,16 +107,25 @@ async def _events(
     chain_id: str,
     headers: dict[str, str],
     deltas: bool,
+    missing_after: float | None = None,
 ) -> web.StreamResponse:
     """The chain's events (history, then live) to its end: SSE (`event: <type>`), else JSON
-    lines; a streamed delta is `{"type": "delta", "step_id", "text"}`."""
+    lines; a streamed delta is `{"type": "delta", "step_id", "text"}`. With `missing_after`, a
+    chain that shows no state and no event within that long is a 404 (before any answer)."""
+    watch = gw.client(tenant).watch(chain_id, deltas=deltas, missing_after=missing_after)
+    try:
+        first = await anext(watch)
+    except NoSuchChain:
+        raise ApiError(
+            404, f"no chain {chain_id!r}", type="not_found_error", code="not_found"
+        ) from None
     sse = _wants_sse(request)
     if sse:
         out = Sse(request, headers)
     else:
         resp = web.StreamResponse(headers={**headers, "content-type": "application/x-ndjson"})
         await resp.prepare(request)
-    async for ev in gw.client(tenant).watch(chain_id, deltas=deltas):
+    async for ev in _chained(first, watch):
         if isinstance(ev, tuple):
             kind, data = (
                 "delta",
@@ -128,6 +141,12 @@ async def _events(
         return await out.close()
     await resp.write_eof()
     return resp
+
+
+async def _chained(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _answer(answer: ControlAccepted | ControlRejected | None) -> web.Response:
