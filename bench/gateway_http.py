@@ -61,6 +61,7 @@ from .gateways import (
     _free_port,
     _Path,
     _pinned_version,
+    added_rows,
     portkey_path,
     portkey_script,
 )
@@ -286,12 +287,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
     }
     by_window: dict[int, dict[str, Any]] = {}
     for w in WINDOWS:
-        rows = {p.name: p.summary(w, gateway[p.name]) for p in paths}
-        base = rows["direct"]
-        for name, row in rows.items():
-            if name != "direct":
-                row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 3)
-                row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 3)
+        rows = added_rows(paths, gateway, w)
         cy_cpu = rows["chainyard"]["cpu_us_per_request"]
         rows["chainyard"]["gateway_router_worker_cpu_us_per_request"] = round(
             sum(cy_cpu.get(k, 0.0) for k in ("gateway", "router", "worker")), 1

@@ -140,6 +140,19 @@ async def portkey_path(
     return path, base
 
 
+def added_rows(
+    paths: list[_Path], gateway: dict[str, tuple[str, ...]], window: int
+) -> dict[str, dict[str, Any]]:
+    """Each path's summary at `window` in flight, with what it adds over the direct call."""
+    rows = {p.name: p.summary(window, gateway[p.name]) for p in paths}
+    base = rows["direct"]
+    for name, row in rows.items():
+        if name != "direct":
+            row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 3)
+            row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 3)
+    return rows
+
+
 async def _chains(d: Driver, prefix: str, n: int, window: int) -> list[float]:
     """n one-step chains, `window` in flight (as `_direct` does its calls): latencies in ms."""
     out: list[float] = []
@@ -242,15 +255,7 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
                     for p in order:
                         await p.measure(f"r{r}-c{w}-", sizes[w], w)
     gateway = {"direct": ("driver",), "portkey": ("portkey",), "chainyard": ("router", "worker")}
-    by_window: dict[int, dict[str, Any]] = {}
-    for w in WINDOWS:
-        rows = {p.name: p.summary(w, gateway[p.name]) for p in paths}
-        base = rows["direct"]
-        for name, row in rows.items():
-            if name != "direct":
-                row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 3)
-                row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 3)
-        by_window[w] = rows
+    by_window = {w: added_rows(paths, gateway, w) for w in WINDOWS}
     cond: dict[str, Any] = {
         "provider": f"chainyard.sandbox.load, fixed {LATENCY_MS:g} ms, its own process",
         "client": "the worker's HTTP client (bench.added_latency._direct) for direct and Portkey;"
