@@ -1,7 +1,7 @@
 """Figures added_latency_p50_ms / _p99_ms: what chainyard adds to one provider call.
 
 One-step chains run end to end (intake publish -> router -> work queue -> worker -> zero-latency
-sandbox -> step event -> router -> `chain.completed` seen by this driver) at half of the
+sandbox -> the step's answer, stored, seen by this driver as `Client.answer` sees it) at half of the
 measured saturation throughput, in an open loop. Each part is its own OS process, as deployed:
 nats-server, the router (`chainyard router`), one worker (`chainyard worker`), the provider
 (the load sandbox, chainyard.sandbox.load: OpenAI's wire format at ~20 us a request, so that a
@@ -68,11 +68,14 @@ async def service(
 
 
 class Driver:
-    """Submits one-step chains and times each to its `chain.*` event (a core subscription).
+    """Submits one-step chains and times each to its answer, as `Client.answer` returns it:
+    the step's `step.completed`, or for a step that does not answer the chain's end (one core
+    subscription for all chains, so that the driver's own work stays small at thousands in
+    flight).
 
-    It also sees each chain's assignment and step event as they are published, so the time
+    It also sees each chain's assignment and chain event as they are published, so the time
     splits into legs: intake -> assignment (router), assignment -> step event (worker and
-    provider), step event -> chain event (router).
+    provider), and step event -> chain event (the router recording the end, after the answer).
     """
 
     def __init__(self, bus: Bus) -> None:
@@ -97,6 +100,13 @@ class Driver:
             key = msg.subject[self.offset :].partition(".")[0]
         if (marks := self.marks.get(key)) is not None:
             marks.append(now)
+        if msg.subject.endswith(".step.completed"):
+            self._answer(key, now, "completed")
+
+    def _answer(self, key: str, now: float, kind: str) -> None:
+        fut = self.waiting.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result((now, kind))
 
     async def _on_event(self, msg: Msg) -> None:
         now = time.perf_counter()
@@ -105,9 +115,7 @@ class Driver:
         if marks is not None and len(marks) == 3:
             t0, assigned, stepped = marks
             self.legs.append((assigned - t0, stepped - assigned, now - stepped))
-        fut = self.waiting.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result((now, kind))
+        self._answer(key, now, kind)
 
     async def run(self, key: str) -> float:
         step = LlmStep(

@@ -308,7 +308,8 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
         "worker + gateway in gateway_router_worker_cpu_us_per_request); direct: the driver's "
         "own client, a yardstick",
         "nats": "the same one-step chain submitted on NATS by this driver (bench.added_latency's "
-        "Driver), no HTTP: chainyard's added latency minus this one's is the gateway's own",
+        "Driver, to the step's stored answer as `Client.answer`), no HTTP: chainyard's added "
+        "latency minus this one's is the gateway's own",
         "rounds": rounds,
         "order": "rounds alternate direct, Portkey, chainyard, nats and the reverse; each window "
         "in turn",

@@ -259,7 +259,8 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
     cond: dict[str, Any] = {
         "provider": f"chainyard.sandbox.load, fixed {LATENCY_MS:g} ms, its own process",
         "client": "the worker's HTTP client (bench.added_latency._direct) for direct and Portkey;"
-        " chainyard: intake publish on NATS, `chain.completed` seen on a core subscription",
+        " chainyard: intake publish on NATS, the step's stored answer (`step.completed`, what"
+        " `Client.answer` returns) seen on a core subscription",
         "portkey": f"@portkey-ai/gateway {_pinned_version()} on node, --headless, free port,"
         " x-portkey-provider: openai, x-portkey-custom-host: the stand-in"
         if node

@@ -36,7 +36,9 @@ from chainyard.contracts import (
     ControlAccepted,
     ControlRejected,
     Event,
+    LlmStep,
     Replay,
+    StepCompleted,
     StepOverride,
     Subjects,
     Topology,
@@ -124,7 +126,31 @@ class Client:
         have ended, and the event log is not searched for one (three fewer round trips)."""
         data, chain_id, digest, msg_id = _prepare(chain)
         publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
-        return await self._await_end(chain_id, publish, timeout, digest, look_back=not fresh_id)
+        ended = await self._await_end(chain_id, publish, timeout, digest, look_back=not fresh_id)
+        assert not isinstance(ended, StepCompleted)  # only `answer_of` takes a step's event
+        return ended
+
+    async def answer(self, chain: Chain, timeout: float = 300.0) -> StepCompleted | ChainEnded:
+        """Submit a one-step chain and return its step's answer the moment it is stored.
+
+        The answer is the step's `step.completed` event, as the worker published it: the
+        router records the chain's end from that same event (`chain.completed`, with the same
+        output, usage and cost, about a millisecond later), so the caller need not wait for
+        it. A step that does not answer ends the chain: then its end (failed, cancelled,
+        rejected) is returned, as from `run`.
+
+        The chain's id must be made for this call (`new_id()`): an answer is known by its
+        chain id and step alone, so an earlier chain under the same id could answer instead.
+        Use `run` for a chain id that may have run before."""
+        if len(chain.steps) != 1 or (
+            isinstance(chain.steps[0], LlmStep) and chain.steps[0].loop is not None
+        ):
+            raise ValueError("answer() takes a chain of one step (not an agent loop); use run()")
+        data, _, _, msg_id = _prepare(chain)
+        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        return await self._await_end(
+            chain.id, publish, timeout, look_back=False, answer_of=chain.steps[0].id
+        )
 
     async def _await_end(
         self,
@@ -134,15 +160,19 @@ class Client:
         digest: str | None = None,
         *,
         look_back: bool = True,
-    ) -> ChainEnded:
+        answer_of: str | None = None,
+    ) -> StepCompleted | ChainEnded:
         """Subscribe to the chain's events, then perform `action` (a publish to the intake
         stream), then wait for the end that answers it.
 
         Which end answers: a `chain.rejected` of this very message (its `intake_seq` is the
         publish ack's sequence), or a chain's end whose `digest` is this chain's. The end of an
         earlier run of the same chain is looked up in the event log, since it will not come
-        again; an earlier, different chain's end is not an answer."""
-        ended: asyncio.Future[ChainEnded] = asyncio.get_running_loop().create_future()
+        again; an earlier, different chain's end is not an answer. `answer_of`: the
+        `step.completed` of this step answers too (`answer`)."""
+        ended: asyncio.Future[StepCompleted | ChainEnded] = (
+            asyncio.get_running_loop().create_future()
+        )
         seq: list[int] = []  # the intake sequence, once the publish is acknowledged
         early: list[ChainRejected] = []  # rejections seen before the ack
 
@@ -155,6 +185,8 @@ class Client:
                 elif ev.intake_seq in (seq[0], 0):  # 0: a router older than intake_seq
                     ended.set_result(ev)
             elif isinstance(ev, ENDED) and (digest is None or ev.digest in (digest, "")):
+                ended.set_result(ev)
+            elif isinstance(ev, StepCompleted) and ev.step_id == answer_of:
                 ended.set_result(ev)
 
         async def on_event(msg: Msg) -> None:

@@ -12,13 +12,16 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from chainyard.contracts import ChainCompleted, ChainEnded, LlmStep, ToolCall
+from chainyard.contracts import LlmStep, ToolCall
 
 from .core import (
+    ANSWERED,
     STEP_ID,
+    Answer,
     ApiError,
     Delta,
     Gateway,
+    Outcome,
     bad_request,
 )
 from .http import Sse, StepCall, bearer, convert, json_response, read_json, served_model
@@ -179,7 +182,7 @@ def step_of(req: MessagesRequest) -> LlmStep:
 _STOP = {"length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def _stop_reason(ended: ChainCompleted) -> str:
+def _stop_reason(ended: Answer) -> str:
     return _STOP.get(ended.output.finish_reason, "end_turn")
 
 
@@ -187,7 +190,7 @@ def _tool_block(c: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": c.id, "name": c.name, "input": c.args}
 
 
-def _usage(ended: ChainEnded) -> dict[str, int]:
+def _usage(ended: Outcome) -> dict[str, int]:
     u = getattr(ended, "usage", None)
     return {
         "input_tokens": u.input_tokens if u else 0,
@@ -195,7 +198,7 @@ def _usage(ended: ChainEnded) -> dict[str, int]:
     }
 
 
-def message(ended: ChainCompleted, asked: str) -> dict[str, Any]:
+def message(ended: Answer, asked: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if ended.output.text or not ended.output.tool_calls:
         content.append({"type": "text", "text": ended.output.text})
@@ -255,7 +258,7 @@ async def _stream(call: StepCall, request: web.Request, req: MessagesRequest) ->
         block = {"type": "text", "text": ""}
         await send("content_block_start", {"index": 0, "content_block": block})
 
-    ended: ChainEnded | None = None
+    ended: Outcome | None = None
     async for item in call.stream():
         if isinstance(item, Delta):
             if not sse.open:
@@ -271,7 +274,7 @@ async def _stream(call: StepCall, request: web.Request, req: MessagesRequest) ->
             raise err
         await send("error", {"error": error_body(err)["error"]})
         return await sse.close()
-    assert isinstance(ended, ChainCompleted)
+    assert isinstance(ended, ANSWERED)
     if not sse.open:
         await start(served_model(ended, req.model))
     await send("content_block_stop", {"index": 0})

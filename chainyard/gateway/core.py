@@ -35,6 +35,7 @@ from chainyard.contracts import (
     LlmStep,
     Route,
     StepCache,
+    StepCompleted,
     StepFailed,
     event_decoder,
     new_id,
@@ -158,9 +159,15 @@ def _param_of(path: str) -> str | None:
     return field or None
 
 
-def end_error(ended: ChainEnded) -> ApiError | None:
-    """None for a completed chain; otherwise the error answer a caller should see."""
-    if isinstance(ended, ChainCompleted):
+Answer = ChainCompleted | StepCompleted
+"""A step that answered: its stored answer (`Client.answer`), or its chain's end."""
+ANSWERED = (ChainCompleted, StepCompleted)
+Outcome = StepCompleted | ChainEnded
+
+
+def end_error(ended: Outcome) -> ApiError | None:
+    """None for an answer; otherwise the error answer a caller should see."""
+    if isinstance(ended, ANSWERED):
         return None
     if isinstance(ended, ChainRejected):
         if ended.id_in_use:
@@ -197,8 +204,14 @@ def end_error(ended: ChainEnded) -> ApiError | None:
 
 async def run_step(
     client: Client, chain: Chain | bytes, timeout_s: float, *, fresh_id: bool = False
-) -> ChainEnded:
+) -> Outcome:
+    """Run a chain to its end; a one-step chain under an id made for this request (what the
+    OpenAI and Anthropic endpoints send without an Idempotency-Key) to its step's answer,
+    which is stored before it is seen, so the router's record of the chain's end is not
+    waited for (`Client.answer`)."""
     try:
+        if fresh_id and isinstance(chain, Chain):
+            return await client.answer(chain, timeout=timeout_s)
         return await client.run(chain, timeout=timeout_s, fresh_id=fresh_id)
     except ChainTimeout:
         raise ApiError(
@@ -214,7 +227,7 @@ class Delta(msgspec.Struct, frozen=True):
 
 async def stream_step(
     client: Client, chain: Chain, timeout_s: float, *, fresh_id: bool = False
-) -> AsyncIterator[Delta | ChainEnded]:
+) -> AsyncIterator[Delta | Outcome]:
     """The step's text deltas as they come, then the chain's end.
 
     Deltas are best effort and carry no attempt number, so an attempt that fails after
@@ -254,7 +267,7 @@ async def stream_step(
                     if isinstance(event_decoder.decode(msg.data), StepFailed):
                         attempt = ""  # the next attempt starts from the beginning
         ended = await run
-        final = ended.output.text if isinstance(ended, ChainCompleted) else ""
+        final = ended.output.text if isinstance(ended, ANSWERED) else ""
         if len(final) > len(sent) and final.startswith(sent):
             yield Delta(final[len(sent) :])
         yield ended
@@ -267,7 +280,7 @@ async def stream_step(
                 await sub.unsubscribe()
 
 
-def usage_tokens(ended: ChainEnded) -> tuple[int, int]:
+def usage_tokens(ended: Outcome) -> tuple[int, int]:
     usage = getattr(ended, "usage", None)
     return (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
 
@@ -436,7 +449,7 @@ class Gateway:
                 headers={"retry-after": str(max(1, math.ceil(wait_s)))},
             )
 
-    async def settle(self, grant: Grant, ended: ChainEnded) -> None:
+    async def settle(self, grant: Grant, ended: Outcome) -> None:
         tokens_in, tokens_out = usage_tokens(ended)
         cost = getattr(ended, "cost_usd", 0.0)
         await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost)

@@ -13,14 +13,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, format_trace_id
 
-from chainyard.contracts import Chain, ChainCompleted, ChainEnded, LlmStep
+from chainyard.contracts import Chain, LlmStep, StepCompleted
 from chainyard.runtime import tracing
 
 from .core import (
+    ANSWERED,
+    Answer,
     ApiError,
     Delta,
     Gateway,
     Grant,
+    Outcome,
     bad_request,
     chain_id_for,
     end_error,
@@ -195,7 +198,7 @@ class StepCall:
                     self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
                 raise
 
-    async def outcome(self, ended: ChainEnded) -> ApiError | None:
+    async def outcome(self, ended: Outcome) -> ApiError | None:
         """Settle the call's usage with the limits (once per chain: not on a replay); the error
         answer of an unsuccessful end."""
         if not self.replay:
@@ -205,19 +208,21 @@ class StepCall:
             err.headers.update(self.headers)
         return err
 
-    async def completed(self) -> ChainCompleted:
-        """Run the chain to its end; anything but completed raises its error answer."""
+    async def completed(self) -> Answer:
+        """Run the step to its answer; anything else raises its error answer."""
         ended = await run_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
         err = await self.outcome(ended)
         if err is not None:
             raise err
-        assert isinstance(ended, ChainCompleted)
+        assert isinstance(ended, ANSWERED)
         return ended
 
-    def stream(self) -> AsyncIterator[Delta | ChainEnded]:
+    def stream(self) -> AsyncIterator[Delta | Outcome]:
         return stream_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
 
 
-def served_model(ended: ChainCompleted, asked: str) -> str:
+def served_model(ended: Answer, asked: str) -> str:
     """The model that answered (the provider's name), else the one asked for."""
+    if isinstance(ended, StepCompleted):
+        return ended.target.model or asked
     return next((s.model for s in ended.steps if s.model), asked)

@@ -15,8 +15,6 @@ import msgspec
 from aiohttp import web
 
 from chainyard.contracts import (
-    ChainCompleted,
-    ChainEnded,
     LlmStep,
     Message,
     Params,
@@ -25,10 +23,13 @@ from chainyard.contracts import (
 )
 
 from .core import (
+    ANSWERED,
     STEP_ID,
+    Answer,
     ApiError,
     Delta,
     Gateway,
+    Outcome,
     bad_request,
 )
 from .http import Sse, StepCall, bearer, convert, json_response, read_json, served_model
@@ -225,7 +226,7 @@ def metadata_of(req: ChatRequest) -> dict[str, str]:
 _FINISH = {"length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter"}
 
 
-def _finish(ended: ChainCompleted) -> str:
+def _finish(ended: Answer) -> str:
     return _FINISH.get(ended.output.finish_reason, "stop")
 
 
@@ -235,7 +236,7 @@ def _arguments(c: ToolCall) -> str:
     return msgspec.json.encode(c.args).decode()
 
 
-def _calls(ended: ChainCompleted, indexed: bool) -> list[dict[str, Any]]:
+def _calls(ended: Answer, indexed: bool) -> list[dict[str, Any]]:
     out = []
     for i, c in enumerate(ended.output.tool_calls):
         call: dict[str, Any] = {
@@ -247,13 +248,13 @@ def _calls(ended: ChainCompleted, indexed: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _usage(ended: ChainEnded) -> dict[str, int]:
+def _usage(ended: Outcome) -> dict[str, int]:
     u = getattr(ended, "usage", None)
     tin, tout = (u.input_tokens, u.output_tokens) if u else (0, 0)
     return {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
 
 
-def completion(ended: ChainCompleted, asked: str, created: int) -> dict[str, Any]:
+def completion(ended: Answer, asked: str, created: int) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
         "content": ended.output.text or (None if ended.output.tool_calls else ""),
@@ -321,7 +322,7 @@ async def _stream(
         return msgspec.json.encode(c)
 
     first = {"role": "assistant", "content": "", "refusal": None}
-    ended: ChainEnded | None = None
+    ended: Outcome | None = None
     async for item in call.stream():
         if isinstance(item, Delta):
             if not sse.open:
@@ -336,7 +337,7 @@ async def _stream(
             raise err
         await sse.send(msgspec.json.encode(error_body(err)))  # as OpenAI does mid-stream
         return await sse.close()
-    assert isinstance(ended, ChainCompleted)
+    assert isinstance(ended, ANSWERED)
     model = served_model(ended, req.model)
     if not sse.open:
         await sse.send(chunk(first, model=model))
