@@ -1,5 +1,6 @@
-"""The Python client examples of docs/CHAINS.md, run end to end: follow a chain's events,
-release a wait step with a signal, cancel a chain, replay a chain from a step.
+"""The Python client examples of docs/CHAINS.md, run end to end: a one-step chain's quick
+answer, follow a chain's events, release a wait step with a signal, cancel a chain, replay a
+chain from a step.
 
 Start a stack (`chainyard dev --no-local`), then `python docs/examples/chains_client.py`; it
 connects to CHAINYARD_NATS, else nats://127.0.0.1:4222 (what `chainyard dev` prints).
@@ -38,6 +39,19 @@ async def follow(client: Client, chain: Chain) -> dict[str, str]:
         elif isinstance(ev, StepCompleted):
             print(ev.step_id, ev.target.pool, f"{ev.latency_ms:.0f} ms")
     return streamed  # best effort: fragments may be missed, the events never are
+
+
+async def quick_answer(client: Client, question: str) -> str:
+    chain = Chain(
+        id=new_id(),  # `answer` needs an id made for the call
+        steps=[
+            LlmStep(id="q", model="gpt-4o-mini", messages=[Message(role="user", content=question)])
+        ],
+    )
+    got = await client.answer(chain, timeout=60)
+    if isinstance(got, StepCompleted):  # stored; `chain.completed` follows with the same output
+        return got.output.text
+    raise RuntimeError(f"{type(got).__name__}: {getattr(got, 'reason', '')}")  # failed, rejected
 
 
 async def approve(client: Client, chain_id: str) -> None:
@@ -100,6 +114,8 @@ def approval(chain_id: str) -> Chain:
 
 async def main(url: str) -> None:
     async with await Client.connect(url, "acme") as client:
+        print(await quick_answer(client, "One word for a quick answer?"))
+
         first = trip(f"trip-{new_id()}")
         await follow(client, first)
 
