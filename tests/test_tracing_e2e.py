@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import io
 import os
-import socket
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import wait_until
+from helpers import free_port, stop_all, wait_until
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -69,12 +68,6 @@ base_url = "{good_url}/v1"
 slots = 4
 timeout_s = 30
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start(args: list[str], log: Path, endpoint: str) -> asyncio.subprocess.Process:
@@ -209,14 +202,7 @@ async def test_one_chain_is_one_trace_across_processes(
             metric_names = set(receiver.metric_names)
     finally:
         tracing.disable()
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        for p in procs:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.wait(), 15)
-            if p.returncode is None:
-                p.kill()
+        await stop_all(procs)
 
     mine = [
         Span(

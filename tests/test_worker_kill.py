@@ -4,12 +4,20 @@ completed exactly once; the chain completes; no process is left behind."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from pathlib import Path
 
-from helpers import Events, alive, chain_log, children_of, running, start_cli, wait_until
+from helpers import (
+    Events,
+    alive,
+    chain_log,
+    children_of,
+    kill_all,
+    running,
+    start_cli,
+    wait_until,
+)
 
 from chainyard.contracts import (
     Chain,
@@ -121,11 +129,7 @@ async def test_sigkilled_worker_step_completes_exactly_once(
             (one,) = [e for e in logged if isinstance(e, StepCompleted) and e.step_id == "one"]
             assert f"-{second.pid}-" in one.worker
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    await p.wait()
+            await kill_all(procs)
             await bus.close()
     for p in procs:
         assert not alive(p.pid), f"worker pid {p.pid} left running"

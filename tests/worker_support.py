@@ -13,6 +13,7 @@ from chainyard.contracts import (
     Deployment,
     LlmStep,
     Message,
+    Output,
     Params,
     PoolConfig,
     Price,
@@ -22,7 +23,7 @@ from chainyard.contracts import (
 )
 from chainyard.runtime.nats import Bus
 from chainyard.stack import llm_worker
-from chainyard.workers.runtime import Worker
+from chainyard.workers.runtime import Result, Worker
 
 TENANT = "acme"
 POOL = "sim"
@@ -101,6 +102,23 @@ def assignment(
 async def publish(bus: Bus, *assignments: Assignment) -> None:
     for a in assignments:
         await bus.js.publish(bus.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id})
+
+
+class HeldCalls:
+    """A worker's `execute` without a provider: it counts its calls, sets `entered`, and holds
+    each call until `release` is set (at once with `held=False`), then answers "done"."""
+
+    def __init__(self, *, held: bool = True) -> None:
+        self.calls = 0
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        if not held:
+            self.release.set()
+
+    async def __call__(self, a: Assignment, on_delta: object) -> Result:
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        return Result(output=Output(text="done"))
 
 
 def worker(bus: Bus, cfg: Config, **kw: object) -> Worker:

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,12 +48,6 @@ SHORT = os.environ.get("CHAOS_SHORT", "") not in ("", "0")
 
 def scale(full: int, short: int) -> int:
     return short if SHORT else full
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(
@@ -444,12 +437,6 @@ async def wait_all_ended(
 
 
 wait_count = wait_until  # the suite's name for the shared poll-until-true helper
-
-
-async def work_queue_empty(js: JetStreamContext, topology: Topology | None = None) -> bool:
-    topology = topology or Topology()
-    info = await js.stream_info(topology.work.name)
-    return info.state.messages == 0
 
 
 async def heartbeat(nc: NatsClient, pool: str, limit_s: float = 30.0) -> None:
