@@ -22,6 +22,7 @@ from helpers import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from worker_support import live_workers
+from worker_support import toml as one_pool_toml
 
 from chainyard.client import Client
 from chainyard.contracts import (
@@ -51,23 +52,8 @@ MAX_ENTRY = 2048
 
 
 def toml(sandbox_url: str) -> str:
-    return f"""
-[[deployments]]
-name = "d-paid"
-pool = "{POOL}"
-model = "m"
-price = {{ input_per_mtok = 1000.0, output_per_mtok = 2000.0 }}
-
-[[pools]]
-name = "{POOL}"
-provider = "openai"
-base_url = "{sandbox_url}/v1"
-slots = 8
-timeout_s = 30
-
-[cache]
-max_entry_bytes = {MAX_ENTRY}
-"""
+    one_pool = one_pool_toml(sandbox_url, pool=POOL, deployment="d-paid", price=(1000.0, 2000.0))
+    return f"{one_pool}\n[cache]\nmax_entry_bytes = {MAX_ENTRY}\n"
 
 
 def cached_chain(cid: str, text: str, ttl_s: float = 3600, **params: object) -> Chain:

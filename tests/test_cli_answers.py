@@ -10,14 +10,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dev_process import CLI, Dev, dev, start_dev, stop_dev
 from helpers import free_port, free_ports, python_env
-from test_cli import CLI, Dev, start_dev, stop_dev
 
 from chainyard import cli
+
+__all__ = ["dev"]
 
 # The console script, as a user runs it: unlike `python -m`, it does not put the current
 # directory on sys.path.
@@ -43,15 +44,6 @@ def one_line(r: subprocess.CompletedProcess[str]) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    d = start_dev(tmp_path_factory.mktemp("dev") / "dev.log")
-    try:
-        yield d
-    finally:
-        stop_dev(d)
 
 
 def submit(dev: Dev, chain: dict, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:

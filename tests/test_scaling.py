@@ -22,7 +22,7 @@ from helpers import alive, free_ports, kill_all, start_cli, start_routers, wait_
 from keda_double import HPA_TOLERANCE, Keda, ScaledObject, Tick, hpa_desired
 from nats.aio.msg import Msg
 from scale_support import two_step_chain
-from worker_support import POOL, live_workers
+from worker_support import POOL, live_workers, toml
 
 from chainyard.contracts import Topology, encode, event_decoder
 from chainyard.ledger import audit
@@ -37,22 +37,7 @@ MAX_REPLICAS = 3
 
 
 def config_toml(sandbox_url: str) -> str:
-    return f"""
-work_ack_wait_s = 30
-
-[[deployments]]
-name = "d-sim"
-pool = "{POOL}"
-model = "m"
-price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}
-
-[[pools]]
-name = "{POOL}"
-provider = "openai"
-base_url = "{sandbox_url}/v1"
-slots = {SLOTS}
-timeout_s = 30
-"""
+    return toml(sandbox_url, slots=SLOTS, deployment="d-sim", price=(1.0, 2.0))
 
 
 # -- the formula, pure ---------------------------------------------------------------------------

@@ -52,18 +52,29 @@ def config(
     )
 
 
-def toml(sandbox_url: str, *, slots: int = 8, ack_wait_s: float = 30.0) -> str:
+def toml(
+    sandbox_url: str,
+    *,
+    slots: int = 8,
+    ack_wait_s: float = 30.0,
+    pool: str = POOL,
+    deployment: str = "d-free",
+    price: tuple[float, float] = (0.0, 0.0),
+) -> str:
+    """A config file's text: one pool on the sandbox, one deployment of model `m` on it (price:
+    USD per million input, output tokens). It ends in the pool's table: text added after it
+    (`[pools.scale]`) is the pool's; top-level keys go before it."""
     return f"""
 work_ack_wait_s = {ack_wait_s}
 
 [[deployments]]
-name = "d-free"
-pool = "{POOL}"
+name = "{deployment}"
+pool = "{pool}"
 model = "m"
-price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
+price = {{ input_per_mtok = {price[0]}, output_per_mtok = {price[1]} }}
 
 [[pools]]
-name = "{POOL}"
+name = "{pool}"
 provider = "openai"
 base_url = "{sandbox_url}/v1"
 slots = {slots}
@@ -134,9 +145,9 @@ async def work_state(bus: Bus) -> tuple[int, int, int]:
 
 
 async def start_worker_process(
-    url: str, config_path: Path, log: Path
+    url: str, config_path: Path, log: Path, pool: str = POOL
 ) -> asyncio.subprocess.Process:
-    args = ["worker", "--nats", url, "--config", str(config_path), "--pool", POOL]
+    args = ["worker", "--nats", url, "--config", str(config_path), "--pool", pool]
     return await start_cli(log, *args)
 
 
