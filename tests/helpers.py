@@ -210,6 +210,16 @@ async def chain_log(
     return await stream_events(js, f"{base}.>", stream)
 
 
+async def heartbeats_from(kv: Any, pools: Iterable[str]) -> bool:
+    """Whether each of `pools` has a worker's heartbeat in the capacity bucket `kv` (False while
+    the bucket is empty or cannot be read)."""
+    try:
+        keys = await kv.keys()
+    except Exception:  # NoKeysError: none yet
+        return False
+    return all(any(k.startswith(f"{p}.") for k in keys) for p in pools)
+
+
 async def heartbeat_seen(kv: Any, pool: str, timeout: float = 10.0) -> None:
     """Wait until some worker of `pool` has a heartbeat in the capacity bucket."""
 

@@ -10,7 +10,6 @@ semantic-convention attribute names, and no prompt text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, stop_all, wait_until
+from helpers import free_port, heartbeats_from, stop_all, wait_until
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -168,17 +167,10 @@ async def test_one_chain_is_one_trace_across_processes(
             )
             bus = await open_bus(nats_server.url, name="t")
             try:
-
-                async def ready() -> bool:
-                    with contextlib.suppress(Exception):
-                        keys = await bus.capacity.keys()
-                        return all(
-                            any(k.startswith(f"{p}.") for k in keys)
-                            for p in ("bad", "good", "tool.weather")
-                        )
-                    return False
-
-                await wait_until(ready, 60, "every worker's heartbeat")
+                pools = ("bad", "good", "tool.weather")
+                await wait_until(
+                    lambda: heartbeats_from(bus.capacity, pools), 60, "every worker's heartbeat"
+                )
                 client = Client(bus.nc, TENANT)
                 with provider.get_tracer("test").start_as_current_span("client request") as root:
                     ended = await client.run(chain(), timeout=60)

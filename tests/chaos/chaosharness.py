@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_summary
-from helpers import wait_until
+from helpers import heartbeats_from, wait_until
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -444,14 +444,9 @@ async def heartbeat(nc: NatsClient, pool: str, limit_s: float = 30.0) -> None:
     js = nc.jetstream()
     kv = await js.key_value(Topology().capacity_kv.bucket)
 
-    async def seen() -> bool:
-        try:
-            keys = await kv.keys()
-        except Exception:
-            return False
-        return any(k.startswith(pool + ".") for k in keys)
-
-    await wait_count(seen, limit_s, f"a heartbeat from pool {pool}", interval=0.1)
+    await wait_count(
+        lambda: heartbeats_from(kv, [pool]), limit_s, f"a heartbeat from pool {pool}", interval=0.1
+    )
 
 
 def rng(seed: int) -> random.Random:
