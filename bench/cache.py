@@ -13,11 +13,7 @@ Figures: the hit phase; baselines: the miss phase of the same run.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import sys
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -26,10 +22,11 @@ from chainyard.contracts import Chain, LlmStep, Message, Params, StepCache, enco
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 
+from .added_latency import service
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
 from .drive import BenchError, Completions, drive
-from .workers import _stop, cpu_s, sandbox
+from .workers import cpu_s, sandbox
 
 FIGURES = (
     "cache_hit_step_latency_p50_ms",
@@ -61,19 +58,6 @@ def _chain(cid: str, question: int) -> bytes:
     return encode(Chain(id=cid, steps=[step]))
 
 
-@contextlib.asynccontextmanager
-async def _service(log: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    out = log.open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chainyard.cli", *args, stdout=out, stderr=asyncio.subprocess.STDOUT
-    )
-    out.close()
-    try:
-        yield proc
-    finally:
-        await _stop(proc)
-
-
 @benchmark("cache", FIGURES)
 async def cache(ctx: Ctx) -> list[Figure]:
     """Step latency, router CPU: a response-cache hit vs a 20 ms provider call (lower is better)."""
@@ -101,8 +85,8 @@ async def cache(ctx: Ctx) -> list[Figure]:
             cfg.write_text(_config(base_url))
             common = ("--nats", server.url, "--config", str(cfg))
             async with (
-                _service(Path(tmp) / "router.log", "router", *common) as router,
-                _service(Path(tmp) / "worker.log", "worker", "--pool", POOL, *common),
+                service(["router", *common], Path(tmp), "router") as router,
+                service(["worker", "--pool", POOL, *common], Path(tmp), "worker"),
             ):
 
                 async def submit(key: str) -> None:

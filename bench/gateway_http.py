@@ -62,8 +62,8 @@ from .gateways import (
     _Path,
     _pinned_version,
     added_rows,
+    portkey_or_skip,
     portkey_path,
-    portkey_script,
 )
 from .workers import sandbox
 
@@ -209,11 +209,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
         ctx.notes.append(f"gateway_http: skipped: {why}")
         return []
     load_before = load_average()
-    node, script = await portkey_script()
-    skipped = None if node else script
-    if skipped:
-        print(f"   Portkey rows skipped: {skipped}", flush=True)
-        ctx.notes.append(f"gateway_http: Portkey rows skipped: {skipped}")
+    node, script, skipped = await portkey_or_skip(ctx, "gateway_http")
     dark: dict[str, dict[str, Any]] = {}
     opening: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp_s:

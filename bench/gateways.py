@@ -78,6 +78,17 @@ async def portkey_script() -> tuple[str | None, str]:
     return node, str(PORTKEY_JS)
 
 
+async def portkey_or_skip(ctx: Ctx, bench: str) -> tuple[str | None, str, str | None]:
+    """portkey_script()'s (node, script), and why `bench` skips its Portkey rows (printed, and
+    noted in `ctx`), None when Portkey can run."""
+    node, script = await portkey_script()
+    skipped = None if node else script
+    if skipped:
+        print(f"   Portkey rows skipped: {skipped}", flush=True)
+        ctx.notes.append(f"{bench}: Portkey rows skipped: {skipped}")
+    return node, script, skipped
+
+
 def _free_port() -> int:
     # Portkey takes a port number only; the moment between close and its bind is the risk taken
     with socket.socket() as s:
@@ -212,11 +223,7 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
     sizes = {1: ctx.n("n_c1", 400, 40), 32: ctx.n("n_c32", 4000, 320)}
     rounds = max(1, ctx.n("rounds", 3, 1))
     load_before = load_average()
-    node, script = await portkey_script()
-    skipped = None if node else script
-    if skipped:
-        print(f"   Portkey rows skipped: {skipped}", flush=True)
-        ctx.notes.append(f"peer_portkey: Portkey rows skipped: {skipped}")
+    node, script, skipped = await portkey_or_skip(ctx, "peer_portkey")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         async with (

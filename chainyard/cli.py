@@ -9,95 +9,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from chainyard.contracts import (
-    ChainCompleted,
-    ChainRejected,
-    ChainTimeout,
-    Config,
-    ConfigError,
-    ControlAccepted,
-    ControlRejected,
-    RouterConfig,
-    encode,
-    load_config,
-)
-
-if TYPE_CHECKING:
-    from chainyard.client import Client
+from chainyard.cli_fail import Fail, _connecting, _safe_url, _unreachable
+from chainyard.contracts import ChainTimeout, Config, ConfigError, RouterConfig, load_config
 
 log = logging.getLogger("chainyard")
 DEFAULT_NATS = "nats://127.0.0.1:4222"  # where `chainyard dev` puts NATS when the port is free
-WAIT_S = 300.0  # the default wait for a chain's end (submit, watch, replay --wait)
-MISSING_AFTER_S = 5.0  # `watch`: a chain with no state and no event after this is unknown
 T = TypeVar("T")
-
-
-class Fail(Exception):
-    """An expected failure: printed as one line `chainyard <verb>: <message>`, exit `code`.
-
-    Exit codes: 1 the answer is no (a chain failed, was cancelled or rejected; a control was
-    refused; no such chain), 2 the command cannot be done as given (usage, config, tools,
-    input file), 3 a wait timed out, 4 NATS unreachable or refused the request."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _ConnectLog(logging.Filter):
-    """While connecting, the NATS client logs each failed attempt: keep the last error for our
-    own message and log it once (`say`: a service says it keeps trying), not twice a second."""
-
-    def __init__(self, url: str, say: bool) -> None:
-        super().__init__()
-        self.url, self.say, self.last = url, say, ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.last = record.getMessage().removeprefix("nats error: ")
-        if not self.say:
-            return False
-        self.say = False
-        record.msg = (
-            "cannot reach NATS at %s (%s); retrying until it is up (SIGTERM or Ctrl-C stops)"
-        )
-        record.args = (_safe_url(self.url), self.last)
-        return True
-
-
-@contextlib.contextmanager
-def _connecting(url: str, *, say: bool) -> Iterator[_ConnectLog]:
-    quiet = _ConnectLog(url, say)
-    nats_log = logging.getLogger("chainyard.nats")
-    nats_log.addFilter(quiet)
-    try:
-        yield quiet
-    finally:
-        nats_log.removeFilter(quiet)
-
-
-def _unreachable(url: str, why: str) -> Fail:
-    return Fail(
-        f"cannot reach NATS at {_safe_url(url)}{f' ({why})' if why else ''}: start it with "
-        "`chainyard dev` (it prints the URL to use), or point --nats or CHAINYARD_NATS at yours",
-        4,
-    )
-
-
-async def _client(args: argparse.Namespace) -> Client:
-    """The client verbs' connection; an unreachable NATS is one line, not a traceback."""
-    from nats.errors import NoServersError
-
-    from chainyard.client import Client
-
-    with _connecting(args.nats, say=False) as quiet:
-        try:
-            return await Client.connect(args.nats, args.tenant, creds=args.creds)
-        except (NoServersError, OSError) as e:
-            raise _unreachable(args.nats, quiet.last or str(e)) from None
 
 
 async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
@@ -222,12 +143,6 @@ async def _serve(args: argparse.Namespace, *, router: bool, pools: list[str] | N
     return 0
 
 
-def _safe_url(url: str) -> str:
-    from chainyard.runtime.nats import _fmt_url
-
-    return _fmt_url(url)
-
-
 async def cmd_router(args: argparse.Namespace) -> int:
     return await _serve(args, router=True, pools=[])
 
@@ -296,137 +211,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from chainyard.demo import run_demo
 
     return await run_demo(nats_url=args.nats)
-
-
-async def cmd_submit(args: argparse.Namespace) -> int:
-    # Read before the loop does anything else: a blocking read here costs nothing.
-    try:
-        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # noqa: ASYNC240
-    except OSError as e:
-        raise Fail(f"cannot read {args.file}: {e.strerror or e}", 2) from None
-    async with await _client(args) as client:
-        if not args.wait:
-            print(await client.submit(data))
-            return 0
-        try:
-            ended = await client.run(data, timeout=args.timeout)
-        except ChainTimeout as e:
-            raise Fail(
-                f"{e} (tenant {args.tenant!r}); it may still be running: "
-                f"`chainyard watch ID --tenant {args.tenant}` or `chainyard status`",
-                3,
-            ) from None
-    sys.stdout.write(encode(ended).decode() + "\n")
-    if isinstance(ended, ChainRejected):
-        for err in ended.errors:
-            print(f"rejected: {err.path}: {err.message}", file=sys.stderr)
-    return 0 if isinstance(ended, ChainCompleted) else 1
-
-
-async def cmd_watch(args: argparse.Namespace) -> int:
-    from chainyard.client import NoSuchChain
-
-    where = f"chain {args.chain_id!r} (tenant {args.tenant!r})"
-    async with await _client(args) as client:
-        try:
-            async with asyncio.timeout(args.timeout or None):
-                async for ev in client.watch(
-                    args.chain_id, deltas=args.deltas, missing_after=MISSING_AFTER_S
-                ):
-                    if isinstance(ev, tuple):
-                        sys.stdout.write(ev[1])
-                    else:
-                        print(encode(ev).decode(), flush=True)
-        except NoSuchChain as e:
-            raise Fail(f"{e}; check the id and --tenant (or CHAINYARD_TENANT)", 1) from None
-        except TimeoutError:
-            raise Fail(
-                f"{where} did not end within {args.timeout:g} s; it is still running "
-                "(`chainyard status` shows its steps; --timeout 0 waits without limit)",
-                3,
-            ) from None
-    return 0
-
-
-def _answered(args: argparse.Namespace, answer: ControlAccepted | ControlRejected | None) -> int:
-    """A control verb's last line: what the router did, or why it refused (exit 1)."""
-    where = f"chain {args.chain_id!r} (tenant {args.tenant!r})"
-    if isinstance(answer, ControlRejected):
-        raise Fail(f"refused for {where}: {answer.message}", 1)
-    assert isinstance(answer, ControlAccepted)
-    print(f"{args.command} accepted for {where}: {answer.message}", flush=True)
-    return 0
-
-
-async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with await _client(args) as client:
-        answer = await client.cancel(args.chain_id, args.reason, timeout=args.timeout)
-    return _answered(args, answer)
-
-
-async def cmd_signal(args: argparse.Namespace) -> int:
-    import msgspec
-
-    try:
-        data = msgspec.json.decode(args.data) if args.data is not None else None
-    except msgspec.DecodeError as e:
-        raise Fail(f"--data is not JSON ({e}): {args.data}", 2) from None
-    async with await _client(args) as client:
-        answer = await client.signal(args.chain_id, args.name, data, timeout=args.timeout)
-    return _answered(args, answer)
-
-
-async def cmd_replay(args: argparse.Namespace) -> int:
-    from chainyard.contracts import ChainCompleted as Completed
-    from chainyard.contracts import StepOverride
-
-    overrides = {}
-    for item in args.model or []:
-        step, eq, model = item.partition("=")
-        if not eq or not step or not model:
-            raise Fail(f"--model {item}: expected STEP=MODEL", 2)
-        overrides[step] = StepOverride(model=model)
-    async with await _client(args) as client:
-        try:
-            result = await client.replay(
-                args.chain_id,
-                args.from_step,
-                overrides,
-                new_id=args.new_id,
-                wait=args.timeout if args.wait else None,
-                timeout=args.answer_timeout,
-            )
-        except ChainTimeout as e:
-            raise Fail(str(e), 3) from None
-    if isinstance(result, ControlRejected):
-        return _answered(args, result)
-    if isinstance(result, str):
-        print(result)
-        return 0
-    sys.stdout.write(encode(result).decode() + "\n")
-    return 0 if isinstance(result, Completed) else 1
-
-
-async def cmd_status(args: argparse.Namespace) -> int:
-    async with await _client(args) as client:
-        rows = await client.status()
-    if not rows:
-        print(f"no chains in flight for tenant {args.tenant!r}")
-        return 0
-    print(f"{'chain':<30} {'age':>7} {'done':>6} {'cost USD':>10}  running")
-    for r in rows:
-        running = ", ".join(f"{s}@{p}" for s, p in r.steps.items()) or "-"
-        done = f"{r.done:>3}/{r.total:<2}"
-        print(f"{r.chain_id:<30} {r.age_s:6.1f}s {done} {r.cost_usd:>10.6f}  {running}")
-    return 0
-
-
-async def cmd_trace(args: argparse.Namespace) -> int:
-    from chainyard import trace_view
-
-    return await trace_view.run(
-        args.chain_id, nats_url=args.nats, tenant=args.tenant, creds=args.creds, jaeger=args.jaeger
-    )
 
 
 async def cmd_schema(args: argparse.Namespace) -> int:
@@ -527,71 +311,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port"
     )
-    for name, fn, help in (
-        ("submit", cmd_submit, "submit a chain (JSON file or - for stdin)"),
-        ("watch", cmd_watch, "print a chain's events as JSON lines until it ends"),
-        ("cancel", cmd_cancel, "cancel a chain: in-flight steps are dropped, it ends cancelled"),
-        ("signal", cmd_signal, "send a signal that releases a chain's wait steps"),
-        ("replay", cmd_replay, "re-run an ended chain from a step, as a new chain"),
-        ("status", cmd_status, "chains in flight: running steps, pools, cost so far"),
-    ):
-        sp = add(name, fn, help)
-        sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
-        if name == "submit":
-            sp.add_argument("file")
-        elif name != "status":
-            sp.add_argument("chain_id")
-        if name in ("submit", "replay"):
-            sp.add_argument(
-                "--wait",
-                action="store_true",
-                help="wait; print the terminal event; exit 0 only if completed",
-            )
-            sp.add_argument(
-                "--timeout",
-                type=float,
-                default=WAIT_S,
-                help=f"with --wait: seconds to wait for the chain's end (default {WAIT_S:g})",
-            )
-        if name in ("cancel", "signal"):
-            sp.add_argument(
-                "--timeout",
-                type=float,
-                default=30.0,
-                help="seconds to wait for the router's answer (default 30)",
-            )
-        if name == "watch":
-            sp.add_argument("--deltas", action="store_true", help="also print streamed tokens")
-            sp.add_argument(
-                "--timeout",
-                type=float,
-                default=WAIT_S,
-                help=f"seconds to wait for the chain's end (default {WAIT_S:g}; 0: no limit)",
-            )
-        elif name == "cancel":
-            sp.add_argument("--reason", default="cancelled from the command line")
-        elif name == "signal":
-            sp.add_argument("name", help="the signal's name (a wait step's `signal`)")
-            sp.add_argument("--data", help="JSON payload: the wait step's output")
-        elif name == "replay":
-            sp.add_argument("from_step", help="the first step to run again")
-            sp.add_argument(
-                "--model",
-                action="append",
-                metavar="STEP=MODEL",
-                help="run STEP on another model or group",
-            )
-            sp.add_argument("--new-id", help="the new chain's id (default: a fresh one)")
-            sp.add_argument(
-                "--answer-timeout",
-                type=float,
-                default=30.0,
-                help="seconds to wait for the router's answer (default 30)",
-            )
-    sp = add("trace", cmd_trace, "draw a chain as a waterfall (event log; Jaeger with --jaeger)")
-    sp.add_argument("chain_id")
-    sp.add_argument("--tenant", default=os.environ.get("CHAINYARD_TENANT", "default"))
-    sp.add_argument("--jaeger", help="Jaeger query URL, e.g. http://localhost:16686")
+    from chainyard import chains_cli
+
+    for verb, help in chains_cli.VERBS.items():
+        chains_cli.configure(add(verb, chains_cli.run, help, nats="none"), add_nats, verb)
     from chainyard import dlq
 
     dlq.configure(

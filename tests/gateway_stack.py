@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers import start_cli, stop_all, wait_until
+from helpers import start_cli, start_routers, stop_all, wait_until
 
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
@@ -141,8 +141,7 @@ async def live_stack(tmp: Path, gateways: int = 2) -> AsyncIterator[Stack]:
 
         stack.push_async_callback(lambda: stop_all(procs))
         common = ("--nats", nats.url, "--config", str(cfg))
-        for i in range(2):
-            procs.append(await start_cli(tmp / f"router-{i}.log", "router", *common))
+        procs += await start_routers(tmp, nats.url, cfg)
         for i, pools in enumerate(WORKERS):
             flags = [f"--pool={p}" for p in pools]
             procs.append(await start_cli(tmp / f"worker-{i}.log", "worker", *common, *flags))

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -21,9 +22,13 @@ from chainyard.contracts import (
     ChainFailed,
     ChainRejected,
     Event,
+    Topology,
     event_decoder,
 )
 from chainyard.ledger import read_stream
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 ENDED = (ChainCompleted, ChainFailed, ChainRejected)
 
@@ -143,6 +148,12 @@ async def stream_count(js: JetStreamContext, stream: str, subject: str) -> int:
     return sum((info.state.subjects or {}).values())
 
 
+async def work_queue_empty(js: JetStreamContext, topology: Topology | None = None) -> bool:
+    topology = topology or Topology()
+    info = await js.stream_info(topology.work.name)
+    return info.state.messages == 0
+
+
 async def stream_messages_eventually(
     js: JetStreamContext, stream: str, subject: str, count: int, timeout: float = 10.0
 ) -> list[Msg]:
@@ -197,6 +208,16 @@ async def chain_log(
 
     await wait_until(ended, 10.0, f"the terminal event of {chain_id} in {stream}")
     return await stream_events(js, f"{base}.>", stream)
+
+
+async def heartbeats_from(kv: Any, pools: Iterable[str]) -> bool:
+    """Whether each of `pools` has a worker's heartbeat in the capacity bucket `kv` (False while
+    the bucket is empty or cannot be read)."""
+    try:
+        keys = await kv.keys()
+    except Exception:  # NoKeysError: none yet
+        return False
+    return all(any(k.startswith(f"{p}.") for k in keys) for p in pools)
 
 
 async def heartbeat_seen(kv: Any, pool: str, timeout: float = 10.0) -> None:
@@ -275,6 +296,68 @@ async def stop_all(procs: Iterable[asyncio.subprocess.Process], grace_s: float =
         except TimeoutError:
             p.kill()
             await p.wait()
+
+
+async def start_routers(
+    log_dir: Path, nats_url: str, config: Path, n: int = 2
+) -> list[asyncio.subprocess.Process]:
+    """`n` `chainyard router` processes (replicas, as deployed), logs in log_dir/router{i}.log."""
+    args = ("router", "--nats", nats_url, "--config", str(config))
+    return [await start_cli(log_dir / f"router{i}.log", *args) for i in range(n)]
+
+
+async def kill_all(procs: Iterable[asyncio.subprocess.Process]) -> None:
+    """SIGKILL every process still running and reap it: a test's teardown that has nothing
+    to drain (what the processes did is already checked)."""
+    for p in procs:
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (a port handed back by the kernel may come again: skip repeats)."""
+    out: list[int] = []
+    while len(out) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = int(s.getsockname()[1])
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+# -- spans -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recorded_spans(*, chain_ids: bool = True) -> Iterator[InMemorySpanExporter]:
+    """This process's spans, kept in memory through an SDK provider (with `chain_ids`, as
+    `tracing.setup` builds it: trace ids from chain ids); tracing is off again after."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from chainyard.runtime import tracing
+
+    exporter = InMemorySpanExporter()
+    if chain_ids:
+        provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
+    else:
+        provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider, capture=False)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+        provider.shutdown()
 
 
 def names(items: Sequence[Any]) -> list[str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import pytest
 
 from chainyard.contracts import Message, Params, ToolSpec
 from chainyard.sandbox import SandboxConfig, SandboxServer
-from chainyard.workers.providers import LlmRequest
+from chainyard.workers.providers import LlmRequest, ProviderError, make_provider
+
+P = TypeVar("P")
 
 KEY = "sk-test-secret-0123456789abcdef"
 
@@ -43,6 +47,32 @@ TWO_CALLS_EXPECTED = [("get_weather", {"city": "Oslo"}), ("search", {"query": "b
 async def sandbox() -> AsyncIterator[SandboxServer]:
     async with SandboxServer(SandboxConfig(api_key=KEY)) as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def adapter(kind: str, base_url: str, cls: type[P]) -> AsyncIterator[P]:
+    """The `kind` provider on the sandbox at `base_url` (5 s timeout), closed after."""
+    p = make_provider(kind, base_url, KEY, timeout_s=5.0)
+    assert isinstance(p, cls)
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+async def assert_timeout_then_dark(sandbox: SandboxServer, kind: str) -> None:
+    """A call slower than the provider's timeout, then one to a sandbox that refuses the
+    connection: both retryable, the refusal without a status."""
+    await sandbox.configure(latency_ms=2_000)
+    p = make_provider(kind, sandbox.url, KEY, timeout_s=0.2)
+    with pytest.raises(ProviderError) as ei:
+        await p.complete(req())
+    assert ei.value.cls == "retryable" and "timeout" in ei.value.message
+    await sandbox.configure(latency_ms=0, dark=True, dark_mode="refuse")
+    with pytest.raises(ProviderError) as ei:
+        await p.complete(req())
+    assert ei.value.cls == "retryable" and ei.value.status is None
+    await p.aclose()
 
 
 def req(text: str = "hello there world", **params: object) -> LlmRequest:

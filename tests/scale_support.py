@@ -1,4 +1,4 @@
-"""Helpers of the scaling and region tests: free ports, a two-step chain, a delaying TCP proxy
+"""Helpers of the scaling and region tests: a two-step chain, a delaying TCP proxy
 (the kernel here has no netem), and a 3-node NATS cluster with one node per region whose routes
 and cross-region client links go through such proxies."""
 
@@ -7,29 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_until
+from helpers import free_ports, wait_until
 
 from chainyard.contracts import Chain, LlmStep, Message
 from chainyard.runtime.server import NatsServer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (a port handed back by the kernel may come again: skip repeats)."""
-    out: list[int] = []
-    while len(out) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = int(s.getsockname()[1])
-        if p not in out:
-            out.append(p)
-    return out
 
 
 def two_step_chain(tenant: str, cid: str) -> Chain:

@@ -11,6 +11,8 @@ from sandbox_fixtures import (
     KEY,
     TWO_CALLS_EXPECTED,
     WEATHER,
+    adapter,
+    assert_timeout_then_dark,
     req,
     sandbox,
     tool_req,
@@ -23,7 +25,6 @@ from chainyard.workers.providers import (
     AnthropicProvider,
     LlmRequest,
     ProviderError,
-    make_provider,
     parse_anthropic,
 )
 
@@ -32,10 +33,8 @@ __all__ = ["sandbox"]
 
 @pytest.fixture
 async def an(sandbox: SandboxServer) -> AsyncIterator[AnthropicProvider]:
-    p = make_provider("anthropic", sandbox.url, KEY, timeout_s=5.0)
-    assert isinstance(p, AnthropicProvider)
-    yield p
-    await p.aclose()
+    async with adapter("anthropic", sandbox.url, AnthropicProvider) as p:
+        yield p
 
 
 async def test_request_wire_format(sandbox: SandboxServer, an: AnthropicProvider) -> None:
@@ -220,16 +219,7 @@ async def test_prompt_too_long_message(sandbox: SandboxServer, an: AnthropicProv
 
 
 async def test_timeout_and_dark(sandbox: SandboxServer) -> None:
-    await sandbox.configure(latency_ms=2_000)
-    p = make_provider("anthropic", sandbox.url, KEY, timeout_s=0.2)
-    with pytest.raises(ProviderError) as ei:
-        await p.complete(req())
-    assert ei.value.cls == "retryable" and "timeout" in ei.value.message
-    await sandbox.configure(latency_ms=0, dark=True, dark_mode="refuse")
-    with pytest.raises(ProviderError) as ei:
-        await p.complete(req())
-    assert ei.value.cls == "retryable" and ei.value.status is None
-    await p.aclose()
+    await assert_timeout_then_dark(sandbox, "anthropic")
 
 
 async def test_sandbox_requires_version_header(sandbox: SandboxServer) -> None:

@@ -9,6 +9,8 @@ from sandbox_fixtures import (
     KEY,
     TWO_CALLS_EXPECTED,
     WEATHER,
+    adapter,
+    assert_timeout_then_dark,
     req,
     sandbox,
     tool_req,
@@ -24,10 +26,8 @@ __all__ = ["sandbox"]
 
 @pytest.fixture
 async def gm(sandbox: SandboxServer) -> AsyncIterator[GeminiProvider]:
-    p = make_provider("gemini", sandbox.url, KEY, timeout_s=5.0)
-    assert isinstance(p, GeminiProvider)
-    yield p
-    await p.aclose()
+    async with adapter("gemini", sandbox.url, GeminiProvider) as p:
+        yield p
 
 
 async def test_request_wire_format(sandbox: SandboxServer, gm: GeminiProvider) -> None:
@@ -169,16 +169,7 @@ async def test_429_retry_info(sandbox: SandboxServer, gm: GeminiProvider) -> Non
 
 
 async def test_timeout_and_dark(sandbox: SandboxServer) -> None:
-    await sandbox.configure(latency_ms=2_000)
-    p = make_provider("gemini", sandbox.url, KEY, timeout_s=0.2)
-    with pytest.raises(ProviderError) as ei:
-        await p.complete(req())
-    assert ei.value.cls == "retryable" and "timeout" in ei.value.message
-    await sandbox.configure(latency_ms=0, dark=True, dark_mode="refuse")
-    with pytest.raises(ProviderError) as ei:
-        await p.complete(req())
-    assert ei.value.cls == "retryable" and ei.value.status is None
-    await p.aclose()
+    await assert_timeout_then_dark(sandbox, "gemini")
 
 
 async def test_versioned_base_url(sandbox: SandboxServer) -> None:

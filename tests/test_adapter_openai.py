@@ -10,6 +10,7 @@ from sandbox_fixtures import (
     KEY,
     TWO_CALLS_EXPECTED,
     WEATHER,
+    adapter,
     req,
     sandbox,
     tool_req,
@@ -35,10 +36,8 @@ __all__ = ["sandbox"]
 
 @pytest.fixture
 async def ai(sandbox: SandboxServer) -> AsyncIterator[OpenAIProvider]:
-    p = make_provider("openai", f"{sandbox.url}/v1", KEY, timeout_s=5.0)
-    assert isinstance(p, OpenAIProvider)
-    yield p
-    await p.aclose()
+    async with adapter("openai", f"{sandbox.url}/v1", OpenAIProvider) as p:
+        yield p
 
 
 async def test_request_wire_format(sandbox: SandboxServer, ai: OpenAIProvider) -> None:

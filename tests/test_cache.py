@@ -4,7 +4,6 @@ sandbox provider whose request count tells a hit (no call) from a miss."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -12,12 +11,18 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import chain_log, running, start_cli, wait_until
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from helpers import (
+    chain_log,
+    recorded_spans,
+    running,
+    start_cli,
+    start_routers,
+    stop_all,
+    wait_until,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from worker_support import live_workers
+from worker_support import toml as one_pool_toml
 
 from chainyard.client import Client
 from chainyard.contracts import (
@@ -37,7 +42,6 @@ from chainyard.contracts import (
 from chainyard.ledger import audit
 from chainyard.router.cache import CACHE_WORKER, bucket_name, request_key
 from chainyard.router.engine import Router
-from chainyard.runtime import tracing
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -48,23 +52,8 @@ MAX_ENTRY = 2048
 
 
 def toml(sandbox_url: str) -> str:
-    return f"""
-[[deployments]]
-name = "d-paid"
-pool = "{POOL}"
-model = "m"
-price = {{ input_per_mtok = 1000.0, output_per_mtok = 2000.0 }}
-
-[[pools]]
-name = "{POOL}"
-provider = "openai"
-base_url = "{sandbox_url}/v1"
-slots = 8
-timeout_s = 30
-
-[cache]
-max_entry_bytes = {MAX_ENTRY}
-"""
+    one_pool = one_pool_toml(sandbox_url, pool=POOL, deployment="d-paid", price=(1000.0, 2000.0))
+    return f"{one_pool}\n[cache]\nmax_entry_bytes = {MAX_ENTRY}\n"
 
 
 def cached_chain(cid: str, text: str, ttl_s: float = 3600, **params: object) -> Chain:
@@ -115,13 +104,8 @@ async def stack(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Stack]
         cfg = load_config(path)
         bus = await open_bus(nats_server.url, name="t", topology=cfg.topology)
         try:
+            procs += await start_routers(tmp_path, nats_server.url, path)
             for i in range(2):
-                procs.append(
-                    await start_cli(
-                        tmp_path / f"router{i}.log", "router", "--nats", nats_server.url,
-                        "--config", str(path),
-                    )
-                )  # fmt: skip
                 procs.append(
                     await start_cli(
                         tmp_path / f"worker{i}.log", "worker", "--nats", nats_server.url,
@@ -135,16 +119,7 @@ async def stack(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Stack]
             await wait_until(workers_up, 30, "both workers' heartbeats")
             yield Stack(url=nats_server.url, sandbox=sandbox, bus=bus)
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.terminate()
-            for p in procs:
-                try:
-                    await asyncio.wait_for(p.wait(), 15)
-                except TimeoutError:
-                    p.kill()
-                    await p.wait()
+            await stop_all(procs)
             await bus.close()
     logs = "".join((tmp_path / f"router{i}.log").read_text() for i in range(2))
     assert "Traceback" not in logs, logs
@@ -284,15 +259,8 @@ def test_the_key_is_the_normalized_request() -> None:
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider, capture=False)
-    try:
+    with recorded_spans() as exporter:
         yield exporter
-    finally:
-        tracing.disable()
-        provider.shutdown()
 
 
 async def test_a_hit_has_a_cache_span(

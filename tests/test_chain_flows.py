@@ -131,6 +131,12 @@ def ask(content: str) -> list[Message]:
     return [Message(role="user", content=content)]
 
 
+def agent_chain(chain_id: str, prompt: str, loop: Loop) -> Chain:
+    """One agent step (`agent`) on gpt-4o-mini, asked `prompt`, calling tools in `loop`."""
+    step = LlmStep(id="agent", model="gpt-4o-mini", messages=ask(prompt), loop=loop)
+    return Chain(id=chain_id, steps=[step])
+
+
 async def test_fan_out_and_fan_in(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
     chain = Chain(
@@ -189,17 +195,7 @@ async def test_branch_skipped_by_condition(stack: Stack) -> None:
 async def test_agent_loop_calls_tools_and_answers(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
     prompt = 'call weather {"city": "Lisbon"} and call search {"query": "bike lanes"}'
-    chain = Chain(
-        id="agent",
-        steps=[
-            LlmStep(
-                id="agent",
-                model="gpt-4o-mini",
-                messages=ask(prompt),
-                loop=Loop(tools=["weather", "search"]),
-            )
-        ],
-    )
+    chain = agent_chain("agent", prompt, Loop(tools=["weather", "search"]))
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
     assert calls == {"weather:Lisbon": 1, "search:bike lanes": 1}
@@ -218,16 +214,8 @@ async def test_agent_loop_calls_tools_and_answers(stack: Stack) -> None:
 async def test_agent_loop_limit_ends_the_chain_clearly(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
     # The first answer's tokens already exceed max_tokens: the loop stops before any tool runs.
-    chain = Chain(
-        id="looplimit",
-        steps=[
-            LlmStep(
-                id="agent",
-                model="gpt-4o-mini",
-                messages=ask('call weather {"city": "Oslo"}'),
-                loop=Loop(tools=["weather"], max_tokens=3),
-            )
-        ],
+    chain = agent_chain(
+        "looplimit", 'call weather {"city": "Oslo"}', Loop(tools=["weather"], max_tokens=3)
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainFailed)
@@ -237,16 +225,8 @@ async def test_agent_loop_limit_ends_the_chain_clearly(stack: Stack) -> None:
 
 async def test_agent_loop_last_iteration_must_answer(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
-    chain = Chain(
-        id="lastcall",
-        steps=[
-            LlmStep(
-                id="agent",
-                model="gpt-4o-mini",
-                messages=ask('call weather {"city": "Oslo"}'),
-                loop=Loop(tools=["weather"], max_iterations=1),
-            )
-        ],
+    chain = agent_chain(
+        "lastcall", 'call weather {"city": "Oslo"}', Loop(tools=["weather"], max_iterations=1)
     )
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
@@ -256,17 +236,7 @@ async def test_agent_loop_last_iteration_must_answer(stack: Stack) -> None:
 
 async def test_agent_loop_tool_error_goes_back_to_the_model(stack: Stack) -> None:
     stack.start(config(stack.sandbox.url))
-    chain = Chain(
-        id="looperr",
-        steps=[
-            LlmStep(
-                id="agent",
-                model="gpt-4o-mini",
-                messages=ask('call explode {"why": "no fuel"}'),
-                loop=Loop(tools=["explode"]),
-            )
-        ],
-    )
+    chain = agent_chain("looperr", 'call explode {"why": "no fuel"}', Loop(tools=["explode"]))
     ended = await stack.client.run(chain, timeout=30)
     assert isinstance(ended, ChainCompleted), ended
     assert "no fuel" in ended.output.text  # the model was told

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import python_env
-from test_cli import CLI, Dev, start_dev, stop_dev
+from dev_process import CLI, Dev, dev, start_dev, stop_dev
+from helpers import free_port, free_ports, python_env
 
 from chainyard import cli
+
+__all__ = ["dev"]
 
 # The console script, as a user runs it: unlike `python -m`, it does not put the current
 # directory on sys.path.
@@ -44,21 +44,6 @@ def one_line(r: subprocess.CompletedProcess[str]) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    d = start_dev(tmp_path_factory.mktemp("dev") / "dev.log")
-    try:
-        yield d
-    finally:
-        stop_dev(d)
 
 
 def submit(dev: Dev, chain: dict, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +74,7 @@ def test_client_verbs_default_to_4222_and_read_chainyard_nats(monkeypatch) -> No
 
 
 def test_dev_takes_its_port_when_free_and_says_when_it_is_not(tmp_path: Path) -> None:
-    port, metrics = free_port(), free_port()
+    port, metrics = free_ports(2)
     d = start_dev(tmp_path / "a.log", "--port", str(port), "--metrics-port", str(metrics))
     try:
         assert d.url == f"nats://127.0.0.1:{port}"

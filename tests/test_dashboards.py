@@ -15,7 +15,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from helpers import start_cli, wait_until
+from helpers import free_port, free_ports, start_cli, stop_all, wait_until
 
 from chainyard.client import Client
 from chainyard.contracts import Chain, LlmStep, Message, Params, StepCache
@@ -98,12 +97,6 @@ def test_promtool_checks_the_rules() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in r.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stack_toml(good_url: str, bad_url: str) -> str:
@@ -189,7 +182,7 @@ async def query(http: aiohttp.ClientSession, base: str, expr: str) -> list[dict[
 @contextlib.asynccontextmanager
 async def services(url: str, config: Path, tmp: Path) -> AsyncIterator[list[str]]:
     """2 routers and a worker per pool as processes; yields their metrics addresses."""
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     commands = [
         ["router", "--metrics-port", str(ports[0])],
         ["router", "--metrics-port", str(ports[1])],
@@ -203,15 +196,7 @@ async def services(url: str, config: Path, tmp: Path) -> AsyncIterator[list[str]
     try:
         yield [f"127.0.0.1:{p}" for p in ports]
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-        for p in procs:
-            try:
-                await asyncio.wait_for(p.wait(), 15)
-            except TimeoutError:
-                p.kill()
-                await p.wait()
+        await stop_all(procs)
 
 
 async def test_every_panel_and_rule_against_a_live_stack(

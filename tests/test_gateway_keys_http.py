@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_stack import POOLS, PROVIDER_KEY, _gateway_url, config_toml
-from helpers import start_cli, stop_all, wait_until
+from helpers import start_cli, start_routers, stop_all, wait_until
 
 from chainyard.gateway.keys import checked_grant, create_key, open_keys_kv, revoke_key
 from chainyard.runtime.nats import open_bus
@@ -50,8 +50,7 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
         stack.push_async_callback(bus.close)
         common = ("--nats", nats.url, "--config", str(cfg))
         procs = [  # two routers, as deployed; the two gateways below
-            await start_cli(tmp_path / "router-0.log", "router", *common),
-            await start_cli(tmp_path / "router-1.log", "router", *common),
+            *await start_routers(tmp_path, nats.url, cfg),
             await start_cli(tmp_path / "worker.log", "worker", *common),
         ]
 

@@ -8,14 +8,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import wait_until
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from helpers import recorded_spans, wait_until
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chainyard.demo import demo_config, tools
 from chainyard.devstack import DevStack
-from chainyard.runtime import tracing
 from chainyard.sandbox import SandboxConfig
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -24,14 +21,8 @@ PARENT = "00f067aa0ba902b7"
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider, capture=False)
-    try:
+    with recorded_spans(chain_ids=False) as exporter:
         yield exporter
-    finally:
-        tracing.disable()
 
 
 async def test_caller_trace_continues_through_the_chain(spans: InMemorySpanExporter) -> None:

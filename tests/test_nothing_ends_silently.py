@@ -5,7 +5,6 @@ queued and in-flight work; a tool past its pool's timeout fails its step."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ from helpers import (
     chain_log,
     children_of,
     heartbeat_seen,
+    kill_all,
     python_env,
     running,
     stream_count,
@@ -136,11 +136,7 @@ async def test_poison_step_is_failed_and_dead_lettered_after_killing_every_worke
         last.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(last.wait(), 15) == 0, (tmp_path / "last.log").read_text()
     finally:
-        for p in procs:
-            if p.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                await p.wait()
+        await kill_all(procs)
         await bus.close()
     assert [c for c in children_of(os.getpid()) if c[1] != "nats-server"] == []
 

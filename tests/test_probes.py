@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import Events, heartbeat_seen, start_cli, wait_until
+from helpers import Events, free_port, free_ports, heartbeat_seen, start_cli, wait_until
 from sandbox_fixtures import KEY
 from worker_support import POOL, TENANT, assignment, publish, toml, work_state
 
@@ -24,12 +23,6 @@ from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
 
 READY_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
@@ -83,7 +76,7 @@ async def test_not_ready_until_nats_is_up_and_again_after_it_goes(tmp_path: Path
     async with SandboxServer(SandboxConfig(api_key=KEY)) as sandbox:
         cfg = tmp_path / "c.toml"
         cfg.write_text(toml(sandbox.url))
-        rport, wport = free_port(), free_port()
+        rport, wport = free_ports(2)
         common = ["--nats", url, "--config", str(cfg), "--metrics-port"]
         async with (
             service(tmp_path / "router.log", "router", *common, str(rport)),

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import start_cli, wait_until
+from helpers import kill_all, start_cli, wait_until
 from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError
 from scale_support import RegionCluster, two_step_chain
@@ -283,11 +283,7 @@ async def test_router_keeps_work_in_its_region_and_chains_survive_a_region_cut(
             for name, p in procs.items():  # no service stopped on the way
                 assert p.returncode is None, (name, (tmp_path / f"{name}.log").read_text())
         finally:
-            for p in procs.values():
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    await p.wait()
+            await kill_all(procs.values())
             for b in buses.values():
                 with contextlib.suppress(Exception):
                     await b.close()

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import alive, start_cli, wait_until
+from helpers import alive, free_ports, kill_all, start_cli, start_routers, wait_until
 from keda_double import HPA_TOLERANCE, Keda, ScaledObject, Tick, hpa_desired
 from nats.aio.msg import Msg
-from scale_support import free_ports, two_step_chain
-from worker_support import POOL, live_workers
+from scale_support import two_step_chain
+from worker_support import POOL, live_workers, toml
 
 from chainyard.contracts import Topology, encode, event_decoder
 from chainyard.ledger import audit
@@ -37,22 +37,7 @@ MAX_REPLICAS = 3
 
 
 def config_toml(sandbox_url: str) -> str:
-    return f"""
-work_ack_wait_s = 30
-
-[[deployments]]
-name = "d-sim"
-pool = "{POOL}"
-model = "m"
-price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}
-
-[[pools]]
-name = "{POOL}"
-provider = "openai"
-base_url = "{sandbox_url}/v1"
-slots = {SLOTS}
-timeout_s = 30
-"""
+    return toml(sandbox_url, slots=SLOTS, deployment="d-sim", price=(1.0, 2.0))
 
 
 # -- the formula, pure ---------------------------------------------------------------------------
@@ -154,13 +139,7 @@ async def test_keda_formula_scales_real_workers_up_and_down_and_sigterm_drains(
             up_period_s=5.0,  # HPA behavior: +1 pod per 5 s, so each count runs a while
         )
         try:
-            for i in range(2):
-                procs.append(
-                    await start_cli(
-                        tmp_path / f"router{i}.log", "router", "--nats", server.url,
-                        "--config", str(cfg),
-                    )
-                )  # fmt: skip
+            procs += await start_routers(tmp_path, server.url, cfg)
             async with Keda(so, start_worker, ready_pids) as keda:
                 await wait_until(
                     lambda: keda.ticks and keda.ticks[-1].ready == 1, 60, f"1 ready {keda.errors}"
@@ -225,11 +204,7 @@ async def test_keda_formula_scales_real_workers_up_and_down_and_sigterm_drains(
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            for p in procs:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    await p.wait()
+            await kill_all(procs)
             await bus.close()
     assert not any(alive(p.pid) for p in procs)
 
@@ -285,13 +260,7 @@ async def test_a_pool_scaled_to_zero_is_woken_by_its_queued_work(tmp_path: Path)
             cooldown_s=1.0,
         )
         try:
-            for i in range(2):
-                procs.append(
-                    await start_cli(
-                        tmp_path / f"router{i}.log", "router", "--nats", server.url,
-                        "--config", str(cfg),
-                    )
-                )  # fmt: skip
+            procs += await start_routers(tmp_path, server.url, cfg)
             async with Keda(so, start_worker, no_pids) as keda:
                 first = await run_round("wake1")
                 await wait_until(lambda: first <= done, 90, "round 1 to complete from zero")
@@ -308,9 +277,5 @@ async def test_a_pool_scaled_to_zero_is_woken_by_its_queued_work(tmp_path: Path)
             assert report.ok and report.completed == 4, report.details()
             assert sandbox.counts["openai.chat"] == 8  # two steps a chain, each called once
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    await p.wait()
+            await kill_all(procs)
             await bus.close()

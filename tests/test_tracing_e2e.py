@@ -10,16 +10,14 @@ semantic-convention attribute names, and no prompt text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
-import socket
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import wait_until
+from helpers import free_port, heartbeats_from, stop_all, wait_until
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -69,12 +67,6 @@ base_url = "{good_url}/v1"
 slots = 4
 timeout_s = 30
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start(args: list[str], log: Path, endpoint: str) -> asyncio.subprocess.Process:
@@ -175,17 +167,10 @@ async def test_one_chain_is_one_trace_across_processes(
             )
             bus = await open_bus(nats_server.url, name="t")
             try:
-
-                async def ready() -> bool:
-                    with contextlib.suppress(Exception):
-                        keys = await bus.capacity.keys()
-                        return all(
-                            any(k.startswith(f"{p}.") for k in keys)
-                            for p in ("bad", "good", "tool.weather")
-                        )
-                    return False
-
-                await wait_until(ready, 60, "every worker's heartbeat")
+                pools = ("bad", "good", "tool.weather")
+                await wait_until(
+                    lambda: heartbeats_from(bus.capacity, pools), 60, "every worker's heartbeat"
+                )
                 client = Client(bus.nc, TENANT)
                 with provider.get_tracer("test").start_as_current_span("client request") as root:
                     ended = await client.run(chain(), timeout=60)
@@ -209,14 +194,7 @@ async def test_one_chain_is_one_trace_across_processes(
             metric_names = set(receiver.metric_names)
     finally:
         tracing.disable()
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        for p in procs:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.wait(), 15)
-            if p.returncode is None:
-                p.kill()
+        await stop_all(procs)
 
     mine = [
         Span(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import heartbeats_from, wait_until
 from otlp_receiver import OtlpGrpcReceiver, OtlpReceiver, Span
 
 from chainyard.client import Client
@@ -257,17 +257,10 @@ async def test_chainyard_dev_with_an_otlp_endpoint_exports_one_trace_per_chain(
             )
         bus = await open_bus(nats_server.url, name="t")
         try:
-
-            async def ready() -> bool:
-                with contextlib.suppress(Exception):
-                    keys = await bus.capacity.keys()
-                    return all(
-                        any(k.startswith(f"{p}.") for k in keys)
-                        for p in ("cloud-sim", "tool.weather")
-                    )
-                return False
-
-            await wait_until(ready, 60, "the dev stack's workers")
+            pools = ("cloud-sim", "tool.weather")
+            await wait_until(
+                lambda: heartbeats_from(bus.capacity, pools), 60, "the dev stack's workers"
+            )
             client = Client(bus.nc, "acme")
             ended = await asyncio.gather(*(client.run(dev_chain(i), timeout=60) for i in range(n)))
             assert all(isinstance(e, ChainCompleted) for e in ended), ended

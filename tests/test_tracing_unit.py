@@ -10,10 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import recorded_spans
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -45,15 +43,8 @@ TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     """The helpers' spans through an SDK provider, as `tracing.setup` builds it."""
     monkeypatch.setattr(tm, "settle_spans", True)  # CHAINYARD_TRACE_SETTLE=true
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider, capture=False)
-    try:
+    with recorded_spans() as exporter:
         yield exporter
-    finally:
-        tracing.disable()
-        provider.shutdown()
 
 
 def traceparent(sc: Any) -> str:

@@ -4,12 +4,20 @@ completed exactly once; the chain completes; no process is left behind."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from pathlib import Path
 
-from helpers import Events, alive, chain_log, children_of, running, start_cli, wait_until
+from helpers import (
+    Events,
+    alive,
+    chain_log,
+    children_of,
+    kill_all,
+    running,
+    wait_until,
+)
+from worker_support import start_worker_process, toml
 
 from chainyard.contracts import (
     Chain,
@@ -32,30 +40,13 @@ ACK_WAIT_S = 2.0  # a dead worker's step comes back after this long
 
 
 def write_config(path: Path, sandbox_url: str) -> Path:
-    path.write_text(
-        f"""
-work_ack_wait_s = {ACK_WAIT_S}
-max_attempts = 1
-
-[[deployments]]
-name = "d-slow"
-pool = "{POOL}"
-model = "m"
-price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
-
-[[pools]]
-name = "{POOL}"
-provider = "openai"
-base_url = "{sandbox_url}/v1"
-slots = 4
-timeout_s = 30
-"""
-    )
+    one_pool = toml(sandbox_url, slots=4, ack_wait_s=ACK_WAIT_S, pool=POOL, deployment="d-slow")
+    path.write_text("max_attempts = 1\n" + one_pool)
     return path
 
 
 async def start_worker(url: str, config: Path, log: Path) -> asyncio.subprocess.Process:
-    return await start_cli(log, "worker", "--nats", url, "--config", str(config), "--pool", POOL)
+    return await start_worker_process(url, config, log, pool=POOL)
 
 
 async def test_sigkilled_worker_step_completes_exactly_once(
@@ -121,11 +112,7 @@ async def test_sigkilled_worker_step_completes_exactly_once(
             (one,) = [e for e in logged if isinstance(e, StepCompleted) and e.step_id == "one"]
             assert f"-{second.pid}-" in one.worker
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    await p.wait()
+            await kill_all(procs)
             await bus.close()
     for p in procs:
         assert not alive(p.pid), f"worker pid {p.pid} left running"

@@ -9,35 +9,16 @@ import asyncio
 import logging
 
 import pytest
-from helpers import running, stream_count, wait_until
+from helpers import running, stream_count, wait_until, work_queue_empty
+from worker_support import POOL, HeldCalls, assignment
 
 from chainyard.contracts import (
-    Assignment,
-    LlmStep,
-    Message,
-    Output,
-    Target,
     Topology,
     encode,
-    now_ms,
 )
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
-from chainyard.workers.runtime import Result, Worker
-
-POOL = "sim"
-
-
-def assignment() -> Assignment:
-    return Assignment(
-        chain_id="c1",
-        step_id="s",
-        attempt=1,
-        tenant="acme",
-        step=LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")]),
-        target=Target(deployment="d", pool=POOL, provider="openai", model="m"),
-        dispatched_at_ms=now_ms(),
-    )
+from chainyard.workers.runtime import Worker
 
 
 async def _delivered(bus: Bus, topology: Topology) -> tuple[int, int]:
@@ -53,17 +34,8 @@ async def test_a_result_waits_out_a_nats_outage_without_a_redelivery(
         bus = await open_bus(server.url, name="worker", topology=topology)
         # Each publish attempt gives up after 0.5 s: the worker itself must try again.
         bus.publisher.timeout = 0.5
-        entered, release = asyncio.Event(), asyncio.Event()
-        calls = 0
-
-        async def execute(a: Assignment, on_delta: object) -> Result:
-            nonlocal calls
-            calls += 1
-            entered.set()
-            await release.wait()
-            return Result(output=Output(text="done"))
-
-        a = assignment()
+        execute = HeldCalls()
+        a = assignment("c1")
         worker = Worker(bus, POOL, execute, slots=4)
         try:
             with caplog.at_level(logging.WARNING, logger="chainyard.worker"):
@@ -71,10 +43,10 @@ async def test_a_result_waits_out_a_nats_outage_without_a_redelivery(
                     await bus.publisher.publish(
                         topology.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id}
                     )
-                    await asyncio.wait_for(entered.wait(), 10)
+                    await asyncio.wait_for(execute.entered.wait(), 10)
                     port = server.port
                     await server.stop(keep_store=True)
-                    release.set()  # the result is due while there is no server
+                    execute.release.set()  # the result is due while there is no server
                     await wait_until(
                         lambda: any("not stored" in r.getMessage() for r in caplog.records),
                         10,
@@ -89,10 +61,10 @@ async def test_a_result_waits_out_a_nats_outage_without_a_redelivery(
                         "the step's result in the event stream",
                     )
                     await wait_until(
-                        lambda: _queue_empty(bus, topology), 10, "the work message to be acked"
+                        lambda: work_queue_empty(bus.js, topology), 10, "the work message acked"
                     )
             # one delivery, one provider call, one stored result
-            assert (calls, await _delivered(bus, topology)) == (1, (1, 0))
+            assert (execute.calls, await _delivered(bus, topology)) == (1, (1, 0))
             assert await stream_count(bus.js, topology.events.name, subject) == 1
         finally:
             await bus.close()
@@ -108,11 +80,8 @@ async def test_a_worker_stopped_during_an_outage_gives_the_work_back(
         bus = await open_bus(server.url, name="worker", topology=topology)
         bus.publisher.timeout = 0.3
 
-        async def execute(a: Assignment, on_delta: object) -> Result:
-            return Result(output=Output(text="done"))
-
-        a = assignment()
-        worker = Worker(bus, POOL, execute, slots=4)
+        a = assignment("c1")
+        worker = Worker(bus, POOL, HeldCalls(held=False), slots=4)
         try:
             with caplog.at_level(logging.WARNING, logger="chainyard.worker"):
                 async with running(worker) as stop:
@@ -133,10 +102,6 @@ async def test_a_worker_stopped_during_an_outage_gives_the_work_back(
                     assert worker.completed == 0
                     stop.set()
             assert await _delivered(bus, topology) == (1, 0)
-            assert not await _queue_empty(bus, topology)  # given back, not acked nor lost
+            assert not await work_queue_empty(bus.js, topology)  # given back, not acked nor lost
         finally:
             await bus.close()
-
-
-async def _queue_empty(bus: Bus, topology: Topology) -> bool:
-    return (await bus.js.stream_info(topology.work.name)).state.messages == 0

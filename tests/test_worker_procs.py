@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from pathlib import Path
 
-from helpers import Events, alive, wait_until
+from helpers import Events, alive, kill_all, wait_until
 from worker_support import (
     TENANT,
     assignment,
@@ -29,14 +28,6 @@ EVENTS = f"cy.events.{TENANT}.>"
 
 def _done(e: object) -> bool:
     return isinstance(e, StepCompleted | StepFailed)
-
-
-async def _stop_all(procs: list[asyncio.subprocess.Process]) -> None:
-    for p in procs:
-        if p.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            await p.wait()
 
 
 async def test_worker_processes_share_one_pool(nats_server: NatsServer, tmp_path: Path) -> None:
@@ -67,7 +58,7 @@ async def test_worker_processes_share_one_pool(nats_server: NatsServer, tmp_path
             assert all(c > 0 for c in by_pid.values()), by_pid  # every process got work
             assert sum(by_pid.values()) == n
         finally:
-            await _stop_all(procs)
+            await kill_all(procs)
             await bus.close()
     for p in procs:
         assert not alive(p.pid)
@@ -104,5 +95,5 @@ async def test_sigterm_drains_in_flight_work_and_loses_nothing(
             assert (left, pending, redelivered) == (slots, 0, 0)  # the rest waits in the stream
             assert await live_workers(bus) == set()  # its heartbeat is gone
         finally:
-            await _stop_all(procs)
+            await kill_all(procs)
             await bus.close()

@@ -13,6 +13,7 @@ from chainyard.contracts import (
     Deployment,
     LlmStep,
     Message,
+    Output,
     Params,
     PoolConfig,
     Price,
@@ -22,7 +23,7 @@ from chainyard.contracts import (
 )
 from chainyard.runtime.nats import Bus
 from chainyard.stack import llm_worker
-from chainyard.workers.runtime import Worker
+from chainyard.workers.runtime import Result, Worker
 
 TENANT = "acme"
 POOL = "sim"
@@ -51,18 +52,29 @@ def config(
     )
 
 
-def toml(sandbox_url: str, *, slots: int = 8, ack_wait_s: float = 30.0) -> str:
+def toml(
+    sandbox_url: str,
+    *,
+    slots: int = 8,
+    ack_wait_s: float = 30.0,
+    pool: str = POOL,
+    deployment: str = "d-free",
+    price: tuple[float, float] = (0.0, 0.0),
+) -> str:
+    """A config file's text: one pool on the sandbox, one deployment of model `m` on it (price:
+    USD per million input, output tokens). It ends in the pool's table: text added after it
+    (`[pools.scale]`) is the pool's; top-level keys go before it."""
     return f"""
 work_ack_wait_s = {ack_wait_s}
 
 [[deployments]]
-name = "d-free"
-pool = "{POOL}"
+name = "{deployment}"
+pool = "{pool}"
 model = "m"
-price = {{ input_per_mtok = 0.0, output_per_mtok = 0.0 }}
+price = {{ input_per_mtok = {price[0]}, output_per_mtok = {price[1]} }}
 
 [[pools]]
-name = "{POOL}"
+name = "{pool}"
 provider = "openai"
 base_url = "{sandbox_url}/v1"
 slots = {slots}
@@ -103,6 +115,23 @@ async def publish(bus: Bus, *assignments: Assignment) -> None:
         await bus.js.publish(bus.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id})
 
 
+class HeldCalls:
+    """A worker's `execute` without a provider: it counts its calls, sets `entered`, and holds
+    each call until `release` is set (at once with `held=False`), then answers "done"."""
+
+    def __init__(self, *, held: bool = True) -> None:
+        self.calls = 0
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        if not held:
+            self.release.set()
+
+    async def __call__(self, a: Assignment, on_delta: object) -> Result:
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        return Result(output=Output(text="done"))
+
+
 def worker(bus: Bus, cfg: Config, **kw: object) -> Worker:
     return llm_worker(bus, cfg, cfg.pool(POOL), **kw)
 
@@ -116,9 +145,9 @@ async def work_state(bus: Bus) -> tuple[int, int, int]:
 
 
 async def start_worker_process(
-    url: str, config_path: Path, log: Path
+    url: str, config_path: Path, log: Path, pool: str = POOL
 ) -> asyncio.subprocess.Process:
-    args = ["worker", "--nats", url, "--config", str(config_path), "--pool", POOL]
+    args = ["worker", "--nats", url, "--config", str(config_path), "--pool", pool]
     return await start_cli(log, *args)
 
 

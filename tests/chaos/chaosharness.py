@@ -20,7 +20,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_summary
-from helpers import wait_until
+from helpers import heartbeats_from, wait_until
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -49,12 +48,6 @@ SHORT = os.environ.get("CHAOS_SHORT", "") not in ("", "0")
 
 def scale(full: int, short: int) -> int:
     return short if SHORT else full
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(
@@ -446,25 +439,14 @@ async def wait_all_ended(
 wait_count = wait_until  # the suite's name for the shared poll-until-true helper
 
 
-async def work_queue_empty(js: JetStreamContext, topology: Topology | None = None) -> bool:
-    topology = topology or Topology()
-    info = await js.stream_info(topology.work.name)
-    return info.state.messages == 0
-
-
 async def heartbeat(nc: NatsClient, pool: str, limit_s: float = 30.0) -> None:
     """Wait until a worker of `pool` has written a heartbeat (it is consuming)."""
     js = nc.jetstream()
     kv = await js.key_value(Topology().capacity_kv.bucket)
 
-    async def seen() -> bool:
-        try:
-            keys = await kv.keys()
-        except Exception:
-            return False
-        return any(k.startswith(pool + ".") for k in keys)
-
-    await wait_count(seen, limit_s, f"a heartbeat from pool {pool}", interval=0.1)
+    await wait_count(
+        lambda: heartbeats_from(kv, [pool]), limit_s, f"a heartbeat from pool {pool}", interval=0.1
+    )
 
 
 def rng(seed: int) -> random.Random:

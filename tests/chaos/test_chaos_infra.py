@@ -31,30 +31,25 @@ from chaosharness import (
     scale,
     wait_all_ended,
     wait_count,
-    work_queue_empty,
     write_config,
 )
+from helpers import free_ports, work_queue_empty
 from helpers import running as run_services
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Placement, StreamConfig
 from nats.js.errors import APIError
+from worker_support import POOL, HeldCalls, assignment
 
 from chainyard.client import Client
 from chainyard.contracts import (
-    Assignment,
-    LlmStep,
-    Message,
-    Output,
-    Target,
     Topology,
     encode,
     load_config,
-    now_ms,
 )
 from chainyard.runtime.nats import connect, open_bus, retry_api, stream_config
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
-from chainyard.workers.runtime import Result, Worker
+from chainyard.workers.runtime import Worker
 
 
 async def _kill_server(server: NatsServer) -> None:
@@ -317,15 +312,10 @@ class Cluster:
     tagged `node:<name>` (a test can pin an R1 stream to a node). Node logs: <base>/<name>.log."""
 
     def __init__(self, base: Path) -> None:
-        from chaosharness import free_port
-
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.names = ["n1", "n2", "n3"]
-        ports: list[int] = []
-        while len(ports) < 2 * len(self.names):  # free_port can return a port twice
-            if (p := free_port()) not in ports:
-                ports.append(p)
+        ports = free_ports(2 * len(self.names))
         self.cluster_ports, self.http_ports = ports[:3], ports[3:]
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
         deploy = (ROOT / "deploy" / "cluster.conf").read_text()
@@ -545,38 +535,21 @@ async def test_cluster_event_stream_without_leader_costs_no_delivery(
     # the event stream's only replica (it cannot move), and nothing else.
     await _place_r1(cluster, topology, on_n3=topology.events.name)
     bus = await open_bus(cluster.nodes[0].url, name="worker", topology=topology)
-    entered, release = asyncio.Event(), asyncio.Event()
-    calls = 0
-
-    async def execute(a: Assignment, on_delta: object) -> Result:
-        nonlocal calls
-        calls += 1
-        entered.set()
-        await release.wait()
-        return Result(output=Output(text="done"))
-
-    worker = Worker(bus, "sim", execute, slots=4)
-    a = Assignment(
-        chain_id="c1",
-        step_id="s",
-        attempt=1,
-        tenant="acme",
-        step=LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")]),
-        target=Target(deployment="d", pool="sim", provider="openai", model="m"),
-        dispatched_at_ms=now_ms(),
-    )
+    execute = HeldCalls()
+    worker = Worker(bus, POOL, execute, slots=4)
+    a = assignment("c1")
     n3 = cluster.node("n3")
     try:
         async with run_services(worker):
             await bus.publisher.publish(
-                topology.subjects.work("sim"), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+                topology.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id}
             )
-            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(execute.entered.wait(), 10)
             n3.signal(signal.SIGKILL)
             await wait_count(
                 lambda: _route_gone(cluster, "n1", "n3"), 10, "n1 to lose its route to n3"
             )
-            release.set()  # the result goes to a stream that has no leader now
+            execute.release.set()  # the result goes to a stream that has no leader now
             await asyncio.sleep(6.0)  # the outage's duration, not a wait for a result
             await n3.restart()
             subject = topology.subjects.event("acme", "c1", "step.completed")
@@ -586,8 +559,9 @@ async def test_cluster_event_stream_without_leader_costs_no_delivery(
                 "the step's result in the event stream",
             )
             info = await bus.js.consumer_info(
-                topology.work.name, topology.pool_consumer("sim").durable
+                topology.work.name, topology.pool_consumer(POOL).durable
             )
+            calls = execute.calls
             assert (got, calls, info.num_redelivered, info.delivered.consumer_seq) == (1, 1, 0, 1)
             await wait_count(
                 lambda: work_queue_empty(bus.js, topology), 10, "the work message to be acked"
@@ -607,26 +581,12 @@ async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
     bucket = f"KV_{topology.chains_kv.bucket}"
     await _place_r1(cluster, topology, on_n3=bucket)
     bus = await open_bus(cluster.nodes[0].url, name="worker", topology=topology)
-    calls = 0
-
-    async def execute(a: Assignment, on_delta: object) -> Result:
-        nonlocal calls
-        calls += 1
-        return Result(output=Output(text="done"))
-
-    a = Assignment(
-        chain_id="c1",
-        step_id="s",
-        attempt=1,
-        tenant="acme",
-        step=LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")]),
-        target=Target(deployment="d", pool="sim", provider="openai", model="m"),
-        dispatched_at_ms=now_ms(),
-    )
-    consumer = topology.pool_consumer("sim")
+    execute = HeldCalls(held=False)
+    a = assignment("c1")
+    consumer = topology.pool_consumer(POOL)
     try:
         await bus.publisher.publish(
-            topology.subjects.work("sim"), encode(a), headers={"Nats-Msg-Id": a.msg_id}
+            topology.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id}
         )
         # A first delivery that ends without a result, as a crashed worker's does.
         sub = await bus.pull(topology.work, consumer)
@@ -640,7 +600,7 @@ async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
             return await cluster.meta_leader() in ("n1", "n2")
 
         await wait_count(meta_leader_alive, 30, "a meta leader on n1 or n2", interval=0.2)
-        async with run_services(Worker(bus, "sim", execute, slots=4)):
+        async with run_services(Worker(bus, POOL, execute, slots=4)):
             subject = topology.subjects.event("acme", "c1", "step.completed")
             await wait_count(
                 lambda: _stored(bus.js, topology.events.name, subject), 15, "the step's result"
@@ -649,7 +609,7 @@ async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
                 lambda: work_queue_empty(bus.js, topology), 10, "the work message to be acked"
             )
         info = await bus.js.consumer_info(topology.work.name, consumer.durable)
-        assert (calls, info.delivered.consumer_seq) == (1, 2)
+        assert (execute.calls, info.delivered.consumer_seq) == (1, 2)
         failed = topology.subjects.event("acme", "c1", "step.failed")
         assert await _stored(bus.js, topology.events.name, failed) == 0
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 
 import pytest
 from chaosharness import (
@@ -150,21 +151,16 @@ async def test_router_sigkill_after_state_before_effects(stack: Stack, ledger: L
 
 async def test_router_sigkill_repeatedly_under_load(stack: Stack, ledger: Ledger) -> None:
     """A random replica of two is SIGKILLed and restarted, again and again."""
-    s = stack
-    d = await s.deploy()
-    n = scale(300, 80)
-    load = asyncio.create_task(s.load.run(pairs("rr", n)))
     pick = rng(11)
-    kills = 0
-    for k in range(scale(5, 3)):
-        await progress(s.bus.js, (k + 1) * 2 * n // 8, 120)
-        i = pick.randrange(len(d.routers))
-        assert await d.routers[i].kill() == -signal.SIGKILL
-        kills += 1
-        d.routers[i] = await s.procs.router()
-    await load
-    await wait_all_ended(s.bus.js, s.load.accepted, 180)
-    await s.audit(ledger, notes={"kills": kills})
+    await sigkill_routers_under_load(
+        stack,
+        ledger,
+        "rr",
+        scale(300, 80),
+        rounds=scale(5, 3),
+        shares=8,
+        which=lambda k, replicas: pick.randrange(replicas),
+    )
 
 
 async def test_routers_sigkilled_while_both_handle_one_chain(stack: Stack, ledger: Ledger) -> None:
@@ -172,15 +168,37 @@ async def test_routers_sigkilled_while_both_handle_one_chain(stack: Stack, ledge
     together, the sandbox answers in 30 ms); each replica in turn is SIGKILLed mid-load and
     restarted, so events of one chain are lost with one replica while the other advances it.
     The dead replica's events come back after the engine's ack wait, to either replica."""
-    s = stack
-    await s.sandbox.configure(latency_ms=30)
+    await stack.sandbox.configure(latency_ms=30)
+    await sigkill_routers_under_load(
+        stack,
+        ledger,
+        "both",
+        scale(200, 60),
+        rounds=scale(6, 4),
+        shares=10,
+        which=lambda k, replicas: k % replicas,  # alternately: each replica dies holding events
+    )
+
+
+async def sigkill_routers_under_load(
+    s: Stack,
+    ledger: Ledger,
+    prefix: str,
+    n: int,
+    *,
+    rounds: int,
+    shares: int,
+    which: Callable[[int, int], int],
+) -> None:
+    """The router replicas under a load of `n` pairs of chains: `rounds` times, once another
+    1/`shares` of the load's chains has ended, replica `which(round, replicas)` is SIGKILLed
+    and a new one started in its place; then every chain must end, as the ledger says."""
     d = await s.deploy()
-    n = scale(200, 60)
-    load = asyncio.create_task(s.load.run(pairs("both", n)))
+    load = asyncio.create_task(s.load.run(pairs(prefix, n)))
     kills = 0
-    for k in range(scale(6, 4)):
-        await progress(s.bus.js, (k + 1) * 2 * n // 10, 120)
-        i = k % len(d.routers)  # alternately: each replica dies holding events
+    for k in range(rounds):
+        await progress(s.bus.js, (k + 1) * 2 * n // shares, 120)
+        i = which(k, len(d.routers))
         assert await d.routers[i].kill() == -signal.SIGKILL
         kills += 1
         d.routers[i] = await s.procs.router()
