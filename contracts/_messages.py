@@ -134,6 +134,7 @@ class StepSummary(Out, frozen=True, kw_only=True):
     cost_usd: float = 0.0
     error: str | None = None
     deployment: str | None = None
+    cached: bool = False  # answered from the response cache (no provider call)
 
 
 class ChainCompleted(Out, frozen=True, kw_only=True, tag_field="type", tag="chain.completed"):

@@ -39,6 +39,7 @@ class StepState(Struct, frozen=True, kw_only=True):
     hedge_target: Target | None = None
     hedge_reserved_usd: float = 0.0
     dead: list[int] = []  # attempts that failed while another attempt of the step was live
+    cached: bool = False  # completed from the response cache (no provider call)
 
 
 class ChainState(Struct, frozen=True, kw_only=True):

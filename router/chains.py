@@ -159,6 +159,7 @@ def on_completed(state: ChainState, ev: StepCompleted, now_ms: int, pick: Pick) 
         latency_ms=ev.latency_ms,
         target=ev.target,
         error=None,
+        cached=ev.cached,
     )
     if st.parent is not None:  # a loop's tool call: its loop may resume
         return _after_turn(
@@ -336,6 +337,7 @@ def summaries(state: ChainState) -> list[StepSummary]:
             cost_usd=st.cost_usd,
             error=st.error.message if st.error and st.status == "failed" else None,
             deployment=st.target.deployment if st.target else None,
+            cached=st.cached,
         )
         for sid, st in state.steps.items()
     ]

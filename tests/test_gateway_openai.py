@@ -16,11 +16,14 @@ import pytest_asyncio
 import yaml
 from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
 from helpers import Events, stream_events, wait_until
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
 from test_sandbox_openapi import SPEC, validate
 
 from chainyard import trace_view
 from chainyard.contracts import ChainCancelled, StepCompleted, StepFailed
 from chainyard.gateway import openai as gateway_openai
+from chainyard.router.cache import bucket_name
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 needs_spec = pytest.mark.skipif(not SPEC.exists(), reason=f"no OpenAI OpenAPI document at {SPEC}")
@@ -455,10 +458,21 @@ async def test_cache_header_answers_a_repeat_without_a_provider_call(live: Stack
         return sum(sb.counts["openai.chat"] for sb in live.sandboxes.values())
 
     headers = {"x-chainyard-cache-ttl-s": "60"}
+    cache = await live.bus.js.key_value(bucket_name(live.bus.subjects.prefix))
     async with sdk(live) as client:
-        first = await client.chat.completions.create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        create = client.chat.completions.with_raw_response.create
+        raw = await create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        assert raw.headers["x-chainyard-cache"] == "miss"
+        first = raw.parse()
+        # the answer is stored in the cache when the router records the step, just after the
+        # caller has it (docs/GATEWAY.md): a repeat is a hit once the entry is there
+        await wait_until(lambda: _has_keys(cache), 10, "the answer in the cache")
         before = calls()
-        again = await client.chat.completions.create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        raw = await create(**ask("cache me 7"), extra_headers=headers)  # type: ignore[arg-type]
+        assert raw.headers["x-chainyard-cache"] == "hit"
+        again = raw.parse()
+        plain = await create(**ask("not cached"))  # type: ignore[arg-type]
+        assert "x-chainyard-cache" not in plain.headers
         with pytest.raises(openai.BadRequestError) as bad:
             await client.chat.completions.create(
                 **ask("x"),  # type: ignore[arg-type]
@@ -466,10 +480,17 @@ async def test_cache_header_answers_a_repeat_without_a_provider_call(live: Stack
             )
     assert bad.value.param == "x-chainyard-cache-ttl-s"
     assert again.choices[0].message.content == first.choices[0].message.content
-    assert again.id != first.id and calls() == before
+    assert again.id != first.id and calls() == before + 1  # the uncached request's call
     [done] = [e for e in await step_events(live, again.id.removeprefix("chatcmpl-"))
               if isinstance(e, StepCompleted)]  # fmt: skip
     assert done.cached
+
+
+async def _has_keys(kv: KeyValue) -> bool:
+    try:
+        return bool(await kv.keys())
+    except NoKeysError:
+        return False
 
 
 async def test_provider_failing_over_mid_test(live: Stack) -> None:

@@ -36,6 +36,7 @@ from .core import (
 
 CHAIN_ID = "x-chainyard-chain-id"
 TRACE_ID = "x-chainyard-trace-id"
+CACHE = "x-chainyard-cache"
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
 
@@ -203,6 +204,8 @@ class StepCall:
         answer of an unsuccessful end."""
         if not self.replay:
             await self.gw.settle(self.grant, ended)
+        if self.chain.steps[0].cache is not None and isinstance(ended, ANSWERED):
+            self.headers[CACHE] = "hit" if answered_from_cache(ended) else "miss"
         err = end_error(ended)
         if err is not None:
             err.headers.update(self.headers)
@@ -219,6 +222,12 @@ class StepCall:
 
     def stream(self) -> AsyncIterator[Delta | Outcome]:
         return stream_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
+
+
+def answered_from_cache(ended: Answer) -> bool:
+    if isinstance(ended, StepCompleted):
+        return ended.cached
+    return any(s.cached for s in ended.steps)
 
 
 def served_model(ended: Answer, asked: str) -> str:
