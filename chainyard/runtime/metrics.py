@@ -1,31 +1,8 @@
 """Metrics: Prometheus scraping (`--metrics-port`) and OTel metrics over OTLP (when configured).
 
-Off by default: `metrics.on` is False and every recording call returns at once. The same
-numbers go to both backends:
-
-| Prometheus name | labels | what |
-|---|---|---|
-| chainyard_steps_routed_total | pool, deployment | assignments sent by the router |
-| chainyard_steps_completed_total | pool, deployment | step.completed events sent by workers |
-| chainyard_steps_failed_total | pool, deployment, error_class | step.failed events sent |
-| chainyard_step_latency_seconds | pool, deployment, outcome | call latency (histogram) |
-| chainyard_cost_usd_total | pool, deployment | cost of completed calls |
-| chainyard_tokens_total | pool, deployment, type | input / output tokens |
-| chainyard_in_flight | pool | work messages being handled by this process |
-| chainyard_queue_depth | pool | messages waiting in the pool's work consumer (num_pending) |
-| chainyard_queue_ack_pending | pool | delivered, not yet acked |
-| chainyard_breaker_state | deployment | 0 closed, 1 half open, 2 open (router) |
-| chainyard_chains_ended_total | outcome | chains that ended, by outcome (router) |
-| chainyard_chain_duration_seconds | outcome | chain durations (histogram) |
-| chainyard_queue_lag_seconds | pool | age of the oldest work message not yet delivered |
-| chainyard_dead_letters_total | source | messages set aside in the dead-letter stream |
-| chainyard_cache_hits_total | pool, deployment | steps answered from the response cache (router) |
-| chainyard_cache_misses_total | pool, deployment | opted-in steps the cache could not answer |
-| chainyard_cache_saved_usd_total | pool, deployment | what the cached answers had cost |
-| chainyard_cache_stores_total | pool, outcome | answers stored, or not (too_large, error) |
-| chainyard_tenant_chains_ended_total | tenant, outcome | chains that ended, per tenant (router) |
-| chainyard_tenant_tokens_total | tenant, type | input / output tokens of ended chains (router) |
-| chainyard_tenant_cost_usd_total | tenant | cost of ended chains (router) |
+Off by default: `metrics.on` is False and recording does nothing. The same numbers go to both
+backends, each metric defined once in `METRICS` (its Prometheus name, OTel name, labels and
+meaning); docs/TRACING.md ("Metrics") and docs/OPERATIONS.md describe them for operators.
 
 The tenant metrics count a chain when it ends, as `chainyard usage` does, so their totals are
 the report's. The `tenant` label is bounded: past `metrics_max_tenants` (config, default 50)
@@ -36,22 +13,89 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from chainyard.contracts import DLQ_SOURCES, ErrorClass
 
 from .probes import Probes
 
-log = logging.getLogger("chainyard.metrics")
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CACHE_STORE_OUTCOMES = ("stored", "too_large", "error")  # router/cache.py ResponseCache.store
 CHAIN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 OTHER_TENANTS = "other"
 DEFAULT_MAX_TENANTS = 50
+# A kind of metric: the prometheus_client class and its method, the OTel instrument and its.
+KINDS = {
+    "counter": ("Counter", "inc", "create_counter", "add"),
+    "up_down": ("Gauge", "inc", "create_up_down_counter", "add"),
+    "gauge": ("Gauge", "set", "create_gauge", "set"),
+    "histogram": ("Histogram", "observe", "create_histogram", "record"),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    kind: str  # a key of KINDS
+    prometheus: str  # a counter's series gets `_total` added by prometheus_client
+    otel: str
+    unit: str
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()  # a Prometheus histogram's (OTel's are the SDK's default)
+
+
+PD = ("pool", "deployment")
+# by the short name the recording methods use
+METRICS = {
+    "routed": Metric("counter", "chainyard_steps_routed", "chainyard.steps.routed", "{step}",
+                     PD, "assignments sent by the router"),
+    "completed": Metric("counter", "chainyard_steps_completed", "chainyard.steps.completed",
+                        "{step}", PD, "step.completed events sent by workers"),
+    "failed": Metric("counter", "chainyard_steps_failed", "chainyard.steps.failed", "{step}",
+                     (*PD, "error_class"), "step.failed events sent by workers"),
+    "latency": Metric("histogram", "chainyard_step_latency_seconds", "chainyard.step.latency",
+                      "s", (*PD, "outcome"), "provider call latency", LAT_BUCKETS),
+    "cost": Metric("counter", "chainyard_cost_usd", "chainyard.cost", "USD", PD,
+                   "cost of completed calls"),
+    "tokens": Metric("counter", "chainyard_tokens", "chainyard.tokens", "{token}",
+                     (*PD, "type"), "input / output tokens"),
+    "in_flight": Metric("up_down", "chainyard_in_flight", "chainyard.in_flight", "{message}",
+                        ("pool",), "work messages being handled by this process"),
+    "depth": Metric("gauge", "chainyard_queue_depth", "chainyard.queue.depth", "{message}",
+                    ("pool",), "messages waiting in the pool's work consumer (num_pending)"),
+    "ack_pending": Metric("gauge", "chainyard_queue_ack_pending", "chainyard.queue.ack_pending",
+                          "{message}", ("pool",), "delivered, not yet acked"),
+    "breaker": Metric("gauge", "chainyard_breaker_state", "chainyard.breaker.state", "1",
+                      ("deployment",), "0 closed, 1 half open, 2 open (router)"),
+    "chains": Metric("counter", "chainyard_chains_ended", "chainyard.chains.ended", "{chain}",
+                     ("outcome",), "chains that ended, by outcome (router)"),
+    "chain_s": Metric("histogram", "chainyard_chain_duration_seconds", "chainyard.chain.duration",
+                      "s", ("outcome",), "chain durations (router)", CHAIN_BUCKETS),
+    "lag": Metric("gauge", "chainyard_queue_lag_seconds", "chainyard.queue.lag", "s", ("pool",),
+                  "age of the oldest work message not yet delivered"),
+    "dead": Metric("counter", "chainyard_dead_letters", "chainyard.dead_letters", "{message}",
+                   ("source",), "messages set aside in the dead-letter stream"),
+    "cache_hits": Metric("counter", "chainyard_cache_hits", "chainyard.cache.hits", "{step}", PD,
+                         "steps answered from the response cache (router)"),
+    "cache_misses": Metric("counter", "chainyard_cache_misses", "chainyard.cache.misses",
+                           "{step}", PD, "opted-in steps the cache could not answer"),
+    "cache_saved": Metric("counter", "chainyard_cache_saved_usd", "chainyard.cache.saved", "USD",
+                          PD, "what the cached answers had cost"),
+    "cache_stores": Metric("counter", "chainyard_cache_stores", "chainyard.cache.stores",
+                           "{answer}", ("pool", "outcome"), "answers stored, or not (outcome)"),
+    "t_chains": Metric("counter", "chainyard_tenant_chains_ended",
+                       "chainyard.tenant.chains.ended", "{chain}", ("tenant", "outcome"),
+                       "chains that ended, per tenant (router)"),
+    "t_tokens": Metric("counter", "chainyard_tenant_tokens", "chainyard.tenant.tokens",
+                       "{token}", ("tenant", "type"), "input / output tokens of ended chains"),
+    "t_cost": Metric("counter", "chainyard_tenant_cost_usd", "chainyard.tenant.cost", "USD",
+                     ("tenant",), "cost of ended chains (router)"),
+}  # fmt: skip
 
 
 class TenantLabels:
@@ -71,16 +115,17 @@ class TenantLabels:
         return OTHER_TENANTS
 
 
+Record = Callable[[float, dict[str, str]], None]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.on = False
         self.registry: Any = None  # prometheus CollectorRegistry
-        self._p: dict[str, Any] = {}  # prometheus metrics by short name
-        self._o: dict[str, Any] = {}  # otel instruments by short name
+        self._prometheus: dict[str, Any] = {}  # prometheus metrics by short name
+        self._record: dict[str, list[Record]] = {}  # each backend's recording, by short name
         self._meter_provider: Any = None
         self.tenant_label = TenantLabels()
-
-    # -- set up ----------------------------------------------------------------------------
 
     def setup(
         self,
@@ -93,87 +138,28 @@ class Metrics:
         """prometheus: keep a registry (served on the service port by runtime.probes)."""
         self.tenant_label = TenantLabels(max_tenants)
         if prometheus:
-            self._prometheus()
+            self._setup_prometheus()
         if otlp:
-            self._otel(service)
-        self.on = bool(self._p or self._o)
+            self._setup_otel(service)
+        self.on = bool(self._record)
 
-    def _prometheus(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def _setup_prometheus(self) -> None:
+        import prometheus_client
 
-        r = self.registry = CollectorRegistry()
-        p = self._p
-        p["routed"] = Counter(
-            "chainyard_steps_routed", "assignments sent", ["pool", "deployment"], registry=r
-        )
-        p["completed"] = Counter(
-            "chainyard_steps_completed", "steps completed", ["pool", "deployment"], registry=r
-        )
-        p["failed"] = Counter(
-            "chainyard_steps_failed",
-            "steps failed",
-            ["pool", "deployment", "error_class"],
-            registry=r,
-        )
-        p["latency"] = Histogram(
-            "chainyard_step_latency_seconds",
-            "call latency",
-            ["pool", "deployment", "outcome"],
-            buckets=LAT_BUCKETS,
-            registry=r,
-        )
-        p["cost"] = Counter("chainyard_cost_usd", "USD spent", ["pool", "deployment"], registry=r)
-        p["tokens"] = Counter(
-            "chainyard_tokens", "tokens", ["pool", "deployment", "type"], registry=r
-        )
-        p["in_flight"] = Gauge("chainyard_in_flight", "work being handled", ["pool"], registry=r)
-        p["depth"] = Gauge("chainyard_queue_depth", "work waiting", ["pool"], registry=r)
-        p["ack_pending"] = Gauge(
-            "chainyard_queue_ack_pending", "delivered, not acked", ["pool"], registry=r
-        )
-        p["breaker"] = Gauge(
-            "chainyard_breaker_state", "0 closed, 1 half open, 2 open", ["deployment"], registry=r
-        )
-        p["chains"] = Counter("chainyard_chains_ended", "chains ended", ["outcome"], registry=r)
-        p["chain_s"] = Histogram(
-            "chainyard_chain_duration_seconds",
-            "chain duration",
-            ["outcome"],
-            buckets=CHAIN_BUCKETS,
-            registry=r,
-        )
-        p["lag"] = Gauge(
-            "chainyard_queue_lag_seconds", "oldest undelivered work", ["pool"], registry=r
-        )
-        p["dead"] = Counter(
-            "chainyard_dead_letters", "messages dead-lettered", ["source"], registry=r
-        )
-        for source in DLQ_SOURCES:  # at 0 from the start: the first one is an increase
-            p["dead"].labels(source=source)
-        p["cache_hits"] = Counter(
-            "chainyard_cache_hits", "cache hits", ["pool", "deployment"], registry=r
-        )
-        p["cache_misses"] = Counter(
-            "chainyard_cache_misses", "cache misses", ["pool", "deployment"], registry=r
-        )
-        p["cache_saved"] = Counter(
-            "chainyard_cache_saved_usd", "USD saved by hits", ["pool", "deployment"], registry=r
-        )
-        p["cache_stores"] = Counter(
-            "chainyard_cache_stores", "answers offered to the cache", ["pool", "outcome"],
-            registry=r,
-        )  # fmt: skip
-        p["t_chains"] = Counter(
-            "chainyard_tenant_chains_ended", "chains ended", ["tenant", "outcome"], registry=r
-        )
-        p["t_tokens"] = Counter(
-            "chainyard_tenant_tokens", "tokens of ended chains", ["tenant", "type"], registry=r
-        )
-        p["t_cost"] = Counter(
-            "chainyard_tenant_cost_usd", "USD of ended chains", ["tenant"], registry=r
-        )
+        self.registry = prometheus_client.CollectorRegistry()
+        for name, m in METRICS.items():
+            cls, method, _, _ = KINDS[m.kind]
+            extra = {"buckets": m.buckets} if m.buckets else {}
+            p = getattr(prometheus_client, cls)(
+                m.prometheus, m.help, m.labels, registry=self.registry, **extra
+            )
+            self._prometheus[name] = p
+            self._record.setdefault(name, []).append(
+                lambda v, labels, p=p, method=method: getattr(p.labels(**labels), method)(v)
+            )
+        self._start_at_zero("dead", ({"source": s} for s in DLQ_SOURCES))
 
-    def _otel(self, service: str) -> None:
+    def _setup_otel(self, service: str) -> None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -182,29 +168,11 @@ class Metrics:
 
         reader = PeriodicExportingMetricReader(OTLPMetricExporter())  # OTEL_METRIC_EXPORT_*
         self._meter_provider = MeterProvider(metric_readers=[reader], resource=resource(service))
-        m = self._meter_provider.get_meter("chainyard")
-        o = self._o
-        o["routed"] = m.create_counter("chainyard.steps.routed", "{step}")
-        o["completed"] = m.create_counter("chainyard.steps.completed", "{step}")
-        o["failed"] = m.create_counter("chainyard.steps.failed", "{step}")
-        o["latency"] = m.create_histogram("chainyard.step.latency", "s")
-        o["cost"] = m.create_counter("chainyard.cost", "USD")
-        o["tokens"] = m.create_counter("chainyard.tokens", "{token}")
-        o["in_flight"] = m.create_up_down_counter("chainyard.in_flight", "{message}")
-        o["depth"] = m.create_gauge("chainyard.queue.depth", "{message}")
-        o["ack_pending"] = m.create_gauge("chainyard.queue.ack_pending", "{message}")
-        o["breaker"] = m.create_gauge("chainyard.breaker.state", "1")
-        o["chains"] = m.create_counter("chainyard.chains.ended", "{chain}")
-        o["chain_s"] = m.create_histogram("chainyard.chain.duration", "s")
-        o["lag"] = m.create_gauge("chainyard.queue.lag", "s")
-        o["dead"] = m.create_counter("chainyard.dead_letters", "{message}")
-        o["cache_hits"] = m.create_counter("chainyard.cache.hits", "{step}")
-        o["cache_misses"] = m.create_counter("chainyard.cache.misses", "{step}")
-        o["cache_saved"] = m.create_counter("chainyard.cache.saved", "USD")
-        o["cache_stores"] = m.create_counter("chainyard.cache.stores", "{answer}")
-        o["t_chains"] = m.create_counter("chainyard.tenant.chains.ended", "{chain}")
-        o["t_tokens"] = m.create_counter("chainyard.tenant.tokens", "{token}")
-        o["t_cost"] = m.create_counter("chainyard.tenant.cost", "USD")
+        meter = self._meter_provider.get_meter("chainyard")
+        for name, m in METRICS.items():
+            _, _, create, method = KINDS[m.kind]
+            instrument = getattr(meter, create)(m.otel, unit=m.unit, description=m.help)
+            self._record.setdefault(name, []).append(getattr(instrument, method))
 
     def shutdown(self) -> None:
         if self._meter_provider is not None:
@@ -217,72 +185,51 @@ class Metrics:
 
         return generate_latest(self.registry) if self.registry is not None else b""
 
-    # -- recording -------------------------------------------------------------------------
+    def _start_at_zero(self, name: str, label_sets: Iterable[dict[str, str]]) -> None:
+        """Create these series at 0, so that their first increase is one Prometheus sees."""
+        p = self._prometheus.get(name)
+        for labels in label_sets if p is not None else ():
+            p.labels(**labels)
 
-    def _add(self, name: str, value: float, labels: dict[str, str]) -> None:
-        p = self._p.get(name)
-        if p is not None:
-            p.labels(**labels).inc(value)
-        o = self._o.get(name)
-        if o is not None:
-            o.add(value, labels)
-
-    def _observe(self, name: str, value: float, labels: dict[str, str]) -> None:
-        p = self._p.get(name)
-        if p is not None:
-            p.labels(**labels).observe(value)
-        o = self._o.get(name)
-        if o is not None:
-            o.record(value, labels)
+    # -- recording: a no-op while off (no backend records anything) ------------------------
 
     def _set(self, name: str, value: float, labels: dict[str, str]) -> None:
-        p = self._p.get(name)
-        if p is not None:
-            p.labels(**labels).set(value)
-        o = self._o.get(name)
-        if o is not None:
-            o.set(value, labels)
+        """Add `value` to a counter, set a gauge to it or observe it, in every backend."""
+        for record in self._record.get(name, ()):
+            record(value, labels)
 
     def routed(self, pool: str, deployment: str) -> None:
-        if self.on:
-            self._add("routed", 1, {"pool": pool, "deployment": deployment})
+        self._set("routed", 1, {"pool": pool, "deployment": deployment})
 
     def step_result(self, ev: Any) -> None:
         """A step event a worker is about to publish."""
         if not self.on:
             return
-        t = ev.target
-        where = {"pool": t.pool, "deployment": t.deployment}
+        where = {"pool": ev.target.pool, "deployment": ev.target.deployment}
         ok = ev.__struct_config__.tag == "step.completed"
         if ok:
-            self._add("completed", 1, where)
+            self._set("completed", 1, where)
             if ev.cost_usd:
-                self._add("cost", ev.cost_usd, where)
-            self._add("tokens", ev.usage.input_tokens, {**where, "type": "input"})
-            self._add("tokens", ev.usage.output_tokens, {**where, "type": "output"})
+                self._set("cost", ev.cost_usd, where)
+            self._set("tokens", ev.usage.input_tokens, {**where, "type": "input"})
+            self._set("tokens", ev.usage.output_tokens, {**where, "type": "output"})
         else:
-            self._add("failed", 1, {**where, "error_class": ev.error.cls})
-        self._observe(
-            "latency", ev.latency_ms / 1000, {**where, "outcome": "completed" if ok else "failed"}
-        )
+            self._set("failed", 1, {**where, "error_class": ev.error.cls})
+        outcome = "completed" if ok else "failed"
+        self._set("latency", ev.latency_ms / 1000, {**where, "outcome": outcome})
 
     def in_flight(self, pool: str, delta: int) -> None:
-        if self.on:
-            p = self._p.get("in_flight")
-            if p is not None:
-                p.labels(pool=pool).inc(delta)
-            o = self._o.get("in_flight")
-            if o is not None:
-                o.add(delta, {"pool": pool})
+        self._set("in_flight", delta, {"pool": pool})
 
     def queue(self, pool: str, pending: int, ack_pending: int) -> None:
-        if self.on:
-            self._set("depth", pending, {"pool": pool})
-            self._set("ack_pending", ack_pending, {"pool": pool})
+        self._set("depth", pending, {"pool": pool})
+        self._set("ack_pending", ack_pending, {"pool": pool})
+
+    def queue_lag(self, pool: str, seconds: float) -> None:
+        self._set("lag", seconds, {"pool": pool})
 
     def breaker(self, deployment: str, status: str) -> None:
-        if self.on:
-            self._set("breaker", BREAKER.get(status, 2), {"deployment": deployment})
+        self._set("breaker", BREAKER.get(status, 2), {"deployment": deployment})
 
     def chain_ended(
         self,
@@ -294,62 +241,46 @@ class Metrics:
     ) -> None:
         if not self.on:
             return
-        self._add("chains", 1, {"outcome": outcome})
-        self._observe("chain_s", duration_s, {"outcome": outcome})
+        self._set("chains", 1, {"outcome": outcome})
+        self._set("chain_s", duration_s, {"outcome": outcome})
         if tenant is None:
             return
         who = self.tenant_label(tenant)
-        self._add("t_chains", 1, {"tenant": who, "outcome": outcome})
-        self._add("t_cost", cost_usd, {"tenant": who})
+        self._set("t_chains", 1, {"tenant": who, "outcome": outcome})
+        self._set("t_cost", cost_usd, {"tenant": who})
         if usage is not None:
-            self._add("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
-            self._add("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
+            self._set("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
+            self._set("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
 
     def served(self, pool: str, deployment: str) -> None:
         """A worker's deployment: its step counters exist at 0 from the start, so the first
         calls (the first failures) are an increase Prometheus sees."""
         where = {"pool": pool, "deployment": deployment}
-        for name in ("completed", "cost"):
-            if (p := self._p.get(name)) is not None:
-                p.labels(**where)
-        if (p := self._p.get("failed")) is not None:
-            for cls in get_args(ErrorClass):
-                p.labels(**where, error_class=cls)
-        if (p := self._p.get("latency")) is not None:
-            for outcome in ("completed", "failed"):
-                p.labels(**where, outcome=outcome)
+        self._start_at_zero("completed", [where])
+        self._start_at_zero("cost", [where])
+        self._start_at_zero("failed", ({**where, "error_class": c} for c in get_args(ErrorClass)))
+        self._start_at_zero("latency", ({**where, "outcome": o} for o in ("completed", "failed")))
 
     def routes_to(self, pool: str, deployment: str) -> None:
         """A router's deployment: its routing and cache counters exist at 0 from the start."""
-        where = {"pool": pool, "deployment": deployment}
         for name in ("routed", "cache_hits", "cache_misses", "cache_saved"):
-            if (p := self._p.get(name)) is not None:
-                p.labels(**where)
-        if (p := self._p.get("cache_stores")) is not None:
-            for outcome in CACHE_STORE_OUTCOMES:
-                p.labels(pool=pool, outcome=outcome)
-
-    def queue_lag(self, pool: str, seconds: float) -> None:
-        if self.on:
-            self._set("lag", seconds, {"pool": pool})
+            self._start_at_zero(name, [{"pool": pool, "deployment": deployment}])
+        self._start_at_zero(
+            "cache_stores", ({"pool": pool, "outcome": o} for o in CACHE_STORE_OUTCOMES)
+        )
 
     def dead_letter(self, source: str) -> None:
-        if self.on:
-            self._add("dead", 1, {"source": source})
+        self._set("dead", 1, {"source": source})
 
     def cache_hit(self, pool: str, deployment: str, saved_usd: float) -> None:
-        if self.on:
-            where = {"pool": pool, "deployment": deployment}
-            self._add("cache_hits", 1, where)
-            self._add("cache_saved", saved_usd, where)
+        self._set("cache_hits", 1, {"pool": pool, "deployment": deployment})
+        self._set("cache_saved", saved_usd, {"pool": pool, "deployment": deployment})
 
     def cache_miss(self, pool: str, deployment: str) -> None:
-        if self.on:
-            self._add("cache_misses", 1, {"pool": pool, "deployment": deployment})
+        self._set("cache_misses", 1, {"pool": pool, "deployment": deployment})
 
     def cache_stored(self, pool: str, outcome: str) -> None:
-        if self.on:
-            self._add("cache_stores", 1, {"pool": pool, "outcome": outcome})
+        self._set("cache_stores", 1, {"pool": pool, "outcome": outcome})
 
 
 metrics = Metrics()
@@ -358,19 +289,18 @@ metrics = Metrics()
 async def poll(
     bus: Any, config: Any, runners: list[Any], stop: asyncio.Event, every_s: float = 5.0
 ) -> None:
-    """Queue depth per pool (consumer info) and breaker states (router), every `every_s`."""
+    """Queue depth and lag per pool (consumer info) and breaker states (router), every `every_s`."""
     topo = bus.topology
-    pools = {d.pool for d in config.deployments} | {p.name for p in config.pools}
-    pools |= {r.pool for r in runners if hasattr(r, "pool")}
-    breakers = [r.routing.breakers for r in runners if hasattr(r, "routing")]
     served = {r.pool for r in runners if hasattr(r, "pool")}
+    pools = sorted({d.pool for d in config.deployments} | {p.name for p in config.pools} | served)
+    breakers = [r.routing.breakers for r in runners if hasattr(r, "routing")]
     for d in config.deployments:
         if d.pool in served:
             metrics.served(d.pool, d.name)
         if breakers:  # a router
             metrics.routes_to(d.pool, d.name)
     while not stop.is_set():
-        for pool in sorted(pools):
+        for pool in pools:
             try:
                 info = await bus.js.consumer_info(
                     topo.work.name, topo.pool_consumer(pool).durable, timeout=2.0
@@ -396,29 +326,25 @@ async def _oldest_waiting_s(js: Any, topo: Any, pool: str, info: Any) -> float:
         subject=topo.pool_consumer(pool).filter_subject,
         next=True,
     )
-    if msg.time is None:
-        return 0.0
-    return max(0.0, time.time() - msg.time.timestamp())
+    return 0.0 if msg.time is None else max(0.0, time.time() - msg.time.timestamp())
 
 
+@dataclass
 class Observability:
     """What one service process turned on; `stop` flushes and shuts it down."""
 
-    def __init__(
-        self, tracing: bool, task: asyncio.Task[None] | None, stop: asyncio.Event, probes: Probes
-    ) -> None:
-        self.tracing = tracing
-        self.probes = probes
-        self._task = task
-        self._stop = stop
+    tracing: bool
+    probes: Probes
+    _poller: asyncio.Task[None] | None
+    _stop_polling: asyncio.Event
 
     async def stop(self) -> None:
         from . import tracing
 
-        self._stop.set()
-        if self._task is not None:
+        self._stop_polling.set()
+        if self._poller is not None:
             with contextlib.suppress(BaseException):
-                await self._task
+                await self._poller
         if self.tracing:
             await asyncio.to_thread(tracing.shutdown)
         await self.probes.stop()
@@ -453,5 +379,5 @@ async def start_service(
     )
     probes.registry = metrics.registry
     stop = asyncio.Event()
-    task = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
-    return Observability(traced, task, stop, probes)
+    poller = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
+    return Observability(traced, probes, poller, stop)
