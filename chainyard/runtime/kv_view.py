@@ -35,11 +35,10 @@ class KvView:
         self.bucket = bucket  # for logs
         self._on_entry = apply
         self.revision = 0  # the last bucket revision applied
-        self.rewatched = 0  # how often a stalled watch was replaced
         self._live: set[str] = set()  # keys with a value
         self._changed = asyncio.Condition()
-        self._restart = asyncio.Event()  # set by _check: the watch stalled
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # following, checking
+        self._loaded: asyncio.Future[None]  # set once the first watch has shown every entry
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         """Take in one entry: a value, or a delete or purge (`operation`) of its key."""
@@ -48,50 +47,35 @@ class KvView:
         self._on_entry(entry)
 
     async def start(self) -> Self:
-        loaded = asyncio.get_running_loop().create_future()
-        self._tasks = [
-            asyncio.create_task(self._follow(loaded)),
-            asyncio.create_task(self._check()),
-        ]
+        self._loaded = asyncio.get_running_loop().create_future()
+        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._check())]
         try:
-            await loaded
+            await self._loaded
         except BaseException:
             await self.stop()
             raise
         return self
 
-    async def _follow(self, loaded: asyncio.Future[None]) -> None:
-        """Watch the bucket; start over when `_check` finds the watch stalled."""
+    async def _follow(self) -> None:
+        """Watch the bucket; again after a failure. `_check` replaces this task when it stalls."""
         while True:
             try:
-                await self._watch_once(loaded)
+                watcher = await self.kv.watchall()
+                try:
+                    await self._updates(watcher)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the server went away mid-watch: watch again
-                if not loaded.done():
-                    loaded.set_exception(e)
+                if not self._loaded.done():
+                    self._loaded.set_exception(e)
                     return
                 log.warning("watch on %s ended (%s); watching again", self.bucket, e)
                 await asyncio.sleep(CHECK_S)
 
-    async def _watch_once(self, loaded: asyncio.Future[None]) -> None:
-        """One watch, until it ends, fails, or `_check` says it stalled."""
-        watcher = await self.kv.watchall()
-        self._restart.clear()
-        updates = asyncio.ensure_future(self._updates(watcher, loaded))
-        restart = asyncio.ensure_future(self._restart.wait())
-        try:
-            await asyncio.wait({updates, restart}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            restart.cancel()
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-            if not updates.done():
-                updates.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await updates  # raises what ended it, if it failed
-
-    async def _updates(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+    async def _updates(self, watcher: KeyValue.KeyWatcher) -> None:
         seen: set[str] | None = set()  # the keys this watch showed, until its first None
         async for entry in watcher:
             if entry is None:  # the entries that existed are all in
@@ -99,8 +83,8 @@ class KvView:
                     for gone in self._live - seen:  # removed while no watch was on
                         self._take(self._gone(gone))
                     seen = None
-                if not loaded.done():
-                    loaded.set_result(None)
+                if not self._loaded.done():
+                    self._loaded.set_result(None)
                 await self._notify()
                 continue
             if seen is not None:
@@ -140,9 +124,9 @@ class KvView:
                 log.warning(
                     "watch on %s stalled at revision %d; watching again", self.bucket, self.revision
                 )
-                self.rewatched += 1
                 stalled_at = -1
-                self._restart.set()
+                self._tasks[0].cancel()  # its watch stops
+                self._tasks[0] = asyncio.create_task(self._follow())
             else:
                 stalled_at = self.revision
 
