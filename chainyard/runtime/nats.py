@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -66,7 +65,6 @@ async def connect(
     *,
     name: str,
     creds: str | Path | None = None,
-    on_closed: Callable[[], Awaitable[None]] | None = None,
     max_reconnect_attempts: int = -1,
     inbox_prefix: str = "_INBOX",
 ) -> Client:
@@ -78,10 +76,6 @@ async def connect(
     async def error_cb(e: Exception) -> None:
         log.warning("nats error: %s", e)
 
-    async def closed_cb() -> None:
-        if on_closed is not None:
-            await on_closed()
-
     return await nats.connect(
         url,
         name=name,
@@ -90,9 +84,7 @@ async def connect(
         reconnect_time_wait=0.5,
         ping_interval=20,
         max_outstanding_pings=3,
-        allow_reconnect=True,
         error_cb=error_cb,
-        closed_cb=closed_cb,
         inbox_prefix=inbox_prefix,
     )
 
@@ -111,18 +103,6 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
         max_bytes=d.max_bytes,
         num_replicas=replicas,
         allow_direct=d.allow_direct,
-    )
-
-
-def consumer_config(d: ConsumerDef) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=d.durable,
-        filter_subject=d.filter_subject,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=d.ack_wait_s,
-        max_deliver=d.max_deliver,
-        max_ack_pending=d.max_ack_pending,
     )
 
 
@@ -206,15 +186,10 @@ class Bus:
     chains: KeyValue
     capacity: KeyValue
     breakers: KeyValue
-    _closed: bool = field(default=False, repr=False)
-    _publisher: Publisher | None = field(default=None, repr=False)
+    publisher: Publisher = field(init=False, repr=False)  # waits out a leader election
 
-    @property
-    def publisher(self) -> Publisher:
-        """`js.publish` that waits out a stream's leader election (`Publisher`)."""
-        if self._publisher is None:
-            self._publisher = Publisher(self.js, max_payload=self.nc.max_payload)
-        return self._publisher
+    def __post_init__(self) -> None:
+        self.publisher = Publisher(self.js, max_payload=self.nc.max_payload)
 
     @property
     def subjects(self):
@@ -233,10 +208,12 @@ class Bus:
         return Durable(self.nc, stream.name, consumer.durable)
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        """Drain the connection; one that cannot be drained (reconnecting, closed) is closed."""
+        try:
+            await self.nc.drain()
+        except Exception:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.close()
 
 
 async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> None:
@@ -271,7 +248,15 @@ async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDe
     Servers since 2.10 update an existing durable on create; older ones refuse, so update.
     The settings are the delivery design (an old pool consumer's max_deliver of 5 would make
     the server drop poison work silently), so a refused update is logged, not hidden."""
-    cfg = consumer_config(d)
+    cfg = ConsumerConfig(
+        durable_name=d.durable,
+        filter_subject=d.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=d.ack_wait_s,
+        max_deliver=d.max_deliver,
+        max_ack_pending=d.max_ack_pending,
+    )
     try:
         await js.add_consumer(stream.name, cfg)
     except BadRequestError:
@@ -308,11 +293,10 @@ async def open_bus(
     name: str,
     topology: Topology | None = None,
     creds: str | Path | None = None,
-    on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> Bus:
     """Connect and make sure every stream and bucket exists (safe from many processes at once)."""
     topology = topology or Topology()
-    nc = await connect(url, name=name, creds=creds, on_closed=on_closed)
+    nc = await connect(url, name=name, creds=creds)
     js = nc.jetstream(timeout=JS_TIMEOUT_S)
     try:
         for s in topology.streams:
@@ -337,7 +321,8 @@ async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T
     An election usually takes well under a second, but CI once saw a fresh cluster answer 503
     for over 16 s; a service starting then should wait, not exit."""
     give_up = time.monotonic() + within_s
-    for i in itertools.count():
+    pause = 0.05
+    while True:
         try:
             return await fn()
         except (NatsTimeoutError, ServiceUnavailableError, BadRequestError) as e:
@@ -346,7 +331,7 @@ async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T
             left = give_up - time.monotonic()
             if left <= 0:
                 raise
-            if i == 0:
+            if pause == 0.05:
                 log.warning("JetStream unavailable (%s); retrying for up to %.0f s", e, left)
-            await asyncio.sleep(min(0.05 * 2**i, 1.0, left))
-    raise AssertionError("unreachable")
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
