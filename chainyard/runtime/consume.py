@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
@@ -50,11 +50,10 @@ class Durable:
     nc: Client
     stream: str
     name: str
-    api_prefix: str = DEFAULT_PREFIX
 
     @property
     def next_subject(self) -> str:
-        return f"{self.api_prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.name}"
+        return f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{self.stream}.{self.name}"
 
 
 def release_slot() -> None:
@@ -72,19 +71,16 @@ _running: contextvars.ContextVar[_Consumer | None] = contextvars.ContextVar(
 )
 
 
+@dataclass
 class Slots:
     """How many of `total` slots are free right now. Taking and giving is counting: the consume
     loop is the only one that waits for slots, and it is told by its own tasks' done callbacks."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
+    total: int
+    free: int = field(init=False)
 
-    def take(self) -> None:
-        self.free -= 1
-
-    def give(self) -> None:
-        self.free += 1
+    def __post_init__(self) -> None:
+        self.free = self.total
 
 
 async def consume(
@@ -115,37 +111,30 @@ async def consume(
     growing delay (it comes back) and the loop goes on: one bad message never stops it.
     """
     slots = slots or Slots(concurrency)
-    c = _Consumer(durable, handler, stop, slots, name, gate, request_expires_s, max_batch, rebind)
-    await c.run()
+    max_batch = max(1, min(max_batch or slots.total, slots.total))
+    await _Consumer(
+        durable, handler, stop, slots, name, gate, request_expires_s, max_batch, rebind
+    ).run()
 
 
+@dataclass(eq=False)
 class _Consumer:
-    def __init__(
-        self,
-        durable: Durable,
-        handler: Handler,
-        stop: asyncio.Event,
-        slots: Slots,
-        name: str,
-        gate: Callable[[], Awaitable[None] | None] | None,
-        expires_s: float,
-        max_batch: int | None,
-        rebind: Callable[[], Awaitable[Durable]] | None,
-    ) -> None:
-        self.durable = durable
-        self.handler = handler
-        self.stop = stop
-        self.slots = slots
-        self.name = name
-        self.gate = gate
-        self.expires_s = expires_s
-        self.max_batch = max(1, min(max_batch or slots.total, slots.total))
-        self.rebind = rebind
+    durable: Durable
+    handler: Handler
+    stop: asyncio.Event
+    slots: Slots
+    name: str
+    gate: Callable[[], Awaitable[None] | None] | None
+    expires_s: float
+    max_batch: int
+    rebind: Callable[[], Awaitable[Durable]] | None
+
+    def __post_init__(self) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.released: set[asyncio.Task[Any] | None] = set()  # running, slot given back early
         self.wake = asyncio.Event()  # a request is due (or stop was set)
         self.stopping = False
-        self.inbox = durable.nc.new_inbox()
+        self.inbox = self.durable.nc.new_inbox()
         self.sub: Subscription | None = None
         self.ids = itertools.count()
         # the pull request waiting at the server: its reply subject, what it still may bring,
@@ -248,18 +237,16 @@ class _Consumer:
         log.warning("%s: pull request ended: %s %s", self.name, status, what)
 
     async def _rebind(self) -> None:
+        """The consumer is gone: `rebind` makes it again; without one, ask again after a pause."""
         self.missing = False
-        if self.rebind is None:
-            await asyncio.wait((self.stopped,), timeout=0.2)
-            return
         try:
-            durable = await self.rebind()
+            if self.rebind is not None:
+                self.durable = await self.rebind()
+                return
         except Exception as e:
             log.warning("%s: rebinding failed, will try again: %s", self.name, e)
             self.missing = True
-            await asyncio.wait((self.stopped,), timeout=0.2)
-            return
-        self.durable = durable
+        await asyncio.wait((self.stopped,), timeout=0.2)
 
     async def _withdraw(self) -> None:
         """Take back the waiting pull request: the server drops a request whose inbox has no
@@ -285,7 +272,7 @@ class _Consumer:
     # -- handlers ---------------------------------------------------------------------------
 
     def _start(self, msg: Msg) -> None:
-        self.slots.take()
+        self.slots.free -= 1
         t = self.loop.create_task(self._run(msg))
         self.tasks.add(t)
         t.add_done_callback(self._done)
@@ -303,7 +290,7 @@ class _Consumer:
             self._give()
 
     def _give(self) -> None:
-        self.slots.give()
+        self.slots.free += 1
         if not self.reply:  # a request is due only when none is waiting
             self.wake.set()
 
