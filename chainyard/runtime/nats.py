@@ -35,7 +35,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Topology
+from chainyard.contracts import ConsumerDef, KvDef, StreamDef, Subjects, Topology
 
 from .consume import Durable
 
@@ -192,7 +192,7 @@ class Bus:
         self.publisher = Publisher(self.js, max_payload=self.nc.max_payload)
 
     @property
-    def subjects(self):
+    def subjects(self) -> Subjects:
         return self.topology.subjects
 
     async def pull(
