@@ -213,8 +213,9 @@ class _Consumer:
         headers = msg.headers
         status = headers.get(Header.STATUS) if headers else None
         if not status:
-            if self.stopping:
-                self._nak_now(msg)
+            if self.stopping:  # for another consumer, at once
+                with contextlib.suppress(Exception):
+                    await msg.nak()
                 return
             self._start(msg)
             if self.reply:  # a delivery carries its stream subject: it is the waiting request's
@@ -252,7 +253,6 @@ class _Consumer:
         """Take back the waiting pull request: the server drops a request whose inbox has no
         subscriber. What it had sent already is handled; the next request uses a new inbox."""
         await self._close()
-        self.stopping = False
         self.reply = ""
         self.inbox = self.durable.nc.new_inbox()
         self.sub = await self.durable.nc.subscribe(self.inbox + ".*", cb=self._on_msg)
@@ -307,11 +307,6 @@ class _Consumer:
             )
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(0.25 * 2 ** (n - 1), 30.0))
-
-    def _nak_now(self, msg: Msg) -> None:
-        t = self.loop.create_task(msg.nak())
-        self.tasks.add(t)
-        t.add_done_callback(self.tasks.discard)
 
     # -- waiting ----------------------------------------------------------------------------
 
