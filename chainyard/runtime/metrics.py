@@ -98,7 +98,7 @@ METRICS = {
 }  # fmt: skip
 
 
-Record = Callable[[float, dict[str, str]], None]
+Recorder = Callable[[float, dict[str, str]], None]
 
 
 class Metrics:
@@ -106,7 +106,7 @@ class Metrics:
         self.on = False
         self.registry: Any = None  # prometheus CollectorRegistry
         self._prometheus: dict[str, Any] = {}  # prometheus metrics by short name
-        self._record: dict[str, list[Record]] = {}  # each backend's recording, by short name
+        self._recorders: dict[str, list[Recorder]] = {}  # each backend's recording, by short name
         self._meter_provider: Any = None
         self.max_tenants = DEFAULT_MAX_TENANTS
         self._tenants: set[str] = set()  # the ones that keep their name in the `tenant` label
@@ -125,7 +125,7 @@ class Metrics:
             self._setup_prometheus()
         if otlp:
             self._setup_otel(service)
-        self.on = bool(self._record)
+        self.on = bool(self._recorders)
 
     def _setup_prometheus(self) -> None:
         import prometheus_client
@@ -138,7 +138,7 @@ class Metrics:
                 m.prometheus, m.help, m.labels, registry=self.registry, **extra
             )
             self._prometheus[name] = p
-            self._record.setdefault(name, []).append(
+            self._recorders.setdefault(name, []).append(
                 lambda v, labels, p=p, method=method: getattr(p.labels(**labels), method)(v)
             )
         self._start_at_zero("dead", ({"source": s} for s in DLQ_SOURCES))
@@ -156,7 +156,7 @@ class Metrics:
         for name, m in METRICS.items():
             _, _, create, method = KINDS[m.kind]
             instrument = getattr(meter, create)(m.otel, unit=m.unit, description=m.help)
-            self._record.setdefault(name, []).append(getattr(instrument, method))
+            self._recorders.setdefault(name, []).append(getattr(instrument, method))
 
     def shutdown(self) -> None:
         if self._meter_provider is not None:
@@ -172,18 +172,19 @@ class Metrics:
     def _start_at_zero(self, name: str, label_sets: Iterable[dict[str, str]]) -> None:
         """Create these series at 0, so that their first increase is one Prometheus sees."""
         p = self._prometheus.get(name)
-        for labels in label_sets if p is not None else ():
-            p.labels(**labels)
+        if p is not None:
+            for labels in label_sets:
+                p.labels(**labels)
 
     # -- recording: a no-op while off (no backend records anything) ------------------------
 
-    def _set(self, name: str, value: float, labels: dict[str, str]) -> None:
+    def _record(self, name: str, value: float, labels: dict[str, str]) -> None:
         """Add `value` to a counter, set a gauge to it or observe it, in every backend."""
-        for record in self._record.get(name, ()):
+        for record in self._recorders.get(name, ()):
             record(value, labels)
 
     def routed(self, pool: str, deployment: str) -> None:
-        self._set("routed", 1, {"pool": pool, "deployment": deployment})
+        self._record("routed", 1, {"pool": pool, "deployment": deployment})
 
     def step_result(self, ev: Any) -> None:
         """A step event a worker is about to publish."""
@@ -192,28 +193,28 @@ class Metrics:
         where = {"pool": ev.target.pool, "deployment": ev.target.deployment}
         ok = ev.__struct_config__.tag == "step.completed"
         if ok:
-            self._set("completed", 1, where)
+            self._record("completed", 1, where)
             if ev.cost_usd:
-                self._set("cost", ev.cost_usd, where)
-            self._set("tokens", ev.usage.input_tokens, {**where, "type": "input"})
-            self._set("tokens", ev.usage.output_tokens, {**where, "type": "output"})
+                self._record("cost", ev.cost_usd, where)
+            self._record("tokens", ev.usage.input_tokens, {**where, "type": "input"})
+            self._record("tokens", ev.usage.output_tokens, {**where, "type": "output"})
         else:
-            self._set("failed", 1, {**where, "error_class": ev.error.cls})
+            self._record("failed", 1, {**where, "error_class": ev.error.cls})
         outcome = "completed" if ok else "failed"
-        self._set("latency", ev.latency_ms / 1000, {**where, "outcome": outcome})
+        self._record("latency", ev.latency_ms / 1000, {**where, "outcome": outcome})
 
     def in_flight(self, pool: str, delta: int) -> None:
-        self._set("in_flight", delta, {"pool": pool})
+        self._record("in_flight", delta, {"pool": pool})
 
     def queue(self, pool: str, pending: int, ack_pending: int) -> None:
-        self._set("depth", pending, {"pool": pool})
-        self._set("ack_pending", ack_pending, {"pool": pool})
+        self._record("depth", pending, {"pool": pool})
+        self._record("ack_pending", ack_pending, {"pool": pool})
 
     def queue_lag(self, pool: str, seconds: float) -> None:
-        self._set("lag", seconds, {"pool": pool})
+        self._record("lag", seconds, {"pool": pool})
 
     def breaker(self, deployment: str, status: str) -> None:
-        self._set("breaker", BREAKER.get(status, 2), {"deployment": deployment})
+        self._record("breaker", BREAKER.get(status, 2), {"deployment": deployment})
 
     def chain_ended(
         self,
@@ -225,18 +226,18 @@ class Metrics:
     ) -> None:
         if not self.on:
             return
-        self._set("chains", 1, {"outcome": outcome})
-        self._set("chain_s", duration_s, {"outcome": outcome})
+        self._record("chains", 1, {"outcome": outcome})
+        self._record("chain_s", duration_s, {"outcome": outcome})
         if tenant is None:
             return
         if tenant not in self._tenants and len(self._tenants) < self.max_tenants:
             self._tenants.add(tenant)
         who = tenant if tenant in self._tenants else OTHER_TENANTS  # a bounded number of series
-        self._set("t_chains", 1, {"tenant": who, "outcome": outcome})
-        self._set("t_cost", cost_usd, {"tenant": who})
+        self._record("t_chains", 1, {"tenant": who, "outcome": outcome})
+        self._record("t_cost", cost_usd, {"tenant": who})
         if usage is not None:
-            self._set("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
-            self._set("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
+            self._record("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
+            self._record("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
 
     def served(self, pool: str, deployment: str) -> None:
         """A worker's deployment: its step counters exist at 0 from the start, so the first
@@ -256,17 +257,17 @@ class Metrics:
         )
 
     def dead_letter(self, source: str) -> None:
-        self._set("dead", 1, {"source": source})
+        self._record("dead", 1, {"source": source})
 
     def cache_hit(self, pool: str, deployment: str, saved_usd: float) -> None:
-        self._set("cache_hits", 1, {"pool": pool, "deployment": deployment})
-        self._set("cache_saved", saved_usd, {"pool": pool, "deployment": deployment})
+        self._record("cache_hits", 1, {"pool": pool, "deployment": deployment})
+        self._record("cache_saved", saved_usd, {"pool": pool, "deployment": deployment})
 
     def cache_miss(self, pool: str, deployment: str) -> None:
-        self._set("cache_misses", 1, {"pool": pool, "deployment": deployment})
+        self._record("cache_misses", 1, {"pool": pool, "deployment": deployment})
 
     def cache_stored(self, pool: str, outcome: str) -> None:
-        self._set("cache_stores", 1, {"pool": pool, "outcome": outcome})
+        self._record("cache_stores", 1, {"pool": pool, "outcome": outcome})
 
 
 metrics = Metrics()
