@@ -129,7 +129,6 @@ class HttpClient:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=timeout_s
         )
-        self._urls: dict[str, URL] = {}  # path -> parsed URL (paths are per model: a handful)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -137,14 +136,6 @@ class HttpClient:
     def proxy(self) -> str | None:
         """The proxy this client's calls go through, or None (for logs and tests)."""
         return str(self._proxy) if self._proxy else None
-
-    def _url(self, path: str) -> URL:
-        url = self._urls.get(path)
-        if url is None:
-            if len(self._urls) > 1024:
-                self._urls.clear()
-            url = self._urls[path] = URL(self.base_url + path)
-        return url
 
     def _open(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -167,7 +158,7 @@ class HttpClient:
         """POST `content` to `path` (after the base URL's path): (status, headers, body)."""
         session = self._open()
         with _mapped():
-            async with session.post(self._url(path), data=content) as resp:
+            async with session.post(self.base_url + path, data=content) as resp:
                 return resp.status, resp.headers, await _read(resp, self._limit)
 
     @contextlib.asynccontextmanager
@@ -175,7 +166,7 @@ class HttpClient:
         """POST and hand over the response once its head is in; its body is read by the caller."""
         session = self._open()
         with _mapped():
-            async with session.post(self._url(path), data=content) as resp:
+            async with session.post(self.base_url + path, data=content) as resp:
                 yield StreamedResponse(resp, self._limit)
 
     async def aclose(self) -> None:
