@@ -1,12 +1,12 @@
 """A KV bucket followed into memory: the routers' breakers and capacity, the gateway's keys and
 limit counters.
 
-A watch is an ordered push consumer, and nats-py does not start it again when the server it
-was on restarts (the consumer is gone; nothing more arrives, and nothing says so). A view that
-silently stopped would keep accepting revoked keys, so the view checks: every CHECK_S it reads
-the bucket's last revision, and when the bucket is ahead of what it applied at two checks in a
-row with nothing applied in between, it watches again from the start and drops what the new
-watch no longer shows."""
+A watch is an ordered push consumer, gone when the server it was on restarts: nothing more
+arrives and nothing says so until nats-py misses its heartbeats and makes it again (~20 s,
+measured with 2.16). A view that far behind would keep accepting revoked keys, so the view
+checks: every CHECK_S it reads the bucket's last revision, and when the bucket is ahead of what
+it applied at two checks in a row with nothing applied in between, it watches again from the
+start and drops what the new watch no longer shows."""
 
 from __future__ import annotations
 
