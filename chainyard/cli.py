@@ -166,6 +166,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         tools=tools,
         port=args.port,
         gateway_port=args.gateway_port,
+        metrics_port=args.metrics_port,
     )
     with _connecting(args.nats or "", say=True):  # (only an external NATS can be down)
         started = await _unless_stopped(dev.__aenter__(), stop)
@@ -173,13 +174,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         raise Fail("stopped while starting", 1)  # nothing to drain
     try:
         from chainyard import readiness
-        from chainyard.runtime.metrics import start_service
 
-        assert dev.bus is not None and dev.services is not None
-        obs = await start_service(
-            "dev", dev.bus, dev.config, dev.services.runners, args.metrics_port
-        )
-        obs.probes.ready_when(readiness.checks(dev.bus, dev.config, dev.services))
+        assert dev.bus is not None and dev.services is not None and dev.observability
+        dev.observability.probes.ready_when(readiness.checks(dev.bus, dev.config, dev.services))
         tune_gc()
         url = dev.nats_url
         if dev.port_taken:
@@ -201,7 +198,6 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         if args.metrics_port:
             print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
         await stop.wait()
-        await obs.stop()
     finally:
         await dev.__aexit__(None, None, None)
     return 0

@@ -13,7 +13,7 @@ from types import TracebackType
 import msgspec
 
 from chainyard.contracts import Config
-from chainyard.runtime.metrics import start_service
+from chainyard.runtime.metrics import Observability, start_service
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -49,17 +49,21 @@ class DevStack:
         sandbox: SandboxConfig | None = None,
         port: int | None = None,
         gateway_port: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """`port`: where the embedded NATS listens when it is free; None or 0: any free port
         (`port_taken` then says the wanted one was not free). `gateway_port`: start the HTTP
         gateway (open: no keys, tenant `default`) there when it is free, else on any free port
-        (0: any); None: no gateway. Its base URL is then `gateway_url`."""
+        (0: any); None: no gateway. Its base URL is then `gateway_url`. `metrics_port`: serve
+        /metrics, /healthz and /readyz there (`observability.probes`)."""
         self.config = config
         self.nats_url = nats_url or ""
         self.port = port or 0
         self.port_taken = False
         self.gateway_port = gateway_port
         self.gateway_url = ""
+        self.metrics_port = metrics_port
+        self.observability: Observability | None = None
         self.want_local = local_model and any(p.base_url == LOCAL_MODEL for p in config.pools)
         self.tools = tools
         self.sandbox_config = sandbox or SandboxConfig(latency_ms=150.0)
@@ -94,8 +98,11 @@ class DevStack:
         self._stack.push_async_callback(self.bus.close)
         self.services = build(self.bus, self.config, tools=self.tools)
         # traced and measured from the same OTEL_* variables as `chainyard router` / `worker`
-        obs = await start_service("dev", self.bus, self.config, self.services.runners)
+        obs = await start_service(
+            "dev", self.bus, self.config, self.services.runners, self.metrics_port
+        )
         self._stack.push_async_callback(obs.stop)
+        self.observability = obs
         self.services.start()
         self._stack.push_async_callback(self.services.shutdown)
         if self.gateway_port is not None:
