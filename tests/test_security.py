@@ -42,6 +42,7 @@ from chainyard.sandbox import SandboxConfig, SandboxServer
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORDS = {
     "services": "svc-pw-test-only",
+    "gateway": "gw-pw-test-only",
     "tenant-A": "a-pw-test-only",
     "tenant-B": "b-pw-test-only",
 }
@@ -129,6 +130,7 @@ async def secure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         f'ca_file: "{d}/ca.pem", timeout: 2 }}\n'
     )
     monkeypatch.setenv("CY_SERVICES_PASSWORD", PASSWORDS["services"])
+    monkeypatch.setenv("CY_GATEWAY_PASSWORD", PASSWORDS["gateway"])
     monkeypatch.setenv("CY_TENANT_A_PASSWORD", PASSWORDS["tenant-A"])
     monkeypatch.setenv("CY_TENANT_B_PASSWORD", PASSWORDS["tenant-B"])
     async with NatsServer(config_file=d / "nats-secure.conf") as server:

@@ -141,22 +141,23 @@ async def test_tenant_does_everything_the_readme_offers(
 
 
 class Refusals:
-    """A tenant's raw connection that records the server's permission errors."""
+    """A user's raw connection (a tenant's, the gateway's) that records the server's permission
+    errors."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.arrived = asyncio.Event()
         self.nc: NatsClient | None = None
 
-    async def connect(self, s: Secure, name: str) -> NatsClient:
+    async def connect(self, s: Secure, user: str, inbox_prefix: str) -> NatsClient:
         async def on_error(e: Exception) -> None:
             self.errors.append(str(e).lower())
             self.arrived.set()
 
         self.nc = await nats.connect(
-            s.url(f"tenant-{name}"),
+            s.url(user),
             tls=s.tls,
-            inbox_prefix=f"_INBOX_{name}",
+            inbox_prefix=inbox_prefix,
             error_cb=on_error,
             allow_reconnect=False,
         )
@@ -211,7 +212,7 @@ async def test_tenant_cannot_touch_another_tenants_chains(stack: Stack) -> None:
     svc = stack.bus.js
     b = await tenant_client(s, "B")
     a = Refusals()
-    nc = await a.connect(s, "A")
+    nc = await a.connect(s, "tenant-A", "_INBOX_A")
     try:
         # B has an ended chain and one in flight
         done = await b.run(lisbon("b1"), timeout=30)

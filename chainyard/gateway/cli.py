@@ -18,6 +18,10 @@ from typing import Any
 
 log = logging.getLogger("chainyard.gateway")
 
+# Replies (PubAcks, API answers, its consumers' deliveries) come to an inbox prefix of the
+# gateway's own, which its NATS user may read (deploy/accounts.conf): not the services' `_INBOX.`
+INBOX_PREFIX = "_INBOX_gateway"
+
 
 def configure(
     sp: argparse.ArgumentParser, add_nats: Callable[[argparse.ArgumentParser], None]
@@ -90,7 +94,9 @@ async def run(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     # like `router` and `worker`: NATS down at start is said once, and retried until it is up
     with _connecting(args.nats, say=True):
-        connecting = connect(args.nats, name="chainyard-gateway", creds=args.creds)
+        connecting = connect(
+            args.nats, name="chainyard-gateway", creds=args.creds, inbox_prefix=INBOX_PREFIX
+        )
         nc = await _unless_stopped(connecting, stop)
     if nc is None:
         say = f"stopped before NATS at {_safe_url(args.nats)} could be reached"
