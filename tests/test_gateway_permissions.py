@@ -57,17 +57,17 @@ async def deployed(
 ) -> AsyncIterator[Deployed]:
     monkeypatch.setenv("SSL_CERT_FILE", str(secure.dir / "ca.pem"))  # the processes trust it
     monkeypatch.setenv("GW_PROVIDER_KEY", PROVIDER_KEY)
-    async with contextlib.AsyncExitStack() as stack:
-        sb = await stack.enter_async_context(
+    async with contextlib.AsyncExitStack() as cleanup:
+        sb = await cleanup.enter_async_context(
             SandboxServer(SandboxConfig(api_key=PROVIDER_KEY, latency_ms=0.0))
         )
         cfg = tmp_path / "chainyard.toml"
         cfg.write_text(config_toml(dict.fromkeys(POOLS, sb.url)))
         services = secure.url("services")
         bus = await open_bus(services, name="operator")  # streams and buckets, as services make
-        stack.push_async_callback(bus.close)
+        cleanup.push_async_callback(bus.close)
         procs = await start_routers(tmp_path, services, cfg)
-        stack.push_async_callback(lambda: stop_all(procs))
+        cleanup.push_async_callback(lambda: stop_all(procs))
         common = ("--config", str(cfg))
         for i in range(2):
             log = tmp_path / f"worker{i}.log"
@@ -75,8 +75,8 @@ async def deployed(
         urls = []
         for i in range(2):  # no --key, no --open: keys and limits in KV
             log = tmp_path / f"gateway{i}.log"
-            nats_url = secure.url("gateway")
-            procs.append(await start_cli(log, "gateway", "--nats", nats_url, *common, "--port", "0"))
+            as_gateway = ("--nats", secure.url("gateway"))
+            procs.append(await start_cli(log, "gateway", *as_gateway, *common, "--port", "0"))
             urls.append(await _gateway_url(log, procs[-1]))
         yield Deployed(
             bus=bus, keys=await open_keys_kv(bus.js), urls=urls, logs=tmp_path, sandbox=sb
