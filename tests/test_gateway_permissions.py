@@ -347,3 +347,36 @@ async def test_what_the_gateway_user_may_not_do_is_refused(stack: Stack) -> None
             assert await durables(js, name) == had, name
     finally:
         await nc.close()
+
+
+async def test_a_gateway_started_before_the_services_waits_for_their_buckets(
+    secure: Secure,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its user may not create the key and limit buckets (the services do, as they start): a
+    gateway that comes up first, as it may on Kubernetes, waits for them, then serves."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(secure.dir / "ca.pem"))
+    cfg = tmp_path / "chainyard.toml"
+    cfg.write_text(config_toml(dict.fromkeys(POOLS, "http://127.0.0.1:9")))
+    log = tmp_path / "gateway.log"
+    as_gateway = ("--nats", secure.url("gateway"), "--config", str(cfg), "--port", "0")
+    procs = [await start_cli(log, "gateway", *as_gateway)]
+    try:
+        refused = 'permissions violation for publish to "$js.api.stream.create.kv_cy_keys"'
+        await wait_until(lambda: refused in log.read_text().lower(), 30, "a refused create")
+        bus = await open_bus(secure.url("services"), name="router-like")  # makes every bucket
+        try:
+            url = await _gateway_url(log, procs[0])
+            raw, _ = await create_key(await open_keys_kv(bus.js), checked_grant(tenant="acme"))
+            async with httpx.AsyncClient(timeout=30) as http:
+
+                async def served() -> bool:  # once its watch on cy_keys has the new key
+                    r = await http.get(f"{url}/v1/models", headers=auth(raw))
+                    return r.status_code == 200
+
+                await wait_until(served, 5.0, "the gateway to accept the key")
+        finally:
+            await bus.close()
+    finally:
+        await stop_all(procs)

@@ -65,6 +65,13 @@ def static_keys(specs: list[str]) -> Any:
     return StaticKeys(keys)
 
 
+NO_BUCKETS = (
+    "cannot open the KV buckets of API keys and limits (cy_keys, cy_limits): the services "
+    "create them as they start (start a router), and the gateway's own NATS user may use them "
+    "but not create them (deploy/accounts.conf)"
+)
+
+
 async def _kv_keys(js: Any) -> tuple[Any, Any]:
     from .keys import KeyStore
     from .limits import Limits
@@ -73,6 +80,8 @@ async def _kv_keys(js: Any) -> tuple[Any, Any]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from nats.errors import Error as NatsError
+
     from chainyard.contracts import ConfigError, load_config
     from chainyard.runtime import tracing
     from chainyard.runtime.kv_view import KvView
@@ -106,7 +115,12 @@ async def run(args: argparse.Namespace) -> int:
     if keys is None and args.open:
         keys = StaticKeys()
     elif keys is None:
-        keys, limits = await _kv_keys(nc.jetstream())
+        try:  # (retried for a minute: the services create the buckets as they start)
+            keys, limits = await _kv_keys(nc.jetstream())
+        except NatsError as e:
+            print(f"chainyard gateway: {NO_BUCKETS} ({e or type(e).__name__})", file=sys.stderr)
+            await nc.close()
+            return 4
     tracing.setup("chainyard-gateway")  # OTEL_* like every other entry point
     settings = Settings(max_body_bytes=args.max_body_kb * 1024, deadline_ms=args.deadline_ms)
     gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings)
