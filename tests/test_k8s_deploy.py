@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,15 @@ def test_provider_keys_are_secret_references_and_pods_are_locked_down(rendered) 
         "key": "OPENAI_API_KEY",
     }
     assert "sk-" not in text
+    # The gateway, facing the internet, connects as its own NATS user (deploy/accounts.conf,
+    # `gateway`); the routers and workers as `services`.
+    for name, dep in objects(files, "Deployment").items():
+        env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        key = "gateway-url" if name == "chainyard-gateway" else "url"
+        assert env["CHAINYARD_NATS"]["valueFrom"]["secretKeyRef"] == {
+            "name": "chainyard-nats",
+            "key": key,
+        }, name
 
 
 def test_rendering_is_deterministic_and_prunes_its_own_stale_files(tmp_path: Path) -> None:
@@ -349,8 +359,10 @@ def test_nats_helm_values_keep_the_durability_settings_and_the_accounts() -> Non
     assert accounts == (ROOT / "deploy" / "accounts.conf").read_text()
     # Every password the accounts name comes from a Secret, none is written here.
     env = values["container"]["env"]
-    for var in ("CY_SERVICES_PASSWORD", "CY_TENANT_A_PASSWORD", "CY_TENANT_B_PASSWORD"):
-        assert f"${var}" in accounts and "secretKeyRef" in env[var]["valueFrom"]
+    named = set(re.findall(r"password: \$(\w+)", accounts))
+    assert {"CY_SERVICES_PASSWORD", "CY_GATEWAY_PASSWORD", "CY_TENANT_A_PASSWORD"} <= named
+    for var in named:
+        assert "secretKeyRef" in env[var]["valueFrom"], var
 
 
 def test_every_rendered_command_is_one_the_cli_takes(rendered) -> None:

@@ -42,7 +42,8 @@ def configure(
     p.add_argument(
         "--nats-secret",
         default=DEFAULTS.nats_secret,
-        help="Secret whose key `url` is the services' NATS URL (default: %(default)s)",
+        help="Secret whose key `url` is the services' NATS URL and `gateway-url` the gateway's "
+        "(its own NATS user) (default: %(default)s)",
     )
     p.add_argument(
         "--keys-secret",

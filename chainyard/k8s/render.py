@@ -62,7 +62,9 @@ class Settings:
     namespace: str = "chainyard"
     image: str = ""  # "": chainyard:<installed version>
     tools: str | None = None  # module:attribute of the Tools registry, in the image
-    nats_secret: str = "chainyard-nats"  # key `url`: nats://services:PASSWORD@host:4222
+    # key `url`: nats://services:PASSWORD@host:4222; key `gateway-url`: the gateway's own user
+    # (nats://gateway:PASSWORD@host:4222, deploy/accounts.conf), which cannot touch the work
+    nats_secret: str = "chainyard-nats"
     keys_secret: str = "chainyard-provider-keys"  # one key per pool's api_key_env
     nats_monitoring: str = "nats-headless.nats.svc.cluster.local:8222"
     nats_account: str = "CHAINYARD"  # deploy/accounts.conf
@@ -166,6 +168,7 @@ def render(config: Config, config_text: str, s: Settings) -> list[Obj]:
         env=[],
         config_map=cm_name,
         replicas=s.gateway_replicas,
+        nats_url_key="gateway-url",
     )
     objs += [gateway, _pdb(s, "chainyard-gateway", min_available=1), _gateway_service(s)]
     for w in _workloads(config, s, base, tools):
@@ -324,6 +327,7 @@ def _deployment(
     config_map: str,
     replicas: int | None,
     pool: str | None = None,
+    nats_url_key: str = "url",  # the key of `s.nats_secret` with this service's NATS URL
 ) -> Obj:
     port_name = "http" if port == GATEWAY_PORT else "metrics"
     labels = {**_selector(name), "app.kubernetes.io/part-of": "chainyard"}
@@ -337,7 +341,7 @@ def _deployment(
         "imagePullPolicy": "IfNotPresent",
         "args": args,
         "env": [
-            _secret_env("CHAINYARD_NATS", s.nats_secret, "url"),
+            _secret_env("CHAINYARD_NATS", s.nats_secret, nats_url_key),
             {"name": "OTEL_SERVICE_NAME", "value": f"chainyard-{component}"},
             *env,
         ],
