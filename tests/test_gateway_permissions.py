@@ -221,6 +221,9 @@ async def test_the_gateway_serves_everything_as_its_own_user(deployed: Deployed)
         events = lines(await http.get(f"{g1}/v1/chains/c1/events", headers=auth(acme)))
         assert events[-1]["type"] == "chain.cancelled"
         assert events[-1]["reason"] == "changed my mind"
+        # another tenant's chain of that id does not exist (looked for in state and events)
+        r = await http.get(f"{g0}/v1/chains/c1/events", headers=auth(globex))
+        assert r.status_code == 404, r.text
 
         # limits counted in cy_limits by the gateways: acme's requests and tokens; a spend
         # counted on one replica refuses on the other
@@ -292,6 +295,7 @@ async def test_what_the_gateway_user_may_not_do_is_refused(stack: Stack) -> None
             "cy.deadline.acme.c1",
             "cy.dlq.acme",
             "cy.events.acme.c1.chain.completed",  # events are the services' to write
+            "cy.control.acme.c1.replay",  # the gateway cancels and signals, never replays
         ):
             await gw.publish(subject)
         # buckets: chain state and keys are read only, the services' own ones closed
