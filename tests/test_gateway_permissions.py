@@ -303,8 +303,9 @@ async def test_what_the_gateway_user_may_not_do_is_refused(stack: Stack) -> None
         await gw.publish("$KV.cy_keys.key_000000000000", b'{"tenant": "acme"}')
         await gw.publish("$KV.cy_capacity.x", b"{}")
         await gw.publish("$KV.cy_breakers.x", b"{}")
-        for bucket in ("cy_capacity", "cy_breakers"):
+        for bucket in ("cy_capacity", "cy_breakers", "cy_keys"):  # (keys: the watch alone)
             await gw.publish(f"$JS.API.STREAM.MSG.GET.KV_{bucket}", b'{"last_by_subj": ">"}')
+            await gw.publish(f"$JS.API.DIRECT.GET.KV_{bucket}", b'{"last_by_subj": ">"}')
         # no stream or consumer made, changed, emptied or removed; no looking around
         for name in (*streams, *buckets):
             for verb in ("DELETE", "PURGE", "UPDATE", "CREATE", "MSG.DELETE"):
