@@ -56,10 +56,12 @@ bench-quick: install
 # per scenario and `scenarios=N failed=F lost=L duplicated=D unexpected=U routers=.. workers=..`.
 # chaos-short: the same scenarios with smaller loads, run by CI (~10 min).
 chaos: install
-	$(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py
+	$(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py \
+		tests/test_gateway_permissions.py
 
 chaos-short: install
-	CHAOS_SHORT=1 $(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py
+	CHAOS_SHORT=1 $(BIN)/python -m pytest -q -p no:randomly tests/chaos tests/test_security.py tests/test_tenant_permissions.py \
+		tests/test_gateway_permissions.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
