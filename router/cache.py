@@ -211,12 +211,12 @@ async def publish_hit(
         metrics.cache_hit(ev.target.pool, ev.target.deployment, ev.saved_usd)
     msg_id = f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}.step.completed"
     tr = tracing.active
-    messaging.ensure_span()
     if tr is None or messaging.sampled_out():
         await messaging.publish(publisher, subject, encode(ev), msg_id)
         return
     span = tr.start_span(
         f"cache {model}",
+        context=messaging.handler_context(),
         kind=SpanKind.INTERNAL,
         attributes={
             "chainyard.tenant": ev.tenant,

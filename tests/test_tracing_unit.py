@@ -104,12 +104,31 @@ def state(**kw: Any) -> ChainState:
 
 
 async def test_headers_are_read_case_insensitively(spans: InMemorySpanExporter) -> None:
+    chat = tg.traced_chat(_answer)
+
+    async def handler(msg: FakeMsg) -> None:
+        await chat(assignment(), None)
+
     for key in ("traceparent", "Traceparent", "TRACEPARENT"):
         spans.clear()
-        await tm.consumer(_noop, "d")(FakeMsg("cy.submit.acme", {"Nats-Msg-Id": "x", key: TP}))
+        await tm.consumer(handler, "d")(FakeMsg("cy.work.sim", {"Nats-Msg-Id": "x", key: TP}))
         (sp,) = spans.get_finished_spans()
         assert f"{sp.context.trace_id:032x}" == TP.split("-")[1], key
         assert f"{sp.parent.span_id:016x}" == TP.split("-")[2], key
+
+
+async def _answer(a: Any, on_delta: Any) -> Any:
+    return type(
+        "R",
+        (),
+        {
+            "usage": Usage(input_tokens=1, output_tokens=2),
+            "model": "m-1",
+            "output": Output(text="ok", finish_reason="stop"),
+            "cost_usd": 0.0,
+            "ttft_ms": None,
+        },
+    )()
 
 
 async def _noop(msg: Any) -> None:
@@ -194,58 +213,69 @@ async def test_send_span_injects_lowercase_traceparent(spans: InMemorySpanExport
     assert a["messaging.message.id"] == "c1.s.1"
 
 
-async def test_process_span_is_child_and_link_of_the_creation_context(
-    spans: InMemorySpanExporter,
-) -> None:
+async def test_the_call_span_is_the_messages_process_span(spans: InMemorySpanExporter) -> None:
+    """No `process` span of the consumer's own: the worker's `chat` span is the message's
+    consumer (its messaging attributes), child of the producing context; the step's event
+    is produced by it, and the settle spans hang under it."""
     js = FakeJs()
+    chat = tg.traced_chat(_answer)
 
     async def handler(msg: FakeMsg) -> None:
+        await chat(assignment(), None)
         await tm.publish(js, "cy.events.acme.c1.step.completed", b"{}", "e1")
         await msg.ack()
 
-    msg = FakeMsg("cy.work.tool.search", {"Traceparent": TP, "Nats-Msg-Id": "c1.s.1"})
-    await tm.consumer(handler, "cy_pool_tool_search")(msg)
+    msg = FakeMsg("cy.work.sim", {"Traceparent": TP, "Nats-Msg-Id": "acme.c1.s.1"})
+    await tm.consumer(handler, "cy_pool_sim")(msg)
     by = {s.name: s for s in spans.get_finished_spans()}
-    proc = by["process cy.work.{pool}"]
-    assert proc.kind == SpanKind.CONSUMER
-    assert f"{proc.parent.span_id:016x}" == TP.split("-")[2]
-    assert proc.context.trace_id == int(TP.split("-")[1], 16)
-    assert [lk.context.span_id for lk in proc.links] == [proc.parent.span_id]
-    assert proc.attributes["messaging.consumer.group.name"] == "cy_pool_tool_search"
-    assert proc.attributes["messaging.operation.type"] == "process"
-    # the onward message has no send span: the process span is its producer
-    assert "send cy.events.{tenant}.{chain}.step.completed" not in by
-    assert js.sent[0][2]["traceparent"] == traceparent(proc.context)
+    assert not [n for n in by if n.startswith(("process ", "send "))]
+    sp = by["chat m-1"]
+    assert sp.kind == SpanKind.CLIENT
+    assert f"{sp.parent.span_id:016x}" == TP.split("-")[2]
+    assert sp.context.trace_id == int(TP.split("-")[1], 16)
+    a = sp.attributes
+    assert a["messaging.consumer.group.name"] == "cy_pool_sim"
+    assert a["messaging.operation.type"] == "process" and a["messaging.system"] == "nats"
+    assert a["messaging.destination.name"] == "cy.work.sim"
+    assert a["messaging.message.id"] == "acme.c1.s.1"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.usage.output_tokens"] == 2
+    assert js.sent[0][2]["traceparent"] == traceparent(sp.context)  # the event's producer
     ack = by["ack cy.work.{pool}"]
-    assert ack.parent.span_id == proc.context.span_id
+    assert ack.parent.span_id == sp.context.span_id
     assert ack.attributes["messaging.operation.type"] == "settle"
     assert msg.settled == ["ack"]
 
 
-async def test_handler_error_marks_the_process_span(spans: InMemorySpanExporter) -> None:
-    async def boom(msg: FakeMsg) -> None:
-        raise ValueError("bad")
+async def test_a_handler_forwards_the_trace_headers_it_got(spans: InMemorySpanExporter) -> None:
+    """Nothing made current since: the onward message carries the headers as received (no
+    parse, no span); baggage and the W3C fields alike."""
+    js = FakeJs()
 
-    with pytest.raises(ValueError):
-        await tm.consumer(boom, "d")(FakeMsg("cy.submit.acme", {"traceparent": TP}))
-    (sp,) = spans.get_finished_spans()
-    assert sp.attributes["error.type"] == "ValueError" and not sp.status.is_ok
+    async def handler(msg: FakeMsg) -> None:
+        await tm.publish(js, "cy.events.acme.c1.chain.completed", b"{}", "e1")
+
+    got = {"Nats-Msg-Id": "x", "Traceparent": TP, "tracestate": "k=v"}
+    await tm.consumer(handler, "d")(FakeMsg("cy.events.acme.c1.step.completed", got))
+    assert js.sent[0][2] == {"Nats-Msg-Id": "e1", "Traceparent": TP, "tracestate": "k=v"}
+    assert spans.get_finished_spans() == ()
 
 
 async def test_headerless_message_adopts_the_chain_context(spans: InMemorySpanExporter) -> None:
     chain_tp = "00-11111111111111111111111111111111-2222222222222222-01"
-    s = state(trace={"traceparent": chain_tp})
+    s = state(trace={"traceparent": chain_tp, "parent": ""})
+    js = FakeJs()
 
     async def handler(msg: FakeMsg) -> None:
         tc.adopt_state(s)  # what the engine does after reading the state
+        await tc.publish_work(js, "cy.work.sim", b"{}", assignment(), s)
         await msg.ack()
 
     await tm.consumer(handler, "d")(FakeMsg("cy.timer.acme.c1.s"))
     by = {x.name: x for x in spans.get_finished_spans()}
-    proc = by["process cy.timer.{tenant}.{chain}.{step}"]
-    assert f"{proc.context.trace_id:032x}" == "1" * 32
-    assert f"{proc.parent.span_id:016x}" == "2" * 16
-    assert by["ack cy.timer.{tenant}.{chain}.{step}"].parent.span_id == proc.context.span_id
+    route = by["route small"]
+    assert f"{route.context.trace_id:032x}" == "1" * 32
+    assert f"{route.parent.span_id:016x}" == "2" * 16
+    assert by["ack cy.timer.{tenant}.{chain}.{step}"].parent.span_id == 0x2222222222222222
 
 
 async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
@@ -281,8 +311,7 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     chain_sc = trace.get_current_span(chain_ctx).get_span_context()
     assert chain_sc.trace_id == int(TP.split("-")[1], 16)
     by = {x.name: x for x in spans.get_finished_spans()}
-    proc = by["process cy.submit.{tenant}"]
-    assert st.trace["parent"] == traceparent(proc.context)
+    assert st.trace["parent"] == TP  # the submit's producer (a client's send span)
     route = by["route small"]
     assert route.parent.span_id == chain_sc.span_id  # the first steps hang under the chain
     assert route.attributes["chainyard.route.candidates"] == ("sim-d", "other-d")
@@ -313,7 +342,7 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     (chain,) = spans.get_finished_spans()
     assert chain.name == "chain"
     assert chain.context.span_id == chain_sc.span_id and chain.context.trace_id == chain_sc.trace_id
-    assert chain.parent.span_id == proc.context.span_id
+    assert chain.parent.span_id == int(TP.split("-")[2], 16)
     assert chain.start_time == st.created_at_ms * 1_000_000
     assert chain.end_time == (st.created_at_ms + 1500) * 1_000_000 + 999_999  # the ms, to its end
     a = chain.attributes
@@ -458,3 +487,80 @@ def test_prometheus_metrics() -> None:
     assert "chainyard_step_latency_seconds_bucket" in text
     m.shutdown()
     assert not m.on
+
+
+# -- sampled out: nothing made, headers forwarded -------------------------------------------
+
+
+@pytest.fixture
+def ratio_zero() -> Iterator[InMemorySpanExporter]:
+    """`parentbased_traceidratio` at 0: every new chain is sampled out."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=ParentBased(TraceIdRatioBased(0.0)), id_generator=tracing.ChainIds()
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider, capture=False)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+        provider.shutdown()
+
+
+def test_the_sampler_is_asked_whether_it_drops_unsampled_children() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    for sampler, drops in ((ParentBased(ALWAYS_ON), True), (ALWAYS_ON, False)):
+        provider = TracerProvider(sampler=sampler)
+        tracing.enable(provider, capture=False)
+        try:
+            assert tracing.drops_unsampled is drops
+        finally:
+            tracing.disable()
+
+
+async def test_a_sampled_out_chain_makes_no_span_and_forwards_its_headers(
+    ratio_zero: InMemorySpanExporter,
+) -> None:
+    js = FakeJs()
+    holder: dict[str, Any] = {}
+
+    @dataclasses.dataclass
+    class Outcome:
+        state: ChainState
+
+    async def intake(msg: FakeMsg) -> None:
+        out = tc.begin_chain(Outcome(state()))
+        holder["state"] = out.state
+        await tc.publish_work(js, "cy.work.sim", b"{}", assignment(), out.state)
+
+    await tm.consumer(intake, "intake")(FakeMsg("cy.submit.acme"))
+    st: ChainState = holder["state"]
+    assert st.trace is not None and "parent" not in st.trace  # sampled out: no span to emit
+    work_headers = js.sent[0][2]
+    assert work_headers["traceparent"] == st.trace["traceparent"]
+    assert work_headers["traceparent"].endswith("-00")
+
+    # the worker: no chat span; its event carries the work's trace headers as they came
+    chat = tg.traced_chat(_answer)
+
+    async def work(msg: FakeMsg) -> None:
+        await chat(assignment(), None)
+        await tm.publish(js, "cy.events.acme.c1.step.completed", b"{}", "e1")
+
+    await tm.consumer(work, "pool")(FakeMsg("cy.work.sim", dict(work_headers)))
+    assert js.sent[1][2]["traceparent"] == work_headers["traceparent"]
+
+    # the router, on the event: the state says sampled out, nothing is extracted or made
+    async def event(msg: FakeMsg) -> None:
+        tc.adopt_state(st)
+        assert tm.sampled_out()
+        tc.chain_recorded(st, msgspec.structs.replace(st, status="completed", ended_at_ms=1))
+        await tm.publish(js, "cy.events.acme.c1.chain.completed", b"{}", "e2")
+
+    await tm.consumer(event, "engine")(FakeMsg("cy.events.acme.c1.step.completed", js.sent[1][2]))
+    assert js.sent[2][2]["traceparent"] == work_headers["traceparent"]
+    assert ratio_zero.get_finished_spans() == ()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
@@ -34,7 +34,6 @@ from .metrics import metrics
 # the chain state keeps W3C trace context whatever OTEL_PROPAGATORS says for the bus
 _W3C = TraceContextTextMapPropagator()
 _ids = RandomIdGenerator()
-_KIND: dict[type, str] = {}  # step type -> its tag
 
 
 def _context(traceparent: str | None, tracestate: str | None = None) -> Context | None:
@@ -64,26 +63,41 @@ def _traceparent(sc: SpanContext) -> dict[str, str]:
     return carrier
 
 
+def _sampled(parent: Context | None, trace_id: int) -> tuple[bool, Any]:
+    """The chain's sampling decision, asked once of the provider's sampler (its public
+    `should_sample`); with no sampler to ask, the parent's flag (a root is sampled)."""
+    s = tracing.sampler
+    psc = trace.get_current_span(parent).get_span_context()
+    if s is None:
+        return (psc.trace_flags.sampled if psc.is_valid else True), psc.trace_state
+    result = s.should_sample(parent if psc.is_valid else None, trace_id, "chain", SpanKind.INTERNAL)
+    return result.decision.is_sampled(), result.trace_state
+
+
 def begin_chain(outcome: Any) -> Any:
-    """Intake: put the new chain's trace context in its state (`outcome.state`), make the
-    chain's span the parent of what the handler does next, and return the outcome."""
+    """Intake: decide whether the new chain is traced, put its trace context in its state
+    (`outcome.state`), make the chain's span the parent of what the handler does next, and
+    return the outcome. The chain span's parent is the submit message's context (a client's
+    `send` span), else it is a root."""
     if tracing.active is None:
         return outcome
-    proc = messaging.current_span().get_span_context()  # the intake's process span
-    sid = _ids.generate_span_id()
-    # `parent` (the intake's span, the chain span's parent) is kept only for a sampled chain:
-    # its presence is how `end_chain` knows, without parsing, that there is a span to emit
-    if proc.is_valid:
-        chain = SpanContext(proc.trace_id, sid, False, proc.trace_flags, proc.trace_state)
-        t = _traceparent(chain)
-        if proc.trace_flags.sampled:
-            t["parent"] = _traceparent(proc)["traceparent"]
-    else:  # no handler and no current span: the chain starts its own trace
-        flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-        chain = SpanContext(_ids.generate_trace_id(), sid, False, flags)
-        t = _traceparent(chain)
-        t["parent"] = ""  # a root
-    messaging.make_current(trace.set_span_in_context(NonRecordingSpan(chain)))
+    parent = messaging.handler_context()
+    psc = trace.get_current_span(parent).get_span_context()
+    trace_id = psc.trace_id if psc.is_valid else _ids.generate_trace_id()
+    sampled, trace_state = _sampled(parent, trace_id)
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+    chain = SpanContext(trace_id, _ids.generate_span_id(), False, flags, trace_state)
+    t = _traceparent(chain)
+    # `parent` is kept only for a sampled chain: its presence is how `end_chain` and the
+    # handlers of the chain's later messages know, without parsing, that there are spans to make
+    if sampled:
+        t["parent"] = _traceparent(psc)["traceparent"] if psc.is_valid else ""  # "": a root
+    ctx = trace.set_span_in_context(NonRecordingSpan(chain), parent)  # baggage kept
+    forward = None
+    if not sampled:  # what the chain's first messages carry, formatted once
+        forward = {}
+        propagate.inject(forward, context=ctx)
+    messaging.make_current(ctx, forward=forward)
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
         chain_ended(state)
@@ -92,12 +106,25 @@ def begin_chain(outcome: Any) -> Any:
 
 
 def adopt_state(state: Any) -> None:
-    """A handler whose message had no trace context continues the chain's trace."""
-    if tracing.active is None or state is None or not messaging.waiting():
+    """A handler that has read the chain's state: a sampled-out chain makes no span (nothing
+    is extracted from the message: its headers go on as they came); a message without trace
+    context continues the chain's trace."""
+    if tracing.active is None or state is None:
         return
-    ctx = chain_context(state)
-    if ctx is not None:
-        messaging.adopt(ctx)
+    t = getattr(state, "trace", None)
+    if not t:
+        return
+    traced = messaging.handler_traced()
+    if "parent" not in t and tracing.drops_unsampled:  # sampled out at intake (begin_chain)
+        forward = None
+        if not traced:  # a timer: the chain's own headers
+            ctx = chain_context(state)
+            if ctx is not None:
+                forward = {}
+                propagate.inject(forward, context=ctx)
+        messaging.adopt(None, unsampled=True, forward=forward)
+    elif not traced:
+        messaging.adopt(chain_context(state), unsampled=False, forward=None)
 
 
 def chain_recorded(before: Any, after: Any) -> None:
@@ -144,7 +171,6 @@ def end_chain(state: Any) -> None:
         "chainyard.chain.output_tokens": tokens_out,
         "chainyard.chain.steps": len(state.steps),
         "chainyard.chain.attempts": attempts,
-        "chainyard.chain.duration_ms": end_ms - state.created_at_ms,
     }
     if state.reason:
         attrs["chainyard.chain.reason"] = state.reason[:500]
@@ -188,22 +214,15 @@ def _decision(
     st = state.steps.get(a.step_id)
     cands = tuple(candidates()) if candidates is not None else (target.deployment,)
     strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
-    kind = _KIND.get(type(step))
-    if kind is None:
-        kind = _KIND[type(step)] = getattr(type(step).__struct_config__, "tag", None) or "step"
     attrs: dict[str, Any] = {
         "chainyard.step.id": a.step_id,
         "chainyard.step.attempt": a.attempt,
-        "chainyard.step.kind": kind,
         "chainyard.route.candidates": cands,
         "chainyard.route.choice": target.deployment,
         "chainyard.route.pool": target.pool,
-        "chainyard.route.provider": target.provider,
         "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
         "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
     }
-    if strategy:
-        attrs["chainyard.route.strategy"] = strategy
     if st is not None and st.tried:
         attrs["chainyard.route.tried"] = list(st.tried)
     return attrs
@@ -223,17 +242,17 @@ async def publish_work(
     if metrics.on:
         metrics.routed(target.pool, target.deployment)
     tr = tracing.active
-    messaging.ensure_span()
     if tr is None or messaging.sampled_out():
         return await messaging.publish(js, subject, data, a.msg_id)
     step = a.step
     model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    # The assignment's send: the worker's `process` span is its child (no `send` span of its
-    # own). Its attributes are given once, at the start: under a sampled parent (checked above)
-    # the span is kept. The chain and tenant are the trace's (the chain span has them), the model
-    # is in the span's name.
+    # The assignment's send: the worker's `chat` (or `execute_tool`) span is its child (no
+    # `send` span of its own). Its attributes are given once, at the start: under a sampled
+    # parent (checked above) the span is kept. The chain and tenant are the trace's (the chain
+    # span has them), the model is in the span's name.
     route = tr.start_span(
         f"route {model}",
+        context=messaging.handler_context(),
         kind=SpanKind.PRODUCER,
         attributes=_decision(a, state, candidates, strategy),
     )

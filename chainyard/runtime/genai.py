@@ -71,14 +71,13 @@ def _output_messages(output: Any) -> str:
 
 def _request(a: Any) -> dict[str, Any]:
     """The chat span's attributes, all given at its start (one call into the SDK). The chain,
-    step and attempt are the parent `process` span's `messaging.message.id`."""
+    step and attempt are its `messaging.message.id` (`consumer_attributes`)."""
     t, step = a.target, a.step
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": provider_name(t.provider),
         "gen_ai.request.model": t.model,
         "chainyard.deployment": t.deployment,
-        "chainyard.pool": t.pool,
     }
     params = getattr(step, "params", None)
     if params is not None:
@@ -98,10 +97,22 @@ def _tracer() -> Tracer | None:
     """The tracer when this call gets a span of its own: tracing is on and the handler's trace
     is sampled in; else None (the call runs bare)."""
     tr = tracing.active
-    if tr is None:
+    if tr is None or messaging.sampled_out():
         return None
-    messaging.ensure_span()
-    return None if messaging.sampled_out() else tr
+    return tr
+
+
+def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any]) -> Span:
+    """The call's span, child of the handled message's context (the router's `route` span):
+    it is also the message's `process` span, so it carries the consumer's attributes."""
+    attrs.update(messaging.consumer_attributes())
+    return tr.start_span(name, context=messaging.handler_context(), kind=kind, attributes=attrs)
+
+
+def _produced(span: Span) -> None:
+    """The step's event, sent next by the handler, is produced by this span."""
+    if span.is_recording():
+        messaging.make_current(trace.set_span_in_context(span))
 
 
 def traced_chat(execute: Execute) -> Execute:
@@ -113,7 +124,7 @@ def traced_chat(execute: Execute) -> Execute:
         if tr is None:
             return await execute(a, on_delta)
         t = a.target
-        span = tr.start_span(f"chat {t.model}", kind=SpanKind.CLIENT, attributes=_request(a))
+        span = _start(tr, f"chat {t.model}", SpanKind.CLIENT, _request(a))
         recording = span.is_recording()
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
@@ -140,6 +151,7 @@ def traced_chat(execute: Execute) -> Execute:
             return r
         finally:
             otel_context.detach(token)
+            _produced(span)  # before `end`: an ended span no longer says it is recording
             span.end()
 
     return run
@@ -162,7 +174,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tracing.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = tr.start_span(f"execute_tool {name}", kind=SpanKind.INTERNAL, attributes=attrs)
+        span = _start(tr, f"execute_tool {name}", SpanKind.INTERNAL, attrs)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)
@@ -176,6 +188,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             return r
         finally:
             otel_context.detach(token)
+            _produced(span)  # before `end`: an ended span no longer says it is recording
             span.end()
 
     return run

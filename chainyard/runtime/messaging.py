@@ -1,20 +1,24 @@
-"""Messaging spans and trace context on the bus: publish and consume middleware.
+"""Trace context on the bus: publish and consume middleware.
 
-`publish` injects the trace context into a JetStream publish's NATS headers with the SDK's
+`publish` puts the trace context in a JetStream publish's NATS headers with the SDK's
 propagators (`opentelemetry.propagate`: W3C `traceparent` / `tracestate` and `baggage` by
-default, whatever `OTEL_PROPAGATORS` names). Inside a handler the handler's `process` span (or
-the `route` span given as `context`) is the message's producer; elsewhere the publish gets a
-`send {destination template}` PRODUCER span of its own.
-`consumer` wraps a pull consumer's handler in a `process {template}` CONSUMER span, child of
-and linked to the context extracted from the message (header names read in any case, so a Go
-client's `Traceparent` works), and makes it current for the handler: the spans and publishes of
-the code it calls continue the trace, baggage included. Attributes follow the OpenTelemetry
-messaging conventions (`messaging.system = "nats"`, the subject template keeps span names of
-low cardinality).
+default, whatever `OTEL_PROPAGATORS` names). Inside a handler the message carries the
+handler's context (the span given as `context`, such as the router's `route` span, or the
+span made current last, or the context the handled message came with); elsewhere the publish
+gets a `send {destination template}` PRODUCER span of its own.
 
-A message without trace context (a timer, a control message from a client without tracing) gets
-its process span late: as a child of the chain's own span once the handler has read the chain
-state (`adopt`, called by chain_trace.adopt_state), started at the message's arrival.
+`consumer` wraps a pull consumer's handler in a scope that makes the message's context the
+handler's: extracted by the propagators (header names read in any case, so a Go client's
+`Traceparent` works) when something needs it, at once when the message carries more than the
+W3C trace context (baggage: the handler's code sees it). The consumer makes no span of its
+own: the handler's work is the span (the router's `chain` and `route`, the worker's `chat` and
+`execute_tool`, which take the messaging attributes of `consumer_attributes`), DESIGN-NOTES #28.
+Under a sampled-out context, with a sampler that drops its children (`tracing.drops_unsampled`),
+nothing is extracted or made: the message's own trace headers go on unchanged.
+
+A message without trace context (a timer, a control message from a client without tracing)
+continues the chain's trace once the handler has read the chain state (`adopt`, called by
+chain_trace.adopt_state).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +33,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import SpanKind
 
 from . import tracing
 from .metrics import metrics
@@ -118,18 +121,21 @@ async def publish(
 ) -> Any:
     """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty) and the trace context in
     its headers. `context`: the span that produces the message (the router's `route` span);
-    from a consumer's handler, its `process` span does. Either way the message gets no span of
-    its own: that span is its send (fewer spans a step, the same tree: DESIGN-NOTES #27).
-    Elsewhere (a client, a script) the publish gets a `send` span."""
+    inside a consumer's handler, the handler's context (`_Scope.carry`). Either way the message
+    gets no span of its own. Elsewhere (a client, a script) the publish gets a `send` span."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else {}
     tr = tracing.active
     if tr is None:
         return await js.publish(subject, data, headers=headers or None)
-    if context is None and _scope.get() is not None:
-        ensure_span()
-        context = otel_context.get_current()
-    if context is not None or sampled_out():  # only the context travels on
+    if context is not None:
         propagate.inject(headers, context=context)
+        return await js.publish(subject, data, headers=headers)
+    scope = _scope.get()
+    if scope is not None:
+        scope.carry(headers)
+        return await js.publish(subject, data, headers=headers)
+    if sampled_out():  # a sampled-out caller's context travels on, no span
+        propagate.inject(headers)
         return await js.publish(subject, data, headers=headers)
     a = _attrs("send", "send", subject, msg_id)
     span = tr.start_span(f"send {template(subject)}", kind=SpanKind.PRODUCER, attributes=a)
@@ -143,48 +149,78 @@ async def publish(
         span.end()
 
 
-# -- process ------------------------------------------------------------------------------------
+# -- consume ------------------------------------------------------------------------------------
 
 
 class _Scope:
-    """A handler's process span (None until it has a parent, see `adopt`) and the contexts it
-    made current, detached in reverse order when the handler returns."""
+    """One handled message's trace context: its trace headers (`carrier`, the fields the
+    propagators read, found without parsing), extracted on first need (`resolve`), and the
+    contexts made current for the handler, detached in reverse order when it returns.
 
-    __slots__ = ("durable", "msg_id", "span", "start_ns", "subject", "tokens")
+    `unsampled`: known to make no span (a sampled-out context under a sampler that drops its
+    children); then `forward` is what its messages carry: the handled message's own trace
+    headers unchanged, or the chain's (`adopt`, `make_current`)."""
 
-    def __init__(self, subject: str, msg_id: str | None, durable: str) -> None:
+    __slots__ = (
+        "carrier",
+        "durable",
+        "eager",
+        "forward",
+        "headers",
+        "resolved",
+        "subject",
+        "tokens",
+        "unsampled",
+    )
+
+    def __init__(self, subject: str, headers: dict[str, str] | None, durable: str) -> None:
         self.subject = subject
-        self.msg_id = msg_id
+        self.headers = headers
         self.durable = durable
-        self.start_ns = time.time_ns()
-        self.span: Span | None = None
+        self.resolved = False
+        self.unsampled = False
+        self.forward: dict[str, str] | None = None
         self.tokens: list[Any] = []
+        self.carrier: dict[str, str] = {}
+        self.eager = False  # fields beyond the W3C trace context (baggage...): the handler's
+        if headers:
+            textmap = propagate.get_global_textmap()
+            for k, v in headers.items():
+                kind = _field_kind(textmap, k)
+                if kind:
+                    self.carrier[k] = v
+                    if kind == _OTHER_FIELD:
+                        self.eager = True
 
-    def start(self, parent: Context | None, link: bool) -> Span:
-        tr = tracing.active
-        assert tr is not None
-        if parent is not None and sampled_out(parent):  # nothing to record: carry it on
-            self.span = trace.get_current_span(parent)
-            self.attach(parent)
-            return self.span
-        links = None
-        if link and parent is not None:
-            links = [Link(trace.get_current_span(parent).get_span_context())]
-        attrs = _attrs("process", "process", self.subject, self.msg_id)  # only for a span made
-        attrs["messaging.consumer.group.name"] = self.durable
-        span = self.span = tr.start_span(
-            f"process {template(self.subject)}",
-            context=parent if parent is not None else otel_context.get_current(),
-            kind=SpanKind.CONSUMER,
-            attributes=attrs,
-            links=links,
-            start_time=self.start_ns,
-        )
-        self.attach(trace.set_span_in_context(span, parent))
-        return span
+    def resolve(self) -> None:
+        """Make the message's context current for the rest of the handler (once)."""
+        if self.resolved:
+            return
+        self.resolved = True
+        if not self.carrier:
+            return
+        ctx = propagate.extract(self.carrier, getter=GETTER)
+        sc = trace.get_current_span(ctx).get_span_context()
+        if sc.is_valid and not sc.trace_flags.sampled and tracing.drops_unsampled:
+            self.unsampled = True
+            self.forward = self.carrier
+        if ctx:
+            self.attach(ctx)
 
     def attach(self, ctx: Context) -> None:
+        self.resolved = True
         self.tokens.append(otel_context.attach(ctx))
+
+    def carry(self, headers: dict[str, str]) -> None:
+        """Put the handler's trace context in an outgoing message's `headers`: the message's
+        own trace headers as received while nothing else was made current (nothing to parse
+        or format), else what the propagators write for the current context."""
+        if self.unsampled and self.forward is not None:
+            headers.update(self.forward)
+        elif not self.resolved:
+            headers.update(self.carrier)
+        else:
+            propagate.inject(headers)
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -192,54 +228,103 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 )
 
 
+# the W3C trace context's own fields: a message carrying only these is extracted lazily
+_TRACE_CONTEXT = frozenset(("traceparent", "tracestate"))
+_TRACE_FIELD, _OTHER_FIELD = 1, 2
+
+
+@functools.lru_cache(maxsize=256)
+def _field_kind(textmap: Any, name: str) -> int:
+    """0: a header the propagators (their public `fields`) do not read; `_TRACE_FIELD`: W3C
+    trace context; `_OTHER_FIELD`: another (baggage...). Cached: a message has a few names."""
+    low = name.lower()
+    if low not in {f.lower() for f in textmap.fields}:
+        return 0
+    return _TRACE_FIELD if low in _TRACE_CONTEXT else _OTHER_FIELD
+
+
 def sampled_out(context: Context | None = None) -> bool:
-    """A span made under `context` (default: the current one) would not be recorded: its
-    parent was sampled out and the sampler follows the parent (`tracing.follows_parent`)."""
-    if not tracing.follows_parent:
+    """A span made now (under `context`, default: the handler's or the current one) would not
+    be recorded: its parent was sampled out and the sampler drops such children."""
+    if not tracing.drops_unsampled:
         return False
+    if context is None:
+        s = _scope.get()
+        if s is not None:
+            s.resolve()
+            if s.unsampled:
+                return True
     sc = trace.get_current_span(context).get_span_context()
     return sc.is_valid and not sc.trace_flags.sampled
 
 
-def ensure_span() -> None:
-    """Start the handler's process span, as a new trace, if nothing gave it a parent yet: it
-    is the parent of the span about to be made."""
-    s = _scope.get()
-    if s is not None and s.span is None:
-        s.start(None, False)
-
-
-def current_span() -> Span:
-    """The current span, once `ensure_span` has made the handler's process span."""
-    ensure_span()
-    return trace.get_current_span()
-
-
-def waiting() -> bool:
-    """The handler's message carried no trace context and nothing has given it one yet."""
-    s = _scope.get()
-    return s is not None and s.span is None
-
-
-def adopt(parent: Context) -> None:
-    """A handler whose message carried no trace context continues `parent` (the chain's)."""
-    s = _scope.get()
-    if s is not None and s.span is None:
-        s.start(parent, False)
-
-
-def make_current(ctx: Context) -> None:
-    """Make `ctx` current for the rest of the handler (intake: the chain's span)."""
+def handler_context() -> Context:
+    """The context a span made now continues: the handled message's (extracted on first need)
+    or whatever the handler made current since."""
     s = _scope.get()
     if s is not None:
-        s.attach(ctx)
+        s.resolve()
+    return otel_context.get_current()
+
+
+def consumer_attributes() -> dict[str, Any]:
+    """The messaging attributes of the message being handled (`{}` outside a handler): a
+    handler's span (`chat`, `execute_tool`) is the consumer's `process` span too."""
+    s = _scope.get()
+    if s is None:
+        return {}
+    mid = None
+    if s.headers:
+        mid = s.headers.get("Nats-Msg-Id") or GETTER.get(s.headers, "nats-msg-id")
+        mid = mid[0] if isinstance(mid, list) else mid
+    a = _attrs("process", "process", s.subject, mid)
+    a["messaging.consumer.group.name"] = s.durable
+    return a
+
+
+def handler_traced() -> bool:
+    """In a handler whose message carried trace headers (else the chain's context is adopted)."""
+    s = _scope.get()
+    return s is not None and bool(s.carrier)
+
+
+def adopt(parent: Context | None, *, unsampled: bool, forward: dict[str, str] | None) -> None:
+    """The handler continues `parent` (the chain's context): a message without trace context,
+    or a chain known to be sampled out (then `forward`: what its messages carry)."""
+    s = _scope.get()
+    if s is None:
+        return
+    if unsampled and tracing.drops_unsampled:
+        s.resolved = True  # nothing to extract: the chain says there is nothing to record
+        s.unsampled = True
+        if s.forward is None:
+            s.forward = forward if forward is not None else s.carrier or None
+        return
+    if parent is not None:
+        s.attach(parent)
+
+
+def make_current(ctx: Context, *, forward: dict[str, str] | None = None) -> None:
+    """Make `ctx` current for the rest of the handler (intake: the chain's span; the worker:
+    its `chat` span, which the step's event then carries). With `forward`, the chain is
+    sampled out and its messages carry those headers."""
+    s = _scope.get()
+    if s is None:
+        return
+    s.attach(ctx)
+    if forward is not None and tracing.drops_unsampled:
+        s.unsampled = True
+        s.forward = forward
+    else:
+        s.unsampled = False
+        s.forward = None
 
 
 def consumer(
     handler: Callable[[Any], Awaitable[None]], durable: str, *, pool: str | None = None
 ) -> Callable[[Any], Awaitable[None]]:
-    """Wrap a pull consumer's message handler in a `process` span (and settle spans for its
-    ack / nak / term). With `pool`, also count the work in flight (metrics)."""
+    """Wrap a pull consumer's message handler in the message's trace context (and settle
+    spans for its ack / nak / term). With `pool`, also count the work in flight (metrics)."""
 
     async def traced(msg: Any) -> None:
         counted = pool is not None and metrics.on
@@ -249,14 +334,18 @@ def consumer(
             if tracing.active is None:
                 await handler(msg)
             else:  # inline, not a nested coroutine: every resume of the handler passes here
-                scope, token = _begin(msg, durable)
+                scope = _Scope(msg.subject, msg.headers, durable)
+                token = _scope.set(scope)
+                if scope.eager:
+                    scope.resolve()  # baggage or another propagator's fields: the handler's
+                if settle_spans:
+                    _wrap_settle(msg, durable)
                 try:
                     await handler(msg)
-                except BaseException as e:
-                    record_error(scope.span or scope.start(None, False), e)
-                    raise
                 finally:
-                    _finish(scope, token)
+                    for t in reversed(scope.tokens):
+                        otel_context.detach(t)
+                    _scope.reset(token)
         finally:
             if counted:
                 metrics.in_flight(pool, -1)  # type: ignore[arg-type]
@@ -265,35 +354,11 @@ def consumer(
     return traced
 
 
-def _begin(msg: Any, durable: str) -> tuple[_Scope, Any]:
-    subject = msg.subject
-    headers = msg.headers
-    mid = None
-    if headers:
-        mid = headers.get("Nats-Msg-Id") or GETTER.get(headers, "nats-msg-id")
-        mid = mid[0] if isinstance(mid, list) else mid
-    scope = _Scope(subject, mid, durable)
-    token = _scope.set(scope)
-    if headers:
-        ctx = propagate.extract(headers, getter=GETTER)
-        if trace.get_current_span(ctx).get_span_context().is_valid:
-            scope.start(ctx, True)
-        elif ctx:  # baggage without a span context: kept for what the handler sends
-            scope.attach(ctx)
-    if settle_spans:
-        for op in ("ack", "nak", "term"):
-            orig = getattr(msg, op, None)
-            if orig is not None:
-                setattr(msg, op, _settle(op, orig, subject, durable))
-    return scope, token
-
-
-def _finish(scope: _Scope, token: Any) -> None:
-    span = scope.span or scope.start(None, False)
-    for t in reversed(scope.tokens):
-        otel_context.detach(t)
-    _scope.reset(token)
-    span.end()
+def _wrap_settle(msg: Any, durable: str) -> None:
+    for op in ("ack", "nak", "term"):
+        orig = getattr(msg, op, None)
+        if orig is not None:
+            setattr(msg, op, _settle(op, orig, msg.subject, durable))
 
 
 def _settle(
@@ -301,12 +366,16 @@ def _settle(
 ) -> Callable[..., Awaitable[Any]]:
     async def settle(*args: Any, **kw: Any) -> Any:
         tr = tracing.active
-        if tr is None:
+        if tr is None or sampled_out():
             return await orig(*args, **kw)
         a = _attrs(op, "settle", subject, None)
         a["messaging.consumer.group.name"] = durable
-        ensure_span()
-        span = tr.start_span(f"{op} {template(subject)}", kind=SpanKind.CLIENT, attributes=a)
+        span = tr.start_span(
+            f"{op} {template(subject)}",
+            context=handler_context(),
+            kind=SpanKind.CLIENT,
+            attributes=a,
+        )
         try:
             return await orig(*args, **kw)
         except BaseException as e:

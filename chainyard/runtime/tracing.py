@@ -31,8 +31,17 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ParentBased
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+)
 
 from chainyard.contracts import ConfigError
 
@@ -46,10 +55,13 @@ _installed: set[int] = set()  # ids of providers this module made global (never 
 _built: weakref.WeakSet[Any] = weakref.WeakSet()  # providers built here from the variables
 # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: prompt and completion text in spans
 capture_content = False
-# True when the tracer's sampler is one of the SDK's parent-based samplers as the environment
-# configures them (`parentbased_*`, the default): a span under a sampled-out parent is then
-# never recorded, so the helpers skip making it and only carry the context on
-follows_parent = False
+# True when the provider's sampler drops the children of a sampled-out remote parent (asked once,
+# in `enable`, through its public `should_sample`): the helpers then make no span at all under
+# such a parent and forward the message's trace headers unchanged (DESIGN-NOTES #28)
+drops_unsampled = False
+# the provider's sampler (the SDK's public `TracerProvider.sampler`), asked once per chain at
+# intake; None for a provider without one (the chain then follows its parent, or is sampled)
+sampler: Sampler | None = None
 # a chain's own span is emitted when the chain ends, with the ids drawn at intake (chain_trace)
 forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "chainyard_forced_ids", default=None
@@ -172,11 +184,11 @@ def setup(default_service: str) -> bool:
 
 def enable(provider: Any, *, capture: bool | None = None) -> None:
     """Trace with `provider` (an SDK TracerProvider, or any OTel API provider)."""
-    global active, capture_content, follows_parent
+    global active, capture_content, drops_unsampled, sampler
     t = provider.get_tracer("chainyard")
-    # only a provider built here from the variables: its parent-based sampler has the
-    # specification's delegates (an application's may sample under a sampled-out parent)
-    follows_parent = provider in _built and isinstance(provider.sampler, ParentBased)
+    found = getattr(provider, "sampler", None)  # the SDK TracerProvider's public property
+    sampler = found if isinstance(found, Sampler) else None
+    drops_unsampled = sampler is not None and _drops_unsampled_children(sampler)
     gen = getattr(t, "id_generator", None)  # the SDK Tracer's public attribute
     if isinstance(gen, IdGenerator) and not isinstance(gen, ChainIds):
         t.id_generator = ChainIds(gen)  # type: ignore[attr-defined]  # chain spans keep their ids
@@ -184,6 +196,19 @@ def enable(provider: Any, *, capture: bool | None = None) -> None:
         capture = _env("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT").lower() in TRUE
     capture_content = capture
     active = t
+
+
+def _drops_unsampled_children(s: Sampler) -> bool:
+    """Ask the sampler once: would it drop a span whose remote parent was sampled out?"""
+    ids = RandomIdGenerator()
+    trace_id = ids.generate_trace_id()
+    parent = SpanContext(trace_id, ids.generate_span_id(), True, TraceFlags(TraceFlags.DEFAULT))
+    ctx = trace.set_span_in_context(NonRecordingSpan(parent))
+    try:
+        result = s.should_sample(ctx, trace_id, "chainyard.probe", SpanKind.CONSUMER)
+    except Exception:  # an application's sampler that cannot answer: ask it for every span
+        return False
+    return result.decision == Decision.DROP
 
 
 def disable() -> None:
