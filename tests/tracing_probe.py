@@ -2,8 +2,9 @@
 
 `python tests/tracing_probe.py NATS_URL roots N`: N messages published as new traces.
 `python tests/tracing_probe.py NATS_URL hop TRACEPARENT`: a message carrying TRACEPARENT (and
-baggage `tier=gold` if the propagators carry it) is handled by a traced consumer that publishes
-onward; what the handler saw and the onward message's headers are printed to stderr as JSON.
+baggage `tier=gold` if the propagators carry it) is handled by a traced consumer that runs a
+traced tool call (`execute_tool probe`, the handler's span) and publishes onward; what the
+handler saw and the onward message's headers are printed to stderr as JSON.
 Spans go wherever `OTEL_TRACES_EXPORTER` says (console: stdout). With `PROBE_OWN_PROVIDER=1` the
 probe first installs its own global TracerProvider (service `my-app`, console exporter), as an
 application that sets up the SDK itself would.
@@ -15,6 +16,7 @@ import asyncio
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from opentelemetry import baggage, context, propagate, trace
@@ -22,7 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 
-from chainyard.runtime import messaging, tracing
+from chainyard.runtime import genai, messaging, tracing
 from chainyard.runtime.nats import connect
 
 
@@ -54,7 +56,13 @@ async def hop(nc: Any, traceparent: str) -> None:
 
     async def handler(msg: Any) -> None:
         seen["tier"] = baggage.get_baggage("tier")
+        await tool(SimpleNamespace(step=None), None)  # a worker's call: its span, if any
         await messaging.publish(nc, "cy.events.t.c.step.completed", b"y", "e1")
+
+    async def run_tool(a: Any, on_delta: Any) -> None:
+        return None
+
+    tool = genai.traced_tool("probe", run_tool)
 
     async def got_onward(msg: Any) -> None:
         if not onward.done():
