@@ -336,9 +336,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def recorded_spans(*, chain_ids: bool = True) -> Iterator[InMemorySpanExporter]:
+def recorded_spans(
+    *, chain_ids: bool = True, sampler: Any = None
+) -> Iterator[InMemorySpanExporter]:
     """This process's spans, kept in memory through an SDK provider (with `chain_ids`, as
-    `tracing.setup` builds it: trace ids from chain ids); tracing is off again after."""
+    `tracing.setup` builds it: trace ids from chain ids; `sampler`: the SDK's default when
+    None); tracing is off again after."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -348,9 +351,11 @@ def recorded_spans(*, chain_ids: bool = True) -> Iterator[InMemorySpanExporter]:
 
     exporter = InMemorySpanExporter()
     if chain_ids:
-        provider = TracerProvider(resource=Resource.create({}), id_generator=tracing.ChainIds())
+        provider = TracerProvider(
+            resource=Resource.create({}), id_generator=tracing.ChainIds(), sampler=sampler
+        )
     else:
-        provider = TracerProvider()
+        provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.enable(provider, capture=False)
     try:

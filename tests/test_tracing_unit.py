@@ -497,20 +497,12 @@ def ratio_zero() -> Iterator[InMemorySpanExporter]:
     """`parentbased_traceidratio` at 0: every new chain is sampled out."""
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(0.0)), id_generator=tracing.ChainIds()
-    )
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider, capture=False)
-    try:
+    with recorded_spans(sampler=ParentBased(TraceIdRatioBased(0.0))) as exporter:
         yield exporter
-    finally:
-        tracing.disable()
-        provider.shutdown()
 
 
 def test_the_sampler_is_asked_whether_it_drops_unsampled_children() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
     for sampler, drops in ((ParentBased(ALWAYS_ON), True), (ALWAYS_ON, False)):
