@@ -1,17 +1,19 @@
 """One chain, one trace: the chain's span and a routing span per decision.
 
 A chain outlives any process, so its span cannot stay open in memory. At intake the router
-draws the chain span's id and stores its W3C context in the chain state (`ChainState.trace`:
-`traceparent`, `tracestate`, and `parent`, the intake's process span), and the chain's first
+asks the sampler once whether the chain is traced, draws the chain span's id and stores its W3C
+context in the chain state (`ChainState.trace`: `traceparent`, `tracestate`, and, only for a
+sampled chain, `parent`: the submit's producer, or "" for a root), and the chain's first
 routing decisions hang under that id. When the chain ends, whichever router replica records
 the end emits the `chain` span with that same id (the tracer's id generator is told it,
 `tracing.ChainIds`), start = `created_at_ms`, end = `ended_at_ms`, carrying cost, tokens and
-outcome. A message without trace context (a timer) continues the chain's trace
-(`adopt_state`).
+outcome. A handler that has read the state (`adopt_state`) knows from it, without parsing the
+message, that a sampled-out chain makes no span; a message without trace context (a timer)
+continues the chain's trace.
 
-Routing spans (`route {model}`, PRODUCER) are each assignment's send: the worker's `process`
-span is their child. They say what was chosen among which candidates, why, and at what
-estimated cost.
+Routing spans (`route {model}`, PRODUCER) are each assignment's send: the worker's call span
+(`chat`, `execute_tool`) is their child. They say what was chosen among which candidates, why,
+and at what estimated cost.
 """
 
 from __future__ import annotations
