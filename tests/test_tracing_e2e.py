@@ -69,7 +69,9 @@ timeout_s = 30
 """
 
 
-async def start(args: list[str], log: Path, endpoint: str) -> asyncio.subprocess.Process:
+async def start(
+    args: list[str], log: Path, endpoint: str, **otel: str
+) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(
         PYTHONUNBUFFERED="1",
@@ -77,6 +79,7 @@ async def start(args: list[str], log: Path, endpoint: str) -> asyncio.subprocess
         OTEL_BSP_SCHEDULE_DELAY="100",
         OTEL_METRIC_EXPORT_INTERVAL="500",
         CHAINYARD_TRACE_SETTLE="true",  # ack spans too (off by default)
+        **otel,
     )
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
@@ -317,3 +320,72 @@ async def test_one_chain_is_one_trace_across_processes(
     assert f"{failed_line} 1.0" in scraped
     assert 'chainyard_steps_completed_total{deployment="good-d",pool="good"} 1.0' in scraped
     assert {"chainyard.steps.routed", "chainyard.steps.completed"} <= metric_names
+
+
+async def test_sampled_out_chains_export_nothing_across_replicas(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Two routers, two LLM workers, `parentbased_traceidratio` 0.5, two tenants reusing the
+    same chain ids: each sampled chain is one whole trace (chain -> route -> chat); a
+    sampled-out chain exports no span at all, in any process."""
+    procs: list[asyncio.subprocess.Process] = []
+    ids = [f"same-{i}" for i in range(12)]
+    tenants = ("acme", "beta")
+    try:
+        async with (
+            OtlpReceiver() as receiver,
+            SandboxServer(SandboxConfig(latency_ms=2)) as good,
+        ):
+            cfg = tmp_path / "chainyard.toml"
+            cfg.write_text(toml(good.url, good.url))  # both pools answer
+            base = ["--nats", nats_server.url, "--config", str(cfg)]
+            ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+            ratio["OTEL_TRACES_SAMPLER_ARG"] = "0.5"
+            for i in range(2):
+                procs.append(
+                    await start(
+                        ["router", *base], tmp_path / f"r{i}.log", receiver.endpoint, **ratio
+                    )
+                )
+                procs.append(
+                    await start(
+                        ["worker", *base, "--pool", "bad", "--pool", "good"],
+                        tmp_path / f"w{i}.log",
+                        receiver.endpoint,
+                        **ratio,
+                    )
+                )
+            bus = await open_bus(nats_server.url, name="t")
+            try:
+                await wait_until(
+                    lambda: heartbeats_from(bus.capacity, ("bad", "good")), 60, "heartbeats"
+                )
+
+                async def run(tenant: str, chain_id: str) -> None:
+                    step = LlmStep(id="s", model="m", messages=[Message(role="user", content="hi")])
+                    ended = await Client(bus.nc, tenant).run(
+                        Chain(id=chain_id, steps=[step]), timeout=60
+                    )
+                    assert isinstance(ended, ChainCompleted), ended
+
+                await asyncio.gather(*(run(t, c) for t in tenants for c in ids))
+            finally:
+                await bus.close()
+            await stop_all(procs)  # each service flushes its spans on the way out
+            spans = list(receiver.spans)
+    finally:
+        await stop_all(procs)
+
+    by_trace: dict[str, list[Span]] = {}
+    for sp in spans:
+        by_trace.setdefault(sp.trace_id, []).append(sp)
+    chains = [sp for sp in spans if sp.name == "chain"]
+    traced = {(c.attrs["chainyard.tenant"], c.attrs["chainyard.chain.id"]) for c in chains}
+    assert len(traced) == len(chains)  # one chain span a chain, whichever replica ended it
+    assert 0 < len(chains) < len(tenants) * len(ids), len(chains)  # ratio 0.5 of 24 chains
+    assert len(by_trace) == len(chains)  # no span of a sampled-out chain, anywhere
+    for ss in by_trace.values():
+        names = sorted(sp.name for sp in ss if not sp.name.startswith("ack "))
+        assert names == ["chain", "chat m", "route m"], names
+        ids_here = {sp.span_id for sp in ss}
+        assert all(not sp.parent_id or sp.parent_id in ids_here for sp in ss)
