@@ -260,6 +260,36 @@ async def test_a_handler_forwards_the_trace_headers_it_got(spans: InMemorySpanEx
     assert spans.get_finished_spans() == ()
 
 
+async def test_spans_made_in_tasks_of_a_handler_continue_its_message(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A handler that fans out (the router's effects run in `asyncio.gather`): the span made
+    first resolves the message's context in its own task, and its siblings, started before
+    that, must continue the same trace (they had become roots: a demo chain's second tool call
+    was a trace of its own)."""
+    js = FakeJs()
+    tr = tracing.active
+    assert tr is not None
+
+    async def dispatch(n: int) -> None:
+        span = tr.start_span(f"route {n}", context=tm.handler_context())
+        span.end()
+        await tm.publish(js, f"cy.work.p{n}", b"{}", f"m{n}")
+
+    async def handler(msg: FakeMsg) -> None:
+        await asyncio.gather(*(dispatch(n) for n in range(3)))
+
+    await tm.consumer(handler, "d")(
+        FakeMsg("cy.events.acme.c1.step.completed", {"traceparent": TP})
+    )
+    routes = spans.get_finished_spans()
+    assert len(routes) == 3
+    for span in routes:
+        assert f"{span.context.trace_id:032x}" == TP.split("-")[1]
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == TP.split("-")[2]
+    assert all(TP.split("-")[1] in h["traceparent"] for _, _, h in js.sent), js.sent
+
+
 async def test_headerless_message_adopts_the_chain_context(spans: InMemorySpanExporter) -> None:
     chain_tp = "00-11111111111111111111111111111111-2222222222222222-01"
     s = state(trace={"traceparent": chain_tp, "parent": ""})

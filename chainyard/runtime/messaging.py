@@ -23,6 +23,7 @@ chain_trace.adopt_state).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import os
@@ -159,16 +160,24 @@ class _Scope:
 
     `unsampled`: known to make no span (a sampled-out context under a sampler that drops its
     children); then `forward` is what its messages carry: the handled message's own trace
-    headers unchanged, or the chain's (`adopt`, `make_current`)."""
+    headers unchanged, or the chain's (`adopt`, `make_current`).
+
+    Contexts are made current only in the handler's own task (`task`). A task the handler
+    starts (`asyncio.gather` in the router's effects) runs in a copy of the handler's context
+    taken when it starts, so what it would attach would be lost to its siblings and could not be
+    detached by the handler: it records the context here (`context`) instead, and
+    `handler_context` gives it to every task of the handler."""
 
     __slots__ = (
         "carrier",
+        "context",
         "durable",
         "eager",
         "forward",
         "headers",
         "resolved",
         "subject",
+        "task",
         "tokens",
         "unsampled",
     )
@@ -181,6 +190,8 @@ class _Scope:
         self.unsampled = False
         self.forward: dict[str, str] | None = None
         self.tokens: list[Any] = []
+        self.context: Context | None = None  # the last made current for the handler
+        self.task = asyncio.current_task()
         self.carrier: dict[str, str] = {}
         self.eager = False  # fields beyond the W3C trace context (baggage...): the handler's
         if headers:
@@ -209,7 +220,16 @@ class _Scope:
 
     def attach(self, ctx: Context) -> None:
         self.resolved = True
-        self.tokens.append(otel_context.attach(ctx))
+        self.context = ctx
+        if asyncio.current_task() is self.task:
+            self.tokens.append(otel_context.attach(ctx))
+
+    def current(self) -> Context:
+        """The context the handler's spans continue, in any of its tasks."""
+        ctx = otel_context.get_current()
+        if self.context is None or trace.get_current_span(ctx).get_span_context().is_valid:
+            return ctx
+        return self.context
 
     def carry(self, headers: dict[str, str]) -> None:
         """Put the handler's trace context in an outgoing message's `headers`: the message's
@@ -220,7 +240,7 @@ class _Scope:
         elif not self.resolved:
             headers.update(self.carrier)
         else:
-            propagate.inject(headers)
+            propagate.inject(headers, context=self.current())
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -254,6 +274,7 @@ def sampled_out(context: Context | None = None) -> bool:
             s.resolve()
             if s.unsampled:
                 return True
+            context = s.current()
     sc = trace.get_current_span(context).get_span_context()
     return sc.is_valid and not sc.trace_flags.sampled
 
@@ -262,9 +283,10 @@ def handler_context() -> Context:
     """The context a span made now continues: the handled message's (extracted on first need)
     or whatever the handler made current since."""
     s = _scope.get()
-    if s is not None:
-        s.resolve()
-    return otel_context.get_current()
+    if s is None:
+        return otel_context.get_current()
+    s.resolve()
+    return s.current()
 
 
 def consumer_attributes() -> dict[str, Any]:
