@@ -210,6 +210,15 @@ async def chain_log(
     return await stream_events(js, f"{base}.>", stream)
 
 
+async def kv_keys(js: Any, bucket: str) -> set[str]:
+    """The keys of KV `bucket` that have a message in its stream (a deleted key's marker too),
+    from the stream's subjects: nats-py's `kv.keys()` may return none while it has some, when
+    its watch's end-of-history marker overtakes the entries (seen once under CI load)."""
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return {s.removeprefix(prefix) for s in info.state.subjects or {}}
+
+
 async def heartbeats_from(kv: Any, pools: Iterable[str]) -> bool:
     """Whether each of `pools` has a worker's heartbeat in the capacity bucket `kv` (False while
     the bucket is empty or cannot be read)."""

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import Events, running, stream_messages_eventually
+from helpers import Events, kv_keys, running, stream_messages_eventually
 from nats.errors import MaxPayloadError
 
 from chainyard.contracts import (
@@ -202,12 +202,7 @@ async def test_same_id_different_chain_is_rejected(bus: Bus, services: None) -> 
 
 
 async def _no_state(bus: Bus, cid: str) -> bool:
-    keys = []
-    try:
-        keys = await bus.chains.keys()
-    except Exception:  # no keys at all
-        return True
-    return f"{TENANT}.{cid}" not in keys
+    return f"{TENANT}.{cid}" not in await kv_keys(bus.js, bus.topology.chains_kv.bucket)
 
 
 def test_a_publish_over_max_payload_with_its_headers_is_refused_before_the_server() -> None:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import Events, free_port, free_ports, heartbeat_seen, start_cli, wait_until
+from helpers import (
+    Events,
+    free_port,
+    free_ports,
+    heartbeat_seen,
+    kv_keys,
+    start_cli,
+    wait_until,
+)
 from sandbox_fixtures import KEY
 from worker_support import POOL, TENANT, assignment, publish, toml, work_state
 
@@ -166,7 +174,7 @@ async def test_a_tool_pool_process_serves_only_its_tool(
         bus = await open_bus(nats_server.url, name="test")
         try:
             await heartbeat_seen(bus.capacity, f"tool.{picked}")
-            keys = await bus.capacity.keys()
+            keys = await kv_keys(bus.js, bus.topology.capacity_kv.bucket)
             assert {k.split(".")[1] for k in keys} == {picked}, keys
             durables = await bus.js.consumers_info(bus.topology.work.name)
             assert [c.name for c in durables] == [f"pool-tool_{picked}"]
