@@ -27,7 +27,7 @@ from chainyard.contracts import (
     chain_digest,
     encode,
 )
-from chainyard.runtime.nats import Bus
+from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
 from chainyard.stack import build
@@ -48,13 +48,19 @@ async def sandbox() -> AsyncIterator[SandboxServer]:
 
 
 @pytest.fixture
-async def stack(bus: Bus, sandbox: SandboxServer) -> AsyncIterator[None]:
+async def stack(nats_server: NatsServer, sandbox: SandboxServer) -> AsyncIterator[None]:
+    """Two router replicas and two workers, each on a connection of its own, as deployed."""
     cfg = Config(
         deployments=[Deployment(name="d", pool="p", model="m")],
         pools=[PoolConfig(name="p", base_url=sandbox.url + "/v1", slots=16, timeout_s=30)],
     )
-    async with running(*build(bus, cfg).runners):
-        yield
+    buses = [await open_bus(nats_server.url, name=f"replica-{i}") for i in range(2)]
+    try:
+        async with running(*(r for b in buses for r in build(b, cfg).runners)):
+            yield
+    finally:
+        for b in buses:
+            await b.close()
 
 
 async def clients(server: NatsServer, *tenants: str) -> list[Client]:

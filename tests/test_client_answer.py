@@ -1,6 +1,6 @@
 """`Client.answer`: a one-step chain's answer the moment the worker has stored it.
 
-Two router replicas and two workers (each on a connection of its own) on a real nats-server;
+Two router replicas and two workers (test_chain_ids' `stack`) on a real nats-server;
 two tenants reuse the same chain ids; the sandbox provider echoes the prompt, so an answer
 shows whose step produced it. The router records each chain's end from the same stored event,
 so the answer and the chain's end must agree."""
@@ -8,10 +8,9 @@ so the answer and the chain's end must agree."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
-from helpers import running
+from test_chain_ids import sandbox, stack  # noqa: F401  (fixtures, used by name)
 
 from chainyard.client import Client
 from chainyard.contracts import (
@@ -19,17 +18,12 @@ from chainyard.contracts import (
     ChainCompleted,
     ChainFailed,
     ChainRejected,
-    Config,
-    Deployment,
     LlmStep,
     Message,
-    PoolConfig,
     StepCompleted,
 )
-from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
-from chainyard.stack import build
 
 
 def ask(chain_id: str, text: str, model: str = "m") -> Chain:
@@ -39,28 +33,7 @@ def ask(chain_id: str, text: str, model: str = "m") -> Chain:
     )
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[SandboxServer]:
-    async with SandboxServer(SandboxConfig(latency_ms=20)) as s:
-        yield s
-
-
-@pytest.fixture
-async def replicas(nats_server: NatsServer, sandbox: SandboxServer) -> AsyncIterator[None]:
-    cfg = Config(
-        deployments=[Deployment(name="d", pool="p", model="m")],
-        pools=[PoolConfig(name="p", base_url=sandbox.url + "/v1", slots=16, timeout_s=30)],
-    )
-    buses = [await open_bus(nats_server.url, name=f"replica-{i}") for i in range(2)]
-    try:
-        async with running(*(r for b in buses for r in build(b, cfg).runners)):
-            yield
-    finally:
-        for b in buses:
-            await b.close()
-
-
-@pytest.mark.usefixtures("replicas")
+@pytest.mark.usefixtures("stack")
 async def test_answers_are_the_stored_answers_the_chains_end_with(nats_server: NatsServer) -> None:
     ta, tb = [await Client.connect(nats_server.url, t) for t in ("ta", "tb")]
     try:
@@ -84,9 +57,10 @@ async def test_answers_are_the_stored_answers_the_chains_end_with(nats_server: N
         await tb.close()
 
 
-@pytest.mark.usefixtures("replicas")
+@pytest.mark.usefixtures("stack")
 async def test_a_step_that_does_not_answer_gives_the_chains_end(
-    nats_server: NatsServer, sandbox: SandboxServer
+    nats_server: NatsServer,
+    sandbox: SandboxServer,  # noqa: F811  (the fixture imported above)
 ) -> None:
     async with await Client.connect(nats_server.url, "ta") as client:
         unknown = await client.answer(ask("no-model", "hi", model="nobody-serves-this"))
