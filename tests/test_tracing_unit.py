@@ -77,6 +77,13 @@ class FakeMsg:
         self.settled.append("term")
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What `chain_trace.begin_chain` takes from the router: an outcome with a state."""
+
+    state: ChainState
+
+
 def target(pool: str = "sim") -> Target:
     return Target(deployment=f"{pool}-d", pool=pool, provider="openai", model="m-1")
 
@@ -314,10 +321,6 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     js = FakeJs()
     holder: dict[str, Any] = {}
 
-    @dataclasses.dataclass
-    class Outcome:
-        state: ChainState
-
     async def intake(msg: FakeMsg) -> None:
         out = tc.begin_chain(
             Outcome(state(steps={"s": StepState(status="dispatched", attempt=1, target=target())}))
@@ -549,10 +552,6 @@ async def test_a_sampled_out_chain_makes_no_span_and_forwards_its_headers(
 ) -> None:
     js = FakeJs()
     holder: dict[str, Any] = {}
-
-    @dataclasses.dataclass
-    class Outcome:
-        state: ChainState
 
     async def intake(msg: FakeMsg) -> None:
         out = tc.begin_chain(Outcome(state()))
