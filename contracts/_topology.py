@@ -54,6 +54,11 @@ class Subjects(Struct, frozen=True, kw_only=True):
         """A chain's deadline timer: a subject (and consumer) of its own, see `Topology`."""
         return f"{self.prefix}.deadline.{tenant}.{chain_id}"
 
+    def deadline_schedule(self, tenant: str, chain_id: str) -> str:
+        """Where a chain's deadline waits until due: a message schedule (`Topology.timers`)
+        that the server publishes to `deadline(...)` at the deadline. No consumer reads it."""
+        return f"{self.prefix}.schedule.deadline.{tenant}.{chain_id}"
+
     @property
     def all_timers(self) -> str:
         return f"{self.prefix}.timer.>"
@@ -61,6 +66,10 @@ class Subjects(Struct, frozen=True, kw_only=True):
     @property
     def all_deadlines(self) -> str:
         return f"{self.prefix}.deadline.>"
+
+    @property
+    def all_schedules(self) -> str:
+        return f"{self.prefix}.schedule.>"
 
     @property
     def all_cancel(self) -> str:
@@ -104,6 +113,7 @@ class StreamDef(Struct, frozen=True, kw_only=True):
     max_msg_size: int = -1
     max_bytes: int = -1
     allow_direct: bool = False  # direct gets by subject: a tenant may read its own events
+    allow_msg_schedules: bool = False  # messages the server publishes later (nats-server 2.12+)
 
 
 class ConsumerDef(Struct, frozen=True, kw_only=True):
@@ -176,9 +186,14 @@ class Topology(Struct, frozen=True, kw_only=True):
     def timers(self) -> StreamDef:
         return StreamDef(
             name=f"{self._tag}_TIMERS",
-            subjects=[self.subjects.all_timers, self.subjects.all_deadlines],
+            subjects=[
+                self.subjects.all_timers,
+                self.subjects.all_deadlines,
+                self.subjects.all_schedules,
+            ],
             retention="workqueue",
             duplicate_window_s=10 * MINUTE_S,
+            allow_msg_schedules=True,
         )
 
     @property
@@ -226,9 +241,10 @@ class Topology(Struct, frozen=True, kw_only=True):
 
     @property
     def deadlines_consumer(self) -> ConsumerDef:
-        """Chain deadlines apart from the other timers: a timer waiting to be due is pending
-        (a delayed nak), so every running chain with a deadline holds a slot until it fires.
-        On their own consumer they never hold back capacity, hedge and wait timers."""
+        """Chain deadlines apart from the other timers. A deadline is a message schedule: the
+        server delivers it when due. On a server without schedules it waits as a delayed nak,
+        holding a slot until it fires: on their own consumer deadlines never hold back
+        capacity, hedge and wait timers."""
         return ConsumerDef(
             durable="router-deadlines",
             filter_subject=self.subjects.all_deadlines,

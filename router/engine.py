@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.msg import Msg
@@ -92,6 +93,8 @@ class Router:
             bus.chains, bus.js, bus.topology.chains_kv, max_payload=bus.nc.max_payload
         )
         self.cache: cache.ResponseCache | None = None  # opened by `run`
+        # Deadlines as message schedules (nats-server 2.12+; None: `run` asks the server).
+        self.deadline_schedules: bool | None = None
 
     async def open_cache(self) -> None:
         topo = self.bus.topology
@@ -103,6 +106,9 @@ class Router:
         await self.open_cache()
         await self.routing.start()
         topo = self.bus.topology
+        if self.deadline_schedules is None:
+            timers = await self.bus.js.stream_info(topo.timers.name)
+            self.deadline_schedules = bool(timers.config.allow_msg_schedules)
         loops_ = [
             (topo.intake, topo.intake_consumer, self.on_submit),
             (topo.events, topo.engine_consumer, self.on_step_event),
@@ -523,13 +529,28 @@ class Router:
         )
 
     async def _schedule(self, timer: Timer) -> None:
-        subject = (
-            self.subjects.deadline(timer.tenant, timer.chain_id)
-            if timer.kind == "deadline"
-            else self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
-        )
+        """A durable timer: a message the router naks until it is due. A chain's deadline,
+        which every chain with `deadline_ms` has for as long as it runs, is a message schedule
+        instead where the server has them: the server publishes it to the deadline subject
+        when due, so until then no router handles it and no consumer holds it pending."""
         msg_id = f"{timer.tenant}.{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
-        await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
+        if timer.kind != "deadline":
+            subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
+            await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
+            return
+        subject = self.subjects.deadline(timer.tenant, timer.chain_id)
+        if not self.deadline_schedules:
+            await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
+            return
+        due = datetime.fromtimestamp(timer.due_at_ms / 1000, UTC).isoformat(timespec="milliseconds")
+        schedule = {"Nats-Schedule": f"@at {due}", "Nats-Schedule-Target": subject}
+        await messaging.publish(
+            self.bus.publisher,
+            self.subjects.deadline_schedule(timer.tenant, timer.chain_id),
+            encode(timer),
+            msg_id,
+            headers=schedule,
+        )
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag

@@ -119,12 +119,16 @@ async def publish(
     msg_id: str,
     *,
     context: Context | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Any:
-    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty) and the trace context in
-    its headers. `context`: the span that produces the message (the router's `route` span);
-    inside a consumer's handler, the handler's context (`_Scope.carry`). Either way the message
-    gets no span of its own. Elsewhere (a client, a script) the publish gets a `send` span."""
-    headers = {"Nats-Msg-Id": msg_id} if msg_id else {}
+    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), `headers` and the trace
+    context in its headers. `context`: the span that produces the message (the router's `route`
+    span); inside a consumer's handler, the handler's context (`_Scope.carry`). Either way the
+    message gets no span of its own. Elsewhere (a client, a script) the publish gets a `send`
+    span."""
+    headers = dict(headers or ())
+    if msg_id:
+        headers["Nats-Msg-Id"] = msg_id
     tr = tracing.active
     if tr is None:
         return await js.publish(subject, data, headers=headers or None)

@@ -103,6 +103,8 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
         max_bytes=d.max_bytes,
         num_replicas=replicas,
         allow_direct=d.allow_direct,
+        allow_msg_schedules=d.allow_msg_schedules or None,
+        allow_rollup_hdrs=d.allow_msg_schedules,  # the server requires it for schedules
     )
 
 
@@ -220,8 +222,8 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
     """Create the stream, or add subjects a newer version needs to an existing one.
 
     An existing stream's limits are the operator's (max bytes, age, replicas...): a service
-    starting up never resets them. Its subjects, duplicate window and direct gets are
-    the design's."""
+    starting up never resets them. Its subjects, duplicate window, direct gets and message
+    schedules are the design's."""
     cfg = stream_config(d, replicas)
     try:
         await js.add_stream(cfg)
@@ -230,15 +232,16 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
             raise
         have = (await js.stream_info(d.name)).config
         missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
-        # The duplicate window is part of the delivery design, not a limit: keep it ours.
-        ours = (have.duplicate_window, bool(have.allow_direct)) != (
-            cfg.duplicate_window,
-            bool(cfg.allow_direct),
-        )
-        if missing or ours:
+        # The duplicate window, direct gets and schedules are part of the delivery design, not
+        # limits: keep them ours. Schedules are only turned on (the server refuses them off).
+        design = {"duplicate_window": cfg.duplicate_window, "allow_direct": cfg.allow_direct}
+        if cfg.allow_msg_schedules:
+            design |= {"allow_msg_schedules": True, "allow_rollup_hdrs": True}
+        stale = {k: v for k, v in design.items() if (getattr(have, k) or False) != (v or False)}
+        if missing or stale:
             have.subjects = [*(have.subjects or []), *missing]
-            have.duplicate_window = cfg.duplicate_window
-            have.allow_direct = cfg.allow_direct
+            for k, v in stale.items():
+                setattr(have, k, v)
             await js.update_stream(have)
 
 
