@@ -68,10 +68,8 @@ async def connect(
     max_reconnect_attempts: int = -1,
     inbox_prefix: str = "_INBOX",
 ) -> Client:
-    """Connect like a long-running service should (NATS-NOTES: reconnect forever, ping ~20 s x 3).
-
-    Credentials may ride in the URL (`nats://user:pass@host:port`) or come from a creds file.
-    """
+    """Connect like a long-running service should: reconnect forever, ping every 20 s, 3 missed
+    make a reconnect. Credentials ride in the URL (`nats://user:pass@host`) or a creds file."""
 
     async def error_cb(e: Exception) -> None:
         log.warning("nats error: %s", e)
@@ -108,12 +106,8 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
 
 async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float) -> T:
     """`call(seconds left)` (a JetStream publish, a KV write) again while no stream answers it
-    (503, raised by nats-py as NoStreamResponseError), for up to `timeout` seconds, as nats.go
-    does.
-
-    Nothing was stored, so sending again is safe, with or without a message id. A stream elects
-    a leader for seconds after losing a node; giving up at once made a worker's retry (a nak)
-    use up one of its work message's deliveries per attempt."""
+    (503: NoStreamResponseError), for up to `timeout` seconds, as nats.go does: nothing was
+    stored, so it is safe (docs/DESIGN-NOTES.md #24)."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     pause = NO_LEADER_PAUSE_S
@@ -145,10 +139,8 @@ def fits(
 
 
 class Publisher:
-    """`js.publish` with its arguments, PubAck and errors (nats-py's `APIError` with `err_code`,
-    `nats.errors.TimeoutError`), sent again while the stream has no leader (`while_no_leader`).
-
-    What the router and workers publish with; `runtime/messaging.py` wraps its `publish`."""
+    """`js.publish` (same arguments, PubAck and errors), sent again while the stream has no
+    leader (`while_no_leader`) and refused when its headers take it over the server's limit."""
 
     def __init__(
         self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S, max_payload: int = 0
@@ -314,12 +306,9 @@ async def open_bus(
 
 
 async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
-    """JetStream API calls fail while a cluster elects its meta leader (a timeout, or 503
-    unavailable) or cannot place replicas yet (NO_SUITABLE_PEERS): call `fn` again, pausing
-    0.05 s doubling to 1 s, for up to `within_s` seconds.
-
-    An election usually takes well under a second, but CI once saw a fresh cluster answer 503
-    for over 16 s; a service starting then should wait, not exit."""
+    """`fn` again, pausing 0.05 s doubling to 1 s, for up to `within_s` seconds, while the
+    cluster elects its meta leader (a timeout, 503) or cannot place replicas yet: CI once saw a
+    fresh cluster answer 503 for over 16 s, and a service starting then should wait, not exit."""
     give_up = time.monotonic() + within_s
     pause = 0.05
     while True:
