@@ -258,7 +258,10 @@ async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDe
             log.warning("consumer %s on %s keeps its old settings: %s", d.durable, stream.name, e)
 
 
-async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
+async def ensure_kv(
+    js: JetStreamContext, d: KvDef, replicas: int, max_bytes: int | None = None
+) -> KeyValue:
+    """The bucket, created with `d`'s settings unless it exists (an existing one keeps its own)."""
     try:
         return await js.key_value(d.bucket)
     except (NotFoundError, BucketNotFoundError):
@@ -269,6 +272,7 @@ async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
                 bucket=d.bucket,
                 history=d.history,
                 ttl=d.ttl_s or None,
+                max_bytes=max_bytes,
                 storage=StorageType.FILE,
                 replicas=replicas,
             )

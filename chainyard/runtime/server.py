@@ -17,7 +17,7 @@ from types import TracebackType
 from chainyard.contracts import ChainyardError
 
 _READY = re.compile(rb"Server is ready")
-_CLIENT_URL = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_CLIENT_PORT = re.compile(rb"Listening for client connections on [0-9.]+:(\d+)")
 
 
 class ServerError(ChainyardError, RuntimeError):
@@ -71,12 +71,11 @@ class NatsServer:
         # explain a cluster that went wrong minutes earlier.
         self._log_file = Path(log_file) if log_file else None
         self._drain: asyncio.Task[None] | None = None
-        self.host = "127.0.0.1"
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"nats://127.0.0.1:{self.port}"  # `-a 127.0.0.1` overrides any config
 
     @property
     def pid(self) -> int | None:
@@ -111,10 +110,8 @@ class NatsServer:
             if not line:
                 raise ServerError(f"exited with code {await self._proc.wait()}")
             self._keep(line)
-            if m := _CLIENT_URL.search(line):
-                self.host, self.port = m.group(1).decode(), int(m.group(2))
-                if self.host == "0.0.0.0":
-                    self.host = "127.0.0.1"
+            if m := _CLIENT_PORT.search(line):
+                self.port = int(m.group(1))
             if _READY.search(line):
                 return
 
