@@ -121,9 +121,7 @@ async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float)
         pause = min(pause * 2, NO_LEADER_MAX_PAUSE_S)
 
 
-def fits(
-    payload: bytes, headers: dict[str, str] | None, max_payload: int, stream: str | None = None
-) -> None:
+def fits(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
     """Raise MaxPayloadError, as nats-py does for a payload alone over the limit, when the
     payload and its headers together are: the server's answer to that is to close the
     connection (`Maximum Payload Violation`), and a service whose connection closes exits."""
@@ -132,15 +130,14 @@ def fits(
     size = len(payload) + 12  # "NATS/1.0\r\n" and the blank line
     for k, v in (headers or {}).items():
         size += len(k) + len(v) + 4
-    if stream is not None:
-        size += len("Nats-Expected-Stream") + len(stream) + 4
     if size > max_payload:
         raise MaxPayloadError(f"{size} bytes with headers, over the server's {max_payload}")
 
 
 class Publisher:
-    """`js.publish` (same arguments, PubAck and errors), sent again while the stream has no
-    leader (`while_no_leader`) and refused when its headers take it over the server's limit."""
+    """`js.publish` (its subject, payload, timeout and headers; its PubAck and errors), sent again
+    while the stream has no leader (`while_no_leader`), refused when its headers take it over the
+    server's limit (`fits`)."""
 
     def __init__(
         self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S, max_payload: int = 0
@@ -154,16 +151,11 @@ class Publisher:
         subject: str,
         payload: bytes = b"",
         timeout: float | None = None,
-        stream: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> PubAck:
-        if stream is not None:  # js.publish adds the expected stream to the dict it is given
-            headers = dict(headers or {})
-        fits(payload, headers, self.max_payload, stream)
+        fits(payload, headers, self.max_payload)
         return await while_no_leader(
-            lambda left: self.js.publish(
-                subject, payload, timeout=left, stream=stream, headers=headers
-            ),
+            lambda left: self.js.publish(subject, payload, timeout=left, headers=headers),
             self.timeout if timeout is None else timeout,
         )
 
