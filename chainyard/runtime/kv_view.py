@@ -67,18 +67,16 @@ class KvView:
     async def _updates(self, watcher: KeyValue.KeyWatcher) -> None:
         seen: set[str] | None = set()  # the keys this watch showed, until its first None
         async for entry in watcher:
-            if entry is None:  # the entries that existed are all in
+            if entry is not None:
                 if seen is not None:
-                    for gone in self._live - seen:  # removed while no watch was on
-                        self._take(self._gone(gone))
-                    seen = None
+                    seen.add(entry.key)
+                self._take(entry)
+            elif seen is not None:  # the entries that existed are all in
+                for gone in self._live - seen:  # removed while no watch was on
+                    self._take(self._gone(gone))
+                seen = None
                 if not self._loaded.done():
                     self._loaded.set_result(None)
-                await self._notify()
-                continue
-            if seen is not None:
-                seen.add(entry.key)
-            self._take(entry)
             await self._notify()
 
     def _gone(self, key: str) -> KeyValue.Entry:
