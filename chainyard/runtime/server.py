@@ -93,40 +93,35 @@ class NatsServer:
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
         )
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain = asyncio.create_task(self._read_log(self._proc, ready))
         try:
-            await asyncio.wait_for(self._await_ready(), self._ready_timeout_s)
+            await asyncio.wait_for(ready, self._ready_timeout_s)
         except (TimeoutError, ServerError) as e:
             await self.stop()
-            tail = b"".join(self._log[-20:]).decode(errors="replace")
-            raise ServerError(f"nats-server did not become ready: {e}\n{tail}") from e
-        assert self._proc.stderr is not None
-        self._drain = asyncio.create_task(self._drain_log(self._proc.stderr))
+            raise ServerError(f"nats-server did not become ready: {e}\n{self.log_tail}") from e
         return self
 
-    async def _await_ready(self) -> None:
-        assert self._proc and self._proc.stderr
-        while True:
-            line = await self._proc.stderr.readline()
-            if not line:
-                raise ServerError(f"exited with code {await self._proc.wait()}")
-            self._keep(line)
+    async def _read_log(
+        self, proc: asyncio.subprocess.Process, ready: asyncio.Future[None]
+    ) -> None:
+        """Read the log until the server exits (a full pipe would block it): its port and
+        readiness, then a tail kept for errors. `proc` is passed in: stop() clears self._proc."""
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            self._log.append(line)
+            del self._log[:-200]
+            if self._log_file is not None:
+                with self._log_file.open("ab") as f:
+                    f.write(line)
+            if ready.done():
+                continue
             if m := _CLIENT_PORT.search(line):
                 self.port = int(m.group(1))
             if _READY.search(line):
-                return
-
-    async def _drain_log(self, stderr: asyncio.StreamReader) -> None:
-        # Keep reading so the server never blocks on a full pipe; keep the tail for errors.
-        # The reader is passed in: stop() clears self._proc, possibly before this task first runs.
-        while line := await stderr.readline():
-            self._keep(line)
-            del self._log[:-200]
-
-    def _keep(self, line: bytes) -> None:
-        self._log.append(line)
-        if self._log_file is not None:
-            with self._log_file.open("ab") as f:
-                f.write(line)
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(ServerError(f"exited with code {await proc.wait()}"))
 
     @property
     def log_tail(self) -> str:
