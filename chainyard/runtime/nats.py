@@ -215,11 +215,8 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
         have = (await js.stream_info(d.name)).config
         missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
         # The duplicate window is part of the delivery design, not a limit: keep it ours.
-        ours = (have.duplicate_window, bool(have.allow_direct)) != (
-            cfg.duplicate_window,
-            bool(cfg.allow_direct),
-        )
-        if missing or ours:
+        window = have.duplicate_window != cfg.duplicate_window
+        if missing or window or bool(have.allow_direct) != bool(cfg.allow_direct):
             have.subjects = [*(have.subjects or []), *missing]
             have.duplicate_window = cfg.duplicate_window
             have.allow_direct = cfg.allow_direct
