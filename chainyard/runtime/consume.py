@@ -51,10 +51,9 @@ class Durable:
 
 
 def release_slot() -> None:
-    """From a handler run by `consume`: give its slot back now, before it returns. For work left
-    that the slots do not bound: a worker's slots bound provider calls, so once the call has
-    answered, recording the result (a publish and an ack, a round trip each) lets the next
-    message start. The consume loop still awaits the handler on stop. Elsewhere: a no-op."""
+    """From a handler run by `consume`: give its slot back now, before it returns (a worker's
+    slots bound provider calls, not the recording after; docs/DESIGN-NOTES.md #18). The loop
+    still awaits the handler on stop. Elsewhere: a no-op."""
     c = _running.get()
     if c is not None:
         c.release(asyncio.current_task())
