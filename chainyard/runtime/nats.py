@@ -179,13 +179,6 @@ class Bus:
     def subjects(self) -> Subjects:
         return self.topology.subjects
 
-    async def pull(
-        self, stream: StreamDef, consumer: ConsumerDef
-    ) -> JetStreamContext.PullSubscription:
-        """Create or update the durable consumer, then bind a pull subscription to it."""
-        await ensure_consumer(self.js, stream, consumer)
-        return await self.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
-
     async def durable(self, stream: StreamDef, consumer: ConsumerDef) -> Durable:
         """Create or update the durable consumer; what `consume` takes messages from."""
         await ensure_consumer(self.js, stream, consumer)
