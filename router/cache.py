@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 from nats.errors import Error as NatsError
-from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.api import DiscardPolicy
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind
 from chainyard.contracts import (
     CacheConfig,
     ChainState,
+    KvDef,
     LlmStep,
     Output,
     StepCompleted,
@@ -41,7 +42,7 @@ from chainyard.contracts import (
 )
 from chainyard.runtime import messaging, tracing
 from chainyard.runtime.metrics import metrics
-from chainyard.runtime.nats import Publisher, retry_api
+from chainyard.runtime.nats import Publisher, ensure_kv, retry_api
 
 log = logging.getLogger("chainyard.router.cache")
 KEY_VERSION = 1  # part of every key: a change of the key's recipe starts a fresh cache
@@ -99,25 +100,7 @@ class ResponseCache:
     async def open(cls, js: Any, prefix: str, config: CacheConfig, replicas: int) -> ResponseCache:
         """Open the bucket, creating it (safe from many replicas at once) with its limits."""
         bucket = bucket_name(prefix)
-
-        async def create() -> KeyValue:
-            try:
-                return await js.key_value(bucket)
-            except (NotFoundError, BucketNotFoundError):
-                pass
-            try:
-                return await js.create_key_value(
-                    KeyValueConfig(
-                        bucket=bucket,
-                        history=1,
-                        ttl=config.max_ttl_s,
-                        max_bytes=config.max_bytes,
-                        storage=StorageType.FILE,
-                        replicas=replicas,
-                    )
-                )
-            except BadRequestError:
-                return await js.key_value(bucket)  # another replica created it first
+        kvdef = KvDef(bucket=bucket, ttl_s=config.max_ttl_s)
 
         async def discard_old() -> None:
             # A full cache drops its oldest answers; a KV bucket refuses new ones by default.
@@ -126,7 +109,7 @@ class ResponseCache:
                 info.config.discard = DiscardPolicy.OLD
                 await js.update_stream(info.config)
 
-        kv = await retry_api(create)
+        kv = await retry_api(lambda: ensure_kv(js, kvdef, replicas, config.max_bytes))
         await retry_api(discard_old)  # both wait out a leader election, as every service does
         return cls(kv, config)
 

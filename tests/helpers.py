@@ -21,11 +21,14 @@ from chainyard.contracts import (
     ChainCompleted,
     ChainFailed,
     ChainRejected,
+    ConsumerDef,
     Event,
+    StreamDef,
     Topology,
     event_decoder,
 )
 from chainyard.ledger import read_stream
+from chainyard.runtime.nats import Bus
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -141,6 +144,14 @@ async def running(*services: Any, timeout: float = 15.0) -> AsyncIterator[asynci
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
         assert not pending, f"{len(pending)} service(s) did not stop within {timeout} s"
+
+
+async def pull(
+    bus: Bus, stream: StreamDef, consumer: ConsumerDef
+) -> JetStreamContext.PullSubscription:
+    """The durable consumer, created or updated, bound to a pull subscription to fetch from."""
+    await bus.durable(stream, consumer)
+    return await bus.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
 
 
 async def stream_count(js: JetStreamContext, stream: str, subject: str) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import pull, wait_until
 
 from chainyard.contracts import (
     Assignment,
@@ -142,9 +142,9 @@ class Harness:
 
     async def start(self) -> None:
         topo = self.bus.topology
-        self.intake = await self.bus.pull(topo.intake, topo.intake_consumer)
-        self.engine = await self.bus.pull(topo.events, topo.engine_consumer)
-        self.work = await self.bus.pull(topo.work, topo.pool_consumer(POOL))
+        self.intake = await pull(self.bus, topo.intake, topo.intake_consumer)
+        self.engine = await pull(self.bus, topo.events, topo.engine_consumer)
+        self.work = await pull(self.bus, topo.work, topo.pool_consumer(POOL))
         hb = Heartbeat(
             pool=POOL, worker="w1", slots_total=64, slots_free=64, at_ms=now_ms(),
             interval_ms=600_000, models=["d"],

@@ -165,7 +165,7 @@ class KeyStore(KvView):
     """Every key of the bucket in memory, kept current by a KV watch."""
 
     def __init__(self, kv: KeyValue, bucket: str = "cy_keys") -> None:
-        super().__init__(kv, bucket)
+        super().__init__(kv, bucket, self._apply)
         self.records: dict[str, KeyRecord] = {}  # key id -> record
         self._by_hash: dict[str, Grant] = {}
 

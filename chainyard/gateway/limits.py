@@ -61,7 +61,7 @@ class Limits(KvView):
     def __init__(
         self, kv: KeyValue, clock: Callable[[], float] = time.time, bucket: str = "cy_limits"
     ) -> None:
-        super().__init__(kv, bucket)
+        super().__init__(kv, bucket, self._apply)
         self.clock = clock  # wall time: windows are UTC minutes and days, the same on replicas
         self._seen: dict[str, tuple[Counter | None, int]] = {}  # KV key -> (counter, revision)
         self._leases: dict[str, tuple[int, int]] = {}  # key id -> (minute, requests left)

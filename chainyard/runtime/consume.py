@@ -1,16 +1,10 @@
 """A pull-consumer loop with bounded concurrency: messages are asked for only as slots free up.
 
-The loop keeps one pull request waiting at the server, on a core subscription of its own inbox:
-JetStream's documented pull API, `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` with `batch`
-and `expires` (nats-py's `fetch` sends the same request). Messages and the request's end (a
-408 when it expires, a 409 or 503 when it cannot be served) arrive on that inbox and are handled
-in the subscription's callback: no task, timer or request round trip per message, and a
-message published to an idle consumer is handed over as soon as the server delivers it.
-
-A request asks for as many messages as there are free slots (up to `max_batch`), so the slots
-are never exceeded; the next one goes out when it has been served (its batch delivered), when
-it ended, or when one that was waiting is judged lost (no end by its expiry and a grace period:
-the server restarted, the connection was re-established). DESIGN-NOTES #27 has the figures.
+One pull request (JetStream's `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`, as nats-py's
+`fetch` sends it) is kept waiting at the server for as many messages as there are free slots;
+deliveries and the request's end arrive in the callback of a subscription on the loop's own
+inbox, so there is no task or round trip per message. docs/DESIGN-NOTES.md #27 has the why,
+what the loop tracks and the figures.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client
@@ -57,10 +51,9 @@ class Durable:
 
 
 def release_slot() -> None:
-    """From a handler run by `consume`: give its slot back now, before it returns. For work left
-    that the slots do not bound: a worker's slots bound provider calls, so once the call has
-    answered, recording the result (a publish and an ack, a round trip each) lets the next
-    message start. The consume loop still awaits the handler on stop. Elsewhere: a no-op."""
+    """From a handler run by `consume`: give its slot back now, before it returns (a worker's
+    slots bound provider calls, not the recording after; docs/DESIGN-NOTES.md #18). The loop
+    still awaits the handler on stop. Elsewhere: a no-op."""
     c = _running.get()
     if c is not None:
         c.release(asyncio.current_task())
@@ -71,16 +64,12 @@ _running: contextvars.ContextVar[_Consumer | None] = contextvars.ContextVar(
 )
 
 
-@dataclass
 class Slots:
     """How many of `total` slots are free right now. Taking and giving is counting: the consume
     loop is the only one that waits for slots, and it is told by its own tasks' done callbacks."""
 
-    total: int
-    free: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.free = self.total
+    def __init__(self, total: int) -> None:
+        self.total = self.free = total
 
 
 async def consume(
@@ -97,18 +86,15 @@ async def consume(
     rebind: Callable[[], Awaitable[Durable]] | None = None,
 ) -> None:
     """Run `handler` on every message of the durable pull consumer until `stop` is set, then
-    finish what is in flight.
+    finish what is in flight. The handler acks, naks or terms its message; one that raises gets
+    it nak'ed with a growing delay, and the loop goes on.
 
-    At most `concurrency` handlers run at once (`slots` shares the count with the caller, e.g.
-    for heartbeats). `gate`, when given, is called before each pull request: None lets it go,
-    an awaitable holds it until done (a throttled worker waits there, with no request left
-    waiting at the server). `max_batch` caps one request (a worker with 10,000 free slots asks
-    in bites, so the other workers of its pool get their share). A request waits at most
-    `request_expires_s` at the server, then another is sent.
-    `rebind`, when given, makes sure the consumer exists again (and may name another): called
-    when the server says it does not (deleted, or lost with a server's store).
-    The handler acks, naks or terms its message; one that raises gets its message nak'ed with a
-    growing delay (it comes back) and the loop goes on: one bad message never stops it.
+    At most `concurrency` handlers run at once (`slots` shares the count with the caller).
+    `gate()` before each pull request: None lets it go, an awaitable holds it (a throttled
+    worker waits with no request left at the server). `max_batch` caps one request, so a worker
+    with 10,000 free slots leaves its pool's other workers a share. A request waits at most
+    `request_expires_s` at the server. `rebind()` makes the consumer exist again (it may name
+    another) when the server says it does not.
     """
     slots = slots or Slots(concurrency)
     max_batch = max(1, min(max_batch or slots.total, slots.total))

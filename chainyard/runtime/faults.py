@@ -7,16 +7,14 @@ Points: `after_record` (router: a transition is in KV, its effects not yet publi
 
 from __future__ import annotations
 
+import itertools
 import os
 
 _point, _, _n = os.environ.get("CHAINYARD_FAULT", "").partition(":")
-_left = int(_n or 1) if _point else 0
+_crash_at = int(_n or 1)
+_passes = itertools.count(1)  # passes through `_point`
 
 
 def crash_point(point: str) -> None:
-    global _left
-    if _point != point:
-        return
-    _left -= 1
-    if _left == 0:
+    if point == _point and next(_passes) == _crash_at:
         os._exit(137)

@@ -1,12 +1,9 @@
 """A KV bucket followed into memory: the routers' breakers and capacity, the gateway's keys and
 limit counters.
 
-A watch is an ordered push consumer, gone when the server it was on restarts: nothing more
-arrives and nothing says so until nats-py misses its heartbeats and makes it again (~20 s,
-measured with 2.16). A view that far behind would keep accepting revoked keys, so the view
-checks: every CHECK_S it reads the bucket's last revision, and when the bucket is ahead of what
-it applied at two checks in a row with nothing applied in between, it watches again from the
-start and drops what the new watch no longer shows."""
+A watch goes quiet when its server restarts, and nats-py makes it again only ~20 s later, so
+the view checks the bucket's last revision every CHECK_S and, when it is ahead of what was
+applied at two checks in a row, watches again from the start (docs/DESIGN-NOTES.md #26)."""
 
 from __future__ import annotations
 
@@ -24,13 +21,11 @@ CHECK_S = 0.5  # a stalled watch is found and replaced within about 2 x this
 
 
 class KvView:
-    """Applies every entry of `kv` (`_apply`, in bucket order) from a watch; `start` returns
-    once the entries that existed are applied, and later ones follow within milliseconds.
-    Subclass it and override `_apply`, or pass `apply`."""
+    """Passes every entry of `kv` to `apply` (a value, or a delete or purge of its key, in
+    bucket order) from a watch; `start` returns once the entries that existed are applied, and
+    later ones follow within milliseconds."""
 
-    def __init__(
-        self, kv: KeyValue, bucket: str, apply: Callable[[KeyValue.Entry], None] | None = None
-    ) -> None:
+    def __init__(self, kv: KeyValue, bucket: str, apply: Callable[[KeyValue.Entry], None]) -> None:
         self.kv = kv
         self.bucket = bucket  # for logs
         self._on_entry = apply
@@ -39,12 +34,6 @@ class KvView:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []  # following, checking
         self._loaded: asyncio.Future[None]  # set once the first watch has shown every entry
-
-    def _apply(self, entry: KeyValue.Entry) -> None:
-        """Take in one entry: a value, or a delete or purge (`operation`) of its key."""
-        if self._on_entry is None:
-            raise NotImplementedError("override _apply or pass apply")
-        self._on_entry(entry)
 
     async def start(self) -> Self:
         self._loaded = asyncio.get_running_loop().create_future()
@@ -78,18 +67,16 @@ class KvView:
     async def _updates(self, watcher: KeyValue.KeyWatcher) -> None:
         seen: set[str] | None = set()  # the keys this watch showed, until its first None
         async for entry in watcher:
-            if entry is None:  # the entries that existed are all in
+            if entry is not None:
                 if seen is not None:
-                    for gone in self._live - seen:  # removed while no watch was on
-                        self._take(self._gone(gone))
-                    seen = None
+                    seen.add(entry.key)
+                self._take(entry)
+            elif seen is not None:  # the entries that existed are all in
+                for gone in self._live - seen:  # removed while no watch was on
+                    self._take(self._gone(gone))
+                seen = None
                 if not self._loaded.done():
                     self._loaded.set_result(None)
-                await self._notify()
-                continue
-            if seen is not None:
-                seen.add(entry.key)
-            self._take(entry)
             await self._notify()
 
     def _gone(self, key: str) -> KeyValue.Entry:
@@ -104,7 +91,7 @@ class KvView:
             self._live.add(entry.key)
         else:
             self._live.discard(entry.key)
-        self._apply(entry)
+        self._on_entry(entry)
 
     async def _notify(self) -> None:
         async with self._changed:

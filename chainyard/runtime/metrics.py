@@ -1,12 +1,8 @@
 """Metrics: Prometheus scraping (`--metrics-port`) and OTel metrics over OTLP (when configured).
 
-Off by default: `metrics.on` is False and recording does nothing. The same numbers go to both
-backends, each metric defined once in `METRICS` (its Prometheus name, OTel name, labels and
-meaning); docs/TRACING.md ("Metrics") and docs/OPERATIONS.md describe them for operators.
-
-The tenant metrics count a chain when it ends, as `chainyard usage` does, so their totals are
-the report's. The `tenant` label is bounded: past `metrics_max_tenants` (config, default 50)
-distinct tenants in one process, the next ones are counted under `tenant="other"`.
+Off by default (`metrics.on` False: recording does nothing). Each metric is defined once in
+`METRICS` and goes to both backends; docs/TRACING.md ("Metrics") and docs/OPERATIONS.md describe
+them, and the bound on the `tenant` label (`metrics_max_tenants`, then `tenant="other"`).
 """
 
 from __future__ import annotations

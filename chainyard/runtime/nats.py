@@ -68,10 +68,8 @@ async def connect(
     max_reconnect_attempts: int = -1,
     inbox_prefix: str = "_INBOX",
 ) -> Client:
-    """Connect like a long-running service should (NATS-NOTES: reconnect forever, ping ~20 s x 3).
-
-    Credentials may ride in the URL (`nats://user:pass@host:port`) or come from a creds file.
-    """
+    """Connect like a long-running service should: reconnect forever, ping every 20 s, 3 missed
+    make a reconnect. Credentials ride in the URL (`nats://user:pass@host`) or a creds file."""
 
     async def error_cb(e: Exception) -> None:
         log.warning("nats error: %s", e)
@@ -110,12 +108,8 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
 
 async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float) -> T:
     """`call(seconds left)` (a JetStream publish, a KV write) again while no stream answers it
-    (503, raised by nats-py as NoStreamResponseError), for up to `timeout` seconds, as nats.go
-    does.
-
-    Nothing was stored, so sending again is safe, with or without a message id. A stream elects
-    a leader for seconds after losing a node; giving up at once made a worker's retry (a nak)
-    use up one of its work message's deliveries per attempt."""
+    (503: NoStreamResponseError), for up to `timeout` seconds, as nats.go does: nothing was
+    stored, so it is safe (docs/DESIGN-NOTES.md #24)."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     pause = NO_LEADER_PAUSE_S
@@ -129,9 +123,7 @@ async def while_no_leader(call: Callable[[float], Awaitable[T]], timeout: float)
         pause = min(pause * 2, NO_LEADER_MAX_PAUSE_S)
 
 
-def fits(
-    payload: bytes, headers: dict[str, str] | None, max_payload: int, stream: str | None = None
-) -> None:
+def fits(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
     """Raise MaxPayloadError, as nats-py does for a payload alone over the limit, when the
     payload and its headers together are: the server's answer to that is to close the
     connection (`Maximum Payload Violation`), and a service whose connection closes exits."""
@@ -140,17 +132,14 @@ def fits(
     size = len(payload) + 12  # "NATS/1.0\r\n" and the blank line
     for k, v in (headers or {}).items():
         size += len(k) + len(v) + 4
-    if stream is not None:
-        size += len("Nats-Expected-Stream") + len(stream) + 4
     if size > max_payload:
         raise MaxPayloadError(f"{size} bytes with headers, over the server's {max_payload}")
 
 
 class Publisher:
-    """`js.publish` with its arguments, PubAck and errors (nats-py's `APIError` with `err_code`,
-    `nats.errors.TimeoutError`), sent again while the stream has no leader (`while_no_leader`).
-
-    What the router and workers publish with; `runtime/messaging.py` wraps its `publish`."""
+    """`js.publish` (its subject, payload, timeout and headers; its PubAck and errors), sent again
+    while the stream has no leader (`while_no_leader`), refused when its headers take it over the
+    server's limit (`fits`)."""
 
     def __init__(
         self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S, max_payload: int = 0
@@ -164,16 +153,11 @@ class Publisher:
         subject: str,
         payload: bytes = b"",
         timeout: float | None = None,
-        stream: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> PubAck:
-        if stream is not None:  # js.publish adds the expected stream to the dict it is given
-            headers = dict(headers or {})
-        fits(payload, headers, self.max_payload, stream)
+        fits(payload, headers, self.max_payload)
         return await while_no_leader(
-            lambda left: self.js.publish(
-                subject, payload, timeout=left, stream=stream, headers=headers
-            ),
+            lambda left: self.js.publish(subject, payload, timeout=left, headers=headers),
             self.timeout if timeout is None else timeout,
         )
 
@@ -196,13 +180,6 @@ class Bus:
     @property
     def subjects(self) -> Subjects:
         return self.topology.subjects
-
-    async def pull(
-        self, stream: StreamDef, consumer: ConsumerDef
-    ) -> JetStreamContext.PullSubscription:
-        """Create or update the durable consumer, then bind a pull subscription to it."""
-        await ensure_consumer(self.js, stream, consumer)
-        return await self.js.pull_subscribe_bind(durable=consumer.durable, stream=stream.name)
 
     async def durable(self, stream: StreamDef, consumer: ConsumerDef) -> Durable:
         """Create or update the durable consumer; what `consume` takes messages from."""
@@ -269,7 +246,10 @@ async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDe
             log.warning("consumer %s on %s keeps its old settings: %s", d.durable, stream.name, e)
 
 
-async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
+async def ensure_kv(
+    js: JetStreamContext, d: KvDef, replicas: int, max_bytes: int | None = None
+) -> KeyValue:
+    """The bucket, created with `d`'s settings unless it exists (an existing one keeps its own)."""
     try:
         return await js.key_value(d.bucket)
     except (NotFoundError, BucketNotFoundError):
@@ -280,6 +260,7 @@ async def ensure_kv(js: JetStreamContext, d: KvDef, replicas: int) -> KeyValue:
                 bucket=d.bucket,
                 history=d.history,
                 ttl=d.ttl_s or None,
+                max_bytes=max_bytes,
                 storage=StorageType.FILE,
                 replicas=replicas,
             )
@@ -317,12 +298,9 @@ async def open_bus(
 
 
 async def retry_api(fn: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
-    """JetStream API calls fail while a cluster elects its meta leader (a timeout, or 503
-    unavailable) or cannot place replicas yet (NO_SUITABLE_PEERS): call `fn` again, pausing
-    0.05 s doubling to 1 s, for up to `within_s` seconds.
-
-    An election usually takes well under a second, but CI once saw a fresh cluster answer 503
-    for over 16 s; a service starting then should wait, not exit."""
+    """`fn` again, pausing 0.05 s doubling to 1 s, for up to `within_s` seconds, while the
+    cluster elects its meta leader (a timeout, 503) or cannot place replicas yet: CI once saw a
+    fresh cluster answer 503 for over 16 s, and a service starting then should wait, not exit."""
     give_up = time.monotonic() + within_s
     pause = 0.05
     while True:

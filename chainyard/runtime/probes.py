@@ -1,14 +1,8 @@
 """The service port (`--metrics-port`): `/metrics`, `/healthz`, `/readyz`, on the service's loop.
 
-- `/healthz` 200 while the process's event loop answers: the handler runs on that loop, so a
-  loop blocked or dead gets no answer and the liveness probe fails.
-- `/readyz` 200 when every readiness check passes (the caller sets them: NATS connected,
-  consumers bound, a worker's provider; chainyard/readiness.py), else 503 with a short JSON
-  reason. Until the checks are set (the service is still connecting) it is 503 with `waiting`.
-- `/metrics` Prometheus text from the registry of `runtime.metrics`, once it is set up.
-
 Served from before the service reaches NATS, so an orchestrator sees "alive, not ready" rather
-than nothing while NATS is down.
+than nothing while NATS is down; `/healthz` answers from the service's own loop, so a blocked
+loop fails it. docs/KUBERNETES.md ("Probes") describes what each path answers.
 """
 
 from __future__ import annotations

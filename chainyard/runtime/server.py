@@ -17,7 +17,7 @@ from types import TracebackType
 from chainyard.contracts import ChainyardError
 
 _READY = re.compile(rb"Server is ready")
-_CLIENT_URL = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_CLIENT_PORT = re.compile(rb"Listening for client connections on [0-9.]+:(\d+)")
 
 
 class ServerError(ChainyardError, RuntimeError):
@@ -71,12 +71,11 @@ class NatsServer:
         # explain a cluster that went wrong minutes earlier.
         self._log_file = Path(log_file) if log_file else None
         self._drain: asyncio.Task[None] | None = None
-        self.host = "127.0.0.1"
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"nats://127.0.0.1:{self.port}"  # `-a 127.0.0.1` overrides any config
 
     @property
     def pid(self) -> int | None:
@@ -94,42 +93,35 @@ class NatsServer:
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
         )
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain = asyncio.create_task(self._read_log(self._proc, ready))
         try:
-            await asyncio.wait_for(self._await_ready(), self._ready_timeout_s)
+            await asyncio.wait_for(ready, self._ready_timeout_s)
         except (TimeoutError, ServerError) as e:
             await self.stop()
-            tail = b"".join(self._log[-20:]).decode(errors="replace")
-            raise ServerError(f"nats-server did not become ready: {e}\n{tail}") from e
-        assert self._proc.stderr is not None
-        self._drain = asyncio.create_task(self._drain_log(self._proc.stderr))
+            raise ServerError(f"nats-server did not become ready: {e}\n{self.log_tail}") from e
         return self
 
-    async def _await_ready(self) -> None:
-        assert self._proc and self._proc.stderr
-        while True:
-            line = await self._proc.stderr.readline()
-            if not line:
-                raise ServerError(f"exited with code {await self._proc.wait()}")
-            self._keep(line)
-            if m := _CLIENT_URL.search(line):
-                self.host, self.port = m.group(1).decode(), int(m.group(2))
-                if self.host == "0.0.0.0":
-                    self.host = "127.0.0.1"
-            if _READY.search(line):
-                return
-
-    async def _drain_log(self, stderr: asyncio.StreamReader) -> None:
-        # Keep reading so the server never blocks on a full pipe; keep the tail for errors.
-        # The reader is passed in: stop() clears self._proc, possibly before this task first runs.
-        while line := await stderr.readline():
-            self._keep(line)
+    async def _read_log(
+        self, proc: asyncio.subprocess.Process, ready: asyncio.Future[None]
+    ) -> None:
+        """Read the log until the server exits (a full pipe would block it): its port and
+        readiness, then a tail kept for errors. `proc` is passed in: stop() clears self._proc."""
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            self._log.append(line)
             del self._log[:-200]
-
-    def _keep(self, line: bytes) -> None:
-        self._log.append(line)
-        if self._log_file is not None:
-            with self._log_file.open("ab") as f:
-                f.write(line)
+            if self._log_file is not None:
+                with self._log_file.open("ab") as f:
+                    f.write(line)
+            if ready.done():
+                continue
+            if m := _CLIENT_PORT.search(line):
+                self.port = int(m.group(1))
+            if _READY.search(line):
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(ServerError(f"exited with code {await proc.wait()}"))
 
     @property
     def log_tail(self) -> str:

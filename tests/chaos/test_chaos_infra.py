@@ -33,7 +33,7 @@ from chaosharness import (
     wait_count,
     write_config,
 )
-from helpers import free_ports, work_queue_empty
+from helpers import free_ports, pull, work_queue_empty
 from helpers import running as run_services
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Placement, StreamConfig
@@ -589,7 +589,7 @@ async def test_cluster_chain_state_without_leader_still_runs_a_redelivered_step(
             topology.subjects.work(POOL), encode(a), headers={"Nats-Msg-Id": a.msg_id}
         )
         # A first delivery that ends without a result, as a crashed worker's does.
-        sub = await bus.pull(topology.work, consumer)
+        sub = await pull(bus, topology.work, consumer)
         [first] = await sub.fetch(1, timeout=10)
         await first.nak()
         await sub.unsubscribe()

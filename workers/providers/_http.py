@@ -1,20 +1,10 @@
 """The HTTP client of every provider call, streaming or not: the one module that names the library.
 
-It is aiohttp: of the maintained clients measured where a worker lives (1,000 calls/s to a
-provider answering after 200 ms), the one that keeps up at the least CPU a call but one young
-Rust binding (docs/DESIGN-NOTES.md #22 has the figures).
-
-What a provider call gets here:
-- one bounded connection pool per provider (`max_connections`, sized from the pool's slots);
-- proxies: the pool's `proxy`, else the environment's (HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as
-  urllib reads them), worked out once per client since a client has one origin;
-- TLS verified always: the pool's `ca_bundle`, else SSL_CERT_FILE / SSL_CERT_DIR, else certifi's;
-- a cap on response bytes (`ResponseTooLarge`, never a memory blow-up);
-- no request sent twice: aiohttp re-sends only idempotent methods, never a POST. A POST written
-  on a kept-alive connection that then closes raises `HttpError`, which the router fails over on.
-  A connection the server closed while idle is dropped before use (the loop saw its close).
-- failures as `HttpError` / `HttpTimeout`, so no other module knows the library.
-Not available: HTTP/2 (aiohttp speaks HTTP/1.1 only; every provider API serves it).
+It is aiohttp, measured against the other maintained clients at a worker's load. A provider's
+client has one bounded pool, the pool's or the environment's proxy, TLS always verified, a cap
+on response bytes, and never sends a request twice: aiohttp re-sends only idempotent methods,
+so a POST on a kept-alive connection that closes raises `HttpError`, and the router fails over.
+docs/DESIGN-NOTES.md #22 has the figures and each guarantee; HTTP/2 is not available.
 """
 
 from __future__ import annotations
