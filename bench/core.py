@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "bench.provider_calls",
     "bench.routing",
     "bench.added_latency",
+    "bench.deadlines",
     "bench.gateways",
     "bench.gateway_http",
     "bench.transitions",
