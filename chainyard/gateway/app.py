@@ -30,6 +30,16 @@ Handler = Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]
 ErrorShape = Callable[[ApiError], web.Response]
 
 
+def _misconfigured() -> ApiError:
+    return ApiError(
+        500,
+        "the gateway is misconfigured: its NATS user may not do what this request needs (the "
+        "gateway's log names the permission); retrying will not help",
+        type="api_error",
+        code="gateway_misconfigured",
+    )
+
+
 def _guard(
     gw: Gateway, handler: Handler, shape: ErrorShape
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -46,6 +56,9 @@ def _guard(
         except asyncio.CancelledError:
             raise
         except (NatsError, TimeoutError) as e:  # NATS unreachable or slow: try again shortly
+            if (denied := gw.denials.recent()) is not None:  # unless the server refused it
+                log.error("%s %s: %s (%r)", request.method, request.path, denied, e)
+                return shape(_misconfigured())
             log.warning("%s %s: NATS: %r", request.method, request.path, e)
             return shape(
                 ApiError(

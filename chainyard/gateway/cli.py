@@ -88,7 +88,7 @@ async def run(args: argparse.Namespace) -> int:
     from chainyard.runtime.nats import connect
 
     from .app import HttpServer
-    from .core import Gateway, Settings, StaticKeys
+    from .core import Denials, Gateway, Settings, StaticKeys
 
     try:
         config = load_config(args.config)
@@ -101,10 +101,15 @@ async def run(args: argparse.Namespace) -> int:
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    denials = Denials()
     # like `router` and `worker`: NATS down at start is said once, and retried until it is up
     with _connecting(args.nats, say=True):
         connecting = connect(
-            args.nats, name="chainyard-gateway", creds=args.creds, inbox_prefix=INBOX_PREFIX
+            args.nats,
+            name="chainyard-gateway",
+            creds=args.creds,
+            inbox_prefix=INBOX_PREFIX,
+            on_error=denials.saw,
         )
         nc = await _unless_stopped(connecting, stop)
     if nc is None:
@@ -123,7 +128,7 @@ async def run(args: argparse.Namespace) -> int:
             return 4
     tracing.setup("chainyard-gateway")  # OTEL_* like every other entry point
     settings = Settings(max_body_bytes=args.max_body_kb * 1024, deadline_ms=args.deadline_ms)
-    gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings)
+    gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings, denials=denials)
     try:
         async with HttpServer(gw, args.host, args.port) as server:
             print(f"chainyard gateway: listening on {server.url}", flush=True)

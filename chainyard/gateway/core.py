@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -371,6 +372,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int = 300_000  # the chain deadline when the request sets none
 
 
+class Denials:
+    """The permissions violations the server reported to this process (`connect`'s
+    `on_error`). The server refuses a publish the gateway's NATS user may not make without
+    answering it, so the request waits out its timeout; recorded here, that request is told
+    the gateway is misconfigured rather than that NATS is down."""
+
+    RECENT_S = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.last: tuple[float, str] | None = None  # when, and the server's words
+
+    def saw(self, e: Exception) -> None:
+        if "permissions violation" in str(e).lower():
+            self.last = (self.clock(), str(e))
+
+    def recent(self) -> str | None:
+        """The last violation, if within RECENT_S."""
+        if self.last is not None and self.clock() - self.last[0] <= self.RECENT_S:
+            return self.last[1]
+        return None
+
+
 class Gateway:
     """The state every request handler shares; nothing in it is per request or durable, so
     any number of replicas serve the same NATS."""
@@ -383,8 +407,10 @@ class Gateway:
         keys: KeyLookup | None = None,
         limits: Admission | None = None,
         settings: Settings | None = None,
+        denials: Denials | None = None,
     ) -> None:
         self.nc = nc
+        self.denials = denials or Denials()
         self.config = config
         self.topology = config.topology
         self.keys: KeyLookup = keys or StaticKeys()

@@ -67,12 +67,16 @@ async def connect(
     creds: str | Path | None = None,
     max_reconnect_attempts: int = -1,
     inbox_prefix: str = "_INBOX",
+    on_error: Callable[[Exception], None] | None = None,
 ) -> Client:
     """Connect like a long-running service should: reconnect forever, ping every 20 s, 3 missed
-    make a reconnect. Credentials ride in the URL (`nats://user:pass@host`) or a creds file."""
+    make a reconnect. Credentials ride in the URL (`nats://user:pass@host`) or a creds file.
+    `on_error`: told of each asynchronous error the server sends (a permissions violation)."""
 
     async def error_cb(e: Exception) -> None:
         log.warning("nats error: %s", e)
+        if on_error is not None:
+            on_error(e)
 
     return await nats.connect(
         url,
