@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import anthropic
 import openai
 import pytest
+from helpers import wait_until
 
 from chainyard.demo import demo_config, tools
 from chainyard.devstack import DevStack
@@ -24,12 +25,18 @@ class CountingLimits:
         self.refuse_for: float | None = None
         self.settled: list[tuple[str, int, float]] = []
         self.estimates: list[int] = []
+        self.broken = False  # settle raises, as with NATS unreachable
 
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None:
         self.estimates.append(tokens_estimate)
         return self.refuse_for
 
+    def settles(self, grant: Grant) -> bool:
+        return True
+
     async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
+        if self.broken:
+            raise TimeoutError("NATS did not answer")
         self.settled.append((grant.tenant, tokens, cost_usd))
 
 
@@ -80,6 +87,7 @@ async def test_completed_call_is_settled_with_its_tokens_and_cost(
         )
     assert done.usage is not None
     assert limits.estimates and limits.estimates[0] > 0
+    await wait_until(lambda: limits.settled, 5, "the call to be settled, after its answer")
     [(tenant, tokens, cost)] = limits.settled
     assert tenant == "tenant-a" and tokens == done.usage.total_tokens and cost > 0
 
@@ -94,7 +102,22 @@ async def test_a_retry_with_the_same_idempotency_key_is_settled_once(
     headers = {"Idempotency-Key": "pay-once-1"}
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-t", max_retries=0) as oa:
         first = await oa.chat.completions.create(**ask, extra_headers=headers)
+        await wait_until(lambda: limits.settled, 5, "the first call to be settled")
         calls = dev.sandbox.counts["openai.chat"]
         again = await oa.chat.completions.create(**ask, extra_headers=headers)
     assert again.id == first.id and dev.sandbox.counts["openai.chat"] == calls
     assert len(limits.settled) == 1, limits.settled
+
+
+async def test_an_answer_is_not_lost_when_counting_it_fails(
+    gateway: tuple[str, CountingLimits, DevStack],
+) -> None:
+    """Settling runs after the answer: a failure to count is logged, the caller has its answer."""
+    url, limits, _ = gateway
+    limits.broken = True
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-t", max_retries=0) as oa:
+        done = await oa.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "still answered"}]
+        )
+    assert done.choices[0].message.content
+    assert limits.settled == []

@@ -229,7 +229,11 @@ async def test_the_gateway_serves_everything_as_its_own_user(deployed: Deployed)
         # counted on one replica refuses on the other
         limits = await d.bus.js.key_value("cy_limits")
         assert await counter(limits, f"{acme_id}.rpm") >= 1
-        assert await counter(limits, f"{acme_id}.tpm") > 0
+
+        async def tokens_counted() -> bool:  # settled after the answer
+            return await counter(limits, f"{acme_id}.tpm") > 0
+
+        await wait_until(tokens_counted, 5.0, "acme's tokens to be counted")
         r = await http.post(f"{g0}/v1/chat/completions", headers=auth(spender), json=ask("spend"))
         assert r.status_code == 200, r.text
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -44,6 +45,8 @@ from chainyard.contracts import (
 
 STEP_ID = "call"  # the one step of a chain made from a chat/messages request
 DEADLINE_PREFIX = "deadline exceeded"  # how the router starts every past-deadline reason
+
+log = logging.getLogger("chainyard.gateway")
 
 
 class ApiError(Exception):
@@ -308,6 +311,7 @@ class KeyLookup(Protocol):
 
 class Admission(Protocol):
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None: ...
+    def settles(self, grant: Grant) -> bool: ...  # whether `settle` counts anything for it
     async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None: ...
 
 
@@ -335,6 +339,9 @@ class StaticKeys:
 class NoLimits:
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None:
         return None
+
+    def settles(self, grant: Grant) -> bool:
+        return False
 
     async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
         pass
@@ -475,10 +482,27 @@ class Gateway:
                 headers={"retry-after": str(max(1, math.ceil(wait_s)))},
             )
 
-    async def settle(self, grant: Grant, ended: Outcome) -> None:
+    def settle(self, grant: Grant, ended: Outcome) -> None:
+        """Count what a finished request used against its key's tpm and daily spend, after
+        its answer: the compare-and-set writes in KV are not on the answer's path, and a
+        failure to count (NATS unreachable) is logged, never made the answer's error. The
+        key's next request, on any replica, sees the count a few milliseconds later."""
+        if not self.limits.settles(grant):
+            return
         tokens_in, tokens_out = usage_tokens(ended)
         cost = getattr(ended, "cost_usd", 0.0)
-        await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost)
+        self._in_background(self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost))
+
+    def _in_background(self, work: Awaitable[Any]) -> None:
+        """Kept until done (a task nobody holds may be collected) and awaited by `close`."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.warning("gateway: work after an answer failed: %r", e)
 
     def cancel_if_abandoned(self, tenant: str, chain_id: str, e: BaseException) -> None:
         """Cancel a chain nobody waits for any more: its caller disconnected (the handler is
@@ -487,9 +511,7 @@ class Gateway:
         if isinstance(e, ApiError) and e.status != 504:
             return  # an answer was given: the chain has ended
         reason = "nobody waits for it any more (the HTTP client disconnected or timed out)"
-        task = asyncio.ensure_future(self.client(tenant).cancel(chain_id, reason, timeout=None))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.client(tenant).cancel(chain_id, reason, timeout=None))
 
     async def close(self) -> None:
         if self._background:

@@ -203,7 +203,7 @@ class StepCall:
         """Settle the call's usage with the limits (once per chain: not on a replay); the error
         answer of an unsuccessful end."""
         if not self.replay:
-            await self.gw.settle(self.grant, ended)
+            self.gw.settle(self.grant, ended)
         if self.chain.steps[0].cache is not None and isinstance(ended, ANSWERED):
             self.headers[CACHE] = "hit" if answered_from_cache(ended) else "miss"
         err = end_error(ended)

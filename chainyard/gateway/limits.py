@@ -11,7 +11,8 @@ the bucket keeps every replica's view of the counters current, so checks read me
   one KV write per lease, not per request; close to the limit the leases shrink to 1, so the
   sum admitted never exceeds the limit. A lease dies with its minute. Its unused part is the
   tolerance: another replica may refuse early by what a quiet replica still holds.
-- tpm and spend: `settle` adds the tokens and cost the request used when it ends; `admit`
+- tpm and spend: `settle` adds the tokens and cost the request used when it ends (the gateway
+  runs it after the answer is sent, `Gateway.settle`); `admit`
   refuses while the window is used up (tpm: also when the request's estimate would not fit in
   what is left, unless nothing was used yet, so that one large request is never refused for
   ever). Requests in flight are not counted until they settle.
@@ -178,6 +179,9 @@ class Limits(KvView):
             counter = None
         self._remember(key, counter, entry.revision or 0)
         return counter, entry.revision or 0
+
+    def settles(self, grant: Grant) -> bool:
+        return grant.tpm is not None or grant.spend_usd_per_day is not None
 
     async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
         """Count what a finished request used against its key's tpm and daily spend."""
