@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 
-from . import messaging, tracing
+from . import chain_trace, messaging, tracing
 
 # chainyard's provider kinds -> gen_ai.provider.name well-known values
 PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
@@ -102,10 +102,14 @@ def _tracer() -> Tracer | None:
     return tr
 
 
-def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any]) -> Span:
-    """The call's span, child of the handled message's context (the router's `route` span):
-    it is also the message's `process` span, so it carries the consumer's attributes."""
+def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any], a: Any) -> Span:
+    """The call's span, child of the handled message's context (the chain's span, or the call
+    whose event the router routed from): it is also the message's `process` span, so it carries
+    the consumer's attributes, and the routing decision that sent it here."""
     attrs.update(messaging.consumer_attributes())
+    attrs.update(chain_trace.route_attributes(messaging.header(chain_trace.ROUTE_HEADER)))
+    if getattr(a, "reserved_usd", None):
+        attrs["chainyard.route.estimated_cost_usd"] = float(a.reserved_usd)
     return tr.start_span(name, context=messaging.handler_context(), kind=kind, attributes=attrs)
 
 
@@ -124,7 +128,7 @@ def traced_chat(execute: Execute) -> Execute:
         if tr is None:
             return await execute(a, on_delta)
         t = a.target
-        span = _start(tr, f"chat {t.model}", SpanKind.CLIENT, _request(a))
+        span = _start(tr, f"chat {t.model}", SpanKind.CLIENT, _request(a), a)
         recording = span.is_recording()
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
@@ -174,7 +178,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tracing.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = _start(tr, f"execute_tool {name}", SpanKind.INTERNAL, attrs)
+        span = _start(tr, f"execute_tool {name}", SpanKind.INTERNAL, attrs, a)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)
