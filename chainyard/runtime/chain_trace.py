@@ -201,6 +201,7 @@ class RouteDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     reason: str
     candidates: list[str] = []
     tried: list[str] = []
+    estimated_cost_usd: float = 0.0
 
 
 ROUTE_HEADER = "Chainyard-Route"
@@ -228,26 +229,21 @@ def _decision(
     cands = list(candidates()) if candidates is not None else [a.target.deployment]
     strategy = getattr(getattr(a.step, "route", None), "strategy", None) or strategy
     reason = route_reason(a, st, len(cands), strategy)
-    # one candidate is the choice itself (the call span's `chainyard.deployment`)
     return RouteDecision(
-        reason=reason, candidates=cands if len(cands) > 1 else [], tried=st.tried if st else []
+        reason=reason,
+        candidates=cands if len(cands) > 1 else [],  # one is the choice: `chainyard.deployment`
+        tried=st.tried if st else [],
+        estimated_cost_usd=float(a.reserved_usd or 0.0),
     )
 
 
 def route_attributes(header: str | None) -> dict[str, Any]:
     """The call span's routing attributes, from its assignment's `ROUTE_HEADER`."""
-    if not header:
-        return {}
     try:
-        d = _route_decoder.decode(header)
-    except msgspec.DecodeError:  # not written by a router: nothing to record
+        d = _route_decoder.decode(header or "")
+    except msgspec.DecodeError:  # none, or not written by a router: nothing to record
         return {}
-    attrs: dict[str, Any] = {"chainyard.route.reason": d.reason}
-    if d.candidates:
-        attrs["chainyard.route.candidates"] = d.candidates
-    if d.tried:
-        attrs["chainyard.route.tried"] = d.tried
-    return attrs
+    return {f"chainyard.route.{k}": v for k, v in msgspec.structs.asdict(d).items() if v}
 
 
 async def publish_work(

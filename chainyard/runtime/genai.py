@@ -102,14 +102,12 @@ def _tracer() -> Tracer | None:
     return tr
 
 
-def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any], a: Any) -> Span:
+def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any]) -> Span:
     """The call's span, child of the handled message's context (the chain's span, or the call
     whose event the router routed from): it is also the message's `process` span, so it carries
     the consumer's attributes, and the routing decision that sent it here."""
     attrs.update(messaging.consumer_attributes())
     attrs.update(chain_trace.route_attributes(messaging.header(chain_trace.ROUTE_HEADER)))
-    if getattr(a, "reserved_usd", None):
-        attrs["chainyard.route.estimated_cost_usd"] = float(a.reserved_usd)
     return tr.start_span(name, context=messaging.handler_context(), kind=kind, attributes=attrs)
 
 
@@ -128,7 +126,7 @@ def traced_chat(execute: Execute) -> Execute:
         if tr is None:
             return await execute(a, on_delta)
         t = a.target
-        span = _start(tr, f"chat {t.model}", SpanKind.CLIENT, _request(a), a)
+        span = _start(tr, f"chat {t.model}", SpanKind.CLIENT, _request(a))
         recording = span.is_recording()
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
@@ -178,7 +176,7 @@ def traced_tool(name: str, execute: Execute) -> Execute:
             attrs["gen_ai.tool.call.id"] = call_id
         if tracing.capture_content:
             attrs["gen_ai.tool.call.arguments"] = _json(getattr(a.step, "args", None))
-        span = _start(tr, f"execute_tool {name}", SpanKind.INTERNAL, attrs, a)
+        span = _start(tr, f"execute_tool {name}", SpanKind.INTERNAL, attrs)
         token = otel_context.attach(trace.set_span_in_context(span))  # the tool's own spans
         try:
             r = await execute(a, on_delta)
