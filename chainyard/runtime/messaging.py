@@ -236,9 +236,10 @@ class _Scope:
         return self.context
 
     def carry(self, headers: dict[str, str]) -> None:
-        """Put the handler's trace context in an outgoing message's `headers`: the message's
-        own trace headers as received while nothing else was made current (nothing to parse
-        or format), else what the propagators write for the current context."""
+        """Put the handler's trace context in an outgoing message's `headers`: those already
+        formatted for it (`forward`), or the message's own trace headers as received while
+        nothing else was made current (nothing to parse or format), else what the propagators
+        write for the current context."""
         fwd = self.forward
         if fwd is not None and (self.unsampled or otel_context.get_current() is self.context):
             headers.update(fwd)
