@@ -17,7 +17,9 @@ Rounds alternate off / on / sampled in the same run; each figure is the median o
 throughput over the median off-round throughput. The conditions carry this process's CPU per
 chain in each kind of round (all threads: the SDK's export thread included), the spans
 recorded per chain, and the spans the receiver got (the rest were dropped by the
-BatchSpanProcessor's full queue, `OTEL_BSP_MAX_QUEUE_SIZE`, as the SDK does under overload).
+BatchSpanProcessor's full queue, `OTEL_BSP_MAX_QUEUE_SIZE`, as the SDK does under overload),
+and how the tracing CPU splits between the event loop's thread and the others (the SDK's
+export thread: the OTLP encoder and the POST).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
     kinds: dict[str, Any] = {"off": None, "on": full, "sampled": sampled}
     runs: dict[str, list[Run]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}  # this process's CPU per chain, us
+    loop_cpu: dict[str, list[float]] = {k: [] for k in kinds}  # the event loop's thread only
     counted: dict[str, int] = {"on": 0, "sampled": 0}  # spans ended recorded
     received: dict[str, int] = {"on": 0, "sampled": 0}  # spans the receiver got
     seen = 0
@@ -132,7 +135,7 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
                         before = counts.ended
                         if provider is not None:
                             tracing.enable(provider, capture=False)
-                        c0 = time.process_time()
+                        c0, t0 = time.process_time(), time.thread_time()
                         keys = [f"{kind}{r}-{i}" for i in range(n)]
                         runs[kind].append(await drive(keys, cy.submit, done, window, tmo))
                         tracing.disable()
@@ -143,6 +146,7 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
                             received[kind] += now - seen
                             seen = now
                         cpu[kind].append((time.process_time() - c0) / n * 1e6)
+                        loop_cpu[kind].append((time.thread_time() - t0) / n * 1e6)
                 if ctx.profile:  # an extra on round: where the tracing cost goes
                     tracing.enable(full, capture=False)
                     with ctx.profiled("tracing_on"):
@@ -190,6 +194,7 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
     ):
         tp = statistics.median(r.per_s for r in runs[kind])
         cpu_on = statistics.median(cpu[kind])
+        loop_on, loop_off = statistics.median(loop_cpu[kind]), statistics.median(loop_cpu["off"])
         chains = n * rounds
         per_chain = counted[kind] / chains  # made and recorded (sampled)
         cond = {
@@ -201,6 +206,10 @@ async def tracing_overhead(ctx: Ctx) -> list[Figure]:
             "on_rounds_per_s": [round(r.per_s, 1) for r in runs[kind]],
             "cpu_us_per_chain_on": round(cpu_on, 1),
             "tracing_cpu_us_per_chain": round(cpu_on - cpu_off, 1),
+            "tracing_cpu_us_per_chain_event_loop": round(loop_on - loop_off, 1),
+            "tracing_cpu_us_per_chain_other_threads": round(
+                cpu_on - loop_on - cpu_off + loop_off, 1
+            ),
             "tracing_cpu_us_per_exported_span": round((cpu_on - cpu_off) / max(0.01, per_chain), 1),
             "on_p50_ms": round(statistics.median(r.pct(50) for r in runs[kind]), 3),
             "goal": goal,

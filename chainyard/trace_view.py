@@ -166,7 +166,12 @@ def rows_from_spans(spans: list[dict[str, Any]]) -> list[Row]:
     def walk(parent: str, depth: int) -> None:
         for s in sorted(children.get(parent, []), key=lambda s: s["start"]):
             note = s["service"]
-            for key in ("chainyard.route.choice", "gen_ai.usage.output_tokens", "error.type"):
+            for key in (
+                "chainyard.route.choice",
+                "chainyard.deployment",
+                "gen_ai.usage.output_tokens",
+                "error.type",
+            ):
                 v = _attr(s["attrs"], key)
                 if v is not None:
                     note += f" {key.rsplit('.', 1)[-1]}={v}"

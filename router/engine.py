@@ -514,7 +514,7 @@ class Router:
             reserved_usd=reserved_usd or None,
             hedge=hedge,
         )
-        await chain_trace.publish_work(  # inside a routing span, with traceparent
+        await chain_trace.publish_work(  # with the routing decision when the chain is traced
             self.bus.publisher,
             self.subjects.work(target.pool),
             encode(a),

@@ -121,7 +121,6 @@ def complete(spans: list[Span], local_ids: set[str]) -> bool:
         "chain" in names
         and sum(n == "chat m" for n in names) >= 2
         and "execute_tool weather" in names
-        and sum(n.startswith("route ") for n in names) >= 3
         and all(not s.parent_id or s.parent_id in ids for s in spans)
     )
 
@@ -231,16 +230,15 @@ async def test_one_chain_is_one_trace_across_processes(
     for c in calls:
         path = ancestors(c, by_id)
         assert path[-1].span_id == root_id
-        names = [s.name for s in path]
-        assert names[1].startswith("route "), names  # the call's producer: its routing decision
+        assert path[1].name in ("chain", "execute_tool weather", "chat m"), path  # its cause
     assert {s.service for s in received} == {"chainyard-router", "chainyard-worker"}
 
     # messaging: the client's send span; no process span (a worker's call span is its message's
-    # consumer, with the messaging attributes), no send span from a handler (the handler's span,
-    # or the route span, is its producer)
+    # consumer, with the messaging attributes), no send span from a handler (the handler's
+    # context is its producer), no routing span (the call span records its routing decision)
     named = {s.name for s in spans}
     assert {"send cy.submit.{tenant}", "ack cy.work.{pool}"} <= named
-    assert not [n for n in named if n.startswith("process ")]
+    assert not [n for n in named if n.startswith(("process ", "route "))]
     assert not [n for n in named if n.startswith("send ") and n != "send cy.submit.{tenant}"]
     for s in spans:
         if s.name.split(" ")[0] in ("send", "ack", "chat", "execute_tool"):
@@ -268,20 +266,16 @@ async def test_one_chain_is_one_trace_across_processes(
     tool = next(s for s in calls if s.name == "execute_tool weather")
     assert tool.attrs["gen_ai.tool.name"] == "weather"
 
-    # routing decisions
-    routes = {
-        (s.attrs["chainyard.step.id"], s.attrs["chainyard.step.attempt"]): s
-        for s in spans
-        if s.name.startswith("route ")
-    }
-    assert set(routes) == {("weather", 1), ("answer", 1), ("answer", 2)}
-    first, second = routes[("answer", 1)].attrs, routes[("answer", 2)].attrs
-    assert first["chainyard.route.choice"] == "bad-d"
+    # routing decisions, on the calls they sent
+    first, second = failed.attrs, answered.attrs
+    assert first["messaging.message.id"] == f"{TENANT}.traced-1.answer.1"
     assert sorted(first["chainyard.route.candidates"]) == ["bad-d", "good-d"]
     assert first["chainyard.route.reason"] == "strategy cheapest"
-    assert second["chainyard.route.choice"] == "good-d"
+    assert second["messaging.message.id"] == f"{TENANT}.traced-1.answer.2"
     assert second["chainyard.route.reason"] == "failover from bad-d after retryable"
+    assert second["chainyard.route.tried"] == ["bad-d"]
     assert "chainyard.route.estimated_cost_usd" in second
+    assert tool.attrs["chainyard.route.reason"] == "only candidate"
 
     # the chain's own span: under the client's submit, covering the chain, with its totals
     (ch,) = [s for s in spans if s.name == "chain"]
@@ -289,10 +283,10 @@ async def test_one_chain_is_one_trace_across_processes(
     assert ch.attrs["chainyard.chain.outcome"] == "completed"
     assert ch.attrs["chainyard.chain.cost_usd"] == pytest.approx(ended.cost_usd)
     assert ch.attrs["chainyard.chain.output_tokens"] == ended.usage.output_tokens
-    assert routes[("weather", 1)].parent_id == ch.span_id
-    # each later decision hangs under the call whose event caused it: failover stays visible
-    assert by_id[routes[("answer", 1)].parent_id].name == "execute_tool weather"
-    assert routes[("answer", 2)].parent_id == failed.span_id
+    assert tool.parent_id == ch.span_id
+    # each later call hangs under the call whose event caused it: failover stays visible
+    assert failed.parent_id == tool.span_id
+    assert answered.parent_id == failed.span_id
     assert ch.end_ns >= answered.end_ns
 
     # no prompt or completion text anywhere by default
@@ -309,7 +303,7 @@ async def test_one_chain_is_one_trace_across_processes(
         "bad-d: retryable 500",
         "chat m",
         "execute_tool weather",
-        "route m",
+        "deployment=good-d",
     ):
         assert needle in text, (needle, text)
 
@@ -326,7 +320,7 @@ async def test_sampled_out_chains_export_nothing_across_replicas(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     """Two routers, two LLM workers, `parentbased_traceidratio` 0.5, two tenants reusing the
-    same chain ids: each sampled chain is one whole trace (chain -> route -> chat); a
+    same chain ids: each sampled chain is one whole trace (chain -> chat); a
     sampled-out chain exports no span at all, in any process."""
     procs: list[asyncio.subprocess.Process] = []
     ids = [f"same-{i}" for i in range(12)]
@@ -386,6 +380,6 @@ async def test_sampled_out_chains_export_nothing_across_replicas(
     assert len(by_trace) == len(chains)  # no span of a sampled-out chain, anywhere
     for ss in by_trace.values():
         names = sorted(sp.name for sp in ss if not sp.name.startswith("ack "))
-        assert names == ["chain", "chat m", "route m"], names
+        assert names == ["chain", "chat m"], names
         ids_here = {sp.span_id for sp in ss}
         assert all(not sp.parent_id or sp.parent_id in ids_here for sp in ss)

@@ -308,11 +308,10 @@ async def test_headerless_message_adopts_the_chain_context(spans: InMemorySpanEx
         await msg.ack()
 
     await tm.consumer(handler, "d")(FakeMsg("cy.timer.acme.c1.s"))
-    by = {x.name: x for x in spans.get_finished_spans()}
-    route = by["route small"]
-    assert f"{route.context.trace_id:032x}" == "1" * 32
-    assert f"{route.parent.span_id:016x}" == "2" * 16
-    assert by["ack cy.timer.{tenant}.{chain}.{step}"].parent.span_id == 0x2222222222222222
+    assert js.sent[0][2]["traceparent"] == chain_tp  # the assignment continues the chain
+    (ack,) = spans.get_finished_spans()
+    assert ack.name == "ack cy.timer.{tenant}.{chain}.{step}"
+    assert ack.parent.span_id == 0x2222222222222222
 
 
 async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
@@ -345,14 +344,25 @@ async def test_chain_span_ids_fixed_at_intake_and_emitted_at_the_end(
     assert chain_sc.trace_id == int(TP.split("-")[1], 16)
     by = {x.name: x for x in spans.get_finished_spans()}
     assert st.trace["parent"] == TP  # the submit's producer (a client's send span)
-    route = by["route small"]
-    assert route.parent.span_id == chain_sc.span_id  # the first steps hang under the chain
-    assert route.attributes["chainyard.route.candidates"] == ("sim-d", "other-d")
-    assert route.attributes["chainyard.route.choice"] == "sim-d"
-    assert route.attributes["chainyard.route.reason"] == "strategy cheapest"
-    assert route.kind == SpanKind.PRODUCER  # the assignment's send: no span of its own
-    assert "send cy.work.{pool}" not in by
-    assert js.sent[0][2]["traceparent"] == traceparent(route.context)
+    assert not [n for n in by if n.startswith(("route ", "send "))]  # no span of their own
+    work = js.sent[0][2]
+    assert work["traceparent"] == st.trace["traceparent"]  # the first steps hang under the chain
+    assert work["Nats-Msg-Id"] == "acme.c1.s.1"
+
+    # the worker's call span records the decision that sent the assignment there
+    spans.clear()
+    chat = tg.traced_chat(_answer)
+
+    async def call(msg: FakeMsg) -> None:
+        await chat(assignment(), None)
+
+    await tm.consumer(call, "cy_pool_sim")(FakeMsg("cy.work.sim", dict(work)))
+    (sp,) = spans.get_finished_spans()
+    assert sp.parent.span_id == chain_sc.span_id
+    assert sp.attributes["chainyard.route.candidates"] == ("sim-d", "other-d")
+    assert sp.attributes["chainyard.route.reason"] == "strategy cheapest"
+    assert sp.attributes["chainyard.deployment"] == "sim-d"  # the choice
+    assert "chainyard.route.tried" not in sp.attributes
 
     # later, maybe in another replica: the chain ends
     spans.clear()
@@ -390,6 +400,23 @@ def test_route_reasons() -> None:
     st = StepState(tried=["x-d"], error=ErrorInfo(cls="retryable", message="500"))
     assert tc.route_reason(a, st, 2, None) == "failover from x-d after retryable"
     assert tc.route_reason(msgspec.structs.replace(a, hedge=True), st, 2, None).startswith("hedge")
+
+
+def test_route_decision_attributes() -> None:
+    st = StepState(tried=["x-d"], error=ErrorInfo(cls="retryable", message="500"))
+    decision = tc._decision(assignment(), state(steps={"s": st}), lambda: ["x-d", "sim-d"], None)
+    header = msgspec.json.encode(decision).decode()
+    assert tc.route_attributes(header) == {
+        "chainyard.route.reason": "failover from x-d after retryable",
+        "chainyard.route.candidates": ["x-d", "sim-d"],
+        "chainyard.route.tried": ["x-d"],
+    }
+    only = tc._decision(assignment(), state(), None, None)  # the choice is the call's deployment
+    assert tc.route_attributes(msgspec.json.encode(only).decode()) == {
+        "chainyard.route.reason": "only candidate"
+    }
+    for bad in (None, "", "not json", '{"reason": 3}', '["x"]'):  # nothing recorded, no error
+        assert tc.route_attributes(bad) == {}
 
 
 # -- GenAI spans ----------------------------------------------------------------------------

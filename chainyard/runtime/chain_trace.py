@@ -1,19 +1,18 @@
-"""One chain, one trace: the chain's span and a routing span per decision.
+"""One chain, one trace: the chain's span, and the routing decisions its calls record.
 
 A chain outlives any process, so its span cannot stay open in memory. At intake the router
 asks the sampler once whether the chain is traced, draws the chain span's id and stores its W3C
 context in the chain state (`ChainState.trace`: `traceparent`, `tracestate`, and, only for a
 sampled chain, `parent`: the submit's producer, or "" for a root), and the chain's first
-routing decisions hang under that id. When the chain ends, whichever router replica records
-the end emits the `chain` span with that same id (the tracer's id generator is told it,
-`tracing.ChainIds`), start = `created_at_ms`, end = `ended_at_ms`, carrying cost, tokens and
-outcome. A handler that has read the state (`adopt_state`) knows from it, without parsing the
-message, that a sampled-out chain makes no span; a message without trace context (a timer)
-continues the chain's trace.
+calls hang under that id. When the chain ends, whichever router replica records the end emits
+the `chain` span with that same id (the tracer's id generator is told it, `tracing.ChainIds`),
+start = `created_at_ms`, end = `ended_at_ms`, carrying cost, tokens and outcome. A handler that
+has read the state (`adopt_state`) knows from it, without parsing the message, that a
+sampled-out chain makes no span; a message without trace context (a timer) continues the
+chain's trace.
 
-Routing spans (`route {model}`, PRODUCER) are each assignment's send: the worker's call span
-(`chat`, `execute_tool`) is their child. They say what was chosen among which candidates, why,
-and at what estimated cost.
+A routing decision (what was chosen among which candidates, and why) travels with a traced
+chain's assignment and is recorded by the worker's call span (`chat`, `execute_tool`).
 """
 
 from __future__ import annotations
@@ -89,17 +88,17 @@ def begin_chain(outcome: Any) -> Any:
     sampled, trace_state = _sampled(parent, trace_id)
     flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
     chain = SpanContext(trace_id, _ids.generate_span_id(), False, flags, trace_state)
-    t = _traceparent(chain)
+    ctx = trace.set_span_in_context(NonRecordingSpan(chain), parent)  # baggage kept
+    forward: dict[str, str] = {}  # what the chain's first messages carry, formatted once
+    propagate.inject(forward, context=ctx)
+    # the state keeps W3C context: the propagators' own output when tracecontext is among them
+    # (the default), else the W3C propagator's
+    t = {k: forward[k] for k in _W3C.fields if k in forward} or _traceparent(chain)
     # `parent` is kept only for a sampled chain: its presence is how `end_chain` and the
     # handlers of the chain's later messages know, without parsing, that there are spans to make
     if sampled:
         t["parent"] = _traceparent(psc)["traceparent"] if psc.is_valid else ""  # "": a root
-    ctx = trace.set_span_in_context(NonRecordingSpan(chain), parent)  # baggage kept
-    forward = None
-    if not sampled:  # what the chain's first messages carry, formatted once
-        forward = {}
-        propagate.inject(forward, context=ctx)
-    messaging.make_current(ctx, forward=forward)
+    messaging.make_current(ctx, forward=forward, unsampled=not sampled)
     state = msgspec.structs.replace(outcome.state, trace=t)
     if state.status != "running":  # ended at intake (nothing could be routed)
         chain_ended(state)
@@ -195,6 +194,20 @@ def end_chain(state: Any) -> None:
     span.end(end_time=max(end_ms * 1_000_000 + 999_999, start))
 
 
+class RouteDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the router chose among which candidates, and why: it travels with a sampled
+    chain's assignment (header `ROUTE_HEADER`) and the worker's call span records it."""
+
+    reason: str
+    candidates: list[str] = []
+    tried: list[str] = []
+    estimated_cost_usd: float = 0.0
+
+
+ROUTE_HEADER = "Chainyard-Route"
+_route_decoder = msgspec.json.Decoder(RouteDecision)
+
+
 def route_reason(a: Any, st: Any, n_candidates: int, strategy: str | None) -> str:
     if getattr(a, "hedge", False):
         return "hedge of a slow attempt"
@@ -211,23 +224,26 @@ def _decision(
     state: Any,
     candidates: Callable[[], list[str]] | None,
     strategy: str | None,
-) -> dict[str, Any]:
-    target, step = a.target, a.step
+) -> RouteDecision:
     st = state.steps.get(a.step_id)
-    cands = tuple(candidates()) if candidates is not None else (target.deployment,)
-    strategy = getattr(getattr(step, "route", None), "strategy", None) or strategy
-    attrs: dict[str, Any] = {
-        "chainyard.step.id": a.step_id,
-        "chainyard.step.attempt": a.attempt,
-        "chainyard.route.candidates": cands,
-        "chainyard.route.choice": target.deployment,
-        "chainyard.route.pool": target.pool,
-        "chainyard.route.reason": route_reason(a, st, len(cands), strategy),
-        "chainyard.route.estimated_cost_usd": float(a.reserved_usd or 0.0),
-    }
-    if st is not None and st.tried:
-        attrs["chainyard.route.tried"] = list(st.tried)
-    return attrs
+    cands = list(candidates()) if candidates is not None else [a.target.deployment]
+    strategy = getattr(getattr(a.step, "route", None), "strategy", None) or strategy
+    reason = route_reason(a, st, len(cands), strategy)
+    return RouteDecision(
+        reason=reason,
+        candidates=cands if len(cands) > 1 else [],  # one is the choice: `chainyard.deployment`
+        tried=st.tried if st else [],
+        estimated_cost_usd=float(a.reserved_usd or 0.0),
+    )
+
+
+def route_attributes(header: str | None) -> dict[str, Any]:
+    """The call span's routing attributes, from its assignment's `ROUTE_HEADER`."""
+    try:
+        d = _route_decoder.decode(header or "")
+    except msgspec.DecodeError:  # none, or not written by a router: nothing to record
+        return {}
+    return {f"chainyard.route.{k}": v for k, v in msgspec.structs.asdict(d).items() if v}
 
 
 async def publish_work(
@@ -239,31 +255,15 @@ async def publish_work(
     candidates: Callable[[], list[str]] | None = None,
     strategy: str | None = None,
 ) -> Any:
-    """Send an assignment inside a `route {model}` span that records the decision."""
+    """Send an assignment under the handler's trace context. A routing decision is no span of
+    its own: for a traced chain it goes with the assignment (`ROUTE_HEADER`) and the worker's
+    call span, the assignment's consumer, records it (DESIGN-NOTES #30). The choice, pool,
+    step and attempt are that span's own attributes already."""
     target = a.target
     if metrics.on:
         metrics.routed(target.pool, target.deployment)
-    tr = tracing.active
-    if tr is None or messaging.sampled_out():
-        return await messaging.publish(js, subject, data, a.msg_id)
-    step = a.step
-    model = getattr(step, "model", None) or getattr(step, "tool", None) or target.model
-    # The assignment's send: the worker's `chat` (or `execute_tool`) span is its child (no
-    # `send` span of its own). Its attributes are given once, at the start: under a sampled
-    # parent (checked above) the span is kept. The chain and tenant are the trace's (the chain
-    # span has them), the model is in the span's name.
-    route = tr.start_span(
-        f"route {model}",
-        context=messaging.handler_context(),
-        kind=SpanKind.PRODUCER,
-        attributes=_decision(a, state, candidates, strategy),
-    )
-    try:
-        return await messaging.publish(
-            js, subject, data, a.msg_id, context=trace.set_span_in_context(route)
-        )
-    except BaseException as e:
-        tracing.record_error(route, e)
-        raise
-    finally:
-        route.end()
+    headers = None
+    if tracing.active is not None and not messaging.sampled_out():
+        decision = _decision(a, state, candidates, strategy)
+        headers = {ROUTE_HEADER: msgspec.json.encode(decision).decode()}
+    return await messaging.publish(js, subject, data, a.msg_id, headers=headers)

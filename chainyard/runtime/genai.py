@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 
-from . import messaging, tracing
+from . import chain_trace, messaging, tracing
 
 # chainyard's provider kinds -> gen_ai.provider.name well-known values
 PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini"}
@@ -103,9 +103,11 @@ def _tracer() -> Tracer | None:
 
 
 def _start(tr: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any]) -> Span:
-    """The call's span, child of the handled message's context (the router's `route` span):
-    it is also the message's `process` span, so it carries the consumer's attributes."""
+    """The call's span, child of the handled message's context (the chain's span, or the call
+    whose event the router routed from): it is also the message's `process` span, so it carries
+    the consumer's attributes, and the routing decision that sent it here."""
     attrs.update(messaging.consumer_attributes())
+    attrs.update(chain_trace.route_attributes(messaging.header(chain_trace.ROUTE_HEADER)))
     return tr.start_span(name, context=messaging.handler_context(), kind=kind, attributes=attrs)
 
 

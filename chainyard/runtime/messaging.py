@@ -121,11 +121,10 @@ async def publish(
     context: Context | None = None,
     headers: dict[str, str] | None = None,
 ) -> Any:
-    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), `headers` and the trace
-    context in its headers. `context`: the span that produces the message (the router's `route`
-    span); inside a consumer's handler, the handler's context (`_Scope.carry`). Either way the
-    message gets no span of its own. Elsewhere (a client, a script) the publish gets a `send`
-    span."""
+    """`js.publish` with `Nats-Msg-Id` (none when `msg_id` is empty), `headers`, and the trace
+    context. `context`: the span that produces the message (the router's `cache` span); inside
+    a consumer's handler, the handler's context (`_Scope.carry`). Either way the message gets
+    no span of its own. Elsewhere (a client, a script) the publish gets a `send` span."""
     headers = dict(headers or ())
     if msg_id:
         headers["Nats-Msg-Id"] = msg_id
@@ -164,7 +163,8 @@ class _Scope:
 
     `unsampled`: known to make no span (a sampled-out context under a sampler that drops its
     children); then `forward` is what its messages carry: the handled message's own trace
-    headers unchanged, or the chain's (`adopt`, `make_current`).
+    headers unchanged, or the chain's (`adopt`, `make_current`). Intake formats the chain's
+    headers once (`make_current`): `forward` also while that context is the current one.
 
     Contexts are made current only in the handler's own task (`task`). A task the handler
     starts (`asyncio.gather` in the router's effects) runs in a copy of the handler's context
@@ -236,11 +236,13 @@ class _Scope:
         return self.context
 
     def carry(self, headers: dict[str, str]) -> None:
-        """Put the handler's trace context in an outgoing message's `headers`: the message's
-        own trace headers as received while nothing else was made current (nothing to parse
-        or format), else what the propagators write for the current context."""
-        if self.unsampled and self.forward is not None:
-            headers.update(self.forward)
+        """Put the handler's trace context in an outgoing message's `headers`: those already
+        formatted for it (`forward`), or the message's own trace headers as received while
+        nothing else was made current (nothing to parse or format), else what the propagators
+        write for the current context."""
+        fwd = self.forward
+        if fwd is not None and (self.unsampled or otel_context.get_current() is self.context):
+            headers.update(fwd)
         elif not self.resolved:
             headers.update(self.carrier)
         else:
@@ -293,6 +295,12 @@ def handler_context() -> Context:
     return s.current()
 
 
+def header(name: str) -> str | None:
+    """A header of the message being handled (None outside a handler)."""
+    s = _scope.get()
+    return s.headers.get(name) if s is not None and s.headers else None
+
+
 def consumer_attributes() -> dict[str, Any]:
     """The messaging attributes of the message being handled (`{}` outside a handler): a
     handler's span (`chat`, `execute_tool`) is the consumer's `process` span too."""
@@ -330,20 +338,18 @@ def adopt(parent: Context | None, *, unsampled: bool, forward: dict[str, str] | 
         s.attach(parent)
 
 
-def make_current(ctx: Context, *, forward: dict[str, str] | None = None) -> None:
+def make_current(
+    ctx: Context, *, forward: dict[str, str] | None = None, unsampled: bool = False
+) -> None:
     """Make `ctx` current for the rest of the handler (intake: the chain's span; the worker:
-    its `chat` span, which the step's event then carries). With `forward`, the chain is
-    sampled out and its messages carry those headers."""
+    its `chat` span, which the step's event then carries). `forward`: `ctx`'s headers, already
+    formatted; `unsampled`: the chain is sampled out (nothing to record under `ctx`)."""
     s = _scope.get()
     if s is None:
         return
     s.attach(ctx)
-    if forward is not None and tracing.drops_unsampled:
-        s.unsampled = True
-        s.forward = forward
-    else:
-        s.unsampled = False
-        s.forward = None
+    s.forward = forward
+    s.unsampled = unsampled and forward is not None and tracing.drops_unsampled
 
 
 def consumer(
