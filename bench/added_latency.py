@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,9 @@ class Driver:
     provider), and step event -> chain event (the router recording the end, after the answer).
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, deadline_ms: int | None = None) -> None:
         self.bus = bus
+        self.deadline_ms = deadline_ms  # each chain's (bench.deadlines)
         self.waiting: dict[str, asyncio.Future[tuple[float, str]]] = {}
         self.offset = len(f"{bus.subjects.prefix}.events.{TENANT}.")
         self.marks: dict[str, list[float]] = {}  # chain -> [submitted, assigned, step event]
@@ -130,7 +132,7 @@ class Driver:
         self.marks[key] = [t0]
         await self.bus.publisher.publish(
             self.bus.subjects.submit(TENANT),
-            encode(Chain(id=key, steps=[step])),
+            encode(Chain(id=key, steps=[step], deadline_ms=self.deadline_ms)),
             headers={"Nats-Msg-Id": key},
         )
         t1, kind = await asyncio.wait_for(fut, 60)
@@ -206,38 +208,55 @@ def _legs(legs: list[tuple[float, float, float]]) -> dict[str, float] | None:
     }
 
 
-@benchmark("added_latency", ("added_latency_p50_ms", "added_latency_p99_ms"))
-async def added_latency(ctx: Ctx) -> list[Figure]:
-    """End-to-end chain latency at half of saturation minus a direct HTTP call to the sandbox."""
-    n = ctx.n("n", 3000, 400)
-    sat_n = ctx.n("sat_n", 3000, 500)
-    load_before = load_average()
+@dataclass
+class OnePool:
+    url: str  # the load sandbox's
+    nats: NatsServer
+    bus: Bus
+    router: asyncio.subprocess.Process
+    worker: asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def one_pool(name: str) -> AsyncIterator[OnePool]:
+    """nats-server, the load sandbox, `chainyard router` and `chainyard worker` (pool `a`),
+    each its own OS process, and this driver's bus."""
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         async with NatsServer() as nats, sandbox(0.0, None, load=True) as (url, _):
             cfg = tmp / "chainyard.toml"
             cfg.write_text(_config(url))
             common = ["--nats", nats.url, "--config", str(cfg)]
-            bus = await open_bus(nats.url, name="bench-added-latency")
+            bus = await open_bus(nats.url, name=name)
             try:
                 async with (
-                    service(["router", *common], tmp, "router"),
-                    service(["worker", *common, "--pool", POOL], tmp, "worker"),
+                    service(["router", *common], tmp, "router") as router,
+                    service(["worker", *common, "--pool", POOL], tmp, "worker") as worker,
                 ):
-                    d = Driver(bus)
-                    await d.start()
-                    direct = await _direct(url, ctx.n("direct_n", 1000, 200))
-                    await _closed_loop(d, "w-", 200, 16)  # warm: router and worker connected
-                    d.legs.clear()
-                    alone = [await d.run(f"a-{i}") for i in range(ctx.n("alone_n", 300, 50))]
-                    alone_legs = _legs(d.legs)
-                    saturation = await _closed_loop(d, "s-", sat_n, SLOTS)
-                    rate = saturation / 2
-                    d.legs.clear()
-                    lat = await _open_loop(d, "h-", n, rate)
-                    direct += await _direct(url, ctx.n("direct_n", 1000, 200))
+                    yield OnePool(url, nats, bus, router, worker)
             finally:
                 await bus.close()
+
+
+@benchmark("added_latency", ("added_latency_p50_ms", "added_latency_p99_ms"))
+async def added_latency(ctx: Ctx) -> list[Figure]:
+    """End-to-end chain latency at half of saturation minus a direct HTTP call to the sandbox."""
+    n = ctx.n("n", 3000, 400)
+    sat_n = ctx.n("sat_n", 3000, 500)
+    load_before = load_average()
+    async with one_pool("bench-added-latency") as stack:
+        d = Driver(stack.bus)
+        await d.start()
+        direct = await _direct(stack.url, ctx.n("direct_n", 1000, 200))
+        await _closed_loop(d, "w-", 200, 16)  # warm: router and worker connected
+        d.legs.clear()
+        alone = [await d.run(f"a-{i}") for i in range(ctx.n("alone_n", 300, 50))]
+        alone_legs = _legs(d.legs)
+        saturation = await _closed_loop(d, "s-", sat_n, SLOTS)
+        rate = saturation / 2
+        d.legs.clear()
+        lat = await _open_loop(d, "h-", n, rate)
+        direct += await _direct(stack.url, ctx.n("direct_n", 1000, 200))
     d50, d99 = percentile(direct, 50), percentile(direct, 99)
     c50, c99 = percentile(lat, 50), percentile(lat, 99)
     cond: dict[str, Any] = {

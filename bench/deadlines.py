@@ -13,53 +13,19 @@ consumer, and the server's and router's cost grew with their number).
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-from chainyard.contracts import Chain, LlmStep, Message, Params, encode
-from chainyard.runtime.nats import open_bus
-from chainyard.runtime.server import NatsServer
-
-from .added_latency import POOL, TENANT, Driver, _closed_loop, _config, service
+from .added_latency import Driver, _closed_loop, one_pool
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
-from .workers import cpu_s, sandbox
+from .workers import cpu_s
 
 NAME = "deadline_cpu_ratio"
 DEADLINE_MS = 300_000  # the gateway's default: no chain here reaches it
 IN_FLIGHT = 32
 
 
-class DeadlineDriver(Driver):
-    """bench.added_latency's driver, its chains with or without a deadline."""
-
-    deadline_ms: int | None = None
-
-    async def run(self, key: str) -> float:
-        step = LlmStep(
-            id="s",
-            model="gpt-4o-mini",
-            messages=[Message(role="user", content="hi")],
-            params=Params(max_tokens=16),
-        )
-        fut: asyncio.Future[tuple[float, str]] = asyncio.get_running_loop().create_future()
-        self.waiting[key] = fut
-        t0 = time.perf_counter()
-        await self.bus.publisher.publish(
-            self.bus.subjects.submit(TENANT),
-            encode(Chain(id=key, steps=[step], deadline_ms=self.deadline_ms)),
-            headers={"Nats-Msg-Id": key},
-        )
-        t1, kind = await asyncio.wait_for(fut, 60)
-        if kind != "completed":
-            raise RuntimeError(f"chain {key} ended {kind}")
-        return (t1 - t0) * 1000
-
-
-async def _round(d: DeadlineDriver, pids: dict[str, int], prefix: str, n: int) -> dict[str, Any]:
+async def _round(d: Driver, pids: dict[str, int], prefix: str, n: int) -> dict[str, Any]:
     c0 = {k: cpu_s(p) for k, p in pids.items()}
     rate = await _closed_loop(d, prefix, n, IN_FLIGHT)
     us = {k: round((cpu_s(p) - c0[k]) / n * 1e6, 1) for k, p in pids.items()}
@@ -73,32 +39,18 @@ async def deadline_cost(ctx: Ctx) -> list[Figure]:
     rounds = max(1, ctx.n("rounds", 4, 2))
     load_before = load_average()
     per_round: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        async with NatsServer() as nats, sandbox(0.0, None, load=True) as (url, _):
-            cfg = tmp / "chainyard.toml"
-            cfg.write_text(_config(url))
-            common = ["--nats", nats.url, "--config", str(cfg)]
-            bus = await open_bus(nats.url, name="bench-deadlines")
-            try:
-                async with (
-                    service(["router", *common], tmp, "router") as router,
-                    service(["worker", *common, "--pool", POOL], tmp, "worker"),
-                ):
-                    d = DeadlineDriver(bus)
-                    await d.start()
-                    await _closed_loop(d, "w-", 300, 16)  # warm: router and worker connected
-                    for r in range(rounds):
-                        for deadline in (None, DEADLINE_MS):
-                            d.deadline_ms = deadline
-                            pids = {"router": router.pid, "nats_server": nats.pid or 0}
-                            row = await _round(d, pids, f"r{r}-{deadline}-", n)
-                            row["deadlines_waiting"] = (r + (deadline is not None)) * n
-                            per_round.append({"round": r, "deadline_ms": deadline, **row})
-                    timers = await bus.js.stream_info(bus.topology.timers.name)
-                    schedules = bool(timers.config.allow_msg_schedules)
-            finally:
-                await bus.close()
+    async with one_pool("bench-deadlines") as stack:
+        d = Driver(stack.bus)
+        await d.start()
+        await _closed_loop(d, "w-", 300, 16)  # warm: router and worker connected
+        pids = {"router": stack.router.pid, "nats_server": stack.nats.pid or 0}
+        for r in range(rounds):
+            for deadline in (None, DEADLINE_MS):
+                d.deadline_ms = deadline
+                row = await _round(d, pids, f"r{r}-{deadline}-", n)
+                row["deadlines_waiting"] = (r + (deadline is not None)) * n
+                per_round.append({"round": r, "deadline_ms": deadline, **row})
+        timers = await stack.bus.js.stream_info(stack.bus.topology.timers.name)
 
     def total(row: dict[str, Any]) -> float:
         return sum(row["cpu_us_per_chain"].values())
@@ -110,7 +62,7 @@ async def deadline_cost(ctx: Ctx) -> list[Figure]:
         "rounds": per_round,
         "in_flight": IN_FLIGHT,
         "deadline_ms": DEADLINE_MS,
-        "deadlines_as_message_schedules": schedules,
+        "deadlines_as_message_schedules": bool(timers.config.allow_msg_schedules),
         "process": "nats-server, router, worker, load sandbox and driver: five OS processes",
         "load_before": load_before,
         "load_after": load_average(),
