@@ -534,23 +534,19 @@ class Router:
         instead where the server has them: the server publishes it to the deadline subject
         when due, so until then no router handles it and no consumer holds it pending."""
         msg_id = f"{timer.tenant}.{timer.chain_id}.{timer.step_id}.{timer.attempt}.{timer.kind}"
+        headers = None
         if timer.kind != "deadline":
             subject = self.subjects.timer(timer.tenant, timer.chain_id, timer.step_id)
-            await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
-            return
-        subject = self.subjects.deadline(timer.tenant, timer.chain_id)
-        if not self.deadline_schedules:
-            await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id)
-            return
-        due = datetime.fromtimestamp(timer.due_at_ms / 1000, UTC).isoformat(timespec="milliseconds")
-        schedule = {"Nats-Schedule": f"@at {due}", "Nats-Schedule-Target": subject}
-        await messaging.publish(
-            self.bus.publisher,
-            self.subjects.deadline_schedule(timer.tenant, timer.chain_id),
-            encode(timer),
-            msg_id,
-            headers=schedule,
-        )
+        elif not self.deadline_schedules:
+            subject = self.subjects.deadline(timer.tenant, timer.chain_id)
+        else:
+            due = datetime.fromtimestamp(timer.due_at_ms / 1000, UTC)
+            subject = self.subjects.deadline_schedule(timer.tenant, timer.chain_id)
+            headers = {
+                "Nats-Schedule": f"@at {due.isoformat(timespec='milliseconds')}",
+                "Nats-Schedule-Target": self.subjects.deadline(timer.tenant, timer.chain_id),
+            }
+        await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id, headers=headers)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag
