@@ -25,8 +25,6 @@ ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "worker_cpu_us_per_call_1000rps_200ms", "value", "us",
      "bench.provider_calls: one `chainyard worker`, ~200 calls in flight, load sandbox, work"
      " published as it goes, 20,000 calls"),
-    ("  same, bench.workers' harness", "worker_cpu_us_per_call_1k_200ms", "value", "us",
-     "`worker_cpu_us_per_call_1k_200ms` (on main since the http branch; pinned cores)"),
     ("  the sandbox's CPU per call in the same span", "worker_cpu_us_per_call_1000rps_200ms",
      "baseline_value", "us", "the yardstick: code no change here touches"),
     ("service CPU per chain, tracing off", "tracing_overhead_ratio",

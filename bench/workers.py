@@ -13,10 +13,8 @@ float. Throughput is measured between the first and the last completion, so star
   (the median round vs each client's median rate: one round swung by +-0.05 here). Goal >= 0.8.
   The conditions repeat both against the load sandbox (chainyard.sandbox.load), where the client
   side is what limits: the worker's CPU per step against a bare request's.
-- `worker_cpu_us_per_call_1k_200ms`: the worker process's CPU per provider call while work
-  arrives at 1,000 steps/s (published as it goes, not preloaded) and the provider (the load
-  sandbox) answers after 200 ms: what a user's worker costs, not its ceiling. Baseline: 1,000 us,
-  all of one core at that rate (the ratio is the share of a core the worker uses).
+- the worker's CPU per provider call at a user's load (1,000 calls/s, 200 ms each) is
+  bench.provider_calls' figure.
 - `inflight_10k_rss_mb`: peak RSS of one worker holding 10,000 calls to a sandbox that answers
   after 1 s, vs the same worker's RSS idle (goal in conditions: <= 1024 MB), and
   `inflight_10k_steps_per_s`: its throughput vs in-flight / latency (10,000/s at 10,000 slots).
@@ -284,92 +282,10 @@ async def run_worker(
     }
 
 
-async def paced_worker(
-    rate: float,
-    seconds: float,
-    latency_ms: float,
-    slots: int,
-    cores: tuple[set[int], set[int]] | None,
-) -> dict[str, Any]:
-    """Work published at `rate` steps/s for `seconds` to one worker whose provider answers after
-    `latency_ms`; the worker's CPU per completed call, from the first publish to the last end."""
-    n = int(rate * seconds)
-    tag = "p-"
-    async with (
-        NatsServer() as nats,
-        sandbox(latency_ms, cores[1] if cores else None, load=True) as (url, spid),
-    ):
-        bus = await open_bus(nats.url, name="bench-driver")
-        c = Completions(n)
-        sub = await bus.nc.subscribe(f"cy.events.{TENANT}.*.step.*", cb=c.on)
-        payloads = assignments(n, tag)
-        try:
-            async with worker(nats.url, url, slots, cores[0] if cores else None) as proc:
-                for _ in range(1200):  # up to 60 s for the worker's first heartbeat
-                    if await _has_heartbeat(bus):
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError("the worker sent no heartbeat")
-                idle = rss_mb(proc.pid)
-                cpu0, sandbox0 = cpu_s(proc.pid), cpu_s(spid)
-                t0 = time.perf_counter()
-                sent = 0
-                subject = bus.subjects.work(POOL)
-                while sent < n:
-                    due = min(n, int((time.perf_counter() - t0) * rate) + 1)
-                    await asyncio.gather(
-                        *(bus.js.publish(subject, payloads[i], headers={"Nats-Msg-Id": f"{tag}{i}"})
-                          for i in range(sent, due))
-                    )  # fmt: skip
-                    sent = due
-                    await asyncio.sleep(0.005)  # pacing the offered load
-                await asyncio.wait_for(c.done.wait(), latency_ms / 1000 + 60)
-                wall = time.perf_counter() - t0
-                cpu = cpu_s(proc.pid) - cpu0
-                hwm = rss_mb(proc.pid, "VmHWM")
-                sandbox_cpu = cpu_s(spid) - sandbox0
-        finally:
-            await sub.unsubscribe()
-            await bus.close()
-    return {
-        "rate": rate, "seconds": seconds, "provider_latency_ms": latency_ms, "slots": slots,
-        "completed": c.count - c.failed, "failed": c.failed,
-        "completed_per_s": round(c.count / wall, 1),
-        "worker_cpu_us_per_call": round(1e6 * cpu / max(c.count, 1), 1),
-        "worker_cpu_pct": round(100 * cpu / wall, 1),
-        "sandbox_cpu_pct": round(100 * sandbox_cpu / wall, 1),
-        "call_latency_ms": _percentiles(c.latencies),
-        "idle_rss_mb": round(idle, 1), "peak_rss_mb": round(hwm, 1),
-        "pinned": cores is not None,
-    }  # fmt: skip
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    v = sorted(values) or [0.0]
-    return {f"p{q}": round(v[min(len(v) - 1, len(v) * q // 100)], 1) for q in (50, 90, 99)}
-
-
 async def _has_heartbeat(bus: Bus) -> bool:
     with contextlib.suppress(Exception):
         return bool(await bus.capacity.keys())
     return False
-
-
-@benchmark("worker_cpu", ("worker_cpu_us_per_call_1k_200ms",))
-async def worker_cpu(ctx: Ctx) -> list[Figure]:
-    """Worker CPU per provider call at 1,000 calls/s, provider latency 200 ms (lower is better)."""
-    r = await paced_worker(
-        rate=1000.0,
-        seconds=float(ctx.n("paced_seconds", 20, 5)),
-        latency_ms=200.0,
-        slots=1024,
-        cores=_cores() if ctx.n("pin", 1, 1) else None,
-    )
-    return [
-        Figure("worker_cpu_us_per_call_1k_200ms", r["worker_cpu_us_per_call"], "us",
-               "one_core_at_1k_per_s", 1000.0, r),
-    ]  # fmt: skip
 
 
 async def _worker_vs_bare(
