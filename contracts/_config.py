@@ -154,6 +154,10 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cache: CacheConfig = CacheConfig()
     # Tenants with a `tenant` label of their own in the metrics; the rest count as `other`.
     metrics_max_tenants: Annotated[int, Meta(ge=0, le=10_000)] = 50
+    # How long an ended chain's state is kept, in seconds (the events' own 7 days by default):
+    # while kept, its id answers a resubmit with its end and GET /v1/chains/{id} finds it.
+    # Then the server removes it (a per-message TTL). 0: kept until deleted by hand.
+    ended_chain_ttl_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
 
     @property
     def topology(self) -> Topology:

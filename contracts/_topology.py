@@ -128,6 +128,7 @@ class KvDef(Struct, frozen=True, kw_only=True):
     bucket: str
     ttl_s: float = 0.0
     history: int = 1
+    allow_msg_ttl: bool = False  # entries written with a TTL of their own (nats-server 2.11+)
 
 
 class Topology(Struct, frozen=True, kw_only=True):
@@ -276,7 +277,7 @@ class Topology(Struct, frozen=True, kw_only=True):
 
     @property
     def chains_kv(self) -> KvDef:
-        return KvDef(bucket=f"{self.subjects.prefix}_chains".replace("-", "_"))
+        return KvDef(bucket=f"{self.subjects.prefix}_chains".replace("-", "_"), allow_msg_ttl=True)
 
     @property
     def capacity_kv(self) -> KvDef:

@@ -109,6 +109,7 @@ class Router:
         if self.deadline_schedules is None:
             timers = await self.bus.js.stream_info(topo.timers.name)
             self.deadline_schedules = bool(timers.config.allow_msg_schedules)
+        self.store.ended_ttl_s = await self.ended_chain_ttl()
         loops_ = [
             (topo.intake, topo.intake_consumer, self.on_submit),
             (topo.events, topo.engine_consumer, self.on_step_event),
@@ -127,6 +128,17 @@ class Router:
             ))  # fmt: skip
         finally:
             await self.routing.stop()
+
+    async def ended_chain_ttl(self) -> int:
+        """The config's `ended_chain_ttl_s` where the chains' bucket takes a TTL per entry."""
+        ttl = self.config.ended_chain_ttl_s
+        if ttl:
+            stream = f"KV_{self.bus.topology.chains_kv.bucket}"
+            if not (await self.bus.js.stream_info(stream)).config.allow_msg_ttl:
+                log.warning("%s takes no TTL per entry (nats-server < 2.11?): ended chains "
+                            "are kept until deleted", stream)  # fmt: skip
+                return 0
+        return ttl
 
     # -- the one way state changes -----------------------------------------------------------
 

@@ -7,7 +7,9 @@ A cached or follower-served copy can be behind another replica's write, so a dec
 nothing is only final on a `fresh` read: the key's last message, served by the stream leader
 (router/engine.py `_apply`). Writes are nats-py's KV create / update (a publish to the key's
 subject with `Nats-Expected-Last-Subject-Sequence`), sent again while the bucket's stream has no
-leader (runtime/nats.py `while_no_leader`).
+leader (runtime/nats.py `while_no_leader`). The write that ends a chain carries a TTL
+(`ended_ttl_s`, from the config's `ended_chain_ttl_s`): the server removes the ended state then,
+so the bucket holds the running chains and the recent ends, not every chain ever run.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from chainyard.contracts import ChainState, KvDef, encode, state_decoder
 from chainyard.runtime.nats import JS_TIMEOUT_S, fits, while_no_leader
 
-# What nats-py's KV raises on JetStream's 10071 (wrong last subject sequence): a failed CAS.
+# What nats-py's KV raises on JetStream's 10071 / 10164 (wrong last subject sequence): a
+# failed CAS. A write with a TTL is a plain publish to the key's subject (nats-py's KV update
+# takes no TTL), and its refusal is told apart by the same codes.
 Conflict = KeyWrongLastSequenceError
+WRONG_LAST = (10071, 10164)
+LAST = "Nats-Expected-Last-Subject-Sequence"
 REMOVED = ("DEL", "PURGE")  # the KV-Operation header of a deleted key's last message
 
 
-# What nats-py's KV create/update put in a write's headers (the expected last sequence)
-KV_WRITE_HEADERS = {"Nats-Expected-Last-Subject-Sequence": "18446744073709551615"}
+# What a write puts in its headers at most (the expected last sequence, the TTL)
+KV_WRITE_HEADERS = {LAST: "18446744073709551615", "Nats-TTL": "18446744073709551615"}
 
 
 class StateStore:
@@ -48,6 +54,7 @@ class StateStore:
         self._subject = f"$KV.{bucket.bucket}."
         self._cache: OrderedDict[str, tuple[ChainState, int]] = OrderedDict()
         self._size = cache_size
+        self.ended_ttl_s = 0  # the TTL of an ended chain's state; 0: none (Router.run sets it)
 
     @staticmethod
     def key(tenant: str, chain_id: str) -> str:
@@ -83,7 +90,8 @@ class StateStore:
         """Raises Conflict when the key exists."""
         data = encode(state)
         fits(data, KV_WRITE_HEADERS, self.max_payload)
-        rev = await while_no_leader(lambda _: self.kv.create(key, data), JS_TIMEOUT_S)
+        ttl = self._ttl(state)
+        rev = await while_no_leader(lambda _: self.kv.create(key, data, msg_ttl=ttl), JS_TIMEOUT_S)
         self._remember(key, state, rev)
         return rev
 
@@ -91,13 +99,36 @@ class StateStore:
         """Raises Conflict when someone else wrote since `last`."""
         data = encode(state)
         fits(data, KV_WRITE_HEADERS, self.max_payload)
+        ttl = self._ttl(state)
         try:
-            rev = await while_no_leader(lambda _: self.kv.update(key, data, last), JS_TIMEOUT_S)
+            if ttl is None:
+                rev = await while_no_leader(lambda _: self.kv.update(key, data, last), JS_TIMEOUT_S)
+            else:
+                rev = await while_no_leader(
+                    lambda left: self._update_with_ttl(key, data, last, ttl, left), JS_TIMEOUT_S
+                )
         except Conflict:
             self._cache.pop(key, None)
             raise
         self._remember(key, state, rev)
         return rev
+
+    def _ttl(self, state: ChainState) -> int | None:
+        """An ended chain's state is written with a TTL; a running one's never expires."""
+        return self.ended_ttl_s if self.ended_ttl_s and state.status != "running" else None
+
+    async def _update_with_ttl(
+        self, key: str, data: bytes, last: int, ttl: int, timeout: float
+    ) -> int:
+        try:
+            ack = await self.js.publish(
+                self._subject + key, data, timeout=timeout, headers={LAST: str(last)}, msg_ttl=ttl
+            )
+        except APIError as e:
+            if e.err_code in WRONG_LAST:
+                raise Conflict(description=e.description) from None
+            raise
+        return ack.seq
 
     def _remember(self, key: str, state: ChainState, rev: int) -> None:
         if state.status != "running":

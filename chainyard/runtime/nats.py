@@ -253,11 +253,20 @@ async def ensure_consumer(js: JetStreamContext, stream: StreamDef, d: ConsumerDe
 async def ensure_kv(
     js: JetStreamContext, d: KvDef, replicas: int, max_bytes: int | None = None
 ) -> KeyValue:
-    """The bucket, created with `d`'s settings unless it exists (an existing one keeps its own)."""
+    """The bucket, created with `d`'s settings unless it exists (an existing one keeps its own,
+    but gets per-message TTLs when `d` asks for them: the server refuses turning them off)."""
     try:
-        return await js.key_value(d.bucket)
+        kv = await js.key_value(d.bucket)
     except (NotFoundError, BucketNotFoundError):
-        pass
+        kv = await _create_kv(js, d, replicas, max_bytes)
+    if d.allow_msg_ttl:
+        await _allow_msg_ttl(js, f"KV_{d.bucket}")
+    return kv
+
+
+async def _create_kv(
+    js: JetStreamContext, d: KvDef, replicas: int, max_bytes: int | None
+) -> KeyValue:
     try:
         return await js.create_key_value(
             KeyValueConfig(
@@ -273,6 +282,19 @@ async def ensure_kv(
         if e.err_code == NO_SUITABLE_PEERS:
             raise
         return await js.key_value(d.bucket)  # another process created it first
+
+
+async def _allow_msg_ttl(js: JetStreamContext, stream: str) -> None:
+    """Turn on per-message TTLs; a server that refuses (older than 2.11) is logged, and the
+    router then writes without them (`Router.run` reads the stream's setting)."""
+    have = (await js.stream_info(stream)).config
+    if have.allow_msg_ttl:
+        return
+    have.allow_msg_ttl = True
+    try:
+        await js.update_stream(have)
+    except BadRequestError as e:
+        log.warning("stream %s keeps entries without a TTL of their own: %s", stream, e)
 
 
 async def open_bus(
