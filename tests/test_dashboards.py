@@ -215,13 +215,18 @@ async def test_every_panel_and_rule_against_a_live_stack(
                 async with aiohttp.ClientSession() as http:
                     # Every target scraped once before the traffic: counters start from a
                     # sample taken before their increases.
-                    async def all_up() -> bool:
+                    async def prometheus_ready() -> bool:
+                        # 503 while it loads its storage and rules; refused before it listens
                         try:
-                            up = await query(http, prom, "up == 1")
-                        except aiohttp.ClientConnectionError:  # still starting
+                            async with http.get(f"{prom}/-/ready") as r:
+                                return r.status == 200
+                        except aiohttp.ClientConnectionError:
                             return False
-                        return len(up) == len(targets)
 
+                    async def all_up() -> bool:
+                        return len(await query(http, prom, "up == 1")) == len(targets)
+
+                    await wait_until(prometheus_ready, 60, "Prometheus ready", 0.2)
                     await wait_until(all_up, 60, "Prometheus scraping every service", 0.2)
                     await run_traffic(nats_server.url)
                     await check_everything(http, prom)
