@@ -176,6 +176,40 @@ async def _direct(
     return out
 
 
+async def idle_wake(idle_ms: float, n: int) -> dict[str, Any]:
+    """A yardstick for the 1-in-flight rows: one HTTP call to a zero-latency stand-in, made back
+    to back and made after `idle_ms` of idleness, as every process on a path sits idle through
+    the provider's latency. Where idle CPUs sleep deeply (this VM's vCPUs halt), a process
+    woken after idling answers later, so a path through more processes pays it more often: a
+    durable chain wakes nats-server and the router or gateway where a proxy wakes itself."""
+    body = encode(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    )
+    async with sandbox(0.0, None, load=True) as (url, _):
+        client = HttpClient(f"{url}/v1", {"Content-Type": "application/json"})
+        try:
+            out: dict[str, list[float]] = {"back_to_back": [], "after_idle": []}
+            for i in range(2 * n):
+                idle = i % 2 == 1  # interleaved, so load drift hits both alike
+                if idle:
+                    await asyncio.sleep(idle_ms / 1000)  # the idleness measured, not a race
+                t0 = time.perf_counter()
+                await client.post("/chat/completions", body)
+                out["after_idle" if idle else "back_to_back"].append(
+                    (time.perf_counter() - t0) * 1000
+                )
+        finally:
+            await client.aclose()
+    p50 = {k: round(percentile(v, 50), 3) for k, v in out.items()}
+    return {
+        "idle_ms": idle_ms,
+        "calls": n,
+        "p50_ms_back_to_back": p50["back_to_back"],
+        "p50_ms_after_idle": p50["after_idle"],
+        "wake_cost_ms": round(p50["after_idle"] - p50["back_to_back"], 3),
+    }
+
+
 async def _open_loop(d: Driver, prefix: str, n: int, rate: float) -> list[float]:
     jobs = []
     start = time.perf_counter()

@@ -49,7 +49,7 @@ from chainyard.gateway.limits import LEASE_MAX, Limits
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 
-from .added_latency import POOL, Driver, _direct, service
+from .added_latency import POOL, Driver, _direct, idle_wake, service
 from .added_latency import _config as live_config
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
@@ -289,6 +289,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
             sum(cy_cpu.get(k, 0.0) for k in ("gateway", "router", "worker")), 1
         )
         by_window[w] = rows
+    wake = await idle_wake(LATENCY_MS, ctx.n("wake_n", 200, 40))
     cond: dict[str, Any] = {
         "provider": f"chainyard.sandbox.load, fixed {LATENCY_MS:g} ms, its own process",
         "client": "the worker's HTTP client (bench.added_latency._direct), POST "
@@ -321,6 +322,7 @@ async def gateway_http(ctx: Ctx) -> list[Figure]:
             "in_flight": 1,
             "results": dark,
         },
+        "idle_wake": wake,
         "load_before": load_before,
         "load_after": load_average(),
         "goal": "chainyard adds no more than Portkey at p50 and p99, at 1 and 32 in flight; "

@@ -35,7 +35,7 @@ from typing import Any
 from chainyard.runtime.nats import open_bus
 from chainyard.runtime.server import NatsServer
 
-from .added_latency import POOL, Driver, _config, _direct, service
+from .added_latency import POOL, Driver, _config, _direct, idle_wake, service
 from .calibrate import load_average
 from .core import HERE, Ctx, Figure, benchmark
 from .drive import percentile
@@ -263,6 +263,7 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
                         await p.measure(f"r{r}-c{w}-", sizes[w], w)
     gateway = {"direct": ("driver",), "portkey": ("portkey",), "chainyard": ("router", "worker")}
     by_window = {w: added_rows(paths, gateway, w) for w in WINDOWS}
+    wake = await idle_wake(LATENCY_MS, ctx.n("wake_n", 200, 40))
     cond: dict[str, Any] = {
         "provider": f"chainyard.sandbox.load, fixed {LATENCY_MS:g} ms, its own process",
         "client": "the worker's HTTP client (bench.added_latency._direct) for direct and Portkey;"
@@ -279,6 +280,7 @@ async def peer_portkey(ctx: Ctx) -> list[Figure]:
         "rounds": rounds,
         "order": "rounds alternate direct, Portkey, chainyard and the reverse; each window in turn",
         "results": {f"c{w}": rows for w, rows in by_window.items()},
+        "idle_wake": wake,
         "load_before": load_before,
         "load_after": load_average(),
         "goal": "chainyard adds less than Portkey at p50 and p99, at 1 and 32 in flight",
