@@ -146,8 +146,8 @@ class Client:
             isinstance(chain.steps[0], LlmStep) and chain.steps[0].loop is not None
         ):
             raise ValueError("answer() takes a chain of one step (not an agent loop); use run()")
-        data, _, _, msg_id = _prepare(chain)
-        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        # (a Chain's own id is not a message id, and no digest is compared: see `_prepare`)
+        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), encode(chain), "")
         return await self._await_end(
             chain.id, publish, timeout, look_back=False, answer_of=chain.steps[0].id
         )
@@ -205,7 +205,8 @@ class Client:
                 for ev in await self._ends_before(chain_id):
                     offer(ev)
             try:
-                return await asyncio.wait_for(ended, timeout)
+                async with asyncio.timeout(timeout):  # (no task and waiter, as wait_for has)
+                    return await ended
             except TimeoutError:
                 raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
         finally:

@@ -5,8 +5,10 @@ process per pool, sandbox providers. Shapes are checked against OpenAI's OpenAPI
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -16,13 +18,15 @@ import pytest_asyncio
 import yaml
 from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
 from helpers import Events, stream_events, wait_until
+from multidict import CIMultiDict, CIMultiDictProxy
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 from test_sandbox_openapi import SPEC, validate
 
 from chainyard import trace_view
-from chainyard.contracts import ChainCancelled, StepCompleted, StepFailed
+from chainyard.contracts import ChainCancelled, Route, StepCompleted, StepFailed
 from chainyard.gateway import openai as gateway_openai
+from chainyard.gateway.core import ApiError, Hints, hints
 from chainyard.router.cache import bucket_name
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -354,6 +358,57 @@ async def test_bad_input_never_crashes_the_gateway(live: Stack) -> None:
         assert (await http.get(f"{live.url}/readyz")).status_code == 200
         r = await http.post(url, headers=auth(), json=ask("still alive"))
         assert r.json()["choices"][0]["message"]["content"] == "echo: still alive"
+
+
+async def test_bodies_without_a_length_or_compressed_are_read_and_capped(live: Stack) -> None:
+    """A chunked body (no Content-Length) is read as it comes, a gzip body once inflated; both
+    are refused with 413 past the cap (64 KB here), counted after decompression."""
+    url = f"{live.v1()}/chat/completions"
+
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    small = json.dumps(ask("chunked")).encode()
+    big = json.dumps(ask("x" * 100_000)).encode()
+    headers = {**auth(), "content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(url, headers=headers, content=chunks(small))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "echo: chunked"
+        r = await http.post(url, headers=headers, content=chunks(big))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        zipped = {**headers, "content-encoding": "gzip"}
+        r = await http.post(url, headers=zipped, content=gzip.compress(small))
+        assert r.json()["choices"][0]["message"]["content"] == "echo: chunked", r.text
+        packed = gzip.compress(big)  # a few hundred bytes on the wire, 100 KB inflated
+        assert len(packed) < 64 * 1024 < len(big)
+        r = await http.post(url, headers=zipped, content=packed)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+
+@pytest.mark.skipif(
+    any(k.startswith("OTEL_") for k in os.environ), reason="tracing may be on: a span's trace id"
+)
+async def test_no_trace_id_without_a_callers_trace(live: Stack) -> None:
+    """Tracing is off in this stack: the trace id returned is the caller's, and without a
+    `traceparent` there is none."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{live.v1()}/chat/completions", headers=auth(), json=ask("x"))
+    assert r.status_code == 200, r.text
+    assert "x-chainyard-trace-id" not in r.headers
+    assert r.headers["x-chainyard-chain-id"].startswith("chat-")
+
+
+async def test_hint_headers_are_found_in_any_case() -> None:
+    """Without a hint header the route is the default one; with one, in any letter case (as
+    aiohttp's headers are), it is read, and a malformed one is still refused."""
+    assert hints(CIMultiDictProxy(CIMultiDict({"Accept": "*/*"}))) == Hints(route=Route())
+    mixed = hints(CIMultiDictProxy(CIMultiDict({"X-Chainyard-Avoid": "a, b"})))
+    assert mixed.route.avoid == ["a", "b"]
+    with pytest.raises(ApiError) as bad:
+        hints(CIMultiDictProxy(CIMultiDict({"X-CHAINYARD-DEADLINE-MS": "0"})))
+    assert bad.value.status == 400 and bad.value.param == "x-chainyard-deadline-ms"
 
 
 async def test_routing_headers_reach_the_router(live: Stack) -> None:

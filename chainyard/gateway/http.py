@@ -55,15 +55,21 @@ async def read_json(request: web.Request, gw: Gateway) -> Any:
     too_big = ApiError(
         413, f"the request body is larger than {cap} bytes", code="request_too_large"
     )
-    if request.content_length is not None and request.content_length > cap:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > cap:
+    if request.content_length is not None:
+        if request.content_length > cap:
             raise too_big
+        body = await request.read()  # (aiohttp refuses past client_max_size while reading)
+        if len(body) > cap:  # a compressed body, larger once decompressed
+            raise too_big
+    else:  # chunked: counted as it comes
+        chunks = bytearray()
+        async for chunk in request.content.iter_any():
+            chunks += chunk
+            if len(chunks) > cap:
+                raise too_big
+        body = bytes(chunks)
     try:
-        value = msgspec.json.decode(bytes(body))
+        value = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(value, dict):
@@ -90,9 +96,12 @@ def convert(value: Any, kind: type[Any]) -> Any:
 def server_span(request: web.Request, name: str) -> Iterator[dict[str, str]]:
     """The request's span, continuing the caller's `traceparent`; yields the response headers
     to add (the trace id). With tracing off, the caller's context is still current."""
-    parent = propagate.extract(request.headers)
     headers: dict[str, str] = {}
     tr = tracing.active
+    if tr is None and not any(f in request.headers for f in propagate.get_global_textmap().fields):
+        yield headers  # no caller's context and no span: nothing to continue or attach
+        return
+    parent = propagate.extract(request.headers)
     if tr is None:
         caller = trace.get_current_span(parent).get_span_context()
         if caller.is_valid:

@@ -202,13 +202,15 @@ def parse(body: dict[str, Any]) -> ChatRequest:
 
 
 def step_of(req: ChatRequest) -> LlmStep:
+    # The parts are built checked; convert checks the step's own fields (its model) and takes
+    # the parts as they are, with no round trip through builtins.
     return convert(
         {
             "id": STEP_ID,
             "model": req.model,
-            "messages": [msgspec.to_builtins(_message(m, i)) for i, m in enumerate(req.messages)],
-            "tools": [msgspec.to_builtins(t) for t in _tools(req)],
-            "params": msgspec.to_builtins(_params(req)),
+            "messages": [_message(m, i) for i, m in enumerate(req.messages)],
+            "tools": _tools(req),
+            "params": _params(req),
         },
         LlmStep,
     )
