@@ -103,13 +103,6 @@ def _names(headers: Mapping[str, str], name: str) -> list[str]:
     return [n.strip() for n in raw.split(",") if n.strip()]
 
 
-HINT_HEADERS = tuple(
-    HINT + name
-    for name in (
-        "strategy", "max-cost-usd", "deadline-ms", "prefer", "avoid", "hedge-after-ms",
-        "cache-ttl-s",
-    )
-)  # fmt: skip
 NO_HINTS = Hints()
 
 
@@ -117,7 +110,7 @@ def hints(headers: Mapping[str, str]) -> Hints:
     """`x-chainyard-strategy`, `-max-cost-usd`, `-deadline-ms`, `-prefer`, `-avoid` (comma
     separated pools or deployments), `-hedge-after-ms` and `-cache-ttl-s` (the step's response
     cache, docs/OPERATIONS.md); a malformed one is a 400 naming it."""
-    if not any(name in headers for name in HINT_HEADERS):
+    if not any(name.lower().startswith(HINT) for name in headers):
         return NO_HINTS  # most requests: no route to build and validate (docs/BENCH.md)
     strategy = headers.get(HINT + "strategy")
     fields: dict[str, Any] = {
