@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -470,6 +471,9 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
                 extra_headers=headers,  # type: ignore[arg-type]
             ),
         )
+        first = answers[0].parse().created
+        # a retry in a later second still answers with the first answer's `created`
+        await wait_until(lambda: int(time.time()) > first, 5, "the clock's next second")
         again = await a.chat.completions.with_raw_response.create(
             **ask("charge once"),
             extra_headers=headers,  # type: ignore[arg-type]
@@ -481,6 +485,7 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
     bodies = [r.parse() for r in (*answers, again)]
     assert {b.id for b in bodies} == {f"chatcmpl-{ids.pop()}"}
     assert {b.choices[0].message.content for b in bodies} == {"echo: charge once"}
+    assert {b.created for b in bodies} == {first}
     chain_id = bodies[0].id.removeprefix("chatcmpl-")
     events = await step_events(live, chain_id)
     assert sum(isinstance(e, StepCompleted) for e in events) == 1

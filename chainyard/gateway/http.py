@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, format_trace_id
 
-from chainyard.contracts import Chain, LlmStep, StepCompleted
+from chainyard.contracts import Chain, LlmStep, StepCompleted, state_decoder
 from chainyard.runtime import tracing
 
 from .core import (
@@ -207,6 +207,16 @@ class StepCall:
                 if self.fresh_id:
                     self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
                 raise
+
+    async def created_s(self, now_s: int) -> int:
+        """The answer's `created`: `now_s`, or for an Idempotency-Key's chain the time its state
+        was created, so a retry's answer is the first one to the second."""
+        if self.fresh_id:
+            return now_s
+        with contextlib.suppress(msgspec.DecodeError):
+            if (value := await self.gw.chain_state(self.grant.tenant, self.chain.id)) is not None:
+                return state_decoder.decode(value).created_at_ms // 1000
+        return now_s
 
     async def outcome(self, ended: Outcome) -> ApiError | None:
         """Settle the call's usage with the limits (once per chain: not on a replay); the error

@@ -297,7 +297,8 @@ async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamRespo
         if req.stream:
             return await _stream(call, request, req, created)
         ended = await call.completed()
-        return json_response(completion(ended, req.model, created), call.headers)
+        created_s = await call.created_s(created)
+        return json_response(completion(ended, req.model, created_s), call.headers)
 
     return await call.answer(request, respond)
 
