@@ -39,6 +39,7 @@ __all__ = [
     "NoSuchChain",
     "Output",
     "Params",
+    "PermissionDenied",
     "ProviderError",
     "Route",
     "Step",
@@ -58,6 +59,7 @@ _ELSEWHERE = {
     "ChainStatusRow": "chainyard.client",
     "Client": "chainyard.client",
     "NoSuchChain": "chainyard.client",
+    "PermissionDenied": "chainyard.refusals",
     "ProviderError": "chainyard.workers.providers",
     "Tools": "chainyard.workers.tools",
 }
@@ -108,5 +110,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
         WaitStep,
         load_config,
     )
+    from chainyard.refusals import PermissionDenied
     from chainyard.workers.providers import ProviderError
     from chainyard.workers.tools import Tools

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from chainyard.cli_fail import Fail, _connecting, _safe_url, _unreachable
 from chainyard.contracts import ChainTimeout, Config, ConfigError, RouterConfig, load_config
+from chainyard.refusals import PermissionDenied
 
 log = logging.getLogger("chainyard")
 DEFAULT_NATS = "nats://127.0.0.1:4222"  # where `chainyard dev` puts NATS when the port is free
@@ -381,6 +382,8 @@ def _expected(e: Exception, args: argparse.Namespace) -> tuple[str, int] | None:
         return str(e), 2
     if isinstance(e, ChainTimeout):
         return str(e), 3
+    if isinstance(e, PermissionDenied):
+        return f"refused by NATS: {e} (the user's permissions: deploy/README.md)", 1
     if isinstance(e, nats.errors.NoServersError | ConnectionRefusedError):
         return str(_unreachable(args.nats or DEFAULT_NATS, str(e))), 4
     if isinstance(e, nats.errors.Error):

@@ -50,6 +50,7 @@ from chainyard.contracts import (
 )
 from chainyard.contracts import new_id as _new_id
 from chainyard.ordered import OrderedReader
+from chainyard.refusals import Refusals
 from chainyard.runtime import messaging, tracing
 from chainyard.runtime.nats import connect
 
@@ -71,10 +72,21 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class Client:
-    def __init__(self, nc: NatsClient, tenant: str, topology: Topology | None = None) -> None:
+    """`refusals`: the connection's permission refusals (`Refusals.saw` as its error callback,
+    as `connect` sets up), so a call the NATS user may not make raises `PermissionDenied` at
+    once instead of waiting out its timeout."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        tenant: str,
+        topology: Topology | None = None,
+        refusals: Refusals | None = None,
+    ) -> None:
         self.nc = nc
         self.tenant = tenant
         self.topology = topology or Topology()
+        self.refusals = refusals or Refusals()
         self.subjects: Subjects = self.topology.subjects
         self.js = nc.jetstream()
         tracing.use_global()  # the application's OTel provider, if it set one up
@@ -85,14 +97,16 @@ class Client:
     ) -> Client:
         # Replies (PubAcks) come to a tenant's own inbox prefix, which NATS permissions can pin
         # so no tenant reads another's replies (deploy/accounts.conf).
+        refusals = Refusals()
         nc = await connect(
             url,
             name=f"chainyard-client-{tenant}",
             creds=creds,
             max_reconnect_attempts=10,
             inbox_prefix=f"_INBOX_{tenant}",
+            on_error=refusals.saw,
         )
-        return cls(nc, tenant, Topology(subjects=Subjects(prefix=prefix)))
+        return cls(nc, tenant, Topology(subjects=Subjects(prefix=prefix)), refusals)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -112,7 +126,9 @@ class Client:
         A chain id is taken once per tenant: the same chain submitted again is not run again,
         and a different chain under a used id gets `chain.rejected` (`id_in_use`)."""
         data, chain_id, _, msg_id = _prepare(chain)
-        await messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
+        subject = self.subjects.submit(self.tenant)
+        with self.refusals.watching((subject,)):
+            await messaging.publish(self.js, subject, data, msg_id)
         return chain_id
 
     async def run(
@@ -125,8 +141,11 @@ class Client:
         `fresh_id`: the id was made for this call (`new_id()`), so no earlier run of it can
         have ended, and the event log is not searched for one (three fewer round trips)."""
         data, chain_id, digest, msg_id = _prepare(chain)
-        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), data, msg_id)
-        ended = await self._await_end(chain_id, publish, timeout, digest, look_back=not fresh_id)
+        subject = self.subjects.submit(self.tenant)
+        publish = messaging.publish(self.js, subject, data, msg_id)
+        ended = await self._await_end(
+            chain_id, subject, publish, timeout, digest, look_back=not fresh_id
+        )
         assert not isinstance(ended, StepCompleted)  # only `answer_of` takes a step's event
         return ended
 
@@ -147,14 +166,16 @@ class Client:
         ):
             raise ValueError("answer() takes a chain of one step (not an agent loop); use run()")
         # (a Chain's own id is not a message id, and no digest is compared: see `_prepare`)
-        publish = messaging.publish(self.js, self.subjects.submit(self.tenant), encode(chain), "")
+        subject = self.subjects.submit(self.tenant)
+        publish = messaging.publish(self.js, subject, encode(chain), "")
         return await self._await_end(
-            chain.id, publish, timeout, look_back=False, answer_of=chain.steps[0].id
+            chain.id, subject, publish, timeout, look_back=False, answer_of=chain.steps[0].id
         )
 
     async def _await_end(
         self,
         chain_id: str,
+        publishes: str,
         action: Awaitable[object],
         timeout: float,
         digest: str | None = None,
@@ -163,7 +184,7 @@ class Client:
         answer_of: str | None = None,
     ) -> StepCompleted | ChainEnded:
         """Subscribe to the chain's events, then perform `action` (a publish to the intake
-        stream), then wait for the end that answers it.
+        stream, on subject `publishes`), then wait for the end that answers it.
 
         Which end answers: a `chain.rejected` of this very message (its `intake_seq` is the
         publish ack's sequence), or a chain's end whose `digest` is this chain's. The end of an
@@ -193,25 +214,27 @@ class Client:
             with contextlib.suppress(*BadMessage):
                 offer(event_decoder.decode(msg.data))
 
-        sub = await self.nc.subscribe(
-            self.subjects.chain_events(self.tenant, chain_id), cb=on_event
-        )
-        try:
-            ack = await action
-            seq.append(getattr(ack, "seq", 0) or 0)
-            for ev in early:
-                offer(ev)
-            if digest is not None and look_back:
-                for ev in await self._ends_before(chain_id):
-                    offer(ev)
+        events = self.subjects.chain_events(self.tenant, chain_id)
+        with self.refusals.watching((events, publishes)):
+            sub = await self.nc.subscribe(events, cb=on_event)
             try:
-                async with asyncio.timeout(timeout):  # (no task and waiter, as wait_for has)
-                    return await ended
-            except TimeoutError:
-                raise ChainTimeout(f"chain {chain_id!r} did not end within {timeout} s") from None
-        finally:
-            with contextlib.suppress(Exception):  # the connection may be closing
-                await sub.unsubscribe()
+                ack = await action
+                seq.append(getattr(ack, "seq", 0) or 0)
+                for ev in early:
+                    offer(ev)
+                if digest is not None and look_back:
+                    for ev in await self._ends_before(chain_id):
+                        offer(ev)
+                try:
+                    async with asyncio.timeout(timeout):  # (no task and waiter, as wait_for has)
+                        return await ended
+                except TimeoutError:
+                    raise ChainTimeout(
+                        f"chain {chain_id!r} did not end within {timeout} s"
+                    ) from None
+            finally:
+                with contextlib.suppress(Exception):  # the connection may be closing
+                    await sub.unsubscribe()
 
     async def _ends_before(self, chain_id: str) -> list[Event]:
         """The chain's terminal events already in the event log (direct gets by subject, which
@@ -282,8 +305,9 @@ class Client:
                 raise _Refused(answer)
             return ack
 
+        control = self.subjects.control(self.tenant, chain_id, "replay")
         try:  # the new chain's events are subscribed to before the request goes out
-            return await self._await_end(req.new_id, request(), wait)
+            return await self._await_end(req.new_id, control, request(), wait)
         except _Refused as r:
             return r.answer
 
@@ -339,7 +363,8 @@ class Client:
     ) -> ControlAnswer | None:
         if timeout is None:
             subject = self.subjects.control(self.tenant, chain_id, verb)
-            await messaging.publish(self.js, subject, data, "")
+            with self.refusals.watching((subject,)):
+                await messaging.publish(self.js, subject, data, "")
             return None
         answer, _ = await self._request(chain_id, verb, data, timeout)
         return answer
@@ -368,23 +393,25 @@ class Client:
                     offer(ev)
 
         answers = self.subjects.event(self.tenant, chain_id, "control.*")
-        sub = await self.nc.subscribe(answers, cb=on_event)
-        try:
-            subject = self.subjects.control(self.tenant, chain_id, verb)
-            ack = await messaging.publish(self.js, subject, data, "")
-            seq.append(getattr(ack, "seq", 0) or 0)
-            for ev in early:
-                offer(ev)
+        subject = self.subjects.control(self.tenant, chain_id, verb)
+        with self.refusals.watching((answers, subject)):
+            sub = await self.nc.subscribe(answers, cb=on_event)
             try:
-                return await asyncio.wait_for(answered, timeout), ack
-            except TimeoutError:
-                raise ChainTimeout(
-                    f"no answer from a router to {verb} of chain {chain_id!r} (tenant "
-                    f"{self.tenant!r}) within {timeout:g} s: is a router running on this NATS?"
-                ) from None
-        finally:
-            with contextlib.suppress(Exception):  # the connection may be closing
-                await sub.unsubscribe()
+                ack = await messaging.publish(self.js, subject, data, "")
+                seq.append(getattr(ack, "seq", 0) or 0)
+                for ev in early:
+                    offer(ev)
+                try:
+                    return await asyncio.wait_for(answered, timeout), ack
+                except TimeoutError:
+                    raise ChainTimeout(
+                        f"no answer from a router to {verb} of chain {chain_id!r} (tenant "
+                        f"{self.tenant!r}) within {timeout:g} s: is a router running on this "
+                        "NATS?"
+                    ) from None
+            finally:
+                with contextlib.suppress(Exception):  # the connection may be closing
+                    await sub.unsubscribe()
 
     async def exists(self, chain_id: str) -> bool:
         """Whether the tenant has a chain of this id: its state, or any event of it.

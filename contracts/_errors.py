@@ -4,6 +4,8 @@
     ├── ConfigError        (also ValueError)    a config file that cannot be used: file and field
     ├── ChainTimeout       (also TimeoutError)  no terminal event in time; the chain may still run
     ├── NoSuchChain        (also LookupError)   the tenant has no chain of that id (client)
+    ├── PermissionDenied                         the NATS user may not publish or subscribe
+    │                                            on a subject the call needs (client)
     ├── ProviderError                            a provider call failed, classified (`cls`)
     ├── ServerError        (also RuntimeError)  the embedded nats-server did not start
     └── DlqError                                a dead-letter command that cannot be done

@@ -21,6 +21,8 @@ from types import TracebackType
 from aiohttp import web
 from nats.errors import Error as NatsError
 
+from chainyard.refusals import PermissionDenied
+
 from . import anthropic, chains, openai
 from .core import ApiError, Gateway
 
@@ -50,13 +52,16 @@ def _guard(
             return shape(e)
         except web.HTTPRequestEntityTooLarge:
             return shape(ApiError(413, "the request body is too large", code="request_too_large"))
+        except PermissionDenied as e:  # the server refused a subject this request needs
+            log.error("%s %s: %s", request.method, request.path, e)
+            return shape(_misconfigured())
         except ConnectionResetError:  # the client went away mid-answer; nothing to answer
             log.info("%s %s: the client disconnected", request.method, request.path)
             raise
         except asyncio.CancelledError:
             raise
         except (NatsError, TimeoutError) as e:  # NATS unreachable or slow: try again shortly
-            if (denied := gw.denials.recent()) is not None:  # unless the server refused it
+            if (denied := gw.refusals.recent()) is not None:  # unless the server refused it
                 log.error("%s %s: %s (%r)", request.method, request.path, denied, e)
                 return shape(_misconfigured())
             log.warning("%s %s: NATS: %r", request.method, request.path, e)

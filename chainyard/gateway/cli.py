@@ -83,12 +83,13 @@ async def run(args: argparse.Namespace) -> int:
     from nats.errors import Error as NatsError
 
     from chainyard.contracts import ConfigError, load_config
+    from chainyard.refusals import Refusals
     from chainyard.runtime import tracing
     from chainyard.runtime.kv_view import KvView
     from chainyard.runtime.nats import connect
 
     from .app import HttpServer
-    from .core import Denials, Gateway, Settings, StaticKeys
+    from .core import Gateway, Settings, StaticKeys
 
     try:
         config = load_config(args.config)
@@ -101,7 +102,7 @@ async def run(args: argparse.Namespace) -> int:
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    denials = Denials()
+    refusals = Refusals()
     # like `router` and `worker`: NATS down at start is said once, and retried until it is up
     with _connecting(args.nats, say=True):
         connecting = connect(
@@ -109,7 +110,7 @@ async def run(args: argparse.Namespace) -> int:
             name="chainyard-gateway",
             creds=args.creds,
             inbox_prefix=INBOX_PREFIX,
-            on_error=denials.saw,
+            on_error=refusals.saw,
         )
         nc = await _unless_stopped(connecting, stop)
     if nc is None:
@@ -128,7 +129,7 @@ async def run(args: argparse.Namespace) -> int:
             return 4
     tracing.setup("chainyard-gateway")  # OTEL_* like every other entry point
     settings = Settings(max_body_bytes=args.max_body_kb * 1024, deadline_ms=args.deadline_ms)
-    gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings, denials=denials)
+    gw = Gateway(nc, config, keys=keys, limits=limits, settings=settings, refusals=refusals)
     try:
         async with HttpServer(gw, args.host, args.port) as server:
             print(f"chainyard gateway: listening on {server.url}", flush=True)

@@ -13,8 +13,7 @@ import contextlib
 import hashlib
 import logging
 import math
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -42,6 +41,7 @@ from chainyard.contracts import (
     event_decoder,
     new_id,
 )
+from chainyard.refusals import Refusals
 
 STEP_ID = "call"  # the one step of a chain made from a chat/messages request
 DEADLINE_PREFIX = "deadline exceeded"  # how the router starts every past-deadline reason
@@ -384,29 +384,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: int = 300_000  # the chain deadline when the request sets none
 
 
-class Denials:
-    """The permissions violations the server reported to this process (`connect`'s
-    `on_error`). The server refuses a publish the gateway's NATS user may not make without
-    answering it, so the request waits out its timeout; recorded here, that request is told
-    the gateway is misconfigured rather than that NATS is down."""
-
-    RECENT_S = 30.0
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.last: tuple[float, str] | None = None  # when, and the server's words
-
-    def saw(self, e: Exception) -> None:
-        if "permissions violation" in str(e).lower():
-            self.last = (self.clock(), str(e))
-
-    def recent(self) -> str | None:
-        """The last violation, if within RECENT_S."""
-        if self.last is not None and self.clock() - self.last[0] <= self.RECENT_S:
-            return self.last[1]
-        return None
-
-
 class Gateway:
     """The state every request handler shares; nothing in it is per request or durable, so
     any number of replicas serve the same NATS."""
@@ -419,10 +396,12 @@ class Gateway:
         keys: KeyLookup | None = None,
         limits: Admission | None = None,
         settings: Settings | None = None,
-        denials: Denials | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
+        """`refusals`: the connection's permission refusals (`Refusals.saw` is its error
+        callback), so a request the gateway's NATS user may not serve fails at once."""
         self.nc = nc
-        self.denials = denials or Denials()
+        self.refusals = refusals or Refusals()
         self.config = config
         self.topology = config.topology
         self.keys: KeyLookup = keys or StaticKeys()
@@ -437,7 +416,7 @@ class Gateway:
         """A client bound to one tenant's subjects: a key only ever reaches its own chains."""
         c = self._clients.get(tenant)
         if c is None:
-            c = self._clients[tenant] = Client(self.nc, tenant, self.topology)
+            c = self._clients[tenant] = Client(self.nc, tenant, self.topology, self.refusals)
         return c
 
     async def chain_state(self, tenant: str, chain_id: str) -> bytes | None:
