@@ -494,8 +494,10 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
 
 async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live: Stack) -> None:
     headers = {"Idempotency-Key": "stream-retry-1"}
-    texts, ids = [], set()
+    texts, ids, created = [], set(), set()
     for i in (0, 1):  # the retry goes to the other replica, after the first has ended
+        if created:  # ... in a later second: it still answers with the first `created`
+            await wait_until(lambda: int(time.time()) > min(created), 5, "the next second")
         async with sdk(live, i=i) as client:
             stream = await client.chat.completions.create(
                 **ask("say it once"),
@@ -505,9 +507,11 @@ async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live
             parts = []
             async for chunk in stream:
                 ids.add(chunk.id)
+                created.add(chunk.created)
                 parts += [c.delta.content or "" for c in chunk.choices]
             texts.append("".join(parts))
     assert texts == ["echo: say it once"] * 2
+    assert len(created) == 1
     [chat_id] = ids
     events = await step_events(live, chat_id.removeprefix("chatcmpl-"))
     assert sum(isinstance(e, StepCompleted) for e in events) == 1

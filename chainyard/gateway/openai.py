@@ -324,12 +324,18 @@ async def _stream(
             c["usage"] = None
         return msgspec.json.encode(c)
 
+    async def opening(model: str = req.model) -> None:
+        # An Idempotency-Key's chain exists by its first delta or end: a retry's chunks carry
+        # the time it was created, as its first answer's did.
+        base["created"] = await call.created_s(created)
+        await sse.send(chunk(first, model=model))
+
     first = {"role": "assistant", "content": "", "refusal": None}
     ended: Outcome | None = None
     async for item in call.stream():
         if isinstance(item, Delta):
             if not sse.open:
-                await sse.send(chunk(first))
+                await opening()
             await sse.send(chunk({"content": item.text}))
         else:
             ended = item
@@ -343,7 +349,7 @@ async def _stream(
     assert isinstance(ended, ANSWERED)
     model = served_model(ended, req.model)
     if not sse.open:
-        await sse.send(chunk(first, model=model))
+        await opening(model)
     if ended.output.tool_calls:
         await sse.send(chunk({"tool_calls": _calls(ended, indexed=True)}, model=model))
     await sse.send(chunk({}, _finish(ended), model=model))
