@@ -7,7 +7,7 @@ waits out its JetStream timeout and the refused subscription stays silent, so a 
 for a chain's answer would wait until its deadline. `Refusals.saw` is that error callback
 (`runtime.nats.connect(on_error=...)`, which `Client.connect` wires); a wait inside
 `Refusals.watching(subjects)` then ends with `PermissionDenied` as soon as a refusal names one
-of its subjects.
+of its subjects (`listening` calls back instead, for a wait that is a queue's).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Refusals:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.last: tuple[float, str] | None = None  # when, and the server's words
-        self._waiting: dict[str, set[_Watch]] = {}  # by lowercased subject
+        self._waiting: dict[str, set[_Listen]] = {}  # by lowercased subject
 
     def saw(self, e: Exception) -> None:
         """The connection's error callback: records a refusal and fails the waits it names."""
@@ -47,8 +47,8 @@ class Refusals:
         self.last = (self.clock(), text)
         if (named := _SUBJECT.search(text)) is None:
             return
-        for watch in self._waiting.pop(named[1].lower(), set()):
-            watch.refuse(text)
+        for waiting in self._waiting.pop(named[1].lower(), set()):
+            waiting.refuse(text)
 
     def recent(self) -> str | None:
         """The last refusal, if within RECENT_S: why a timed-out call most likely failed."""
@@ -58,19 +58,59 @@ class Refusals:
 
     def watching(self, subjects: Iterable[str]) -> _Watch:
         """`with refusals.watching([...]):` around a task's publishes and subscriptions on
-        `subjects` and its wait for their answer."""
-        return _Watch(self, tuple(s.lower() for s in subjects))
+        `subjects` and its wait for their answer: a refusal ends the wait."""
+        return _Watch(self, subjects)
+
+    def listening(self, subjects: Iterable[str], on_refused: Callable[[str], None]) -> _Listen:
+        """`with refusals.listening([...], callback):` (or its `open()` and `close()`) for a wait
+        that is not one task's (a generator's queue): `on_refused` gets the server's words,
+        once."""
+        return _Listen(self, subjects, on_refused)
 
 
-class _Watch:
+class _Listen:
+    def __init__(
+        self,
+        refusals: Refusals,
+        subjects: Iterable[str],
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.refusals = refusals
+        self.subjects = tuple(s.lower() for s in subjects)
+        self.on_refused = on_refused
+        self.refused: str | None = None
+
+    def refuse(self, text: str) -> None:
+        if self.refused is None and self.on_refused is not None:
+            self.refused = text
+            self.on_refused(text)
+
+    def open(self) -> None:
+        for subject in self.subjects:
+            self.refusals._waiting.setdefault(subject, set()).add(self)
+
+    def close(self) -> None:
+        waiting = self.refusals._waiting
+        for subject in self.subjects:
+            if (listening := waiting.get(subject)) is not None:
+                listening.discard(self)
+                if not listening:
+                    del waiting[subject]
+
+    def __enter__(self) -> None:
+        self.open()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _Watch(_Listen):
     """Like `asyncio.timeout`: a refusal cancels the waiting task, and the cancellation leaves
     the block as `PermissionDenied` (any other cancellation passes through unchanged)."""
 
-    def __init__(self, refusals: Refusals, subjects: tuple[str, ...]) -> None:
-        self.refusals = refusals
-        self.subjects = subjects
-        self.task: asyncio.Task[object] | None = None
-        self.refused: str | None = None
+    task: asyncio.Task[object] | None = None
 
     def refuse(self, text: str) -> None:
         # The callback runs in nats-py's reading task, never in the waiting one, so the task
@@ -81,18 +121,12 @@ class _Watch:
 
     def __enter__(self) -> None:
         self.task = asyncio.current_task()
-        for subject in self.subjects:
-            self.refusals._waiting.setdefault(subject, set()).add(self)
+        super().__enter__()
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        waiting = self.refusals._waiting
-        for subject in self.subjects:
-            if (watches := waiting.get(subject)) is not None:
-                watches.discard(self)
-                if not watches:
-                    del waiting[subject]
+        super().__exit__(et, e, tb)
         if self.refused is None or self.task is None:
             return
         if self.task.uncancel() == 0 and et is not None and issubclass(et, asyncio.CancelledError):

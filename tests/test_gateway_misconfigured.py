@@ -30,6 +30,9 @@ REFUSED = {  # the gateway user's permissions -> what the server refuses
     # whole deadline (300 s here) for events it could not see, then answer 504.
     "events": ('{publish: ">", subscribe: {allow: ">", deny: ["cy.events.acme.>"]}}',
                'subscription to "cy.events.acme.'),
+    # a streamed request reads the step's token deltas too
+    "deltas": ('{publish: ">", subscribe: {allow: ">", deny: ["cy.delta.acme.>"]}}',
+               'subscription to "cy.delta.acme.'),
 }  # fmt: skip
 
 
@@ -54,7 +57,11 @@ async def test_a_refused_request_is_a_misconfigured_gateway(tmp_path: Path, refu
                 asked = await http.post(
                     "/v1/chat/completions",
                     headers={"authorization": "Bearer sk-acme"},
-                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    json={
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "stream": refused == "deltas",
+                    },
                 )
                 assert asked.status_code == 500, asked.text
                 error = asked.json()["error"]

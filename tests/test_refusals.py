@@ -70,6 +70,10 @@ async def test_a_client_refused_a_subscription_or_a_publish_is_told_at_once(
                 with denied("subscription to"):
                     async with asyncio.timeout(WAIT_S):
                         await client.answer(_chain("c2"), timeout=300)
+                with denied('subscription to "cy.events.acme.c2'):
+                    async with asyncio.timeout(WAIT_S):
+                        async for _ in client.watch("c2", history=False):
+                            pass
                 # The connection goes on: a publish it may make still works.
                 assert await client.submit(_chain("c3")) == "c3"
             async with await Client.connect(f"nats://nopub:pw@{address}", "acme") as client:

@@ -41,7 +41,7 @@ from chainyard.contracts import (
     event_decoder,
     new_id,
 )
-from chainyard.refusals import Refusals
+from chainyard.refusals import PermissionDenied, Refusals
 
 STEP_ID = "call"  # the one step of a chain made from a chat/messages request
 DEADLINE_PREFIX = "deadline exceeded"  # how the router starts every past-deadline reason
@@ -243,21 +243,24 @@ async def stream_step(
     streaming (a failover) is followed by a fresh attempt that starts over: only the text
     beyond what was already passed on is yielded. The end carries the whole answer; what the
     deltas missed is yielded from it before the end."""
-    queue: asyncio.Queue[Msg] = asyncio.Queue()
+    queue: asyncio.Queue[Msg | PermissionDenied] = asyncio.Queue()
 
     async def put(msg: Msg) -> None:
         queue.put_nowait(msg)
 
     nc = client.nc
     subjects = client.subjects
-    subs = [
-        await nc.subscribe(subjects.delta(client.tenant, chain.id, STEP_ID), cb=put),
-        await nc.subscribe(subjects.event(client.tenant, chain.id, "step.failed"), cb=put),
-    ]
+    listen = (
+        subjects.delta(client.tenant, chain.id, STEP_ID),
+        subjects.event(client.tenant, chain.id, "step.failed"),
+    )
+    refused = client.refusals.listening(listen, lambda why: queue.put_nowait(PermissionDenied(why)))
+    refused.open()
+    subs = [await nc.subscribe(subject, cb=put) for subject in listen]
     run = asyncio.ensure_future(run_step(client, chain, timeout_s, fresh_id=fresh_id))
     sent = ""  # passed on so far
     attempt = ""  # the text of the attempt streaming now
-    got: asyncio.Future[Msg] | None = None
+    got: asyncio.Future[Msg | PermissionDenied] | None = None
     try:
         while True:
             got = asyncio.ensure_future(queue.get())
@@ -266,6 +269,8 @@ async def stream_step(
                 got.cancel()
                 break
             msg = got.result()
+            if isinstance(msg, PermissionDenied):
+                raise msg
             if msg.subject.startswith(f"{subjects.prefix}.delta."):
                 attempt += msg.data.decode(errors="replace")
                 if len(attempt) > len(sent):
@@ -281,6 +286,7 @@ async def stream_step(
             yield Delta(final[len(sent) :])
         yield ended
     finally:
+        refused.close()
         run.cancel()
         if got is not None:
             got.cancel()
