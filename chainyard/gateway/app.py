@@ -7,8 +7,8 @@ p50 / p99 with aiohttp.web, 0.22 / 0.38 with Starlette on uvicorn (httptools, uv
 return a response, so another server means rewriting this file and http.py alone.
 
 Every error leaves as the front's own error shape: OpenAI's for `/v1/chat/completions`,
-`/v1/models` and `/v1/chains`, Anthropic's for `/v1/messages`; a bug is a 500 in that shape
-and is logged, and the service goes on.
+`/v1/responses`, `/v1/models` and `/v1/chains`, Anthropic's for `/v1/messages`; a bug is a 500
+in that shape and is logged, and the service goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nats.errors import Error as NatsError
 
 from chainyard.refusals import PermissionDenied
 
-from . import anthropic, chains, openai
+from . import anthropic, chains, openai, responses
 from .core import ApiError, Gateway
 
 log = logging.getLogger("chainyard.gateway")
@@ -87,6 +87,9 @@ def application(gw: Gateway) -> web.Application:
         app.router.add_route(method, path, _guard(gw, handler, shape))
 
     add("POST", "/v1/chat/completions", openai.chat_completions)
+    add("POST", "/v1/responses", responses.create)
+    add("*", "/v1/responses/{response_id}", responses.stored)
+    add("*", "/v1/responses/{response_id}/{rest:.*}", responses.stored)
     add("GET", "/v1/models", openai.list_models)
     add("GET", "/v1/models/{model}", openai.get_model)
     add("POST", "/v1/messages", anthropic.messages, anthropic.error_response)

@@ -242,6 +242,25 @@ class StepCall:
     def stream(self) -> AsyncIterator[Delta | Outcome]:
         return stream_step(self.client, self.chain, self.timeout, fresh_id=self.fresh_id)
 
+    async def relay(self, sse: Sse, on_text: Callable[[str], Awaitable[None]]) -> Answer | ApiError:
+        """Run the step streaming: each new piece of its text to `on_text` as it comes, then its
+        end: the answer, or its error answer, raised while `sse` has sent nothing (so it is an
+        ordinary HTTP error) and returned once it has (for the front to tell in its stream)."""
+        ended: Outcome | None = None
+        async for item in self.stream():
+            if isinstance(item, Delta):
+                await on_text(item.text)
+            else:
+                ended = item
+        assert ended is not None
+        err = await self.outcome(ended)
+        if err is None:
+            assert isinstance(ended, ANSWERED)
+            return ended
+        if not sse.open:
+            raise err
+        return err
+
 
 def answered_from_cache(ended: Answer) -> bool:
     if isinstance(ended, StepCompleted):

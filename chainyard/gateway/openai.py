@@ -1,4 +1,6 @@
-"""OpenAI's Chat Completions (`POST /v1/chat/completions`) and `GET /v1/models`.
+"""OpenAI's Chat Completions (`POST /v1/chat/completions`) and `GET /v1/models`, and what
+the Responses API (responses.py) shares with them: messages, function tools, output formats,
+the step, and answering it.
 
 A request becomes a one-step chain on the model or group it names. Unknown fields: OpenAI
 refuses an argument it does not know (400, "Unrecognized request argument supplied"), and so
@@ -9,6 +11,7 @@ does the gateway; arguments OpenAI knows that have no counterpart here (`seed`, 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -23,14 +26,13 @@ from chainyard.contracts import (
 )
 
 from .core import (
-    ANSWERED,
     STEP_ID,
     Answer,
     ApiError,
-    Delta,
     Gateway,
     Outcome,
     bad_request,
+    usage_tokens,
 )
 from .http import Sse, StepCall, bearer, convert, json_response, read_json, served_model
 
@@ -69,9 +71,10 @@ class ChatRequest(msgspec.Struct, kw_only=True):
 
 
 KNOWN = frozenset(ChatRequest.__struct_fields__) | IGNORED
+TEXT_PARTS = ("text", "input_text", "output_text")  # (the Responses API's parts too)
 
 
-def _text(content: Any, where: str) -> str:
+def content_text(content: Any, where: str) -> str:
     """A message's content: a string, or text parts (other parts are refused, naming them)."""
     if content is None:
         return ""
@@ -81,7 +84,7 @@ def _text(content: Any, where: str) -> str:
         texts = []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+            if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
                 raise bad_request(
                     f"{where}[{i}]: only text content parts are supported (got {kind!r})",
                     f"{where}[{i}]",
@@ -91,7 +94,8 @@ def _text(content: Any, where: str) -> str:
     raise bad_request(f"{where}: expected a string or a list of content parts", where)
 
 
-def _args(raw: Any, where: str) -> dict[str, Any]:
+def call_args(raw: Any, where: str) -> dict[str, Any]:
+    """A function call's `arguments` (a JSON object, or the JSON text of one) as a dict."""
     if isinstance(raw, dict):
         return raw
     try:
@@ -103,15 +107,15 @@ def _args(raw: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _message(m: Any, i: int) -> Message:
-    where = f"messages[{i}]"
+def message_of(m: Any, where: str) -> Message:
+    """One of OpenAI's messages (system, developer, user, assistant, tool) as the step's."""
     if not isinstance(m, dict):
         raise bad_request(f"{where}: expected an object", where)
     role = m.get("role")
     if role in ("system", "developer", "user"):
         return Message(
             role="user" if role == "user" else "system",
-            content=_text(m.get("content"), f"{where}.content"),
+            content=content_text(m.get("content"), f"{where}.content"),
         )
     if role == "assistant":
         calls = []
@@ -119,15 +123,14 @@ def _message(m: Any, i: int) -> Message:
             fn = c.get("function") if isinstance(c, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise bad_request(f"{where}.tool_calls[{j}]: expected a function call", where)
-            args = _args(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
+            args = call_args(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
             calls.append(ToolCall(id=str(c.get("id") or f"call_{j}"), name=fn["name"], args=args))
-        return Message(
-            role="assistant", content=_text(m.get("content"), f"{where}.content"), tool_calls=calls
-        )
+        text = content_text(m.get("content"), f"{where}.content")
+        return Message(role="assistant", content=text, tool_calls=calls)
     if role == "tool":
         return Message(
             role="tool",
-            content=_text(m.get("content"), f"{where}.content"),
+            content=content_text(m.get("content"), f"{where}.content"),
             tool_call_id=str(m.get("tool_call_id") or ""),
         )
     raise bad_request(f"{where}.role: unsupported role {role!r}", f"{where}.role")
@@ -147,44 +150,54 @@ def tool_choice(choice: str | dict[str, Any] | None) -> str | None:
     )
 
 
+def function_tool(fn: dict[str, Any]) -> ToolSpec:
+    """A function's `name`, `description` and `parameters` (chat nests them under `function`,
+    the Responses API does not) as the step's tool."""
+    return convert({k: fn[k] for k in ("name", "description", "parameters") if k in fn}, ToolSpec)
+
+
 def _tools(req: ChatRequest) -> list[ToolSpec]:
     specs = []
     for i, t in enumerate(req.tools or []):
         fn = t.get("function") if isinstance(t, dict) else None
         if t.get("type", "function") != "function" or not isinstance(fn, dict):
             raise bad_request(f"tools[{i}]: only function tools are supported", f"tools[{i}]")
-        fields = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
-        specs.append(convert(fields, ToolSpec))
+        specs.append(function_tool(fn))
     return specs
 
 
-def _params(req: ChatRequest) -> Params:
-    fmt: Literal["text", "json"] = "text"
-    schema = None
-    rf = req.response_format or {"type": "text"}
-    kind = rf.get("type")
+Format = tuple[Literal["text", "json"], dict[str, Any] | None]
+
+
+def output_format(kind: Any, holder: Any, where: str, param: str) -> Format:
+    """The step's `response_format` and `json_schema` for a format `kind` (text, json_object,
+    json_schema); `holder` is the object with the `schema` (chat's `response_format.
+    json_schema`, the Responses API's `text.format` itself), at `where`; `param` names it."""
+    if kind == "text":
+        return "text", None
     if kind == "json_object":
-        fmt = "json"
-    elif kind == "json_schema":
-        js = rf.get("json_schema")
-        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
-            raise bad_request("response_format.json_schema: expected an object", "response_format")
-        fmt, schema = "json", js.get("schema") or {"type": "object"}
-    elif kind != "text":
-        raise bad_request(f"response_format.type: unsupported {kind!r}", "response_format")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return convert(
-        {
-            "tool_choice": tool_choice(req.tool_choice) if req.tools else None,
-            "max_tokens": req.max_completion_tokens or req.max_tokens,
-            "temperature": req.temperature,
-            "stop": stop,
-            "response_format": fmt,
-            "json_schema": schema,
-            "stream": bool(req.stream),
-        },
-        Params,
+        return "json", None
+    if kind == "json_schema":
+        if not isinstance(holder, dict) or not isinstance(holder.get("schema", {}), dict):
+            raise bad_request(f"{where}: expected an object with a `schema` object", param)
+        return "json", holder.get("schema") or {"type": "object"}
+    raise bad_request(f"{param}.type: unsupported {kind!r}", param)
+
+
+def _params(req: ChatRequest) -> dict[str, Any]:
+    rf = req.response_format or {"type": "text"}
+    fmt, schema = output_format(
+        rf.get("type"), rf.get("json_schema"), "response_format.json_schema", "response_format"
     )
+    return {
+        "tool_choice": tool_choice(req.tool_choice) if req.tools else None,
+        "max_tokens": req.max_completion_tokens or req.max_tokens,
+        "temperature": req.temperature,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        "response_format": fmt,
+        "json_schema": schema,
+        "stream": bool(req.stream),
+    }
 
 
 def parse(body: dict[str, Any]) -> ChatRequest:
@@ -201,19 +214,19 @@ def parse(body: dict[str, Any]) -> ChatRequest:
     return req
 
 
+def llm_step(
+    model: str, messages: list[Message], tools: list[ToolSpec], params: dict[str, Any]
+) -> LlmStep:
+    """The request's one step. The parts are built checked; convert checks the step's own
+    fields (its model) and takes the parts as they are, with no round trip through builtins."""
+    checked = convert(params, Params)
+    fields = {"id": STEP_ID, "model": model, "messages": messages, "tools": tools}
+    return convert({**fields, "params": checked}, LlmStep)
+
+
 def step_of(req: ChatRequest) -> LlmStep:
-    # The parts are built checked; convert checks the step's own fields (its model) and takes
-    # the parts as they are, with no round trip through builtins.
-    return convert(
-        {
-            "id": STEP_ID,
-            "model": req.model,
-            "messages": [_message(m, i) for i, m in enumerate(req.messages)],
-            "tools": _tools(req),
-            "params": _params(req),
-        },
-        LlmStep,
-    )
+    messages = [message_of(m, f"messages[{i}]") for i, m in enumerate(req.messages)]
+    return llm_step(req.model, messages, _tools(req), _params(req))
 
 
 def metadata_of(req: ChatRequest) -> dict[str, str]:
@@ -232,7 +245,7 @@ def _finish(ended: Answer) -> str:
     return _FINISH.get(ended.output.finish_reason, "stop")
 
 
-def _arguments(c: ToolCall) -> str:
+def arguments_json(c: ToolCall) -> str:
     if set(c.args) == {"_raw"}:  # what the model wrote, when it was not a JSON object
         return str(c.args["_raw"])
     return msgspec.json.encode(c.args).decode()
@@ -244,15 +257,14 @@ def _calls(ended: Answer, indexed: bool) -> list[dict[str, Any]]:
         call: dict[str, Any] = {
             "id": c.id,
             "type": "function",
-            "function": {"name": c.name, "arguments": _arguments(c)},
+            "function": {"name": c.name, "arguments": arguments_json(c)},
         }
         out.append({"index": i, **call} if indexed else call)
     return out
 
 
 def _usage(ended: Outcome) -> dict[str, int]:
-    u = getattr(ended, "usage", None)
-    tin, tout = (u.input_tokens, u.output_tokens) if u else (0, 0)
+    tin, tout = usage_tokens(ended)
     return {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
 
 
@@ -287,20 +299,43 @@ def error_response(e: ApiError) -> web.Response:
 # -- handlers --------------------------------------------------------------------------------
 
 
+Streamer = Callable[[StepCall, int], Awaitable[web.StreamResponse]]
+
+
+async def answer_step(
+    call: StepCall,
+    request: web.Request,
+    body: Callable[[Answer, int], dict[str, Any]],
+    streamer: Streamer | None,
+) -> web.StreamResponse:
+    """The OpenAI fronts' answer to an admitted step: `streamer(call, created)` when the
+    request streams, else `body(answer, created)` as JSON; `created` is the request's second
+    (a keyed retry's answer gives its chain's, as the first answer did)."""
+    created = int(time.time())
+
+    async def respond(call: StepCall) -> web.StreamResponse:
+        if streamer is not None:
+            return await streamer(call, created)
+        ended = await call.completed()
+        return json_response(body(ended, await call.created_s(created)), call.headers)
+
+    return await call.answer(request, respond)
+
+
 async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     req = parse(await read_json(request, gw))
     call = await StepCall.admit(gw, request, grant, step_of(req), metadata_of(req), "chat")
-    created = int(time.time())
 
-    async def respond(call: StepCall) -> web.StreamResponse:
-        if req.stream:
-            return await _stream(call, request, req, created)
-        ended = await call.completed()
-        created_s = await call.created_s(created)
-        return json_response(completion(ended, req.model, created_s), call.headers)
+    async def stream(call: StepCall, created: int) -> web.StreamResponse:
+        return await _stream(call, request, req, created)
 
-    return await call.answer(request, respond)
+    return await answer_step(
+        call,
+        request,
+        lambda ended, created: completion(ended, req.model, created),
+        stream if req.stream else None,
+    )
 
 
 async def _stream(
@@ -331,22 +366,16 @@ async def _stream(
         await sse.send(chunk(first, model=model))
 
     first = {"role": "assistant", "content": "", "refusal": None}
-    ended: Outcome | None = None
-    async for item in call.stream():
-        if isinstance(item, Delta):
-            if not sse.open:
-                await opening()
-            await sse.send(chunk({"content": item.text}))
-        else:
-            ended = item
-    assert ended is not None
-    err = await call.outcome(ended)
-    if err is not None:
-        if not sse.open:  # nothing sent yet: an ordinary error answer
-            raise err
-        await sse.send(msgspec.json.encode(error_body(err)))  # as OpenAI does mid-stream
+
+    async def text(piece: str) -> None:
+        if not sse.open:
+            await opening()
+        await sse.send(chunk({"content": piece}))
+
+    ended = await call.relay(sse, text)
+    if isinstance(ended, ApiError):
+        await sse.send(msgspec.json.encode(error_body(ended)))  # as OpenAI does mid-stream
         return await sse.close()
-    assert isinstance(ended, ANSWERED)
     model = served_model(ended, req.model)
     if not sse.open:
         await opening(model)
