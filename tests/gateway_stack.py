@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers import start_cli, start_routers, stop_all, wait_until
+from helpers import Events, start_cli, start_routers, stop_all, wait_until
 
+from chainyard.contracts import ChainCancelled
 from chainyard.runtime.nats import Bus, open_bus
 from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
@@ -175,3 +176,34 @@ async def _warm(s: Stack) -> None:
                     json={"model": model, "messages": [{"role": "user", "content": "warm up"}]},
                 )
                 assert r.status_code == 200, r.text
+
+
+@contextlib.asynccontextmanager
+async def slow_chunks(s: Stack, pool: str = "primary") -> AsyncIterator[None]:
+    """The pool's sandbox streams a chunk every 300 ms for a while: time to act mid-stream."""
+    await s.sandboxes[pool].configure(chunk_delay_ms=300.0)
+    try:
+        yield
+    finally:
+        await s.sandboxes[pool].configure(chunk_delay_ms=0.0)
+
+
+async def hang_up_mid_stream(
+    s: Stack, path: str, body: dict[str, object], streaming: Callable[[str], bool]
+) -> ChainCancelled:
+    """POST a streamed request (tenant acme), close the connection at the first line that
+    `streaming` accepts, and return the cancel of the request's chain that follows."""
+    async with slow_chunks(s), Events(s.bus.nc, "cy.events.acme.>") as ev:
+        async with httpx.AsyncClient(timeout=30) as http:
+            headers = {"authorization": f"Bearer {KEYS['acme']}"}
+            async with http.stream("POST", s.v1() + path, headers=headers, json=body) as r:
+                chain_id = r.headers["x-chainyard-chain-id"]
+                async for line in r.aiter_lines():
+                    if streaming(line):
+                        break
+        # the connection is closed here, mid-stream
+        cancelled = await ev.wait(
+            lambda e: isinstance(e, ChainCancelled) and e.chain_id == chain_id, 20
+        )
+    assert isinstance(cancelled, ChainCancelled)
+    return cancelled

@@ -8,46 +8,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import pytest_asyncio
-import yaml
-from gateway_stack import KEYS, PROVIDER_KEY, Stack, live_stack
-from helpers import Events, stream_events, wait_until
-from test_sandbox_openapi import SPEC, validate
+from gateway_stack import KEYS, Stack, hang_up_mid_stream, slow_chunks
+from helpers import wait_until
+from test_gateway_openai import WEATHER as CHAT_WEATHER
+from test_gateway_openai import auth, live, needs_spec, request_properties, sdk, step_events
+from test_sandbox_openapi import validate
 
-from chainyard.contracts import ChainCancelled, StepCompleted
+from chainyard.contracts import StepCompleted
 from chainyard.gateway import responses as gateway_responses
 
+__all__ = ["live"]  # the live deployment, as the chat tests have it (one per module)
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-needs_spec = pytest.mark.skipif(not SPEC.exists(), reason=f"no OpenAI OpenAPI document at {SPEC}")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with live_stack(tmp_path_factory.mktemp("gw-resp")) as s:
-        yield s
-        assert PROVIDER_KEY not in s.logs_text()
-
-
-def sdk(live: Stack, key: str = KEYS["acme"], i: int = 0) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=live.v1(i), api_key=key, max_retries=0)
-
-
-def auth(key: str = KEYS["acme"]) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 def ask(text: str, **kw: object) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "input": text, **kw}
-
-
-async def step_events(live: Stack, chain_id: str, tenant: str = "acme") -> list[object]:
-    return list(await stream_events(live.bus.js, f"cy.events.{tenant}.{chain_id}.>"))
 
 
 def chain_of(response_id: str) -> str:
@@ -70,23 +50,6 @@ async def sse(
                 assert event["type"] == name, (name, event)
                 events.append(event)
         return r, events
-
-
-def request_properties() -> set[str]:
-    """Every property of CreateResponse, through its allOf and $refs."""
-    schemas = yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    schemas = schemas["components"]["schemas"]
-    names: set[str] = set()
-
-    def walk(node: dict[str, Any]) -> None:
-        if isinstance(ref := node.get("$ref"), str):
-            walk(schemas[ref.rsplit("/", 1)[-1]])
-        names.update(node.get("properties", {}))
-        for part in node.get("allOf", []):
-            walk(part)
-
-    walk(schemas["CreateResponse"])
-    return names
 
 
 # The schema of each stream event, by its `type`
@@ -117,7 +80,7 @@ def check_events(events: list[dict[str, Any]]) -> None:
 
 @needs_spec
 async def test_every_accepted_argument_is_one_openai_knows() -> None:
-    known = request_properties()
+    known = request_properties("CreateResponse")
     assert "input" in known and "frobnicate" not in known
     assert gateway_responses.KNOWN <= known, gateway_responses.KNOWN - known
     assert set(gateway_responses.REFUSED) <= known
@@ -147,21 +110,20 @@ async def test_plain_response_in_openai_shape(live: Stack) -> None:
 
 
 async def test_sdk_output_text_headers_and_metadata(live: Stack) -> None:
+    """Developer messages and `instructions` are system messages; text parts are joined."""
+    parts = [{"type": "input_text", "text": "two "}, {"type": "input_text", "text": "words"}]
+    said = [{"role": "developer", "content": "no emojis"}, {"role": "user", "content": parts}]
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     async with sdk(live) as client:
         raw = await client.responses.with_raw_response.create(
             model="small",
             instructions="answer in kind",
-            input=[
-                {"role": "developer", "content": "no emojis"},
-                {"role": "user", "content": [{"type": "input_text", "text": "two words"}]},
-            ],
+            input=said,  # type: ignore[arg-type]
             temperature=0,
             top_p=0.5,
             user="u-42",
             metadata={"team": "bi"},
-            extra_headers={
-                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            },
+            extra_headers={"traceparent": trace},
         )
     done = raw.parse()
     assert done.output_text == "echo: two words"
@@ -245,17 +207,7 @@ async def test_sdk_stream_helper_and_create_stream(live: Stack) -> None:
     assert done.usage is not None and done.usage.total_tokens > done.usage.output_tokens == 4
 
 
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Weather for a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-    "strict": False,
-}
+WEATHER = {"type": "function", **CHAT_WEATHER["function"], "strict": False}
 CALL = 'call get_weather {"city": "Paris"}'
 
 
@@ -337,12 +289,8 @@ async def test_json_schema_output(live: Stack) -> None:
     fmt = {
         "type": "json_schema",
         "name": "person",
-        "schema": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-            "required": ["name", "age"],
-            "additionalProperties": False,
-        },
+        "schema": {"type": "object", "required": ["name", "age"], "additionalProperties": False}
+        | {"properties": {"name": {"type": "string"}, "age": {"type": "integer"}}},
         "strict": True,
     }
     async with sdk(live) as client:
@@ -398,7 +346,8 @@ async def test_refusals_name_the_parameter(live: Stack) -> None:
         ({"background": True}, "background", "POST /v1/chains"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt", "instructions"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
-        ({"tool_choice": {"type": "file_search"}, "tools": [WEATHER]}, "tool_choice", "OpenAI hosts"),
+        ({"tool_choice": {"type": "file_search"}, "tools": [WEATHER]},
+         "tool_choice", "OpenAI hosts"),
         ({"input": [{"role": "user", "content": "a"}, {"role": "tool"}]}, "input[1].role", ""),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id", ""),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "send the item"),
@@ -474,13 +423,11 @@ async def test_routing_headers_and_deadline(live: Stack) -> None:
 async def test_failure_mid_stream_is_an_error_then_response_failed(live: Stack) -> None:
     """Past the deadline after some text was streamed: the stream says so in its own events
     (the HTTP status went out with the first event)."""
-    await live.sandboxes["primary"].configure(chunk_delay_ms=300.0)
-    try:
-        async with httpx.AsyncClient(base_url=live.v1() + "/", timeout=30) as http:
-            body = ask("a b c d e f g h i j k l m n o p", model="primary-mini", stream=True)
-            r, events = await sse(http, body, {**auth(), "x-chainyard-deadline-ms": "1500"})
-    finally:
-        await live.sandboxes["primary"].configure(chunk_delay_ms=0.0)
+    deadline = {"x-chainyard-deadline-ms": "1500"}
+    words = "a b c d e f g h i j k l m n o p"
+    async with slow_chunks(live), httpx.AsyncClient(base_url=live.v1() + "/", timeout=30) as http:
+        body = ask(words, model="primary-mini", stream=True)
+        r, events = await sse(http, body, {**auth(), **deadline})
     assert r.status_code == 200
     check_events(events)
     kinds = [e["type"] for e in events]
@@ -489,41 +436,21 @@ async def test_failure_mid_stream_is_an_error_then_response_failed(live: Stack) 
     assert events[-2]["code"] == "deadline_exceeded"
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
-    async with sdk(live) as client:  # what the SDK makes of it: the events, no completion
-        await live.sandboxes["primary"].configure(chunk_delay_ms=300.0)
-        try:
-            async with client.responses.stream(
-                model="primary-mini",
-                input=body["input"],
-                extra_headers={"x-chainyard-deadline-ms": "1500"},
-            ) as stream:
-                seen = [e.type async for e in stream]
-                with pytest.raises(RuntimeError, match=r"response\.completed"):
-                    await stream.get_final_response()
-        finally:
-            await live.sandboxes["primary"].configure(chunk_delay_ms=0.0)
+    async with slow_chunks(live), sdk(live) as client:  # the SDK: the events, no completion
+        async with client.responses.stream(
+            model="primary-mini", input=words, extra_headers=deadline
+        ) as stream:
+            seen = [e.type async for e in stream]
+            with pytest.raises(RuntimeError, match=r"response\.completed"):
+                await stream.get_final_response()
     assert seen[-2:] == ["error", "response.failed"]
 
 
 async def test_client_disconnect_mid_stream_cancels_the_chain(live: Stack) -> None:
-    await live.sandboxes["primary"].configure(chunk_delay_ms=300.0)
-    try:
-        async with Events(live.bus.nc, "cy.events.acme.>") as ev:
-            async with httpx.AsyncClient(timeout=30) as http:
-                async with http.stream(
-                    "POST",
-                    f"{live.v1()}/responses",
-                    headers=auth(),
-                    json=ask("a b c d e f g h i j k l m n o p", stream=True),
-                ) as r:
-                    chain_id = r.headers["x-chainyard-chain-id"]
-                    async for line in r.aiter_lines():
-                        if line == "event: response.output_text.delta":
-                            break
-            # the connection is closed here, mid-stream
-            cancelled = await ev.wait(
-                lambda e: isinstance(e, ChainCancelled) and e.chain_id == chain_id, 20
-            )
-    finally:
-        await live.sandboxes["primary"].configure(chunk_delay_ms=0.0)
-    assert isinstance(cancelled, ChainCancelled) and "nobody waits" in cancelled.reason
+    cancelled = await hang_up_mid_stream(
+        live,
+        "/responses",
+        ask("a b c d e f g h i j k l m n o p", stream=True),
+        lambda line: line == "event: response.output_text.delta",
+    )
+    assert "nobody waits" in cancelled.reason

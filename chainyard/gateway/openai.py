@@ -10,9 +10,10 @@ does the gateway; arguments OpenAI knows that have no counterpart here (`seed`, 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -299,47 +300,53 @@ def error_response(e: ApiError) -> web.Response:
 # -- handlers --------------------------------------------------------------------------------
 
 
-Streamer = Callable[[StepCall, int], Awaitable[web.StreamResponse]]
+class Plan(NamedTuple):
+    """What an OpenAI front makes of a request's body: its step and the chain's metadata, how
+    to answer in one piece (`body(answer, created)`), and how to stream, when asked to
+    (`stream(call, request, created)`)."""
+
+    step: LlmStep
+    metadata: dict[str, str]
+    body: Callable[[Answer, int], dict[str, Any]]
+    stream: Callable[[StepCall, web.Request, int], Awaitable[web.StreamResponse]] | None
 
 
-async def answer_step(
-    call: StepCall,
-    request: web.Request,
-    body: Callable[[Answer, int], dict[str, Any]],
-    streamer: Streamer | None,
+async def serve_step(
+    gw: Gateway, request: web.Request, prefix: str, plan_of: Callable[[Any], Plan]
 ) -> web.StreamResponse:
-    """The OpenAI fronts' answer to an admitted step: `streamer(call, created)` when the
-    request streams, else `body(answer, created)` as JSON; `created` is the request's second
-    (a keyed retry's answer gives its chain's, as the first answer did)."""
+    """An OpenAI front's request, end to end: the key, the body (`plan_of`), admission, and
+    the answer. `created` is the request's second (a keyed retry's answer in one piece gives
+    its chain's, as the first answer did)."""
+    grant = gw.authenticate(bearer(request))
+    plan = plan_of(await read_json(request, gw))
+    call = await StepCall.admit(gw, request, grant, plan.step, plan.metadata, prefix)
     created = int(time.time())
 
     async def respond(call: StepCall) -> web.StreamResponse:
-        if streamer is not None:
-            return await streamer(call, created)
+        if plan.stream is not None:
+            return await plan.stream(call, request, created)
         ended = await call.completed()
-        return json_response(body(ended, await call.created_s(created)), call.headers)
+        return json_response(plan.body(ended, await call.created_s(created)), call.headers)
 
     return await call.answer(request, respond)
 
 
-async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    grant = gw.authenticate(bearer(request))
-    req = parse(await read_json(request, gw))
-    call = await StepCall.admit(gw, request, grant, step_of(req), metadata_of(req), "chat")
-
-    async def stream(call: StepCall, created: int) -> web.StreamResponse:
-        return await _stream(call, request, req, created)
-
-    return await answer_step(
-        call,
-        request,
+def _plan(body: Any) -> Plan:
+    req = parse(body)
+    return Plan(
+        step_of(req),
+        metadata_of(req),
         lambda ended, created: completion(ended, req.model, created),
-        stream if req.stream else None,
+        functools.partial(_stream, req) if req.stream else None,
     )
 
 
+async def chat_completions(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    return await serve_step(gw, request, "chat", _plan)
+
+
 async def _stream(
-    call: StepCall, request: web.Request, req: ChatRequest, created: int
+    req: ChatRequest, call: StepCall, request: web.Request, created: int
 ) -> web.StreamResponse:
     sse = Sse(request, call.headers)
     usage_on = bool(req.stream_options and req.stream_options.include_usage)

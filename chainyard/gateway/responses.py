@@ -12,6 +12,7 @@ path.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Literal
 
@@ -21,9 +22,9 @@ from aiohttp import web
 from chainyard.contracts import LlmStep, Message, ToolCall, ToolSpec
 
 from .core import Answer, ApiError, Gateway, bad_request, usage_tokens
-from .http import Sse, StepCall, bearer, convert, read_json, served_model
+from .http import Sse, StepCall, bearer, convert, served_model
 from .openai import (
-    answer_step,
+    Plan,
     arguments_json,
     call_args,
     content_text,
@@ -31,6 +32,7 @@ from .openai import (
     llm_step,
     message_of,
     output_format,
+    serve_step,
 )
 
 # Known to OpenAI, no effect here (each is in OpenAI's CreateResponse; a test checks that).
@@ -314,20 +316,18 @@ def _failure(e: ApiError) -> dict[str, str]:
 # -- handlers --------------------------------------------------------------------------------
 
 
-async def create(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    grant = gw.authenticate(bearer(request))
-    req = parse(await read_json(request, gw))
-    call = await StepCall.admit(gw, request, grant, step_of(req), metadata_of(req), "resp")
-
-    async def stream(call: StepCall, created: int) -> web.StreamResponse:
-        return await _stream(call, request, req, created)
-
-    return await answer_step(
-        call,
-        request,
+def _plan(body: Any) -> Plan:
+    req = parse(body)
+    return Plan(
+        step_of(req),
+        metadata_of(req),
         lambda ended, created: response(req, ended, created),
-        stream if req.stream else None,
+        functools.partial(_stream, req) if req.stream else None,
     )
+
+
+async def create(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    return await serve_step(gw, request, "resp", _plan)
 
 
 async def stored(gw: Gateway, request: web.Request) -> web.StreamResponse:
@@ -344,7 +344,7 @@ async def stored(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(
-    call: StepCall, request: web.Request, req: ResponsesRequest, created: int
+    req: ResponsesRequest, call: StepCall, request: web.Request, created: int
 ) -> web.StreamResponse:
     """The Responses API's events, built from the step's text as it comes and its end. Like
     the chat stream, it opens on the first text, so an error before any is an HTTP error."""
