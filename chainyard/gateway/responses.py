@@ -1,7 +1,7 @@
 """OpenAI's Responses API (`POST /v1/responses`), streaming included, as a one-step chain.
 
 A request runs exactly as a Chat Completions request does (openai.py's messages, tools,
-formats, step and `answer_step`; keys, limits, hints, Idempotency-Key and traces from http.py);
+formats, step and `serve_step`; keys, limits, hints, Idempotency-Key and traces from http.py);
 only the request's and the answer's shapes differ. The gateway keeps no responses: whatever
 needs one stored by the server (`previous_response_id`, `conversation`, `background`, a stored
 `prompt`) or a tool OpenAI hosts (`web_search`, `file_search`, ...) is refused with a 400 that
@@ -112,20 +112,14 @@ def _call(item: dict[str, Any], where: str) -> ToolCall:
     return ToolCall(id=item["call_id"], name=item["name"], args=args)
 
 
-def _input_message(item: dict[str, Any], where: str, out: list[Message]) -> Message:
-    """One input item as a message; a function call joins the assistant turn before it, as
-    the calls of one chat message do."""
+def _input_message(item: dict[str, Any], where: str) -> Message:
     kind = item.get("type", "message")
     if kind == "message":
         if item.get("role") not in ROLES:
             raise bad_request(f"{where}.role: expected one of {', '.join(ROLES)}", f"{where}.role")
         return message_of(item, where)
     if kind == "function_call":
-        call = _call(item, where)
-        if out and out[-1].role == "assistant":
-            turn = out.pop()
-            return msgspec.structs.replace(turn, tool_calls=[*turn.tool_calls, call])
-        return Message(role="assistant", tool_calls=[call])
+        return Message(role="assistant", tool_calls=[_call(item, where)])
     if kind == "function_call_output":
         if not isinstance(item.get("call_id"), str):
             raise bad_request(f"{where}.call_id: expected a string", f"{where}.call_id")
@@ -148,7 +142,12 @@ def _messages(req: ResponsesRequest) -> list[Message]:
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where}: expected an object", where)
-        out.append(_input_message(item, where, out))
+        message = _input_message(item, where)
+        if item.get("type") == "function_call" and out and out[-1].role == "assistant":
+            # the calls of one turn (and its text) are one assistant message, as in chat
+            turn = out.pop()
+            message = msgspec.structs.replace(turn, tool_calls=turn.tool_calls + message.tool_calls)
+        out.append(message)
     return out
 
 
