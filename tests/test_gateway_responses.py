@@ -425,8 +425,9 @@ async def test_failure_mid_stream_is_an_error_then_response_failed(live: Stack) 
     (the HTTP status went out with the first event)."""
     deadline = {"x-chainyard-deadline-ms": "1500"}
     words = "a b c d e f g h i j k l m n o p"
-    async with slow_chunks(live), httpx.AsyncClient(base_url=live.v1() + "/", timeout=30) as http:
-        body = ask(words, model="primary-mini", stream=True)
+    slow = slow_chunks(live, "flaky")  # (a pool of its own: these failures may open its breaker)
+    async with slow, httpx.AsyncClient(base_url=live.v1() + "/", timeout=30) as http:
+        body = ask(words, model="flaky-ha", stream=True)
         r, events = await sse(http, body, {**auth(), **deadline})
     assert r.status_code == 200
     check_events(events)
@@ -436,9 +437,9 @@ async def test_failure_mid_stream_is_an_error_then_response_failed(live: Stack) 
     assert events[-2]["code"] == "deadline_exceeded"
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
-    async with slow_chunks(live), sdk(live) as client:  # the SDK: the events, no completion
+    async with slow_chunks(live, "flaky"), sdk(live) as client:  # the SDK: no completion
         async with client.responses.stream(
-            model="primary-mini", input=words, extra_headers=deadline
+            model="flaky-ha", input=words, extra_headers=deadline
         ) as stream:
             seen = [e.type async for e in stream]
             with pytest.raises(RuntimeError, match=r"response\.completed"):
@@ -450,7 +451,7 @@ async def test_client_disconnect_mid_stream_cancels_the_chain(live: Stack) -> No
     cancelled = await hang_up_mid_stream(
         live,
         "/responses",
-        ask("a b c d e f g h i j k l m n o p", stream=True),
+        ask("a b c d e f g h i j k l m n o p", model="primary-mini", stream=True),
         lambda line: line == "event: response.output_text.delta",
     )
     assert "nobody waits" in cancelled.reason
