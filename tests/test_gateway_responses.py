@@ -400,6 +400,21 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
     assert live.sandboxes["primary"].counts["openai.chat"] == calls_before + 1
 
 
+async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live: Stack) -> None:
+    headers = {"Idempotency-Key": "resp-stream-retry-1"}
+    texts, ids = [], set()
+    for i in (0, 1):  # the retry goes to the other replica, after the first has ended
+        async with sdk(live, i=i) as client:
+            async with client.responses.stream(**ask("say it once"), extra_headers=headers) as s:
+                final = await s.get_final_response()
+        texts.append(final.output_text)
+        ids.add(final.id)
+    assert texts == ["echo: say it once"] * 2
+    [response_id] = ids
+    events = await step_events(live, chain_of(response_id))
+    assert sum(isinstance(e, StepCompleted) for e in events) == 1
+
+
 async def test_routing_headers_and_deadline(live: Stack) -> None:
     async with sdk(live) as client:
         avoided = await client.responses.create(
