@@ -15,11 +15,9 @@ from aiohttp import web
 from chainyard.contracts import LlmStep, ToolCall
 
 from .core import (
-    ANSWERED,
     STEP_ID,
     Answer,
     ApiError,
-    Delta,
     Gateway,
     Outcome,
     bad_request,
@@ -258,23 +256,16 @@ async def _stream(call: StepCall, request: web.Request, req: MessagesRequest) ->
         block = {"type": "text", "text": ""}
         await send("content_block_start", {"index": 0, "content_block": block})
 
-    ended: Outcome | None = None
-    async for item in call.stream():
-        if isinstance(item, Delta):
-            if not sse.open:
-                await start(req.model)
-            delta = {"type": "text_delta", "text": item.text}
-            await send("content_block_delta", {"index": 0, "delta": delta})
-        else:
-            ended = item
-    assert ended is not None
-    err = await call.outcome(ended)
-    if err is not None:
+    async def text(piece: str) -> None:
         if not sse.open:
-            raise err
-        await send("error", {"error": error_body(err)["error"]})
+            await start(req.model)
+        delta = {"type": "text_delta", "text": piece}
+        await send("content_block_delta", {"index": 0, "delta": delta})
+
+    ended = await call.relay(sse, text)
+    if isinstance(ended, ApiError):
+        await send("error", {"error": error_body(ended)["error"]})
         return await sse.close()
-    assert isinstance(ended, ANSWERED)
     if not sse.open:
         await start(served_model(ended, req.model))
     await send("content_block_stop", {"index": 0})
