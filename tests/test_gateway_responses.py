@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from agents import Agent, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from gateway_stack import KEYS, Stack, hang_up_mid_stream, slow_chunks
 from helpers import wait_until
 from test_gateway_openai import WEATHER as CHAT_WEATHER
@@ -282,6 +283,33 @@ async def test_streamed_function_call(live: Stack) -> None:
             final = await stream.get_final_response()
     [call] = final.output
     assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """Weather for a city."""
+    return f"sunny in {city}"
+
+
+async def test_openai_agents_sdk_runs_its_tool_loop(live: Stack) -> None:
+    """The OpenAI Agents SDK calls the Responses API: unchanged but for its client, an agent
+    calls its function tool and answers from the result, run and streamed."""
+    async with sdk(live) as client:
+        agent = Agent(
+            name="weather",
+            instructions="Use the tool.",
+            tools=[get_weather],
+            model=OpenAIResponsesModel(model="gpt-4o-mini", openai_client=client),
+        )
+        quiet = RunConfig(tracing_disabled=True)  # (its traces would go to OpenAI)
+        ran = await Runner.run(agent, CALL, run_config=quiet)
+        streamed = Runner.run_streamed(agent, CALL.replace("Paris", "Oslo"), run_config=quiet)
+        kinds = {event.type async for event in streamed.stream_events()}
+    assert ran.final_output == "echo: sunny in Paris"
+    assert streamed.final_output == "echo: sunny in Oslo" and "raw_response_event" in kinds
+    sent = live.sandboxes["primary"].last("openai.chat").body["messages"]
+    assert sent[0] == {"role": "system", "content": "Use the tool."}
+    assert [m["role"] for m in sent[1:]] == ["user", "assistant", "tool"]
 
 
 @needs_spec
