@@ -261,8 +261,8 @@ def _message_item(chain_id: str, status: Status, content: list[dict[str, Any]]) 
 
 
 def _output(ended: Answer, status: Status, with_message: bool) -> list[dict[str, Any]]:
-    """A message item (when there is text, no call, or one was streamed already), then an item
-    a function call."""
+    """A message item (when there is text, no call, or one was streamed already), then one
+    item per function call."""
     out = ended.output
     items = []
     if with_message or out.text or not out.tool_calls:
