@@ -430,16 +430,19 @@ async def test_idempotency_key_across_two_gateway_replicas_runs_once(live: Stack
 
 async def test_streamed_retry_with_idempotency_key_replays_the_first_answer(live: Stack) -> None:
     headers = {"Idempotency-Key": "resp-stream-retry-1"}
-    texts, ids = [], set()
-    for i in (0, 1):  # the retry goes to the other replica, after the first has ended
+
+    async def streamed(i: int) -> openai.types.responses.Response:
         async with sdk(live, i=i) as client:
             async with client.responses.stream(**ask("say it once"), extra_headers=headers) as s:
-                final = await s.get_final_response()
-        texts.append(final.output_text)
-        ids.add(final.id)
-    assert texts == ["echo: say it once"] * 2
-    [response_id] = ids
-    events = await step_events(live, chain_of(response_id))
+                return await s.get_final_response()
+
+    first = await streamed(0)
+    # the retry goes to the other replica, a second later, and still says the first's time
+    await wait_until(lambda: int(time.time()) > int(first.created_at), 5, "the next second")
+    again = await streamed(1)
+    assert first.output_text == again.output_text == "echo: say it once"
+    assert first.id == again.id and first.created_at == again.created_at
+    events = await step_events(live, chain_of(first.id))
     assert sum(isinstance(e, StepCompleted) for e in events) == 1
 
 

@@ -358,6 +358,10 @@ async def _stream(
         await sse.send(msgspec.json.encode(data), kind)
 
     async def start(model: str, with_message: bool) -> None:
+        # An Idempotency-Key's chain exists by its first delta or end: a retry's events carry
+        # the time it was created, as its first answer's did (the chat stream's way).
+        nonlocal created
+        created = await call.created_s(created)
         head = _head(req, chain_id, created, model)
         await send("response.created", response=head)
         await send("response.in_progress", response=head)
