@@ -1,5 +1,6 @@
 """The `openai` npm package, unchanged but for baseURL and key, against `chainyard gateway`
-(plain, streaming with usage, a tool call, an error) over tests/gateway_stack.py's deployment."""
+(plain, streaming with usage, a tool call, an error; the Responses API plain and streamed) over
+tests/gateway_stack.py's deployment."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ const called = await client.chat.completions.create({
   messages: [{ role: "user", content: 'call get_weather {"city": "Rome"}' }],
 });
 out.call = called.choices[0].message.tool_calls[0].function;
+const answered = await client.responses.create({
+  model: "gpt-4o-mini", instructions: "Be brief.", input: "responses from node",
+});
+out.responses = { text: answered.output_text, status: answered.status };
+const events = client.responses.stream({ model: "small", input: "stream responses from node" });
+out.responsesStreamed = "";
+for await (const ev of events) {
+  if (ev.type === "response.output_text.delta") out.responsesStreamed += ev.delta;
+}
+out.responsesFinal = (await events.finalResponse()).usage.output_tokens;
 try {
   const messages = [{ role: "user", content: "x" }];
   await client.chat.completions.create({ model: "gpt-9", messages });
@@ -83,3 +94,7 @@ async def test_openai_npm_package_against_the_gateway(
     assert got["call"]["name"] == "get_weather"
     assert json.loads(got["call"]["arguments"]) == {"city": "Rome"}
     assert got["error"] == {"status": 404, "code": "model_not_found", "param": "model"}
+    # the Responses API, from the same client
+    assert got["responses"] == {"text": "echo: responses from node", "status": "completed"}
+    assert got["responsesStreamed"] == "echo: stream responses from node"
+    assert got["responsesFinal"] > 0
