@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import weakref
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -52,7 +51,6 @@ TRUE = ("1", "true", "yes", "on")
 active: Tracer | None = None  # the tracer the helpers use; None: tracing is off
 _owned: TracerProvider | None = None  # a provider this module built (flushed and shut down here)
 _installed: set[int] = set()  # ids of providers this module made global (never "the app's own")
-_built: weakref.WeakSet[Any] = weakref.WeakSet()  # providers built here from the variables
 # OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: prompt and completion text in spans
 capture_content = False
 # True when the provider's sampler drops the children of a sampled-out remote parent (asked once,
@@ -70,10 +68,6 @@ forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Context
 
 def _env(name: str) -> str:
     return os.environ.get(name, "").strip()
-
-
-def enabled() -> bool:
-    return active is not None
 
 
 class ChainIds(IdGenerator):
@@ -99,9 +93,7 @@ def configured() -> bool:
     if _env("OTEL_SDK_DISABLED").lower() in TRUE:
         return False
     names = _env("OTEL_TRACES_EXPORTER").lower()
-    if names:
-        return names != "none"
-    return bool(_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return names != "none" if names else otlp_endpoint()
 
 
 def otlp_endpoint() -> bool:
@@ -116,22 +108,17 @@ def resource(default_service: str) -> Resource:
     return r
 
 
-def _entry_point_name(name: str) -> str:
-    if name != "otlp":
-        return name
-    protocol = _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
-    # the specification's default is http/protobuf (the Python SDK's own default is gRPC)
-    return "otlp_proto_grpc" if protocol == "grpc" else "otlp_proto_http"
-
-
 def exporters() -> list[Any]:
     """The span exporters `OTEL_TRACES_EXPORTER` names (default `otlp`), from entry points."""
     names = [n.strip().lower() for n in (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")]
+    protocol = _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
+    # the specification's default for `otlp` is http/protobuf (the Python SDK's own is gRPC)
+    otlp = "otlp_proto_grpc" if protocol == "grpc" else "otlp_proto_http"
     out = []
     for name in names:
         if not name or name == "none":
             continue
-        ep = _entry_point_name(name)
+        ep = otlp if name == "otlp" else name
         found = entry_points(group="opentelemetry_traces_exporter", name=ep)
         if not found:
             hint = " (pip install 'chainyard[grpc]')" if ep == "otlp_proto_grpc" else ""
@@ -154,7 +141,6 @@ def build_provider(default_service: str) -> TracerProvider:
     provider = TracerProvider(resource=resource(default_service), id_generator=ChainIds())
     for exporter in exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    _built.add(provider)
     return provider
 
 
@@ -165,9 +151,7 @@ def setup(default_service: str) -> bool:
     global _owned
     if active is not None:
         return False
-    app = _apps_provider()
-    if app is not None:
-        enable(app)
+    if use_global():
         log.info("tracing with the application's TracerProvider")
         return True
     if not configured():
