@@ -94,7 +94,7 @@ def begin_chain(outcome: Any) -> Any:
     # the state keeps W3C context: the propagators' own output when tracecontext is among them
     # (the default), else the W3C propagator's
     t = {k: forward[k] for k in _W3C.fields if k in forward} or _traceparent(chain)
-    # `parent` is kept only for a sampled chain: its presence is how `end_chain` and the
+    # `parent` is kept only for a sampled chain: its presence is how `chain_ended` and the
     # handlers of the chain's later messages know, without parsing, that there are spans to make
     if sampled:
         t["parent"] = _traceparent(psc)["traceparent"] if psc.is_valid else ""  # "": a root
@@ -136,24 +136,16 @@ def chain_recorded(before: Any, after: Any) -> None:
 
 
 def chain_ended(state: Any) -> None:
+    """The chain's metrics, and its span, emitted under the ids drawn at intake."""
     if metrics.on:
         dur = ((state.ended_at_ms or now_ms()) - state.created_at_ms) / 1000
         metrics.chain_ended(state.status, dur, state.cost_usd, state.tenant, state.usage)
-    if tracing.active is not None:
-        end_chain(state)
-
-
-def end_chain(state: Any) -> None:
-    """Emit the chain's span under the ids drawn at intake."""
-    tr = tracing.active
-    t = getattr(state, "trace", None)
+    tr, t = tracing.active, getattr(state, "trace", None)
     if tr is None or not t or "parent" not in t:  # not traced, or sampled out (begin_chain)
         return
     ctx = chain_context(state)
-    if ctx is None:
-        return
-    sc = trace.get_current_span(ctx).get_span_context()
-    if not sc.trace_flags.sampled:
+    sc = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
+    if sc is None or not sc.trace_flags.sampled:
         return
     cost: float = 0
     tokens_in = tokens_out = attempts = 0
