@@ -73,17 +73,15 @@ class KvView:
                 self._take(entry)
             elif seen is not None:  # the entries that existed are all in
                 for gone in self._live - seen:  # removed while no watch was on
-                    self._take(self._gone(gone))
+                    self._take(KeyValue.Entry(
+                        bucket="", key=gone, value=None, revision=None, delta=None, created=None,
+                        operation=KV_PURGE,
+                    ))  # fmt: skip
                 seen = None
                 if not self._loaded.done():
                     self._loaded.set_result(None)
-            await self._notify()
-
-    def _gone(self, key: str) -> KeyValue.Entry:
-        return KeyValue.Entry(
-            bucket="", key=key, value=None, revision=None, delta=None, created=None,
-            operation=KV_PURGE,
-        )  # fmt: skip
+            async with self._changed:
+                self._changed.notify_all()
 
     def _take(self, entry: KeyValue.Entry) -> None:
         self.revision = max(self.revision, entry.revision or 0)
@@ -92,10 +90,6 @@ class KvView:
         else:
             self._live.discard(entry.key)
         self._on_entry(entry)
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     async def _check(self) -> None:
         stalled_at = -1  # the revision applied when the bucket was last seen ahead of it
