@@ -258,43 +258,24 @@ async def ensure_kv(
     try:
         kv = await js.key_value(d.bucket)
     except (NotFoundError, BucketNotFoundError):
-        kv = await _create_kv(js, d, replicas, max_bytes)
-    if d.allow_msg_ttl:
-        await _allow_msg_ttl(js, f"KV_{d.bucket}")
+        cfg = KeyValueConfig(
+            bucket=d.bucket, history=d.history, ttl=d.ttl_s or None, max_bytes=max_bytes,
+            storage=StorageType.FILE, replicas=replicas,
+        )  # fmt: skip
+        try:
+            kv = await js.create_key_value(cfg)
+        except BadRequestError as e:
+            if e.err_code == NO_SUITABLE_PEERS:
+                raise
+            kv = await js.key_value(d.bucket)  # another process created it first
+    have = (await js.stream_info(f"KV_{d.bucket}")).config if d.allow_msg_ttl else None
+    if have is not None and not have.allow_msg_ttl:
+        have.allow_msg_ttl = True
+        try:
+            await js.update_stream(have)
+        except BadRequestError as e:  # older than 2.11: the router then writes without TTLs
+            log.warning("stream %s keeps entries without a TTL of their own: %s", have.name, e)
     return kv
-
-
-async def _create_kv(
-    js: JetStreamContext, d: KvDef, replicas: int, max_bytes: int | None
-) -> KeyValue:
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=d.bucket,
-                history=d.history,
-                ttl=d.ttl_s or None,
-                max_bytes=max_bytes,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-    except BadRequestError as e:
-        if e.err_code == NO_SUITABLE_PEERS:
-            raise
-        return await js.key_value(d.bucket)  # another process created it first
-
-
-async def _allow_msg_ttl(js: JetStreamContext, stream: str) -> None:
-    """Turn on per-message TTLs; a server that refuses (older than 2.11) is logged, and the
-    router then writes without them (`Router.run` reads the stream's setting)."""
-    have = (await js.stream_info(stream)).config
-    if have.allow_msg_ttl:
-        return
-    have.allow_msg_ttl = True
-    try:
-        await js.update_stream(have)
-    except BadRequestError as e:
-        log.warning("stream %s keeps entries without a TTL of their own: %s", stream, e)
 
 
 async def open_bus(
