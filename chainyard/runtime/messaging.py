@@ -51,13 +51,8 @@ class _HeaderGetter(Getter[dict[str, str]]):
     def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
         v = carrier.get(key)
         if v is None:
-            for k, val in carrier.items():
-                if k.lower() == key:
-                    v = val
-                    break
-            else:
-                return None
-        return [v]
+            v = next((val for k, val in carrier.items() if k.lower() == key), None)
+        return None if v is None else [v]
 
     def keys(self, carrier: dict[str, str]) -> list[str]:
         return list(carrier)
@@ -133,24 +128,22 @@ async def publish(
         return await js.publish(subject, data, headers=headers or None)
     if context is not None:
         propagate.inject(headers, context=context)
-        return await js.publish(subject, data, headers=headers)
-    scope = _scope.get()
-    if scope is not None:
+    elif (scope := _scope.get()) is not None:
         scope.carry(headers)
-        return await js.publish(subject, data, headers=headers)
-    if sampled_out():  # a sampled-out caller's context travels on, no span
+    elif sampled_out():  # a sampled-out caller's context travels on, no span
         propagate.inject(headers)
-        return await js.publish(subject, data, headers=headers)
-    a = _attrs("send", "send", subject, msg_id)
-    span = tr.start_span(f"send {template(subject)}", kind=SpanKind.PRODUCER, attributes=a)
-    propagate.inject(headers, context=trace.set_span_in_context(span))
-    try:
-        return await js.publish(subject, data, headers=headers)
-    except BaseException as e:
-        record_error(span, e)
-        raise
-    finally:
-        span.end()
+    else:
+        a = _attrs("send", "send", subject, msg_id)
+        span = tr.start_span(f"send {template(subject)}", kind=SpanKind.PRODUCER, attributes=a)
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        try:
+            return await js.publish(subject, data, headers=headers)
+        except BaseException as e:
+            record_error(span, e)
+            raise
+        finally:
+            span.end()
+    return await js.publish(subject, data, headers=headers)
 
 
 # -- consume ------------------------------------------------------------------------------------
@@ -307,11 +300,8 @@ def consumer_attributes() -> dict[str, Any]:
     s = _scope.get()
     if s is None:
         return {}
-    mid = None
-    if s.headers:
-        mid = s.headers.get("Nats-Msg-Id") or GETTER.get(s.headers, "nats-msg-id")
-        mid = mid[0] if isinstance(mid, list) else mid
-    a = _attrs("process", "process", s.subject, mid)
+    mid = GETTER.get(s.headers or {}, "nats-msg-id")
+    a = _attrs("process", "process", s.subject, mid[0] if mid else None)
     a["messaging.consumer.group.name"] = s.durable
     return a
 
@@ -388,8 +378,7 @@ def consumer(
 
 def _wrap_settle(msg: Any, durable: str) -> None:
     for op in ("ack", "nak", "term"):
-        orig = getattr(msg, op, None)
-        if orig is not None:
+        if (orig := getattr(msg, op, None)) is not None:
             setattr(msg, op, _settle(op, orig, msg.subject, durable))
 
 
