@@ -169,19 +169,16 @@ class _Scope:
         "carrier",
         "context",
         "durable",
-        "eager",
         "forward",
-        "headers",
+        "msg",
         "resolved",
-        "subject",
         "task",
         "tokens",
         "unsampled",
     )
 
-    def __init__(self, subject: str, headers: dict[str, str] | None, durable: str) -> None:
-        self.subject = subject
-        self.headers = headers
+    def __init__(self, msg: Any, durable: str) -> None:
+        self.msg = msg
         self.durable = durable
         self.resolved = False
         self.unsampled = False
@@ -190,15 +187,15 @@ class _Scope:
         self.context: Context | None = None  # the last made current for the handler
         self.task = asyncio.current_task()
         self.carrier: dict[str, str] = {}
-        self.eager = False  # fields beyond the W3C trace context (baggage...): the handler's
-        if headers:
+        eager = False  # fields beyond the W3C trace context (baggage...): the handler's at once
+        if headers := msg.headers:
             textmap = propagate.get_global_textmap()
             for k, v in headers.items():
-                kind = _field_kind(textmap, k)
-                if kind:
+                if kind := _field_kind(textmap, k):
                     self.carrier[k] = v
-                    if kind == _OTHER_FIELD:
-                        self.eager = True
+                    eager = eager or kind == _OTHER_FIELD
+        if eager:
+            self.resolve()
 
     def resolve(self) -> None:
         """Make the message's context current for the rest of the handler (once)."""
@@ -291,7 +288,7 @@ def handler_context() -> Context:
 def header(name: str) -> str | None:
     """A header of the message being handled (None outside a handler)."""
     s = _scope.get()
-    return s.headers.get(name) if s is not None and s.headers else None
+    return s.msg.headers.get(name) if s is not None and s.msg.headers else None
 
 
 def consumer_attributes() -> dict[str, Any]:
@@ -300,8 +297,8 @@ def consumer_attributes() -> dict[str, Any]:
     s = _scope.get()
     if s is None:
         return {}
-    mid = GETTER.get(s.headers or {}, "nats-msg-id")
-    a = _attrs("process", "process", s.subject, mid[0] if mid else None)
+    mid = GETTER.get(s.msg.headers or {}, "nats-msg-id")
+    a = _attrs("process", "process", s.msg.subject, mid[0] if mid else None)
     a["messaging.consumer.group.name"] = s.durable
     return a
 
@@ -356,10 +353,8 @@ def consumer(
             if tracing.active is None:
                 await handler(msg)
             else:  # inline, not a nested coroutine: every resume of the handler passes here
-                scope = _Scope(msg.subject, msg.headers, durable)
+                scope = _Scope(msg, durable)
                 token = _scope.set(scope)
-                if scope.eager:
-                    scope.resolve()  # baggage or another propagator's fields: the handler's
                 if settle_spans:
                     _wrap_settle(msg, durable)
                 try:
