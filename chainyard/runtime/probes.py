@@ -32,11 +32,30 @@ class Probes:
     async def start(self, port: int, addr: str = "0.0.0.0") -> int:
         """Listen on `port` (0: any free port); returns the port."""
         from aiohttp import web
+        from prometheus_client.aiohttp import make_aiohttp_handler
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(request: web.Request) -> web.Response:
+            checks = await self.readiness()
+            failing = {k: v for k, v in checks.items() if v != "ok"}
+            if not failing:
+                return web.json_response({"ready": True, "checks": checks})
+            reason = "; ".join(f"{k}: {v}" for k, v in failing.items())
+            return web.json_response(
+                {"ready": False, "reason": reason, "checks": checks}, status=503
+            )
+
+        async def serve_metrics(request: web.Request) -> web.StreamResponse:
+            if self.registry is None:
+                return web.json_response({"error": "metrics are not set up yet"}, status=503)
+            return await make_aiohttp_handler(self.registry)(request)
 
         app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", serve_metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, addr, port)
@@ -76,27 +95,3 @@ class Probes:
 
         answers = await asyncio.gather(*(one(c) for c in self.checks.values()))
         return dict(zip(self.checks, answers, strict=True))
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        from aiohttp import web
-
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        from aiohttp import web
-
-        checks = await self.readiness()
-        failing = {k: v for k, v in checks.items() if v != "ok"}
-        if not failing:
-            return web.json_response({"ready": True, "checks": checks})
-        reason = "; ".join(f"{k}: {v}" for k, v in failing.items())
-        return web.json_response({"ready": False, "reason": reason, "checks": checks}, status=503)
-
-    async def _serve_metrics(self, request: web.Request) -> web.StreamResponse:
-        from aiohttp import web
-
-        if self.registry is None:
-            return web.json_response({"error": "metrics are not set up yet"}, status=503)
-        from prometheus_client.aiohttp import make_aiohttp_handler
-
-        return await make_aiohttp_handler(self.registry)(request)
