@@ -68,7 +68,8 @@ def env_proxy(url: URL) -> str | None:
 
 
 class StreamedResponse:
-    """A response whose body is read as it comes: status and headers first."""
+    """A response whose body is read as it comes: status and headers first. Read inside
+    `HttpClient.stream`, whose `_mapped` turns aiohttp's failures into this module's."""
 
     def __init__(self, resp: aiohttp.ClientResponse, limit: int) -> None:
         self._resp = resp
@@ -82,11 +83,10 @@ class StreamedResponse:
     async def lines(self) -> AsyncIterator[str]:
         """The body's lines as text (no line ends), the whole body bounded by the size cap."""
         pending = b""
-        with _mapped():
-            async for chunk in _chunks(self._resp, self._limit):
-                *done, pending = (pending + chunk).split(b"\n")
-                for line in done:
-                    yield line.rstrip(b"\r").decode("utf-8", "replace")
+        async for chunk in _chunks(self._resp, self._limit):
+            *done, pending = (pending + chunk).split(b"\n")
+            for line in done:
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
         if pending:
             yield pending.rstrip(b"\r").decode("utf-8", "replace")
 
@@ -170,10 +170,9 @@ async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     length = resp.content_length
     if length is not None and length > limit:
         raise ResponseTooLarge(f"response of {length} bytes, over the {limit} byte limit")
-    with _mapped():
-        if length is not None and "content-encoding" not in resp.headers:
-            return await resp.read()  # the hot path: a small body of known length
-        return b"".join([chunk async for chunk in _chunks(resp, limit)])
+    if length is not None and "content-encoding" not in resp.headers:
+        return await resp.read()  # the hot path: a small body of known length
+    return b"".join([chunk async for chunk in _chunks(resp, limit)])
 
 
 async def _chunks(resp: aiohttp.ClientResponse, limit: int) -> AsyncIterator[bytes]:
