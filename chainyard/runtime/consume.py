@@ -116,8 +116,7 @@ class _Consumer:
     rebind: Callable[[], Awaitable[Durable]] | None
 
     def __post_init__(self) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.released: set[asyncio.Task[Any] | None] = set()  # running, slot given back early
+        self.tasks: dict[asyncio.Task[Any] | None, bool] = {}  # running: slot given back early?
         self.wake = asyncio.Event()  # a request is due (or stop was set)
         self.stopping = False
         self.inbox = self.durable.nc.new_inbox()
@@ -260,19 +259,16 @@ class _Consumer:
     def _start(self, msg: Msg) -> None:
         self.slots.free -= 1
         t = self.loop.create_task(self._run(msg))
-        self.tasks.add(t)
+        self.tasks[t] = False
         t.add_done_callback(self._done)
 
     def _done(self, t: asyncio.Task[None]) -> None:
-        self.tasks.discard(t)
-        if self.released and t in self.released:
-            self.released.discard(t)
-        else:
+        if not self.tasks.pop(t):
             self._give()
 
     def release(self, t: asyncio.Task[Any] | None) -> None:
-        if t in self.tasks and t not in self.released:
-            self.released.add(t)
+        if self.tasks.get(t) is False:
+            self.tasks[t] = True
             self._give()
 
     def _give(self) -> None:
