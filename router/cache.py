@@ -191,7 +191,9 @@ async def publish_hit(
     if delta_subject is not None and ev.output.text:
         await nc.publish(delta_subject, ev.output.text.encode())
     if metrics.on:
-        metrics.cache_hit(ev.target.pool, ev.target.deployment, ev.saved_usd)
+        where = {"pool": ev.target.pool, "deployment": ev.target.deployment}
+        metrics.record("cache_hits", 1, **where)
+        metrics.record("cache_saved", ev.saved_usd, **where)
     msg_id = f"{ev.tenant}.{ev.chain_id}.{ev.step_id}.{ev.attempt}.step.completed"
     tr = tracing.active
     if tr is None or messaging.sampled_out():

@@ -273,7 +273,7 @@ class Router:
         await self.bus.publisher.publish(
             self.subjects.dlq_subject(source), msg.data, headers=headers
         )
-        metrics.dead_letter(source)
+        metrics.record("dead", 1, source=source)
         await msg.term()
 
     # -- step events -------------------------------------------------------------------------
@@ -322,7 +322,7 @@ class Router:
             return
         outcome = await self.cache.store(graph.resolve(step, state.steps), state.tenant, ev)
         if metrics.on:
-            metrics.cache_stored(ev.target.pool, outcome)
+            metrics.record("cache_stores", 1, pool=ev.target.pool, outcome=outcome)
 
     # -- control: cancel, signal, replay -----------------------------------------------------
 
@@ -494,7 +494,8 @@ class Router:
                 )
                 return
             if metrics.on:
-                metrics.cache_miss(st.target.pool, st.target.deployment)
+                t = st.target
+                metrics.record("cache_misses", 1, pool=t.pool, deployment=t.deployment)
         await self.send_assignment(
             state, step_id, st.attempt, st.target, st.dispatched_at_ms, st.reserved_usd,
             step=step,

@@ -500,7 +500,7 @@ def test_prometheus_metrics() -> None:
     m.setup(prometheus=True)  # registry only, no HTTP server
     assert m.on
     t = target()
-    m.routed(t.pool, t.deployment)
+    m.record("routed", 1, pool=t.pool, deployment=t.deployment)
     m.step_result(
         StepCompleted(
             chain_id="c",
@@ -528,8 +528,9 @@ def test_prometheus_metrics() -> None:
             worker="w",
         )
     )
-    m.in_flight("sim", 1)
-    m.queue("sim", 4, 2)
+    m.record("in_flight", 1, pool="sim")
+    m.record("depth", 4, pool="sim")
+    m.record("ack_pending", 2, pool="sim")
     m.breaker("sim-d", "open")
     m.chain_ended("completed", 1.5, 0.5)
     text = m.render().decode()

@@ -185,7 +185,7 @@ class Worker:
             await self.bus.publisher.publish(
                 self.subjects.dlq_subject("work"), msg.data, headers=headers
             )
-            metrics.dead_letter("work")
+            metrics.record("dead", 1, source="work")
             await msg.term()
             return
         started = now_ms()
@@ -250,7 +250,7 @@ class Worker:
         await self.bus.publisher.publish(
             self.subjects.dlq_subject("work"), msg.data, headers=headers
         )
-        metrics.dead_letter("work")
+        metrics.record("dead", 1, source="work")
         await msg.term()
 
     async def _run_call(self, a: Assignment, msg: Msg, started: int) -> None:

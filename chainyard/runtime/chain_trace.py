@@ -253,7 +253,7 @@ async def publish_work(
     step and attempt are that span's own attributes already."""
     target = a.target
     if metrics.on:
-        metrics.routed(target.pool, target.deployment)
+        metrics.record("routed", 1, pool=target.pool, deployment=target.deployment)
     headers = None
     if tracing.active is not None and not messaging.sampled_out():
         decision = _decision(a, state, candidates, strategy)

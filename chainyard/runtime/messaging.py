@@ -348,7 +348,7 @@ def consumer(
     async def traced(msg: Any) -> None:
         counted = pool is not None and metrics.on
         if counted:
-            metrics.in_flight(pool, 1)  # type: ignore[arg-type]
+            metrics.record("in_flight", 1, pool=pool)  # type: ignore[arg-type]
         try:
             if tracing.active is None:
                 await handler(msg)
@@ -365,7 +365,7 @@ def consumer(
                     _scope.reset(token)
         finally:
             if counted:
-                metrics.in_flight(pool, -1)  # type: ignore[arg-type]
+                metrics.record("in_flight", -1, pool=pool)  # type: ignore[arg-type]
 
     traced.__name__ = getattr(handler, "__name__", "handler")
     return traced

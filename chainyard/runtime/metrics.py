@@ -102,7 +102,8 @@ class Metrics:
         self.on = False
         self.registry: Any = None  # prometheus CollectorRegistry
         self._prometheus: dict[str, Any] = {}  # prometheus metrics by short name
-        self._recorders: dict[str, list[Recorder]] = {}  # each backend's recording, by short name
+        # each backend's recording, by short name (every name: a misspelt one is a KeyError)
+        self._recorders: dict[str, list[Recorder]] = {name: [] for name in METRICS}
         self._meter_provider: Any = None
         self.max_tenants = DEFAULT_MAX_TENANTS
         self._tenants: set[str] = set()  # the ones that keep their name in the `tenant` label
@@ -121,7 +122,7 @@ class Metrics:
             self._setup_prometheus()
         if otlp:
             self._setup_otel(service)
-        self.on = bool(self._recorders)
+        self.on = prometheus or otlp
 
     def _setup_prometheus(self) -> None:
         import prometheus_client
@@ -134,7 +135,7 @@ class Metrics:
                 m.prometheus, m.help, m.labels, registry=self.registry, **extra
             )
             self._prometheus[name] = p
-            self._recorders.setdefault(name, []).append(
+            self._recorders[name].append(
                 lambda v, labels, p=p, method=method: getattr(p.labels(**labels), method)(v)
             )
         self._start_at_zero("dead", ({"source": s} for s in DLQ_SOURCES))
@@ -152,7 +153,7 @@ class Metrics:
         for name, m in METRICS.items():
             _, _, create, method = KINDS[m.kind]
             instrument = getattr(meter, create)(m.otel, unit=m.unit, description=m.help)
-            self._recorders.setdefault(name, []).append(getattr(instrument, method))
+            self._recorders[name].append(getattr(instrument, method))
 
     def shutdown(self) -> None:
         if self._meter_provider is not None:
@@ -174,13 +175,11 @@ class Metrics:
 
     # -- recording: a no-op while off (no backend records anything) ------------------------
 
-    def _record(self, name: str, value: float, labels: dict[str, str]) -> None:
-        """Add `value` to a counter, set a gauge to it or observe it, in every backend."""
-        for record in self._recorders.get(name, ()):
+    def record(self, name: str, value: float, /, **labels: str) -> None:
+        """Add `value` to the counter `METRICS[name]`, set the gauge to it or observe it, in
+        every backend."""
+        for record in self._recorders[name]:
             record(value, labels)
-
-    def routed(self, pool: str, deployment: str) -> None:
-        self._record("routed", 1, {"pool": pool, "deployment": deployment})
 
     def step_result(self, ev: Any) -> None:
         """A step event a worker is about to publish."""
@@ -189,28 +188,18 @@ class Metrics:
         where = {"pool": ev.target.pool, "deployment": ev.target.deployment}
         ok = ev.__struct_config__.tag == "step.completed"
         if ok:
-            self._record("completed", 1, where)
+            self.record("completed", 1, **where)
             if ev.cost_usd:
-                self._record("cost", ev.cost_usd, where)
-            self._record("tokens", ev.usage.input_tokens, {**where, "type": "input"})
-            self._record("tokens", ev.usage.output_tokens, {**where, "type": "output"})
+                self.record("cost", ev.cost_usd, **where)
+            self.record("tokens", ev.usage.input_tokens, **where, type="input")
+            self.record("tokens", ev.usage.output_tokens, **where, type="output")
         else:
-            self._record("failed", 1, {**where, "error_class": ev.error.cls})
+            self.record("failed", 1, **where, error_class=ev.error.cls)
         outcome = "completed" if ok else "failed"
-        self._record("latency", ev.latency_ms / 1000, {**where, "outcome": outcome})
-
-    def in_flight(self, pool: str, delta: int) -> None:
-        self._record("in_flight", delta, {"pool": pool})
-
-    def queue(self, pool: str, pending: int, ack_pending: int) -> None:
-        self._record("depth", pending, {"pool": pool})
-        self._record("ack_pending", ack_pending, {"pool": pool})
-
-    def queue_lag(self, pool: str, seconds: float) -> None:
-        self._record("lag", seconds, {"pool": pool})
+        self.record("latency", ev.latency_ms / 1000, **where, outcome=outcome)
 
     def breaker(self, deployment: str, status: str) -> None:
-        self._record("breaker", BREAKER.get(status, 2), {"deployment": deployment})
+        self.record("breaker", BREAKER.get(status, 2), deployment=deployment)
 
     def chain_ended(
         self,
@@ -222,18 +211,18 @@ class Metrics:
     ) -> None:
         if not self.on:
             return
-        self._record("chains", 1, {"outcome": outcome})
-        self._record("chain_s", duration_s, {"outcome": outcome})
+        self.record("chains", 1, outcome=outcome)
+        self.record("chain_s", duration_s, outcome=outcome)
         if tenant is None:
             return
         if tenant not in self._tenants and len(self._tenants) < self.max_tenants:
             self._tenants.add(tenant)
         who = tenant if tenant in self._tenants else OTHER_TENANTS  # a bounded number of series
-        self._record("t_chains", 1, {"tenant": who, "outcome": outcome})
-        self._record("t_cost", cost_usd, {"tenant": who})
+        self.record("t_chains", 1, tenant=who, outcome=outcome)
+        self.record("t_cost", cost_usd, tenant=who)
         if usage is not None:
-            self._record("t_tokens", usage.input_tokens, {"tenant": who, "type": "input"})
-            self._record("t_tokens", usage.output_tokens, {"tenant": who, "type": "output"})
+            self.record("t_tokens", usage.input_tokens, tenant=who, type="input")
+            self.record("t_tokens", usage.output_tokens, tenant=who, type="output")
 
     def served(self, pool: str, deployment: str) -> None:
         """A worker's deployment: its step counters exist at 0 from the start, so the first
@@ -251,19 +240,6 @@ class Metrics:
         self._start_at_zero(
             "cache_stores", ({"pool": pool, "outcome": o} for o in CACHE_STORE_OUTCOMES)
         )
-
-    def dead_letter(self, source: str) -> None:
-        self._record("dead", 1, {"source": source})
-
-    def cache_hit(self, pool: str, deployment: str, saved_usd: float) -> None:
-        self._record("cache_hits", 1, {"pool": pool, "deployment": deployment})
-        self._record("cache_saved", saved_usd, {"pool": pool, "deployment": deployment})
-
-    def cache_miss(self, pool: str, deployment: str) -> None:
-        self._record("cache_misses", 1, {"pool": pool, "deployment": deployment})
-
-    def cache_stored(self, pool: str, outcome: str) -> None:
-        self._record("cache_stores", 1, {"pool": pool, "outcome": outcome})
 
 
 metrics = Metrics()
@@ -288,8 +264,9 @@ async def poll(
                 info = await bus.js.consumer_info(
                     topo.work.name, topo.pool_consumer(pool).durable, timeout=2.0
                 )
-                metrics.queue(pool, info.num_pending or 0, info.num_ack_pending or 0)
-                metrics.queue_lag(pool, await _oldest_waiting_s(bus.js, topo, pool, info))
+                metrics.record("depth", info.num_pending or 0, pool=pool)
+                metrics.record("ack_pending", info.num_ack_pending or 0, pool=pool)
+                metrics.record("lag", await _oldest_waiting_s(bus.js, topo, pool, info), pool=pool)
             except Exception:  # no consumer yet (no worker ever joined): nothing waits there
                 continue
         for b in breakers:
