@@ -1,18 +1,10 @@
-"""One chain, one trace: the chain's span, and the routing decisions its calls record.
+"""One chain, one trace: the chain's span, and the routing decisions its calls record
+(docs/TRACING.md, "How spans are made"; DESIGN-NOTES #28, #30).
 
-A chain outlives any process, so its span cannot stay open in memory. At intake the router
-asks the sampler once whether the chain is traced, draws the chain span's id and stores its W3C
-context in the chain state (`ChainState.trace`: `traceparent`, `tracestate`, and, only for a
-sampled chain, `parent`: the submit's producer, or "" for a root), and the chain's first
-calls hang under that id. When the chain ends, whichever router replica records the end emits
-the `chain` span with that same id (the tracer's id generator is told it, `tracing.ChainIds`),
-start = `created_at_ms`, end = `ended_at_ms`, carrying cost, tokens and outcome. A handler that
-has read the state (`adopt_state`) knows from it, without parsing the message, that a
-sampled-out chain makes no span; a message without trace context (a timer) continues the
-chain's trace.
-
-A routing decision (what was chosen among which candidates, and why) travels with a traced
-chain's assignment and is recorded by the worker's call span (`chat`, `execute_tool`).
+A chain outlives any process, so its span cannot stay open in memory: its ids are drawn at
+intake and kept in the chain state (`ChainState.trace`, W3C; `parent` only for a sampled chain),
+and whichever router replica records the end emits the `chain` span with them
+(`tracing.ChainIds`), start = `created_at_ms`, end = `ended_at_ms`.
 """
 
 from __future__ import annotations

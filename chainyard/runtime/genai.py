@@ -1,12 +1,6 @@
-"""GenAI client spans (`chat {model}`) and tool spans (`execute_tool {name}`) for executors.
-
-Attributes follow the OpenTelemetry GenAI conventions: gen_ai.operation.name, gen_ai.provider.name,
-gen_ai.request.model / response.model, gen_ai.usage.input_tokens / output_tokens,
-gen_ai.response.finish_reasons, error.type. Prompt and completion text (gen_ai.input.messages,
-gen_ai.output.messages, tool arguments and results) are recorded only when the operator sets
-OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true.
-
-The wrappers duck-type the executor's Assignment and Result, so this module needs no workers code.
+"""GenAI client spans (`chat {model}`) and tool spans (`execute_tool {name}`) around executors,
+with the OpenTelemetry GenAI attributes (docs/TRACING.md); prompt and completion text only with
+OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true. Duck-typed: no workers code here.
 """
 
 from __future__ import annotations

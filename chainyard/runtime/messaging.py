@@ -1,24 +1,9 @@
-"""Trace context on the bus: publish and consume middleware.
-
-`publish` puts the trace context in a JetStream publish's NATS headers with the SDK's
-propagators (`opentelemetry.propagate`: W3C `traceparent` / `tracestate` and `baggage` by
-default, whatever `OTEL_PROPAGATORS` names). Inside a handler the message carries the
-handler's context (the span given as `context`, such as the router's `route` span, or the
-span made current last, or the context the handled message came with); elsewhere the publish
-gets a `send {destination template}` PRODUCER span of its own.
-
-`consumer` wraps a pull consumer's handler in a scope that makes the message's context the
-handler's: extracted by the propagators (header names read in any case, so a Go client's
-`Traceparent` works) when something needs it, at once when the message carries more than the
-W3C trace context (baggage: the handler's code sees it). The consumer makes no span of its
-own: the handler's work is the span (the router's `chain` and `route`, the worker's `chat` and
-`execute_tool`, which take the messaging attributes of `consumer_attributes`), DESIGN-NOTES #28.
-Under a sampled-out context, with a sampler that drops its children (`tracing.drops_unsampled`),
-nothing is extracted or made: the message's own trace headers go on unchanged.
-
-A message without trace context (a timer, a control message from a client without tracing)
-continues the chain's trace once the handler has read the chain state (`adopt`, called by
-chain_trace.adopt_state).
+"""Trace context on the bus: publish and consume middleware (docs/TRACING.md, "How spans are
+made"; DESIGN-NOTES #27, #28). `publish` puts the handler's context in a message's headers, or
+outside a handler makes a `send` span; `consumer` makes the message's context the handler's,
+extracted on first need, and makes no span: the handler's work is the span. A message without
+trace context (a timer) continues the chain's trace once the handler has read the chain state
+(`adopt`, called by chain_trace.adopt_state).
 """
 
 from __future__ import annotations
@@ -151,19 +136,10 @@ async def publish(
 
 class _Scope:
     """One handled message's trace context: its trace headers (`carrier`, the fields the
-    propagators read, found without parsing), extracted on first need (`resolve`), and the
-    contexts made current for the handler, detached in reverse order when it returns.
-
-    `unsampled`: known to make no span (a sampled-out context under a sampler that drops its
-    children); then `forward` is what its messages carry: the handled message's own trace
-    headers unchanged, or the chain's (`adopt`, `make_current`). Intake formats the chain's
-    headers once (`make_current`): `forward` also while that context is the current one.
-
-    Contexts are made current only in the handler's own task (`task`). A task the handler
-    starts (`asyncio.gather` in the router's effects) runs in a copy of the handler's context
-    taken when it starts, so what it would attach would be lost to its siblings and could not be
-    detached by the handler: it records the context here (`context`) instead, and
-    `handler_context` gives it to every task of the handler."""
+    propagators read), extracted on first need (`resolve`), and the contexts made current for
+    the handler, detached in reverse order when it returns. `unsampled`: nothing to record; then
+    `forward` is what its messages carry. Contexts are made current only in the handler's own
+    `task`; its other tasks (the router's `asyncio.gather`) read `context` (DESIGN-NOTES #28)."""
 
     __slots__ = (
         "carrier",

@@ -1,20 +1,7 @@
-"""Tracing is the OpenTelemetry SDK, set up from the standard `OTEL_*` variables.
-
-On when an exporter is named (`OTEL_TRACES_EXPORTER=console|otlp|...`) or an OTLP endpoint is
-set (`OTEL_EXPORTER_OTLP_ENDPOINT`, `..._TRACES_ENDPOINT`), and `OTEL_SDK_DISABLED` is not true.
-Off, nothing is installed and the helpers in `messaging`, `genai` and `chain_trace` return after
-one check of `tracing.active`.
-
-Everything else is the SDK's own reading of the variables: the sampler (`OTEL_TRACES_SAMPLER`,
-`..._ARG`), span limits, `OTEL_BSP_*` for the BatchSpanProcessor, the resource
-(`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SERVICE_NAME`, which win over chainyard's default service
-name), each exporter's `OTEL_EXPORTER_*` settings, and the propagators (`OTEL_PROPAGATORS`, read
-by `opentelemetry.propagate`). Exporters are loaded by name from the SDK's documented entry
-point group `opentelemetry_traces_exporter`; `otlp` means OTLP/HTTP (`otlp_proto_http`) unless
-`OTEL_EXPORTER_OTLP_PROTOCOL` (or `..._TRACES_PROTOCOL`) is `grpc` (the `grpc` extra).
-
-An application that installed its own global TracerProvider before chainyard started (bring
-your own SDK setup, or `opentelemetry-instrument`) is used as is.
+"""Tracing is the OpenTelemetry SDK, set up from the standard `OTEL_*` variables: docs/TRACING.md
+("Configuration", "How spans are made") says which and how, DESIGN-NOTES #23 why. Off, nothing
+is installed and the helpers in `messaging`, `genai` and `chain_trace` return after one check
+of `tracing.active`. An application's own global TracerProvider is used as is.
 """
 
 from __future__ import annotations
