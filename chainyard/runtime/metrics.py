@@ -245,10 +245,9 @@ class Metrics:
 metrics = Metrics()
 
 
-async def poll(
-    bus: Any, config: Any, runners: list[Any], stop: asyncio.Event, every_s: float = 5.0
-) -> None:
-    """Queue depth and lag per pool (consumer info) and breaker states (router), every `every_s`."""
+async def poll(bus: Any, config: Any, runners: list[Any], every_s: float = 5.0) -> None:
+    """Queue depth and lag per pool (consumer info) and breaker states (router), every `every_s`,
+    until cancelled."""
     topo = bus.topology
     served = {r.pool for r in runners if hasattr(r, "pool")}
     pools = sorted({d.pool for d in config.deployments} | {p.name for p in config.pools} | served)
@@ -258,7 +257,7 @@ async def poll(
             metrics.served(d.pool, d.name)
         if breakers:  # a router
             metrics.routes_to(d.pool, d.name)
-    while not stop.is_set():
+    while True:
         for pool in pools:
             try:
                 info = await bus.js.consumer_info(
@@ -272,8 +271,7 @@ async def poll(
         for b in breakers:
             for d in config.deployments:
                 metrics.breaker(d.name, b.status(d.name).status)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+        await asyncio.sleep(every_s)
 
 
 async def _oldest_waiting_s(js: Any, topo: Any, pool: str, info: Any) -> float:
@@ -296,13 +294,12 @@ class Observability:
     tracing: bool
     probes: Probes
     _poller: asyncio.Task[None] | None
-    _stop_polling: asyncio.Event
 
     async def stop(self) -> None:
         from . import tracing
 
-        self._stop_polling.set()
         if self._poller is not None:
+            self._poller.cancel()
             with contextlib.suppress(BaseException):
                 await self._poller
         if self.tracing:
@@ -338,6 +335,5 @@ async def start_service(
         prometheus=probes.port is not None, otlp=otlp, service=default, max_tenants=max_tenants
     )
     probes.registry = metrics.registry
-    stop = asyncio.Event()
-    poller = asyncio.create_task(poll(bus, config, runners, stop)) if metrics.on else None
-    return Observability(traced, probes, poller, stop)
+    poller = asyncio.create_task(poll(bus, config, runners)) if metrics.on else None
+    return Observability(traced, probes, poller)
