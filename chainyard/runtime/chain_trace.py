@@ -56,17 +56,6 @@ def _traceparent(sc: SpanContext) -> dict[str, str]:
     return carrier
 
 
-def _sampled(parent: Context | None, trace_id: int) -> tuple[bool, Any]:
-    """The chain's sampling decision, asked once of the provider's sampler (its public
-    `should_sample`); with no sampler to ask, the parent's flag (a root is sampled)."""
-    s = tracing.sampler
-    psc = trace.get_current_span(parent).get_span_context()
-    if s is None:
-        return (psc.trace_flags.sampled if psc.is_valid else True), psc.trace_state
-    result = s.should_sample(parent if psc.is_valid else None, trace_id, "chain", SpanKind.INTERNAL)
-    return result.decision.is_sampled(), result.trace_state
-
-
 def begin_chain(outcome: Any) -> Any:
     """Intake: decide whether the new chain is traced, put its trace context in its state
     (`outcome.state`), make the chain's span the parent of what the handler does next, and
@@ -77,7 +66,12 @@ def begin_chain(outcome: Any) -> Any:
     parent = messaging.handler_context()
     psc = trace.get_current_span(parent).get_span_context()
     trace_id = psc.trace_id if psc.is_valid else _ids.generate_trace_id()
-    sampled, trace_state = _sampled(parent, trace_id)
+    if (sampler := tracing.sampler) is None:  # no sampler to ask: the parent's flag; a root's on
+        sampled, trace_state = (psc.trace_flags.sampled if psc.is_valid else True), psc.trace_state
+    else:  # the chain's decision, asked once (the sampler's public `should_sample`)
+        p = parent if psc.is_valid else None
+        r = sampler.should_sample(p, trace_id, "chain", SpanKind.INTERNAL)
+        sampled, trace_state = r.decision.is_sampled(), r.trace_state
     flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
     chain = SpanContext(trace_id, _ids.generate_span_id(), False, flags, trace_state)
     ctx = trace.set_span_in_context(NonRecordingSpan(chain), parent)  # baggage kept
@@ -122,9 +116,8 @@ def adopt_state(state: Any) -> None:
 
 def chain_recorded(before: Any, after: Any) -> None:
     """After a compare-and-set: a chain that went from running to ended emits its span."""
-    if before is None or before.status != "running" or after.status == "running":
-        return
-    chain_ended(after)
+    if before is not None and before.status == "running" and after.status != "running":
+        chain_ended(after)
 
 
 def chain_ended(state: Any) -> None:
