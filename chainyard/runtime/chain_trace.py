@@ -109,9 +109,9 @@ def adopt_state(state: Any) -> None:
             if ctx is not None:
                 forward = {}
                 propagate.inject(forward, context=ctx)
-        messaging.adopt(None, unsampled=True, forward=forward)
-    elif not traced:
-        messaging.adopt(chain_context(state), unsampled=False, forward=None)
+        messaging.adopt_unsampled(forward)
+    elif not traced and (ctx := chain_context(state)) is not None:
+        messaging.make_current(ctx)
 
 
 def chain_recorded(before: Any, after: Any) -> None:

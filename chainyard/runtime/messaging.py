@@ -3,7 +3,7 @@ made"; DESIGN-NOTES #27, #28). `publish` puts the handler's context in a message
 outside a handler makes a `send` span; `consumer` makes the message's context the handler's,
 extracted on first need, and makes no span: the handler's work is the span. A message without
 trace context (a timer) continues the chain's trace once the handler has read the chain state
-(`adopt`, called by chain_trace.adopt_state).
+(chain_trace.adopt_state).
 """
 
 from __future__ import annotations
@@ -285,20 +285,14 @@ def handler_traced() -> bool:
     return s is not None and bool(s.carrier)
 
 
-def adopt(parent: Context | None, *, unsampled: bool, forward: dict[str, str] | None) -> None:
-    """The handler continues `parent` (the chain's context): a message without trace context,
-    or a chain known to be sampled out (then `forward`: what its messages carry)."""
+def adopt_unsampled(forward: dict[str, str] | None) -> None:
+    """The handler's chain is known to be sampled out: nothing to extract or record; its
+    messages carry `forward`, else the handled message's own trace headers."""
     s = _scope.get()
-    if s is None:
-        return
-    if unsampled and tracing.drops_unsampled:
-        s.resolved = True  # nothing to extract: the chain says there is nothing to record
-        s.unsampled = True
+    if s is not None:
+        s.resolved = s.unsampled = True
         if s.forward is None:
             s.forward = forward if forward is not None else s.carrier or None
-        return
-    if parent is not None:
-        s.attach(parent)
 
 
 def make_current(
