@@ -140,17 +140,15 @@ def fits(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> No
         raise MaxPayloadError(f"{size} bytes with headers, over the server's {max_payload}")
 
 
+@dataclass
 class Publisher:
     """`js.publish` (its subject, payload, timeout and headers; its PubAck and errors), sent again
     while the stream has no leader (`while_no_leader`), refused when its headers take it over the
     server's limit (`fits`)."""
 
-    def __init__(
-        self, js: JetStreamContext, timeout: float = JS_TIMEOUT_S, max_payload: int = 0
-    ) -> None:
-        self.js = js
-        self.timeout = timeout
-        self.max_payload = max_payload  # the server's (0: unchecked); see `fits`
+    js: JetStreamContext
+    timeout: float = JS_TIMEOUT_S
+    max_payload: int = 0  # the server's (0: unchecked); see `fits`
 
     async def publish(
         self,
