@@ -167,9 +167,9 @@ class _Scope:
         if headers := msg.headers:
             textmap = propagate.get_global_textmap()
             for k, v in headers.items():
-                if kind := _field_kind(textmap, k):
+                if low := _propagated(textmap, k):
                     self.carrier[k] = v
-                    eager = eager or kind == _OTHER_FIELD
+                    eager = eager or low not in _TRACE_CONTEXT
         if eager:
             self.resolve()
 
@@ -222,17 +222,14 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 
 # the W3C trace context's own fields: a message carrying only these is extracted lazily
 _TRACE_CONTEXT = frozenset(("traceparent", "tracestate"))
-_TRACE_FIELD, _OTHER_FIELD = 1, 2
 
 
 @functools.lru_cache(maxsize=256)
-def _field_kind(textmap: Any, name: str) -> int:
-    """0: a header the propagators (their public `fields`) do not read; `_TRACE_FIELD`: W3C
-    trace context; `_OTHER_FIELD`: another (baggage...). Cached: a message has a few names."""
+def _propagated(textmap: Any, name: str) -> str | None:
+    """`name` in lower case when the propagators read it (their public `fields`), else None.
+    Cached: a message has a few names."""
     low = name.lower()
-    if low not in {f.lower() for f in textmap.fields}:
-        return 0
-    return _TRACE_FIELD if low in _TRACE_CONTEXT else _OTHER_FIELD
+    return low if low in {f.lower() for f in textmap.fields} else None
 
 
 def sampled_out(context: Context | None = None) -> bool:
