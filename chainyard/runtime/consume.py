@@ -132,9 +132,8 @@ class _Consumer:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        stopped = asyncio.ensure_future(self.stop.wait())
-        stopped.add_done_callback(lambda _: self.wake.set())
-        self.stopped = stopped
+        self.stopped = asyncio.ensure_future(self.stop.wait())
+        self.stopped.add_done_callback(lambda _: self.wake.set())
         try:
             self.sub = await self.durable.nc.subscribe(self.inbox + ".*", cb=self._on_msg)
             while not self.stop.is_set():
@@ -143,7 +142,7 @@ class _Consumer:
                     await self._rebind()
                 elif self.refused:
                     self.refused = False
-                    await asyncio.wait((stopped,), timeout=REFUSED_PAUSE_S)
+                    await asyncio.wait((self.stopped,), timeout=REFUSED_PAUSE_S)
                     continue
                 held = self.gate() if self.gate is not None else None
                 if held is not None and not await self._gate(held):
@@ -157,7 +156,7 @@ class _Consumer:
         except ConnectionClosedError:
             pass
         finally:
-            stopped.cancel()
+            self.stopped.cancel()
             self.stopping = True
             await self._close()
             while self.tasks:
