@@ -232,19 +232,17 @@ def _propagated(textmap: Any, name: str) -> str | None:
     return low if low in {f.lower() for f in textmap.fields} else None
 
 
-def sampled_out(context: Context | None = None) -> bool:
-    """A span made now (under `context`, default: the handler's or the current one) would not
-    be recorded: its parent was sampled out and the sampler drops such children."""
+def sampled_out() -> bool:
+    """A span made now (under the handler's context, else the current one) would not be
+    recorded: its parent was sampled out and the sampler drops such children."""
     if not tracing.drops_unsampled:
         return False
-    if context is None:
-        s = _scope.get()
-        if s is not None:
-            s.resolve()
-            if s.unsampled:
-                return True
-            context = s.current()
-    sc = trace.get_current_span(context).get_span_context()
+    s = _scope.get()
+    if s is not None:
+        s.resolve()
+        if s.unsampled:
+            return True
+    sc = trace.get_current_span(s.current() if s is not None else None).get_span_context()
     return sc.is_valid and not sc.trace_flags.sampled
 
 
