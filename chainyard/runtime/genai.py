@@ -115,8 +115,9 @@ def _traced(
             return r
         finally:
             otel_context.detach(token)
-            if span.is_recording():  # before `end`: an ended span no longer says it is
-                # the step's event, sent next by the handler, is produced by this span
+            # the step's event, sent next by the handler, is produced by this span (asked
+            # before `end`: an ended span no longer says it is recording)
+            if span.is_recording():
                 messaging.make_current(trace.set_span_in_context(span))
             span.end()
 
