@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -303,6 +304,22 @@ async def test_sdk_errors_have_openai_shape_and_status(live: Stack) -> None:
             model="backup-mini", messages=[{"role": "user", "content": "allowed"}]
         )
         assert ok.choices[0].message.content == "echo: allowed"
+
+
+async def test_endpoints_not_served_answer_404_in_the_fronts_shape(live: Stack) -> None:
+    async with sdk(live) as client:
+        with pytest.raises(openai.NotFoundError) as embeddings:
+            await client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert embeddings.value.message.endswith("no such endpoint: POST /v1/embeddings")
+    assert embeddings.value.type == "not_found_error"
+    claude = anthropic.AsyncAnthropic(base_url=live.gateways[0], api_key=KEYS["acme"])
+    async with claude:
+        with pytest.raises(anthropic.NotFoundError) as counted:
+            await claude.messages.count_tokens(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
+    assert counted.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert "POST /v1/messages/count_tokens" in counted.value.message
 
 
 @needs_spec
