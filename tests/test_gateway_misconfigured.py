@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from gateway_stack import POOLS, _gateway_url, config_toml
 from helpers import start_cli, stop_all
@@ -53,6 +54,7 @@ async def test_a_refused_request_is_a_misconfigured_gateway(tmp_path: Path, refu
         )  # fmt: skip
         try:
             url = await _gateway_url(log, gateway)
+            cancels = await bus.nc.subscribe("cy.control.acme.*.cancel")
             async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                 asked = await http.post(
                     "/v1/chat/completions",
@@ -76,6 +78,10 @@ async def test_a_refused_request_is_a_misconfigured_gateway(tmp_path: Path, refu
             said = [line for line in log.read_text().lower().splitlines() if "post /v1/" in line]
             assert len(said) == 1 and f"permissions violation for {words}" in said[0], said
             assert "timeout" not in said[0]  # told by the refusal, not guessed after a timeout
+            if refused != "submit":  # a chain that runs with nobody to answer is cancelled
+                cancel = msgspec.json.decode((await cancels.next_msg(timeout=30)).data)
+                assert "may not read its answer" in cancel["reason"], cancel
+            await cancels.unsubscribe()  # (a message left in it would hold up the drain)
         finally:
             await stop_all([gateway])
             await bus.close()

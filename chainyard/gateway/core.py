@@ -496,11 +496,15 @@ class Gateway:
 
     def cancel_if_abandoned(self, tenant: str, chain_id: str, e: BaseException) -> None:
         """Cancel a chain nobody waits for any more: its caller disconnected (the handler is
-        cancelled, or a write failed) or its wait timed out. The handler may itself be being
-        cancelled, so the cancel goes out in a task of its own."""
+        cancelled, or a write failed), its wait timed out, or the gateway may not read its
+        answer. The handler may itself be being cancelled, so the cancel goes out in a task of
+        its own."""
         if isinstance(e, ApiError) and e.status != 504:
             return  # an answer was given: the chain has ended
-        reason = "nobody waits for it any more (the HTTP client disconnected or timed out)"
+        if isinstance(e, PermissionDenied):
+            reason = "the gateway may not read its answer (its NATS user lacks a permission)"
+        else:
+            reason = "nobody waits for it any more (the HTTP client disconnected or timed out)"
         self._in_background(self.client(tenant).cancel(chain_id, reason, timeout=None))
 
     async def close(self) -> None:
