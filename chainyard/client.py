@@ -450,9 +450,7 @@ class Client:
 
         subject = self.subjects.chain_events(self.tenant, chain_id)
         delta = self.subjects.delta(self.tenant, chain_id, "*")
-        refused = self.refusals.listening(
-            (subject, delta), lambda why: queue.put_nowait(PermissionDenied(why))
-        )
+        refused = self.refusals.listening((subject, delta), queue.put_nowait)
         subs: list[Subscription | OrderedReader] = []
         unknown = False
         with refused:

@@ -26,7 +26,12 @@ _SUBJECT = re.compile(r'\bto "([^"]+)"')
 
 class PermissionDenied(ChainyardError):
     """The NATS server refused a publish or subscription the call needs: the connection's user
-    lacks a permission. The message is the server's, naming the subject."""
+    lacks a permission. The message is the server's; `subject` is the refused one (lowercased,
+    as nats-py passes the server's words on)."""
+
+    def __init__(self, message: str, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
 
 
 class Refusals:
@@ -48,7 +53,7 @@ class Refusals:
         if (named := _SUBJECT.search(text)) is None:
             return
         for waiting in self._waiting.pop(named[1].lower(), set()):
-            waiting.refuse(text)
+            waiting.refuse(PermissionDenied(text, named[1].lower()))
 
     def recent(self) -> str | None:
         """The last refusal, if within RECENT_S: why a timed-out call most likely failed."""
@@ -61,10 +66,11 @@ class Refusals:
         `subjects` and its wait for their answer: a refusal ends the wait."""
         return _Watch(self, subjects)
 
-    def listening(self, subjects: Iterable[str], on_refused: Callable[[str], None]) -> _Listen:
+    def listening(
+        self, subjects: Iterable[str], on_refused: Callable[[PermissionDenied], None]
+    ) -> _Listen:
         """`with refusals.listening([...], callback):` (or its `open()` and `close()`) for a wait
-        that is not one task's (a generator's queue): `on_refused` gets the server's words,
-        once."""
+        that is not one task's (a generator's queue): `on_refused` gets the error, once."""
         return _Listen(self, subjects, on_refused)
 
 
@@ -73,17 +79,17 @@ class _Listen:
         self,
         refusals: Refusals,
         subjects: Iterable[str],
-        on_refused: Callable[[str], None] | None = None,
+        on_refused: Callable[[PermissionDenied], None] | None = None,
     ) -> None:
         self.refusals = refusals
         self.subjects = tuple(s.lower() for s in subjects)
         self.on_refused = on_refused
-        self.refused: str | None = None
+        self.refused: PermissionDenied | None = None
 
-    def refuse(self, text: str) -> None:
+    def refuse(self, error: PermissionDenied) -> None:
         if self.refused is None and self.on_refused is not None:
-            self.refused = text
-            self.on_refused(text)
+            self.refused = error
+            self.on_refused(error)
 
     def open(self) -> None:
         for subject in self.subjects:
@@ -112,11 +118,11 @@ class _Watch(_Listen):
 
     task: asyncio.Task[object] | None = None
 
-    def refuse(self, text: str) -> None:
+    def refuse(self, error: PermissionDenied) -> None:
         # The callback runs in nats-py's reading task, never in the waiting one, so the task
         # is suspended inside the block and the cancellation is raised there.
         if self.refused is None and self.task is not None and not self.task.done():
-            self.refused = text
+            self.refused = error
             self.task.cancel()
 
     def __enter__(self) -> None:
@@ -130,4 +136,4 @@ class _Watch(_Listen):
         if self.refused is None or self.task is None:
             return
         if self.task.uncancel() == 0 and et is not None and issubclass(et, asyncio.CancelledError):
-            raise PermissionDenied(self.refused) from None
+            raise self.refused from None

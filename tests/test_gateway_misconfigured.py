@@ -82,6 +82,14 @@ async def test_a_refused_request_is_a_misconfigured_gateway(tmp_path: Path, refu
                 cancel = msgspec.json.decode((await cancels.next_msg(timeout=30)).data)
                 assert "may not read its answer" in cancel["reason"], cancel
             await cancels.unsubscribe()  # (a message left in it would hold up the drain)
+            await stop_all([gateway])  # (it sends what it sends in the background first)
+            intake = await bus.js.stream_info(bus.topology.intake.name, subjects_filter=">")
+            sent = sorted((intake.state.subjects or {}).keys())
+            if refused == "submit":  # nothing was submitted, so there is nothing to cancel
+                assert sent == [], sent
+            else:
+                assert sent[0].startswith("cy.control.acme.") and sent[0].endswith(".cancel")
+                assert sent[1:] == ["cy.submit.acme"], sent
         finally:
             await stop_all([gateway])
             await bus.close()

@@ -139,8 +139,9 @@ async def test_a_refusal_ends_only_the_waits_it_names() -> None:
         await entered.wait()
     refusals.saw(NatsError("nats: stale connection"))  # not a refusal
     refusals.saw(_refusal("cy.events.acme.x.>", "Subscription"))  # (lowercased, as nats-py does)
-    with denied("cy.events.acme.x"):
+    with denied("cy.events.acme.x") as refused:
         await acme
+    assert refused.value.subject == "cy.events.acme.x.>"
     assert not beta.done()
     # Another cancellation (a caller going away) stays a cancellation.
     beta.cancel()

@@ -254,7 +254,7 @@ async def stream_step(
         subjects.delta(client.tenant, chain.id, STEP_ID),
         subjects.event(client.tenant, chain.id, "step.failed"),
     )
-    refused = client.refusals.listening(listen, lambda why: queue.put_nowait(PermissionDenied(why)))
+    refused = client.refusals.listening(listen, queue.put_nowait)
     refused.open()
     subs = [await nc.subscribe(subject, cb=put) for subject in listen]
     run = asyncio.ensure_future(run_step(client, chain, timeout_s, fresh_id=fresh_id))
@@ -502,6 +502,8 @@ class Gateway:
         if isinstance(e, ApiError) and e.status != 504:
             return  # an answer was given: the chain has ended
         if isinstance(e, PermissionDenied):
+            if e.subject == self.topology.subjects.submit(tenant).lower():
+                return  # the submit itself was refused: nothing runs
             reason = "the gateway may not read its answer (its NATS user lacks a permission)"
         else:
             reason = "nobody waits for it any more (the HTTP client disconnected or timed out)"
