@@ -453,51 +453,48 @@ class Client:
         refused = self.refusals.listening((subject, delta), queue.put_nowait)
         subs: list[Subscription | OrderedReader] = []
         unknown = False
-        with refused:
-            try:
-                if history:
-                    reader = OrderedReader(
-                        self.nc, self.js, self.topology.events.name, subject, put
-                    )
-                    subs.append(reader)
-                    stored = await reader.start(DeliverPolicy.ALL)
-                    unknown = (
-                        missing_after is not None and not stored and not await self.exists(chain_id)
-                    )
+        refused.open()
+        try:
+            if history:
+                reader = OrderedReader(self.nc, self.js, self.topology.events.name, subject, put)
+                subs.append(reader)
+                stored = await reader.start(DeliverPolicy.ALL)
+                unknown = (
+                    missing_after is not None and not stored and not await self.exists(chain_id)
+                )
+            else:
+                subs.append(await self.nc.subscribe(subject, cb=put))
+            if deltas:
+                subs.append(await self.nc.subscribe(delta, cb=put))
+            while True:
+                if unknown:  # nothing yet: it may have been submitted a moment ago
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), missing_after)
+                    except TimeoutError:
+                        if await self.exists(chain_id):  # created, no event yet
+                            unknown = False
+                            continue
+                        raise NoSuchChain(
+                            f"no chain {chain_id!r} for tenant {self.tenant!r}: no state and "
+                            f"no events after {missing_after:g} s"
+                        ) from None
+                    unknown = False
                 else:
-                    subs.append(await self.nc.subscribe(subject, cb=put))
-                if deltas:
-                    subs.append(await self.nc.subscribe(delta, cb=put))
-                while True:
-                    if unknown:  # nothing yet: it may have been submitted a moment ago
-                        try:
-                            msg = await asyncio.wait_for(queue.get(), missing_after)
-                        except TimeoutError:
-                            if await self.exists(chain_id):  # created, no event yet
-                                unknown = False
-                                continue
-                            raise NoSuchChain(
-                                f"no chain {chain_id!r} for tenant {self.tenant!r}: no state and "
-                                f"no events after {missing_after:g} s"
-                            ) from None
-                        unknown = False
-                    else:
-                        msg = await queue.get()
-                    if isinstance(msg, PermissionDenied):
-                        raise msg
-                    if msg.subject.startswith(f"{self.subjects.prefix}.delta."):
-                        yield (msg.subject.rsplit(".", 1)[-1], msg.data.decode(errors="replace"))
-                        continue
-                    ev = event_decoder.decode(msg.data)
-                    yield ev
-                    if isinstance(ev, ENDED) and not (
-                        isinstance(ev, ChainRejected) and ev.id_in_use
-                    ):
-                        return  # (a clash of a later submission with this chain does not end it)
-            finally:
-                for s in subs:
-                    with contextlib.suppress(Exception):
-                        await (s.stop() if isinstance(s, OrderedReader) else s.unsubscribe())
+                    msg = await queue.get()
+                if isinstance(msg, PermissionDenied):
+                    raise msg
+                if msg.subject.startswith(f"{self.subjects.prefix}.delta."):
+                    yield (msg.subject.rsplit(".", 1)[-1], msg.data.decode(errors="replace"))
+                    continue
+                ev = event_decoder.decode(msg.data)
+                yield ev
+                if isinstance(ev, ENDED) and not (isinstance(ev, ChainRejected) and ev.id_in_use):
+                    return  # (a clash of a later submission with this chain does not end it)
+        finally:
+            refused.close()
+            for s in subs:
+                with contextlib.suppress(Exception):
+                    await (s.stop() if isinstance(s, OrderedReader) else s.unsubscribe())
 
 
 class NoSuchChain(ChainyardError, LookupError):
