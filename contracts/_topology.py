@@ -54,10 +54,12 @@ class Subjects(Struct, frozen=True, kw_only=True):
         """A chain's deadline timer: a subject (and consumer) of its own, see `Topology`."""
         return f"{self.prefix}.deadline.{tenant}.{chain_id}"
 
-    def deadline_schedule(self, tenant: str, chain_id: str) -> str:
+    def deadline_schedule(self, tenant: str, chain_id: str, due_at_ms: int | str) -> str:
         """Where a chain's deadline waits until due: a message schedule (`Topology.timers`)
-        that the server publishes to `deadline(...)` at the deadline. No consumer reads it."""
-        return f"{self.prefix}.schedule.deadline.{tenant}.{chain_id}"
+        that the server publishes to `deadline(...)` at the deadline. No consumer reads it.
+        A subject per deadline: the roll-up that removes it when the chain ends first can
+        only ever remove that one, never a later chain's under the same id (`"*"`: any)."""
+        return f"{self.prefix}.schedule.deadline.{tenant}.{chain_id}.{due_at_ms}"
 
     @property
     def all_timers(self) -> str:
@@ -114,6 +116,7 @@ class StreamDef(Struct, frozen=True, kw_only=True):
     max_bytes: int = -1
     allow_direct: bool = False  # direct gets by subject: a tenant may read its own events
     allow_msg_schedules: bool = False  # messages the server publishes later (nats-server 2.12+)
+    allow_msg_ttl: bool = False  # messages with a TTL of their own (nats-server 2.11+)
 
 
 class ConsumerDef(Struct, frozen=True, kw_only=True):
@@ -195,6 +198,7 @@ class Topology(Struct, frozen=True, kw_only=True):
             retention="workqueue",
             duplicate_window_s=10 * MINUTE_S,
             allow_msg_schedules=True,
+            allow_msg_ttl=True,  # the roll-up that removes an ended chain's deadline expires
         )
 
     @property

@@ -90,6 +90,13 @@ def deadline_timer(state: ChainState) -> Timer:
     )
 
 
+def deadline_waits(state: ChainState) -> bool:
+    """An ended chain's deadline timer is still to come: the chain had one and ended first."""
+    if state.status == "running" or state.deadline_at_ms is None:
+        return False
+    return (state.ended_at_ms or 0) < state.deadline_at_ms
+
+
 def on_deadline(state: ChainState, now_ms: int) -> Outcome:
     """The chain's deadline timer fired: a chain still running fails, naming what was left
     unfinished and why, and its work in flight is cancelled (queued work is dropped by the

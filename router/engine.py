@@ -62,6 +62,8 @@ from .store import Conflict, StateStore
 log = logging.getLogger("chainyard.router")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UNKNOWN_CHAIN_TRIES = 8  # a control message for a chain not created yet waits ~6 s for it
+# A roll-up of a deadline's schedule subject: it replaces (removes) the schedule, then expires
+UNSCHEDULE = {"Nats-Rollup": "sub", "Nats-TTL": "1s"}
 # decide(state or None, revision) -> what to do; None: nothing to record
 Decide = Callable[[ChainState | None], chains.Outcome | None]
 
@@ -457,6 +459,8 @@ class Router:
         if outcome.ended is not None:
             kind = outcome.ended.__struct_config__.tag
             jobs.append(self._publish_event(outcome.ended, f"{tenant}.{chain_id}.{kind}"))
+            if self.deadline_schedules and chains.deadline_waits(state):
+                jobs.append(self._unschedule_deadline(state))
         if outcome.cancel:
             jobs.append(self.bus.nc.publish(self.subjects.cancel(tenant, chain_id), b""))
         if len(jobs) == 1:  # the common case: no task for it, so no extra turn of the loop
@@ -554,12 +558,23 @@ class Router:
             subject = self.subjects.deadline(timer.tenant, timer.chain_id)
         else:
             due = datetime.fromtimestamp(timer.due_at_ms / 1000, UTC)
-            subject = self.subjects.deadline_schedule(timer.tenant, timer.chain_id)
+            subject = self.subjects.deadline_schedule(timer.tenant, timer.chain_id, timer.due_at_ms)
             headers = {
                 "Nats-Schedule": f"@at {due.isoformat(timespec='milliseconds')}",
                 "Nats-Schedule-Target": self.subjects.deadline(timer.tenant, timer.chain_id),
             }
         await messaging.publish(self.bus.publisher, subject, encode(timer), msg_id, headers=headers)
+
+    async def _unschedule_deadline(self, state: ChainState) -> None:
+        """A chain that ended before its deadline removes the deadline's schedule: a roll-up
+        on its subject, which then expires. Sent without waiting for the stream's answer: one
+        lost (or refused by a server without TTLs) only leaves the schedule to fire, and the
+        router then finds the chain ended, as it always could (DESIGN-NOTES #8)."""
+        assert state.deadline_at_ms is not None
+        subject = self.subjects.deadline_schedule(
+            state.tenant, state.chain.id, state.deadline_at_ms
+        )
+        await self.bus.nc.publish(subject, b"", headers=UNSCHEDULE)
 
     async def _publish_event(self, ev: Event, msg_id: str) -> None:
         kind = ev.__struct_config__.tag

@@ -1,6 +1,7 @@
 """Chain deadlines are message schedules, on a real nats-server: the server holds each one until
-it is due, so a router handles a deadline once, when it fires, and never for a chain that
-ended before it. Two router replicas, two tenants reusing one chain id."""
+it is due, so a router handles a deadline once, when it fires; a chain that ends before it
+removes its schedule, so its deadline never fires. Two router replicas, two tenants reusing one
+chain id."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ async def test_deadlines_wait_in_the_server_and_fire_once(
             t: asyncio.create_task(c.run(held("same", DEADLINE_MS), timeout=30))
             for t, c in clients.items()
         }
-        schedules = topo.subjects.deadline_schedule("*", "*")
+        schedules = topo.subjects.deadline_schedule("*", "*", "*")
         await wait_until(
             holds(bus, schedules, 3),
             15,
@@ -72,16 +73,45 @@ async def test_deadlines_wait_in_the_server_and_fire_once(
         quick_end = await clients["acme"].run(held("quick", 300_000), timeout=10)
         assert isinstance(quick_end, ChainCompleted)
         # The two that fired were handed over once each, never naked back to wait; the quick
-        # chain's deadline still waits in the server, where no router handles it.
+        # chain, which ended first, removed its deadline's schedule (the roll-up that did it
+        # expires too), so nothing of it is left to fire.
         await wait_until(
             holds(bus, topo.subjects.all_deadlines, 0),
             10,
             "the fired deadlines to be acknowledged",
         )
         assert await deliveries(bus) == 2
-        assert await stream_count(bus.js, topo.timers.name, schedules) == 1
-        waiting = topo.subjects.deadline_schedule("acme", "quick")
-        assert await stream_count(bus.js, topo.timers.name, waiting) == 1
+        await wait_until(holds(bus, schedules, 0), 10, "the quick chain's schedule to be gone")
+    finally:
+        await kill_all(routers)
+
+
+async def test_a_chain_that_ends_first_never_has_its_deadline_fire(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "chainyard.toml"
+    cfg.write_text("")
+    routers = await start_routers(tmp_path, nats_server.url, cfg)
+    topo = bus.topology
+    try:
+        acme, beta = (Client(bus.nc, t, topo) for t in ("acme", "beta"))
+        # acme's "same" ends at once; beta's "same" is due half a second after acme's would be
+        assert await acme.submit(held("same", DEADLINE_MS)) == "same"
+        beta_end = asyncio.create_task(beta.run(held("same", DEADLINE_MS + 500), timeout=30))
+        schedules = topo.subjects.deadline_schedule("*", "*", "*")
+        await wait_until(holds(bus, schedules, 2), 15, "both deadline schedules")
+        await acme.signal("same", "go")
+        assert isinstance(await acme.run(held("same", DEADLINE_MS), timeout=10), ChainCompleted)
+        # The server fires schedules in due order within a 250 ms tick: once beta's has fired,
+        # acme's would have, had it still been there.
+        ended = await beta_end
+        assert isinstance(ended, ChainFailed) and ended.tenant == "beta", ended
+        assert ended.reason.startswith(f"deadline exceeded ({DEADLINE_MS + 500} ms)")
+        await wait_until(
+            holds(bus, topo.subjects.all_deadlines, 0), 10, "beta's deadline to be acknowledged"
+        )
+        assert await deliveries(bus) == 1  # beta's alone: acme's schedule was removed
+        assert await stream_count(bus.js, topo.timers.name, schedules) == 0
     finally:
         await kill_all(routers)
 
@@ -93,7 +123,7 @@ async def test_without_schedules_a_deadline_waits_as_a_naked_message(bus: Bus) -
     async with running(router):
         ended = await Client(bus.nc, "acme", bus.topology).run(held("same", 500), timeout=30)
     assert isinstance(ended, ChainFailed) and ended.reason.startswith("deadline exceeded")
-    schedules = bus.topology.subjects.deadline_schedule("*", "*")
+    schedules = bus.topology.subjects.deadline_schedule("*", "*", "*")
     assert await stream_count(bus.js, bus.topology.timers.name, schedules) == 0
     assert await deliveries(bus) >= 2  # handed over at once, naked, handed over when due
 
@@ -107,12 +137,13 @@ async def test_an_older_timers_stream_gets_schedules_and_keeps_its_messages(
         await bus.js.delete_stream(timers.name)
         old = stream_config(timers, 1)
         old.subjects = [bus.topology.subjects.all_timers, bus.topology.subjects.all_deadlines]
-        old.allow_msg_schedules, old.allow_rollup_hdrs = None, False
+        old.allow_msg_schedules, old.allow_rollup_hdrs, old.allow_msg_ttl = None, False, None
         await bus.js.add_stream(old)
         await bus.js.publish(bus.topology.subjects.deadline("acme", "c1"), b"a timer")
         await ensure_stream(bus.js, timers, 1)
         info = await bus.js.stream_info(timers.name)
         assert info.config.allow_msg_schedules and info.config.allow_rollup_hdrs
+        assert info.config.allow_msg_ttl  # an ended chain's roll-up of its schedule expires
         assert bus.topology.subjects.all_schedules in (info.config.subjects or [])
         assert info.state.messages == 1
     finally:

@@ -80,6 +80,20 @@ def test_replay_of_a_chain_with_a_deadline_schedules_its_own() -> None:
     assert (timer.chain_id, timer.due_at_ms) == ("c2", T0 + 50 + DEADLINE_MS)
 
 
+def test_only_a_chain_that_ended_before_its_deadline_has_a_schedule_to_remove() -> None:
+    """`deadline_waits`: the router removes the deadline's schedule of such a chain alone."""
+    pick = Picker()
+    one = Chain(id="c1", steps=[diamond().steps[0]])
+    out = chains.start(with_deadline(one), "t", T0, pick)
+    assert not chains.deadline_waits(out.state)  # running
+    done = chains.on_completed(out.state, completed("plan"), T0 + 1, pick)
+    assert isinstance(done.ended, ChainCompleted) and chains.deadline_waits(done.state)
+    late = chains.on_deadline(out.state, T0 + DEADLINE_MS)  # the deadline itself ended it
+    assert isinstance(late.ended, ChainFailed) and not chains.deadline_waits(late.state)
+    plain = chains.on_completed(chains.start(one, "t", T0, pick).state, completed("plan"), T0, pick)
+    assert plain.ended is not None and not chains.deadline_waits(plain.state)  # no deadline
+
+
 def test_deadline_fails_the_chain_naming_unfinished_steps_and_their_last_error() -> None:
     pick = Picker()
     out = chains.start(with_deadline(diamond()), "t", T0, pick)

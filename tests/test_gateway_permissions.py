@@ -297,7 +297,7 @@ async def test_what_the_gateway_user_may_not_do_is_refused(stack: Stack) -> None
             "cy.cancel.acme.c1",
             "cy.timer.acme.c1.s",
             "cy.deadline.acme.c1",
-            "cy.schedule.deadline.acme.c1",
+            "cy.schedule.deadline.acme.c1.1765152000000",
             "cy.dlq.acme",
             "cy.events.acme.c1.chain.completed",  # events are the services' to write
             "cy.control.acme.c1.replay",  # the gateway cancels and signals, never replays

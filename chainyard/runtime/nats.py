@@ -107,6 +107,7 @@ def stream_config(d: StreamDef, replicas: int) -> StreamConfig:
         allow_direct=d.allow_direct,
         allow_msg_schedules=d.allow_msg_schedules or None,
         allow_rollup_hdrs=d.allow_msg_schedules,  # the server requires it for schedules
+        allow_msg_ttl=d.allow_msg_ttl or None,
     )
 
 
@@ -211,11 +212,14 @@ async def ensure_stream(js: JetStreamContext, d: StreamDef, replicas: int) -> No
             raise
         have = (await js.stream_info(d.name)).config
         missing = [s for s in cfg.subjects or [] if s not in (have.subjects or [])]
-        # The duplicate window, direct gets and schedules are part of the delivery design, not
-        # limits: keep them ours. Schedules are only turned on (the server refuses them off).
+        # The duplicate window, direct gets, schedules and TTLs are part of the delivery design,
+        # not limits: keep them ours. Schedules and TTLs are only turned on (the server refuses
+        # them off).
         design = {"duplicate_window": cfg.duplicate_window, "allow_direct": cfg.allow_direct}
         if cfg.allow_msg_schedules:
             design |= {"allow_msg_schedules": True, "allow_rollup_hdrs": True}
+        if cfg.allow_msg_ttl:
+            design |= {"allow_msg_ttl": True}
         stale = {k: v for k, v in design.items() if (getattr(have, k) or False) != (v or False)}
         if missing or stale:
             have.subjects = [*(have.subjects or []), *missing]
