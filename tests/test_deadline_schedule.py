@@ -6,9 +6,10 @@ chain id."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from helpers import kill_all, running, start_routers, stream_count, wait_until
 
 from chainyard.client import Client
@@ -42,78 +43,74 @@ async def deliveries(bus: Bus) -> int:
     return info.delivered.consumer_seq
 
 
-async def test_deadlines_wait_in_the_server_and_fire_once(
-    bus: Bus, nats_server: NatsServer, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def routers(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[None]:
+    """Two `chainyard router` processes with the default config, as deployed."""
     cfg = tmp_path / "chainyard.toml"
     cfg.write_text("")
-    routers = await start_routers(tmp_path, nats_server.url, cfg)
-    topo = bus.topology
+    procs = await start_routers(tmp_path, nats_server.url, cfg)
     try:
-        clients = {t: Client(bus.nc, t, topo) for t in ("acme", "beta")}
-        # Both tenants run chain id "same" to its deadline; acme's "quick" ends first.
-        assert await clients["acme"].submit(held("quick", 300_000)) == "quick"
-        ends = {
-            t: asyncio.create_task(c.run(held("same", DEADLINE_MS), timeout=30))
-            for t, c in clients.items()
-        }
-        schedules = topo.subjects.deadline_schedule("*", "*", "*")
-        await wait_until(
-            holds(bus, schedules, 3),
-            15,
-            "three deadline schedules in the timers stream",
-        )
-        await clients["acme"].signal("quick", "go")
-        for tenant, end in ends.items():
-            ended = await end
-            assert isinstance(ended, ChainFailed), (tenant, ended)
-            assert ended.tenant == tenant and ended.chain_id == "same"
-            assert ended.reason.startswith(f"deadline exceeded ({DEADLINE_MS} ms)")
-            assert ended.duration_ms >= DEADLINE_MS
-        quick_end = await clients["acme"].run(held("quick", 300_000), timeout=10)
-        assert isinstance(quick_end, ChainCompleted)
-        # The two that fired were handed over once each, never naked back to wait; the quick
-        # chain, which ended first, removed its deadline's schedule (the roll-up that did it
-        # expires too), so nothing of it is left to fire.
-        await wait_until(
-            holds(bus, topo.subjects.all_deadlines, 0),
-            10,
-            "the fired deadlines to be acknowledged",
-        )
-        assert await deliveries(bus) == 2
-        await wait_until(holds(bus, schedules, 0), 10, "the quick chain's schedule to be gone")
+        yield
     finally:
-        await kill_all(routers)
+        await kill_all(procs)
 
 
-async def test_a_chain_that_ends_first_never_has_its_deadline_fire(
-    bus: Bus, nats_server: NatsServer, tmp_path: Path
-) -> None:
-    cfg = tmp_path / "chainyard.toml"
-    cfg.write_text("")
-    routers = await start_routers(tmp_path, nats_server.url, cfg)
+async def test_deadlines_wait_in_the_server_and_fire_once(bus: Bus, routers: None) -> None:
     topo = bus.topology
-    try:
-        acme, beta = (Client(bus.nc, t, topo) for t in ("acme", "beta"))
-        # acme's "same" ends at once; beta's "same" is due half a second after acme's would be
-        assert await acme.submit(held("same", DEADLINE_MS)) == "same"
-        beta_end = asyncio.create_task(beta.run(held("same", DEADLINE_MS + 500), timeout=30))
-        schedules = topo.subjects.deadline_schedule("*", "*", "*")
-        await wait_until(holds(bus, schedules, 2), 15, "both deadline schedules")
-        await acme.signal("same", "go")
-        assert isinstance(await acme.run(held("same", DEADLINE_MS), timeout=10), ChainCompleted)
-        # The server fires schedules in due order within a 250 ms tick: once beta's has fired,
-        # acme's would have, had it still been there.
-        ended = await beta_end
-        assert isinstance(ended, ChainFailed) and ended.tenant == "beta", ended
-        assert ended.reason.startswith(f"deadline exceeded ({DEADLINE_MS + 500} ms)")
-        await wait_until(
-            holds(bus, topo.subjects.all_deadlines, 0), 10, "beta's deadline to be acknowledged"
-        )
-        assert await deliveries(bus) == 1  # beta's alone: acme's schedule was removed
-        assert await stream_count(bus.js, topo.timers.name, schedules) == 0
-    finally:
-        await kill_all(routers)
+    clients = {t: Client(bus.nc, t, topo) for t in ("acme", "beta")}
+    # Both tenants run chain id "same" to its deadline; acme's "quick" ends first.
+    assert await clients["acme"].submit(held("quick", 300_000)) == "quick"
+    ends = {
+        t: asyncio.create_task(c.run(held("same", DEADLINE_MS), timeout=30))
+        for t, c in clients.items()
+    }
+    schedules = topo.subjects.deadline_schedule("*", "*", "*")
+    await wait_until(
+        holds(bus, schedules, 3),
+        15,
+        "three deadline schedules in the timers stream",
+    )
+    await clients["acme"].signal("quick", "go")
+    for tenant, end in ends.items():
+        ended = await end
+        assert isinstance(ended, ChainFailed), (tenant, ended)
+        assert ended.tenant == tenant and ended.chain_id == "same"
+        assert ended.reason.startswith(f"deadline exceeded ({DEADLINE_MS} ms)")
+        assert ended.duration_ms >= DEADLINE_MS
+    quick_end = await clients["acme"].run(held("quick", 300_000), timeout=10)
+    assert isinstance(quick_end, ChainCompleted)
+    # The two that fired were handed over once each, never naked back to wait; the quick
+    # chain, which ended first, removed its deadline's schedule (the roll-up that did it
+    # expires too), so nothing of it is left to fire.
+    await wait_until(
+        holds(bus, topo.subjects.all_deadlines, 0),
+        10,
+        "the fired deadlines to be acknowledged",
+    )
+    assert await deliveries(bus) == 2
+    await wait_until(holds(bus, schedules, 0), 10, "the quick chain's schedule to be gone")
+
+
+async def test_a_chain_that_ends_first_never_has_its_deadline_fire(bus: Bus, routers: None) -> None:
+    topo = bus.topology
+    acme, beta = (Client(bus.nc, t, topo) for t in ("acme", "beta"))
+    # acme's "same" ends at once; beta's "same" is due half a second after acme's would be
+    assert await acme.submit(held("same", DEADLINE_MS)) == "same"
+    beta_end = asyncio.create_task(beta.run(held("same", DEADLINE_MS + 500), timeout=30))
+    schedules = topo.subjects.deadline_schedule("*", "*", "*")
+    await wait_until(holds(bus, schedules, 2), 15, "both deadline schedules")
+    await acme.signal("same", "go")
+    assert isinstance(await acme.run(held("same", DEADLINE_MS), timeout=10), ChainCompleted)
+    # The server fires schedules in due order within a 250 ms tick: once beta's has fired,
+    # acme's would have, had it still been there.
+    ended = await beta_end
+    assert isinstance(ended, ChainFailed) and ended.tenant == "beta", ended
+    assert ended.reason.startswith(f"deadline exceeded ({DEADLINE_MS + 500} ms)")
+    await wait_until(
+        holds(bus, topo.subjects.all_deadlines, 0), 10, "beta's deadline to be acknowledged"
+    )
+    assert await deliveries(bus) == 1  # beta's alone: acme's schedule was removed
+    await wait_until(holds(bus, schedules, 0), 10, "acme's roll-up to expire")
 
 
 async def test_without_schedules_a_deadline_waits_as_a_naked_message(bus: Bus) -> None:
