@@ -252,12 +252,15 @@ class OnePool:
 
 
 @contextlib.asynccontextmanager
-async def one_pool(name: str) -> AsyncIterator[OnePool]:
-    """nats-server, the load sandbox, `chainyard router` and `chainyard worker` (pool `a`),
-    each its own OS process, and this driver's bus."""
+async def one_pool(name: str, nats_args: list[str] | None = None) -> AsyncIterator[OnePool]:
+    """nats-server (with `nats_args`), the load sandbox, `chainyard router` and `chainyard
+    worker` (pool `a`), each its own OS process, and this driver's bus."""
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        async with NatsServer() as nats, sandbox(0.0, None, load=True) as (url, _):
+        async with (
+            NatsServer(extra_args=nats_args) as nats,
+            sandbox(0.0, None, load=True) as (url, _),
+        ):
             cfg = tmp / "chainyard.toml"
             cfg.write_text(_config(url))
             common = ["--nats", nats.url, "--config", str(cfg)]

@@ -40,6 +40,7 @@ MODULES: tuple[str, ...] = (
     "bench.scaling",
     "bench.cache",
     "bench.ops",
+    "bench.retention",
 )
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
