@@ -148,3 +148,79 @@ async def test_spend_per_day_counted_on_one_replica_refuses_on_the_other(
         for base in r.urls * 2:  # refused on both, and a refused request runs nothing
             assert (await ask(http, base, raw)).status_code == 429
         assert r.sandbox.counts["openai.chat"] == calls
+
+
+def llm_chain(*models: str) -> dict[str, object]:
+    """A chain of one model step per model, steps `s0`, `s1`..."""
+    message = {"role": "user", "content": "hi"}
+    steps = [
+        {"kind": "llm", "id": f"s{i}", "model": m, "messages": [message]}
+        for i, m in enumerate(models)
+    ]
+    return {"steps": steps}
+
+
+async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) -> None:
+    """`POST /v1/chains` is held to the key's model grant as chat is: every model step of the
+    chain, in every answer mode, and nothing runs for a refused chain."""
+    r = replicas
+    raw, _ = await new_key(r, tenant="acme", models=("backup-mini",))
+    auth = {"authorization": f"Bearer {raw}"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        await answered_on_both(r, http, raw, 403)  # (chat: gpt-4o-mini is not granted)
+        calls = r.sandbox.counts["openai.chat"]
+        for model in ("gpt-4o-mini", "small", "primary-mini"):  # a group holding backup-mini too
+            chain = llm_chain("backup-mini", model)
+            for base, query, accept in (
+                (r.urls[0], "", "application/json"),
+                (r.urls[1], "?wait=false", "application/json"),
+                (r.urls[0], "", "text/event-stream"),
+            ):
+                got = await http.post(
+                    f"{base}/v1/chains{query}", headers={**auth, "accept": accept}, json=chain
+                )
+                assert got.status_code == 403, got.text
+                assert got.json()["error"]["param"] == "model" and model in got.text
+        ok = await http.post(f"{r.urls[1]}/v1/chains", headers=auth, json=llm_chain("backup-mini"))
+        assert ok.status_code == 200 and ok.json()["type"] == "chain.completed", ok.text
+        assert r.sandbox.counts["openai.chat"] == calls + 1  # only the granted chain ran
+
+
+async def known_on_both(r: Replicas, http: httpx.AsyncClient, key: str) -> None:
+    """Every replica knows the key (`GET /v1/models`, which no limit counts)."""
+
+    async def both() -> bool:
+        headers = {"authorization": f"Bearer {key}"}
+        got = [(await http.get(f"{u}/v1/models", headers=headers)).status_code for u in r.urls]
+        return got == [200, 200]
+
+    await wait_until(both, 1.0, "both gateways to know the key")
+
+
+async def test_chains_over_http_count_against_the_keys_limits(replicas: Replicas) -> None:
+    """A chain posted to `/v1/chains` takes from the key's rpm and its cost counts against the
+    spend per day, on every replica, whether the caller waits for it or not."""
+    r = replicas
+    await asyncio.sleep(_outside_a_minute_boundary())  # a clock boundary, not a race
+    limited, _ = await new_key(r, tenant="acme", rpm=2)
+    spender, _ = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)  # one call spends more
+    chain = llm_chain("gpt-4o-mini")
+    async with httpx.AsyncClient(timeout=60) as http:
+        await known_on_both(r, http, limited)
+        await known_on_both(r, http, spender)
+
+        async def post(base: str, key: str, query: str = "") -> httpx.Response:
+            headers = {"authorization": f"Bearer {key}"}
+            return await http.post(f"{base}/v1/chains{query}", headers=headers, json=chain)
+
+        statuses = [(await post(r.urls[i % 2], limited)).status_code for i in range(4)]
+        assert statuses == [200, 200, 429, 429]
+        over = await post(r.urls[0], limited, "?wait=false")
+        assert over.status_code == 429 and "retry-after" in over.headers
+        # spent by a chain nobody waits for, on one replica: refused on the other
+        assert (await post(r.urls[0], spender, "?wait=false")).status_code == 202
+
+        async def refused_on_the_other() -> bool:
+            return (await post(r.urls[1], spender)).status_code == 429
+
+        await wait_until(refused_on_the_other, 10.0, "the other replica to refuse the spender")

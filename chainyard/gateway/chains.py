@@ -24,14 +24,17 @@ from aiohttp import web
 
 from chainyard.client import NoSuchChain
 from chainyard.contracts import (
+    Chain,
     ChainRejected,
     ControlAccepted,
     ControlRejected,
+    LlmStep,
+    chain_decoder,
     encode,
     new_id,
 )
 
-from .core import ApiError, Gateway, bad_request, run_step
+from .core import ApiError, Gateway, Grant, bad_request, estimate_tokens, run_step
 from .http import CHAIN_ID, Sse, bearer, json_response, read_json, server_span
 
 # As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
@@ -58,6 +61,24 @@ def _ended_status(ended: Any) -> int:
     return 200
 
 
+async def _admit(gw: Gateway, grant: Grant, data: bytes) -> Chain | None:
+    """The key may use every model the chain's steps name, and its limits admit the chain, as
+    for a chat request: the chain, or None for one the router will reject (nothing runs)."""
+    try:
+        chain = chain_decoder.decode(data)
+    except msgspec.DecodeError:  # (a ValidationError is one)
+        chain = None
+    llm_steps = [s for s in chain.steps if isinstance(s, LlmStep)] if chain else []
+    for step in llm_steps:
+        gw.check_allowed(grant, step.model)
+    estimate = sum(
+        estimate_tokens("".join(m.content for m in s.messages), s.params.max_tokens)
+        for s in llm_steps
+    )
+    await gw.admit(grant, estimate)
+    return chain
+
+
 async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     body = await read_json(request, gw)
@@ -66,10 +87,14 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         body["id"] = new_id()
     chain_id = str(body["id"])
     data = msgspec.json.encode(body)
+    chain = await _admit(gw, grant, data)
     client = gw.client(grant.tenant)
     deadline = body.get("deadline_ms")  # (the router judges it; a wrong one is rejected)
     wait_ms = deadline if isinstance(deadline, int) and deadline > 0 else gw.settings.deadline_ms
     timeout = wait_ms / 1000 + 5
+    # usage counts once per chain: not for a chain of this id that exists (a retry)
+    if chain is not None and (fresh_id or await gw.chain_state(grant.tenant, chain_id) is None):
+        gw.settle_at_end(grant, chain_id, timeout)
     with server_span(request, "POST /v1/chains") as headers:
         headers[CHAIN_ID] = chain_id
         if request.query.get("wait", "true").lower() not in _TRUE:

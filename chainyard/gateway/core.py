@@ -417,6 +417,7 @@ class Gateway:
         self._clients: dict[str, Client] = {}
         self._chains_kv: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._following: set[asyncio.Task[Any]] = set()  # settle_at_end's, cancelled by close
 
     def client(self, tenant: str) -> Client:
         """A client bound to one tenant's subjects: a key only ever reaches its own chains."""
@@ -451,6 +452,11 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
+        self.check_allowed(grant, model)
+        return entry
+
+    def check_allowed(self, grant: Grant, model: str) -> None:
+        """403 for a model, deployment or group the key was not granted."""
         if not allowed(grant, model):
             raise ApiError(
                 403,
@@ -459,7 +465,6 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        return entry
 
     async def admit(self, grant: Grant, tokens_estimate: int) -> None:
         wait_s = await self.limits.admit(grant, tokens_estimate=tokens_estimate)
@@ -477,20 +482,42 @@ class Gateway:
         its answer: the compare-and-set writes in KV are not on the answer's path, and a
         failure to count (NATS unreachable) is logged, never made the answer's error. The
         key's next request, on any replica, sees the count a few milliseconds later."""
-        if not self.limits.settles(grant):
-            return
+        if self.limits.settles(grant):
+            self._in_background(self._count(grant, ended))
+
+    async def _count(self, grant: Grant, ended: Outcome) -> None:
         tokens_in, tokens_out = usage_tokens(ended)
         cost = getattr(ended, "cost_usd", 0.0)
-        self._in_background(self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost))
+        await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost)
 
-    def _in_background(self, work: Awaitable[Any]) -> None:
+    def settle_at_end(self, grant: Grant, chain_id: str, timeout_s: float) -> None:
+        """Count a submitted chain's usage when it ends, whether or not its caller waits for
+        it (`POST /v1/chains?wait=false`, or a caller that went away): its events are followed
+        in the background for at most `timeout_s`. A replica that stops first counts nothing
+        for the chains it still follows."""
+        if not self.limits.settles(grant):
+            return
+
+        async def follow() -> None:
+            ended: Any = None
+            async with asyncio.timeout(timeout_s):
+                async for ev in self.client(grant.tenant).watch(chain_id):
+                    ended = ev
+            if ended is not None:
+                await self._count(grant, ended)
+
+        self._following.add(self._in_background(follow()))
+
+    def _in_background(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         """Kept until done (a task nobody holds may be collected) and awaited by `close`."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
+        self._following.discard(task)
         if not task.cancelled() and (e := task.exception()) is not None:
             log.warning("gateway: work after an answer failed: %r", e)
 
@@ -510,6 +537,8 @@ class Gateway:
         self._in_background(self.client(tenant).cancel(chain_id, reason, timeout=None))
 
     async def close(self) -> None:
+        for task in self._following:  # chains may run for minutes: not waited for
+            task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.keys.stop()
