@@ -19,9 +19,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from gateway_stack import POOLS, PROVIDER_KEY, _gateway_url, config_toml
 from helpers import start_cli, start_routers, stop_all, wait_until
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from chainyard.gateway.keys import checked_grant, create_key, open_keys_kv, revoke_key
 from chainyard.runtime.nats import open_bus
@@ -34,6 +37,7 @@ class Replicas:
     urls: list[str]  # the gateways' base URLs
     kv: object  # the cy_keys bucket (nats KeyValue)
     sandbox: SandboxServer
+    limits: KeyValue  # the cy_limits bucket: what the replicas counted
 
 
 @pytest.fixture
@@ -60,7 +64,8 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
             log = tmp_path / f"gateway-{i}.log"
             procs.append(await start_cli(log, "gateway", *common, "--port", "0"))
             urls.append(await _gateway_url(log, procs[-1]))
-        yield Replicas(urls=urls, kv=await open_keys_kv(bus.js), sandbox=sb)
+        limits = await bus.js.key_value("cy_limits")  # (the routers made it as they started)
+        yield Replicas(urls=urls, kv=await open_keys_kv(bus.js), sandbox=sb, limits=limits)
 
 
 async def ask(
@@ -224,3 +229,36 @@ async def test_chains_over_http_count_against_the_keys_limits(replicas: Replicas
             return (await post(r.urls[1], spender)).status_code == 429
 
         await wait_until(refused_on_the_other, 10.0, "the other replica to refuse the spender")
+
+
+async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: Replicas) -> None:
+    """A caller that goes away from a request with an Idempotency-Key leaves its chain running
+    (docs/GATEWAY.md), and its retry is answered from that chain uncounted: the chain's spend
+    is counted when it ends, or the retry would get a whole answer the limit never saw."""
+    r = replicas
+    spender, key_id = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
+    headers = {"authorization": f"Bearer {spender}", "idempotency-key": "walk-away"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        await known_on_both(r, http, spender)
+        await r.sandbox.configure(latency_ms=1500.0)
+        try:
+            with pytest.raises(httpx.ReadTimeout):  # the caller goes away before the answer
+                await http.post(
+                    f"{r.urls[0]}/v1/chat/completions", headers=headers, json=body, timeout=0.5
+                )
+            retry = await http.post(f"{r.urls[1]}/v1/chat/completions", headers=headers, json=body)
+        finally:
+            await r.sandbox.configure(latency_ms=0.0)
+        assert retry.status_code == 200, retry.text
+
+        async def spent() -> float:
+            try:
+                entry = await r.limits.get(f"{key_id}.usd")
+            except KeyNotFoundError:
+                return 0.0
+            return float(msgspec.json.decode(entry.value or b"{}").get("used", 0.0))
+
+        await wait_until(spent, 5.0, "the chain's spend to be counted")  # (asking would spend)
+        for base in r.urls:
+            assert (await ask(http, base, spender)).status_code == 429

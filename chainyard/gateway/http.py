@@ -162,6 +162,7 @@ class StepCall:
     ) -> None:
         self.gw, self.grant, self.chain, self.fresh_id = gw, grant, chain, fresh_id
         self.replay = replay  # an Idempotency-Key whose chain exists: its usage was settled
+        self.settled = replay  # its usage is counted, or will be
         self.client = gw.client(grant.tenant)
         self.timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
         self.headers: dict[str, str] = {CHAIN_ID: chain.id}
@@ -198,7 +199,8 @@ class StepCall:
     ) -> web.StreamResponse:
         """`respond` inside the request's span; a chain nobody waits for any more (the caller
         went away, the wait timed out) is cancelled, unless it has an Idempotency-Key: then
-        the caller's retry picks up the same chain."""
+        the caller's retry picks up the same chain. Either way its usage is counted when it
+        ends (a keyed retry, answered from the chain, counts nothing)."""
         with server_span(request, f"{request.method} {request.path}") as trace_headers:
             self.headers.update(trace_headers)
             try:
@@ -206,6 +208,8 @@ class StepCall:
             except BaseException as e:
                 if self.fresh_id:
                     self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
+                if not self.settled:
+                    self.gw.settle_at_end(self.grant, self.chain.id, self.timeout)
                 raise
 
     async def created_s(self, now_s: int) -> int:
@@ -221,7 +225,8 @@ class StepCall:
     async def outcome(self, ended: Outcome) -> ApiError | None:
         """Settle the call's usage with the limits (once per chain: not on a replay); the error
         answer of an unsuccessful end."""
-        if not self.replay:
+        if not self.settled:
+            self.settled = True
             self.gw.settle(self.grant, ended)
         if self.chain.steps[0].cache is not None and isinstance(ended, ANSWERED):
             self.headers[CACHE] = "hit" if answered_from_cache(ended) else "miss"
