@@ -189,6 +189,9 @@ async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) 
         ok = await http.post(f"{r.urls[1]}/v1/chains", headers=auth, json=llm_chain("backup-mini"))
         assert ok.status_code == 200 and ok.json()["type"] == "chain.completed", ok.text
         assert r.sandbox.counts["openai.chat"] == calls + 1  # only the granted chain ran
+        bad_id = {**llm_chain("backup-mini"), "id": "a.>"}  # the router's to refuse, as before
+        refused = await http.post(f"{r.urls[0]}/v1/chains", headers=auth, json=bad_id)
+        assert refused.status_code == 400 and refused.json()["type"] == "chain.rejected"
 
 
 async def known_on_both(r: Replicas, http: httpx.AsyncClient, key: str) -> None:
@@ -234,7 +237,8 @@ async def test_chains_over_http_count_against_the_keys_limits(replicas: Replicas
 async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: Replicas) -> None:
     """A caller that goes away from a request with an Idempotency-Key leaves its chain running
     (docs/GATEWAY.md), and its retry is answered from that chain uncounted: the chain's spend
-    is counted when it ends, or the retry would get a whole answer the limit never saw."""
+    is counted when it ends, or the retry would get a whole answer the limit never saw. A
+    retry after that, over the limit, still gets the first answer: it spends nothing."""
     r = replicas
     spender, key_id = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
@@ -260,5 +264,11 @@ async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: 
             return float(msgspec.json.decode(entry.value or b"{}").get("used", 0.0))
 
         await wait_until(spent, 5.0, "the chain's spend to be counted")  # (asking would spend)
+        calls = r.sandbox.counts["openai.chat"]
         for base in r.urls:
             assert (await ask(http, base, spender)).status_code == 429
+            # a retry runs and spends nothing: over the limit, it still gets the first answer
+            again = await http.post(f"{base}/v1/chat/completions", headers=headers, json=body)
+            assert again.status_code == 200, again.text
+            assert again.json()["id"] == retry.json()["id"]
+        assert r.sandbox.counts["openai.chat"] == calls

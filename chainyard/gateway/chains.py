@@ -61,9 +61,10 @@ def _ended_status(ended: Any) -> int:
     return 200
 
 
-async def _admit(gw: Gateway, grant: Grant, data: bytes) -> Chain | None:
-    """The key may use every model the chain's steps name, and its limits admit the chain, as
-    for a chat request: the chain, or None for one the router will reject (nothing runs)."""
+async def _admit(gw: Gateway, grant: Grant, data: bytes, replay: bool) -> Chain | None:
+    """The key may use every model the chain's steps name, and its limits admit the chain
+    unless it is a `replay` (its id exists: nothing runs again), as for a chat request: the
+    chain, or None for one the router will reject (nothing runs)."""
     try:
         chain = chain_decoder.decode(data)
     except msgspec.DecodeError:  # (a ValidationError is one)
@@ -75,7 +76,8 @@ async def _admit(gw: Gateway, grant: Grant, data: bytes) -> Chain | None:
         estimate_tokens("".join(m.content for m in s.messages), s.params.max_tokens)
         for s in llm_steps
     )
-    await gw.admit(grant, estimate)
+    if not replay:
+        await gw.admit(grant, estimate)
     return chain
 
 
@@ -87,13 +89,18 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         body["id"] = new_id()
     chain_id = str(body["id"])
     data = msgspec.json.encode(body)
-    chain = await _admit(gw, grant, data)
+    # a chain of this id exists (a retry): not admitted again, its usage not counted again
+    replay = (
+        not fresh_id
+        and _ID.match(chain_id) is not None  # (another is rejected by the router)
+        and await gw.chain_state(grant.tenant, chain_id) is not None
+    )
+    chain = await _admit(gw, grant, data, replay)
     client = gw.client(grant.tenant)
     deadline = body.get("deadline_ms")  # (the router judges it; a wrong one is rejected)
     wait_ms = deadline if isinstance(deadline, int) and deadline > 0 else gw.settings.deadline_ms
     timeout = wait_ms / 1000 + 5
-    # usage counts once per chain: not for a chain of this id that exists (a retry)
-    if chain is not None and (fresh_id or await gw.chain_state(grant.tenant, chain_id) is None):
+    if chain is not None and not replay:
         gw.settle_at_end(grant, chain_id, timeout)
     with server_span(request, "POST /v1/chains") as headers:
         headers[CHAIN_ID] = chain_id

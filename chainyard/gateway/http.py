@@ -177,11 +177,10 @@ class StepCall:
         metadata: dict[str, str],
         prefix: str,
     ) -> StepCall:
-        """The key may use the model, its limits admit the call, the chain is built (its id
-        from the `Idempotency-Key` when there is one, the routing hints from the headers)."""
+        """The key may use the model, the chain is built (its id from the `Idempotency-Key`
+        when there is one, the routing hints from the headers), and the key's limits admit
+        it, unless it is a retry of a chain that exists: that runs and spends nothing."""
         gw.check_model(grant, step.model)
-        text = "".join(m.content for m in step.messages)
-        await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
         key = request.headers.get("idempotency-key")
         chain_id = chain_id_for(grant.tenant, key, prefix)
         hint = hints(request.headers)
@@ -190,6 +189,9 @@ class StepCall:
             hint = msgspec.structs.replace(hint, route=route)
         chain = one_step_chain(step, chain_id, hint, metadata, gw.settings.deadline_ms)
         replay = key is not None and await gw.chain_state(grant.tenant, chain_id) is not None
+        if not replay:
+            text = "".join(m.content for m in step.messages)
+            await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
         return cls(gw, grant, chain, fresh_id=not key, replay=replay)
 
     async def answer(
