@@ -194,12 +194,15 @@ async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) 
         assert refused.status_code == 400 and refused.json()["type"] == "chain.rejected"
 
 
+def auth_of(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
 async def known_on_both(r: Replicas, http: httpx.AsyncClient, key: str) -> None:
     """Every replica knows the key (`GET /v1/models`, which no limit counts)."""
 
     async def both() -> bool:
-        headers = {"authorization": f"Bearer {key}"}
-        got = [(await http.get(f"{u}/v1/models", headers=headers)).status_code for u in r.urls]
+        got = [(await http.get(f"{u}/v1/models", headers=auth_of(key))).status_code for u in r.urls]
         return got == [200, 200]
 
     await wait_until(both, 1.0, "both gateways to know the key")
@@ -207,19 +210,28 @@ async def known_on_both(r: Replicas, http: httpx.AsyncClient, key: str) -> None:
 
 async def test_chains_over_http_count_against_the_keys_limits(replicas: Replicas) -> None:
     """A chain posted to `/v1/chains` takes from the key's rpm and its cost counts against the
-    spend per day, on every replica, whether the caller waits for it or not."""
+    spend per day, on every replica, whether the caller waits for it or not; a burst of chats
+    and chains at once, split between the replicas, gets exactly the rpm through."""
     r = replicas
     await asyncio.sleep(_outside_a_minute_boundary())  # a clock boundary, not a race
     limited, _ = await new_key(r, tenant="acme", rpm=2)
     spender, _ = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)  # one call spends more
+    bursting, _ = await new_key(r, tenant="globex", rpm=6)
     chain = llm_chain("gpt-4o-mini")
     async with httpx.AsyncClient(timeout=60) as http:
-        await known_on_both(r, http, limited)
-        await known_on_both(r, http, spender)
+        for key in (limited, spender, bursting):
+            await known_on_both(r, http, key)
+        burst = await asyncio.gather(
+            *(ask(http, r.urls[i % 2], bursting) for i in range(0, 24, 2)),
+            *(
+                http.post(f"{r.urls[i % 2]}/v1/chains", headers=auth_of(bursting), json=chain)
+                for i in range(1, 24, 2)
+            ),
+        )
+        assert sorted(b.status_code for b in burst) == [200] * 6 + [429] * 18
 
         async def post(base: str, key: str, query: str = "") -> httpx.Response:
-            headers = {"authorization": f"Bearer {key}"}
-            return await http.post(f"{base}/v1/chains{query}", headers=headers, json=chain)
+            return await http.post(f"{base}/v1/chains{query}", headers=auth_of(key), json=chain)
 
         statuses = [(await post(r.urls[i % 2], limited)).status_code for i in range(4)]
         assert statuses == [200, 200, 429, 429]
