@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import time
@@ -189,6 +190,16 @@ async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) 
         ok = await http.post(f"{r.urls[1]}/v1/chains", headers=auth, json=llm_chain("backup-mini"))
         assert ok.status_code == 200 and ok.json()["type"] == "chain.completed", ok.text
         assert r.sandbox.counts["openai.chat"] == calls + 1  # only the granted chain ran
+        # a routing hint naming a deployment the key may not use reaches none
+        prefer = {**auth, "x-chainyard-prefer": "primary-mini,primary"}
+        chat = {"model": "backup-mini", "messages": [{"role": "user", "content": "hi"}]}
+        hinted = await http.post(f"{r.urls[0]}/v1/chat/completions", headers=prefer, json=chat)
+        assert hinted.status_code == 200, hinted.text
+        events = await http.get(
+            f"{r.urls[1]}/v1/chains/{hinted.headers['x-chainyard-chain-id']}/events", headers=auth
+        )
+        done = [json.loads(line) for line in events.text.splitlines()][-1]
+        assert [s["deployment"] for s in done["steps"]] == ["backup-mini"], done
         bad_id = {**llm_chain("backup-mini"), "id": "a.>"}  # the router's to refuse, as before
         refused = await http.post(f"{r.urls[0]}/v1/chains", headers=auth, json=bad_id)
         assert refused.status_code == 400 and refused.json()["type"] == "chain.rejected"
