@@ -34,11 +34,16 @@ from chainyard.contracts import (
     new_id,
 )
 
-from .core import ApiError, Gateway, Grant, bad_request, estimate_tokens, run_step
+from .core import (
+    MISSING_AFTER_S,
+    ApiError,
+    Gateway,
+    Grant,
+    bad_request,
+    estimate_tokens,
+    run_step,
+)
 from .http import CHAIN_ID, Sse, bearer, json_response, read_json, server_span
-
-# As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
-MISSING_AFTER_S = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TRUE = ("1", "true", "yes")

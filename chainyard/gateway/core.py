@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from chainyard.client import Client
+from chainyard.client import Client, NoSuchChain
 from chainyard.contracts import (
     BadMessage,
     Chain,
@@ -44,6 +44,8 @@ from chainyard.contracts import (
 from chainyard.refusals import PermissionDenied, Refusals
 
 STEP_ID = "call"  # the one step of a chain made from a chat/messages request
+# As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
+MISSING_AFTER_S = 5.0
 DEADLINE_PREFIX = "deadline exceeded"  # how the router starts every past-deadline reason
 
 log = logging.getLogger("chainyard.gateway")
@@ -500,9 +502,11 @@ class Gateway:
 
         async def follow() -> None:
             ended: Any = None
-            async with asyncio.timeout(timeout_s):
-                async for ev in self.client(grant.tenant).watch(chain_id):
-                    ended = ev
+            events = self.client(grant.tenant).watch(chain_id, missing_after=MISSING_AFTER_S)
+            with contextlib.suppress(NoSuchChain):  # never submitted: its caller left first
+                async with asyncio.timeout(timeout_s):
+                    async for ev in events:
+                        ended = ev
             if ended is not None:
                 await self._count(grant, ended)
 
