@@ -14,8 +14,8 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,6 +39,8 @@ class Replicas:
     kv: object  # the cy_keys bucket (nats KeyValue)
     sandbox: SandboxServer
     limits: KeyValue  # the cy_limits bucket: what the replicas counted
+    # another gateway process with these flags: its URL
+    start_gateway: Callable[..., Awaitable[str]] = field(init=False)
 
 
 @pytest.fixture
@@ -61,12 +63,18 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
 
         stack.push_async_callback(lambda: stop_all(procs))
         urls = []
-        for i in range(2):
-            log = tmp_path / f"gateway-{i}.log"
-            procs.append(await start_cli(log, "gateway", *common, "--port", "0"))
-            urls.append(await _gateway_url(log, procs[-1]))
         limits = await bus.js.key_value("cy_limits")  # (the routers made it as they started)
-        yield Replicas(urls=urls, kv=await open_keys_kv(bus.js), sandbox=sb, limits=limits)
+        r = Replicas(urls=urls, kv=await open_keys_kv(bus.js), sandbox=sb, limits=limits)
+        r.start_gateway = lambda *flags: _start_gateway(tmp_path, procs, *common, *flags)
+        for _ in range(2):
+            urls.append(await r.start_gateway())
+        yield r
+
+
+async def _start_gateway(tmp: Path, procs: list[asyncio.subprocess.Process], *args: str) -> str:
+    log = tmp / f"gateway-{len(procs)}.log"
+    procs.append(await start_cli(log, "gateway", *args, "--port", "0"))
+    return await _gateway_url(log, procs[-1])
 
 
 async def ask(
@@ -205,6 +213,15 @@ async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) 
         assert refused.status_code == 400 and refused.json()["type"] == "chain.rejected"
 
 
+async def spent(r: Replicas, key_id: str) -> float:
+    """The key's spend today as the replicas counted it in `cy_limits`."""
+    try:
+        entry = await r.limits.get(f"{key_id}.usd")
+    except KeyNotFoundError:
+        return 0.0
+    return float(msgspec.json.decode(entry.value or b"{}").get("used", 0.0))
+
+
 def auth_of(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -279,14 +296,8 @@ async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: 
             await r.sandbox.configure(latency_ms=0.0)
         assert retry.status_code == 200, retry.text
 
-        async def spent() -> float:
-            try:
-                entry = await r.limits.get(f"{key_id}.usd")
-            except KeyNotFoundError:
-                return 0.0
-            return float(msgspec.json.decode(entry.value or b"{}").get("used", 0.0))
-
-        await wait_until(spent, 5.0, "the chain's spend to be counted")  # (asking would spend)
+        # (asking would spend)
+        await wait_until(lambda: spent(r, key_id), 5.0, "the chain's spend to be counted")
         calls = r.sandbox.counts["openai.chat"]
         for base in r.urls:
             assert (await ask(http, base, spender)).status_code == 429
@@ -295,3 +306,31 @@ async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: 
             assert again.status_code == 200, again.text
             assert again.json()["id"] == retry.json()["id"]
         assert r.sandbox.counts["openai.chat"] == calls
+
+
+async def test_a_chain_without_a_deadline_is_counted_however_long_it_runs(
+    replicas: Replicas,
+) -> None:
+    """A chain posted without `deadline_ms` may run for as long as its steps take (a wait for a
+    human's signal): its usage is counted when it ends, even long after the gateway's own
+    request deadline."""
+    r = replicas
+    spender, key_id = await new_key(r, tenant="acme", spend_usd_per_day=1e-9)
+    chain = llm_chain("gpt-4o-mini")
+    chain["steps"] = [  # type: ignore[index]
+        {"kind": "wait", "id": "approval", "signal": "go"},
+        {**chain["steps"][0], "after": ["approval"]},  # type: ignore[index]
+    ]
+    short = await r.start_gateway("--deadline-ms", "1000")  # a request's, when it sets none
+    async with httpx.AsyncClient(timeout=60) as http:
+        await known_on_both(r, http, spender)
+        headers = auth_of(spender)
+        posted = await http.post(f"{short}/v1/chains?wait=false", headers=headers, json=chain)
+        assert posted.status_code == 202, posted.text
+        chain_id = posted.json()["id"]
+        await asyncio.sleep(1 + 5 + 1)  # a duration, not a race: past that and 5 s beyond it
+        go = await http.post(
+            f"{r.urls[0]}/v1/chains/{chain_id}/signal/go", headers=auth_of(spender), json={}
+        )
+        assert go.status_code == 200, go.text
+        await wait_until(lambda: spent(r, key_id), 5.0, "the chain's spend to be counted")

@@ -492,11 +492,12 @@ class Gateway:
         cost = getattr(ended, "cost_usd", 0.0)
         await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost)
 
-    def settle_at_end(self, grant: Grant, chain_id: str, timeout_s: float) -> None:
+    def settle_at_end(self, grant: Grant, chain_id: str, timeout_s: float | None) -> None:
         """Count a submitted chain's usage when it ends, whether or not its caller waits for
         it (`POST /v1/chains?wait=false`, or a caller that went away): its events are followed
-        in the background for at most `timeout_s`. A replica that stops first counts nothing
-        for the chains it still follows."""
+        in the background for at most `timeout_s` (None: until it ends; a chain without a
+        deadline may wait days for a signal). A replica that stops first counts nothing for
+        the chains it still follows."""
         if not self.limits.settles(grant):
             return
 
