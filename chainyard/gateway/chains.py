@@ -10,6 +10,8 @@
   signal's JSON data): the router's answer, 200 accepted or 409 refused.
 
 Every one is scoped to the key's tenant: another tenant's chain of the same id is not seen.
+A posted chain is held to the key's model grant and limits as a chat request is, and its usage
+is counted when it ends, whoever waits for it (`Gateway.settle_at_end`).
 Errors are in OpenAI's error shape.
 """
 
