@@ -213,10 +213,10 @@ async def test_a_chain_over_http_names_only_the_keys_models(replicas: Replicas) 
         assert refused.status_code == 400 and refused.json()["type"] == "chain.rejected"
 
 
-async def spent(r: Replicas, key_id: str) -> float:
-    """The key's spend today as the replicas counted it in `cy_limits`."""
+async def counted(r: Replicas, key_id: str, limit: str = "usd") -> float:
+    """What the replicas counted in `cy_limits` against the key's `usd` (today) or `tpm`."""
     try:
-        entry = await r.limits.get(f"{key_id}.usd")
+        entry = await r.limits.get(f"{key_id}.{limit}")
     except KeyNotFoundError:
         return 0.0
     return float(msgspec.json.decode(entry.value or b"{}").get("used", 0.0))
@@ -297,7 +297,7 @@ async def test_a_keyed_request_its_caller_gave_up_on_is_still_counted(replicas: 
         assert retry.status_code == 200, retry.text
 
         # (asking would spend)
-        await wait_until(lambda: spent(r, key_id), 5.0, "the chain's spend to be counted")
+        await wait_until(lambda: counted(r, key_id), 5.0, "the chain's spend to be counted")
         calls = r.sandbox.counts["openai.chat"]
         for base in r.urls:
             assert (await ask(http, base, spender)).status_code == 429
@@ -333,4 +333,38 @@ async def test_a_chain_without_a_deadline_is_counted_however_long_it_runs(
             f"{r.urls[0]}/v1/chains/{chain_id}/signal/go", headers=auth_of(spender), json={}
         )
         assert go.status_code == 200, go.text
-        await wait_until(lambda: spent(r, key_id), 5.0, "the chain's spend to be counted")
+        await wait_until(lambda: counted(r, key_id), 5.0, "the chain's spend to be counted")
+
+
+async def test_one_idempotency_key_at_once_on_both_replicas_counts_once(
+    replicas: Replicas,
+) -> None:
+    """Two first requests with one Idempotency-Key, one to each replica at the same moment,
+    both find no chain yet; the chain they share runs once and its tokens count once."""
+    r = replicas
+    key, key_id = await new_key(r, tenant="acme", tpm=100_000)
+
+    def chat(text: str) -> dict[str, object]:
+        return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await known_on_both(r, http, key)
+        keyed = {**auth_of(key), "idempotency-key": "at-once"}
+        both = await asyncio.gather(
+            *(http.post(f"{u}/v1/chat/completions", headers=keyed, json=chat("x")) for u in r.urls)
+        )
+        assert [b.status_code for b in both] == [200, 200], [b.text for b in both]
+        shared = both[0].json()["usage"]["total_tokens"]
+        # then one more request a replica: each replica settles in order, so once these are
+        # counted, whatever the pair made each replica count is too
+        later = [
+            await http.post(f"{u}/v1/chat/completions", headers=auth_of(key), json=chat(text))
+            for u, text in zip(r.urls, ("one two three", "four five six seven"), strict=True)
+        ]
+        expected = shared + sum(x.json()["usage"]["total_tokens"] for x in later)
+
+        async def all_counted() -> bool:
+            return await counted(r, key_id, "tpm") >= expected
+
+        await wait_until(all_counted, 5.0, "every request to be counted")
+        assert await counted(r, key_id, "tpm") == expected  # (not the shared chain twice)

@@ -108,7 +108,8 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     wait_ms = deadline if isinstance(deadline, int) and deadline > 0 else gw.settings.deadline_ms
     timeout = wait_ms / 1000 + 5
     if chain is not None and not replay:  # followed for as long as the chain may run
-        gw.settle_at_end(grant, chain_id, timeout if chain.deadline_ms else None)
+        follow_s = timeout if chain.deadline_ms else None
+        gw.settle_at_end(grant, chain_id, follow_s, shared=not fresh_id)
     with server_span(request, "POST /v1/chains") as headers:
         headers[CHAIN_ID] = chain_id
         if request.query.get("wait", "true").lower() not in _TRUE:

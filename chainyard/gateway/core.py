@@ -325,7 +325,9 @@ class KeyLookup(Protocol):
 class Admission(Protocol):
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None: ...
     def settles(self, grant: Grant) -> bool: ...  # whether `settle` counts anything for it
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None: ...
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None: ...
 
 
 class StaticGrant(msgspec.Struct, frozen=True, kw_only=True):
@@ -356,7 +358,9 @@ class NoLimits:
     def settles(self, grant: Grant) -> bool:
         return False
 
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None:
         pass
 
 
@@ -479,25 +483,30 @@ class Gateway:
                 headers={"retry-after": str(max(1, math.ceil(wait_s)))},
             )
 
-    def settle(self, grant: Grant, ended: Outcome) -> None:
+    def settle(self, grant: Grant, ended: Outcome, *, shared: bool) -> None:
         """Count what a finished request used against its key's tpm and daily spend, after
         its answer: the compare-and-set writes in KV are not on the answer's path, and a
         failure to count (NATS unreachable) is logged, never made the answer's error. The
-        key's next request, on any replica, sees the count a few milliseconds later."""
+        key's next request, on any replica, sees the count a few milliseconds later.
+        `shared`: the chain's id was not made for this request (an Idempotency-Key's, a
+        posted one), so another request may settle the same chain: it is counted once."""
         if self.limits.settles(grant):
-            self._in_background(self._count(grant, ended))
+            self._in_background(self._count(grant, ended, shared))
 
-    async def _count(self, grant: Grant, ended: Outcome) -> None:
+    async def _count(self, grant: Grant, ended: Outcome, shared: bool) -> None:
         tokens_in, tokens_out = usage_tokens(ended)
         cost = getattr(ended, "cost_usd", 0.0)
-        await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost)
+        once = ended.chain_id if shared else None
+        await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost, chain_id=once)
 
-    def settle_at_end(self, grant: Grant, chain_id: str, timeout_s: float | None) -> None:
+    def settle_at_end(
+        self, grant: Grant, chain_id: str, timeout_s: float | None, *, shared: bool
+    ) -> None:
         """Count a submitted chain's usage when it ends, whether or not its caller waits for
         it (`POST /v1/chains?wait=false`, or a caller that went away): its events are followed
         in the background for at most `timeout_s` (None: until it ends; a chain without a
         deadline may wait days for a signal). A replica that stops first counts nothing for
-        the chains it still follows."""
+        the chains it still follows. `shared`: as for `settle`."""
         if not self.limits.settles(grant):
             return
 
@@ -509,7 +518,7 @@ class Gateway:
                     async for ev in events:
                         ended = ev
             if ended is not None:
-                await self._count(grant, ended)
+                await self._count(grant, ended, shared)
 
         self._following.add(self._in_background(follow()))
 

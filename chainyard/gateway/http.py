@@ -211,7 +211,8 @@ class StepCall:
                 if self.fresh_id:
                     self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
                 if not self.settled:
-                    self.gw.settle_at_end(self.grant, self.chain.id, self.timeout)
+                    shared = not self.fresh_id
+                    self.gw.settle_at_end(self.grant, self.chain.id, self.timeout, shared=shared)
                 raise
 
     async def created_s(self, now_s: int) -> int:
@@ -229,7 +230,7 @@ class StepCall:
         answer of an unsuccessful end."""
         if not self.settled:
             self.settled = True
-            self.gw.settle(self.grant, ended)
+            self.gw.settle(self.grant, ended, shared=not self.fresh_id)
         if self.chain.steps[0].cache is not None and isinstance(ended, ANSWERED):
             self.headers[CACHE] = "hit" if answered_from_cache(ended) else "miss"
         err = end_error(ended)
