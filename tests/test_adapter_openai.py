@@ -266,6 +266,19 @@ async def test_key_scrubbed_from_echoed_401(sandbox: SandboxServer) -> None:
     await p.aclose()
 
 
+async def test_a_long_key_is_scrubbed_where_the_message_is_cut(sandbox: SandboxServer) -> None:
+    """Messages are cut short for events; a long key (an OAuth or Azure AD token) echoed
+    across the cut is still removed, not left in part."""
+    await sandbox.configure(api_key="sk-right")
+    long_key = "eyJ" + "a1b2c3d4" * 150  # 1,203 characters
+    p = make_provider("openai", f"{sandbox.url}/v1", long_key)
+    with pytest.raises(ProviderError) as ei:
+        await p.complete(req())
+    assert "Incorrect API key provided: ***" in str(ei.value), str(ei.value)
+    assert long_key[:40] not in str(ei.value) and len(str(ei.value)) <= 500
+    await p.aclose()
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [

@@ -46,6 +46,9 @@ async def test_bad_key_spec_and_config_exit_2(tmp_path: Path) -> None:
     cfg.write_text(CONFIG)
     code, out = await gateway("--config", str(cfg), "--key", "no-tenant")
     assert code == 2 and "--key 'no-tenant': expected KEY=TENANT" in out
+    for tenant in ("acme.eu", "*", ">"):  # not a subject token: it would reach other tenants
+        code, out = await gateway("--config", str(cfg), "--key", f"sk-x={tenant}")
+        assert code == 2 and f"--key for tenant {tenant!r}: tenant" in out, out
     code, out = await gateway("--config", str(tmp_path / "missing.toml"), "--open")
     assert code == 2 and "cannot read the config file" in out
 

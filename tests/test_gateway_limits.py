@@ -34,7 +34,9 @@ class CountingLimits:
     def settles(self, grant: Grant) -> bool:
         return True
 
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None:
         if self.broken:
             raise TimeoutError("NATS did not answer")
         self.settled.append((grant.tenant, tokens, cost_usd))

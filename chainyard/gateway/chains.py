@@ -10,6 +10,8 @@
   signal's JSON data): the router's answer, 200 accepted or 409 refused.
 
 Every one is scoped to the key's tenant: another tenant's chain of the same id is not seen.
+A posted chain is held to the key's model grant and limits as a chat request is, and its usage
+is counted when it ends, whoever waits for it (`Gateway.settle_at_end`).
 Errors are in OpenAI's error shape.
 """
 
@@ -24,18 +26,26 @@ from aiohttp import web
 
 from chainyard.client import NoSuchChain
 from chainyard.contracts import (
+    Chain,
     ChainRejected,
     ControlAccepted,
     ControlRejected,
+    LlmStep,
+    chain_decoder,
     encode,
     new_id,
 )
 
-from .core import ApiError, Gateway, bad_request, run_step
+from .core import (
+    MISSING_AFTER_S,
+    ApiError,
+    Gateway,
+    Grant,
+    bad_request,
+    estimate_tokens,
+    run_step,
+)
 from .http import CHAIN_ID, Sse, bearer, json_response, read_json, server_span
-
-# As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
-MISSING_AFTER_S = 5.0
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TRUE = ("1", "true", "yes")
@@ -58,6 +68,26 @@ def _ended_status(ended: Any) -> int:
     return 200
 
 
+async def _admit(gw: Gateway, grant: Grant, data: bytes, replay: bool) -> Chain | None:
+    """The key may use every model the chain's steps name, and its limits admit the chain
+    unless it is a `replay` (its id exists: nothing runs again), as for a chat request: the
+    chain, or None for one the router will reject (nothing runs)."""
+    try:
+        chain = chain_decoder.decode(data)
+    except msgspec.DecodeError:  # (a ValidationError is one)
+        chain = None
+    llm_steps = [s for s in chain.steps if isinstance(s, LlmStep)] if chain else []
+    for step in llm_steps:
+        gw.check_allowed(grant, step.model)
+    estimate = sum(
+        estimate_tokens("".join(m.content for m in s.messages), s.params.max_tokens)
+        for s in llm_steps
+    )
+    if not replay:
+        await gw.admit(grant, estimate)
+    return chain
+
+
 async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
     grant = gw.authenticate(bearer(request))
     body = await read_json(request, gw)
@@ -66,10 +96,20 @@ async def submit(gw: Gateway, request: web.Request) -> web.StreamResponse:
         body["id"] = new_id()
     chain_id = str(body["id"])
     data = msgspec.json.encode(body)
+    # a chain of this id exists (a retry): not admitted again, its usage not counted again
+    replay = (
+        not fresh_id
+        and _ID.match(chain_id) is not None  # (another is rejected by the router)
+        and await gw.chain_state(grant.tenant, chain_id) is not None
+    )
+    chain = await _admit(gw, grant, data, replay)
     client = gw.client(grant.tenant)
     deadline = body.get("deadline_ms")  # (the router judges it; a wrong one is rejected)
     wait_ms = deadline if isinstance(deadline, int) and deadline > 0 else gw.settings.deadline_ms
     timeout = wait_ms / 1000 + 5
+    if chain is not None and not replay:  # followed for as long as the chain may run
+        follow_s = timeout if chain.deadline_ms else None
+        gw.settle_at_end(grant, chain_id, follow_s, shared=not fresh_id)
     with server_span(request, "POST /v1/chains") as headers:
         headers[CHAIN_ID] = chain_id
         if request.query.get("wait", "true").lower() not in _TRUE:

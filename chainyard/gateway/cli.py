@@ -53,6 +53,7 @@ def configure(
 def static_keys(specs: list[str]) -> Any:
     """`KEY=TENANT[:MODEL,...]` items as StaticKeys; a malformed one raises ValueError."""
     from .core import StaticGrant, StaticKeys
+    from .keys import InvalidGrant, checked_grant
 
     keys = {}
     for i, spec in enumerate(specs):
@@ -61,7 +62,11 @@ def static_keys(specs: list[str]) -> Any:
         if not eq or not key or not tenant:
             raise ValueError(f"--key {spec!r}: expected KEY=TENANT[:MODEL,...]")
         names = tuple(m.strip() for m in models.split(",") if m.strip())
-        keys[key] = StaticGrant(key_id=f"static-{i}", tenant=tenant, models=names)
+        try:  # the tenant is a token of the subjects its chains go to: `a.b` or `*` is not one
+            grant = checked_grant(tenant=tenant, models=names)
+        except InvalidGrant as e:
+            raise ValueError(f"--key for tenant {tenant!r}: {e}") from None
+        keys[key] = StaticGrant(key_id=f"static-{i}", tenant=grant.tenant, models=grant.models)
     return StaticKeys(keys)
 
 

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from chainyard.client import Client
+from chainyard.client import Client, NoSuchChain
 from chainyard.contracts import (
     BadMessage,
     Chain,
@@ -44,6 +44,8 @@ from chainyard.contracts import (
 from chainyard.refusals import PermissionDenied, Refusals
 
 STEP_ID = "call"  # the one step of a chain made from a chat/messages request
+# As `chainyard watch`: a chain submitted a moment ago may have no state and no event yet
+MISSING_AFTER_S = 5.0
 DEADLINE_PREFIX = "deadline exceeded"  # how the router starts every past-deadline reason
 
 log = logging.getLogger("chainyard.gateway")
@@ -323,7 +325,9 @@ class KeyLookup(Protocol):
 class Admission(Protocol):
     async def admit(self, grant: Grant, *, tokens_estimate: int) -> float | None: ...
     def settles(self, grant: Grant) -> bool: ...  # whether `settle` counts anything for it
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None: ...
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None: ...
 
 
 class StaticGrant(msgspec.Struct, frozen=True, kw_only=True):
@@ -354,7 +358,9 @@ class NoLimits:
     def settles(self, grant: Grant) -> bool:
         return False
 
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None:
         pass
 
 
@@ -417,6 +423,7 @@ class Gateway:
         self._clients: dict[str, Client] = {}
         self._chains_kv: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._following: set[asyncio.Task[Any]] = set()  # settle_at_end's, cancelled by close
 
     def client(self, tenant: str) -> Client:
         """A client bound to one tenant's subjects: a key only ever reaches its own chains."""
@@ -451,6 +458,11 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
+        self.check_allowed(grant, model)
+        return entry
+
+    def check_allowed(self, grant: Grant, model: str) -> None:
+        """403 for a model, deployment or group the key was not granted."""
         if not allowed(grant, model):
             raise ApiError(
                 403,
@@ -459,7 +471,6 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        return entry
 
     async def admit(self, grant: Grant, tokens_estimate: int) -> None:
         wait_s = await self.limits.admit(grant, tokens_estimate=tokens_estimate)
@@ -472,25 +483,55 @@ class Gateway:
                 headers={"retry-after": str(max(1, math.ceil(wait_s)))},
             )
 
-    def settle(self, grant: Grant, ended: Outcome) -> None:
+    def settle(self, grant: Grant, ended: Outcome, *, shared: bool) -> None:
         """Count what a finished request used against its key's tpm and daily spend, after
         its answer: the compare-and-set writes in KV are not on the answer's path, and a
         failure to count (NATS unreachable) is logged, never made the answer's error. The
-        key's next request, on any replica, sees the count a few milliseconds later."""
-        if not self.limits.settles(grant):
-            return
+        key's next request, on any replica, sees the count a few milliseconds later.
+        `shared`: the chain's id was not made for this request (an Idempotency-Key's, a
+        posted one), so another request may settle the same chain: it is counted once."""
+        if self.limits.settles(grant):
+            self._in_background(self._count(grant, ended, shared))
+
+    async def _count(self, grant: Grant, ended: Outcome, shared: bool) -> None:
         tokens_in, tokens_out = usage_tokens(ended)
         cost = getattr(ended, "cost_usd", 0.0)
-        self._in_background(self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost))
+        once = ended.chain_id if shared else None
+        await self.limits.settle(grant, tokens=tokens_in + tokens_out, cost_usd=cost, chain_id=once)
 
-    def _in_background(self, work: Awaitable[Any]) -> None:
+    def settle_at_end(
+        self, grant: Grant, chain_id: str, timeout_s: float | None, *, shared: bool
+    ) -> None:
+        """Count a submitted chain's usage when it ends, whether or not its caller waits for
+        it (`POST /v1/chains?wait=false`, or a caller that went away): its events are followed
+        in the background for at most `timeout_s` (None: until it ends; a chain without a
+        deadline may wait days for a signal). A replica that stops first counts nothing for
+        the chains it still follows. `shared`: as for `settle`."""
+        if not self.limits.settles(grant):
+            return
+
+        async def follow() -> None:
+            ended: Any = None
+            events = self.client(grant.tenant).watch(chain_id, missing_after=MISSING_AFTER_S)
+            with contextlib.suppress(NoSuchChain):  # never submitted: its caller left first
+                async with asyncio.timeout(timeout_s):
+                    async for ev in events:
+                        ended = ev
+            if ended is not None:
+                await self._count(grant, ended, shared)
+
+        self._following.add(self._in_background(follow()))
+
+    def _in_background(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         """Kept until done (a task nobody holds may be collected) and awaited by `close`."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
+        self._following.discard(task)
         if not task.cancelled() and (e := task.exception()) is not None:
             log.warning("gateway: work after an answer failed: %r", e)
 
@@ -510,6 +551,8 @@ class Gateway:
         self._in_background(self.client(tenant).cancel(chain_id, reason, timeout=None))
 
     async def close(self) -> None:
+        for task in self._following:  # chains may run for minutes: not waited for
+            task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.keys.stop()

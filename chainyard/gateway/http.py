@@ -162,6 +162,7 @@ class StepCall:
     ) -> None:
         self.gw, self.grant, self.chain, self.fresh_id = gw, grant, chain, fresh_id
         self.replay = replay  # an Idempotency-Key whose chain exists: its usage was settled
+        self.settled = replay  # its usage is counted, or will be
         self.client = gw.client(grant.tenant)
         self.timeout = (chain.deadline_ms or gw.settings.deadline_ms) / 1000 + 5
         self.headers: dict[str, str] = {CHAIN_ID: chain.id}
@@ -176,11 +177,10 @@ class StepCall:
         metadata: dict[str, str],
         prefix: str,
     ) -> StepCall:
-        """The key may use the model, its limits admit the call, the chain is built (its id
-        from the `Idempotency-Key` when there is one, the routing hints from the headers)."""
+        """The key may use the model, the chain is built (its id from the `Idempotency-Key`
+        when there is one, the routing hints from the headers), and the key's limits admit
+        it, unless it is a retry of a chain that exists: that runs and spends nothing."""
         gw.check_model(grant, step.model)
-        text = "".join(m.content for m in step.messages)
-        await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
         key = request.headers.get("idempotency-key")
         chain_id = chain_id_for(grant.tenant, key, prefix)
         hint = hints(request.headers)
@@ -189,6 +189,9 @@ class StepCall:
             hint = msgspec.structs.replace(hint, route=route)
         chain = one_step_chain(step, chain_id, hint, metadata, gw.settings.deadline_ms)
         replay = key is not None and await gw.chain_state(grant.tenant, chain_id) is not None
+        if not replay:
+            text = "".join(m.content for m in step.messages)
+            await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
         return cls(gw, grant, chain, fresh_id=not key, replay=replay)
 
     async def answer(
@@ -198,7 +201,8 @@ class StepCall:
     ) -> web.StreamResponse:
         """`respond` inside the request's span; a chain nobody waits for any more (the caller
         went away, the wait timed out) is cancelled, unless it has an Idempotency-Key: then
-        the caller's retry picks up the same chain."""
+        the caller's retry picks up the same chain. Either way its usage is counted when it
+        ends (a keyed retry, answered from the chain, counts nothing)."""
         with server_span(request, f"{request.method} {request.path}") as trace_headers:
             self.headers.update(trace_headers)
             try:
@@ -206,6 +210,9 @@ class StepCall:
             except BaseException as e:
                 if self.fresh_id:
                     self.gw.cancel_if_abandoned(self.grant.tenant, self.chain.id, e)
+                if not self.settled:
+                    shared = not self.fresh_id
+                    self.gw.settle_at_end(self.grant, self.chain.id, self.timeout, shared=shared)
                 raise
 
     async def created_s(self, now_s: int) -> int:
@@ -221,8 +228,9 @@ class StepCall:
     async def outcome(self, ended: Outcome) -> ApiError | None:
         """Settle the call's usage with the limits (once per chain: not on a replay); the error
         answer of an unsuccessful end."""
-        if not self.replay:
-            self.gw.settle(self.grant, ended)
+        if not self.settled:
+            self.settled = True
+            self.gw.settle(self.grant, ended, shared=not self.fresh_id)
         if self.chain.steps[0].cache is not None and isinstance(ended, ANSWERED):
             self.headers[CACHE] = "hit" if answered_from_cache(ended) else "miss"
         err = end_error(ended)

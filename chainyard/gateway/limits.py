@@ -12,7 +12,8 @@ the bucket keeps every replica's view of the counters current, so checks read me
   sum admitted never exceeds the limit. A lease dies with its minute. Its unused part is the
   tolerance: another replica may refuse early by what a quiet replica still holds.
 - tpm and spend: `settle` adds the tokens and cost the request used when it ends (the gateway
-  runs it after the answer is sent, `Gateway.settle`); `admit`
+  runs it after the answer is sent, `Gateway.settle`; a chain two requests may share, an
+  Idempotency-Key's, is counted once: the counter keeps the latest such ids); `admit`
   refuses while the window is used up (tpm: also when the request's estimate would not fit in
   what is left, unless nothing was used yet, so that one large request is never refused for
   ever). Requests in flight are not counted until they settle.
@@ -44,13 +45,16 @@ MINUTE_S = 60.0
 DAY_S = 86400.0  # Unix time has no leap seconds: epoch days are UTC days
 LEASE_SHARE = 16  # a replica leases 1/16 of what is left in the minute...
 LEASE_MAX = 32  # ...and at most this many requests at once
+COUNTED_KEEP = 32  # chains of a given id a counter remembers having counted (the latest)
 
 
 class Counter(msgspec.Struct, frozen=True, kw_only=True):
-    """`used` in `window` (minutes or days since the epoch, per the counter's limit)."""
+    """`used` in `window` (minutes or days since the epoch, per the counter's limit); `chains`:
+    the latest chains of a given id (an Idempotency-Key's) counted in it, each counted once."""
 
     window: int
     used: float = 0.0
+    chains: tuple[str, ...] = ()
 
 
 _counter_decoder = msgspec.json.Decoder(Counter)
@@ -140,16 +144,22 @@ class Limits(KvView):
         self._leases[key_id] = (minute, left - 1)
         return True
 
-    async def _add(self, key: str, window: int, amount: Callable[[float], float]) -> float:
+    async def _add(
+        self, key: str, window: int, amount: Callable[[float], float], chain_id: str | None = None
+    ) -> float:
         """Add `amount(used so far)` to the counter by compare-and-set: what was added (0: no
-        write). A lost race reads the counter again and retries."""
+        write; nor for a `chain_id` the window counted already). A lost race reads the
+        counter again and retries."""
         counter, revision = self._seen.get(key, (None, 0))
         while True:
-            used = counter.used if counter is not None and counter.window == window else 0.0
-            add = amount(used)
+            now = counter if counter is not None and counter.window == window else None
+            used, chains = (now.used, now.chains) if now is not None else (0.0, ())
+            add = 0 if chain_id in chains else amount(used)
             if add == 0:
                 return 0
-            new = Counter(window=window, used=used + add)
+            if chain_id is not None:
+                chains = (*chains, chain_id)[-COUNTED_KEEP:]
+            new = Counter(window=window, used=used + add, chains=chains)
             try:
                 revision = await self._write(key, new, revision)
             except KeyWrongLastSequenceError:
@@ -183,8 +193,11 @@ class Limits(KvView):
     def settles(self, grant: Grant) -> bool:
         return grant.tpm is not None or grant.spend_usd_per_day is not None
 
-    async def settle(self, grant: Grant, *, tokens: int, cost_usd: float) -> None:
-        """Count what a finished request used against its key's tpm and daily spend."""
+    async def settle(
+        self, grant: Grant, *, tokens: int, cost_usd: float, chain_id: str | None = None
+    ) -> None:
+        """Count what a finished request used against its key's tpm and daily spend; with a
+        `chain_id` (a chain two requests may share: an Idempotency-Key's), once per chain."""
         now = self.clock()
         for key, limited, window, amount in (
             (f"{grant.key_id}.tpm", grant.tpm, int(now // MINUTE_S), float(tokens)),
@@ -192,4 +205,4 @@ class Limits(KvView):
         ):
             if limited is not None and amount > 0:
                 async with self._locks.setdefault(key, asyncio.Lock()):
-                    await self._add(key, window, lambda _used, a=amount: a)
+                    await self._add(key, window, lambda _used, a=amount: a, chain_id)

@@ -141,7 +141,7 @@ def error_from_response(
     prefix = f"{provider} {status}" + (f" {code}" if code else "")
     return ProviderError(
         cls,
-        scrub(f"{prefix}: {text}"[:_MAX_MESSAGE], secrets),
+        scrub(f"{prefix}: {text}", secrets)[:_MAX_MESSAGE],  # (cut first, a key could straddle)
         status=status,
         retry_after_s=retry_after,
         limits=limits,
@@ -151,7 +151,7 @@ def error_from_response(
 def malformed(provider: str, detail: str, secrets: tuple[str, ...] = ()) -> ProviderError:
     """A 2xx the adapter cannot read: a provider glitch, so worth another attempt."""
     return ProviderError(
-        "retryable", scrub(f"{provider}: malformed response: {detail}"[:_MAX_MESSAGE], secrets)
+        "retryable", scrub(f"{provider}: malformed response: {detail}", secrets)[:_MAX_MESSAGE]
     )
 
 
