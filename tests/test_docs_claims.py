@@ -397,3 +397,57 @@ def test_flags_named_in_prose_exist(doc: Path) -> None:
         if not re.search(rf"(?<![\w-]){flag}(?![\w-])", known)
     ]
     assert not failures, "\n".join(failures)
+
+
+# ---- defaults -----------------------------------------------------------------------------
+
+# Where a doc states flags' defaults, the command they belong to (with its required arguments).
+DEFAULTS_OF = {
+    "docs/KUBERNETES.md": ["deploy", "k8s", "--config", "c.toml"],  # its option table
+    "docs/GATEWAY.md": ["gateway", "--config", "c.toml"],
+    "docs/OPERATIONS.md": ["usage"],
+}
+STATED_DEFAULT = [
+    re.compile(r"^\| `(--[\w-]+)[^`]*` \| `?([^|`]*?)`? \|"),  # | `--flag X` | `default` | what |
+    re.compile(r"`(--[\w-]+)` \((?:default )?`?([\w.:/-]+)`?[,;)]"),  # `--flag` (default `X`)
+    re.compile(
+        r"`(--[\w-]+)` is .*?default `([^`]+)`"
+    ),  # `--since` is a duration (...; default `24h`)
+]
+
+
+def stated_defaults(doc: Path) -> Iterator[tuple[str, str, str]]:
+    for n, line in prose(doc):
+        for pattern in STATED_DEFAULT:
+            for flag, default in pattern.findall(line):
+                yield f"{rel(doc)}:{n}", flag, default.strip()
+
+
+def parsed(argv: list[str]) -> dict[str, object] | None:
+    with redirect_stderr(io.StringIO()):
+        try:
+            return vars(parser().parse_args(argv))
+        except SystemExit:
+            return None
+
+
+@pytest.mark.parametrize("doc", DEFAULTS_OF, ids=list(DEFAULTS_OF))
+def test_flag_defaults_stated_are_the_parsers(doc: str) -> None:
+    """A stated default, given explicitly, changes nothing; `(required)` is required."""
+    command = DEFAULTS_OF[doc]
+    base = parsed(command)
+    assert base is not None, command
+    failures, seen = [], 0
+    for where, flag, default in stated_defaults(ROOT / doc):
+        dest = flag.removeprefix("--").replace("-", "_")
+        if default == "(required)":
+            i = command.index(flag)
+            seen += 1
+            if parsed(command[:i] + command[i + 2 :]) is not None:
+                failures.append(f"{where}: {flag} is said to be required; it is not")
+        elif default and "<" not in default and dest in base:
+            seen += 1
+            if parsed([*command, flag, default]) != base:
+                failures.append(f"{where}: {flag}'s default is {base[dest]!r}, not {default}")
+    assert seen, f"{doc}: no stated default found (the patterns drifted from the doc)"
+    assert not failures, "\n".join(failures)
