@@ -11,6 +11,8 @@ says what to do with it, `;` between several:
     <!-- docs-test: output of CMD -->         ... what the shell command CMD prints
     <!-- docs-test: from PATH -->             the block is an excerpt of PATH, which is run instead
     <!-- docs-test: vary a|b c|d -->          (with output) `a` and `b` may stand for each other
+    <!-- docs-test: defaults cache -->         (toml) the keys of table `cache` (`.`: the top
+                                              level; several, space-separated) are the defaults
 
 Without a comment, by language: `sh`/`bash` run as a bash script (`set -e`); a block whose first
 line starts with `$ ` is a terminal session (each command runs, what it printed is compared);
@@ -58,7 +60,7 @@ BLOCK_TIMEOUT_S = 120.0
 SHELL = {"sh", "bash", "shell", "console"}
 MARK = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->", re.S)
 FENCE = re.compile(r"^(\s*)(`{3,})\s*([\w+-]*)\s*$")
-VERBS = ("skip", "needs", "file", "output", "from", "vary")
+VERBS = ("skip", "needs", "file", "output", "from", "vary", "defaults")
 
 
 def rel(path: Path) -> str:
@@ -413,8 +415,27 @@ def _run_block(block: Block, run: Run) -> str | None:
         case "toml":
             from chainyard.contracts import Config
 
-            msgspec.toml.decode(text, type=Config)  # what load_config does
+            config = msgspec.toml.decode(text, type=Config)  # what load_config does
+            for table in block.marks.get("defaults", "").split():
+                check_defaults(block, tomllib.loads(text), config, table)
     return None
+
+
+def check_defaults(block: Block, raw: dict[str, object], config: object, table: str) -> None:
+    """Each plain value in `table` of the TOML (a dotted path; `.`: the top level; an array
+    of tables: its first) is the default of its field in chainyard's config."""
+    for key in filter(None, table.split(".")):
+        raw_next, config = raw[key], getattr(config, key)
+        raw = raw_next[0] if isinstance(raw_next, list) else raw_next  # type: ignore[assignment]
+        config = config[0] if isinstance(config, list) else config
+    defaults = {f.name: f.default for f in msgspec.structs.fields(type(config))}
+    differ = [
+        f"{key} = {value!r} (the default is {defaults.get(key, 'none: required')!r})"
+        for key, value in raw.items()
+        if not isinstance(value, dict | list) and defaults.get(key, msgspec.NODEFAULT) != value
+    ]
+    if differ:
+        raise DocError(f"{block.where}: shown as defaults in [{table}], but: " + "; ".join(differ))
 
 
 def run_json(block: Block, run: Run, text: str) -> str | None:
