@@ -18,16 +18,19 @@ from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from functools import cache
+from importlib import import_module
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from docs_harness import DOCS, ROOT, Block, parse, rel, session
 
 from chainyard.cli import parser
+from chainyard.contracts import load_config
 from chainyard.gateway import http as gateway_http
 from chainyard.gateway.app import application
 from chainyard.gateway.core import ApiError, Gateway, hints
@@ -450,4 +453,63 @@ def test_flag_defaults_stated_are_the_parsers(doc: str) -> None:
             if parsed([*command, flag, default]) != base:
                 failures.append(f"{where}: {flag}'s default is {base[dest]!r}, not {default}")
     assert seen, f"{doc}: no stated default found (the patterns drifted from the doc)"
+    assert not failures, "\n".join(failures)
+
+
+# ---- deploy/compose.yaml (deploy/README.md's `docker compose up`, which cannot run here) -----
+
+
+def image_files() -> dict[str, Path]:
+    """What deploy/Dockerfile copies into the image: its path there -> the repository's file."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    return {
+        dst: ROOT / src
+        for src, dst in re.findall(r"^COPY (\S+) (/\S+)$", dockerfile, re.M)
+        if (ROOT / src).is_file()
+    }
+
+
+def test_compose_services_run_commands_chainyard_accepts() -> None:
+    """Each compose service: its build and mounted files exist; a chainyard command parses, and
+    its --config (copied into the image) loads and its --tools imports; a `python -m` entrypoint
+    has the flags given."""
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", (deploy / "Dockerfile").read_text(), re.M)
+    assert entrypoint and entrypoint.group(1) == '["chainyard"]'
+    copied = image_files()
+    failures, commands = [], 0
+    for name, service in compose["services"].items():
+        if build := service.get("build"):
+            context = deploy / build["context"]
+            if not (context / build["dockerfile"]).is_file():
+                failures.append(f"{name}: no {build['dockerfile']} in {context}")
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith(".") and not (deploy / source).exists():
+                failures.append(f"{name}: mounts {source}, which deploy/ does not have")
+        if argv := service.get("entrypoint"):
+            if argv[:2] == ["python", "-m"]:
+                done = subprocess.run(
+                    [sys.executable, "-m", argv[2], "--help"], capture_output=True, text=True
+                )
+                for flag in (w for w in argv[3:] if w.startswith("--")):
+                    if flag not in done.stdout:
+                        failures.append(f"{name}: python -m {argv[2]} has no {flag}")
+            continue
+        if "command" not in service or "build" not in service:
+            continue  # not chainyard's image (nats, jaeger)
+        argv = service["command"]
+        commands += 1
+        failures += [f"{name}: {p}" for p in problems_with(argv, synopsis=False)]
+        args = vars(parser().parse_args(argv))
+        if args.get("config"):
+            if args["config"] not in copied:
+                failures.append(f"{name}: deploy/Dockerfile copies nothing to {args['config']}")
+            else:
+                load_config(copied[args["config"]])
+        if args.get("tools"):
+            module, _, attribute = args["tools"].partition(":")
+            getattr(import_module(module), attribute)
+    assert commands >= 3, "router, worker, tools"
     assert not failures, "\n".join(failures)
