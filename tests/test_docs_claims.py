@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import msgspec
 import pytest
 import yaml
 from aiohttp import web
@@ -30,7 +31,7 @@ from aiohttp.test_utils import make_mocked_request
 from docs_harness import DOCS, ROOT, Block, parse, rel, session
 
 from chainyard.cli import parser
-from chainyard.contracts import load_config
+from chainyard.contracts import Cancel, Replay, Subjects, load_config
 from chainyard.gateway import http as gateway_http
 from chainyard.gateway.app import application
 from chainyard.gateway.core import ApiError, Gateway, hints
@@ -513,3 +514,78 @@ def test_compose_services_run_commands_chainyard_accepts() -> None:
             getattr(import_module(module), attribute)
     assert commands >= 3, "router, worker, tools"
     assert not failures, "\n".join(failures)
+
+
+# ---- `nats` CLI examples (run only where a `nats` binary is; checked here without one) -------
+
+
+def nats_calls(block: Block) -> Iterator[tuple[str, str, str | None]]:
+    """(verb, subject, payload) of each `nats pub|req|sub` in a block."""
+    for line in command_lines(block):
+        words = shlex.split(line, comments=True)
+        while words and words[0] == "nats":
+            words = words[1:]
+            while words and words[0] in ("--server", "-s"):
+                words = words[2:]
+            verb, subject, *rest = [w for w in words if w != "&"]
+            payload = rest[0] if rest else None
+            yield verb, subject, payload
+            words = []
+
+
+def nats_call_problems(verb: str, subject: str, payload: str | None, saved: set[str]) -> str:
+    """Why the subject or payload is not what chainyard's topology and contracts take."""
+
+    s, parts = Subjects(prefix="cy"), subject.split(".")
+    if verb == "sub":
+        ok = len(parts) == 5 and s.chain_events(parts[2], parts[3]) == subject
+        return "" if ok else f"{subject} is not a chain's events (cy.events.T.CHAIN.>)"
+    if verb not in ("pub", "req"):
+        return f"nats {verb}: not checked here"
+    if parts[:2] == ["cy", "submit"]:
+        file = re.fullmatch(r"\$\(cat (\S+)\)", payload or "")
+        if s.submit(parts[2]) != subject or not file or file.group(1) not in saved:
+            return f"{subject} {payload}: a chain file the doc saves, sent to cy.submit.T"
+        return ""
+    if parts[:2] != ["cy", "control"] or len(parts) < 5:
+        return f"{subject}: neither cy.submit.T nor cy.control.T.CHAIN.VERB"
+    control = ".".join(parts[4:])
+    body = (payload or "{}").encode()
+    try:
+        if control == "cancel":
+            msgspec.json.decode(body, type=Cancel)
+        elif control == "replay":
+            msgspec.json.decode(body, type=Replay)
+        elif control.startswith("signal.") and re.fullmatch(r"[\w-]+", control[7:]):
+            msgspec.json.decode(body)
+        else:
+            return f"{subject}: no control verb {control!r} (cancel, replay, signal.NAME)"
+    except msgspec.MsgspecError as e:
+        return f"{subject}: the payload is not what {control} takes: {e}"
+    return ""
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=IDS)
+def test_nats_cli_examples_use_chainyards_subjects(doc: Path) -> None:
+    blocks = parse(doc)
+    saved = {b.marks["file"] for b in blocks if "file" in b.marks}
+    failures = [
+        f"{b.where}: {problem}"
+        for b in blocks
+        if b.kind in ("shell", "session") and re.search(r"^\s*nats ", b.text, re.M)
+        for verb, subject, payload in nats_calls(b)
+        if (problem := nats_call_problems(verb, subject, payload, saved))
+    ]
+    assert not failures, "\n".join(failures)
+
+
+def test_the_nats_check_catches_drift() -> None:
+    saved = {"chain.json"}
+    assert nats_call_problems("sub", "cy.events.acme.c-1.>", None, saved) == ""
+    assert nats_call_problems("sub", "cy.event.acme.c-1.>", None, saved)
+    assert nats_call_problems("pub", "cy.submit.acme", "$(cat chain.json)", saved) == ""
+    assert nats_call_problems("pub", "cy.submit.acme", "$(cat other.json)", saved)
+    assert nats_call_problems("req", "cy.control.acme.c-1.cancel", '{"reason": "x"}', saved) == ""
+    assert nats_call_problems("req", "cy.control.acme.c-1.cancel", '{"why": "x"}', saved)
+    assert nats_call_problems("req", "cy.control.acme.c-1.stop", "{}", saved)
+    assert nats_call_problems("req", "cy.control.acme.c-1.replay", '{"from_step": "a"}', saved)
