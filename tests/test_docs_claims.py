@@ -589,3 +589,54 @@ def test_the_nats_check_catches_drift() -> None:
     assert nats_call_problems("req", "cy.control.acme.c-1.cancel", '{"why": "x"}', saved)
     assert nats_call_problems("req", "cy.control.acme.c-1.stop", "{}", saved)
     assert nats_call_problems("req", "cy.control.acme.c-1.replay", '{"from_step": "a"}', saved)
+
+
+# ---- deploy/README.md's permission tables against deploy/accounts.conf ----------------------
+
+
+def conf_permissions(user: str) -> dict[str, set[str]]:
+    """The publish and subscribe allow lists of `user` in deploy/accounts.conf."""
+    conf = (ROOT / "deploy" / "accounts.conf").read_text()
+    start = conf.index(f"user: {user}\n")
+    block = conf[start : conf.find("user:", start + 5) if "user:" in conf[start + 5 :] else None]
+    quoted = re.compile(r'"([^"]+)"')
+    return {
+        way: set(quoted.findall(m.group(1)))
+        for way in ("publish", "subscribe")
+        if (m := re.search(rf"{way}: \{{\s*allow: \[(.*?)\]", block, re.S))
+    }
+
+
+def table_permissions(heading: str) -> dict[str, set[str]]:
+    """The subjects each row of the table under `heading` names after `publish` / `subscribe`
+    ("the same four on `X`": the row above's four, on X)."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    table = re.search(r"\n((?:\|.*\n)+)", text[text.index(heading) :])
+    assert table, heading
+    rows = re.findall(r"^\| .* \| (.*) \|$", table.group(1), re.M)[1:]  # not the header
+    said: dict[str, set[str]] = {"publish": set(), "subscribe": set()}
+    last: list[str] = []
+    way = "publish"
+    for cell in rows:
+        if not re.match(r"(publish|subscribe) ", cell):
+            cell = f"{way} {cell}"  # "the same four on ...": the row above's direction
+        for way, rest in re.findall(r"(publish|subscribe) (.*?)(?=(?:publish|subscribe) |$)", cell):
+            names = [
+                n for n in re.findall(r"`([^`]+)`", rest) if re.search(r"[.>*]", n) and "<" not in n
+            ]
+            if same := re.search(r"the same four on `(\w+)`", cell):
+                stream = re.search(r"KV_\w+", last[0])
+                assert stream, last
+                names = [n.replace(stream.group(0), same.group(1)) for n in last] + names
+            said[way] |= set(names)
+            last = names
+    return said
+
+
+@pytest.mark.parametrize(
+    "heading, user",
+    [("## Tenants: what a tenant user may do", "tenant-A"), ("## The gateway's user", "gateway")],
+)
+def test_permission_tables_are_accounts_conf(heading: str, user: str) -> None:
+    """Each table lists exactly what the user may publish and subscribe in accounts.conf."""
+    assert table_permissions(heading) == conf_permissions(user)
