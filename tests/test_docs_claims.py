@@ -10,6 +10,7 @@ code deleted since on purpose.
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -640,3 +641,28 @@ def table_permissions(heading: str) -> dict[str, set[str]]:
 def test_permission_tables_are_accounts_conf(heading: str, user: str) -> None:
     """Each table lists exactly what the user may publish and subscribe in accounts.conf."""
     assert table_permissions(heading) == conf_permissions(user)
+
+
+def test_dashboard_queries_shown_are_the_dashboards() -> None:
+    """docs/OPERATIONS.md shows a run of the panels' queries ("Title: expr"): each is one of that
+    panel's in deploy/grafana/chainyard.json."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "chainyard.json").read_text())
+    exprs = {
+        p["title"]: {t["expr"].replace("$__rate_interval", "1m") for t in p["targets"]}
+        for p in dashboard["panels"]
+    }
+    doc = ROOT / "docs" / "OPERATIONS.md"
+    shown = [
+        (b.where, line.split(": ", 1))
+        for b in parse(doc)
+        if b.kind == "text" and "chainyard_" in b.text
+        for line in b.text.splitlines()
+        if not line.startswith(" ") and ": " in line
+    ]
+    assert len(shown) >= 5, shown
+    failures = [
+        f"{where}: {title!r}: {expr} is not among {sorted(exprs.get(title, ()))}"
+        for where, (title, expr) in shown
+        if expr not in exprs.get(title, set())
+    ]
+    assert not failures, "\n".join(failures)
