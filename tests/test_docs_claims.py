@@ -32,7 +32,8 @@ from aiohttp.test_utils import make_mocked_request
 from docs_harness import DOCS, ROOT, Block, parse, rel, session
 
 from chainyard.cli import parser
-from chainyard.contracts import Cancel, Replay, Subjects, load_config
+from chainyard.client import Client
+from chainyard.contracts import Cancel, Event, Replay, Subjects, load_config
 from chainyard.gateway import http as gateway_http
 from chainyard.gateway.app import application
 from chainyard.gateway.core import ApiError, Gateway, hints
@@ -665,4 +666,45 @@ def test_dashboard_queries_shown_are_the_dashboards() -> None:
         for where, (title, expr) in shown
         if expr not in exprs.get(title, set())
     ]
+    assert not failures, "\n".join(failures)
+
+
+# ---- event types and the Python API named in prose ----------------------------------------
+
+EVENT_TYPES = {t.tag for t in msgspec.inspect.type_info(Event).types}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=IDS)
+def test_event_types_named_exist(doc: Path) -> None:
+    """`step.completed`, `chain.rejected`...: a `type` of the contracts' Event union."""
+    failures = [
+        f"{s.where}: no event type {s.text} (contracts: {sorted(EVENT_TYPES)})"
+        for s in inline_spans(doc)
+        if re.fullmatch(r"(step|chain|control)\.[a-z_]+", s.text)
+        and not re.search(r"\.(json|py|toml|yaml|md)$", s.text)  # a file: chain.json
+        and s.text not in EVENT_TYPES
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=IDS)
+def test_python_api_named_exists(doc: Path) -> None:
+    """`Client.answer`, `Client.run(fresh_id=True)`, `chainyard.PermissionDenied`: the attribute
+    exists (and a keyword shown is a parameter). (`chainyard.tenant` and other lowercase names
+    that are no module are span attributes: TRACING.md.)"""
+    import inspect
+
+    import chainyard
+
+    failures = []
+    for s in inline_spans(doc):
+        m = re.fullmatch(r"(Client|chainyard)\.(\w+)(?:\((\w+)=[^)]*\))?", s.text)
+        if not m or (m.group(1) == "chainyard" and m.group(2).islower()):
+            continue  # chainyard.client is a module (imported by the examples that run)
+        owner = Client if m.group(1) == "Client" else chainyard
+        thing = getattr(owner, m.group(2), None)
+        if thing is None:
+            failures.append(f"{s.where}: {s.text}: no {m.group(1)}.{m.group(2)}")
+        elif m.group(3) and m.group(3) not in inspect.signature(thing).parameters:
+            failures.append(f"{s.where}: {s.text}: no parameter {m.group(3)}")
     assert not failures, "\n".join(failures)
