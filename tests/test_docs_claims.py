@@ -357,9 +357,15 @@ def heading_anchors(doc: Path) -> set[str]:
 
 @pytest.mark.parametrize("doc", USER_DOCS, ids=IDS)
 def test_paths_and_links_exist(doc: Path) -> None:
-    """A repository path in prose (`deploy/nats.conf`) exists; a relative link goes to a file
-    that exists, and to a heading it has."""
-    failures = []
+    """A repository path in prose or in a block skipped here (`deploy/nats.conf`) exists; a
+    relative link goes to a file that exists, and to a heading it has."""
+    failures = [  # blocks that do not run here (a cluster, docker): the files they name
+        f"{b.where}: no {path} in the repository"
+        for b in parse(doc)
+        if b.kind in ("shell", "session") and "skip" in b.marks
+        for path in REPO_PATH.findall(b.text)
+        if not any(ROOT.glob(path)) and not git_ignores(path)
+    ]
     for n, line in prose(doc):
         where = f"{rel(doc)}:{n}"
         for path in REPO_PATH.findall(line):
