@@ -18,7 +18,8 @@ Without a comment, by language: `sh`/`bash` run as a bash script (`set -e`); a b
 line starts with `$ ` is a terminal session (each command runs, what it printed is compared);
 `python` runs as a script (top-level `await` through asyncio); `js` runs with node; `json`: a
 chain is submitted (`chainyard submit --wait`) and must complete unless an output block says
-otherwise, a step or an event is validated against the contracts, anything else is parsed;
+otherwise, a step or an event is validated against the contracts (an event abridged with a
+`"..."` list item: each field shown must be the event's, of its type), anything else is parsed;
 `toml` is loaded as a chainyard configuration; `yaml` is parsed; a block without a language
 is text. Examples connect to `nats://127.0.0.1:4222` (what `chainyard dev` prints): the harness
 replaces that URL with its own stack's and sets `CHAINYARD_NATS` and `NATS_URL` to it.
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import msgspec.inspect
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -451,8 +453,10 @@ def run_json(block: Block, run: Run, text: str) -> str | None:
         )
     if "kind" in value:
         msgspec.json.decode(text, type=contracts.Step)
-    elif "type" in value and "..." not in _walk(value):  # "...": abridged on purpose
+    elif "type" in value and "..." not in _walk(value):
         msgspec.json.decode(text, type=contracts.Event)
+    elif "type" in value and "..." not in _walk(unabridged(value)):  # a list cut with "..."
+        shown_fields_exist(block, unabridged(value), msgspec.inspect.type_info(contracts.Event))
     elif "new_id" in value:
         msgspec.json.decode(text, type=contracts.Replay)
     elif set(value) == {"reason"}:
@@ -463,6 +467,66 @@ def run_json(block: Block, run: Run, text: str) -> str | None:
 def is_chain(value: object) -> bool:
     """A chain, not an event that lists step summaries."""
     return isinstance(value, dict) and "steps" in value and "type" not in value
+
+
+def shown_fields_exist(block: Block, value: object, info: msgspec.inspect.Type) -> None:
+    """An abridged value (fields left out, lists cut with "..."): each field shown is one of
+    its type's, its value of the field's type, all the way down."""
+    from msgspec import inspect as mi
+
+    if isinstance(info, mi.UnionType):
+        tagged = [t for t in info.types if isinstance(t, mi.StructType) and t.tag is not None]
+        if isinstance(value, dict) and tagged:
+            info = next((t for t in tagged if t.tag == value.get(t.tag_field)), tagged[0])
+            if info.tag != value.get(info.tag_field):
+                raise DocError(f"{block.where}: no event type {value.get(info.tag_field)!r}")
+        else:
+            for t in info.types:
+                try:
+                    shown_fields_exist(block, value, t)
+                    return
+                except DocError:
+                    continue
+            raise DocError(f"{block.where}: {value!r} is none of {info}")
+    if isinstance(info, mi.StructType):
+        if not isinstance(value, dict):
+            raise DocError(f"{block.where}: {value!r} where {info.cls.__name__} goes")
+        fields = {f.encode_name: f for f in info.fields}
+        for key, item in value.items():
+            if key == info.tag_field:
+                continue
+            if key not in fields:
+                raise DocError(f"{block.where}: {info.cls.__name__} has no field {key!r}")
+            shown_fields_exist(block, item, fields[key].type)
+    elif isinstance(info, mi.ListType) and isinstance(value, list):
+        for item in value:
+            shown_fields_exist(block, item, info.item_type)
+    elif not isinstance(info, mi.ListType | mi.DictType | mi.AnyType):
+        try:
+            msgspec.convert(value, type=mi_python_type(info))
+        except (msgspec.ValidationError, TypeError) as e:
+            raise DocError(f"{block.where}: {value!r}: {e}") from e
+
+
+def mi_python_type(info: msgspec.inspect.Type) -> object:
+    """The Python type of a scalar type_info (str, int, float, bool, None, a Literal's values)."""
+    from typing import Literal
+
+    from msgspec import inspect as mi
+
+    scalars = {mi.StrType: str, mi.IntType: int, mi.FloatType: float, mi.BoolType: bool}
+    if isinstance(info, mi.LiteralType):
+        return Literal[tuple(info.values)]
+    return scalars.get(type(info), type(None) if isinstance(info, mi.NoneType) else object)
+
+
+def unabridged(value: object) -> object:
+    """The value without the "..." items that abridge its lists ("..." elsewhere stays)."""
+    if isinstance(value, dict):
+        return {k: unabridged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unabridged(v) for v in value if v != "..."]
+    return value
 
 
 def _walk(value: object) -> list[object]:

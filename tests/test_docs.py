@@ -156,12 +156,13 @@ def test_the_harness_fails_on_drift(tmp_path: Path) -> None:
         "```python\nraise SystemExit('boom')\n```\n\n"
         f"<!-- docs-test: from {example} -->\n```python\ndef f() -> int:\n    return 2\n```\n\n"
         '```json\n{"kind": "llm", "id": "a", "model": "m", "mesages": []}\n```\n\n'
-        "<!-- docs-test: defaults cache -->\n```toml\n[cache]\nmax_ttl_s = 5.0\n```\n"
+        "<!-- docs-test: defaults cache -->\n```toml\n[cache]\nmax_ttl_s = 5.0\n```\n\n"
+        '```json\n{"type": "chain.failed", "chain_id": "x", "reasn": "r", "steps": ["..."]}\n```\n'
     )
     (tmp_path / "scratch").mkdir()
     failures = run_doc(doc, Run(tmp_path / "scratch"), local_run=False)
     lines = sorted(int(f.split(":")[1]) for f in failures)
-    assert lines == [15, 19, 23, 28, 33, 38], failures
+    assert lines == [15, 19, 23, 28, 33, 38, 43], failures
     assert "goodbye" in failures[0] and "hello" in failures[0]
 
 
