@@ -44,9 +44,10 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
-import msgspec.inspect
+import msgspec.inspect as mi
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,7 +457,7 @@ def run_json(block: Block, run: Run, text: str) -> str | None:
     elif "type" in value and "..." not in _walk(value):
         msgspec.json.decode(text, type=contracts.Event)
     elif "type" in value and "..." not in _walk(unabridged(value)):  # a list cut with "..."
-        shown_fields_exist(block, unabridged(value), msgspec.inspect.type_info(contracts.Event))
+        shown_fields_exist(block, unabridged(value), mi.type_info(contracts.Event))
     elif "new_id" in value:
         msgspec.json.decode(text, type=contracts.Replay)
     elif set(value) == {"reason"}:
@@ -469,11 +470,9 @@ def is_chain(value: object) -> bool:
     return isinstance(value, dict) and "steps" in value and "type" not in value
 
 
-def shown_fields_exist(block: Block, value: object, info: msgspec.inspect.Type) -> None:
+def shown_fields_exist(block: Block, value: object, info: mi.Type) -> None:
     """An abridged value (fields left out, lists cut with "..."): each field shown is one of
     its type's, its value of the field's type, all the way down."""
-    from msgspec import inspect as mi
-
     if isinstance(info, mi.UnionType):
         tagged = [t for t in info.types if isinstance(t, mi.StructType) and t.tag is not None]
         if isinstance(value, dict) and tagged:
@@ -503,17 +502,13 @@ def shown_fields_exist(block: Block, value: object, info: msgspec.inspect.Type) 
             shown_fields_exist(block, item, info.item_type)
     elif not isinstance(info, mi.ListType | mi.DictType | mi.AnyType):
         try:
-            msgspec.convert(value, type=mi_python_type(info))
+            msgspec.convert(value, type=scalar_type(info))
         except (msgspec.ValidationError, TypeError) as e:
             raise DocError(f"{block.where}: {value!r}: {e}") from e
 
 
-def mi_python_type(info: msgspec.inspect.Type) -> object:
+def scalar_type(info: mi.Type) -> object:
     """The Python type of a scalar type_info (str, int, float, bool, None, a Literal's values)."""
-    from typing import Literal
-
-    from msgspec import inspect as mi
-
     scalars = {mi.StrType: str, mi.IntType: int, mi.FloatType: float, mi.BoolType: bool}
     if isinstance(info, mi.LiteralType):
         return Literal[tuple(info.values)]
