@@ -11,12 +11,15 @@ says what to do with it, `;` between several:
     <!-- docs-test: output of CMD -->         ... what the shell command CMD prints
     <!-- docs-test: from PATH -->             the block is an excerpt of PATH, which is run instead
     <!-- docs-test: vary a|b c|d -->          (with output) `a` and `b` may stand for each other
+    <!-- docs-test: defaults cache -->         (toml) the keys of table `cache` (`.`: the top
+                                              level; several, space-separated) are the defaults
 
 Without a comment, by language: `sh`/`bash` run as a bash script (`set -e`); a block whose first
 line starts with `$ ` is a terminal session (each command runs, what it printed is compared);
 `python` runs as a script (top-level `await` through asyncio); `js` runs with node; `json`: a
 chain is submitted (`chainyard submit --wait`) and must complete unless an output block says
-otherwise, a step or an event is validated against the contracts, anything else is parsed;
+otherwise, a step or an event is validated against the contracts (an event abridged with a
+`"..."` list item: each field shown must be the event's, of its type), anything else is parsed;
 `toml` is loaded as a chainyard configuration; `yaml` is parsed; a block without a language
 is text. Examples connect to `nats://127.0.0.1:4222` (what `chainyard dev` prints): the harness
 replaces that URL with its own stack's and sets `CHAINYARD_NATS` and `NATS_URL` to it.
@@ -41,8 +44,10 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
+import msgspec.inspect as mi
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +63,7 @@ BLOCK_TIMEOUT_S = 120.0
 SHELL = {"sh", "bash", "shell", "console"}
 MARK = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->", re.S)
 FENCE = re.compile(r"^(\s*)(`{3,})\s*([\w+-]*)\s*$")
-VERBS = ("skip", "needs", "file", "output", "from", "vary")
+VERBS = ("skip", "needs", "file", "output", "from", "vary", "defaults")
 
 
 def rel(path: Path) -> str:
@@ -413,8 +418,27 @@ def _run_block(block: Block, run: Run) -> str | None:
         case "toml":
             from chainyard.contracts import Config
 
-            msgspec.toml.decode(text, type=Config)  # what load_config does
+            config = msgspec.toml.decode(text, type=Config)  # what load_config does
+            for table in block.marks.get("defaults", "").split():
+                check_defaults(block, tomllib.loads(text), config, table)
     return None
+
+
+def check_defaults(block: Block, raw: dict[str, object], config: object, table: str) -> None:
+    """Each plain value in `table` of the TOML (a dotted path; `.`: the top level; an array
+    of tables: its first) is the default of its field in chainyard's config."""
+    for key in filter(None, table.split(".")):
+        raw_next, config = raw[key], getattr(config, key)
+        raw = raw_next[0] if isinstance(raw_next, list) else raw_next  # type: ignore[assignment]
+        config = config[0] if isinstance(config, list) else config
+    defaults = {f.name: f.default for f in msgspec.structs.fields(type(config))}
+    differ = [
+        f"{key} = {value!r} (the default is {defaults.get(key, 'none: required')!r})"
+        for key, value in raw.items()
+        if not isinstance(value, dict | list) and defaults.get(key, msgspec.NODEFAULT) != value
+    ]
+    if differ:
+        raise DocError(f"{block.where}: shown as defaults in [{table}], but: " + "; ".join(differ))
 
 
 def run_json(block: Block, run: Run, text: str) -> str | None:
@@ -430,8 +454,10 @@ def run_json(block: Block, run: Run, text: str) -> str | None:
         )
     if "kind" in value:
         msgspec.json.decode(text, type=contracts.Step)
-    elif "type" in value and "..." not in _walk(value):  # "...": abridged on purpose
+    elif "type" in value and "..." not in _walk(value):
         msgspec.json.decode(text, type=contracts.Event)
+    elif "type" in value and "..." not in _walk(unabridged(value)):  # a list cut with "..."
+        shown_fields_exist(block, unabridged(value), mi.type_info(contracts.Event))
     elif "new_id" in value:
         msgspec.json.decode(text, type=contracts.Replay)
     elif set(value) == {"reason"}:
@@ -442,6 +468,60 @@ def run_json(block: Block, run: Run, text: str) -> str | None:
 def is_chain(value: object) -> bool:
     """A chain, not an event that lists step summaries."""
     return isinstance(value, dict) and "steps" in value and "type" not in value
+
+
+def shown_fields_exist(block: Block, value: object, info: mi.Type) -> None:
+    """An abridged value (fields left out, lists cut with "..."): each field shown is one of
+    its type's, its value of the field's type, all the way down."""
+    if isinstance(info, mi.UnionType):
+        tagged = [t for t in info.types if isinstance(t, mi.StructType) and t.tag is not None]
+        if isinstance(value, dict) and tagged:
+            info = next((t for t in tagged if t.tag == value.get(t.tag_field)), tagged[0])
+            if info.tag != value.get(info.tag_field):
+                raise DocError(f"{block.where}: no event type {value.get(info.tag_field)!r}")
+        else:
+            for t in info.types:
+                try:
+                    shown_fields_exist(block, value, t)
+                    return
+                except DocError:
+                    continue
+            raise DocError(f"{block.where}: {value!r} is none of {info}")
+    if isinstance(info, mi.StructType):
+        if not isinstance(value, dict):
+            raise DocError(f"{block.where}: {value!r} where {info.cls.__name__} goes")
+        fields = {f.encode_name: f for f in info.fields}
+        for key, item in value.items():
+            if key == info.tag_field:
+                continue
+            if key not in fields:
+                raise DocError(f"{block.where}: {info.cls.__name__} has no field {key!r}")
+            shown_fields_exist(block, item, fields[key].type)
+    elif isinstance(info, mi.ListType) and isinstance(value, list):
+        for item in value:
+            shown_fields_exist(block, item, info.item_type)
+    elif not isinstance(info, mi.ListType | mi.DictType | mi.AnyType):
+        try:
+            msgspec.convert(value, type=scalar_type(info))
+        except (msgspec.ValidationError, TypeError) as e:
+            raise DocError(f"{block.where}: {value!r}: {e}") from e
+
+
+def scalar_type(info: mi.Type) -> object:
+    """The Python type of a scalar type_info (str, int, float, bool, None, a Literal's values)."""
+    scalars = {mi.StrType: str, mi.IntType: int, mi.FloatType: float, mi.BoolType: bool}
+    if isinstance(info, mi.LiteralType):
+        return Literal[tuple(info.values)]
+    return scalars.get(type(info), type(None) if isinstance(info, mi.NoneType) else object)
+
+
+def unabridged(value: object) -> object:
+    """The value without the "..." items that abridge its lists ("..." elsewhere stays)."""
+    if isinstance(value, dict):
+        return {k: unabridged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unabridged(v) for v in value if v != "..."]
+    return value
 
 
 def _walk(value: object) -> list[object]:

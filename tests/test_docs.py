@@ -68,7 +68,9 @@ def run_doc(doc: Path, run: Run, *, local_run: bool) -> list[str]:
                 printed = None
                 continue
             printed = None
-            if reason is not None or block.kind not in RUNS | {"toml"}:
+            if reason is not None or (
+                block.kind not in RUNS | {"toml"} and "file" not in block.marks
+            ):
                 continue
             if "from" in block.marks and any(
                 b.marks.get("from") == block.marks["from"] for b in blocks[i + 1 :]
@@ -153,12 +155,14 @@ def test_the_harness_fails_on_drift(tmp_path: Path) -> None:
         "```sh\nexit 3\n```\n\n"
         "```python\nraise SystemExit('boom')\n```\n\n"
         f"<!-- docs-test: from {example} -->\n```python\ndef f() -> int:\n    return 2\n```\n\n"
-        '```json\n{"kind": "llm", "id": "a", "model": "m", "mesages": []}\n```\n'
+        '```json\n{"kind": "llm", "id": "a", "model": "m", "mesages": []}\n```\n\n'
+        "<!-- docs-test: defaults cache -->\n```toml\n[cache]\nmax_ttl_s = 5.0\n```\n\n"
+        '```json\n{"type": "chain.failed", "chain_id": "x", "reasn": "r", "steps": ["..."]}\n```\n'
     )
     (tmp_path / "scratch").mkdir()
     failures = run_doc(doc, Run(tmp_path / "scratch"), local_run=False)
     lines = sorted(int(f.split(":")[1]) for f in failures)
-    assert lines == [15, 19, 23, 28, 33], failures
+    assert lines == [15, 19, 23, 28, 33, 38, 43], failures
     assert "goodbye" in failures[0] and "hello" in failures[0]
 
 

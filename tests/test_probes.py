@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from docs_harness import ROOT, Block, compare, parse
 from helpers import (
     Events,
     free_port,
@@ -31,6 +33,7 @@ from chainyard.runtime.server import NatsServer
 from chainyard.sandbox import SandboxConfig, SandboxServer
 
 READY_S = 30.0
+DOC = ROOT / "docs" / "KUBERNETES.md"
 
 
 async def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
@@ -111,6 +114,10 @@ async def test_not_ready_until_nats_is_up_and_again_after_it_goes(tmp_path: Path
                     body = await answers(port, "/readyz", 503, "not ready once NATS is gone")
                     assert "not connected" in body["checks"]["nats"], body
                     assert await probe(port, "/healthz") == (200, {"status": "ok"})
+                # docs/KUBERNETES.md shows this answer (for a pool named openai): as it is.
+                shown = next(b for b in parse(DOC) if '"ready": false' in b.text)
+                answer = json.dumps(body).replace(f'"provider:{POOL}"', '"provider:openai"')
+                compare(Block(DOC, shown.line, "json", shown.text), answer)
 
                 await nats.start()  # the same port and store again
                 for port in (rport, wport):
