@@ -14,8 +14,9 @@ class Fail(Exception):
     """An expected failure: printed as one line `chainyard <verb>: <message>`, exit `code`.
 
     Exit codes: 1 the answer is no (a chain failed, was cancelled or rejected; a control was
-    refused; no such chain), 2 the command cannot be done as given (usage, config, tools,
-    input file), 3 a wait timed out, 4 NATS unreachable or refused the request."""
+    refused; no such chain; NATS refused the user a permission), 2 the command cannot be done
+    as given (usage, config, tools, input file), 3 a wait timed out, 4 NATS unreachable, or
+    answered with an error."""
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
