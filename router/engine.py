@@ -457,10 +457,10 @@ class Router:
         jobs = [self._dispatch(state, sid) for sid in outcome.dispatch]
         jobs += [self._schedule(tm) for tm in outcome.timers]
         if outcome.ended is not None:
+            if self.deadline_schedules and chains.deadline_waits(state):
+                await self._unschedule_deadline(state)  # awaits no answer: no task for it
             kind = outcome.ended.__struct_config__.tag
             jobs.append(self._publish_event(outcome.ended, f"{tenant}.{chain_id}.{kind}"))
-            if self.deadline_schedules and chains.deadline_waits(state):
-                jobs.append(self._unschedule_deadline(state))
         if outcome.cancel:
             jobs.append(self.bus.nc.publish(self.subjects.cancel(tenant, chain_id), b""))
         if len(jobs) == 1:  # the common case: no task for it, so no extra turn of the loop
