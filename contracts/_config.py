@@ -156,8 +156,21 @@ class Config(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     metrics_max_tenants: Annotated[int, Meta(ge=0, le=10_000)] = 50
     # How long an ended chain's state is kept, in seconds (the events' own 7 days by default):
     # while kept, its id answers a resubmit with its end and GET /v1/chains/{id} finds it.
-    # Then the server removes it (a per-message TTL). 0: kept until deleted by hand.
+    # Then the server removes it (a per-message TTL). 0: kept until deleted by hand. At least
+    # the streams' duplicate window (`__post_init__`).
     ended_chain_ttl_s: Annotated[int, Meta(ge=0)] = 7 * 24 * 3600
+
+    def __post_init__(self) -> None:
+        # A chain's messages carry ids made of its tenant, id, step and attempt, which the
+        # streams take for repeats within their duplicate window: an id freed sooner would run
+        # again with its assignments and end dropped as repeats of the first run's.
+        window = max(s.duplicate_window_s for s in self.topology.streams)
+        if 0 < self.ended_chain_ttl_s < window:
+            raise ValueError(
+                f"ended_chain_ttl_s: 0 (kept until deleted) or at least {window:.0f} s, the "
+                "streams' duplicate window: a chain id freed sooner would run again with its "
+                "messages dropped as repeats of the earlier run's"
+            )
 
     @property
     def topology(self) -> Topology:

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from helpers import kill_all, start_routers, wait_until
+from helpers import running, wait_until
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -52,43 +52,47 @@ async def finish(client: Client, chain_id: str) -> ChainCompleted:
     return end
 
 
-async def test_ended_chains_expire_and_running_ones_stay(
-    bus: Bus, nats_server: NatsServer, tmp_path: Path
-) -> None:
-    cfg = tmp_path / "chainyard.toml"
-    cfg.write_text("ended_chain_ttl_s = 1\n")
-    routers = await start_routers(tmp_path, nats_server.url, cfg)
+class QuickExpiry(Router):
+    """A router whose ended chains expire after a second, so that a test can watch the server
+    remove them: a config refuses a TTL below the streams' duplicate window (10 minutes)."""
+
+    async def ended_chain_ttl(self) -> int:
+        return 1
+
+
+async def test_ended_chains_expire_and_running_ones_stay(bus: Bus, nats_server: NatsServer) -> None:
+    other = await open_bus(nats_server.url, name="second-router")
     try:
-        clients = {t: Client(bus.nc, t, bus.topology) for t in ("acme", "beta")}
-        # acme's "waiting" runs from before the others end to after their states are gone
-        await clients["acme"].submit(held("waiting"))
-        await wait_until(lambda: stored(bus, "acme", "waiting"), 15, "acme.waiting's state")
-        for client in clients.values():
-            await finish(client, "same")
-        for tenant in clients:
-            kept = await stored(bus, tenant, "same")
-            assert kept is not None and kept[1].get("Nats-TTL") == "1", (tenant, kept)
-        running = await stored(bus, "acme", "waiting")
-        assert running is not None and "Nats-TTL" not in running[1]
+        async with running(QuickExpiry(bus, Config()), QuickExpiry(other, Config())):
+            clients = {t: Client(bus.nc, t, bus.topology) for t in ("acme", "beta")}
+            # acme's "waiting" runs from before the others end to after their states are gone
+            await clients["acme"].submit(held("waiting"))
+            await wait_until(lambda: stored(bus, "acme", "waiting"), 15, "acme.waiting's state")
+            for client in clients.values():
+                await finish(client, "same")
+            for tenant in clients:
+                kept = await stored(bus, tenant, "same")
+                assert kept is not None and kept[1].get("Nats-TTL") == "1", (tenant, kept)
+            running_state = await stored(bus, "acme", "waiting")
+            assert running_state is not None and "Nats-TTL" not in running_state[1]
 
-        async def both_gone() -> bool:
-            return all([await stored(bus, t, "same") is None for t in clients])
+            async def both_gone() -> bool:
+                return all([await stored(bus, t, "same") is None for t in clients])
 
-        await wait_until(both_gone, 15, "both ended states to expire")
-        # older than the TTL by now, and still there: running states carry none
-        assert await stored(bus, "acme", "waiting") == running
-        # the id is free again: the same chain runs anew (its state is back, running)
-        await clients["acme"].submit(held("same"))
-        again = await wait_until(lambda: stored(bus, "acme", "same"), 15, "a new acme.same")
-        assert b'"running"' in again[0] and "Nats-TTL" not in again[1]
-        assert await stored(bus, "beta", "same") is None  # beta's id untouched by acme's
-        await clients["acme"].signal("same", "go")
-        await clients["acme"].signal("waiting", "go")
-        for chain_id in ("same", "waiting"):
-            end = await clients["acme"].run(held(chain_id), timeout=15)
-            assert isinstance(end, ChainCompleted), (chain_id, end)
+            await wait_until(both_gone, 15, "both ended states to expire")
+            # older than the TTL by now, and still there: running states carry none
+            assert await stored(bus, "acme", "waiting") == running_state
+            # the id is free again: the router creates its state anew (a run this soon would
+            # have its messages taken for repeats: what the config's minimum rules out)
+            await clients["acme"].submit(held("same"))
+            again = await wait_until(lambda: stored(bus, "acme", "same"), 15, "a new acme.same")
+            assert b'"running"' in again[0] and "Nats-TTL" not in again[1]
+            assert await stored(bus, "beta", "same") is None  # beta's id untouched by acme's
+            await clients["acme"].signal("waiting", "go")
+            end = await clients["acme"].run(held("waiting"), timeout=15)
+            assert isinstance(end, ChainCompleted), end
     finally:
-        await kill_all(routers)
+        await other.close()
 
 
 async def test_the_router_takes_its_ttl_from_the_config(bus: Bus) -> None:
@@ -144,11 +148,14 @@ async def test_an_older_chains_bucket_gets_per_message_ttls(nats_server: NatsSer
         await nc.close()
 
 
-def test_the_ttl_is_whole_non_negative_seconds(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text("ended_chain_ttl_s = -1\n")
-    with pytest.raises(ConfigError, match="ended_chain_ttl_s"):
-        load_config(bad)
-    good = tmp_path / "good.toml"
-    good.write_text("ended_chain_ttl_s = 86400\n")
-    assert load_config(good).ended_chain_ttl_s == 86400
+def test_the_ttl_is_whole_seconds_zero_or_past_the_duplicate_window(tmp_path: Path) -> None:
+    """Below the streams' duplicate window an id would run again with its assignments and end
+    dropped as repeats of the earlier run's (the same message ids): refused."""
+    cfg = tmp_path / "chainyard.toml"
+    for bad, why in (("-1", "ended_chain_ttl_s"), ("60", "at least 600 s"), ("599", "600 s")):
+        cfg.write_text(f"ended_chain_ttl_s = {bad}\n")
+        with pytest.raises(ConfigError, match=why):
+            load_config(cfg)
+    for good in (0, 600, 86400):
+        cfg.write_text(f"ended_chain_ttl_s = {good}\n")
+        assert load_config(cfg).ended_chain_ttl_s == good
