@@ -58,10 +58,10 @@ from .gateways import (
     LATENCY_MS,
     WINDOWS,
     _chains,
-    _free_port,
     _Path,
     _pinned_version,
     added_rows,
+    free_port,
     portkey_or_skip,
     portkey_path,
 )
@@ -129,7 +129,7 @@ async def blackhole() -> AsyncIterator[str]:
 @contextlib.asynccontextmanager
 async def chainyard_gateway(common: list[str], tmp: Path) -> AsyncIterator[tuple[str, int]]:
     """`chainyard gateway` as its own process: (base URL without /v1, pid), once it listens."""
-    port = _free_port()
+    port = free_port()
     args = ["gateway", *common, "--host", "127.0.0.1", "--port", str(port)]
     async with service(args, tmp, "gateway") as proc:
         log = tmp / "gateway.log"

@@ -89,7 +89,7 @@ async def portkey_or_skip(ctx: Ctx, bench: str) -> tuple[str | None, str, str | 
     return node, script, skipped
 
 
-def _free_port() -> int:
+def free_port() -> int:
     # Portkey takes a port number only; the moment between close and its bind is the risk taken
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,7 +99,7 @@ def _free_port() -> int:
 @contextlib.asynccontextmanager
 async def portkey(node: str, script: str) -> AsyncIterator[tuple[str, int]]:
     """The Portkey gateway as its own node process: (base URL without /v1, pid)."""
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         node, script, f"--port={port}", "--headless",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

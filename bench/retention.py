@@ -24,7 +24,6 @@ import asyncio
 import re
 import urllib.request
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -36,7 +35,8 @@ from chainyard.runtime.server import NatsServer
 from .added_latency import Driver, _closed_loop, one_pool
 from .calibrate import load_average
 from .core import Ctx, Figure, benchmark
-from .gateways import _free_port
+from .gateways import free_port
+from .workers import rss_mb
 
 NAME = "kept_chain_server_bytes"
 IN_FLIGHT = 32
@@ -67,13 +67,6 @@ async def _settled_heap_bytes(port: int, before: int, within_s: float) -> int:
     return last
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 async def _kept_messages(bus: Bus) -> list[tuple[str, int, int]]:
     """(stream, messages, bytes) of each stream that keeps a chain's messages."""
     out = []
@@ -84,24 +77,24 @@ async def _kept_messages(bus: Bus) -> list[tuple[str, int, int]]:
 
 
 async def _chains(n: int, settle_s: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     async with one_pool("bench-retention", ["--profile", str(port)]) as stack:
         d = Driver(stack.bus)
         await d.start()
         await _closed_loop(d, "w-", 300, 16)  # warm: connections, buffers, first blocks
-        heap0, rss0 = _heap_bytes(port), _rss_bytes(stack.nats.pid or 0)
+        heap0, rss0 = _heap_bytes(port), rss_mb(stack.nats.pid or 0) * 2**20
         kept0 = await _kept_messages(stack.bus)
         await _closed_loop(d, "kept-", n, IN_FLIGHT)
         kept = await _kept_messages(stack.bus)
         heap = await _settled_heap_bytes(port, heap0, settle_s)
-        rss = _rss_bytes(stack.nats.pid or 0)
+        rss = rss_mb(stack.nats.pid or 0) * 2**20
     grew = [(s, m - m0, b - b0) for (s, m, b), (_, m0, b0) in zip(kept, kept0, strict=True)]
     return {"heap": heap - heap0, "rss": rss - rss0, "streams": grew}
 
 
 async def _shared_subjects(streams: list[tuple[str, int, int]], settle_s: float) -> int:
     """The heap the same messages take on one subject per stream (another nats-server)."""
-    port = _free_port()
+    port = free_port()
     async with AsyncExitStack() as stack:
         server = await stack.enter_async_context(NatsServer(extra_args=["--profile", str(port)]))
         nc = await nats.connect(server.url)
