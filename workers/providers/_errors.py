@@ -141,7 +141,7 @@ def error_from_response(
     prefix = f"{provider} {status}" + (f" {code}" if code else "")
     return ProviderError(
         cls,
-        scrub(f"{prefix}: {text}", secrets)[:_MAX_MESSAGE],  # (cut first, a key could straddle)
+        scrub(f"{prefix}: {text}", secrets)[:_MAX_MESSAGE],  # scrubbed whole: a key across the cut
         status=status,
         retry_after_s=retry_after,
         limits=limits,
