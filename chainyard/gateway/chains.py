@@ -79,12 +79,8 @@ async def _admit(gw: Gateway, grant: Grant, data: bytes, replay: bool) -> Chain 
     llm_steps = [s for s in chain.steps if isinstance(s, LlmStep)] if chain else []
     for step in llm_steps:
         gw.check_allowed(grant, step.model)
-    estimate = sum(
-        estimate_tokens("".join(m.content for m in s.messages), s.params.max_tokens)
-        for s in llm_steps
-    )
     if not replay:
-        await gw.admit(grant, estimate)
+        await gw.admit(grant, sum(estimate_tokens(s) for s in llm_steps))
     return chain
 
 

@@ -558,6 +558,8 @@ class Gateway:
         await self.keys.stop()
 
 
-def estimate_tokens(chain_text: str, max_tokens: int | None) -> int:
-    """A rough token count for admission (about 4 characters a token), settled to the real."""
-    return len(chain_text) // 4 + (max_tokens or 256)
+def estimate_tokens(step: LlmStep) -> int:
+    """A rough token count of a step for admission (about 4 characters a token, plus what it
+    may answer), settled to the real."""
+    text = "".join(m.content for m in step.messages)
+    return len(text) // 4 + (step.params.max_tokens or 256)

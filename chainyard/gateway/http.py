@@ -190,8 +190,7 @@ class StepCall:
         chain = one_step_chain(step, chain_id, hint, metadata, gw.settings.deadline_ms)
         replay = key is not None and await gw.chain_state(grant.tenant, chain_id) is not None
         if not replay:
-            text = "".join(m.content for m in step.messages)
-            await gw.admit(grant, estimate_tokens(text, step.params.max_tokens))
+            await gw.admit(grant, estimate_tokens(step))
         return cls(gw, grant, chain, fresh_id=not key, replay=replay)
 
     async def answer(
