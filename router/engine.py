@@ -50,7 +50,7 @@ from chainyard.runtime import chain_trace, messaging
 from chainyard.runtime.consume import consume
 from chainyard.runtime.faults import crash_point
 from chainyard.runtime.metrics import metrics
-from chainyard.runtime.nats import Bus
+from chainyard.runtime.nats import Bus, retry_api
 
 from . import cache, chains, control, graph, loops
 from .capacity import CapacityView
@@ -108,8 +108,8 @@ class Router:
         await self.open_cache()
         await self.routing.start()
         topo = self.bus.topology
-        if self.deadline_schedules is None:
-            timers = await self.bus.js.stream_info(topo.timers.name)
+        if self.deadline_schedules is None:  # (start-up waits out a leader election, as below)
+            timers = await retry_api(lambda: self.bus.js.stream_info(topo.timers.name))
             self.deadline_schedules = bool(timers.config.allow_msg_schedules)
         self.store.ended_ttl_s = await self.ended_chain_ttl()
         loops_ = [
@@ -136,7 +136,7 @@ class Router:
         ttl = self.config.ended_chain_ttl_s
         if ttl:
             stream = f"KV_{self.bus.topology.chains_kv.bucket}"
-            if not (await self.bus.js.stream_info(stream)).config.allow_msg_ttl:
+            if not (await retry_api(lambda: self.bus.js.stream_info(stream))).config.allow_msg_ttl:
                 log.warning("%s takes no TTL per entry (nats-server < 2.11?): ended chains "
                             "are kept until deleted", stream)  # fmt: skip
                 return 0

@@ -185,8 +185,9 @@ class Bus:
         return self.topology.subjects
 
     async def durable(self, stream: StreamDef, consumer: ConsumerDef) -> Durable:
-        """Create or update the durable consumer; what `consume` takes messages from."""
-        await ensure_consumer(self.js, stream, consumer)
+        """Create or update the durable consumer (waiting out a leader election, as `retry_api`
+        does); what `consume` takes messages from."""
+        await retry_api(lambda: ensure_consumer(self.js, stream, consumer))
         return Durable(self.nc, stream.name, consumer.durable)
 
     async def close(self) -> None:
